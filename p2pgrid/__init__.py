@@ -1,0 +1,1 @@
+"""p2pgrid: a peer-to-peer network for private machine learning."""

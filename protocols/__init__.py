@@ -1,0 +1,1 @@
+"""Pluggable protocol logic (SMPC, federated learning, dealing), sans-IO where it fits."""
