@@ -26,6 +26,7 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Union
 
 import cbor2
@@ -213,7 +214,7 @@ def _tag_hook(tag, immutable=False):
     if t == _TAG_MESSAGE:
         v = tag.value
         if not (isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[0], str)
-                and isinstance(v[1], dict)):
+                and isinstance(v[1], Mapping)):
             raise MalformedMessage("tag 27 must hold [message-name, {fields}]")
         return _build(v[0], v[1])
     raise MalformedMessage(f"unknown CBOR tag {t}")
@@ -248,10 +249,19 @@ def _build(name: str, fields: dict):
 _ANY_SEQ = (list, tuple)
 
 
+def _thaw(value):
+    """cbor2 hands values inside tags back frozen (tuples, frozendicts); thaw them."""
+    if isinstance(value, Mapping):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
 def _coerce(value, hint, where: str):
     """Check `value` against the annotation `hint`; convert lists/tuples where asked."""
     if hint is Any or hint is object:
-        return value
+        return _thaw(value)
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
         errors = []
@@ -277,7 +287,7 @@ def _coerce(value, hint, where: str):
         out = [_coerce(v, item, where) for v in value]
         return tuple(out) if (origin or hint) is tuple else out
     if origin is dict or hint is dict:
-        if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
             raise MalformedMessage(f"{where}: expected a map, got {type(value).__name__}")
         args = typing.get_args(hint) or (Any, Any)
         return {_coerce(k, args[0], where): _coerce(v, args[1], where) for k, v in value.items()}
