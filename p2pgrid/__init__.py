@@ -1,1 +1,31 @@
-"""p2pgrid: a peer-to-peer network for private machine learning."""
+"""p2pgrid: a peer-to-peer network for private machine learning.
+
+    import trio, p2pgrid
+
+    async def main():
+        async with p2pgrid.connect("bob") as net:
+            hits = await net.search("#birth-records")
+            rec = hits["hospital"][0]
+            print(await (rec[:, 0].sum() / rec.shape[0]).get())
+
+    trio.run(main)
+"""
+
+from .config import PeerConfig, load_profile
+from .errors import (BadRequest, Conflict, MalformedMessage, NotFound, P2PError, PayloadTooLarge,
+                     PeerUnavailable, PermissionDenied, ProtocolError, RateLimited, ReplayDetected,
+                     ShapeError, Unauthenticated, UnknownOp)
+from .identity import Identity
+from .network import Network, RemotePeer, connect
+from .peer import Peer, open_peer
+from .pointer import Expr, Pointer
+from .store import ObjectMeta, Rules
+
+__all__ = [
+    "connect", "open_peer", "Network", "RemotePeer", "Peer", "PeerConfig", "load_profile",
+    "Pointer", "Expr", "Rules", "ObjectMeta", "Identity",
+    "P2PError", "BadRequest", "MalformedMessage", "UnknownOp", "ShapeError", "Unauthenticated",
+    "ReplayDetected", "PermissionDenied", "NotFound", "Conflict", "PayloadTooLarge",
+    "RateLimited", "PeerUnavailable", "ProtocolError",
+]
+__version__ = "0.1.0"

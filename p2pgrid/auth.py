@@ -1,0 +1,121 @@
+"""Signed requests: who sent this, for whom, and has it been seen before (sans-IO).
+
+A client signs ``method, path, its name, the audience's key id, a timestamp, a
+nonce and the body's SHA-256``. The server checks the signature with the key in
+the request, that it is the audience, that the timestamp is within the window,
+and that the nonce is fresh. Whether that key may use that *name* is the
+name registry's business (see :class:`p2pgrid.names.Names`), not this module's.
+
+>>> from p2pgrid.identity import Identity
+>>> alice, server = Identity.generate(), Identity.generate()
+>>> h = sign_request(alice, "alice", server.key_id, "POST", "/rpc", b"body", now=1000.0)
+>>> v = Verifier(server.key_id)
+>>> v.verify("POST", "/rpc", h, body_digest(b"body"), now=1001.0).name
+'alice'
+>>> v.verify("POST", "/rpc", h, body_digest(b"body"), now=1001.0)
+Traceback (most recent call last):
+...
+p2pgrid.errors.ReplayDetected: request nonce was already used
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .errors import ReplayDetected, Unauthenticated
+from .identity import Identity, key_id, verify
+
+H_NAME, H_KEY, H_AUD, H_TS, H_NONCE, H_DIGEST, H_SIG = (
+    "x-p2p-name", "x-p2p-key", "x-p2p-aud", "x-p2p-ts", "x-p2p-nonce", "x-p2p-digest", "x-p2p-sig")
+WINDOW = 60.0  # seconds of clock skew and transit we accept
+
+
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _b64(b: bytes) -> str:
+    return base64.urlsafe_b64encode(b).decode().rstrip("=")
+
+
+def _unb64(s: str) -> bytes:
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def _canonical(method, path, name, aud, ts, nonce, digest) -> bytes:
+    return "\n".join(["p2pgrid-v1", method.upper(), path, name, aud, ts, nonce, digest]).encode()
+
+
+def sign_request(identity: Identity, name: str, audience: str, method: str, path: str,
+                 body: bytes | None = None, *, digest: str | None = None,
+                 now: float) -> dict[str, str]:
+    """Headers that authenticate one request (give `digest` for a body you stream)."""
+    digest = digest if digest is not None else body_digest(body or b"")
+    ts, nonce = f"{now:.3f}", os.urandom(16).hex()
+    sig = identity.sign(_canonical(method, path, name, audience, ts, nonce, digest))
+    return {H_NAME: name, H_KEY: _b64(identity.public_bytes), H_AUD: audience, H_TS: ts,
+            H_NONCE: nonce, H_DIGEST: digest, H_SIG: _b64(sig)}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """An authenticated caller: the name it claims and the key that proved it."""
+    name: str
+    public_key: bytes
+
+    @property
+    def key_id(self) -> str:
+        return key_id(self.public_key)
+
+
+class Verifier:
+    """Checks signed headers for one audience, remembering nonces for the window."""
+
+    def __init__(self, audience: str, *, window: float = WINDOW, max_nonces: int = 1 << 20):
+        self.audience = audience
+        self.window = window
+        self.max_nonces = max_nonces
+        self._nonces: OrderedDict[tuple[str, str], float] = OrderedDict()
+
+    def verify(self, method: str, path: str, headers, digest: str, *, now: float) -> Caller:
+        """Return the caller, or raise Unauthenticated / ReplayDetected.
+
+        `digest` is the SHA-256 of the body as received; it must match the signed one.
+        """
+        try:
+            name, key_b64, aud, ts, nonce, claimed, sig_b64 = (
+                headers[h] for h in (H_NAME, H_KEY, H_AUD, H_TS, H_NONCE, H_DIGEST, H_SIG))
+        except KeyError as e:
+            raise Unauthenticated(f"request is not signed (missing {e.args[0]})") from None
+        try:
+            public, sig, t = _unb64(key_b64), _unb64(sig_b64), float(ts)
+        except (ValueError, TypeError):
+            raise Unauthenticated("malformed signature headers") from None
+        if len(public) != 32 or not name or len(name) > 64 or len(nonce) > 64:
+            raise Unauthenticated("malformed signature headers")
+        if aud != self.audience:
+            raise Unauthenticated("request was signed for another peer")
+        if claimed != digest:
+            raise Unauthenticated("body does not match its signed digest")
+        if not verify(public, _canonical(method, path, name, aud, ts, nonce, claimed), sig):
+            raise Unauthenticated("bad signature")
+        if abs(now - t) > self.window:
+            raise ReplayDetected(f"request timestamp is {now - t:+.0f} s off; the window is "
+                                 f"{self.window:.0f} s")
+        self._forget(now)
+        k = (key_b64, nonce)
+        if k in self._nonces:
+            raise ReplayDetected("request nonce was already used")
+        self._nonces[k] = t
+        return Caller(name, public)
+
+    def _forget(self, now: float) -> None:
+        while self._nonces:
+            k, t = next(iter(self._nonces.items()))
+            if t >= now - 2 * self.window and len(self._nonces) < self.max_nonces:
+                break
+            self._nonces.popitem(last=False)

@@ -1,0 +1,175 @@
+"""The runtime's request handlers: objects, remote execution, gossip.
+
+Rights, for a caller named N on an object:
+- the object's owner and the hosting peer may do anything;
+- ``compute``: N may run programs over it; ``get``: N may download it and any
+  row-level result derived from it; ``aggregate``: N may download results that
+  the evaluator classes as aggregates over at least ``min_rows`` records.
+A result is kept on the host with the strictest rules of its inputs.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import trio
+
+from .auth import Caller
+from .directory import GossipDigest, GossipPush, handle_gossip
+from .errors import BadRequest, NotFound, PermissionDenied
+from .messages import (Ack, DeleteObject, DescribeObject, Execute, GetObject, ListObjects,
+                       ObjectInfo, ObjectInfos, Ping, Pong, PutObject, Value)
+from .ops import AGGREGATE, OPAQUE, PUBLIC, Level, evaluate
+from .router import Router
+from .store import ObjectMeta, Rules, normalise_tags
+
+router = Router()
+
+
+def info(peer, meta: ObjectMeta) -> dict:
+    d = meta.to_dict()
+    d["peer"] = peer.name
+    return d
+
+
+def _privileged(peer, caller: Caller, meta: ObjectMeta) -> bool:
+    return caller.name in (meta.owner, peer.name)
+
+
+def may(peer, caller: Caller, meta: ObjectMeta, right: str) -> bool:
+    if _privileged(peer, caller, meta):
+        return True
+    if right == "get":
+        return (meta.rules.allows("get", caller.name) or meta.level == "public"
+                or meta.level == "aggregate" and meta.rules.allows("aggregate", caller.name))
+    return meta.rules.allows(right, caller.name)
+
+
+async def _meta_for(peer, caller: Caller, id: str, right: str) -> ObjectMeta:
+    try:
+        meta = await peer.meta(id)
+    except NotFound:
+        raise NotFound(f"no object {id} on {peer.name}") from None
+    if not may(peer, caller, meta, right):
+        if right == "get" and may(peer, caller, meta, "compute"):
+            raise PermissionDenied(
+                f"{caller.name} may compute on object {id} but not download it"
+                + (" (only aggregates over enough records may leave)" if meta.rules.aggregate else ""),
+                id=id, right=right)
+        raise PermissionDenied(f"{caller.name} has no {right} right on object {id}", id=id, right=right)
+    return meta
+
+
+@router.on(Ping)
+async def ping(peer, caller, msg):
+    return Pong(peer.name, peer.key_id, time.time())
+
+
+@router.on(PutObject)
+async def put(peer, caller, msg: PutObject):
+    rules = Rules.from_dict(msg.rules) if msg.rules is not None else Rules(
+        compute=(caller.name,), get=(caller.name,), aggregate=(caller.name,))
+    meta = ObjectMeta(owner=caller.name, shape=tuple(msg.tensor.shape),
+                      dtype=str(msg.tensor.dtype).removeprefix("torch."), tags=tuple(msg.tags),
+                      description=msg.description, rules=rules)
+    return ObjectInfo(info(peer, await peer.put(msg.tensor, meta)))
+
+
+@router.on(DescribeObject)
+async def describe(peer, caller, msg: DescribeObject):
+    meta = await peer.meta(msg.id)
+    if not (may(peer, caller, meta, "compute") or may(peer, caller, meta, "get")):
+        raise PermissionDenied(f"{caller.name} has no right on object {msg.id}")
+    return ObjectInfo(info(peer, meta))
+
+
+@router.on(ListObjects)
+async def list_objects(peer, caller, msg: ListObjects):
+    tags = normalise_tags(msg.tags)
+    metas = await trio.to_thread.run_sync(
+        lambda: peer.store.search(tags) if tags else peer.store.list())
+    return ObjectInfos([info(peer, m) for m in metas
+                        if may(peer, caller, m, "compute") or may(peer, caller, m, "get")
+                        or m.tags])
+
+
+@router.on(GetObject)
+async def get(peer, caller, msg: GetObject):
+    meta = await _meta_for(peer, caller, msg.id, "get")
+    return Value(await peer.load(msg.id), info(peer, meta))
+
+
+@router.on(DeleteObject)
+async def delete(peer, caller, msg: DeleteObject):
+    meta = await peer.meta(msg.id)
+    is_result = meta.expires is not None
+    if not (_privileged(peer, caller, meta) or is_result and may(peer, caller, meta, "compute")):
+        raise PermissionDenied(f"{caller.name} may not delete object {msg.id}")
+    await peer.delete(msg.id)
+    return Ack()
+
+
+def _leaf_ids(program) -> list[str]:
+    nodes = program.get("nodes") if isinstance(program, dict) else None
+    if not isinstance(nodes, list):
+        raise BadRequest("program must be a map with a list of nodes")
+    return [n["obj"] for n in nodes if isinstance(n, dict) and n.get("op") == "leaf"
+            and isinstance(n.get("obj"), str)]
+
+
+def _leaf_level(meta: ObjectMeta) -> Level:
+    if meta.level == "aggregate":
+        return AGGREGATE
+    if meta.level == "public":
+        return PUBLIC
+    return Level("row", 0, meta.shape[0]) if meta.shape else OPAQUE
+
+
+@router.on(Execute)
+async def execute(peer, caller, msg: Execute):
+    ids = _leaf_ids(msg.program)
+    metas = {i: await _meta_for(peer, caller, i, "compute") for i in dict.fromkeys(ids)}
+    min_rows = max([m.rules.min_rows for m in metas.values()] or [peer.config.min_rows])
+
+    def run(device):
+        def resolve(oid):
+            m = metas[oid]
+            t = (torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta")
+                 if device == "meta" else peer.store.load(oid))
+            return t, _leaf_level(m)
+        return evaluate(msg.program, resolve, min_rows=min_rows, device=device)
+
+    run("meta")  # shapes and sizes checked before any real work
+    value, level = await trio.to_thread.run_sync(run, "cpu")
+    if not isinstance(value, torch.Tensor):
+        value = torch.as_tensor(value)
+    rules = Rules.strictest(m.rules for m in metas.values()) if metas else Rules()
+    level_name = level.kind
+    if msg.fetch:
+        probe = ObjectMeta(owner=peer.name, shape=tuple(value.shape),
+                           dtype=str(value.dtype).removeprefix("torch."), rules=rules,
+                           level=level_name)
+        if not all(_privileged(peer, caller, m) for m in metas.values()) and not may(
+                peer, caller, probe, "get"):
+            kind = "row-level " if level_name == "row" else ""
+            raise PermissionDenied(f"{caller.name} may not download this {kind}result; "
+                                   f"it stays on {peer.name}", level=level_name)
+        return Value(value, None)
+    meta = ObjectMeta(owner=peer.name, shape=tuple(value.shape),
+                      dtype=str(value.dtype).removeprefix("torch."), tags=tuple(msg.tags),
+                      description=msg.description or f"result for {caller.name}",
+                      rules=rules, level=level_name, expires=time.time() + peer.config.result_ttl)
+    return ObjectInfo(info(peer, await peer.put(value.contiguous(), meta)))
+
+
+@router.on(GossipDigest)
+async def gossip_digest(peer, caller, msg: GossipDigest):
+    if msg.sender.public_key != caller.public_key:
+        raise PermissionDenied("a gossip digest must carry the sender's own record")
+    return handle_gossip(peer.directory, msg, time.monotonic())
+
+
+@router.on(GossipPush)
+async def gossip_push(peer, caller, msg: GossipPush):
+    return handle_gossip(peer.directory, msg, time.monotonic())

@@ -1,0 +1,167 @@
+"""What a data scientist holds: a running peer of their own, seen as the network.
+
+    async with p2pgrid.connect("bob") as net:
+        hits = await net.search("#birth-records")
+        rec = hits["hospital"][0]
+        avg = await (rec[:, 0].sum() / rec.shape[0]).get()
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Iterable
+
+import torch
+import trio
+
+from .config import PeerConfig
+from .errors import NotFound, PeerUnavailable
+from .messages import (DeleteObject, DescribeObject, Execute, GetObject, ListObjects, ObjectInfo,
+                       Ping, PutObject, Value)
+from .peer import Peer, open_peer
+from .pointer import Pointer
+from .store import Rules
+
+
+class Network:
+    """The network as seen from one peer. Get one from :func:`connect`."""
+
+    def __init__(self, peer: Peer):
+        self._peer = peer
+
+    @property
+    def me(self) -> Peer:
+        return self._peer
+
+    @property
+    def name(self) -> str:
+        return self._peer.name
+
+    def peers(self) -> list[str]:
+        """Names of the live peers in the directory, this one included."""
+        return sorted(self._peer.directory.label(r) for r in self._peer.directory.peers())
+
+    async def wait_for_peers(self, names: Iterable[str] | int, *, timeout: float = 30.0) -> None:
+        """Wait until the directory knows these peers (or this many others)."""
+        def ready():
+            known = set(self.peers()) - {self.name}
+            return len(known) >= names if isinstance(names, int) else set(names) <= known
+        with trio.fail_after(timeout):
+            while not ready():
+                await trio.sleep(0.05)
+
+    async def search(self, query: str | Iterable[str], *, wait: float = 0.0) -> dict[str, list[Pointer]]:
+        """Pointers to published objects having all the tags, by peer name.
+
+        Answers from the local directory; with ``wait`` > 0 it keeps looking for
+        up to that many seconds while nothing matches.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            found = self._peer.directory.search(query)
+            if any(found.values()) or time.monotonic() >= deadline:
+                return {peer: [Pointer(self, peer, _summary_meta(s)) for s in items]
+                        for peer, items in found.items() if items}
+            await trio.sleep(0.05)
+
+    async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
+                      compute: Iterable[str] = (), get: Iterable[str] = (),
+                      aggregate: Iterable[str] | None = None, min_rows: int | None = None) -> Pointer:
+        """Publish data on this peer. `compute`: who may run programs on it; `get`: who
+        may download it (and row-level results); `aggregate` (default: `compute`): who
+        may download aggregates over at least `min_rows` records. "*" means anyone."""
+        meta = await self._peer.publish(tensor, tags=tags, description=description, compute=compute,
+                                        get=get, aggregate=aggregate, min_rows=min_rows)
+        return Pointer(self, self.name, _with_peer(meta.to_dict(), self.name))
+
+    def peer(self, name: str) -> "RemotePeer":
+        return RemotePeer(self, name)
+
+    # ------------------------------------------------------------ used by pointers
+
+    async def _request(self, peer: str, msg):
+        return await self._peer.request(peer, msg)
+
+    async def _execute(self, peer: str, program: dict, *, fetch: bool, tags=(), description=""):
+        reply = await self._request(peer, Execute(program, fetch, list(tags), description))
+        if fetch:
+            return _tensor(reply)
+        return Pointer(self, peer, reply.meta)
+
+    async def _get(self, peer: str, id: str) -> torch.Tensor:
+        return _tensor(await self._request(peer, GetObject(id)))
+
+    async def _delete(self, peer: str, id: str) -> None:
+        await self._request(peer, DeleteObject(id))
+
+    async def _describe(self, peer: str, id: str) -> dict:
+        return (await self._request(peer, DescribeObject(id))).meta
+
+
+class RemotePeer:
+    """A named peer: send it tensors, list its objects, ping it."""
+
+    def __init__(self, net: Network, name: str):
+        self._net, self.name = net, name
+
+    async def send(self, tensor: torch.Tensor, *, tags: Iterable[str] = (), description: str = "",
+                   compute: Iterable[str] | None = None, get: Iterable[str] | None = None) -> Pointer:
+        """Store `tensor` on this peer, owned by you (PySyft's ``x.send(worker)``)."""
+        rules = None
+        if compute is not None or get is not None:
+            compute = tuple(compute or ())
+            rules = Rules(compute=compute, get=tuple(get or ()), aggregate=compute).to_dict()
+        reply: ObjectInfo = await self._net._request(
+            self.name, PutObject(tensor, list(tags), description, rules))
+        return Pointer(self._net, self.name, reply.meta)
+
+    async def objects(self, tags: Iterable[str] = ()) -> list[Pointer]:
+        reply = await self._net._request(self.name, ListObjects(list(tags)))
+        return [Pointer(self._net, self.name, m) for m in reply.items]
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        t0 = time.perf_counter()
+        await self._net._request(self.name, Ping())
+        return time.perf_counter() - t0
+
+
+def _tensor(reply) -> torch.Tensor:
+    if not isinstance(reply, Value) or not isinstance(reply.value, torch.Tensor):
+        raise PeerUnavailable("peer answered with something other than a tensor")
+    return reply.value
+
+
+def _summary_meta(s) -> dict:
+    return {"id": s.id, "tags": list(s.tags), "description": s.description, "shape": list(s.shape),
+            "dtype": s.dtype, "owner": s.owner, "level": s.level}
+
+
+def _with_peer(meta: dict, peer: str) -> dict:
+    return dict(meta, peer=peer)
+
+
+@asynccontextmanager
+async def connect(name: str, *, join: Iterable[str] = (), data_dir=None, mdns: bool = True,
+                  interfaces: Iterable[str] | None = None, insecure: bool = False,
+                  host: str = "127.0.0.1", port: int = 0, wait: float = 10.0,
+                  **options) -> AsyncIterator[Network]:
+    """Start your own peer named `name`, join the network, and yield it as a Network.
+
+    Peers are found by mDNS (on `interfaces`, default all) and by `join` seeds
+    ("host:port" or "KEYID@host:port"). Waits up to `wait` seconds for a first
+    other peer to appear when there is any way to find one.
+    """
+    config = PeerConfig(name=name, data_dir=data_dir, host=host, port=port, insecure=insecure,
+                        join=tuple(join), mdns=mdns,
+                        mdns_interfaces=tuple(interfaces) if interfaces else None, **options)
+    async with open_peer(config) as peer:
+        net = Network(peer)
+        if wait and (config.join or mdns):
+            with trio.move_on_after(wait):
+                await net.wait_for_peers(1, timeout=wait)
+        yield net
+
+
+__all__ = ["Network", "RemotePeer", "connect", "NotFound"]

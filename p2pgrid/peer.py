@@ -1,0 +1,273 @@
+"""The peer actor: one nursery owning the HTTP/2 server, gossip, mDNS and housekeeping.
+
+>>> import trio, tempfile
+>>> async def main():
+...     cfg = PeerConfig(name="solo", data_dir=tempfile.mkdtemp(), mdns=False)
+...     async with open_peer(cfg) as peer:
+...         return peer.name, peer.address.startswith("127.0.0.1:")
+>>> trio.run(main)
+('solo', True)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import AsyncIterator, Iterable
+
+import torch
+import trio
+
+from . import tls, wire
+from .auth import Caller, Verifier
+from .client import Target, Transport, learn_target
+from .config import PeerConfig
+from .directory import Directory, ObjectSummary, PeerRecord, handle_gossip
+from .errors import NotFound, PeerUnavailable, Unauthenticated
+from .gossip import gossip_loop
+from .identity import Identity
+from .router import Router
+from .server import App, serve
+from .store import ObjectMeta, Rules, Store
+
+log = logging.getLogger("p2pgrid.peer")
+
+MAX_SUMMARIES = 2000  # objects advertised in our directory record
+
+
+class Peer:
+    """State of one running peer. Create with :func:`open_peer`, not directly."""
+
+    def __init__(self, config: PeerConfig, routers: Iterable[Router] = ()):
+        from .handlers import router as core_router
+
+        self.config = config
+        self.name = config.name
+        data = config.data_dir
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.identity = Identity.load_or_create(data / "identity.key")
+        self.cert = tls.load_or_create_certificate(self.identity, data / "tls-cert.der")
+        self.store = Store(data / "store")
+        self.directory = Directory(self.identity, ttl=config.ttl)
+        self._bindings_path = data / "names.cbor"
+        if self._bindings_path.exists():
+            try:
+                self.directory.load_bindings(wire.loads(self._bindings_path.read_bytes()))
+            except Exception:  # a damaged cache of bindings only costs re-learning them
+                log.warning("could not read %s; starting with no name bindings", self._bindings_path)
+        self._saved_bindings = self.directory.bindings()
+        self.transport = Transport(self.identity, self.name, insecure=config.insecure,
+                                   timeout=config.request_timeout)
+        self.verifier = Verifier(self.identity.key_id)
+        self.router = Router()
+        self.router.include(core_router)
+        for r in routers:
+            self.router.include(r)
+        self.address: str | None = None
+        self.started_at = time.time()
+        self.nursery: trio.Nursery | None = None
+        self._seeds: dict[str, str | None] = {}       # address -> expected key id
+        self._learned: dict[str, Target] = {}         # first-contact targets by address
+        self._summaries: dict[str, ObjectSummary] = {}
+        self.services: dict = {}
+        self.page = None  # set by the web module
+
+    def __repr__(self) -> str:
+        return f"Peer({self.name!r}, {self.address}, key={self.identity.key_id})"
+
+    @property
+    def key_id(self) -> str:
+        return self.identity.key_id
+
+    # ------------------------------------------------------------ identity of callers
+
+    def authorize(self, caller: Caller) -> None:
+        """A caller's name must be the one its key is bound to (first use binds it)."""
+        known = self.directory.name_key(caller.name)
+        if known is None:
+            self.directory.bind_name(caller.name, caller.public_key, time.monotonic())
+        elif known != caller.public_key:
+            raise Unauthenticated(f"the name {caller.name!r} is bound to another key")
+
+    # ------------------------------------------------------------ objects
+
+    async def put(self, tensor: torch.Tensor, meta: ObjectMeta) -> ObjectMeta:
+        meta = await trio.to_thread.run_sync(self.store.put, tensor, meta)
+        self._advertise(meta)
+        return meta
+
+    async def load(self, id: str) -> torch.Tensor:
+        return await trio.to_thread.run_sync(self.store.load, id)
+
+    async def meta(self, id: str) -> ObjectMeta:
+        return await trio.to_thread.run_sync(self.store.meta, id)
+
+    async def delete(self, id: str) -> bool:
+        gone = await trio.to_thread.run_sync(self.store.delete, id)
+        if self._summaries.pop(id, None) is not None:
+            self.reissue()
+        return gone
+
+    def _advertise(self, meta: ObjectMeta) -> None:
+        if meta.tags and len(self._summaries) < MAX_SUMMARIES:
+            self._summaries[meta.id] = summary_of(meta)
+            self.reissue()
+
+    async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
+                      compute: Iterable[str] = (), get: Iterable[str] = (),
+                      aggregate: Iterable[str] | None = None, min_rows: int | None = None,
+                      id: str | None = None) -> ObjectMeta:
+        """Store a tensor owned by this peer and announce it in the directory."""
+        compute = tuple(compute)
+        rules = Rules(compute=compute, get=tuple(get),
+                      aggregate=compute if aggregate is None else tuple(aggregate),
+                      min_rows=self.config.min_rows if min_rows is None else min_rows)
+        meta = ObjectMeta(id=id or "", owner=self.name, shape=tuple(tensor.shape),
+                          dtype=str(tensor.dtype).removeprefix("torch."), tags=tuple(tags),
+                          description=description, rules=rules)
+        return await self.put(tensor, meta)
+
+    # ------------------------------------------------------------ directory
+
+    def reissue(self) -> PeerRecord:
+        return self.directory.issue(
+            time.time(), name=self.name, addresses=[self.address] if self.address else [],
+            cert=self.cert, roles=list(self.config.roles),
+            objects=list(self._summaries.values()), services=self.services)
+
+    def record(self, name_or_key: str) -> PeerRecord:
+        return self.directory.lookup(name_or_key)
+
+    def target(self, rec: PeerRecord) -> Target:
+        if not rec.addresses:
+            raise PeerUnavailable(f"peer {rec.name!r} advertises no address")
+        return Target(rec.addresses[0], rec.key_id, None if self.config.insecure else rec.cert)
+
+    async def request(self, to: str | PeerRecord, msg, *, timeout: float | None = None):
+        """Send `msg` to a peer (name, key id, or record) and return its reply."""
+        rec = to if isinstance(to, PeerRecord) else self.record(to)
+        if rec.key_id == self.key_id:
+            return await self.router.dispatch(self, Caller(self.name, self.identity.public_bytes), msg)
+        return await self.transport.request(self.target(rec), msg, timeout=timeout)
+
+    def add_seed(self, address: str, key_id: str | None = None) -> None:
+        """Somewhere to gossip with: from --join, mDNS, or a test harness."""
+        if "@" in address:
+            key_id, address = address.split("@", 1)
+        if address != self.address:
+            self._seeds.setdefault(address, key_id)
+
+    def _unknown_seeds(self) -> list[str]:
+        known = {a for rec in self.directory.peers() for a in rec.addresses}
+        return [a for a in self._seeds if a not in known]
+
+    async def _gossip_send(self, address: str, msg):
+        for rec in self.directory.peers():
+            if address in rec.addresses and rec.key_id != self.key_id:
+                return await self.transport.request(self.target(rec), msg, timeout=self.config.ttl)
+        target = self._learned.get(address)
+        if target is None:
+            target = await learn_target(address, expect_key_id=self._seeds.get(address),
+                                        insecure=self.config.insecure)
+            self._learned[address] = target
+        try:
+            return await self.transport.request(target, msg, timeout=self.config.ttl)
+        except Unauthenticated:
+            self._learned.pop(address, None)
+            raise
+
+    # ------------------------------------------------------------ services
+
+    async def _serve(self, task_status=trio.TASK_STATUS_IGNORED):
+        certfile = keyfile = None
+        if not self.config.insecure:
+            certfile, keyfile = tls.server_context_files(self.identity, self.cert,
+                                                         self.config.data_dir / "tls")
+        card = wire.dumps({"name": self.name, "public_key": self.identity.public_bytes})
+        app = App(self.verifier, self.authorize, lambda c, m: self.router.dispatch(self, c, m),
+                  max_body=self.config.max_body, page=self._page, identity_card=card)
+        await serve(app, host=self.config.host, port=self.config.port, certfile=certfile,
+                    keyfile=keyfile, task_status=task_status)
+
+    async def _page(self, scope, body):
+        if self.page is None:
+            from .web import render_status
+            return 200, "text/html; charset=utf-8", render_status(self).encode()
+        return await self.page(self, scope, body)
+
+    async def _housekeeping(self):
+        while True:
+            await trio.sleep(max(self.config.gossip_interval * 5, 1.0))
+            expired = await trio.to_thread.run_sync(self.store.expire)
+            if any(self._summaries.pop(i, None) for i in expired):
+                self.reissue()
+            self.save_bindings()
+
+    def save_bindings(self) -> None:
+        current = self.directory.bindings()
+        if current != self._saved_bindings:
+            tmp = self._bindings_path.with_suffix(".tmp")
+            tmp.write_bytes(wire.dumps(current))
+            tmp.replace(self._bindings_path)
+            self._saved_bindings = current
+
+
+def summary_of(meta: ObjectMeta) -> ObjectSummary:
+    return ObjectSummary(id=meta.id, tags=list(meta.tags), description=meta.description,
+                         shape=list(meta.shape), dtype=meta.dtype, owner=meta.owner,
+                         level=meta.level)
+
+
+@asynccontextmanager
+async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> AsyncIterator[Peer]:
+    """Run a peer for the duration of the block: server, gossip, mDNS, housekeeping."""
+    peer = Peer(config, routers)
+    try:
+        async with trio.open_nursery() as nursery:
+            peer.nursery = nursery
+            binds = await nursery.start(peer._serve)
+            port = int(binds[0].rsplit(":", 1)[1])
+            peer.address = f"{config.advertise or config.host}:{port}"
+            peer._summaries = {m.id: summary_of(m) for m in await trio.to_thread.run_sync(
+                peer.store.list) if m.tags}
+            for item in config.publish:
+                await _publish_profile_item(peer, item)
+            for seed in config.join:
+                peer.add_seed(seed)
+            peer.reissue()
+            await nursery.start(lambda task_status: gossip_loop(
+                peer.directory, peer._gossip_send, interval=config.gossip_interval,
+                fanout=config.gossip_fanout, reissue=peer.reissue, seeds=peer._unknown_seeds,
+                clock=time.monotonic, timeout=max(config.gossip_interval, 5.0),
+                task_status=task_status))
+            if config.mdns:
+                from .discovery import run_discovery
+                await nursery.start(lambda task_status: run_discovery(
+                    name=peer.name, key_id=peer.key_id, port=port,
+                    interfaces=list(config.mdns_interfaces) if config.mdns_interfaces else None,
+                    on_found=lambda address, info: peer.add_seed(address, info.get("key_id")),
+                    task_status=task_status))
+            nursery.start_soon(peer._housekeeping)
+            try:
+                yield peer
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await peer.transport.aclose()
+        peer.save_bindings()
+        peer.store.close()
+
+
+async def _publish_profile_item(peer: Peer, item: dict) -> None:
+    from .datasets import build_dataset
+
+    name = item.get("id") or item.get("name")
+    existing = {m.id for m in await trio.to_thread.run_sync(peer.store.list)}
+    if name in existing:
+        return  # published on an earlier start: restarts keep data, not duplicates
+    tensor = await trio.to_thread.run_sync(build_dataset, item)
+    await peer.publish(tensor, tags=item.get("tags", ()), description=item.get("description", ""),
+                       compute=item.get("compute", ()), get=item.get("get", ()),
+                       aggregate=item.get("aggregate"), min_rows=item.get("min_rows"), id=name)
