@@ -25,6 +25,7 @@ log = logging.getLogger("p2pgrid.client")
 
 CHUNK = 1 << 20
 OFFLOAD = 1 << 20
+_NOT_DELIVERED = (httpx.ConnectError, httpx.WriteError, httpx.PoolTimeout, httpx.ConnectTimeout)
 
 
 @dataclass(frozen=True)
@@ -76,29 +77,37 @@ class Transport:
         """Send one message and return the reply message; remote errors re-raise here typed."""
         body = await _maybe_thread(_size_hint(msg), wire.encode, msg)
         digest = await _maybe_thread(len(body), lambda b: hashlib.sha256(b).hexdigest(), body)
-        headers = sign_request(self.identity, self.name, target.key_id, "POST", "/rpc",
-                               digest=digest, now=time.time())
-        headers["content-type"] = "application/cbor"
-        headers["content-length"] = str(len(body))
-        client = self._client(target)
-        content = _chunks(body) if len(body) > CHUNK else body
-        try:
-            resp = await client.post("/rpc", content=content, headers=headers,
-                                      timeout=timeout or self.timeout)
-        except (httpx.TransportError, ssl.SSLError, OSError) as e:
-            await self._drop(target)
-            raise PeerUnavailable(f"peer at {target.address} is unreachable: {e!r}"
-                                  f"{type(e).__name__}") from None
+        for attempt in (1, 2):
+            headers = sign_request(self.identity, self.name, target.key_id, "POST", "/rpc",
+                                   digest=digest, now=time.time())
+            headers["content-type"] = "application/cbor"
+            headers["content-length"] = str(len(body))
+            client = self._client(target)
+            content = _chunks(body) if len(body) > CHUNK else body
+            try:
+                resp = await client.post("/rpc", content=content, headers=headers,
+                                          timeout=timeout or self.timeout)
+                break
+            except _NOT_DELIVERED as e:
+                # A pooled connection the peer closed (it restarted, say): the
+                # request never reached it, so sending again on a new one is safe.
+                await self._drop(target)
+                if attempt == 2:
+                    raise PeerUnavailable(f"peer at {target.address} is unreachable: "
+                                          f"{type(e).__name__}") from None
+            except (httpx.TransportError, ssl.SSLError, OSError) as e:
+                await self._drop(target)
+                raise PeerUnavailable(f"peer at {target.address} did not answer: "
+                                      f"{type(e).__name__}") from None
         self.bytes_sent += len(body)
         data = resp.content
         self.bytes_received += len(data)
         if resp.status_code != 200:
             try:
-                raise error_from_wire(wire.loads(data), resp.status_code)
-            except P2PError as e:
-                if isinstance(e, P2PError) and e.status == 500 and resp.status_code != 500:
-                    e.status = resp.status_code
-                raise
+                body = wire.loads(data)
+            except P2PError:
+                body = None
+            raise error_from_wire(body, resp.status_code)
         return await _maybe_thread(len(data), wire.decode, data)
 
     async def _drop(self, target: Target) -> None:

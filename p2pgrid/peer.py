@@ -179,7 +179,7 @@ class Peer:
 
     # ------------------------------------------------------------ services
 
-    async def _serve(self, task_status=trio.TASK_STATUS_IGNORED):
+    async def _serve(self, port: int | None = None, task_status=trio.TASK_STATUS_IGNORED):
         certfile = keyfile = None
         if not self.config.insecure:
             certfile, keyfile = tls.server_context_files(self.identity, self.cert,
@@ -187,7 +187,8 @@ class Peer:
         card = wire.dumps({"name": self.name, "public_key": self.identity.public_bytes})
         app = App(self.verifier, self.authorize, lambda c, m: self.router.dispatch(self, c, m),
                   max_body=self.config.max_body, page=self._page, identity_card=card)
-        await serve(app, host=self.config.host, port=self.config.port, certfile=certfile,
+        await serve(app, host=self.config.host, port=self.config.port if port is None else port,
+                    certfile=certfile,
                     keyfile=keyfile, task_status=task_status)
 
     async def _page(self, scope, body):
@@ -203,6 +204,37 @@ class Peer:
             if any(self._summaries.pop(i, None) for i in expired):
                 self.reissue()
             self.save_bindings()
+            self.state_save_known_peers()
+
+    # ------------------------------------------------------------ what survives a restart
+    # Identity, certificate, store and name bindings live in their own files; here
+    # are the last port and the peers we knew, so a restarted peer is found where
+    # it was and finds the others without mDNS or --join.
+
+    def state_save_port(self, port: int) -> None:
+        (self.config.data_dir / "port").write_text(f"{port}\n")
+
+    def state_saved_port(self) -> int | None:
+        try:
+            return int((self.config.data_dir / "port").read_text())
+        except (OSError, ValueError):
+            return None
+
+    def state_known_peers(self) -> list[str]:
+        try:
+            items = wire.loads((self.config.data_dir / "peers.cbor").read_bytes())
+            return [f"{i['key_id']}@{i['address']}" for i in items]
+        except Exception:  # missing or damaged: only costs rediscovery
+            return []
+
+    def state_save_known_peers(self) -> None:
+        items = [{"key_id": r.key_id, "address": a} for r in self.directory.peers()
+                 if r.key_id != self.key_id for a in r.addresses[:1]]
+        if items:
+            path = self.config.data_dir / "peers.cbor"
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(wire.dumps(items))
+            tmp.replace(path)
 
     def save_bindings(self) -> None:
         current = self.directory.bindings()
@@ -226,14 +258,15 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
     try:
         async with trio.open_nursery() as nursery:
             peer.nursery = nursery
-            binds = await nursery.start(peer._serve)
+            binds = await _start_server(nursery, peer)
             port = int(binds[0].rsplit(":", 1)[1])
+            peer.state_save_port(port)
             peer.address = f"{config.advertise or config.host}:{port}"
             peer._summaries = {m.id: summary_of(m) for m in await trio.to_thread.run_sync(
                 peer.store.list) if m.tags}
             for item in config.publish:
                 await _publish_profile_item(peer, item)
-            for seed in config.join:
+            for seed in list(config.join) + peer.state_known_peers():
                 peer.add_seed(seed)
             peer.reissue()
             await nursery.start(lambda task_status: gossip_loop(
@@ -257,7 +290,19 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
         with trio.CancelScope(shield=True):
             await peer.transport.aclose()
         peer.save_bindings()
+        peer.state_save_known_peers()
         peer.store.close()
+
+
+async def _start_server(nursery: trio.Nursery, peer: Peer) -> list[str]:
+    """Listen on the configured port, else on the port of the last run, else any."""
+    saved = peer.state_saved_port() if peer.config.port == 0 else None
+    if saved:
+        try:
+            return await nursery.start(peer._serve, saved)
+        except OSError:
+            log.info("port %d of the last run is taken; using another", saved)
+    return await nursery.start(peer._serve)
 
 
 async def _publish_profile_item(peer: Peer, item: dict) -> None:

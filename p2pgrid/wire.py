@@ -5,7 +5,7 @@ CBOR tag 27 ``[type-name, {field: value}]``; decoding looks the name up in the
 registry (never imports or calls anything named by the sender), checks fields
 against the annotations and builds the dataclass. Tensors (torch or numpy) travel
 as tag 40 ``[shape, typed-array]`` (RFC 8746, little-endian) and decode to
-``torch.Tensor`` over the received buffer, without a further copy for large ones.
+``torch.Tensor`` with one copy out of the received buffer.
 
 >>> import torch
 >>> @message("demo.ping")
@@ -24,7 +24,6 @@ import dataclasses
 import sys
 import types
 import typing
-import warnings
 from dataclasses import dataclass
 from collections.abc import Mapping
 from typing import Any, Union
@@ -60,7 +59,6 @@ _EXT_DTYPES = {"bool": (torch.bool, np.dtype("uint8")), "bfloat16": (torch.bfloa
                "complex64": (torch.complex64, np.dtype("<c8"))}
 _TAG_MESSAGE = 27
 _TAG_NDARRAY = 40
-_SMALL = 4096  # below this many bytes, copy rather than alias the decoder's bytes object
 
 _MESSAGES: dict[str, type] = {}
 _NAMES: dict[type, str] = {}
@@ -151,18 +149,12 @@ def encode(msg) -> bytes:
 
 # ---------------------------------------------------------------- decoding
 
-def _as_tensor(arr: np.ndarray, nbytes: int) -> torch.Tensor:
-    if nbytes <= _SMALL or not arr.flags.writeable and arr.dtype.byteorder == ">":
-        arr = arr.copy()
+def _as_tensor(arr: np.ndarray) -> torch.Tensor:
+    # cbor2 may hand back byte strings that alias its input buffer, so a tensor
+    # over them could change under another decoded value: copy once, here.
     if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    if not arr.flags.writeable:
-        # The array aliases a bytes object that only this tensor references, so
-        # writes through it are safe; copying 256 MB to silence a warning is not.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.from_numpy(arr)
-    return torch.from_numpy(arr)
+        return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("<")))
+    return torch.from_numpy(arr.copy())
 
 
 def _check_shape(shape, count: int, what: str) -> tuple[int, ...]:
@@ -194,7 +186,7 @@ def _tag_hook(tag, immutable=False):
         if not (isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[1], np.ndarray)):
             raise MalformedMessage("tag 40 must hold [shape, typed array]")
         shape = _check_shape(v[0], v[1].size, "tensor")
-        return _as_tensor(v[1].reshape(shape), v[1].nbytes)
+        return _as_tensor(v[1].reshape(shape))
     if t == _TAG_EXT_ARRAY:
         v = tag.value
         if not (isinstance(v, (list, tuple)) and len(v) == 3 and v[0] in _EXT_DTYPES
@@ -205,7 +197,7 @@ def _tag_hook(tag, immutable=False):
             raise MalformedMessage(f"{v[0]} array has a ragged byte count")
         arr = np.frombuffer(v[2], dtype=npdt)
         shape = _check_shape(v[1], arr.size, v[0])
-        ten = _as_tensor(arr.reshape(shape), arr.nbytes)
+        ten = _as_tensor(arr.reshape(shape))
         if v[0] == "bool":
             if ten.numel() and int(ten.max()) > 1:
                 raise MalformedMessage("bool array holds values other than 0 and 1")

@@ -1,0 +1,456 @@
+"""The peer directory: signed peer records, reconciled by push-pull anti-entropy (sans-IO).
+
+Each peer signs a :class:`PeerRecord` (addresses, TLS certificate, roles, published
+objects, services) and re-issues it with a higher ``version`` on every heartbeat. A
+:class:`Directory` keeps the newest verified record per key and answers the three
+questions gossip needs: what do I have (:meth:`Directory.digest`), what does the other
+side lack (:meth:`Directory.newer_than`), what does it have that I lack
+(:meth:`Directory.wanted`). No sockets, no trio, no clock: every method that needs the
+time takes ``now``; the I/O loop lives in :mod:`p2pgrid.gossip`.
+
+Liveness is judged by *receive* time, never by the owner's clock: a record is live
+while a newer version of it arrived less than ``ttl`` ago. When a record expires we
+keep a tombstone (key id, version) for a while so that peers which have not expired
+it yet cannot gossip the same dead version back to us.
+
+Names are labels bound to keys, trust on first use. The first key seen with a name owns
+it, for good (across expiry; :meth:`Directory.bindings` exports the bindings so a peer
+can save them). A record from another key claiming a bound name is still *kept* and
+gossiped, so that every directory converges on the same set of records whatever order
+they arrive in, but it is reachable by key id only: :meth:`Directory.lookup` by name
+never returns it and :meth:`Directory.search` lists it under its key id, never under the
+contested name. Each such claim is recorded once in ``Directory.conflicts`` and logged.
+
+>>> from p2pgrid.identity import Identity
+>>> a, b = Directory(Identity.generate()), Directory(Identity.generate())
+>>> rec = a.issue(1.0, name="alice", addresses=["127.0.0.1:7001"], cert=b"", roles=[],
+...               objects=[ObjectSummary("o1", ["Birth-Records"], "", [3], "float32", "alice")],
+...               services={})
+>>> reply = handle_digest(b, GossipDigest(sender=rec, digest=a.digest()), now=1.0)
+>>> sorted(b.search("#birth-records"))
+['alice']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+
+import cbor2
+
+from . import identity as _identity
+from .errors import BadRequest, Conflict, NotFound
+from .wire import message
+
+__all__ = [
+    "ObjectSummary", "PeerRecord", "sign_record", "NameConflict", "Directory",
+    "GossipDigest", "GossipReply", "GossipPush", "GossipAck",
+    "handle_digest", "handle_push", "handle_gossip", "normalize_tags", "check_name",
+]
+
+log = logging.getLogger("p2pgrid.directory")
+
+_SIGNING_DOMAIN = "p2pgrid.dir.record/1"  # so a record signature is never valid for anything else
+_KEY_ID_SHAPE = re.compile(r"[0-9a-f]{16}")
+MAX_NAME = 64
+
+
+# ---------------------------------------------------------------- records
+
+@message("dir.object")
+@dataclass(frozen=True)
+class ObjectSummary:
+    """What the directory knows of a published object: enough to find it, never its values."""
+
+    id: str
+    tags: list[str]
+    description: str
+    shape: list[int]
+    dtype: str
+    owner: str
+    level: str = "row"
+
+
+@message("dir.record")
+@dataclass(frozen=True)
+class PeerRecord:
+    """A peer's signed self-description. ``version`` grows on every re-issue."""
+
+    name: str
+    public_key: bytes
+    addresses: list[str]  # "host:port", best first
+    cert: bytes  # the peer's TLS certificate, DER; opaque here
+    roles: list[str]
+    objects: list[ObjectSummary]
+    services: dict  # free-form, CBOR-able
+    version: int
+    issued_at: float  # owner's clock, unix seconds; informational only
+    signature: bytes = b""
+
+    @cached_property
+    def key_id(self) -> str:
+        return _identity.key_id(self.public_key)
+
+    def signing_bytes(self) -> bytes:
+        """Canonical CBOR of every field but the signature, under a domain tag."""
+        body = {}
+        for f in dataclasses.fields(self):
+            if f.name == "signature":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "objects":
+                value = [_summary_plain(o) for o in value]
+            body[f.name] = value
+        return cbor2.dumps([_SIGNING_DOMAIN, body], canonical=True)
+
+    def verify(self) -> bool:
+        """True iff the signature is this record's public key's signature of its fields."""
+        try:
+            data = self.signing_bytes()
+        except (TypeError, ValueError, cbor2.CBOREncodeError):
+            return False
+        return _identity.verify(self.public_key, data, self.signature)
+
+
+def _summary_plain(o: ObjectSummary) -> dict:
+    return {f.name: getattr(o, f.name) for f in dataclasses.fields(ObjectSummary)}
+
+
+def sign_record(ident: _identity.Identity, **fields) -> PeerRecord:
+    """Build a PeerRecord from `fields` (public_key defaults to ident's) and sign it."""
+    fields.pop("signature", None)
+    pub = fields.setdefault("public_key", ident.public_bytes)
+    if bytes(pub) != ident.public_bytes:
+        raise ValueError("public_key does not belong to the signing identity")
+    unsigned = PeerRecord(**fields)
+    return dataclasses.replace(unsigned, signature=ident.sign(unsigned.signing_bytes()))
+
+
+def check_name(name) -> str | None:
+    """Why `name` is not a usable peer name, or None if it is."""
+    if not isinstance(name, str) or not name:
+        return "a peer name must be a non-empty string"
+    if len(name) > MAX_NAME:
+        return f"a peer name has at most {MAX_NAME} characters"
+    if not name.isprintable() or any(c.isspace() for c in name) or "#" in name:
+        return "a peer name has no spaces, control characters or '#'"
+    if _KEY_ID_SHAPE.fullmatch(name):
+        return "a peer name must not look like a key id (16 hex digits)"
+    return None
+
+
+def normalize_tags(query: str | Iterable[str]) -> list[str]:
+    """'#February, #birth-records' -> ['february', 'birth-records']."""
+    parts = re.split(r"[\s,]+", query) if isinstance(query, str) else list(query)
+    out = []
+    for p in parts:
+        t = str(p).strip().lstrip("#").lower()
+        if t and t not in out:
+            out.append(t)
+    return out
+
+
+@dataclass(frozen=True)
+class NameConflict:
+    """A key claimed a name already bound to another key. ``first_seen`` is None for
+    conflicts found while loading saved bindings."""
+
+    name: str
+    bound_key_id: str
+    claimed_key_id: str
+    first_seen: float | None
+
+
+# ---------------------------------------------------------------- the directory
+
+Listener = Callable[[str, list[PeerRecord]], None]
+
+
+class Directory:
+    """Newest verified record per key, with name bindings and liveness by receive time.
+
+    ``now`` arguments to merge/expire/handle_* may come from any monotonic clock (the
+    gossip loop's), as long as it is the same one throughout; ``issue``'s ``now`` is
+    written into ``issued_at`` and should be unix time.
+    """
+
+    def __init__(self, identity: _identity.Identity, *, ttl: float = 30.0,
+                 tombstone_ttl: float | None = None):
+        self.identity = identity
+        self.key_id = identity.key_id
+        self.ttl = float(ttl)
+        self.tombstone_ttl = 4 * self.ttl if tombstone_ttl is None else float(tombstone_ttl)
+        self.own: PeerRecord | None = None
+        self.conflicts: list[NameConflict] = []
+        self.rejected = 0  # records dropped for a bad signature or an unusable name
+        self._records: dict[str, PeerRecord] = {}
+        self._last_seen: dict[str, float] = {}
+        self._tombstones: dict[str, tuple[int, float]] = {}  # key id -> (version, expired at)
+        self._names: dict[str, bytes] = {}  # name -> public key (TOFU bindings)
+        self._conflict_seen: set[tuple[str, str]] = set()
+        self._own_version_seen = 0  # highest version of our own key seen from others
+        self._listeners: list[Listener] = []
+
+    # ------------------------------------------------------------ own record
+
+    def issue(self, now: float, *, name: str, addresses: list[str], cert: bytes,
+              roles: list[str], objects: list[ObjectSummary], services: dict) -> PeerRecord:
+        """(Re)issue and store our own record with a version above any seen for our key."""
+        why = check_name(name)
+        if why:
+            raise BadRequest(why, name=name)
+        bound = self._names.get(name)
+        if bound is not None and bytes(bound) != self.identity.public_bytes:
+            raise Conflict(f"the name {name!r} is bound to key {_identity.key_id(bound)}, "
+                           f"not to this peer's key {self.key_id}", name=name)
+        version = max(self.own.version if self.own else 0, self._own_version_seen) + 1
+        rec = sign_record(self.identity, name=name, addresses=list(addresses), cert=bytes(cert),
+                          roles=list(roles), objects=list(objects), services=dict(services),
+                          version=version, issued_at=float(now))
+        self.own = rec
+        self._records[rec.key_id] = rec
+        self._tombstones.pop(rec.key_id, None)
+        self._names.setdefault(name, rec.public_key)
+        self._notify("issued", [rec])
+        return rec
+
+    # ------------------------------------------------------------ gossip state
+
+    def merge(self, records: Iterable[PeerRecord], now: float) -> list[PeerRecord]:
+        """Keep each record that is the newest version seen for its key and verifies.
+
+        Returns the accepted records, in the order given. Stale versions are ignored
+        without verifying; bad signatures and unusable names count in ``rejected``.
+        """
+        accepted = []
+        for rec in records:
+            if not isinstance(rec, PeerRecord):
+                self.rejected += 1
+                continue
+            try:
+                kid = rec.key_id
+            except TypeError:
+                self.rejected += 1
+                continue
+            if kid == self.key_id:
+                # Our own key, relayed back. Never stored; but if it is ahead of us (we
+                # restarted and lost our counter), our next issue must outrank it.
+                top = max(self.own.version if self.own else 0, self._own_version_seen)
+                if isinstance(rec.version, int) and rec.version > top and rec.verify():
+                    self._own_version_seen = rec.version
+                continue
+            cur = self._records.get(kid)
+            if cur is not None and rec.version <= cur.version:
+                continue
+            tomb = self._tombstones.get(kid)
+            if tomb is not None and rec.version <= tomb[0]:
+                continue
+            if check_name(rec.name) is not None or not rec.verify():
+                self.rejected += 1
+                log.debug("dropped record for %s: bad signature or name", kid)
+                continue
+            self._records[kid] = rec
+            self._last_seen[kid] = now
+            self._tombstones.pop(kid, None)
+            self._bind(rec.name, rec.public_key, now)
+            accepted.append(rec)
+        if accepted:
+            self._notify("accepted", accepted)
+        return accepted
+
+    def digest(self) -> dict[str, int]:
+        """key id -> version, for every record held (ours included)."""
+        return {kid: r.version for kid, r in self._records.items()}
+
+    def newer_than(self, remote_digest: dict[str, int]) -> list[PeerRecord]:
+        """Records the remote side lacks or holds an older version of."""
+        return [r for kid, r in self._records.items()
+                if remote_digest.get(kid, -1) < r.version]
+
+    def wanted(self, remote_digest: dict[str, int]) -> list[str]:
+        """Key ids the remote side holds a newer version of (never our own key)."""
+        out = []
+        for kid, version in remote_digest.items():
+            if kid == self.key_id or not isinstance(version, int):
+                continue
+            cur = self._records.get(kid)
+            have = cur.version if cur is not None else self._tombstones.get(kid, (-1,))[0]
+            if version > have:
+                out.append(kid)
+        return out
+
+    def records_for(self, key_ids: Iterable[str]) -> list[PeerRecord]:
+        return [self._records[k] for k in key_ids if k in self._records]
+
+    def expire(self, now: float) -> list[PeerRecord]:
+        """Drop records whose newest version arrived more than ``ttl`` ago (never ours)."""
+        dead = [kid for kid, seen in self._last_seen.items()
+                if now - seen > self.ttl and kid != self.key_id]
+        dropped = []
+        for kid in dead:
+            rec = self._records.pop(kid)
+            del self._last_seen[kid]
+            self._tombstones[kid] = (rec.version, now)
+            dropped.append(rec)
+        for kid in [k for k, (_, t) in self._tombstones.items() if now - t > self.tombstone_ttl]:
+            del self._tombstones[kid]
+        if dropped:
+            log.info("expired %s", ", ".join(f"{r.name} ({r.key_id})" for r in dropped))
+            self._notify("expired", dropped)
+        return dropped
+
+    # ------------------------------------------------------------ queries
+
+    def lookup(self, name_or_key_id: str) -> PeerRecord:
+        """The live record with this key id, or bound to this name (never an impostor's)."""
+        rec = self._records.get(name_or_key_id)
+        if rec is not None:
+            return rec
+        pub = self._names.get(name_or_key_id)
+        if pub is not None:
+            rec = self._records.get(_identity.key_id(pub))
+            if rec is not None and rec.name == name_or_key_id:
+                return rec
+        raise NotFound(f"no live peer named or keyed {name_or_key_id!r}")
+
+    def peers(self, *, include_self: bool = True) -> list[PeerRecord]:
+        """Every live record, sorted by name then key id."""
+        return sorted((r for r in self._records.values()
+                       if include_self or r.key_id != self.key_id),
+                      key=lambda r: (r.name, r.key_id))
+
+    def label(self, rec: PeerRecord) -> str:
+        """The name a record answers to here: its name if bound to its key, else its key id."""
+        return rec.name if self._names.get(rec.name) == rec.public_key else rec.key_id
+
+    def search(self, query: str | Iterable[str]) -> dict[str, list[ObjectSummary]]:
+        """Objects carrying every tag in `query` ('#a #b', '#' optional, any case),
+        by peer label (see :meth:`label`). An empty query lists every object."""
+        want = set(normalize_tags(query))
+        out: dict[str, list[ObjectSummary]] = {}
+        for rec in self.peers():
+            hits = [o for o in rec.objects if want <= set(normalize_tags(o.tags))]
+            if hits:
+                out[self.label(rec)] = hits
+        return out
+
+    # ------------------------------------------------------------ name bindings
+
+    def bindings(self) -> dict[str, bytes]:
+        """name -> public key, for every name ever bound here (live or not)."""
+        return dict(self._names)
+
+    def name_key(self, name: str) -> bytes | None:
+        """The public key bound to `name`, if any."""
+        return self._names.get(name)
+
+    def bind_name(self, name: str, pub: bytes, now: float | None = None) -> bool:
+        """Bind `name` to `pub` on first use (a caller proved it holds `pub`).
+        False, and a recorded conflict, if the name is bound to another key."""
+        self._bind(name, bytes(pub), now)
+        return self._names[name] == bytes(pub)
+
+    def load_bindings(self, saved: dict[str, bytes]) -> None:
+        """Restore saved bindings. A name already bound here keeps its key; a clash
+        with the saved key is recorded as a conflict."""
+        for name, pub in saved.items():
+            self.bind_name(name, pub, None)
+
+    def name_key(self, name: str) -> bytes | None:
+        """The public key `name` is bound to, or None if it is not bound."""
+        return self._names.get(name)
+
+    def bind_name(self, name: str, public_key: bytes, now: float | None) -> bool:
+        """Bind `name` to `public_key` if it is unbound (trust on first use), e.g. when an
+        authenticated caller first shows up. True iff the name is now bound to that key;
+        a clash is recorded in ``conflicts``; an unusable name binds nothing."""
+        if check_name(name) is not None or not isinstance(public_key, (bytes, bytearray)):
+            return False
+        return self._bind(name, bytes(public_key), now)
+
+    def _bind(self, name: str, pub: bytes, now: float | None) -> bool:
+        bound = self._names.setdefault(name, pub)
+        if bound == pub:
+            return True
+        claimed = _identity.key_id(pub)
+        if (name, claimed) in self._conflict_seen:
+            return False
+        self._conflict_seen.add((name, claimed))
+        c = NameConflict(name, _identity.key_id(bound), claimed, now)
+        self.conflicts.append(c)
+        log.warning("key %s claims the name %r, which is bound to key %s; "
+                    "it is reachable by key id only", claimed, name, c.bound_key_id)
+        return False
+
+    # ------------------------------------------------------------ change listeners
+
+    def add_listener(self, fn: Listener) -> Callable[[], None]:
+        """Call fn(kind, records) after each change ('issued', 'accepted', 'expired').
+        Returns a function that removes the listener."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def _notify(self, kind: str, records: list[PeerRecord]) -> None:
+        for fn in list(self._listeners):
+            fn(kind, records)
+
+    def __repr__(self) -> str:
+        return f"Directory(key_id={self.key_id}, records={len(self._records)})"
+
+
+# ---------------------------------------------------------------- the exchange
+
+@message("dir.gossip.digest")
+@dataclass(frozen=True)
+class GossipDigest:
+    """Initiator -> responder: who I am, and key id -> version of all I hold."""
+
+    sender: PeerRecord
+    digest: dict[str, int]
+
+
+@message("dir.gossip.reply")
+@dataclass(frozen=True)
+class GossipReply:
+    """Responder -> initiator: records newer than the initiator's, and key ids it wants."""
+
+    records: list[PeerRecord]
+    want: list[str]
+
+
+@message("dir.gossip.push")
+@dataclass(frozen=True)
+class GossipPush:
+    """Initiator -> responder: the records the responder asked for."""
+
+    records: list[PeerRecord]
+
+
+@message("dir.gossip.ack")
+@dataclass(frozen=True)
+class GossipAck:
+    accepted: int
+
+
+def handle_digest(directory: Directory, msg: GossipDigest, now: float) -> GossipReply:
+    """Responder side of an exchange: learn the sender, answer with the difference."""
+    directory.merge([msg.sender], now)
+    return GossipReply(records=directory.newer_than(msg.digest), want=directory.wanted(msg.digest))
+
+
+def handle_push(directory: Directory, msg: GossipPush, now: float) -> GossipAck:
+    """Responder side, second step: take the records we asked for."""
+    return GossipAck(accepted=len(directory.merge(msg.records, now)))
+
+
+def handle_gossip(directory: Directory, msg, now: float):
+    """Answer any gossip request (for the transport's route)."""
+    if isinstance(msg, GossipDigest):
+        return handle_digest(directory, msg, now)
+    if isinstance(msg, GossipPush):
+        return handle_push(directory, msg, now)
+    raise BadRequest(f"{type(msg).__name__} is not a gossip request")

@@ -1,0 +1,221 @@
+"""The gossip loop: the I/O edge of the directory (trio).
+
+Every ``interval`` (with jitter) a peer re-issues its own record (the heartbeat),
+expires dead peers, and runs one push-pull exchange with ``fanout`` random live peers
+plus any seed address (from mDNS or ``--join``) it has not yet reached::
+
+    initiator                                   responder
+    GossipDigest(sender=own, digest)  ------->  handle_digest: merge sender
+              <-------  GossipReply(records newer than mine, want=[key ids])
+    merge(records)
+    GossipPush(records wanted)        ------->  handle_push: merge
+              <-------  GossipAck
+
+The transport is injected: ``send(address, msg) -> reply`` raises
+:class:`~p2pgrid.errors.PeerUnavailable` when the peer does not answer. The exchanges
+of a round run concurrently, each under its own deadline; one bad peer never stops the
+loop. :class:`MemoryNetwork` is an in-memory ``send`` for tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import trio
+
+from . import wire
+from .directory import (Directory, GossipDigest, GossipPush, GossipReply, PeerRecord,
+                        handle_gossip)
+from .errors import P2PError, PeerUnavailable
+
+__all__ = ["Send", "RoundStats", "Gossiper", "gossip_once", "gossip_loop", "wait_for",
+           "MemoryNetwork"]
+
+log = logging.getLogger("p2pgrid.gossip")
+
+Send = Callable[[str, object], Awaitable[object]]
+
+
+@dataclass
+class RoundStats:
+    contacted: int = 0  # exchanges that completed
+    failed: int = 0  # unavailable, refused, malformed or timed out
+    accepted: int = 0  # records this side accepted from replies
+    pushed: int = 0  # records sent because the other side wanted them
+
+
+class Gossiper:
+    """One peer's gossip state (which seeds were reached) and its round."""
+
+    def __init__(self, directory: Directory, send: Send, *, fanout: int = 2,
+                 reissue: Callable[[], PeerRecord] | None = None,
+                 seeds: Callable[[], Iterable[str]] | None = None,
+                 clock: Callable[[], float] = trio.current_time,
+                 rng: random.Random | None = None, timeout: float = 1.0):
+        self.directory = directory
+        self.send = send
+        self.fanout = fanout
+        self.reissue = reissue
+        self.seeds = seeds
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
+        self.timeout = timeout
+        self.reached_seeds: set[str] = set()
+
+    def targets(self, own: PeerRecord) -> list[str]:
+        """`fanout` random live peers' addresses, plus seeds not reached yet.
+
+        When we know no live peer at all (just started, or cut off long enough for
+        everyone to expire) every seed counts as not reached, so a partition heals.
+        """
+        others = [r for r in self.directory.peers(include_self=False) if r.addresses]
+        picked = self.rng.sample(others, min(self.fanout, len(others)))
+        out = [self.rng.choice(r.addresses) for r in picked]
+        if self.seeds is not None:
+            mine = set(own.addresses)
+            for s in self.seeds():
+                if s in mine or s in out:
+                    continue
+                if others and s in self.reached_seeds:
+                    continue
+                out.append(s)
+        return out
+
+    async def round(self) -> RoundStats:
+        """Heartbeat, expire, then exchange with every target concurrently."""
+        own = self.reissue() if self.reissue is not None else self.directory.own
+        if own is None:
+            raise RuntimeError("the directory has no own record: issue one or pass reissue=")
+        self.directory.expire(self.clock())
+        stats = RoundStats()
+        async with trio.open_nursery() as nursery:
+            for address in self.targets(own):
+                nursery.start_soon(self._exchange_within, address, own, stats)
+        return stats
+
+    async def _exchange_within(self, address: str, own: PeerRecord, stats: RoundStats) -> None:
+        with trio.move_on_after(self.timeout) as scope:
+            try:
+                await self.exchange(address, own, stats)
+            except PeerUnavailable as e:
+                log.debug("gossip with %s: unavailable (%s)", address, e.message)
+                stats.failed += 1
+            except OSError as e:  # a transport that let a socket error through
+                log.debug("gossip with %s: unavailable (%s)", address, e)
+                stats.failed += 1
+            except P2PError as e:
+                log.info("gossip with %s failed: %s %s", address, e.code, e.message)
+                stats.failed += 1
+        if scope.cancelled_caught:
+            log.debug("gossip with %s: timed out after %.1fs", address, self.timeout)
+            stats.failed += 1
+
+    async def exchange(self, address: str, own: PeerRecord, stats: RoundStats) -> None:
+        """One push-pull exchange with the peer at `address`."""
+        reply = await self.send(address, GossipDigest(sender=own, digest=self.directory.digest()))
+        if not isinstance(reply, GossipReply):
+            raise PeerUnavailable(f"{address} answered a digest with {type(reply).__name__}")
+        stats.accepted += len(self.directory.merge(reply.records, self.clock()))
+        if reply.want:
+            records = self.directory.records_for(reply.want)
+            if records:
+                await self.send(address, GossipPush(records=records))
+                stats.pushed += len(records)
+        stats.contacted += 1
+        self.reached_seeds.add(address)
+
+
+async def gossip_once(directory: Directory, send: Send, **kwargs) -> RoundStats:
+    """One round with fresh state (every seed counts as not reached). See Gossiper."""
+    return await Gossiper(directory, send, **kwargs).round()
+
+
+async def gossip_loop(directory: Directory, send: Send, *, interval: float = 1.0,
+                      fanout: int = 2, reissue: Callable[[], PeerRecord] | None = None,
+                      seeds: Callable[[], Iterable[str]] | None = None,
+                      clock: Callable[[], float] = trio.current_time,
+                      rng: random.Random | None = None, timeout: float | None = None,
+                      jitter: float = 0.2,
+                      task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Gossip forever, one round every ``interval * U(1-jitter, 1+jitter)`` seconds.
+
+    Reports started once the first heartbeat is issued (so ``directory.own`` is set).
+    ``timeout`` bounds each exchange (default: ``interval``). ``clock`` is the
+    directory's clock for liveness; sleeping always uses trio's clock.
+    """
+    rng = rng if rng is not None else random.Random()
+    g = Gossiper(directory, send, fanout=fanout, reissue=reissue, seeds=seeds, clock=clock,
+                 rng=rng, timeout=interval if timeout is None else timeout)
+    if reissue is not None:
+        reissue()
+    elif directory.own is None:
+        raise RuntimeError("the directory has no own record: issue one or pass reissue=")
+    task_status.started()
+    while True:
+        start = trio.current_time()
+        await g.round()
+        await trio.sleep_until(start + interval * rng.uniform(1 - jitter, 1 + jitter))
+
+
+async def wait_for(directories: Directory | Iterable[Directory],
+                   predicate: Callable[[], bool]) -> None:
+    """Return as soon as `predicate()` is true, re-checking after every change to any
+    of `directories`. Put a deadline around it (``trio.fail_after``)."""
+    dirs = [directories] if isinstance(directories, Directory) else list(directories)
+    while not predicate():
+        changed = trio.Event()
+        removers = [d.add_listener(lambda kind, records: changed.set()) for d in dirs]
+        try:
+            await changed.wait()
+        finally:
+            for remove in removers:
+                remove()
+
+
+class MemoryNetwork:
+    """An in-memory ``send`` between directories, for tests and benchmarks.
+
+    ``net.add("a:1", directory)`` makes a directory answer at that address;
+    ``net.kill(address)`` makes it unreachable (send raises PeerUnavailable). With
+    ``roundtrip=True`` every request and reply goes through wire.encode/decode, so
+    the cost is the real one and ``bytes_sent`` counts the bytes.
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = trio.current_time,
+                 roundtrip: bool = True):
+        self.clock = clock
+        self.roundtrip = roundtrip
+        self.directories: dict[str, Directory] = {}
+        self.down: set[str] = set()
+        self.bytes_sent = 0
+        self.messages = 0
+
+    def add(self, address: str, directory: Directory) -> None:
+        self.directories[address] = directory
+        self.down.discard(address)
+
+    def kill(self, address: str) -> None:
+        self.down.add(address)
+
+    def revive(self, address: str) -> None:
+        self.down.discard(address)
+
+    def _carry(self, msg):
+        self.messages += 1
+        if not self.roundtrip:
+            return msg
+        data = wire.encode(msg)
+        self.bytes_sent += len(data)
+        return wire.decode(data)
+
+    async def send(self, address: str, msg):
+        await trio.lowlevel.checkpoint()
+        target = self.directories.get(address)
+        if target is None or address in self.down:
+            raise PeerUnavailable(f"no peer answers at {address}")
+        reply = handle_gossip(target, self._carry(msg), self.clock())
+        await trio.lowlevel.checkpoint()
+        return self._carry(reply)

@@ -1,0 +1,133 @@
+"""How long until a newly published tag is searchable from every peer?
+
+N peers gossip over the in-memory transport (every request and reply goes through
+wire.encode/wire.decode, every record is signature-checked), all heartbeating every
+round as real peers do. Starting from a converged directory, one peer publishes an
+object with a new tag; we count rounds until every peer's ``search`` finds it.
+
+Reported per N:
+  rounds           synchronous gossip rounds (each peer runs one round per step)
+  latency_s        rounds * interval: expected wall time on a real network at the
+                   default interval of 1 s, ignoring network latency
+  sim_s            wall time this process took to simulate those rounds (all N peers'
+                   CPU work in one process: encode, decode, verify, merge)
+  cpu_ms_per_peer_round  sim_s per round / N: one peer's gossip CPU per round
+  kib_per_round    gossip bytes on the wire per round, all peers together
+
+Usage: python scripts/bench_directory.py [--sizes 10 50 100] [--trials 3] [--fanout 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+
+import trio
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from p2pgrid.directory import Directory, ObjectSummary  # noqa: E402
+from p2pgrid.gossip import Gossiper, MemoryNetwork  # noqa: E402
+from p2pgrid.identity import Identity  # noqa: E402
+
+INTERVAL = 1.0
+
+
+class Peer:
+    def __init__(self, i: int, ident: Identity, net: MemoryNetwork, clock, rng, fanout: int):
+        self.name = f"peer{i}"
+        self.address = f"10.0.{i // 256}.{i % 256}:7443"
+        self.cert = rng.randbytes(480)  # about the size of a DER Ed25519 certificate
+        self.objects = [ObjectSummary(f"{self.name}-{k}", [f"topic{(i + k) % 7}", "tabular"],
+                                      "a published table", [1000, 12], "float32", self.name)
+                        for k in range(3)]
+        self.directory = Directory(ident, ttl=30.0)
+        net.add(self.address, self.directory)
+        self.gossiper = Gossiper(self.directory, net.send, fanout=fanout, reissue=self.reissue,
+                                 clock=clock, rng=random.Random(rng.random()), timeout=5.0)
+
+    def reissue(self):
+        return self.directory.issue(time.time(), name=self.name, addresses=[self.address],
+                                    cert=self.cert, roles=[], objects=self.objects,
+                                    services={"models": {"clf": {"input": [12]}}})
+
+
+async def trial(n: int, idents: list[Identity], fanout: int, seed: int) -> dict:
+    rng = random.Random(seed)
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    net = MemoryNetwork(clock=clock, roundtrip=True)
+    peers = [Peer(i, idents[i], net, clock, rng, fanout) for i in range(n)]
+    records = [p.reissue() for p in peers]
+    for p in peers:  # start converged (not measured)
+        p.directory.merge(records, now[0])
+
+    async def step():
+        async with trio.open_nursery() as nursery:
+            for p in peers:
+                nursery.start_soon(p.gossiper.round)
+        now[0] += INTERVAL
+
+    for _ in range(1):  # heartbeats in flight, as in steady state
+        await step()
+
+    publisher = rng.choice(peers)
+    tag = f"fresh{seed}"
+    publisher.objects = publisher.objects + [
+        ObjectSummary(f"{publisher.name}-new", [tag], "", [10], "int64", publisher.name)]
+
+    def everyone_finds_it():
+        return all(publisher.name in p.directory.search("#" + tag) for p in peers)
+
+    bytes0 = net.bytes_sent
+    t0 = time.perf_counter()
+    rounds = 0
+    while not everyone_finds_it():
+        await step()
+        rounds += 1
+        if rounds > 20 * math.ceil(math.log2(n)) + 20:
+            raise RuntimeError(f"N={n}: tag not everywhere after {rounds} rounds")
+    sim = time.perf_counter() - t0
+    assert all(p.directory.rejected == 0 for p in peers)
+    return {"rounds": rounds, "latency_s": rounds * INTERVAL, "sim_s": sim,
+            "bytes_per_round": (net.bytes_sent - bytes0) / rounds}
+
+
+async def main(sizes: list[int], trials: int, fanout: int) -> dict:
+    idents = [Identity.generate() for _ in range(max(sizes))]
+    out = {"interval_s": INTERVAL, "fanout": fanout, "transport": "in-memory, wire encode/decode",
+           "cpus": os.cpu_count(), "results": {}}
+    for n in sizes:
+        k = trials if n <= 50 else 1  # keep the whole run well under a minute
+        runs = [await trial(n, idents, fanout, seed=1000 * n + t) for t in range(k)]
+        out["results"][str(n)] = {
+            "trials": k,
+            "log2_n": round(math.log2(n), 2),
+            "rounds": [r["rounds"] for r in runs],
+            "rounds_median": statistics.median(r["rounds"] for r in runs),
+            "latency_s_median": statistics.median(r["latency_s"] for r in runs),
+            "sim_s_median": round(statistics.median(r["sim_s"] for r in runs), 3),
+            "sim_s_per_round": round(sum(r["sim_s"] for r in runs) / sum(r["rounds"] for r in runs), 3),
+            "cpu_ms_per_peer_round": round(
+                1000 * sum(r["sim_s"] for r in runs) / sum(r["rounds"] for r in runs) / n, 2),
+            "kib_per_round": round(statistics.median(r["bytes_per_round"] for r in runs) / 1024, 1),
+        }
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100])
+    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--fanout", type=int, default=2)
+    args = ap.parse_args()
+    t = time.perf_counter()
+    result = trio.run(main, args.sizes, args.trials, args.fanout)
+    result["total_s"] = round(time.perf_counter() - t, 1)
+    print(json.dumps(result))
