@@ -117,11 +117,10 @@ async def run_peer(args) -> int:
             scheme = "http" if cfg.insecure else "https"
             print(f"peer {peer.name} up at {peer.address} (key {peer.key_id})", flush=True)
             print(f"  page:  {scheme}://{peer.address}/   data: {cfg.data_dir}", flush=True)
+            for s in peer._summaries.values():
+                print(f"  publishes {s.id} {tuple(s.shape)} {' '.join('#' + t for t in s.tags)}",
+                      flush=True)
             print(f"  join:  --join {peer.key_id}@{peer.address}", flush=True)
-            if peer._summaries:
-                print(f"  publishing {len(peer._summaries)} object(s): " + ", ".join(
-                    f"{s.id} {' '.join('#' + t for t in s.tags)}" for s in peer._summaries.values()),
-                    flush=True)
             await trio.sleep_forever()
     print("peer stopped", flush=True)
     return 0

@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 import trio
 
-from . import h2tuning, wire
+from . import h2tuning, hypercorn_fixes, wire
 from .auth import H_DIGEST, Caller, Verifier
 from .errors import P2PError, PayloadTooLarge, Unauthenticated
 
@@ -157,6 +157,7 @@ async def serve(app: App, *, host: str, port: int, certfile: str | None, keyfile
     from hypercorn.trio import serve as hypercorn_serve
 
     h2tuning.apply()
+    hypercorn_fixes.apply()
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.h2_max_inbound_frame_size = h2tuning.FRAME

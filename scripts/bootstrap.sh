@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create .venv and install p2pgrid with its test tools. Idempotent: re-runs only
+# when pyproject.toml changed. torch is pinned to the CPU build: an unpinned torch
+# would pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "== creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.p2pgrid-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "== installing dependencies (first run takes a few minutes)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >&2
+  .venv/bin/python -m pip install -q "torch==2.13.0" >&2 \
+    || .venv/bin/python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu >&2
+  .venv/bin/python -m pip install -q -e ".[test]" >&2
+  echo "$want" > "$stamp"
+fi
