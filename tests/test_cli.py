@@ -88,3 +88,30 @@ def test_demo_walkthrough(tmp_path):
     assert "PermissionDenied" in out.stdout and "allowed (!)" not in out.stdout
     assert "mean birth weight at the hospital in February" in out.stdout
     assert "Done" in out.stdout
+
+
+async def test_killed_peer_process_others_still_answer(tmp_path):
+    import trio
+    import p2pgrid
+
+    hosp, hseed, _ = _start_peer(tmp_path, "--profile", "peers/hospital.toml", "--no-mdns",
+                                 "--data-dir", str(tmp_path / "h"))
+    clinic, cseed, _ = _start_peer(tmp_path, "--profile", "peers/clinic.toml", "--no-mdns",
+                                   "--data-dir", str(tmp_path / "c"), "--join", hseed)
+    try:
+        async with p2pgrid.connect("bob", join=[hseed], mdns=False, data_dir=tmp_path / "bob",
+                                   ttl=2.0, gossip_interval=0.2) as net:
+            with trio.fail_after(20):
+                while set(await net.search("#birth-records")) != {"hospital", "clinic"}:
+                    await trio.sleep(0.1)
+            clinic.kill()  # SIGKILL: no goodbye
+            clinic.wait()
+            hits = await net.search("#february #birth-records")
+            assert await hits["hospital"][0][:, 0].mean().get() > 0
+            with trio.fail_after(20):
+                while "clinic" in await net.search("#birth-records"):
+                    await trio.sleep(0.1)
+            assert "hospital" in await net.search("#birth-records")
+    finally:
+        clinic.kill()
+        _stop(hosp)

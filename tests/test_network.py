@@ -149,3 +149,30 @@ async def test_connect_api(tmp_path):
             hits = await net.search("#birth-records", wait=10)
             assert torch.allclose(await hits["hospital"][0][:, 0].mean().get(), BIRTHS[:, 0].mean())
             assert await net.peer("hospital").ping() < 5
+
+
+async def test_unfetched_results_expire(tmp_path):
+    from p2pgrid.config import PeerConfig
+
+    async with open_network([PeerConfig(name="hospital", result_ttl=0.3), "bob"], tmp_path) as grid:
+        await _publish_births(grid)
+        rec = (await grid.net("bob").search("#birth-records"))["hospital"][0]
+        kept = await (rec[:, 0] + 1)
+        assert await kept.describe()
+        with trio.fail_after(10):
+            while True:
+                try:
+                    await kept.describe()
+                except p2pgrid.NotFound:
+                    break
+                await trio.sleep(0.2)
+        # the published data itself never expires
+        assert await rec[:, 0].mean().get() > 0
+
+
+async def test_cleartext_h2c_only_when_asked(tmp_path):
+    async with open_network(["hospital", "bob"], tmp_path, insecure=True) as grid:
+        await _publish_births(grid)
+        rec = (await grid.net("bob").search("#birth-records"))["hospital"][0]
+        assert torch.allclose(await rec[:, 0].mean().get(), BIRTHS[:, 0].mean())
+        assert grid["hospital"].transport.insecure

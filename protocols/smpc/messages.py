@@ -1,0 +1,143 @@
+"""Message types: what a party sends per round, and what the dealer hands out.
+
+Round structure (for the network layer)
+---------------------------------------
+A protocol is a Python generator per party (see :mod:`protocols.smpc.runtime`).
+Every round, each party yields one :class:`Round`:
+
+* ``tag``: names the step (``"mul/open"``, ``"cmp/and/s4"``...). All parties of a
+  session yield the same tag in the same step; a mismatch is a ProtocolError.
+* ``broadcast``: tensors sent to *every* other party.
+* ``direct``: ``{party: {name: tensor}}``, tensors for one party only.
+
+The generator is then resumed with an :data:`Inbox`: ``{sender: {name: tensor}}``
+holding, for every other party that sent this party something this round, its
+broadcast merged with what it addressed directly to this party. Rounds are
+synchronous: a party must wait for all expected senders before resuming.
+
+On the wire, one party's round to one recipient is a :class:`RoundMessage`
+(registered with :mod:`p2pgrid.wire`): ``session``, ``step`` (0, 1, 2... per
+session), ``tag``, ``sender`` and the ``tensors``. The dealer's material is a
+:class:`Material` (seed plus, for the last party, correction tensors) answering a
+:class:`Request`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from p2pgrid.errors import ProtocolError
+from p2pgrid.wire import message
+
+from .prg import Prg
+
+__all__ = ["Round", "Inbox", "RoundMessage", "Request", "Material", "payload_nbytes",
+           "REQUEST_KINDS"]
+
+Payload = Mapping[str, torch.Tensor]
+Inbox = dict[int, dict[str, torch.Tensor]]
+
+
+def payload_nbytes(payload: Payload) -> int:
+    return sum(t.numel() * t.element_size() for t in payload.values())
+
+
+@dataclass(frozen=True)
+class Round:
+    """One party's outbound messages for one round."""
+
+    tag: str
+    broadcast: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    direct: Mapping[int, Mapping[str, torch.Tensor]] = field(default_factory=dict)
+
+    def payload_for(self, party: int) -> dict[str, torch.Tensor]:
+        """What `party` receives from the sender of this round (may be empty)."""
+        out = dict(self.broadcast)
+        mine = self.direct.get(party)
+        if mine:
+            clash = set(out) & set(mine)
+            if clash:
+                raise ProtocolError(f"round {self.tag!r}: names both broadcast and direct: "
+                                    f"{sorted(clash)}")
+            out.update(mine)
+        return out
+
+    def nbytes_to(self, party: int) -> int:
+        return payload_nbytes(self.broadcast) + payload_nbytes(self.direct.get(party, {}))
+
+
+@message("smpc.round")
+@dataclass(frozen=True)
+class RoundMessage:
+    """One round's payload from `sender` to one recipient, as it travels."""
+
+    session: str
+    step: int
+    tag: str
+    sender: int
+    tensors: dict[str, torch.Tensor]
+
+
+# ---------------------------------------------------------------- dealer material
+
+REQUEST_KINDS = ("triple", "matmul_triple", "binary_triple", "trunc_pair", "edabit", "dabit")
+
+
+@message("smpc.request")
+@dataclass(frozen=True)
+class Request:
+    """What a protocol step needs from the dealer: kind, operand shapes, one int param.
+
+    kinds: ``triple`` (shapes a, b; c = a*b broadcast), ``matmul_triple`` (c = a@b),
+    ``binary_triple`` (XOR-shared words, c = a & b), ``trunc_pair`` (r, r>>param, msb(r)),
+    ``edabit`` (r arithmetic + its bits XOR-shared), ``dabit`` (a random bit both ways).
+    """
+
+    kind: str
+    shapes: tuple[tuple[int, ...], ...]
+    param: int = 0
+
+    def __post_init__(self):
+        if self.kind not in REQUEST_KINDS:
+            raise ProtocolError(f"unknown preprocessing kind {self.kind!r}")
+        object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
+
+
+@message("smpc.material")
+@dataclass(frozen=True)
+class Material:
+    """One party's share of one dealt item, compressed.
+
+    ``spec`` lists the named components and their shapes in a fixed order; the
+    party expands component ``i`` as ``Prg(seed).int64(shape, stream=i)`` unless
+    ``corrections`` holds it explicitly. Parties 0..n-2 get a seed only; the last
+    party gets a seed plus the corrections that make the shares sum (or XOR) to a
+    valid item. A seed is 16 bytes, so all but one party receive 16 bytes per item.
+    """
+
+    kind: str
+    party: int
+    seed: bytes
+    spec: tuple[tuple[str, tuple[int, ...]], ...]
+    corrections: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def expand(self) -> dict[str, torch.Tensor]:
+        prg = Prg(self.seed)
+        out = {}
+        for i, (name, shape) in enumerate(self.spec):
+            fix = self.corrections.get(name)
+            if fix is not None:
+                if tuple(fix.shape) != tuple(shape) or fix.dtype != torch.int64:
+                    raise ProtocolError(f"dealer correction {name!r} has the wrong shape or dtype")
+                out[name] = fix
+            else:
+                out[name] = prg.int64(shape, stream=i)
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the dealer sends for this item (seed + corrections)."""
+        return len(self.seed) + payload_nbytes(self.corrections)
