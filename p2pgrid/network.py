@@ -24,7 +24,7 @@ from .pointer import Pointer
 from .store import Rules
 
 
-class Network:
+class _NetworkCore:
     """The network as seen from one peer. Get one from :func:`connect`."""
 
     def __init__(self, peer: Peer):
@@ -97,6 +97,14 @@ class Network:
 
     async def _describe(self, peer: str, id: str) -> dict:
         return (await self._request(peer, DescribeObject(id))).meta
+
+
+from . import plugins as _plugins  # noqa: E402  (mixins need _NetworkCore defined)
+
+
+class Network(*_plugins.network_mixins(), _NetworkCore):
+    """The network as seen from one peer: search, publish, remote compute, and every
+    plugin's API (secret sharing, federated learning, serving, governance)."""
 
 
 class RemotePeer:

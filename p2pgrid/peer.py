@@ -40,6 +40,7 @@ class Peer:
     """State of one running peer. Create with :func:`open_peer`, not directly."""
 
     def __init__(self, config: PeerConfig, routers: Iterable[Router] = ()):
+        from . import plugins
         from .handlers import router as core_router
 
         self.config = config
@@ -62,7 +63,7 @@ class Peer:
         self.verifier = Verifier(self.identity.key_id)
         self.router = Router()
         self.router.include(core_router)
-        for r in routers:
+        for r in [*plugins.routers(), *routers]:
             self.router.include(r)
         self.address: str | None = None
         self.started_at = time.time()
@@ -70,7 +71,9 @@ class Peer:
         self._seeds: dict[str, str | None] = {}       # address -> expected key id
         self._learned: dict[str, Target] = {}         # first-contact targets by address
         self._summaries: dict[str, ObjectSummary] = {}
-        self.services: dict = {}
+        self.services: dict = {}            # announced in our directory record (served models...)
+        self.extensions: dict[str, object] = {}  # per-plugin state, keyed by plugin name
+        self.audit_sinks: list = []  # callables(entry: dict); governance keeps the log
         self.page = None  # set by the web module
 
     def __repr__(self) -> str:
@@ -89,6 +92,13 @@ class Peer:
             self.directory.bind_name(caller.name, caller.public_key, time.monotonic())
         elif known != caller.public_key:
             raise Unauthenticated(f"the name {caller.name!r} is bound to another key")
+
+    def audit(self, action: str, caller: str | None = None, **fields) -> None:
+        """Record an event (search, compute, get, request, model call...) for the audit trail.
+        Fields must be public facts (ids, shapes, names), never values."""
+        entry = {"time": time.time(), "peer": self.name, "action": action, "caller": caller, **fields}
+        for sink in self.audit_sinks:
+            sink(entry)
 
     # ------------------------------------------------------------ objects
 
@@ -282,6 +292,9 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
                     on_found=lambda address, info: peer.add_seed(address, info.get("key_id")),
                     task_status=task_status))
             nursery.start_soon(peer._housekeeping)
+            from . import plugins
+            for service in plugins.services():
+                await nursery.start(service, peer)
             try:
                 yield peer
             finally:
