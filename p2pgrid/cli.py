@@ -22,6 +22,15 @@ EPILOG = """examples:
 """
 
 
+def add_network_options(p: argparse.ArgumentParser) -> None:
+    """--join, --no-mdns, --interface, --insecure, --data-dir, --as, --wait."""
+    _common_net(p)
+    if not any(a.dest == "name" for a in p._actions):
+        p.add_argument("--as", dest="name", default=None, help="your name on the network (default: $USER)")
+    if not any(a.dest == "wait" for a in p._actions):
+        p.add_argument("--wait", type=float, default=5.0, help="seconds to wait for peers (default 5)")
+
+
 def _common_net(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("network")
     g.add_argument("--join", action="append", default=[], metavar="[KEYID@]HOST:PORT",
@@ -81,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-running", action="store_true", help="keep the peers up afterwards")
     d.add_argument("--data-dir", type=Path, default=None,
                    help="where the demo peers keep state (default: a temporary directory)")
+    from . import plugins
+    parser.plugin_runners = plugins.cli_extensions(sub)
     return parser
 
 
@@ -127,9 +138,11 @@ async def run_peer(args) -> int:
 
 
 async def _ephemeral(args):
+    """A short-lived peer of the user's own, joined to the network (for one command).
+    Plugin subcommands use it too: add the network options with ``add_network_options``."""
     from .network import connect
 
-    name = args.name or _user()
+    name = getattr(args, "name", None) or _user()
     return connect(name, join=args.join, mdns=args.mdns, interfaces=args.interfaces,
                    insecure=args.insecure, data_dir=args.data_dir, wait=args.wait)
 
@@ -169,7 +182,8 @@ async def run_peers(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.verbose < 2:
@@ -177,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
         return trio.run(run_demo, args)
-    runner = {"peer": run_peer, "search": run_search, "peers": run_peers}[args.command]
+    runners = {"peer": run_peer, "search": run_search, "peers": run_peers, **parser.plugin_runners}
+    runner = runners[args.command]
     try:
         return trio.run(runner, args)
     except KeyboardInterrupt:

@@ -4,7 +4,9 @@ A plugin module may define:
 - ``router``: a :class:`p2pgrid.router.Router` with its request handlers;
 - ``async def service(peer, task_status)``: a long-running task the peer's nursery
   owns (call ``task_status.started()`` once ready);
-- ``class NetworkAPI``: a mixin of methods for :class:`p2pgrid.network.Network`.
+- ``class NetworkAPI``: a mixin of methods for :class:`p2pgrid.network.Network`;
+- ``def add_cli(subparsers) -> dict[str, Callable]``: add ``p2pgrid`` subcommands (argparse)
+  and return {command name: ``async def run(args) -> int``}.
 
 Every peer loads the same list, so every participant runs the same actor.
 """
@@ -42,3 +44,11 @@ def services():
 
 def network_mixins() -> tuple[type, ...]:
     return tuple(m.NetworkAPI for m in modules() if hasattr(m, "NetworkAPI"))
+
+
+def cli_extensions(subparsers) -> dict:
+    runners = {}
+    for m in modules():
+        if hasattr(m, "add_cli"):
+            runners.update(m.add_cli(subparsers))
+    return runners

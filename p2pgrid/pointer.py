@@ -263,8 +263,14 @@ class Expr:
                               "kwargs": {k: encode_arg(v, ref) for k, v in n.kwargs.items()}})
         return {"nodes": nodes}
 
-    async def get(self) -> torch.Tensor:
-        """Compute on the owner and download the result (PermissionDenied if not allowed)."""
+    async def get(self, *, epsilon: float | None = None, **dp_options) -> torch.Tensor:
+        """Compute on the owner and download the result (PermissionDenied if not allowed).
+
+        With `epsilon`, ask for a differentially private release charged to your
+        privacy budget on that dataset (p2pgrid.governance)."""
+        if epsilon is not None:
+            from .governance import private_get
+            return await private_get(self, epsilon=epsilon, **dp_options)
         return await self._net._execute(self._peer, self.program(), fetch=True)
 
     async def store(self, *, tags=(), description: str = "") -> "Pointer":
@@ -304,6 +310,18 @@ class Pointer(Expr):
     async def describe(self) -> dict:
         """Fresh metadata from the owner, rules included (if you may see them)."""
         return await self._net._describe(self._peer, self.id)
+
+    # Capabilities of plugins, reached from the pointer (see p2pgrid/plugins.py).
+
+    async def share(self, *parties: str, dealer: str, **options):
+        """Have the owner secret-share this tensor among `parties` (SMPC, p2pgrid.smpc)."""
+        from .smpc import share_pointer
+        return await share_pointer(self, parties, dealer=dealer, **options)
+
+    async def request_access(self, *, reason: str, epsilon: float | None = None, **options):
+        """Ask the owner for access (p2pgrid.governance); returns a request to ``await .wait()``."""
+        from .governance import request_access
+        return await request_access(self, reason=reason, epsilon=epsilon, **options)
 
 
 _UNARY = {"exp", "log", "log1p", "sqrt", "square", "sigmoid", "tanh", "relu", "sign", "floor",
