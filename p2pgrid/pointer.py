@@ -301,7 +301,9 @@ class Pointer(Expr):
         return (f"<Pointer {self._peer}/{self.id}: {tuple(self.shape)} "
                 f"{str(self.dtype).removeprefix('torch.')} {tags} {self.description!r}>")
 
-    async def get(self) -> torch.Tensor:
+    async def get(self, *, epsilon: float | None = None, **dp_options) -> torch.Tensor:
+        if epsilon is not None:
+            return await super().get(epsilon=epsilon, **dp_options)
         return await self._net._get(self._peer, self.id)
 
     async def delete(self) -> None:
