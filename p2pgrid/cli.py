@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port to listen on (default: any free)")
     p.add_argument("--advertise", help="host others should dial, if not --host")
     p.add_argument("--role", action="append", dest="roles", help="e.g. crypto-provider (repeatable)")
+    p.add_argument("--ttl", type=float, default=None,
+                   help="seconds a peer unheard of stays in the directory (default 15); this "
+                        "peer re-announces itself every ttl/3")
+    p.add_argument("--gossip-interval", type=float, default=None,
+                   help="seconds between gossip rounds (default 1)")
     _common_net(p)
 
     s = sub.add_parser("search", help="find published data by tag",
@@ -110,6 +115,7 @@ async def run_peer(args) -> int:
     from .peer import open_peer
 
     overrides = dict(name=args.name, host=args.host, port=args.port, advertise=args.advertise,
+                     ttl=args.ttl, gossip_interval=args.gossip_interval,
                      data_dir=args.data_dir, insecure=args.insecure or None,
                      mdns=None if args.mdns else False,
                      mdns_interfaces=tuple(args.interfaces) if args.interfaces else None)

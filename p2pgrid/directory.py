@@ -89,6 +89,7 @@ class PeerRecord:
     services: dict  # free-form, CBOR-able
     version: int
     issued_at: float  # owner's clock, unix seconds; informational only
+    ttl: float = 0.0  # the owner re-issues within this many seconds (0: unstated)
     signature: bytes = b""
 
     @cached_property
@@ -210,7 +211,7 @@ class Directory:
         version = max(self.own.version if self.own else 0, self._own_version_seen) + 1
         rec = sign_record(self.identity, name=name, addresses=list(addresses), cert=bytes(cert),
                           roles=list(roles), objects=list(objects), services=dict(services),
-                          version=version, issued_at=float(now))
+                          version=version, issued_at=float(now), ttl=self.ttl)
         self.own = rec
         self._records[rec.key_id] = rec
         self._tombstones.pop(rec.key_id, None)
@@ -288,8 +289,10 @@ class Directory:
 
     def expire(self, now: float) -> list[PeerRecord]:
         """Drop records whose newest version arrived more than ``ttl`` ago (never ours)."""
+        # A record promises a heartbeat within its own ttl; honour the longer of that
+        # promise and ours, so peers configured differently do not expire each other.
         dead = [kid for kid, seen in self._last_seen.items()
-                if now - seen > self.ttl and kid != self.key_id]
+                if now - seen > max(self.ttl, self._records[kid].ttl) and kid != self.key_id]
         dropped = []
         for kid in dead:
             rec = self._records.pop(kid)
@@ -343,16 +346,6 @@ class Directory:
     def bindings(self) -> dict[str, bytes]:
         """name -> public key, for every name ever bound here (live or not)."""
         return dict(self._names)
-
-    def name_key(self, name: str) -> bytes | None:
-        """The public key bound to `name`, if any."""
-        return self._names.get(name)
-
-    def bind_name(self, name: str, pub: bytes, now: float | None = None) -> bool:
-        """Bind `name` to `pub` on first use (a caller proved it holds `pub`).
-        False, and a recorded conflict, if the name is bound to another key."""
-        self._bind(name, bytes(pub), now)
-        return self._names[name] == bytes(pub)
 
     def load_bindings(self, saved: dict[str, bytes]) -> None:
         """Restore saved bindings. A name already bound here keeps its key; a clash

@@ -140,7 +140,16 @@ class Peer:
 
     # ------------------------------------------------------------ directory
 
+    def heartbeat(self) -> PeerRecord:
+        """Our record for a gossip round: re-signed only when a third of the ttl has
+        passed, so unchanged records are not re-spread around the network every round."""
+        own = self.directory.own
+        if own is None or time.time() - own.issued_at >= self.config.ttl / 3:
+            return self.reissue()
+        return own
+
     def reissue(self) -> PeerRecord:
+        """Sign and store a new version of our record (after any change to what it says)."""
         return self.directory.issue(
             time.time(), name=self.name, addresses=[self.address] if self.address else [],
             cert=self.cert, roles=list(self.config.roles),
@@ -281,7 +290,7 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
             peer.reissue()
             await nursery.start(lambda task_status: gossip_loop(
                 peer.directory, peer._gossip_send, interval=config.gossip_interval,
-                fanout=config.gossip_fanout, reissue=peer.reissue, seeds=peer._unknown_seeds,
+                fanout=config.gossip_fanout, reissue=peer.heartbeat, seeds=peer._unknown_seeds,
                 clock=time.monotonic, timeout=max(config.gossip_interval, 5.0),
                 task_status=task_status))
             if config.mdns:

@@ -94,9 +94,10 @@ async def test_killed_peer_process_others_still_answer(tmp_path):
     import trio
     import p2pgrid
 
-    hosp, hseed, _ = _start_peer(tmp_path, "--profile", "peers/hospital.toml", "--no-mdns",
+    fast = ["--no-mdns", "--ttl", "2", "--gossip-interval", "0.2"]
+    hosp, hseed, _ = _start_peer(tmp_path, "--profile", "peers/hospital.toml", *fast,
                                  "--data-dir", str(tmp_path / "h"))
-    clinic, cseed, _ = _start_peer(tmp_path, "--profile", "peers/clinic.toml", "--no-mdns",
+    clinic, cseed, _ = _start_peer(tmp_path, "--profile", "peers/clinic.toml", *fast,
                                    "--data-dir", str(tmp_path / "c"), "--join", hseed)
     try:
         async with p2pgrid.connect("bob", join=[hseed], mdns=False, data_dir=tmp_path / "bob",
