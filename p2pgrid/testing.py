@@ -86,10 +86,15 @@ class Grid:
 
 @asynccontextmanager
 async def open_network(names: Iterable[str | PeerConfig], tmp_path: Path | str | None = None, *,
-                       mdns: bool = False, gossip_interval: float = 0.2, ttl: float = 5.0,
+                       mdns: bool = False, join: bool = True,
+                       gossip_interval: float = 0.2, ttl: float = 5.0,
                        insecure: bool = False, routers: Iterable[Router] = (),
                        timeout: float = 30.0) -> AsyncIterator[Grid]:
-    """Start the named peers (or configs), wait for their directories to agree, yield a Grid."""
+    """Start the named peers (or configs), wait for their directories to agree, yield a Grid.
+
+    Peers find each other by joining the first one (``join=True``) and/or by mDNS
+    bound to 127.0.0.1 (``mdns=True``); with ``join=False, mdns=True`` discovery is
+    mDNS alone."""
     routers = tuple(routers)
     with tempfile.TemporaryDirectory(prefix="p2pgrid-") as tmp:
         root = Path(tmp_path or tmp)
@@ -104,7 +109,7 @@ async def open_network(names: Iterable[str | PeerConfig], tmp_path: Path | str |
                                     "mdns": mdns, "mdns_interfaces": ("127.0.0.1",),
                                     "gossip_interval": gossip_interval, "ttl": ttl,
                                     "insecure": insecure,
-                                    "join": tuple(cfg.join) + ((seed,) if seed else ())})
+                                    "join": tuple(cfg.join) + ((seed,) if seed and join else ())})
                 peer = await grid.start(cfg, routers)
                 seed = seed or f"{peer.key_id}@{peer.address}"
             await grid.wait_converged(timeout)

@@ -128,17 +128,12 @@ async def test_restart_keeps_identity_and_data(tmp_path):
 
 
 async def test_mdns_discovery_on_loopback(tmp_path):
-    # no --join seeds: peers must find each other by mDNS bound to 127.0.0.1
-    from p2pgrid.config import PeerConfig
-    from p2pgrid.peer import open_peer
-
-    configs = [PeerConfig(name=n, data_dir=tmp_path / n, mdns_interfaces=("127.0.0.1",),
-                          gossip_interval=0.2) for n in ("a", "b")]
-    async with open_peer(configs[0]) as a, open_peer(configs[1]) as b:
-        with trio.fail_after(20):
-            while not ({a.key_id, b.key_id} <= set(a.directory.digest())
-                       and {a.key_id, b.key_id} <= set(b.directory.digest())):
-                await trio.sleep(0.1)
+    # no --join seeds: peers find each other by mDNS bound to 127.0.0.1 alone
+    async with open_network(["a", "b", "c"], tmp_path, mdns=True, join=False) as grid:
+        await grid.net("a").publish(torch.ones(12, 2), tags=["found-by-mdns"], compute=["c"])
+        await grid.wait_searchable("#found-by-mdns")
+        ptr = (await grid.net("c").search("#found-by-mdns"))["a"][0]
+        assert float(await ptr.sum().get()) == 24.0
 
 
 async def test_connect_api(tmp_path):
