@@ -6,6 +6,11 @@ Rights, for a caller named N on an object:
   row-level result derived from it; ``aggregate``: N may download results that
   the evaluator classes as aggregates over at least ``min_rows`` records.
 A result is kept on the host with the strictest rules of its inputs.
+
+Governance (``p2pgrid.governance``) has its say first: registered users' roles
+are a ceiling (a guest may not compute), the owner role is privileged, approved
+requests grant ``get``; where roles are in force a result is bound to the user
+who computed it. Every operation is recorded with ``peer.audit``.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import trio
 from .auth import Caller
 from .directory import GossipDigest, GossipPush, handle_gossip
 from .errors import BadRequest, NotFound, PermissionDenied
+from .governance import policy as governance
 from .messages import (Ack, DeleteObject, DescribeObject, Execute, GetObject, ListObjects,
                        ObjectInfo, ObjectInfos, Ping, Pong, PutObject, Value)
 from .ops import AGGREGATE, OPAQUE, PUBLIC, Level, evaluate
@@ -38,6 +44,9 @@ def _privileged(peer, caller: Caller, meta: ObjectMeta) -> bool:
 
 
 def may(peer, caller: Caller, meta: ObjectMeta, right: str) -> bool:
+    verdict = governance.of(peer).verdict(caller, meta, right)
+    if verdict is not None:
+        return verdict
     if _privileged(peer, caller, meta):
         return True
     if right == "get":
@@ -52,6 +61,7 @@ async def _meta_for(peer, caller: Caller, id: str, right: str) -> ObjectMeta:
     except NotFound:
         raise NotFound(f"no object {id} on {peer.name}") from None
     if not may(peer, caller, meta, right):
+        peer.audit("denied", caller.name, object=id, right=right)
         if right == "get" and may(peer, caller, meta, "compute"):
             raise PermissionDenied(
                 f"{caller.name} may compute on object {id} but not download it"
@@ -68,27 +78,34 @@ async def ping(peer, caller, msg):
 
 @router.on(PutObject)
 async def put(peer, caller, msg: PutObject):
+    governance.of(peer).require(caller, "compute")
     rules = Rules.from_dict(msg.rules) if msg.rules is not None else Rules(
         compute=(caller.name,), get=(caller.name,), aggregate=(caller.name,))
     meta = ObjectMeta(owner=caller.name, shape=tuple(msg.tensor.shape),
                       dtype=str(msg.tensor.dtype).removeprefix("torch."), tags=tuple(msg.tags),
                       description=msg.description, rules=rules)
-    return ObjectInfo(info(peer, await peer.put(msg.tensor, meta)))
+    meta = await peer.put(msg.tensor, meta)
+    peer.audit("put", caller.name, object=meta.id, shape=list(meta.shape), dtype=meta.dtype)
+    return ObjectInfo(info(peer, meta))
 
 
 @router.on(DescribeObject)
 async def describe(peer, caller, msg: DescribeObject):
+    governance.of(peer).require(caller, "search")
     meta = await peer.meta(msg.id)
     if not (may(peer, caller, meta, "compute") or may(peer, caller, meta, "get")):
         raise PermissionDenied(f"{caller.name} has no right on object {msg.id}")
+    peer.audit("search", caller.name, object=msg.id)
     return ObjectInfo(info(peer, meta))
 
 
 @router.on(ListObjects)
 async def list_objects(peer, caller, msg: ListObjects):
+    governance.of(peer).require(caller, "search")
     tags = normalise_tags(msg.tags)
     metas = await trio.to_thread.run_sync(
         lambda: peer.store.search(tags) if tags else peer.store.list())
+    peer.audit("search", caller.name, tags=list(tags))
     return ObjectInfos([info(peer, m) for m in metas
                         if may(peer, caller, m, "compute") or may(peer, caller, m, "get")
                         or m.tags])
@@ -97,16 +114,21 @@ async def list_objects(peer, caller, msg: ListObjects):
 @router.on(GetObject)
 async def get(peer, caller, msg: GetObject):
     meta = await _meta_for(peer, caller, msg.id, "get")
-    return Value(await peer.load(msg.id), info(peer, meta))
+    value = await peer.load(msg.id)
+    peer.audit("get", caller.name, object=msg.id, shape=list(meta.shape))
+    return Value(value, info(peer, meta))
 
 
 @router.on(DeleteObject)
 async def delete(peer, caller, msg: DeleteObject):
     meta = await peer.meta(msg.id)
     is_result = meta.expires is not None
-    if not (_privileged(peer, caller, meta) or is_result and may(peer, caller, meta, "compute")):
+    gov = governance.of(peer)
+    if not (gov.role(caller) == "owner" or _privileged(peer, caller, meta)
+            or is_result and may(peer, caller, meta, "compute")):
         raise PermissionDenied(f"{caller.name} may not delete object {msg.id}")
     await peer.delete(msg.id)
+    peer.audit("delete", caller.name, object=msg.id)
     return Ack()
 
 
@@ -128,6 +150,7 @@ def _leaf_level(meta: ObjectMeta) -> Level:
 
 @router.on(Execute)
 async def execute(peer, caller, msg: Execute):
+    governance.of(peer).require(caller, "compute")
     ids = _leaf_ids(msg.program)
     metas = {i: await _meta_for(peer, caller, i, "compute") for i in dict.fromkeys(ids)}
     min_rows = max([m.rules.min_rows for m in metas.values()] or [peer.config.min_rows])
@@ -144,14 +167,17 @@ async def execute(peer, caller, msg: Execute):
     value, level = await trio.to_thread.run_sync(run, "cpu")
     if not isinstance(value, torch.Tensor):
         value = torch.as_tensor(value)
-    rules = Rules.strictest(m.rules for m in metas.values()) if metas else Rules()
+    rules = _result_rules(peer, caller, metas)
     level_name = level.kind
+    peer.audit("compute", caller.name, objects=list(metas), fetch=msg.fetch, level=level_name,
+               shape=list(value.shape))
     if msg.fetch:
         probe = ObjectMeta(owner=peer.name, shape=tuple(value.shape),
                            dtype=str(value.dtype).removeprefix("torch."), rules=rules,
                            level=level_name)
         if not all(_privileged(peer, caller, m) for m in metas.values()) and not may(
-                peer, caller, probe, "get"):
+                peer, caller, probe, "get") and not (
+                metas and all(may(peer, caller, m, "get") for m in metas.values())):
             kind = "row-level " if level_name == "row" else ""
             raise PermissionDenied(f"{caller.name} may not download this {kind}result; "
                                    f"it stays on {peer.name}", level=level_name)
@@ -161,6 +187,19 @@ async def execute(peer, caller, msg: Execute):
                       description=msg.description or f"result for {caller.name}",
                       rules=rules, level=level_name, expires=time.time() + peer.config.result_ttl)
     return ObjectInfo(info(peer, await peer.put(value.contiguous(), meta)))
+
+
+def _result_rules(peer, caller: Caller, metas: dict[str, ObjectMeta]) -> Rules:
+    """The strictest rules of the inputs; where roles are in force, narrowed to the
+    caller, so that nobody else computes on or downloads what they computed."""
+    rules = Rules.strictest(m.rules for m in metas.values()) if metas else Rules()
+    if not governance.of(peer).active or caller.name == peer.name:
+        return rules
+    me = (caller.name,)
+    return Rules(compute=me,
+                 get=me if all(may(peer, caller, m, "get") for m in metas.values()) else (),
+                 aggregate=me if all(may(peer, caller, m, "aggregate") for m in metas.values())
+                 else (), min_rows=rules.min_rows)
 
 
 @router.on(GossipDigest)

@@ -86,7 +86,11 @@ class Peer:
     # ------------------------------------------------------------ identity of callers
 
     def authorize(self, caller: Caller) -> None:
-        """A caller's name must be the one its key is bound to (first use binds it)."""
+        """A caller's name must be the one its key is bound to (first use binds it),
+        unless governance pins it: a user registered here must use the registered key."""
+        from .governance import authorize as governed
+        if governed(self, caller):
+            return
         known = self.directory.name_key(caller.name)
         if known is None:
             self.directory.bind_name(caller.name, caller.public_key, time.monotonic())

@@ -9,6 +9,13 @@ if [ ! -x .venv/bin/python ]; then
   echo "== creating .venv" >&2
   "$PY" -m venv .venv
 fi
+# The console's browser test drives Debian's headless chromium (tests skip it without).
+if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing chromium and chromium-driver (browser tests)" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+      chromium chromium-driver; } >&2 || echo "== chromium not installed; browser tests will skip" >&2
+fi
 stamp=.venv/.p2pgrid-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
