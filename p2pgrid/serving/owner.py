@@ -1,0 +1,184 @@
+"""The owner's side: package a model, serve it, place and drop its replicas.
+
+Placement: candidates are the live peers whose directory record does not say they
+refuse replicas of this owner (see :class:`~p2pgrid.serving.host.HostingPolicy`), or
+the peers named in ``hosts``; they are tried in order of fewest models hosted, then
+lowest ping, and each decides for itself when offered. Each accepted one gets the package by :func:`transfer.upload` and a
+grant (the owner's signature of model, hash, host and terms) that clients check.
+If fewer than ``replicas`` accept, the ones placed are dropped again and the call fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+import trio
+from torch import nn
+
+from ..errors import BadRequest, NotFound, P2PError, PeerUnavailable
+from ..messages import Ping
+from .catalog import grant_bytes
+from .host import HostedModel, Serving, Terms, check_model_name
+from .messages import DropReplica, HostOffer
+from .package import live_spec, spec_hash, write_package
+from .policy import Gate
+from .transfer import TransferReport, request, upload
+
+log = logging.getLogger("p2pgrid.serving")
+
+
+async def serve(s: Serving, model: nn.Module, name: str, terms: Terms, *, replicas: int = 0,
+                hosts: list[str] | None = None, mpc: dict | None = None) -> HostedModel:
+    peer = s.peer
+    check_model_name(name)
+    if not isinstance(model, nn.Module):
+        raise BadRequest("serve_model needs a torch.nn.Module")
+    if not isinstance(replicas, int) or replicas < 0:
+        raise BadRequest("replicas: a non-negative int")
+    if replicas and not (terms.allow_remote_inference or terms.allow_download):
+        raise BadRequest("replicas of a model that allows neither remote inference nor "
+                         "downloads would serve nobody")
+    await s.loaded.wait()
+    model.eval()
+    spec = await trio.to_thread.run_sync(live_spec, model)
+    h = await trio.to_thread.run_sync(spec_hash, spec)
+    path = s.package_path(peer.name, name, h)
+    digests = await trio.to_thread.run_sync(partial(write_package, spec, path, model_hash=h))
+    del spec
+    old = s.models.get((peer.name, name))
+    if old is not None:
+        await unserve(s, name, keep_file=old.path == path)
+    hm = HostedModel(peer.name, name, h, terms, "owner", path, digests, model, Gate(terms.policy),
+                     mpc=mpc)
+    s.models[hm.key] = hm
+    s.save()
+    s.announce()
+    peer.audit("model_served", peer.name, model=f"{peer.name}/{name}", hash=h, size=digests.size,
+               replicas=replicas)
+    if replicas or hosts:
+        want = replicas or len(hosts)
+        try:
+            await place(s, hm, want, hosts)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await unserve(s, name)
+            raise
+    return hm
+
+
+async def place(s: Serving, hm: HostedModel, count: int, hosts: list[str] | None = None, *,
+                on_chunk=None) -> list[TransferReport]:
+    """Put `count` more replicas of `hm` on other peers; all or none."""
+    refusals: list[str] = []
+    reports: list[TransferReport] = []
+    placed: list[str] = []
+    try:
+        for rec in await candidates(s, hm, hosts):
+            if len(placed) == count:
+                break
+            try:
+                reports.append(await _upload_to(s, hm, rec, on_chunk=on_chunk))
+                placed.append(rec.key_id)
+            except P2PError as e:
+                refusals.append(f"{rec.name}: {type(e).__name__}: {e.message}")
+        if len(placed) < count:
+            raise PeerUnavailable(f"placed {len(placed)} of {count} replicas of {hm.name}"
+                                  + (f"; refused: {'; '.join(refusals)}" if refusals
+                                     else "; no peer offers to host replicas"),
+                                  refusals=refusals)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for kid in placed:
+                await _drop(s, hm, kid)
+        raise
+    return reports
+
+
+async def _upload_to(s: Serving, hm: HostedModel, rec, *, on_chunk=None) -> TransferReport:
+    peer = s.peer
+    terms = hm.terms.to_dict()
+    grant = peer.identity.sign(grant_bytes(peer.name, hm.name, hm.hash, rec.key_id, terms))
+    offer = HostOffer(hm.name, hm.hash, hm.digests.to_dict(), terms, grant)
+    t0 = time.perf_counter()
+    _, report = await upload(peer, rec.key_id, offer, hm.path, hm.digests, on_chunk=on_chunk)
+    hm.replicas[rec.key_id] = rec.name
+    s.save()
+    s.announce()
+    log.info("replica of %s on %s: %d of %d chunks sent in %.2f s", hm.name, rec.name,
+             report.sent, report.chunks, time.perf_counter() - t0)
+    return report
+
+
+async def _drop(s: Serving, hm: HostedModel, key_id: str) -> None:
+    try:
+        with trio.move_on_after(10):
+            await request(s.peer, key_id, DropReplica(hm.name))
+    except P2PError as e:
+        log.info("could not drop the replica of %s on %s: %s", hm.name, key_id, e)
+    hm.replicas.pop(key_id, None)
+
+
+async def candidates(s: Serving, hm: HostedModel, hosts: list[str] | None):
+    """Peers to offer a replica to, best first."""
+    d = s.peer.directory
+    if hosts is not None:
+        out = []
+        for h in hosts:
+            try:
+                rec = d.lookup(h)
+            except NotFound:
+                raise PeerUnavailable(f"{h} is not in the directory") from None
+            if rec.key_id == s.peer.key_id:
+                raise BadRequest("the owner serves its model anyway: name other peers in hosts")
+            out.append(rec)
+        return out
+    recs = []
+    for rec in d.peers(include_self=False):
+        if rec.key_id in hm.replicas or d.label(rec) != rec.name:
+            continue
+        block = rec.services.get("serving") if isinstance(rec.services, dict) else None
+        hosting = block.get("hosting") if isinstance(block, dict) else None
+        if isinstance(hosting, dict):
+            accept = hosting.get("accept")
+            if not (accept == "*" or isinstance(accept, list) and s.peer.name in accept):
+                continue
+            if not hm.terms.allow_download and not hosting.get("private", True):
+                continue
+            load = len(block.get("models") or [])
+        else:  # no word yet (an older record): ask last; the offer is the real consent
+            load = 1 << 20
+        recs.append((load, rec))
+    rtts: dict[str, float] = {}
+
+    async def ping(rec):
+        t0 = time.perf_counter()
+        try:
+            await s.peer.request(rec, Ping())
+            rtts[rec.key_id] = time.perf_counter() - t0
+        except P2PError:
+            pass
+
+    with trio.move_on_after(2):  # a slow or silent peer is asked last, not dropped
+        async with trio.open_nursery() as n:
+            for _, rec in recs:
+                n.start_soon(ping, rec)
+    ranked = sorted(recs, key=lambda r: (r[0], rtts.get(r[1].key_id, float("inf")), r[1].name))
+    return [rec for _, rec in ranked]
+
+
+async def unserve(s: Serving, name: str, *, keep_file: bool = False) -> None:
+    """Stop serving our model `name` here and on its replicas."""
+    hm = s.models.get((s.peer.name, name))
+    if hm is None or hm.role != "owner":
+        raise NotFound(f"{s.peer.name} serves no model of its own named {name!r}")
+    async with trio.open_nursery() as n:
+        for kid in list(hm.replicas):
+            n.start_soon(_drop, s, hm, kid)
+    del s.models[hm.key]
+    if not keep_file:
+        hm.path.unlink(missing_ok=True)
+    s.save()
+    s.announce()
+    s.peer.audit("model_unserved", s.peer.name, model=f"{s.peer.name}/{name}")
