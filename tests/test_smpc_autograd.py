@@ -1,14 +1,15 @@
-"""Encrypted training: Linear/ReLU/MSE backward and SGD match plaintext torch autograd."""
+"""Encrypted training: fused Linear/ReLU/MSE backward and SGD match plaintext torch autograd."""
 
 import pytest
 import torch
 
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
-from protocols.smpc import Shared, reveal, run_parties
-from protocols.smpc.autograd import Linear, ReLU, Sequential, mse_loss, sgd_step
+from protocols.smpc import Shared, SmpcConfig, reveal, run_parties
+from protocols.smpc.autograd import Flatten, Linear, ReLU, Sequential, predict, train_step
 from protocols.smpc.testing import share_inputs
 
 STEPS, LR = 4, 0.05
+DEALER = SmpcConfig(truncation="dealer")
 
 
 def _data():
@@ -46,23 +47,44 @@ def test_mlp_training_matches_plaintext(n):
         model = Sequential([Linear(w1, b1), ReLU(), Linear(w2, b2)])
         losses = []
         for _ in range(STEPS):
-            pred = yield from model.forward(ctx, xs)
-            grad, loss = yield from mse_loss(ctx, pred, ys, with_loss=True)
+            loss = yield from train_step(ctx, model, xs, ys, LR)
             losses.append((yield from reveal(ctx, loss)).item())
-            yield from model.backward(ctx, grad)
-            yield from sgd_step(ctx, model, LR)
         final = []
         for _, p in model.parameters():
             final.append((yield from reveal(ctx, p)))
-        return final, losses
+        pred = yield from predict(ctx, model, xs)
+        return final, losses, (yield from reveal(ctx, pred))
 
-    res = run_parties(n, party, seed=2)
-    (final, losses) = res.outputs[0]
+    res = run_parties(n, party, seed=2, config=DEALER)
+    final, losses, pred = res.outputs[0]
     want, want_losses = _plaintext(x, y, params)
     for got, exp in zip(final, want):
         assert (got - exp).abs().max() < 2e-3
     assert max(abs(a - b) for a, b in zip(losses, want_losses)) < 2e-3
     assert losses[-1] < losses[0]
+    w1, b1, w2, b2 = want
+    assert (pred - (torch.relu(x @ w1 + b1) @ w2 + b2)).abs().max() < 2e-3
+
+
+def test_step_rounds_and_bytes():
+    """MNIST-shaped step: 1+4+1+4+1+1 forward, 6 backward rounds; masks reused."""
+    g = torch.Generator().manual_seed(0)
+    sizes = [784, 128, 64, 10]
+    ws = [torch.randn(a, b, generator=g, dtype=torch.float64) * 0.05 for a, b in zip(sizes, sizes[1:])]
+    bs = [torch.zeros(b, dtype=torch.float64) for b in sizes[1:]]
+    x = torch.randn(64, 784, generator=g, dtype=torch.float64)
+    y = torch.zeros(64, 10, dtype=torch.float64)
+    shares = share_inputs(2, [x, y, *ws, *bs], seed=1)
+
+    def party(ctx):
+        xs, ys, w1, w2, w3, b1, b2, b3 = (ctx.wrap(s[ctx.party]) for s in shares)
+        model = Sequential([Linear(w1, b1), ReLU(), Linear(w2, b2), ReLU(), Linear(w3, b3)])
+        return (yield from train_step(ctx, model, xs, ys, 0.1, with_loss=False))
+
+    stats = run_parties(2, party, seed=0, config=DEALER).stats
+    assert stats.rounds == 12 + 6
+    beaver_bound = 8 * sum(64 * a + a * b + 64 * b for a, b in zip(sizes, sizes[1:]))
+    assert stats.bytes_sent[0] < 1.8 * beaver_bound
 
 
 def test_layer_errors():
@@ -80,14 +102,16 @@ def test_layer_errors():
         run_parties(2, backward_first, seed=0)
 
     def bad_lr(ctx):
-        return (yield from sgd_step(ctx, Linear(ctx.wrap(torch.zeros(3, 2, dtype=torch.int64))), 0.0))
+        model = Sequential([Linear(ctx.wrap(torch.zeros(3, 2, dtype=torch.int64)))])
+        x = ctx.wrap(torch.zeros(4, 3, dtype=torch.int64))
+        return (yield from train_step(ctx, model, x, ctx.wrap(torch.zeros(4, 2, dtype=torch.int64)), 0.0))
 
     with pytest.raises(BadRequest):
         run_parties(2, bad_lr, seed=0)
 
     def wrong_input(ctx):
-        layer = Linear(ctx.wrap(torch.zeros(3, 2, dtype=torch.int64)))
-        return (yield from layer.forward(ctx, ctx.wrap(torch.zeros(1, 4, dtype=torch.int64))))
+        model = Sequential([Flatten(), Linear(ctx.wrap(torch.zeros(3, 2, dtype=torch.int64)))])
+        return (yield from predict(ctx, model, ctx.wrap(torch.zeros(1, 2, 2, dtype=torch.int64))))
 
     with pytest.raises(ShapeError):
         run_parties(2, wrong_input, seed=0)

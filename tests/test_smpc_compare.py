@@ -6,7 +6,8 @@ import torch
 from p2pgrid.errors import BadRequest, ShapeError
 from protocols.smpc import (CMP_ROUNDS, argmax, ge, ge_zero, gt, is_negative, le, lt, max,
                             max_with_index, relu)
-from protocols.smpc.compare import _even_bits, _pack_bits, _pack_fields, _unpack_bits, _unpack_fields
+from protocols.smpc.compare import _pack_bits, _unpack_bits
+from protocols.smpc.gates import LEVEL1, LEVEL2, chunks_of, slice_bits, table_lookup, unslice_bits
 from protocols.smpc.testing import run_op
 
 EDGE_RING = torch.tensor([0, 1, -1, 2, -2, 2 ** 62 - 1, -(2 ** 62), 2 ** 62, -(2 ** 62) - 1,
@@ -65,14 +66,12 @@ def test_relu(n):
     (y, mask), stats = run_op(n, lambda ctx, s: relu(ctx, s, return_mask=True), x)
     assert torch.equal(y, torch.relu(torch.round(x * 2 ** 16) / 2 ** 16))  # exact: no truncation
     assert torch.equal(mask, (x >= 0).long())
-    assert stats.rounds == CMP_ROUNDS + 1
+    assert stats.rounds == CMP_ROUNDS  # the product is fused into the last round
     if n == 2:
-        # per element: open c (8 B), Beaver eps + delta (16 B), the b2a bit (1/8 B);
-        # carry tree: d and e of 64 + 32 + 16 + 8 + 4 + 1 AND gates, packed in words
+        # per element: open c (8 B), the level-1 gate bits (4 groups x 8 bits = 4 B),
+        # the level-2 gate bits (7 bits) and the final bit (1 bit), bit-sliced
         e = 64 * 128
-        tree = sum(-(-e * w // 64) * 8 * 2 for w in (64, 32, 16, 8, 4, 1))
-        assert stats.bytes_sent == [e * (8 + 16) + e // 8 + tree] * 2
-        assert tree == e * 125 * 2 // 8
+        assert stats.bytes_sent == [e * 8 + e * 4 + e * 7 // 8 + e // 8] * 2
 
 
 @pytest.mark.parametrize("n", [2, 3])
@@ -142,16 +141,34 @@ def test_pack_bits_roundtrip():
     assert torch.equal(_unpack_bits(packed, bits.shape), bits)
 
 
-def test_bit_field_helpers():
-    x = torch.tensor([-1, 0b1011, -(2 ** 63), 0x5555555555555555], dtype=torch.int64)
-    assert _even_bits(x).tolist() == [2 ** 32 - 1, 0b01, 0, 2 ** 32 - 1]
-    assert _even_bits(x >> 1).tolist() == [2 ** 32 - 1, 0b11, 2 ** 31, 0]
-    for width in (1, 4, 16, 32, 64):
-        v = torch.randint(0, 2 ** min(width, 62), (37,), dtype=torch.int64,
-                          generator=torch.Generator().manual_seed(width))
-        packed = _pack_fields(v, width)
-        assert packed.numel() == -(-37 * width // 64)
-        assert torch.equal(_unpack_fields(packed, width, 37), v)
+def test_gates_and_tables_match_plaintext():
+    g = torch.Generator().manual_seed(0)
+    # chunk tables: lt/eq of a public u against a secret v, shares XOR to the truth
+    u = torch.randint(0, 2 ** 62, (200,), generator=g) * 2 + torch.randint(0, 2, (200,), generator=g)
+    v = torch.randint(0, 2 ** 62, (200,), generator=g)
+    v[:50] = u[:50]                                     # equal words
+    uc, vc = chunks_of(u), chunks_of(v)
+    one = (torch.ones_like(vc) << vc).view(200, 4, 4)
+    tables = (one << (torch.arange(4) * 16)).sum(-1)
+    noise = torch.randint(-2 ** 62, 2 ** 62, tables.shape, generator=g)
+    lt0, eq0 = table_lookup(noise, uc)
+    lt1, eq1 = table_lookup(tables ^ noise, uc)
+    assert torch.equal(lt0 ^ lt1, (uc < vc).long()) and torch.equal(eq0 ^ eq1, (uc == vc).long())
+    # masked 4-input gates: every input combination, XOR-shared between two parties
+    for gate in (LEVEL1, LEVEL2):
+        k = gate.n_inputs
+        x = ((torch.arange(2 ** k).unsqueeze(-1) >> torch.arange(k)) & 1).T.contiguous()  # (k, 2^k)
+        masks = torch.randint(0, 2, x.shape, generator=g)
+        lam = gate.deal(slice_bits(masks))
+        lam0 = torch.randint(-2 ** 62, 2 ** 62, lam.shape, generator=g)
+        d = slice_bits(x ^ masks)
+        outs = [unslice_bits(a ^ b, 2 ** k) for a, b in
+                zip(gate.evaluate(d, lam0, True), gate.evaluate(d, lam ^ lam0, False))]
+        for out, monos in zip(outs, gate.outputs):
+            want = torch.zeros(2 ** k, dtype=torch.int64)
+            for mono in monos:
+                want ^= x[list(mono)].prod(0)
+            assert torch.equal(out, want)
 
 
 def test_empty_and_scalar_inputs():

@@ -1,36 +1,57 @@
-"""Encrypted training pieces: Linear, ReLU, MSE and SGD on shared tensors.
+"""Encrypted training: Linear, ReLU, Flatten layers, MSE and SGD on shared tensors.
 
 Small explicit layers, not a tape: each layer's ``forward`` keeps what its
-``backward`` needs (this party's shares only), ``backward`` returns the gradient
-for the layer below and stores parameter gradients. Everything is a protocol
-generator, so a training step runs in the harness or over the network unchanged.
-Learning rate and batch size are public.
+``backward`` needs (this party's shares only). Everything is a protocol generator,
+so a training step runs in the harness or over the network unchanged. Learning rate
+and batch size are public.
 
-Rounds per step (2 parties, local truncation): Linear forward 1, backward 1 (two
-matmuls in parallel); ReLU forward 9, backward 1; MSE gradient 0; SGD 0
-(3+ parties add one truncation round to each fixed-point product).
+What makes a step cheap:
+
+* **Masks reused between passes.** A Linear layer takes one dealt item (``linear``):
+  masks A (for x), B (for W), G (for the output gradient) and C = A B, D = A^T G,
+  E = G B^T. Forward opens x - A and W - B; backward opens only g - G and gets both
+  x^T g and g W^T from the openings it already has. The first layer skips g W^T.
+* **Truncation fused into ReLU.** A product comes out with 2f fractional bits. The
+  ReLU after it opens c = z + 2^62 + 2^(f-1) + r once, which serves both the
+  dealer-assisted truncation (r >> f and msb(r) dealt) and the sign test (r's chunk
+  tables dealt): ReLU of a raw product costs the 4 rounds of a comparison and is
+  exactly truncated. Its backward (the gradient times the 0/1 mask) likewise takes
+  one opening that truncates the incoming raw gradient too.
+* **SGD fused with the gradient's truncation**: W -= lr * dW is one truncation of
+  lr * (x^T g) by 2f + e bits, run side by side with the next layer's backward round.
+* **MSE scaled**: (pred - y) is backpropagated and 2/N folded into the learning rate,
+  which is encoded with e extra bits (same update in exact arithmetic; gradients stay
+  far above the resolution 2^-f). Needs |lr dW| < 2^(62 - 3f - e).
+
+Rounds per step for Linear-ReLU-Linear-ReLU-Linear: forward 1+4+1+4+1 plus 1 to
+truncate the output; backward 2 per Linear (the last of them merged with the SGD
+truncations). The loss is computed side by side with the backward pass.
 
     model = Sequential([Linear(w1, b1), ReLU(), Linear(w2, b2)])
-    pred = yield from model.forward(ctx, x)
-    grad, loss = yield from mse_loss(ctx, pred, y, with_loss=True)
-    yield from model.backward(ctx, grad)
-    yield from sgd_step(ctx, model, lr=0.1)
+    loss = yield from train_step(ctx, model, x, y, lr=0.1)
+    pred = yield from predict(ctx, model, x)
 """
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
 
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 
-from .beaver import beaver_product, div_public, matmul, mul, scale_public
-from .compare import relu
-from .runtime import PartyContext, Protocol, parallel
+from .beaver import div_public, mul
+from .compare import open_bit, sign_rounds
+from .dealer import relu_param
+from .messages import Request
+from .ring import RING_BITS, logical_rshift, msb, ring_matmul
+from .runtime import PartyContext, Protocol, open_ring, parallel
 from .sharing import Shared
+from .truncation import TRUNC_RANGE_BITS, truncate
 
-__all__ = ["Linear", "ReLU", "Sequential", "mse_loss", "sgd_step"]
+__all__ = ["Linear", "ReLU", "Flatten", "Sequential", "train_step", "predict", "mse_loss",
+           "build", "parameters", "check_layers", "check_shapes"]
 
 
 class Linear:
@@ -42,50 +63,131 @@ class Linear:
         if bias is not None and (not isinstance(bias, Shared) or tuple(bias.shape) != (weight.shape[1],)):
             raise ShapeError("Linear bias must be a Shared of shape (out_features,)")
         self.weight, self.bias = weight, bias
-        self.grad_weight: Shared | None = None
-        self.grad_bias: Shared | None = None
-        self._x: Shared | None = None
+        self._saved: dict | None = None
 
     def parameters(self) -> list[tuple[str, Shared]]:
         return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias is not None else [])
 
-    def forward(self, ctx: PartyContext, x: Shared) -> Protocol[Shared]:
+    def forward(self, ctx: PartyContext, x: Shared, *, train: bool = False,
+                grad_x: bool = True) -> Protocol[Shared]:
+        """The raw product x W (+ b), with x's and W's scales added (truncate it after)."""
         ctx.check_shared(x, "Linear.forward")
-        if x.dim() != 2 or x.shape[1] != self.weight.shape[0]:
-            raise ShapeError(f"Linear expects (batch, {self.weight.shape[0]}), got {list(x.shape)}")
-        self._x = x
-        y = yield from matmul(ctx, x, self.weight)
-        return y + self.bias if self.bias is not None else y
+        w = self.weight
+        if x.dim() != 2 or x.shape[1] != w.shape[0]:
+            raise ShapeError(f"Linear expects (batch, {w.shape[0]}), got {list(x.shape)}")
+        param = (1 | (2 if grad_x else 0)) if train else 0
+        m = ctx.pre.take(Request("linear", (tuple(x.shape), tuple(w.shape)), param))
+        opened = yield from open_ring(ctx, "linear/open", {"eps": x.share - m["A"],
+                                                           "delta": w.share - m["B"]})
+        eps, delta = opened["eps"], opened["delta"]
+        a_eps = m["A"] + eps if ctx.party == 0 else m["A"]
+        z = m["C"] + _matmul_pair(eps, m["B"], a_eps, delta)
+        if self.bias is not None:
+            z = z + (self.bias.share << x.scale)           # bias at the product's scale
+        if train:
+            self._saved = {"eps": eps, "delta": delta, "A": m["A"], "B": m["B"], "G": m["G"],
+                           "D": m["D"], "E": m.get("E"), "x_scale": x.scale}
+        return x.like(z, x.scale + w.scale)
 
-    def backward(self, ctx: PartyContext, grad: Shared) -> Protocol[Shared]:
-        if self._x is None:
-            raise ProtocolError("Linear.backward before forward")
-        grad_x, grad_w = yield from parallel(matmul(ctx, grad, self.weight.T),
-                                             matmul(ctx, self._x.T, grad))
-        self.grad_weight = grad_w
-        self.grad_bias = grad.sum(0) if self.bias is not None else None
-        self._x = None
-        return grad_x
+    def backward(self, ctx: PartyContext, grad: Shared, need_input_grad: bool = True
+                 ) -> Protocol[tuple[Shared, Shared | None, Shared | None]]:
+        """(raw dW, raw dx or None, db) for the output gradient `grad` (scale f); one round."""
+        s = self._saved
+        if s is None:
+            raise ProtocolError("Linear.backward before a training forward")
+        ctx.check_shared(grad, "Linear.backward")
+        gamma = (yield from open_ring(ctx, "linear/grad", {"gamma": grad.share - s["G"]}))["gamma"]
+        p0 = ctx.party == 0
+        eps, delta = s["eps"], s["delta"]
+        a_eps = s["A"] + eps if p0 else s["A"]
+        dw = s["D"] + _matmul_pair(eps.T, s["G"], a_eps.T, gamma)
+        dx = None
+        if need_input_grad:
+            if s["E"] is None:
+                raise ProtocolError("this layer was run without input gradients")
+            g_gam = s["G"] + gamma if p0 else s["G"]
+            dx = grad.like(s["E"] + _matmul_pair(gamma, s["B"].T, g_gam, delta.T),
+                           grad.scale + self.weight.scale)
+        self._saved = None
+        db = grad.sum(0) if self.bias is not None else None
+        return grad.like(dw, grad.scale + s["x_scale"]), dx, db
+
+
+def _matmul_pair(a1, b1, a2, b2) -> torch.Tensor:
+    """a1 @ b1 + a2 @ b2 in the ring, as one matmul over the joined inner dimension."""
+    return ring_matmul(torch.cat([a1, a2], 1), torch.cat([b1, b2], 0))
 
 
 class ReLU:
+    """max(x, 0). After a Linear (a raw product), the truncation is fused in."""
+
     def __init__(self):
-        self._mask: Shared | None = None
+        self._state: dict | None = None
 
     def parameters(self) -> list[tuple[str, Shared]]:
         return []
 
-    def forward(self, ctx: PartyContext, x: Shared) -> Protocol[Shared]:
-        y, self._mask = yield from relu(ctx, x, return_mask=True)
+    def forward(self, ctx: PartyContext, x: Shared, *, trunc_bits: int = 0, train: bool = False,
+                bwd_bits: int = 0) -> Protocol[Shared]:
+        ctx.check_shared(x, "ReLU")
+        m = ctx.pre.take(Request("relu", (tuple(x.shape),), relu_param(trunc_bits, bwd_bits, train)))
+        p0 = ctx.party == 0
+        offset = ((1 << TRUNC_RANGE_BITS) + (1 << (trunc_bits - 1))) if trunc_bits else 0
+        masked = x.share + m["r"] + offset if p0 else x.share + m["r"]
+        c = (yield from open_ring(ctx, "relu/open", {"c": masked}))["c"]
+        bit = yield from sign_rounds(ctx, c - offset, m, "relu")        # msb(x)
+        e = yield from open_bit(ctx, ~bit if p0 else bit, m, "relu", x.shape)   # [x >= 0] ^ tb
+        t = m["t"]
+        value, value_t = _unmask(ctx, c, m, trunc_bits, "r", "rt")
+        y = x.like(e * value + (1 - 2 * e) * value_t, x.scale - trunc_bits)
+        if train:
+            self._state = {"e": e, "t": t, "m": m, "bwd_bits": bwd_bits}
         return y
 
     def backward(self, ctx: PartyContext, grad: Shared) -> Protocol[Shared]:
-        if self._mask is None:
-            raise ProtocolError("ReLU.backward before forward")
-        raw = yield from beaver_product(ctx, grad.share, self._mask.share, "triple",
-                                        "relu/backward", torch.mul)
-        self._mask = None
-        return grad.like(raw)
+        """grad * [x >= 0]; a raw grad (bwd_bits more fractional bits) is truncated too. 1 round."""
+        st = self._state
+        if st is None:
+            raise ProtocolError("ReLU.backward before a training forward")
+        ctx.check_shared(grad, "ReLU.backward")
+        bits, m = st["bwd_bits"], st["m"]
+        offset = ((1 << TRUNC_RANGE_BITS) + (1 << (bits - 1))) if bits else 0
+        masked = grad.share + m["q"] + offset if ctx.party == 0 else grad.share + m["q"]
+        c = (yield from open_ring(ctx, "relu/grad", {"c": masked}))["c"]
+        value, value_t = _unmask(ctx, c, m, bits, "q", "qt")
+        e = st["e"]
+        self._state = None
+        return grad.like(e * value + (1 - 2 * e) * value_t, grad.scale - bits)
+
+
+def _unmask(ctx: PartyContext, c: torch.Tensor, m: dict, bits: int, mask: str, prod: str):
+    """Shares of v and v * t for the opened c = v (+ offset) + mask, truncating v by `bits`."""
+    t = m["t"]
+    if not bits:
+        v = (c - m[mask]) if ctx.party == 0 else -m[mask]
+        return v, c * t - m[prod]
+    public = logical_rshift(c, bits) - (1 << (TRUNC_RANGE_BITS - bits))
+    wrap = (1 - msb(c)) << (RING_BITS - bits)
+    v = wrap * m[f"{mask}_msb"] - m[f"{mask}_hi"]
+    vt = public * t + wrap * m[f"{prod}_msb"] - m[f"{prod}_hi"]
+    return (v + public if ctx.party == 0 else v), vt
+
+
+class Flatten:
+    """(batch, ...) -> (batch, features); no parameters, no rounds."""
+
+    def __init__(self):
+        self._shape = None
+
+    def parameters(self) -> list[tuple[str, Shared]]:
+        return []
+
+    def forward(self, ctx: PartyContext, x: Shared) -> Shared:
+        self._shape = x.shape
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, ctx: PartyContext, grad: Shared) -> Shared:
+        return grad.reshape(*self._shape)
 
 
 class Sequential:
@@ -96,54 +198,177 @@ class Sequential:
         return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers)
                 for name, p in layer.parameters()]
 
-    def forward(self, ctx: PartyContext, x: Shared) -> Protocol[Shared]:
-        for layer in self.layers:
-            x = yield from layer.forward(ctx, x)
-        return x
+    def _has_params_below(self, i: int) -> bool:
+        return any(layer.parameters() for layer in self.layers[:i])
 
-    def backward(self, ctx: PartyContext, grad: Shared) -> Protocol[Shared]:
-        for layer in reversed(self.layers):
-            grad = yield from layer.backward(ctx, grad)
-        return grad
+    def forward(self, ctx: PartyContext, x: Shared, *, train: bool = False) -> Protocol[Shared]:
+        f = ctx.config.frac_bits
+        ctx.check_shared(x, "model input")
+        h = x
+        for i, layer in enumerate(self.layers):
+            nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if isinstance(layer, ReLU):
+                h = yield from layer.forward(ctx, h, trunc_bits=h.scale - f, train=train,
+                                             bwd_bits=f if isinstance(nxt, Linear) else 0)
+                continue
+            if h.scale > f:
+                h = yield from truncate(ctx, h, h.scale - f)
+            if isinstance(layer, Linear):
+                h = yield from layer.forward(ctx, h, train=train, grad_x=self._has_params_below(i))
+            else:
+                h = layer.forward(ctx, h)
+        if h.scale > f:
+            h = yield from truncate(ctx, h, h.scale - f)
+        return h
+
+    def backward_sgd(self, ctx: PartyContext, grad: Shared, lr: float) -> Protocol[None]:
+        """Backpropagate `grad` (scale f) and apply SGD to every parameter, in MPC."""
+        f = ctx.config.frac_bits
+        i = len(self.layers) - 1
+        while i >= 0:
+            layer = self.layers[i]
+            if isinstance(layer, Linear):
+                below = self._has_params_below(i)
+                dw, dx, db = yield from layer.backward(ctx, grad, need_input_grad=below)
+                jobs = [_sgd_update(ctx, layer, "weight", dw, lr)]
+                if db is not None:
+                    jobs.append(_sgd_update(ctx, layer, "bias", db, lr))
+                if not below:
+                    yield from parallel(*jobs)
+                    return None
+                prev = self.layers[i - 1] if i > 0 else None
+                if isinstance(prev, ReLU):
+                    first = prev.backward(ctx, dx)
+                    i -= 1
+                else:
+                    first = truncate(ctx, dx, dx.scale - f)
+                grad, *_ = yield from parallel(first, *jobs)
+            elif isinstance(layer, ReLU):
+                grad = yield from layer.backward(ctx, grad)
+            else:
+                grad = layer.backward(ctx, grad)
+            i -= 1
+        return None
 
 
-def mse_loss(ctx: PartyContext, pred: Shared, target: Shared, *, with_loss: bool = False
-             ) -> Protocol:
-    """Gradient of mean((pred - target)^2) w.r.t. pred: 2 (pred - target) / N.
+def _lr_bits(lr: float) -> int:
+    """Extra fractional bits for the learning rate: ~16 significant bits, at most 12 more."""
+    return max(0, min(12, math.ceil(-math.log2(lr)))) if lr < 1 else 0
 
-    With `with_loss`, also the shared loss value (one extra Beaver round).
-    """
+
+def _sgd_update(ctx: PartyContext, layer: Linear, name: str, grad: Shared, lr: float
+                ) -> Protocol[None]:
+    """param -= lr * grad with one truncation (grad may be raw, with more fractional bits)."""
+    param = getattr(layer, name)
+    extra = _lr_bits(lr)
+    bits = ctx.config.frac_bits + extra
+    lr_ring = int(round(lr * (1 << bits)))
+    if lr_ring <= 0:
+        raise BadRequest("the learning rate is below the fixed-point resolution")
+    step = grad.like(grad.share * lr_ring, grad.scale + bits)
+    step = yield from truncate(ctx, step, step.scale - param.scale)
+    setattr(layer, name, param - step)
+    return None
+
+
+def mse_loss(ctx: PartyContext, pred: Shared, target: Shared) -> Protocol[Shared]:
+    """mean((pred - target)^2), shared: one product and one public division."""
     ctx.check_shared(pred, "mse_loss", "pred")
     ctx.check_shared(target, "mse_loss", "target")
     if pred.shape != target.shape:
         raise ShapeError(f"mse_loss: pred {list(pred.shape)} vs target {list(target.shape)}")
     diff = pred - target
-    grad = yield from div_public(ctx, diff * 2, pred.numel())
-    if not with_loss:
-        return grad
     sq = yield from mul(ctx, diff, diff)
-    loss = yield from div_public(ctx, sq.sum(), pred.numel())
-    return grad, loss
+    return (yield from div_public(ctx, sq.sum(), pred.numel()))
 
 
-def sgd_step(ctx: PartyContext, model, lr: float) -> Protocol[None]:
-    """param -= lr * grad for every Linear layer of `model` (public lr)."""
+# ---------------------------------------------------------------- whole models
+
+LAYER_KINDS = ("linear", "relu", "flatten")
+
+
+def check_layers(layers) -> list[dict]:
+    """Validate a model layout from the wire: [{"kind": "linear", "weight": id, "bias": id|None},
+    {"kind": "relu"}, {"kind": "flatten"}]."""
+    if not isinstance(layers, (list, tuple)) or not 1 <= len(layers) <= 64:
+        raise BadRequest("a model has 1 to 64 layers")
+    out = []
+    for layer in layers:
+        if not isinstance(layer, dict) or layer.get("kind") not in LAYER_KINDS:
+            raise BadRequest(f"layers are maps with a kind in {LAYER_KINDS}")
+        if layer["kind"] == "linear":
+            if not isinstance(layer.get("weight"), str) or not (
+                    layer.get("bias") is None or isinstance(layer.get("bias"), str)):
+                raise BadRequest("a linear layer names its weight (and bias) by share id")
+            out.append({"kind": "linear", "weight": layer["weight"], "bias": layer.get("bias")})
+        else:
+            out.append({"kind": layer["kind"]})
+    return out
+
+
+def check_shapes(layers: list[dict], params: dict, x_shape: tuple, y_shape: tuple | None) -> None:
+    """Shapes of a model run on a batch (ShapeError if they do not fit)."""
+    if len(x_shape) < 2:
+        raise ShapeError(f"a batch has shape (batch, features...), got {list(x_shape)}")
+    shape = tuple(x_shape)
+    for i, layer in enumerate(layers):
+        if layer["kind"] == "flatten":
+            n = 1
+            for d in shape[1:]:
+                n *= d
+            shape = (shape[0], n)
+        elif layer["kind"] == "linear":
+            w = params[layer["weight"]]
+            if len(w) != 2 or len(shape) != 2 or shape[1] != w[0]:
+                raise ShapeError(f"layer {i} (linear {w[0]}->{w[1] if len(w) > 1 else '?'}) "
+                                 f"cannot take input of shape {list(shape)}")
+            if layer.get("bias") and tuple(params[layer["bias"]]) != (w[1],):
+                raise ShapeError(f"layer {i}: bias shape does not match")
+            shape = (shape[0], w[1])
+    if y_shape is not None and tuple(y_shape) != shape:
+        raise ShapeError(f"targets have shape {list(y_shape)}, the model outputs {list(shape)}")
+
+
+def build(layers: list[dict], params: dict[str, Shared]) -> Sequential:
+    out = []
+    for layer in layers:
+        if layer["kind"] == "linear":
+            out.append(Linear(params[layer["weight"]],
+                              params[layer["bias"]] if layer.get("bias") else None))
+        elif layer["kind"] == "relu":
+            out.append(ReLU())
+        else:
+            out.append(Flatten())
+    return Sequential(out)
+
+
+def parameters(model: Sequential) -> list[Shared]:
+    """Parameters in layout order (weight, then bias, per linear layer)."""
+    return [p for _, p in model.parameters()]
+
+
+def predict(ctx: PartyContext, model: Sequential, x: Shared) -> Protocol[Shared]:
+    return (yield from model.forward(ctx, x))
+
+
+def train_step(ctx: PartyContext, model: Sequential, x: Shared, y: Shared, lr: float, *,
+               with_loss: bool = True) -> Protocol[Shared | None]:
+    """Forward, MSE, backward and SGD; returns the shared loss (or None).
+
+    The gradient of mean((pred - y)^2) is 2 (pred - y) / N. Backpropagating pred - y
+    and folding 2 / N into the learning rate is the same update in exact arithmetic,
+    and keeps the fixed-point gradients N/2 times further above the resolution."""
     if not lr > 0:
         raise BadRequest("learning rate must be positive")
-    layers = [layer for layer in (model.layers if isinstance(model, Sequential) else [model])
-              if isinstance(layer, Linear)]
-    jobs, slots = [], []
-    for layer in layers:
-        if layer.grad_weight is None:
-            raise ProtocolError("sgd_step before backward")
-        jobs.append(scale_public(ctx, layer.grad_weight, lr))
-        slots.append((layer, "weight"))
-        if layer.bias is not None:
-            jobs.append(scale_public(ctx, layer.grad_bias, lr))
-            slots.append((layer, "bias"))
-    steps = yield from parallel(*jobs)        # all truncations share one round (3+ parties)
-    for (layer, name), step in zip(slots, steps):
-        setattr(layer, name, getattr(layer, name) - step)
-    for layer in layers:
-        layer.grad_weight = layer.grad_bias = None
+    ctx.check_shared(y, "train_step", "targets")
+    pred = yield from model.forward(ctx, x, train=True)
+    if pred.shape != y.shape:
+        raise ShapeError(f"mse: pred {list(pred.shape)} vs target {list(y.shape)}")
+    diff = pred - y
+    step_lr = lr * 2.0 / pred.numel()
+    if with_loss:
+        _, loss = yield from parallel(model.backward_sgd(ctx, diff, step_lr),
+                                      mse_loss(ctx, pred, y))
+        return loss
+    yield from model.backward_sgd(ctx, diff, step_lr)
     return None

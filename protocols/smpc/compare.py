@@ -1,28 +1,29 @@
-"""Secure comparison (dealer-assisted, edaBits), ReLU, max and argmax.
+"""Secure comparison (dealer-assisted, 4 rounds), ReLU, max and argmax.
 
-Sign test ``x < 0`` (the MSB of x in Z_2^64), 8 rounds for any number of parties:
+Sign test ``x < 0`` (the MSB of x in Z_2^64), for any number of parties:
 
-1. The dealer deals an *edaBit*: arithmetic shares of a uniform r and XOR shares of
-   r's 64 bits, packed in one int64 word per element. Parties open c = x - r
-   (1 round; c is uniform, so it reveals nothing), hence x = c + r.
-2. The MSB of c + r is computed on the XOR-shared bits: g = c & r and p = c ^ r are
-   local (c is public); the carry into bit 63 is the group-generate of bits 0..62,
-   reduced pairwise in a tree, (G, P) o (G', P') = (G ^ P & G', P & P'). Each of the
-   log2(64) = 6 levels is one round of boolean Beaver ANDs, packed densely across
-   elements (125 AND gates per element in all). msb = p_63 ^ carry_63.
-3. The boolean MSB becomes an arithmetic bit with a *daBit* (random bit t dealt both
-   XOR- and additively shared): open e = msb ^ t (1 round, 1 bit per element, packed),
-   then [msb] = e + [t] - 2e[t] locally.
+1. The dealer deals comparison material (``cmp``, see :mod:`.gates`): arithmetic
+   shares of a uniform r and XOR shares of one-hot tables of r's 4-bit chunks, of
+   masks for two levels of 4-input gates, of r's top bit and of a random bit tb (also
+   shared arithmetically as t). Parties open c = x + r (1 round; c is uniform, so it
+   reveals nothing), hence x = c - r and msb(x) = c_63 ^ r_63 ^ [c_lo < r_lo].
+2. [c_lo < r_lo] for the public c_lo: table lookups give XOR shares of lt/eq per chunk
+   with no communication; two levels of masked 4-input gates combine the 16 chunks
+   (1 round each, 8 and 7 bits per element).
+3. The boolean MSB becomes arithmetic with the bit tb: open e = msb ^ tb (1 round,
+   1 bit per element, packed), then [msb] = e + [t] - 2e[t] locally.
+
+ReLU fuses the multiplication into step 3: with b = [x >= 0] = e ^ tb for the
+opened e, x * b = e x + (1 - 2e) x t, and x t = c t - r t with [r t] dealt, so
+ReLU is 4 rounds too (no Beaver round). Its 0/1 mask comes out for the backward pass.
 
 Exactness: the sign test is exact for every ring element (x read as a signed
 64-bit integer). ``ge(x, y)`` tests x - y, so it is exact whenever x - y does not
 overflow, guaranteed for |x|, |y| < 2^62 in the ring (|real| < 2^(62-f), 2^46 for
-f = 16). Comparison results are Shared bits with scale 0.
-
-ReLU(x) = x * [x >= 0] (one more Beaver round, no truncation since the bit has scale
-0): 9 rounds. max/argmax reduce pairwise along a dimension: each of ceil(log2 m)
-levels does one vectorised comparison (8 rounds) and one Beaver round that selects
-both the larger value and its (shared) index. Ties go to the lower index.
+f = 16). Comparison results are Shared bits with scale 0. max/argmax reduce pairwise
+along a dimension: each of ceil(log2 m) levels does one vectorised comparison
+(4 rounds) and one Beaver round that selects both the larger value and its (shared)
+index. Ties go to the lower index.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from p2pgrid.errors import BadRequest, ShapeError
 
 from .beaver import beaver_product
+from .gates import LEVEL1, LEVEL2, chunks_of, slice_bits, table_lookup, unslice_bits
 from .messages import Request
 from .runtime import PartyContext, Protocol, open_ring, open_xor
 from .sharing import Shared
@@ -40,8 +42,9 @@ __all__ = ["is_negative", "ge_zero", "ge", "gt", "le", "lt", "relu", "max", "arg
            "max_with_index", "CMP_RANGE_BITS", "CMP_ROUNDS"]
 
 CMP_RANGE_BITS = 62   # ge/gt/le/lt are exact for |x|, |y| < 2^62 (ring units)
-CMP_ROUNDS = 8        # rounds per comparison: open + 6 carry levels + bit conversion
+CMP_ROUNDS = 4        # rounds per comparison: open + 2 gate levels + bit conversion
 _BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.int64)
+_MASK63 = (1 << 63) - 1
 
 
 # ---------------------------------------------------------------- boolean helpers
@@ -63,111 +66,65 @@ def _unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     return bits.reshape(-1)[:n].reshape(shape)
 
 
-def and_words(ctx: PartyContext, x: torch.Tensor, y: torch.Tensor, tag: str) -> Protocol[torch.Tensor]:
-    """XOR shares of x & y for XOR-shared int64 words x, y (64 ANDs per word), one round."""
-    t = ctx.pre.take(Request("binary_triple", (tuple(x.shape),)))
-    a, b, c = t["a"], t["b"], t["c"]
-    opened = yield from open_xor(ctx, tag, {"d": x ^ a, "e": y ^ b})
-    d, e = opened["d"], opened["e"]
-    z = c ^ (d & b) ^ (e & a)
-    if ctx.party == 0:
-        z = z ^ (d & e)
-    return z
+def _msb_xor(ctx: PartyContext, xs: torch.Tensor, *, with_rt: bool = False, tag: str = "cmp"
+             ) -> Protocol[tuple[torch.Tensor, dict, torch.Tensor]]:
+    """XOR share of msb(x) for additively shared xs, bit-sliced (ceil(N/64) words), 3 rounds.
+
+    Returns (msb share words, the dealer material, the opened c = x + r)."""
+    mat = ctx.pre.take(Request("cmp", (tuple(xs.shape),), int(with_rt)))
+    c = (yield from open_ring(ctx, f"{tag}/open", {"c": xs + mat["r"]}))["c"]
+    msb = yield from sign_rounds(ctx, c, mat, tag)
+    return msb, mat, c
 
 
-_M1 = 0x5555555555555555
-_COMPACT = ((1, 0x3333333333333333), (2, 0x0F0F0F0F0F0F0F0F), (4, 0x00FF00FF00FF00FF),
-            (8, 0x0000FFFF0000FFFF), (16, 0x00000000FFFFFFFF))
+def sign_rounds(ctx: PartyContext, u: torch.Tensor, mat: dict, tag: str) -> Protocol[torch.Tensor]:
+    """Bit-sliced XOR share of msb(u - r) for public u and the dealt mask r; 2 rounds."""
+    party0 = ctx.party == 0
+    u = u.reshape(-1)
+    lt, eq = table_lookup(mat["tables"], chunks_of(u & _MASK63))          # (N, 16)
+    # level-1 inputs L0..L3, E0..E3 of group g = chunks 4g..4g+3, sliced over elements
+    v1 = torch.cat([lt.view(-1, 4, 4), eq.view(-1, 4, 4)], -1).permute(2, 1, 0)  # (8, 4, N)
+    v1 = slice_bits(v1.contiguous())                                      # (8, 4, W)
+    g1 = mat["g1"]
+    d1 = v1 ^ g1[:LEVEL1.n_inputs]
+    d1 = (yield from open_xor(ctx, f"{tag}/level1", {"d": d1}))["d"]
+    lt_g, eq_g = LEVEL1.evaluate(d1, g1, party0)                          # (4, W) each
+    v2 = torch.cat([lt_g, eq_g[1:]], 0)                                   # (7, W)
+    g2 = mat["g2"]
+    d2 = (yield from open_xor(ctx, f"{tag}/level2", {"d": v2 ^ g2[:LEVEL2.n_inputs]}))["d"]
+    (below,) = LEVEL2.evaluate(d2, g2, party0)
+    msb = below ^ mat["top"][0]
+    if party0:
+        msb = msb ^ slice_bits((u >> 63) & 1)
+    return msb
 
 
-def _even_bits(x: torch.Tensor, width: int = 64) -> torch.Tensor:
-    """Bits 0, 2, 4, ... of each `width`-bit field, compacted into its low width/2 bits."""
-    x = x & _M1                       # clears bit 63, so the shifts below are logical
-    for shift, mask in _COMPACT:
-        if 2 * shift >= width:
-            break
-        x = (x | (x >> shift)) & mask
-    return x
+def open_bit(ctx: PartyContext, bit: torch.Tensor, mat: dict, tag: str, shape
+              ) -> Protocol[torch.Tensor]:
+    """Open e = bit ^ tb (one round, bit-sliced words); returns e as 0/1 of `shape`."""
+    e = (yield from open_xor(ctx, f"{tag}/b2a", {"e": bit ^ mat["top"][1]}))["e"]
+    n = 1
+    for d in shape:
+        n *= d
+    return unslice_bits(e, n).reshape(shape)
 
 
-def _pack_fields(v: torch.Tensor, width: int) -> torch.Tensor:
-    """Flat int64 values of `width` bits (width | 64) -> int64 words, 64 // width per word."""
-    if width == 64:
-        return v
-    per = 64 // width
-    pad = (-v.numel()) % per
-    if pad:
-        v = torch.cat([v, v.new_zeros(pad)])
-    shifts = torch.arange(per, dtype=torch.int64) * width
-    return (v.view(-1, per) << shifts).sum(-1)      # disjoint fields: sum == OR
-
-
-def _unpack_fields(words: torch.Tensor, width: int, count: int) -> torch.Tensor:
-    if width == 64:
-        return words
-    per = 64 // width
-    shifts = torch.arange(per, dtype=torch.int64) * width
-    return ((words.unsqueeze(-1) >> shifts) & ((1 << width) - 1)).reshape(-1)[:count]
-
-
-def _msb_xor(ctx: PartyContext, xs: torch.Tensor) -> Protocol[torch.Tensor]:
-    """XOR share (0/1 int64) of the MSB of the additively shared xs. 7 rounds.
-
-    x = c + r with c public and r's bits XOR-shared; msb(x) = p_63 ^ carry_63. The
-    carry into bit 63 is the group-generate of bits 0..62, reduced pairwise in a
-    tree (log2 64 = 6 levels). Each level halves the field width and its ANDs are
-    packed densely across elements: 64 + 32 + 16 + 8 + 4 + 1 = 125 AND gates per
-    element in all (a Kogge-Stone adder on whole words would open ~11x more).
-    """
-    shape = xs.shape
-    eda = ctx.pre.take(Request("edabit", (tuple(shape),)))
-    c = (yield from open_ring(ctx, "cmp/open", {"c": xs - eda["r"]}))["c"].reshape(-1)
-    rb = eda["rb"].reshape(-1)
-    n = rb.numel()
-    g = rb & c                                 # generate: c_i AND r_i (c is public)
-    p = (rb ^ c) if ctx.party == 0 else rb     # propagate: c_i XOR r_i
-    top = (p >> 63) & 1                        # p_63
-    # Bits 0..62 move up one place; bit 0 becomes (g=0, p=0), which leaves the group
-    # generate of all 64 places equal to the carry out of bit 62.
-    g, p = g << 1, p << 1
-    width = 64
-    while width > 1:
-        h = width // 2
-        g_lo, p_lo, g_hi, p_hi = _even_bits(torch.stack([g, p, g >> 1, p >> 1]), width)
-        if h > 1:   # G' = g_hi ^ (p_hi & g_lo), P' = p_hi & p_lo: 2h AND gates per element
-            left, right = p_hi | (p_hi << h), g_lo | (p_lo << h)
-            fields = width
-        else:       # last level: only G' is needed
-            left, right, fields = p_hi, g_lo, 1
-        z = yield from and_words(ctx, _pack_fields(left, fields), _pack_fields(right, fields),
-                                 f"cmp/carry{width}")
-        z = _unpack_fields(z, fields, n)
-        g = g_hi ^ (z & ((1 << h) - 1))
-        p = (z >> h) & ((1 << h) - 1) if h > 1 else p_hi
-        width = h
-    return (top ^ g).reshape(shape)            # g: the carry into bit 63
-
-
-def _b2a_bit(ctx: PartyContext, bit: torch.Tensor) -> Protocol[torch.Tensor]:
-    """Arithmetic share of a XOR-shared bit (0/1 int64), with a daBit. One round."""
-    dab = ctx.pre.take(Request("dabit", (tuple(bit.shape),)))
-    tb, t = dab["tb"] & 1, dab["t"]
-    packed = (yield from open_xor(ctx, "cmp/b2a", {"e": _pack_bits(bit ^ tb)}))["e"]
-    e = _unpack_bits(packed, bit.shape)
+def arith_bit(ctx: PartyContext, e: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Arithmetic share of e ^ tb = e + t - 2 e t."""
     out = t - 2 * e * t
-    if ctx.party == 0:
-        out = out + e
-    return out
+    return out + e if ctx.party == 0 else out
 
 
 def _is_negative_raw(ctx: PartyContext, xs: torch.Tensor) -> Protocol[torch.Tensor]:
-    bit = yield from _msb_xor(ctx, xs)
-    return (yield from _b2a_bit(ctx, bit))
+    msb, mat, _ = yield from _msb_xor(ctx, xs)
+    e = yield from open_bit(ctx, msb, mat, "cmp", xs.shape)
+    return arith_bit(ctx, e, mat["t"])
 
 
 def _ge_zero_raw(ctx: PartyContext, xs: torch.Tensor) -> Protocol[torch.Tensor]:
-    neg = yield from _is_negative_raw(ctx, xs)
-    return (1 - neg) if ctx.party == 0 else -neg
+    msb, mat, _ = yield from _msb_xor(ctx, xs)
+    e = yield from open_bit(ctx, ~msb if ctx.party == 0 else msb, mat, "cmp", xs.shape)
+    return arith_bit(ctx, e, mat["t"])
 
 
 # ---------------------------------------------------------------- public API
@@ -199,7 +156,7 @@ def _diff(ctx: PartyContext, x, y, op: str) -> Shared:
 
 
 def ge(ctx: PartyContext, x, y) -> Protocol[Shared]:
-    """[x >= y] as a shared bit; either operand may be public. 8 rounds."""
+    """[x >= y] as a shared bit; either operand may be public. 4 rounds."""
     return (yield from ge_zero(ctx, _diff(ctx, x, y, "ge")))
 
 
@@ -219,12 +176,14 @@ def gt(ctx: PartyContext, x, y) -> Protocol[Shared]:
 
 
 def relu(ctx: PartyContext, x: Shared, *, return_mask: bool = False) -> Protocol:
-    """max(x, 0) = x * [x >= 0]: 9 rounds. With `return_mask`, also the bit (for backward)."""
+    """max(x, 0), 4 rounds. With `return_mask`, also the 0/1 bit [x >= 0] (for backward)."""
     ctx.check_shared(x, "relu")
-    mask = yield from ge_zero(ctx, x)
-    raw = yield from beaver_product(ctx, x.share, mask.share, "triple", "relu/mul", torch.mul)
-    y = x.like(raw)
-    return (y, mask) if return_mask else y
+    msb, mat, c = yield from _msb_xor(ctx, x.share, with_rt=True, tag="relu")
+    e = yield from open_bit(ctx, ~msb if ctx.party == 0 else msb, mat, "relu", x.shape)
+    t = mat["t"]
+    xt = c * t - mat["rt"]                       # shares of x * tb
+    y = x.like(e * x.share + (1 - 2 * e) * xt)   # x * (e ^ tb)
+    return (y, x.like(arith_bit(ctx, e, t), 0)) if return_mask else y
 
 
 def _norm_dim(x: Shared, dim) -> int:
@@ -238,7 +197,7 @@ def _norm_dim(x: Shared, dim) -> int:
 def max_with_index(ctx: PartyContext, x: Shared, dim: int = -1) -> Protocol[tuple[Shared, Shared]]:
     """(max over `dim`, index of the first maximum as a shared integer), `dim` removed.
 
-    ceil(log2 m) levels of one comparison (8 rounds) + one selection round each.
+    ceil(log2 m) levels of one comparison (4 rounds) + one selection round each.
     """
     ctx.check_shared(x, "max")
     dim = _norm_dim(x, dim)
@@ -277,7 +236,7 @@ def max(ctx: PartyContext, x: Shared, dim: int | None = -1) -> Protocol[Shared]:
 def argmax(ctx: PartyContext, x: Shared, dim: int = -1, *, one_hot: bool = True) -> Protocol[Shared]:
     """Position of the (first) maximum along `dim`, shared, scale 0.
 
-    ``one_hot=True``: a 0/1 tensor shaped like x (one more comparison layer, 8 rounds,
+    ``one_hot=True``: a 0/1 tensor shaped like x (one more comparison layer, 4 rounds,
     O(m) words per row: onehot_j = [i >= j] - [i >= j+1]). ``one_hot=False``: the
     index as a shared integer, `dim` removed.
     """

@@ -26,11 +26,12 @@ import torch
 
 from p2pgrid.errors import BadRequest, ShapeError
 
+from .gates import cmp_spec, deal_cmp
 from .messages import Material, Request
 from .prg import Prg, SEED_BYTES, new_seed
 from .ring import logical_rshift, msb, ring_matmul
 
-__all__ = ["Dealer", "LocalDealer"]
+__all__ = ["Dealer", "LocalDealer", "component_shapes"]
 
 Shape = Sequence[int]
 
@@ -79,6 +80,26 @@ class Dealer(ABC):
     def dabits(self, shape: Shape, n_parties: int) -> list[Material]:
         """A random bit t: XOR shares in bit 0 of ``tb`` and arithmetic shares ``t``."""
 
+    @abstractmethod
+    def comparisons(self, shape: Shape, n_parties: int, with_rt: bool = False) -> list[Material]:
+        """Sign-test material (see :mod:`.gates`): a uniform r (arithmetic, ``r``), the
+        XOR-shared ``bits`` words (chunk tables of r, gate masks, r's top bit, a random
+        bit tb), the arithmetic ``t`` = tb and, with `with_rt`, ``rt`` = r * tb."""
+
+    @abstractmethod
+    def relu_material(self, shape: Shape, n_parties: int, fwd_bits: int, bwd_bits: int,
+                      backward: bool) -> list[Material]:
+        """ReLU material (see :mod:`.layers`): comparison material for a mask r, and for the
+        fused truncation by `fwd_bits` r >> bits and msb(r) with their products by the
+        daBit t; with `backward`, a second mask q (truncated by `bwd_bits`) likewise."""
+
+    @abstractmethod
+    def linear_triples(self, shape_x: Shape, shape_w: Shape, n_parties: int,
+                       backward: bool, grad_x: bool) -> list[Material]:
+        """A layer's Beaver material with masks reused between forward and backward:
+        A (x's mask), B (W's), C = A @ B; with `backward` G (the output gradient's mask)
+        and D = A^T @ G; with `grad_x` also E = G @ B^T."""
+
     def deal(self, request: Request, n_parties: int) -> list[Material]:
         """Serve a :class:`Request` (explicit table, no dispatch on names from the wire)."""
         handler = _DISPATCH.get(request.kind)
@@ -112,7 +133,62 @@ _DISPATCH: dict[str, Callable[[Dealer, Request, int], list[Material]]] = {
     "trunc_pair": lambda d, r, n: d.truncation_pairs(_one_shape(r), r.param, n),
     "edabit": lambda d, r, n: d.edabits(_one_shape(r), n),
     "dabit": lambda d, r, n: d.dabits(_one_shape(r), n),
+    "cmp": lambda d, r, n: d.comparisons(_one_shape(r), n, bool(r.param & 1)),
+    "relu": lambda d, r, n: d.relu_material(_one_shape(r), n, *relu_params(r.param)),
+    "linear": lambda d, r, n: d.linear_triples(*_two_shapes(r), n, *linear_params(r.param)),
 }
+
+
+def _two_shapes(req: Request):
+    if len(req.shapes) != 2:
+        raise BadRequest(f"{req.kind} takes two shapes")
+    return req.shapes[0], req.shapes[1]
+
+
+def relu_params(param: int) -> tuple[int, int, bool]:
+    """(fwd_bits, bwd_bits, backward) packed in a Request's int param."""
+    fwd, bwd, back = param % 64, (param // 64) % 64, bool(param // 4096)
+    if param < 0 or param >= 8192 or fwd > 61 or bwd > 61:
+        raise BadRequest("bad relu material parameter")
+    return fwd, bwd, back
+
+
+def relu_param(fwd_bits: int, bwd_bits: int, backward: bool) -> int:
+    return fwd_bits + 64 * bwd_bits + 4096 * int(backward)
+
+
+def linear_params(param: int) -> tuple[bool, bool]:
+    if param not in (0, 1, 3):
+        raise BadRequest("bad linear material parameter")
+    return bool(param & 1), bool(param & 2)
+
+
+def _relu_spec(s, fwd_bits, bwd_bits, backward):
+    n = 1
+    for d in s:
+        n *= d
+    xor = cmp_spec(n)
+    spec = [("r", s), *xor, ("t", s)]
+    spec += [("r_hi", s), ("r_msb", s), ("rt_hi", s), ("rt_msb", s)] if fwd_bits else [("rt", s)]
+    if backward:
+        spec.append(("q", s))
+        spec += [("q_hi", s), ("q_msb", s), ("qt_hi", s), ("qt_msb", s)] if bwd_bits else [("qt", s)]
+    derived = tuple(name for name, _ in spec if name not in ("r", "q"))
+    return spec, derived, frozenset(name for name, _ in xor)
+
+
+def _linear_spec(sx, sw, backward, grad_x):
+    try:
+        sc = tuple((torch.empty(sx, device="meta") @ torch.empty(sw, device="meta")).shape)
+    except RuntimeError:
+        raise ShapeError(f"cannot matmul shapes {list(sx)} and {list(sw)}") from None
+    if len(sx) != 2 or len(sw) != 2:
+        raise ShapeError("linear material is for 2-d x and W")
+    spec = [("A", tuple(sx)), ("B", tuple(sw)), ("C", sc)]
+    if backward:
+        spec += [("G", sc), ("D", tuple(sw))] + ([("E", tuple(sx))] if grad_x else [])
+    derived = tuple(name for name, _ in spec if name in ("C", "D", "E"))
+    return spec, derived
 
 
 class LocalDealer(Dealer):
@@ -192,3 +268,103 @@ class LocalDealer(Dealer):
         s = _shape(shape)
         return self._deal("dabit", n_parties, [("tb", s), ("t", s)], ("t",), frozenset({"tb"}),
                           lambda t: {"t": t["tb"] & 1})
+
+    def comparisons(self, shape, n_parties, with_rt=False):
+        s = _shape(shape)
+        spec, derived, xor = _cmp_spec(s, with_rt)
+
+        def derive(t):
+            r = t["r"]
+            tb = self._prg.int64(s) & 1
+            out = deal_cmp(r.reshape(-1), tb.reshape(-1), self._prg.int64)
+            out["t"] = tb
+            if with_rt:
+                out["rt"] = r * tb
+            return out
+
+        return self._deal("cmp", n_parties, spec, derived, xor, derive)
+
+
+    def relu_material(self, shape, n_parties, fwd_bits, bwd_bits, backward):
+        s = _shape(shape)
+        spec, derived, xor = _relu_spec(s, fwd_bits, bwd_bits, backward)
+
+        def derive(tot):
+            r = tot["r"]
+            tb = self._prg.int64(s) & 1
+            out = deal_cmp(r.reshape(-1), tb.reshape(-1), self._prg.int64)
+            out["t"] = tb
+            if fwd_bits:
+                out["r_hi"], out["r_msb"] = logical_rshift(r, fwd_bits), msb(r)
+                out["rt_hi"], out["rt_msb"] = out["r_hi"] * tb, out["r_msb"] * tb
+            else:
+                out["rt"] = r * tb
+            if backward:
+                q = tot["q"]
+                if bwd_bits:
+                    out["q_hi"], out["q_msb"] = logical_rshift(q, bwd_bits), msb(q)
+                    out["qt_hi"], out["qt_msb"] = out["q_hi"] * tb, out["q_msb"] * tb
+                else:
+                    out["qt"] = q * tb
+            return out
+
+        return self._deal("relu", n_parties, spec, derived, xor, derive)
+
+    def linear_triples(self, shape_x, shape_w, n_parties, backward, grad_x):
+        spec, derived = _linear_spec(_shape(shape_x), _shape(shape_w), backward, grad_x)
+
+        def derive(t):
+            out = {"C": ring_matmul(t["A"], t["B"])}
+            if backward:
+                out["D"] = ring_matmul(t["A"].T.contiguous(), t["G"])
+                if grad_x:
+                    out["E"] = ring_matmul(t["G"], t["B"].T.contiguous())
+            return out
+
+        return self._deal("linear", n_parties, spec, derived, frozenset(), derive)
+
+
+def _cmp_spec(s: tuple[int, ...], with_rt: bool):
+    n = 1
+    for d in s:
+        n *= d
+    xor = cmp_spec(n)
+    spec = [("r", s), *xor, ("t", s)] + ([("rt", s)] if with_rt else [])
+    derived = tuple(name for name, _ in xor) + ("t",) + (("rt",) if with_rt else ())
+    return spec, derived, frozenset(name for name, _ in xor)
+
+
+def component_shapes(request: Request) -> list[tuple[str, tuple[int, ...]]]:
+    """The named components (and their shapes) a party receives for `request`, without
+    dealing anything: what a dry run needs to stand in zeros for real material."""
+    shapes = [_shape(s) for s in request.shapes]
+    kind = request.kind
+    if kind in ("triple", "matmul_triple"):
+        sa = shapes[0]
+        sb = shapes[1] if len(shapes) > 1 else sa
+        try:
+            if kind == "triple":
+                sc = tuple(torch.broadcast_shapes(sa, sb))
+            else:
+                sc = tuple((torch.empty(sa, device="meta") @ torch.empty(sb, device="meta")).shape)
+        except RuntimeError:
+            raise ShapeError(f"shapes {list(sa)} and {list(sb)} do not fit a {kind}") from None
+        return [("a", sa), ("b", sb), ("c", sc)]
+    s = shapes[0]
+    names = {"binary_triple": ("a", "b", "c"), "trunc_pair": ("r", "r_hi", "r_msb"),
+             "edabit": ("r", "rb"), "dabit": ("tb", "t")}.get(kind)
+    if names is None:
+        extra = _EXTRA_SPECS.get(kind)
+        if extra is None:
+            raise BadRequest(f"unknown preprocessing kind {kind!r}")
+        return extra(request, shapes)
+    return [(name, s) for name in names]
+
+
+# kinds defined in other modules (comparison, layers) register their component shapes here
+_EXTRA_SPECS: dict[str, Callable[[Request, list], list]] = {
+    "cmp": lambda req, shapes: _cmp_spec(tuple(shapes[0]), bool(req.param & 1))[0],
+    "relu": lambda req, shapes: _relu_spec(tuple(shapes[0]), *relu_params(req.param))[0],
+    "linear": lambda req, shapes: _linear_spec(tuple(shapes[0]), tuple(shapes[1]),
+                                               *linear_params(req.param))[0],
+}

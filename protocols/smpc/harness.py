@@ -23,15 +23,18 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 from p2pgrid.errors import ProtocolError
 
-from .dealer import Dealer, LocalDealer
-from .messages import Inbox, Round, payload_nbytes
-from .preprocessing import DealerFeed
+from .dealer import Dealer, LocalDealer, component_shapes
+from .messages import Inbox, Request, Round, payload_nbytes
+from .preprocessing import DealerFeed, Preprocessing
 from .prg import Prg, SEED_BYTES
 from .runtime import PartyContext, SmpcConfig
 
-__all__ = ["run_parties", "RunResult", "RunStats", "make_contexts", "plan_requests"]
+__all__ = ["run_parties", "RunResult", "RunStats", "make_contexts", "plan_requests", "plan_party",
+           "ZeroFeed"]
 
 
 @dataclass
@@ -148,3 +151,39 @@ def plan_requests(n_parties: int, party_fn: Callable[[PartyContext], Any], *,
     feed = DealerFeed(LocalDealer(), n_parties)
     run_parties(n_parties, party_fn, feed=feed, config=config, seed="plan")
     return list(feed.log)
+
+
+class ZeroFeed(Preprocessing):
+    """Records the requests of a dry run and stands in zeros for their material."""
+
+    def __init__(self):
+        self.log: list[Request] = []
+
+    def take(self, request: Request) -> dict:
+        self.log.append(request)
+        return {name: torch.zeros(shape, dtype=torch.int64)
+                for name, shape in component_shapes(request)}
+
+
+def plan_party(party: int, n_parties: int, party_fn: Callable[[PartyContext], Any], *,
+               config: SmpcConfig | None = None, max_rounds: int = 100_000) -> list[Request]:
+    """The dealer requests one party's program makes, by running that party alone.
+
+    Zeros stand in for dealer material and every other party "answers" each round with
+    what this party sent it (same names and shapes), which is exactly what a protocol
+    made of broadcast rounds expects. Costs one party's compute; no other party runs.
+    """
+    feed = ZeroFeed()
+    ctx = PartyContext(party, n_parties, feed, config or SmpcConfig(), Prg(bytes(SEED_BYTES)))
+    gen = party_fn(ctx)
+    if not inspect.isgenerator(gen):
+        return feed.log
+    kind, out = _advance(gen, None)
+    rounds = 0
+    while kind == "round":
+        rounds += 1
+        if rounds > max_rounds:
+            raise ProtocolError(f"more than {max_rounds} rounds")
+        inbox = {q: out.payload_for(q) for q in range(n_parties) if q != party}
+        kind, out = _advance(gen, {q: p for q, p in inbox.items() if p})
+    return feed.log

@@ -83,7 +83,8 @@ class RoundMessage:
 
 # ---------------------------------------------------------------- dealer material
 
-REQUEST_KINDS = ("triple", "matmul_triple", "binary_triple", "trunc_pair", "edabit", "dabit")
+REQUEST_KINDS = ("triple", "matmul_triple", "binary_triple", "trunc_pair", "edabit", "dabit", "cmp",
+                 "relu", "linear")
 
 
 @message("smpc.request")

@@ -8,7 +8,7 @@ a test reads like plaintext code:
 >>> from protocols.smpc import relu
 >>> out, stats = run_op(2, relu, torch.tensor([-1.0, 2.5]), seed=0)
 >>> out.tolist(), stats.rounds
-([0.0, 2.5], 9)
+([0.0, 2.5], 4)
 
 :class:`DealerConformance` is the test mixin every :class:`~.dealer.Dealer`
 implementation must pass (subclass it in a test module and define ``make_dealer``).
@@ -170,6 +170,36 @@ class DealerConformance:
         mats = d.deal(Request("matmul_triple", ((2, 3), (3, 4))), 2)
         ex = self._expand(mats)
         assert torch.equal(_sum([e["c"] for e in ex]), ring_matmul(*(_sum([e[k] for e in ex]) for k in "ab")))
+
+    def test_linear_triples(self):
+        d = self.make_dealer()
+        for n in self.n_values:
+            mats = d.linear_triples((4, 7), (7, 3), n, True, True)
+            self._check_compressed(mats, n)
+            ex = self._expand(mats)
+            A, B, C, G, D, E = (_sum([e[k] for e in ex]) for k in "ABCGDE")
+            assert torch.equal(C, ring_matmul(A, B)) and torch.equal(D, ring_matmul(A.T, G))
+            assert torch.equal(E, ring_matmul(G, B.T))
+
+    def test_comparison_and_relu_material(self):
+        from .gates import chunks_of, unslice_bits
+        d = self.make_dealer()
+        for n in self.n_values:
+            ex = self._expand(d.relu_material((5, 30), n, 16, 16, True))
+            r, t, q = (_sum([e[k] for e in ex]) for k in ("r", "t", "q"))
+            tables, top = _xor([e["tables"] for e in ex]), _xor([e["top"] for e in ex])
+            assert set(t.unique().tolist()) <= {0, 1}
+            assert torch.equal(unslice_bits(top[1], 150).view(5, 30), t)
+            assert torch.equal(unslice_bits(top[0], 150).view(5, 30), msb(r))
+            fields = (tables.unsqueeze(-1) >> (torch.arange(4) * 16)) & 0xFFFF
+            onehot = fields.flatten(-2)
+            want = torch.ones_like(onehot) << chunks_of(r.reshape(-1) & ((1 << 63) - 1))
+            assert torch.equal(onehot, want)
+            for mask, v in (("r", r), ("q", q)):
+                hi, top_bit = (_sum([e[f"{mask}_{k}"] for e in ex]) for k in ("hi", "msb"))
+                assert torch.equal(hi, logical_rshift(v, 16)) and torch.equal(top_bit, msb(v))
+                for k, part in (("hi", hi), ("msb", top_bit)):
+                    assert torch.equal(_sum([e[f"{mask}t_{k}"] for e in ex]), part * t)
 
     def test_fresh_randomness(self):
         d = self.make_dealer()

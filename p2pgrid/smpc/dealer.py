@@ -1,0 +1,137 @@
+"""The crypto provider's dealer service: material for whole session plans, dealt ahead.
+
+A peer whose directory record has the role ``crypto-provider`` runs a
+:class:`DealerService`. Parties ask it for their material for a session's plan
+(``Deal``): the first party to ask for a ``(session, plan)`` gets the bundle dealt
+for every party, the others collect theirs; each party gets its own part once, and
+only the party the group names at that index may take it. The dealer learns shapes
+and the op sequence, never data or shares of data.
+
+Ahead of use: after serving a plan for a group, the dealer deals another bundle for
+the same (group, plan) in a worker thread, so the next session with that plan (the
+next training step, the next inference batch) is served from the pool at once. The
+crypto behind it is :class:`protocols.smpc.LocalDealer` (PRG-seed compressed: all but
+one party receive 16-byte seeds).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from p2pgrid.errors import BadRequest, Conflict, PermissionDenied, ProtocolError
+from protocols.smpc.dealer import LocalDealer
+from protocols.smpc.messages import Material, Request
+
+from .messages import Deal, Dealt
+from .session import plan_hash
+from .state import Group, _Lru
+
+log = logging.getLogger("p2pgrid.smpc.dealer")
+
+ROLE = "crypto-provider"
+BUNDLE_TTL = 120.0     # undelivered parts of a bundle are dropped after this
+POOL_TTL = 600.0
+POOL_DEPTH = 1         # bundles dealt ahead per (group, plan)
+MAX_PLAN_ITEMS = 4096
+
+
+def deal_plan(plan: list[Request], n: int) -> list[list[Material]]:
+    """Material for every item of `plan`, per item one Material per party."""
+    dealer = LocalDealer()  # fresh key from os.urandom; one per bundle, so threads share nothing
+    return [dealer.deal(req, n) for req in plan]
+
+
+class _Bundle:
+    def __init__(self, n: int):
+        self.created = time.monotonic()
+        self.ready = trio.Event()
+        self.items: list[list[Material]] | None = None
+        self.error: str | None = None
+        self.taken = [False] * n
+
+
+class DealerService:
+    def __init__(self, peer, nursery: trio.Nursery):
+        self.peer = peer
+        self.nursery = nursery
+        self.bundles: dict[tuple[str, str], _Bundle] = {}
+        self.pool: _Lru = _Lru(16)            # (group key, plan hash) -> [(created, items)]
+        self._refilling: set = set()
+        self.dealt_items = 0
+        self.served_from_pool = 0
+
+    async def serve(self, caller, msg: Deal) -> Dealt:
+        group = Group.from_wire(msg.group)
+        if group.dealer != self.peer.name:
+            raise PermissionDenied(f"this group's dealer is {group.dealer}, not {self.peer.name}")
+        if not 0 <= msg.party < group.n or group.parties[msg.party] != caller.name:
+            raise PermissionDenied(f"{caller.name} is not party {msg.party} of this group")
+        if len(msg.requests) > MAX_PLAN_ITEMS:
+            raise BadRequest(f"a plan has at most {MAX_PLAN_ITEMS} items")
+        plan = list(msg.requests)
+        if plan_hash(plan) != msg.plan:
+            raise BadRequest("the plan does not match its hash")
+        key = (msg.session, msg.plan)
+        bundle = self.bundles.get(key)
+        if bundle is None:
+            bundle = self.bundles[key] = _Bundle(group.n)
+            try:
+                bundle.items = await self._take_or_deal(group, msg.plan, plan)
+            except Exception as e:
+                bundle.error = f"{type(e).__name__}"
+                self.bundles.pop(key, None)
+                raise ProtocolError(f"the dealer could not deal this plan ({bundle.error})") from None
+            finally:
+                bundle.ready.set()
+        else:
+            await bundle.ready.wait()
+            if bundle.items is None:
+                raise ProtocolError(f"the dealer could not deal this plan ({bundle.error})")
+        if bundle.taken[msg.party]:
+            raise Conflict(f"party {msg.party} already took its material for this session")
+        bundle.taken[msg.party] = True
+        mats = [item[msg.party] for item in bundle.items]
+        if all(bundle.taken):
+            self.bundles.pop(key, None)
+        return Dealt(mats)
+
+    async def _take_or_deal(self, group: Group, ph: str, plan: list[Request]):
+        pkey = (group.key, ph)
+        stock = self.pool.get(pkey)
+        now = time.monotonic()
+        items = None
+        while stock:
+            created, cand = stock.pop(0)
+            if now - created < POOL_TTL:
+                items = cand
+                self.served_from_pool += 1
+                break
+        if items is None:
+            items = await trio.to_thread.run_sync(deal_plan, plan, group.n)
+        self.dealt_items += len(plan)
+        if pkey not in self._refilling:
+            self._refilling.add(pkey)
+            self.nursery.start_soon(self._refill, pkey, plan, group.n)
+        return items
+
+    async def _refill(self, pkey, plan, n) -> None:
+        try:
+            stock = self.pool.get(pkey) or []
+            while len(stock) < POOL_DEPTH:
+                items = await trio.to_thread.run_sync(deal_plan, plan, n)
+                stock.append((time.monotonic(), items))
+                self.pool.put(pkey, stock)
+        finally:
+            self._refilling.discard(pkey)
+
+    def sweep(self, now_mono: float) -> None:
+        for key, b in list(self.bundles.items()):
+            if now_mono - b.created > BUNDLE_TTL:
+                self.bundles.pop(key, None)
+        for key, stock in list(self.pool.items()):
+            stock[:] = [(c, i) for c, i in stock if now_mono - c < POOL_TTL]
+            if not stock:
+                self.pool.pop(key, None)

@@ -1,0 +1,137 @@
+"""Wire messages of the SMPC plugin (registered in :mod:`p2pgrid.wire` as ``smpc.*``).
+
+Round payloads travel as :class:`protocols.smpc.RoundMessage` (``smpc.round``); the
+dealer's answers as :class:`protocols.smpc.Material` inside :class:`Dealt`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from p2pgrid.wire import dataclass, message
+from protocols.smpc.messages import Material, Request
+
+
+@message("smpc.input")
+@dataclass(frozen=True)
+class ShareInput:
+    """An input owner hands party `party` its share: either the share itself or, for
+    all but one party, the 16-byte PRG seed it expands to."""
+    id: str
+    group: dict
+    party: int
+    scale: int
+    shape: list[int]
+    rules: dict
+    share: torch.Tensor | None = None
+    seed: bytes | None = None
+
+
+@message("smpc.share_object")
+@dataclass(frozen=True)
+class ShareObject:
+    """Ask the peer holding object `obj` to secret-share it among `group`'s parties."""
+    obj: str
+    id: str
+    group: dict
+
+
+@message("smpc.shared")
+@dataclass(frozen=True)
+class SharedInfo:
+    id: str
+    shape: list[int]
+    scale: int
+    group: dict
+
+
+@message("smpc.run")
+@dataclass(frozen=True)
+class RunProgram:
+    """Run `program` among the parties. Output i is kept as shared tensor ``keep[i]``
+    (if not "") and/or its share is returned to the caller if ``reveal[i]``."""
+    session: str
+    group: dict
+    program: dict
+    keep: list[str]
+    reveal: list[bool]
+    next_session: str = ""
+    truncation: str = "auto"
+    timeout: float = 60.0
+
+
+@message("smpc.result")
+@dataclass(frozen=True)
+class ProgramResult:
+    shapes: list[list[int]]
+    scales: list[int]
+    shares: list[torch.Tensor | None]     # only for outputs revealed to the caller
+    values: list[float] = ()              # scalars the protocol made public (loss...)
+
+
+@message("smpc.abort")
+@dataclass(frozen=True)
+class Abort:
+    session: str
+    reason: str
+
+
+@message("smpc.deal")
+@dataclass(frozen=True)
+class Deal:
+    """A party asks the dealer for its material for a session's whole plan."""
+    session: str
+    group: dict
+    party: int
+    plan: str
+    requests: list[Request]
+
+
+@message("smpc.dealt")
+@dataclass(frozen=True)
+class Dealt:
+    materials: list[Material]
+
+
+@message("smpc.delete")
+@dataclass(frozen=True)
+class DeleteShares:
+    ids: list[str]
+
+
+@message("smpc.register_model")
+@dataclass(frozen=True)
+class RegisterModel:
+    id: str
+    group: dict
+    layers: list[dict]
+    users: list[str]
+
+
+@message("smpc.train")
+@dataclass(frozen=True)
+class TrainStep:
+    """One SGD step of model `model` on the batch that `program`'s two outputs (x, y) give."""
+    session: str
+    group: dict
+    model: str
+    program: dict
+    lr: float
+    loss: str = "mse"
+    want_loss: bool = True
+    next_session: str = ""
+    timeout: float = 60.0
+
+
+@message("smpc.predict")
+@dataclass(frozen=True)
+class Predict:
+    """Encrypted inference: model `model` on `program`'s output, revealed to the caller
+    only (or kept shared as `keep`)."""
+    session: str
+    group: dict
+    model: str
+    program: dict
+    keep: str = ""
+    next_session: str = ""
+    timeout: float = 60.0

@@ -1,0 +1,299 @@
+"""Running one SMPC session on a party: material from the dealer, rounds over HTTP/2.
+
+A session is one computation (a program, a training step, an inference) among the
+parties of a :class:`~.state.Group`. Each party runs :func:`run_session` as a task in
+its peer's nursery:
+
+1. **Plan.** The dealer requests of a protocol depend on shapes only, so the party
+   finds them with a dry run of its own part (:func:`protocols.smpc.plan_party`) the
+   first time it meets a program signature, and remembers them.
+2. **Material.** It asks the dealer for the whole plan in one request (``Deal``), or
+   takes the bundle it prefetched while running the previous session: the requester
+   names the next session's id in advance (``next_session``) so a party fetches the
+   next step's material while this one runs.
+3. **Rounds.** The party's protocol generator yields one :class:`Round` per step.
+   For each pair of parties (i < j), i sends its step-k payload to j as a request and
+   j answers with its own step-k payload: one request per pair per round, carried by
+   ``peer.request`` (signed, pinned TLS, HTTP/2). Heavy steps run in a worker thread.
+4. **Failure.** Every wait has a deadline. A party whose session fails (a peer
+   unreachable, a deadline passed, a protocol check) tells the others with ``Abort``
+   so they fail at once with a :class:`ProtocolError` instead of waiting; errors name
+   parties, steps and shapes, never values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from typing import Any, Callable
+
+import trio
+
+from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError
+from protocols.smpc.prg import Prg
+from protocols.smpc.runtime import PartyContext, SmpcConfig
+from protocols.smpc.harness import plan_party
+from protocols.smpc.messages import Material, Request, Round, RoundMessage, payload_nbytes
+from protocols.smpc.preprocessing import Preprocessing
+
+from .messages import Abort, Deal, Dealt
+from .state import Group, Mailbox, SmpcState
+
+log = logging.getLogger("p2pgrid.smpc")
+
+HEAVY_ELEMENTS = 1 << 15      # inbox size from which a step runs in a worker thread
+ABORT_TIMEOUT = 3.0
+
+__all__ = ["run_session", "plan_hash", "BundleFeed", "fetch_bundle"]
+
+
+def plan_hash(plan: list[Request]) -> str:
+    h = hashlib.sha256()
+    for r in plan:
+        h.update(repr((r.kind, r.shapes, r.param)).encode())
+    return h.hexdigest()[:32]
+
+
+class BundleFeed(Preprocessing):
+    """A session's dealer material, expanded, consumed in plan order."""
+
+    def __init__(self, plan: list[Request], expanded: list[dict]):
+        self._items = list(zip(plan, expanded))
+        self._next = 0
+
+    def take(self, request: Request) -> dict:
+        if self._next >= len(self._items):
+            raise ProtocolError(f"no dealer material left for {request.kind} {list(request.shapes)}")
+        want, mat = self._items[self._next]
+        if want != request:
+            raise ProtocolError(f"the protocol asked for {request.kind} {list(request.shapes)} but "
+                                f"the plan has {want.kind} {list(want.shapes)} next")
+        self._items[self._next] = (want, None)
+        self._next += 1
+        return mat
+
+
+def _expand(materials: list[Material]) -> list[dict]:
+    return [m.expand() for m in materials]
+
+
+async def fetch_bundle(peer, group: Group, session: str, party: int, plan: list[Request],
+                       ph: str, timeout: float) -> list[dict]:
+    """This party's expanded material for `session` from the dealer (one request)."""
+    if not plan:
+        return []
+    try:
+        reply = await peer.request(group.dealer, Deal(session, group.to_wire(), party, ph, plan),
+                                   timeout=timeout)
+    except PeerUnavailable as e:
+        raise PeerUnavailable(f"the dealer {group.dealer} is unreachable: {e.message}") from None
+    except P2PError as e:
+        if e.status == 404 and "no peer" in e.message.lower():
+            raise PeerUnavailable(f"the dealer {group.dealer} is not in the directory") from None
+        raise
+    if not isinstance(reply, Dealt) or len(reply.materials) != len(plan):
+        raise ProtocolError(f"the dealer {group.dealer} answered with the wrong material")
+    for req, mat in zip(plan, reply.materials):
+        if mat.kind != req.kind or mat.party != party:
+            raise ProtocolError(f"the dealer {group.dealer} sent material for another request")
+    return await trio.to_thread.run_sync(_expand, reply.materials)
+
+
+class _Pending:
+    def __init__(self):
+        self.created = time.monotonic()
+        self.done = trio.Event()
+        self.value: list[dict] | None = None
+        self.error: BaseException | None = None
+
+
+async def _prefetch(peer, state: SmpcState, key, group, party, plan, ph, timeout) -> None:
+    pending = state.prefetched[key]
+    try:
+        pending.value = await fetch_bundle(peer, group, key[0], party, plan, ph, timeout)
+    except Exception as e:  # the session that needs it will fetch again and report
+        pending.error = e
+    finally:
+        pending.done.set()
+
+
+async def _materials(peer, state: SmpcState, group, session, party, plan, ph, timeout):
+    pending = state.prefetched.pop((session, ph), None)
+    if pending is not None:
+        await pending.done.wait()
+        if pending.value is not None:
+            return pending.value
+    return await fetch_bundle(peer, group, session, party, plan, ph, timeout)
+
+
+def _inbox_elements(inbox) -> int:
+    return sum(t.numel() for payload in inbox.values() for t in payload.values())
+
+
+def _advance(gen, inbox):
+    try:
+        out = next(gen) if inbox is None else gen.send(inbox)
+    except StopIteration as done:
+        return "done", done.value
+    if not isinstance(out, Round):
+        raise ProtocolError(f"a protocol yielded {type(out).__name__}, not a Round")
+    return "round", out
+
+
+async def _exchange(peer, mb: Mailbox, group: Group, party: int, session: str, step: int,
+                    rnd: Round, timeout: float, stats: dict) -> dict:
+    got: dict[int, RoundMessage] = {}
+
+    async def call(q: int, msg: RoundMessage) -> None:
+        name = group.parties[q]
+        try:
+            reply = await peer.request(name, msg, timeout=timeout)
+        except PeerUnavailable as e:
+            raise PeerUnavailable(f"party {name} is unreachable at step {step}: {e.message}") from None
+        if not isinstance(reply, RoundMessage) or reply.session != session or reply.step != step \
+                or reply.sender != q:
+            raise ProtocolError(f"party {name} answered step {step} with another message")
+        got[q] = reply
+
+    async def receive(q: int) -> None:
+        msg, caller = await mb.receive(step, q)
+        if caller != group.parties[q]:
+            raise ProtocolError(f"a step-{step} message claiming to be party {q} came from {caller}")
+        got[q] = msg
+
+    try:
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                for q in range(group.n):
+                    if q == party:
+                        continue
+                    msg = RoundMessage(session, step, rnd.tag, party, rnd.payload_for(q))
+                    stats["bytes"] = stats.get("bytes", 0) + payload_nbytes(msg.tensors)
+                    if party < q:
+                        nursery.start_soon(call, q, msg)
+                    else:
+                        mb.post(step, q, msg)
+                        nursery.start_soon(receive, q)
+    except trio.TooSlowError:
+        missing = [group.parties[q] for q in range(group.n) if q != party and q not in got]
+        raise ProtocolError(f"no step-{step} message from {', '.join(missing)} within "
+                            f"{timeout:g} s") from None
+    except BaseExceptionGroup as eg:  # report the first real error, typed
+        raise _first_error(eg) from None
+    inbox = {}
+    for q, msg in got.items():
+        if msg.tag != rnd.tag:
+            raise ProtocolError(f"step {step}: party {group.parties[q]} is at {msg.tag!r}, this "
+                                f"party at {rnd.tag!r} (different programs)")
+        if msg.tensors:
+            inbox[q] = msg.tensors
+    return inbox
+
+
+def _first_error(eg: BaseExceptionGroup) -> BaseException:
+    leaves = []
+
+    def walk(e):
+        if isinstance(e, BaseExceptionGroup):
+            for x in e.exceptions:
+                walk(x)
+        else:
+            leaves.append(e)
+    walk(eg)
+    for e in leaves:
+        if isinstance(e, PeerUnavailable):
+            return e
+    for e in leaves:
+        if isinstance(e, P2PError):
+            return e
+    return leaves[0] if leaves else ProtocolError("session failed")
+
+
+async def _abort_others(peer, group: Group, party: int, session: str, reason: str) -> None:
+    async def one(name):
+        with trio.move_on_after(ABORT_TIMEOUT):
+            try:
+                await peer.request(name, Abort(session, reason), timeout=ABORT_TIMEOUT)
+            except P2PError:
+                pass
+    async with trio.open_nursery() as nursery:
+        for q, name in enumerate(group.parties):
+            if q != party:
+                nursery.start_soon(one, name)
+
+
+async def run_session(peer, state: SmpcState, *, session: str, group: Group, party: int,
+                      protocol: Callable[[PartyContext], Any], signature: str,
+                      requester: str, truncation: str = "auto", next_session: str = "",
+                      timeout: float = 60.0, stats: dict | None = None) -> Any:
+    """Run this party's `protocol` for `session`; returns what the protocol returns.
+
+    Raises ProtocolError / PeerUnavailable on failure, after telling the other parties.
+    `stats` (if given) receives seconds, rounds and payload bytes sent to other parties,
+    and where the time went: plan, material (dealer), compute, wait (rounds on the wire
+    and the other parties' compute).
+    """
+    stats = {} if stats is None else stats
+    stats.update(seconds=0.0, rounds=0, bytes=0, plan=0.0, material=0.0, compute=0.0, wait=0.0)
+    started = clock = time.perf_counter()
+
+    def lap(key: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        stats[key] += now - clock
+        clock = now
+
+    config = SmpcConfig(group.frac_bits, truncation)
+    mb = state.mailbox(session)
+    if mb.claimed:
+        raise BadRequest(f"session {session[:8]} is already running here")
+    mb.claimed, mb.group, mb.requester = True, group, requester
+    outcome = "ok"
+    try:
+        if mb.aborted is not None:   # another party refused before this one started
+            raise ProtocolError(f"session {session[:8]} aborted: {mb.aborted}")
+        plan = state.plans.get(signature)
+        if plan is None:
+            plan = await trio.to_thread.run_sync(
+                lambda: plan_party(party, group.n, protocol, config=config))
+            state.plans.put(signature, plan)
+        ph = plan_hash(plan)
+        lap("plan")
+        expanded = await _materials(peer, state, group, session, party, plan, ph, timeout)
+        lap("material")
+        if next_session and plan and (next_session, ph) not in state.prefetched:
+            state.prefetched[(next_session, ph)] = _Pending()
+            state.nursery.start_soon(_prefetch, peer, state, (next_session, ph), group, party,
+                                     plan, ph, timeout)
+        ctx = PartyContext(party, group.n, BundleFeed(plan, expanded), config, Prg.from_entropy())
+        gen = protocol(ctx)
+        kind, out = await trio.to_thread.run_sync(_advance, gen, None)
+        lap("compute")
+        step = 0
+        while kind == "round":
+            inbox = await _exchange(peer, mb, group, party, session, step, out, timeout, stats)
+            lap("wait")
+            if _inbox_elements(inbox) >= HEAVY_ELEMENTS:
+                kind, out = await trio.to_thread.run_sync(_advance, gen, inbox)
+            else:
+                kind, out = _advance(gen, inbox)
+            lap("compute")
+            step += 1
+        stats["rounds"] = step
+        return out
+    except Exception as e:  # noqa: BLE001 - reported typed, without values, to everyone
+        if isinstance(e, P2PError):
+            err = e
+        else:
+            log.warning("smpc session %s failed: %s", session[:8], type(e).__name__)
+            err = ProtocolError(f"party {group.parties[party]}: {type(e).__name__} in the protocol")
+        outcome = f"{type(err).__name__}: {err.message}"
+        if mb.aborted is None:  # we fail first: tell the others so they do not wait
+            mb.abort(f"party {group.parties[party]} failed: {err.message}")
+            state.nursery.start_soon(_abort_others, peer, group, party, session,
+                                     f"party {group.parties[party]} failed: {err.message}")
+        raise err from None
+    finally:
+        stats["seconds"] = time.perf_counter() - started
+        state.close(session, outcome)

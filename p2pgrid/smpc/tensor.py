@@ -1,0 +1,469 @@
+"""What a user holds: lazy expressions over secret-shared tensors.
+
+A :class:`SharedTensor` names a tensor secret-shared among a group of parties. Ops
+on it (``+ - * @ /``, ``relu``, comparisons, ``sum``/``mean``, reshape, indexing,
+:func:`cat`...) touch no network: they build a program, checked for shapes right
+away on ``meta`` tensors. Then
+
+* ``await y`` runs it on the parties and keeps the result shared (a new SharedTensor);
+* ``await y.reveal()`` runs it and reconstructs the result here, for the requester
+  only, if the inputs' rules allow it.
+
+Every network round of the protocols behind these ops is awaited by the parties;
+the requester sends one request per party per computation.
+"""
+
+from __future__ import annotations
+
+import secrets
+from numbers import Real
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+import trio
+
+from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError, ShapeError
+from p2pgrid.ops import encode_arg
+from protocols.smpc.fixedpoint import FixedPoint
+from protocols.smpc.program import OPS
+
+from .messages import Abort, DeleteShares, ProgramResult, RunProgram
+from .state import Group
+
+if TYPE_CHECKING:  # pragma: no cover
+    from p2pgrid.network import Network
+
+__all__ = ["SharedTensor", "cat", "stack", "reveal", "PrivateLoader", "new_id",
+           "run_on_parties", "reconstruct_reply"]
+
+DEFAULT_TIMEOUT = 60.0
+
+
+def new_id(prefix: str = "s") -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+class _Node:
+    __slots__ = ("op", "args", "kwargs", "leaf")
+
+    def __init__(self, op: str, args: tuple = (), kwargs: dict | None = None, leaf: str | None = None):
+        self.op, self.args, self.kwargs, self.leaf = op, args, kwargs or {}, leaf
+
+
+def _meta(v):
+    if isinstance(v, SharedTensor):
+        return v._meta
+    if isinstance(v, (tuple, list)):
+        return type(v)(_meta(x) for x in v)
+    if isinstance(v, torch.Tensor):
+        return v.to(device="meta", dtype=torch.float64) if v.is_floating_point() else v.to("meta")
+    return v
+
+
+def _public_ok(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    return isinstance(v, (Real, torch.Tensor))
+
+
+class SharedTensor:
+    """A tensor secret-shared among `parties`, or a lazy expression over such tensors."""
+
+    __hash__ = object.__hash__
+
+    def __init__(self, net: "Network", group: Group, node: _Node, meta: torch.Tensor):
+        self._net, self._group, self._node, self._meta = net, group, node, meta
+
+    # ------------------------------------------------------------ introspection
+    @property
+    def shape(self) -> torch.Size:
+        return self._meta.shape
+
+    @property
+    def parties(self) -> tuple[str, ...]:
+        return self._group.parties
+
+    @property
+    def dealer(self) -> str:
+        return self._group.dealer
+
+    @property
+    def group(self) -> Group:
+        return self._group
+
+    @property
+    def id(self) -> str | None:
+        """The shared tensor's id on the parties (None for an expression not yet run)."""
+        return self._node.leaf
+
+    def dim(self) -> int:
+        return self._meta.dim()
+
+    @property
+    def ndim(self) -> int:
+        return self._meta.dim()
+
+    def size(self, dim: int | None = None):
+        return self._meta.size() if dim is None else self._meta.size(dim)
+
+    def __len__(self) -> int:
+        return self._meta.shape[0]
+
+    def __repr__(self) -> str:
+        what = f"id={self.id}" if self.id else f"lazy {self._node.op}"
+        return (f"<SharedTensor {what} {tuple(self.shape)} among {','.join(self.parties)} "
+                f"(dealer {self.dealer})>")
+
+    def __bool__(self):
+        raise BadRequest("a shared tensor has no truth value; reveal it or compare it in MPC")
+
+    # ------------------------------------------------------------ building
+    def _check_operand(self, other, op: str):
+        if isinstance(other, SharedTensor):
+            if other._group != self._group:
+                raise BadRequest(f"{op}: operands are shared among different groups "
+                                 f"({list(self.parties)} / {self.dealer} vs "
+                                 f"{list(other.parties)} / {other.dealer}); reshare one")
+            if other._net is not self._net and other._net._peer is not self._net._peer:
+                raise BadRequest(f"{op}: operands come from different connections")
+            return
+        from p2pgrid.pointer import Expr
+        if isinstance(other, Expr):
+            raise BadRequest(f"{op}: {other!r} is a plaintext value on {other.peer}, not a shared "
+                             "tensor; share it first: await pointer.share(*parties, dealer=...)")
+        if isinstance(other, (list, tuple)):
+            for x in other:
+                self._check_operand(x, op)
+            return
+        if other is None or isinstance(other, (int, float, slice, str)) or other is Ellipsis:
+            return
+        if isinstance(other, torch.Tensor):
+            if other.dtype == torch.bool:
+                raise BadRequest(f"{op}: boolean tensors are not numbers here; convert explicitly")
+            return
+        raise BadRequest(f"{op}: cannot combine a shared tensor with {type(other).__name__}")
+
+    def _op(self, op: str, args: tuple, kwargs: dict | None = None) -> "SharedTensor":
+        kwargs = kwargs or {}
+        for a in list(args) + list(kwargs.values()):
+            self._check_operand(a, op)
+        try:
+            meta = OPS[op].meta(*[_meta(a) for a in args], **{k: _meta(v) for k, v in kwargs.items()})
+        except (RuntimeError, TypeError, ValueError, IndexError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ShapeError(f"{op}: {first}") from None
+        return SharedTensor(self._net, self._group, _Node(op, args, kwargs), meta)
+
+    def _bin(self, op: str, other, reverse: bool = False) -> "SharedTensor":
+        if not isinstance(other, SharedTensor) and not _public_ok(other):
+            self._check_operand(other, op)  # raises the clear error
+        if isinstance(other, (int, float)):
+            other = float(other) if op != "mul" or isinstance(other, float) else other
+        args = (other, self) if reverse else (self, other)
+        return self._op(op, args)
+
+    __add__ = lambda s, o: s._bin("add", o)
+    __radd__ = lambda s, o: s._bin("add", o, True)
+    __sub__ = lambda s, o: s._bin("sub", o)
+    __rsub__ = lambda s, o: s._bin("sub", o, True)
+    __mul__ = lambda s, o: s._bin("mul", o)
+    __rmul__ = lambda s, o: s._bin("mul", o, True)
+    __matmul__ = lambda s, o: s._bin("matmul", o)
+    __rmatmul__ = lambda s, o: s._bin("matmul", o, True)
+    __ge__ = lambda s, o: s._bin("ge", o)
+    __gt__ = lambda s, o: s._bin("gt", o)
+    __le__ = lambda s, o: s._bin("le", o)
+    __lt__ = lambda s, o: s._bin("lt", o)
+
+    def __neg__(self) -> "SharedTensor":
+        return self._op("neg", (self,))
+
+    def __truediv__(self, d) -> "SharedTensor":
+        if not isinstance(d, Real) or isinstance(d, bool):
+            raise BadRequest("a shared tensor can only be divided by a public number")
+        return self._op("div", (self, float(d)))
+
+    def __getitem__(self, index) -> "SharedTensor":
+        if isinstance(index, SharedTensor):
+            raise BadRequest("indexing by a shared index needs a protocol (one-hot and mul)")
+        return self._op("getitem", (self, index))
+
+    def relu(self) -> "SharedTensor":
+        return self._op("relu", (self,))
+
+    def square(self) -> "SharedTensor":
+        return self._op("square", (self,))
+
+    def sum(self, dim=None, keepdim: bool = False) -> "SharedTensor":
+        return self._op("sum", (self,), {} if dim is None else {"dim": dim, "keepdim": keepdim})
+
+    def mean(self, dim=None, keepdim: bool = False) -> "SharedTensor":
+        return self._op("mean", (self,), {} if dim is None else {"dim": dim, "keepdim": keepdim})
+
+    def max(self, dim: int | None = None) -> "SharedTensor":
+        return self._op("max", (self,), {} if dim is None else {"dim": dim})
+
+    def argmax(self, dim: int = -1, *, one_hot: bool = True) -> "SharedTensor":
+        return self._op("argmax", (self,), {"dim": dim, "one_hot": one_hot})
+
+    def reshape(self, *shape) -> "SharedTensor":
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
+            shape = tuple(shape[0])
+        return self._op("reshape", (self, tuple(int(d) for d in shape)))
+
+    view = reshape
+
+    def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "SharedTensor":
+        return self._op("flatten", (self, start_dim, end_dim))
+
+    def transpose(self, d0: int, d1: int) -> "SharedTensor":
+        return self._op("transpose", (self, d0, d1))
+
+    def t(self) -> "SharedTensor":
+        return self.transpose(0, 1)
+
+    @property
+    def T(self) -> "SharedTensor":
+        if self.ndim != 2:
+            raise ShapeError(".T is for 2-d shared tensors; use transpose/permute")
+        return self.t()
+
+    def permute(self, *dims) -> "SharedTensor":
+        return self._op("permute", (self, tuple(dims)))
+
+    def unsqueeze(self, dim: int) -> "SharedTensor":
+        return self._op("unsqueeze", (self, dim))
+
+    def squeeze(self, dim: int | None = None) -> "SharedTensor":
+        return self._op("squeeze", (self,) if dim is None else (self, dim))
+
+    # ------------------------------------------------------------ the wire form
+    def program(self, outputs: Sequence["SharedTensor"] | None = None) -> dict:
+        """Nodes in dependency order; `outputs` (default: this one) are its results."""
+        outputs = [self] if outputs is None else list(outputs)
+        order: list[_Node] = []
+        index: dict[int, int] = {}
+
+        def visit(v):
+            if isinstance(v, SharedTensor):
+                visit_node(v._node)
+            elif isinstance(v, (tuple, list)):
+                for x in v:
+                    visit(x)
+
+        def visit_node(n: _Node):
+            if id(n) in index:
+                return
+            for a in n.args:
+                visit(a)
+            for v in n.kwargs.values():
+                visit(v)
+            index[id(n)] = len(order)
+            order.append(n)
+
+        for o in outputs:
+            visit_node(o._node)
+
+        def ref(v):
+            return index.get(id(v._node)) if isinstance(v, SharedTensor) else None
+
+        def enc(v):
+            if isinstance(v, list):
+                return {"tuple": [enc(x) for x in v]}
+            return encode_arg(v, ref)
+
+        nodes = []
+        for n in order:
+            if n.leaf is not None:
+                nodes.append({"op": "leaf", "id": n.leaf})
+            else:
+                nodes.append({"op": n.op, "args": [enc(a) for a in n.args],
+                              "kwargs": {k: enc(v) for k, v in n.kwargs.items()}})
+        return {"nodes": nodes, "outputs": [index[id(o._node)] for o in outputs]}
+
+    # ------------------------------------------------------------ running
+    async def _run(self, *, keep: str = "", reveal: bool, truncation: str = "auto",
+                   timeout: float = DEFAULT_TIMEOUT):
+        program = self.program()
+        replies = await run_on_parties(
+            self._net, self._group,
+            lambda s, nxt: RunProgram(s, self._group.to_wire(), program, [keep], [reveal], nxt,
+                                      truncation, timeout), timeout=timeout)
+        return replies
+
+    async def store(self, *, truncation: str = "auto", timeout: float = DEFAULT_TIMEOUT
+                    ) -> "SharedTensor":
+        """Run the expression; the result stays shared among the parties."""
+        if self._node.leaf is not None:
+            return self
+        id_ = new_id()
+        await self._run(keep=id_, reveal=False, truncation=truncation, timeout=timeout)
+        return SharedTensor(self._net, self._group, _Node("leaf", leaf=id_), self._meta)
+
+    def __await__(self):
+        return self.store().__await__()
+
+    async def reveal(self, *, truncation: str = "auto", timeout: float = DEFAULT_TIMEOUT
+                     ) -> torch.Tensor:
+        """Run the expression and reconstruct it here (float64; 0/1 or integers for
+        comparisons and argmax). PermissionDenied unless the inputs' rules allow it."""
+        replies = await self._run(reveal=True, truncation=truncation, timeout=timeout)
+        return reconstruct_reply(replies, 0)
+
+    get = reveal
+
+    async def delete(self) -> None:
+        """Forget the shares on every party (owner or the one who computed it)."""
+        if self._node.leaf is None:
+            return
+        await run_simple(self._net, self._group, DeleteShares([self._node.leaf]))
+
+
+def reconstruct_reply(replies: list[ProgramResult], i: int) -> torch.Tensor:
+    shares = [r.shares[i] for r in replies]
+    if any(s is None for s in shares):
+        raise ProtocolError("a party did not return its share")
+    total = shares[0].clone()
+    for s in shares[1:]:
+        if s.shape != total.shape:
+            raise ProtocolError("parties returned shares of different shapes")
+        total += s
+    scale = replies[0].scales[i]
+    if scale == 0:
+        return total
+    return FixedPoint(scale).decode(total)
+
+
+def _smpc_state(net):
+    from .handlers import state_of
+    return state_of(net._peer)
+
+
+async def run_simple(net, group: Group, msg, *, timeout: float = 30.0) -> list:
+    from .handlers import gather
+    return await gather([lambda p=p: net._peer.request(p, msg, timeout=timeout)
+                         for p in group.parties])
+
+
+async def run_on_parties(net, group: Group, make_msg, *, timeout: float = DEFAULT_TIMEOUT) -> list:
+    """Send one session's request to every party at once; return their replies in order.
+
+    If a party fails, the others are told to abort, and the root cause is raised
+    (an unreachable peer first), within `timeout` plus a grace period.
+    """
+    state = _smpc_state(net)
+    session = state.next_session.pop(group.key, None) or secrets.token_hex(16)
+    nxt = state.next_session[group.key] = secrets.token_hex(16)
+    msg = make_msg(session, nxt)
+    replies: list[Any] = [None] * group.n
+    errors: list[tuple[float, P2PError]] = []
+    aborted = trio.Event()
+    peer = net._peer
+
+    async def abort_all(reason: str):
+        if aborted.is_set():
+            return
+        aborted.set()
+
+        async def one(p):
+            with trio.move_on_after(3):
+                try:
+                    await peer.request(p, Abort(session, reason), timeout=3)
+                except P2PError:
+                    pass
+        async with trio.open_nursery() as n:
+            for p in group.parties:
+                n.start_soon(one, p)
+
+    async def one(i: int, name: str, nursery):
+        try:
+            replies[i] = await peer.request(name, msg, timeout=timeout + 5)
+        except P2PError as e:
+            if isinstance(e, PeerUnavailable) and name not in e.message:
+                e = PeerUnavailable(f"party {name} is unreachable: {e.message}")
+            errors.append((trio.current_time(), e))
+            nursery.start_soon(abort_all, f"the request to {name} failed: {e.message}")
+
+    with trio.move_on_after(timeout + 15):
+        async with trio.open_nursery() as nursery:
+            for i, name in enumerate(group.parties):
+                nursery.start_soon(one, i, name, nursery)
+    if errors:
+        errs = [e for _, e in sorted(errors, key=lambda t: t[0])]
+        errs.sort(key=lambda e: (not isinstance(e, PeerUnavailable), "aborted" in e.message))
+        raise errs[0]
+    if any(r is None for r in replies):
+        raise ProtocolError(f"parties did not answer within {timeout + 15:g} s")
+    return replies
+
+
+def cat(tensors: Sequence[SharedTensor], dim: int = 0) -> SharedTensor:
+    """Concatenate shared tensors of one group (local on every party: no rounds)."""
+    tensors = list(tensors)
+    if not tensors or not all(isinstance(t, SharedTensor) for t in tensors):
+        raise BadRequest("cat: every operand must be a SharedTensor (share public tensors first)")
+    return tensors[0]._op("cat", (tensors, dim))
+
+
+def stack(tensors: Sequence[SharedTensor], dim: int = 0) -> SharedTensor:
+    tensors = list(tensors)
+    if not tensors or not all(isinstance(t, SharedTensor) for t in tensors):
+        raise BadRequest("stack: every operand must be a SharedTensor")
+    return tensors[0]._op("stack", (tensors, dim))
+
+
+async def reveal(*tensors: SharedTensor, truncation: str = "auto",
+                 timeout: float = DEFAULT_TIMEOUT) -> list[torch.Tensor]:
+    """Reconstruct several shared expressions in one session (their rounds run side by side)."""
+    if not tensors or not all(isinstance(t, SharedTensor) for t in tensors):
+        raise BadRequest("reveal takes SharedTensors")
+    first = tensors[0]
+    for t in tensors[1:]:
+        first._check_operand(t, "reveal")
+    program = first.program(list(tensors))
+    k = len(tensors)
+    replies = await run_on_parties(
+        first._net, first._group,
+        lambda s, nxt: RunProgram(s, first._group.to_wire(), program, [""] * k, [True] * k, nxt,
+                                  truncation, timeout), timeout=timeout)
+    return [reconstruct_reply(replies, i) for i in range(k)]
+
+
+class PrivateLoader:
+    """Batches of shared data: ``async for xb, yb in PrivateLoader(X, Y, 64): ...``
+
+    Each batch is a lazy slice of the shared tensors (no rounds, no request until a
+    computation uses it). With `shuffle`, rows are visited in a fresh public random
+    order every epoch (the order is public; the rows stay shared)."""
+
+    def __init__(self, *tensors: SharedTensor, batch_size: int, shuffle: bool = False,
+                 drop_last: bool = False, seed: int | None = None):
+        if not tensors or not all(isinstance(t, SharedTensor) for t in tensors):
+            raise BadRequest("PrivateLoader takes SharedTensors")
+        n = len(tensors[0])
+        if any(len(t) != n for t in tensors):
+            raise ShapeError("all tensors of a loader need the same number of rows")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise BadRequest("batch_size must be a positive int")
+        self.tensors, self.batch_size = tensors, batch_size
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self._gen = torch.Generator().manual_seed(secrets.randbits(62) if seed is None else seed)
+
+    def __len__(self) -> int:
+        n = len(self.tensors[0])
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        n = len(self.tensors[0])
+        order = torch.randperm(n, generator=self._gen) if self.shuffle else None
+        for start in range(0, n, self.batch_size):
+            stop = min(start + self.batch_size, n)
+            if self.drop_last and stop - start < self.batch_size:
+                break
+            index = slice(start, stop) if order is None else order[start:stop]
+            batch = tuple(t[index] for t in self.tensors)
+            yield batch if len(batch) > 1 else batch[0]
+
+    async def __aiter__(self):
+        for batch in self:
+            yield batch

@@ -1,0 +1,238 @@
+#!/usr/bin/env python
+"""SMPC benchmark over the network: two parties and the dealer as separate peer processes.
+
+Starts three peer processes on 127.0.0.1 (``alice`` and ``bob`` hold the shares,
+``dealer`` has the ``crypto-provider`` role), then, as a fourth peer (``client``)
+in this process, measures with real TLS HTTP/2 between all of them:
+
+- ``mul_64x784``, ``matmul_64x784_784x128``, ``relu_64x128``: ms per op, from the
+  client's request to the reconstructed result (`reveal`), and the parties' own
+  session time (first dealer fetch to last round);
+- ``train_step_b64``: seconds per encrypted training step of the MLP 784-128-64-10
+  (ReLU, MSE, SGD) on a shared batch of 64;
+- ``inference_b64``: seconds per encrypted inference batch of 64 (the client shares
+  its input, the parties run the model, only the client reconstructs);
+- rounds and payload bytes each party sends per op / step (measured on the wire's
+  payloads by the parties themselves).
+
+Medians over ``--reps`` after ``--warmup`` runs (the first run of a program plans it
+and fetches its material; later runs get material the dealer made ahead of use).
+One JSON object goes to stdout. For a clean loopback run it alone:
+
+    unshare -rn sh -c 'ip link set lo up; .venv/bin/python scripts/bench_smpc.py'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import trio  # noqa: E402
+from torch import nn  # noqa: E402
+
+import p2pgrid  # noqa: E402
+from p2pgrid import smpc  # noqa: E402
+from p2pgrid.config import PeerConfig  # noqa: E402
+from p2pgrid.network import Network  # noqa: E402
+from p2pgrid.smpc.messages import RunProgram, TrainStep  # noqa: E402
+from p2pgrid.smpc.tensor import reconstruct_reply, run_on_parties  # noqa: E402
+
+PARTIES = ("alice", "bob")
+DEALER = "dealer"
+
+
+def _log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------ peer processes
+
+async def _serve(args) -> None:
+    torch.set_num_threads(args.threads)
+    roles = ("crypto-provider",) if args.serve == DEALER else ()
+    cfg = PeerConfig(name=args.serve, data_dir=Path(args.data_dir) / args.serve, mdns=False,
+                     roles=roles, join=tuple(args.join or ()), gossip_interval=1.0, ttl=60.0)
+    async with p2pgrid.open_peer(cfg) as peer:
+        print(json.dumps({"key_id": peer.key_id, "address": peer.address}), flush=True)
+        await trio.sleep_forever()
+
+
+def _spawn(name: str, data_dir: str, join: str | None, threads: int) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--serve", name, "--data-dir", data_dir,
+           "--threads", str(threads)]
+    if join:
+        cmd += ["--join", join]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    hello = json.loads(proc.stdout.readline())
+    return proc, f"{hello['key_id']}@{hello['address']}"
+
+
+# ------------------------------------------------------------------ measurements
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+async def _timed_program(net: Network, expr: smpc.SharedTensor, reps: int, warmup: int) -> dict:
+    program = expr.program()
+    group = expr.group
+    wall, party_s, stats = [], [], None
+    for i in range(warmup + reps):
+        t0 = time.perf_counter()
+        replies = await run_on_parties(
+            net, group, lambda s, nxt: RunProgram(s, group.to_wire(), program, [""], [True], nxt))
+        reconstruct_reply(replies, 0)
+        if i >= warmup:
+            wall.append(time.perf_counter() - t0)
+            party_s.append(max(r.values[0] for r in replies))
+        stats = replies
+    return {"ms": round(1000 * _median(wall), 2), "party_session_ms": round(1000 * _median(party_s), 2),
+            "rounds": int(stats[0].values[1]),
+            "bytes_sent_per_party": [int(r.values[2]) for r in stats],
+            "party_ms_split": _split(stats)}
+
+
+def _split(replies) -> dict:
+    """Where the parties' time went in the last run (ms, per party)."""
+    keys = ("plan", "material", "compute", "wait")
+    return {k: [round(1000 * r.values[3 + i], 1) for r in replies] for i, k in enumerate(keys)}
+
+
+async def _measure(args, seed: str) -> dict:
+    torch.set_num_threads(args.threads)
+    cfg = PeerConfig(name="client", data_dir=Path(args.data_dir) / "client", mdns=False,
+                     join=(seed,), gossip_interval=1.0, ttl=60.0)
+    async with p2pgrid.open_peer(cfg) as peer:
+        net = Network(peer)
+        await net.wait_for_peers([*PARTIES, DEALER], timeout=60)
+        await trio.sleep(3.0)  # let every peer learn every other
+        kw = dict(parties=PARTIES, dealer=DEALER)
+        g = torch.Generator().manual_seed(0)
+        x = await net.share(torch.randn(64, 784, generator=g), **kw)
+        y = await net.share(torch.randn(64, 784, generator=g), **kw)
+        w = await net.share(torch.randn(784, 128, generator=g) * 0.05, **kw)
+        h = await net.share(torch.randn(64, 128, generator=g), **kw)
+        out = {}
+        for name, expr in [("mul_64x784", x * y), ("matmul_64x784_784x128", x @ w),
+                           ("relu_64x128", h.relu())]:
+            out[name] = await _timed_program(net, expr, args.reps, args.warmup)
+            _log(name, out[name])
+
+        # training: the MNIST-shaped MLP on shared random data with one-hot targets
+        torch.manual_seed(0)
+        mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                            nn.Linear(64, 10))
+        model = await net.encrypt_model(mlp, requires_grad=True, **kw)
+        xs = await net.share(torch.randn(256, 784, generator=g), **kw)
+        ys = await net.share(nn.functional.one_hot(torch.randint(0, 10, (256,), generator=g), 10)
+                             .float(), **kw)
+        opt = smpc.SGD(model, lr=0.1)
+        times, party_s, last = [], [], None
+        for i in range(args.warmup + args.reps):
+            rows = slice(64 * (i % 4), 64 * (i % 4) + 64)
+            program = xs[rows].program([xs[rows], ys[rows]])
+            t0 = time.perf_counter()
+            replies = await run_on_parties(
+                net, model.group, lambda s, nxt: TrainStep(s, model.group.to_wire(), model.id,
+                                                           program, opt.lr, "mse", True, nxt))
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+                party_s.append(max(r.values[0] for r in replies))
+            last = replies
+        out["train_step_b64"] = {
+            "s": round(_median(times), 4), "party_session_s": round(_median(party_s), 4),
+            "rounds": int(last[0].values[1]),
+            "bytes_sent_per_party": [int(r.values[2]) for r in last],
+            "party_ms_split": _split(last)}
+        _log("train", out["train_step_b64"])
+
+        # inference: the client shares a batch of 64, the parties run the model
+        model.requires_grad = False
+        times, predict_only = [], []
+        for i in range(args.warmup + args.reps):
+            batch = torch.randn(64, 784, generator=g)
+            t0 = time.perf_counter()
+            xb = await net.share(batch, **kw)
+            t1 = time.perf_counter()
+            await model.predict(xb)
+            t2 = time.perf_counter()
+            if i >= args.warmup:
+                times.append(t2 - t0)
+                predict_only.append(t2 - t1)
+            await xb.delete()
+        out["inference_b64"] = {"s": round(_median(times), 4),
+                                "predict_only_s": round(_median(predict_only), 4)}
+        _log("inference", out["inference_b64"])
+        return out
+
+
+def _beaver_bound_bytes() -> int:
+    """Per party per training step, opening each operand of each product once (64-bit)."""
+    b, sizes = 64, [784, 128, 64, 10]
+    total = 0
+    for i in range(3):
+        total += b * sizes[i] + sizes[i] * sizes[i + 1] + b * sizes[i + 1]  # x, W, grad
+    return 8 * total
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    ap.add_argument("--join", action="append", help=argparse.SUPPRESS)
+    ap.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.serve:
+        trio.run(_serve, args)
+        return
+    root = args.data_dir or tempfile.mkdtemp(prefix="bench-smpc-",
+                                             dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    args.data_dir = root
+    procs = []
+    try:
+        first, seed = _spawn(PARTIES[0], root, None, args.threads)
+        procs.append(first)
+        for name in (PARTIES[1], DEALER):
+            p, _ = _spawn(name, root, seed, args.threads)
+            procs.append(p)
+        t0 = time.perf_counter()
+        ops = trio.run(_measure, args, seed)
+        result = {
+            "setting": {"parties": list(PARTIES), "dealer": DEALER, "processes": 4,
+                        "transport": "TLS HTTP/2 (peer.request), loopback", "frac_bits": 16,
+                        "torch_threads": args.threads, "reps": args.reps,
+                        "cpus": os.cpu_count()},
+            **ops,
+            "beaver_bound_bytes_per_party_step": _beaver_bound_bytes(),
+            "targets": {"train_step_s": 0.10, "inference_b64_s": 0.05, "relu_ms": 15,
+                        "bytes_vs_beaver_bound": 1.5},
+            "elapsed_s": round(time.perf_counter() - t0, 1),
+        }
+        tb = result["train_step_b64"]["bytes_sent_per_party"]
+        result["train_bytes_vs_beaver_bound"] = round(max(tb) / result[
+            "beaver_bound_bytes_per_party_step"], 3)
+        print(json.dumps(result, indent=1))
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+if __name__ == "__main__":
+    main()
