@@ -26,17 +26,25 @@ def apply() -> None:
     original = hh2.H2Protocol._handle_events
 
     async def _handle_events(self, events):
-        kept = []
+        # In order, event by event: a batch can hold a stream's RequestReceived and
+        # its first DATA, so "unknown stream" must be judged after the events before it.
+        pending = []
         for event in events:
             if isinstance(event, h2.events.DataReceived) and event.stream_id not in self.streams:
+                if pending:
+                    await original(self, pending)
+                    pending = []
+                if event.stream_id in self.streams:  # created by the events just handled
+                    pending.append(event)
+                    continue
                 try:
                     self.connection.acknowledge_received_data(event.flow_controlled_length,
                                                               event.stream_id)
                 except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                     pass
                 continue
-            kept.append(event)
-        await original(self, kept)
+            pending.append(event)
+        await original(self, pending)
 
     hh2.H2Protocol._handle_events = _handle_events
     _applied = True

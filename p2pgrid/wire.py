@@ -21,6 +21,7 @@ as tag 40 ``[shape, typed-array]`` (RFC 8746, little-endian) and decode to
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import types
 import typing
@@ -34,8 +35,8 @@ import torch
 
 from .errors import MalformedMessage, PayloadTooLarge
 
-__all__ = ["message", "encode", "decode", "dumps", "loads", "registered", "dataclass",
-           "DEFAULT_MAX_BODY"]
+__all__ = ["message", "encode", "encode_buffer", "encode_parts", "decode", "dumps", "dumps_parts", "loads",
+           "registered", "dataclass", "DEFAULT_MAX_BODY"]
 
 DEFAULT_MAX_BODY = 1 << 30  # 1 GiB; peers lower or raise it in PeerConfig
 
@@ -85,8 +86,48 @@ def registered() -> dict[str, type]:
 
 
 # ---------------------------------------------------------------- encoding
+#
+# Arrays are written with the encoder's low-level calls (tag, array and byte
+# string headers) rather than as CBORTag objects around ``arr.tobytes()``: the
+# bytes are the same, but a large array's payload can then be left out of
+# cbor2's output (which copies everything it writes, twice as it grows) and
+# spliced in afterwards. See :func:`encode_parts`.
 
-def _tensor_to_cbor(t: torch.Tensor):
+BIG = 1 << 16  # arrays at least this many bytes travel as views in encode_parts
+
+
+class _Views:
+    """Payloads left out of one encoding: each stands in the output as a marker
+    (a random per-encoding prefix and its index) that cannot occur otherwise."""
+
+    def __init__(self):
+        self.prefix = os.urandom(16)
+        self.views: list[memoryview] = []
+
+    def add(self, encoder, arr: np.ndarray) -> None:
+        view = memoryview(arr).cast("B")  # C-contiguous (callers made sure)
+        encoder.encode_length(2, view.nbytes)  # byte string header; payload comes later
+        encoder.write(self.prefix + len(self.views).to_bytes(4, "big"))
+        self.views.append(view)
+
+    def splice(self, skeleton: bytes) -> list:
+        parts, start = [], 0
+        for i, view in enumerate(self.views):
+            at = skeleton.index(self.prefix + i.to_bytes(4, "big"), start)
+            parts += [skeleton[start:at], view]
+            start = at + 20
+        parts.append(skeleton[start:])
+        return [p for p in parts if len(p)]
+
+
+def _write_payload(encoder, arr: np.ndarray, views: _Views | None) -> None:
+    if views is not None and arr.nbytes >= BIG:
+        views.add(encoder, arr)
+    else:
+        encoder.encode(arr.tobytes())
+
+
+def _write_tensor(encoder, t: torch.Tensor, views: _Views | None) -> None:
     t = t.detach()
     if t.device.type != "cpu":
         t = t.cpu()
@@ -96,30 +137,40 @@ def _tensor_to_cbor(t: torch.Tensor):
     if name in _EXT_DTYPES:
         _, npdt = _EXT_DTYPES[name]
         raw = t.view(torch.int16) if name == "bfloat16" else t
-        return cbor2.CBORTag(_TAG_EXT_ARRAY, [name, shape, _raw_bytes(raw.numpy().view(npdt))])
-    return _ndarray_to_cbor(t.numpy(), shape)
+        _write_ext(encoder, name, shape, raw.numpy().view(npdt), views)
+    else:
+        _write_ndarray(encoder, t.numpy(), shape, views)
 
 
-def _raw_bytes(arr: np.ndarray) -> bytes:
-    return arr.tobytes()
+def _write_ext(encoder, name: str, shape, arr: np.ndarray, views: _Views | None) -> None:
+    encoder.encode_length(6, _TAG_EXT_ARRAY)  # [name, shape, bytes]
+    encoder.encode_length(4, 3)
+    encoder.encode(name)
+    encoder.encode(shape)
+    _write_payload(encoder, arr, views)
 
 
-def _ndarray_to_cbor(arr: np.ndarray, shape=None):
+def _write_ndarray(encoder, arr: np.ndarray, shape, views: _Views | None) -> None:
     shape = list(arr.shape) if shape is None else shape
     dt = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
     if arr.dtype == np.bool_:
-        return cbor2.CBORTag(_TAG_EXT_ARRAY, ["bool", shape, np.ascontiguousarray(arr).view(np.uint8).tobytes()])
+        _write_ext(encoder, "bool", shape, np.ascontiguousarray(arr).view(np.uint8), views)
+        return
     if dt not in _DTYPE_TO_TAG:
         raise MalformedMessage(f"dtype {arr.dtype} cannot travel on the wire")
     arr = np.ascontiguousarray(arr, dtype=dt)
-    return cbor2.CBORTag(_TAG_NDARRAY, [shape, cbor2.CBORTag(_DTYPE_TO_TAG[dt], arr.tobytes())])
+    encoder.encode_length(6, _TAG_NDARRAY)  # [shape, typed array]
+    encoder.encode_length(4, 2)
+    encoder.encode(shape)
+    encoder.encode_length(6, _DTYPE_TO_TAG[dt])
+    _write_payload(encoder, arr, views)
 
 
-def _default(encoder, value):
+def _default(encoder, value, views: _Views | None = None):
     if isinstance(value, torch.Tensor):
-        encoder.encode(_tensor_to_cbor(value))
+        _write_tensor(encoder, value, views)
     elif isinstance(value, np.ndarray):
-        encoder.encode(_ndarray_to_cbor(value))
+        _write_ndarray(encoder, value, None, views)
     elif isinstance(value, np.generic):
         encoder.encode(value.item())
     elif type(value) in _NAMES:
@@ -141,10 +192,51 @@ def dumps(obj) -> bytes:
         raise MalformedMessage(f"cannot encode: {e}") from None
 
 
+def dumps_parts(obj) -> list:
+    """:func:`dumps` as a list of buffers whose concatenation is ``dumps(obj)``.
+
+    Arrays of :data:`BIG` bytes or more are not copied: their parts are
+    read-only views of the arrays' memory, so they show later changes to them.
+    The transport copies once into its send buffer instead of three times.
+    """
+    views = _Views()
+    try:
+        skeleton = cbor2.dumps(obj, default=lambda e, v: _default(e, v, views))
+    except (TypeError, cbor2.CBOREncodeError) as e:
+        raise MalformedMessage(f"cannot encode: {e}") from None
+    return views.splice(skeleton) if views.views else [skeleton]
+
+
 def encode(msg) -> bytes:
     if type(msg) not in _NAMES:
         raise TypeError(f"{type(msg).__name__} is not a registered message")
-    return dumps(msg)
+    parts = dumps_parts(msg)
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def encode_buffer(msg):
+    """:func:`encode` into one buffer, built with one copy of each large array.
+
+    Bytes for a message without large arrays; otherwise a memoryview of a fresh
+    uint8 array, which numpy backs with huge pages: several times quicker to
+    fill than a bytes object of hundreds of MB. A snapshot, like encode().
+    """
+    parts = encode_parts(msg)
+    if len(parts) == 1:
+        return parts[0]
+    buf = np.empty(sum(len(p) for p in parts), dtype=np.uint8)
+    at = 0
+    for p in parts:
+        buf[at:at + len(p)] = np.frombuffer(p, dtype=np.uint8)
+        at += len(p)
+    return memoryview(buf)
+
+
+def encode_parts(msg) -> list:
+    """:func:`encode` as buffers, large arrays by reference (see :func:`dumps_parts`)."""
+    if type(msg) not in _NAMES:
+        raise TypeError(f"{type(msg).__name__} is not a registered message")
+    return dumps_parts(msg)
 
 
 # ---------------------------------------------------------------- decoding
@@ -152,8 +244,12 @@ def encode(msg) -> bytes:
 def _as_tensor(arr: np.ndarray) -> torch.Tensor:
     # cbor2 may hand back byte strings that alias its input buffer, so a tensor
     # over them could change under another decoded value: copy once, here.
+    # Only an array over a body handed to loads(adopt=True), used once and
+    # aligned, is writable here (see _skeleton): the tensor can keep it.
     if arr.dtype.byteorder == ">":
         return torch.from_numpy(arr.astype(arr.dtype.newbyteorder("<")))
+    if arr.flags.writeable and arr.flags.aligned:
+        return torch.from_numpy(arr)
     return torch.from_numpy(arr.copy())
 
 
@@ -171,16 +267,17 @@ def _check_shape(shape, count: int, what: str) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def _tag_hook(tag, immutable=False):
+def _tag_hook(tag, immutable=False, payloads=None):
     t = tag.tag
     if t in _TAG_TO_DTYPE:
-        if not isinstance(tag.value, bytes):
+        value = _payload(tag.value, payloads)
+        if not isinstance(value, (bytes, memoryview)):
             raise MalformedMessage(f"typed array tag {t} must wrap a byte string")
         dt = _TAG_TO_DTYPE[t]
-        if len(tag.value) % dt.itemsize:
-            raise MalformedMessage(f"typed array of {dt} has {len(tag.value)} bytes, "
+        if len(value) % dt.itemsize:
+            raise MalformedMessage(f"typed array of {dt} has {len(value)} bytes, "
                                    f"not a multiple of {dt.itemsize}")
-        return np.frombuffer(tag.value, dtype=dt)
+        return np.frombuffer(value, dtype=dt)
     if t == _TAG_NDARRAY:
         v = tag.value
         if not (isinstance(v, (list, tuple)) and len(v) == 2 and isinstance(v[1], np.ndarray)):
@@ -189,8 +286,10 @@ def _tag_hook(tag, immutable=False):
         return _as_tensor(v[1].reshape(shape))
     if t == _TAG_EXT_ARRAY:
         v = tag.value
+        if isinstance(v, (list, tuple)) and len(v) == 3:
+            v = (v[0], v[1], _payload(v[2], payloads))
         if not (isinstance(v, (list, tuple)) and len(v) == 3 and v[0] in _EXT_DTYPES
-                and isinstance(v[2], bytes)):
+                and isinstance(v[2], (bytes, memoryview))):
             raise MalformedMessage("extended array must hold [dtype, shape, bytes] of a known dtype")
         tdt, npdt = _EXT_DTYPES[v[0]]
         if len(v[2]) % npdt.itemsize:
@@ -298,12 +397,104 @@ def _coerce(value, hint, where: str):
                            f"got {type(value).__name__}")
 
 
-def loads(data, *, max_size: int = DEFAULT_MAX_BODY):
-    """Decode CBOR bytes from the wire; any defect becomes MalformedMessage."""
+# Large typed arrays skip cbor2 on the way in, too: cbor2 reads a byte string
+# of hundreds of MB at about 450 MB/s (in chunks, then joined), after which
+# _as_tensor copies it once more. A scan of the item heads (never of payloads)
+# finds the payloads of typed-array tags that are at least BIG bytes; cbor2
+# then decodes a skeleton in which each stands as a 20-byte marker (a random
+# per-call prefix and its index), and the tag hook reads the payload straight
+# from the body. The scan gives up, and cbor2 sees the body as it is, on
+# anything it does not need to understand (indefinite lengths, reserved
+# values, many items, truncation, trailing bytes): cbor2 has the last word.
+
+_SCAN_ITEMS = 4096  # heads the scan reads before leaving a body to cbor2
+
+
+def _payload(value, payloads):
+    if payloads and type(value) is bytes and len(value) == 20 and value in payloads:
+        view = payloads[value]
+        # A payload referred to twice (CBOR string references allow it) is
+        # read-only the second time, so no two tensors share memory.
+        payloads[value] = view.toreadonly()
+        return view
+    return value
+
+
+def _big_payloads(view: memoryview) -> list[tuple[int, int, int]] | None:
+    """[(head, start, length)] of typed-array payloads of BIG bytes or more, in order."""
+    n, pos, items, found = len(view), 0, 0, []
+    stack = [[1, None]]  # [items left, owner]: owner is ("tag", number) or "ext" or None
+    while stack:
+        frame = stack[-1]
+        if frame[0] == 0:
+            stack.pop()
+            continue
+        frame[0] -= 1
+        items += 1
+        if items > _SCAN_ITEMS or pos >= n:
+            return None
+        major, ai = view[pos] >> 5, view[pos] & 31
+        if ai < 24:
+            arg, size = ai, 1
+        elif ai < 28:
+            size = 1 + (1 << (ai - 24))
+            if pos + size > n:
+                return None
+            arg = int.from_bytes(view[pos + 1:pos + size], "big")
+        else:
+            return None  # indefinite length, break, reserved
+        head, pos = pos, pos + size
+        if major in (2, 3):
+            if arg > n - pos:
+                return None
+            owner = frame[1]
+            if major == 2 and arg >= BIG and (
+                    (owner is not None and owner[0] == "tag" and owner[1] in _TAG_TO_DTYPE)
+                    or (owner == "ext" and frame[0] == 0)):
+                found.append((head, pos, arg))
+            pos += arg
+        elif major == 4:
+            stack.append([arg, "ext" if frame[1] == ("tag", _TAG_EXT_ARRAY) and arg == 3 else None])
+        elif major == 5:
+            stack.append([2 * arg, None])
+        elif major == 6:
+            stack.append([1, ("tag", arg)])
+    return found if pos == n else None
+
+
+def _skeleton(data, adopt: bool) -> tuple[bytes, dict[bytes, memoryview]] | None:
+    view = memoryview(data).cast("B")
+    found = _big_payloads(view) if len(view) >= BIG else None
+    if not found:
+        return None
+    prefix, pieces, payloads, at = os.urandom(16), [], {}, 0
+    # read-only unless adopted, so that arrays over it are copied, as over bytes
+    body = view if adopt else view.toreadonly()
+    for i, (head, start, length) in enumerate(found):
+        marker = prefix + i.to_bytes(4, "big")
+        pieces += [view[at:head], b"\x54", marker]  # 0x54: byte string of 20 bytes
+        payloads[marker] = body[start:start + length]
+        at = start + length
+    pieces.append(view[at:])
+    return b"".join(pieces), payloads
+
+
+def loads(data, *, max_size: int = DEFAULT_MAX_BODY, adopt: bool = False):
+    """Decode CBOR bytes from the wire; any defect becomes MalformedMessage.
+
+    ``adopt=True`` hands `data` over (a writable buffer nobody else uses or
+    changes): large tensors may then be views of it instead of copies.
+    """
     if len(data) > max_size:
         raise PayloadTooLarge(f"body of {len(data)} bytes exceeds the limit of {max_size}")
     try:
-        return cbor2.loads(data, tag_hook=_tag_hook, max_depth=64, strict_hashable_types=True)
+        split = _skeleton(data, adopt)
+        if split is not None:
+            data, payloads = split
+            hook = lambda tag, immutable=False: _tag_hook(tag, immutable, payloads)  # noqa: E731
+        else:
+            hook = _tag_hook
+        return cbor2.loads(data, tag_hook=hook, max_depth=64, strict_hashable_types=True)
     except MalformedMessage:
         raise
     except cbor2.CBORDecodeError as e:
@@ -315,9 +506,10 @@ def loads(data, *, max_size: int = DEFAULT_MAX_BODY):
         raise MalformedMessage(f"body is not valid CBOR: {type(e).__name__}") from None
 
 
-def decode(data, expect: type | None = None, *, max_size: int = DEFAULT_MAX_BODY):
-    """Decode one registered message; with `expect`, insist on that type."""
-    obj = loads(data, max_size=max_size)
+def decode(data, expect: type | None = None, *, max_size: int = DEFAULT_MAX_BODY,
+           adopt: bool = False):
+    """Decode one registered message; with `expect`, insist on that type (`adopt`: see loads)."""
+    obj = loads(data, max_size=max_size, adopt=adopt)
     if type(obj) not in _NAMES:
         raise MalformedMessage("body is CBOR but not a registered message")
     if expect is not None and not isinstance(obj, expect):
