@@ -24,7 +24,7 @@ import torch
 from p2pgrid.errors import BadRequest
 
 __all__ = ["clip_update", "add_gaussian_noise", "global_norm", "RDPAccountant", "DEFAULT_ORDERS",
-           "rdp_sampled_gaussian", "rdp_to_epsilon"]
+           "rdp_sampled_gaussian", "rdp_to_epsilon", "rdp_curve"]
 
 #: The orders Opacus uses by default: 1.1, 1.2, ..., 10.9 and 12, ..., 63.
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
@@ -168,6 +168,18 @@ def rdp_sampled_gaussian(noise_multiplier: float, sample_rate: float, order: flo
     return _log_a_frac(q, sigma, alpha) / (alpha - 1)
 
 
+def rdp_curve(noise_multiplier: float, sample_rate: float, steps: int = 1,
+              orders: Sequence[float] = DEFAULT_ORDERS) -> list[float]:
+    """RDP at every order of `steps` sampled-Gaussian steps (what one release costs).
+
+    Curves of different mechanisms that each bound the same release can be combined
+    order by order with ``min``; curves of successive releases compose by ``+``.
+    """
+    if steps < 0:
+        raise BadRequest("steps must be >= 0")
+    return [steps * rdp_sampled_gaussian(noise_multiplier, sample_rate, a) for a in orders]
+
+
 def rdp_to_epsilon(orders: Sequence[float], rdp: Sequence[float], delta: float,
                    conversion: str = "balle2020") -> tuple[float, float]:
     """Best (epsilon, order) for `delta` from an RDP curve.
@@ -213,6 +225,12 @@ class RDPAccountant:
         self.history.append((float(noise_multiplier), float(sample_rate), int(steps)))
         for k, a in enumerate(self.orders):
             self._rdp[k] += steps * rdp_sampled_gaussian(noise_multiplier, sample_rate, a)
+
+    def add_rdp(self, curve: Sequence[float]) -> None:
+        """Compose a release given by its RDP curve over this accountant's orders."""
+        if len(curve) != len(self.orders) or any(not r >= 0 for r in curve):
+            raise BadRequest("an RDP curve needs one non-negative value per order")
+        self._rdp = [a + float(b) for a, b in zip(self._rdp, curve)]
 
     @property
     def rdp(self) -> list[float]:

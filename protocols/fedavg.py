@@ -109,6 +109,13 @@ class Strategy(ABC):
     def aggregate_metrics(self, replies: list[FitRes]) -> dict[str, float]:
         return weighted_metrics(replies)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Whatever the strategy carries between rounds, as wire values (for checkpoints)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (after a coordinator restart)."""
+
 
 class FedAvg(Strategy):
     """Federated averaging (McMahan et al. 2017), weighted by num_examples.
@@ -150,6 +157,16 @@ class FedAvg(Strategy):
         return {p: FitIns(round, params, dict(config)) for p in self.sample(round, available_peers)}
 
     # -- aggregate
+    def check_replies(self, round: int, params: Params, replies: list[FitRes],
+                      failures: list[str]) -> None:
+        """Enough replies, one per peer, for this round, shaped and typed like `params`."""
+        self._check(round, params, replies, failures)
+
+    @classmethod
+    def layout(cls, params: Params) -> tuple[list[str], list[str]]:
+        """(floating-point keys, integer/bool keys), each sorted: the order of a flat update."""
+        return cls._keys(params)
+
     def _check(self, round: int, params: Params, replies: list[FitRes], failures: list[str]) -> None:
         if len(replies) < self.min_peers:
             raise ProtocolError(f"round {round}: {len(replies)} replies ({len(failures)} failures), "
@@ -249,6 +266,20 @@ class FedAdam(FedAvg):
         self.v: torch.Tensor | None = None
         self.t = 0
         self._layout: list[tuple[str, tuple[int, ...]]] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "m": self.m, "v": self.v,
+                "layout": None if self._layout is None else [[k, list(s)] for k, s in self._layout]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        m, v, layout = state.get("m"), state.get("v"), state.get("layout")
+        if (m is None) != (v is None) or (m is not None and (
+                not isinstance(m, torch.Tensor) or not isinstance(v, torch.Tensor) or m.shape != v.shape)):
+            raise BadRequest("FedAdam state: m and v must be two tensors of one shape, or both null")
+        self.t = int(state.get("t", 0))
+        self.m = None if m is None else m.to(torch.float64)
+        self.v = None if v is None else v.to(torch.float64)
+        self._layout = None if layout is None else [(str(k), tuple(int(d) for d in s)) for k, s in layout]
 
     def apply_update(self, round: int, params: Params, delta: torch.Tensor) -> Params:
         floats, _ = self._keys(params)

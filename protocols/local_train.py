@@ -20,6 +20,7 @@ privacy spent reported by the RDP accountant of :mod:`protocols.dp`.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable
 
 import torch
@@ -31,7 +32,12 @@ from p2pgrid.errors import BadRequest, ShapeError, UnknownOp
 
 from .dp import RDPAccountant
 
-__all__ = ["train_locally", "evaluate", "OPTIMIZERS", "LOSSES", "make_optimizer"]
+__all__ = ["train_locally", "evaluate", "OPTIMIZERS", "LOSSES", "make_optimizer", "TrainingStopped",
+           "dp_steps"]
+
+
+class TrainingStopped(Exception):
+    """``should_stop`` asked the loop to end early (the round it served was abandoned)."""
 
 
 def _num(lo: float, hi: float, *, lo_open: bool = False):
@@ -179,7 +185,8 @@ def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, gen, prox_mu=0.0, 
 def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, batch_size: int,
                   optimizer: dict, loss: str, prox_mu: float = 0.0,
                   global_params: dict[str, torch.Tensor] | None = None, dp: dict | None = None,
-                  seed: int | None = None) -> tuple[dict[str, torch.Tensor], int, dict[str, Any]]:
+                  seed: int | None = None, should_stop: Callable[[], bool] | None = None,
+                  ) -> tuple[dict[str, torch.Tensor], int, dict[str, Any]]:
     """Train `model` in place on (x, y); return (state dict copy, number of examples, metrics).
 
     `prox_mu` > 0 adds FedProx's (mu / 2) * ||w - w_global||^2, with `global_params`
@@ -188,6 +195,9 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     (Poisson sampling, which the accountant assumes), clips each example's gradient
     to `clip` and adds N(0, (noise_multiplier * clip)^2); metrics then carry
     ``epsilon`` at ``delta``. DP training refuses BatchNorm (it mixes examples).
+    `should_stop`, polled before every step, ends the loop with :class:`TrainingStopped`
+    (a peer uses it when the round it trains for was abandoned). Metrics carry
+    ``train_seconds``, the loop's wall time.
     """
     n = _check_data(x, y)
     loss_fn = _loss_fn(loss)
@@ -218,6 +228,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     was_training = model.training
     model.train()
     steps, last_losses = 0, []
+    started = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(torch.randint(0, 2 ** 62, (), generator=gen)))  # dropout masks
         for _ in range(epochs):
@@ -229,6 +240,9 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
                 batches = [torch.nonzero(torch.rand(n, generator=gen) < dp["sample_rate"]).flatten()
                            for _ in range(max(1, n // batch_size))]
             for idx in batches:
+                if should_stop is not None and should_stop():
+                    model.train(was_training)
+                    raise TrainingStopped(f"stopped after {steps} steps")
                 xb, yb = x[idx], y[idx]
                 if dp is not None:
                     last_losses.append(_dp_step(model, opt, loss_fn, xb, yb, dp, batch_size, gen,
@@ -247,7 +261,8 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     model.train(was_training)
     losses = [v for v in last_losses if not math.isnan(v)]
     metrics: dict[str, Any] = {"loss": sum(losses) / len(losses) if losses else math.nan,
-                               "steps": steps, "epochs": epochs}
+                               "steps": steps, "epochs": epochs,
+                               "train_seconds": time.perf_counter() - started}
     if dp is not None:
         acc = RDPAccountant()
         acc.step(dp["noise_multiplier"], dp["sample_rate"], steps)
@@ -256,6 +271,13 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
                        sample_rate=dp["sample_rate"])
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     return params, n, metrics
+
+
+def dp_steps(n: int, batch_size: int, epochs: int) -> tuple[float, int]:
+    """(sample rate, number of steps) DP-SGD takes for `epochs` over `n` examples: what a
+    data owner feeds its privacy accountant before agreeing to train."""
+    batch_size = max(1, min(batch_size, n))
+    return min(1.0, batch_size / n), epochs * max(1, n // batch_size)
 
 
 @torch.no_grad()

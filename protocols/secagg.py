@@ -351,6 +351,11 @@ class DoubleMaskClient:
     def __repr__(self) -> str:
         return f"DoubleMaskClient({self.peer_id!r}, {self._state})"
 
+    @property
+    def state(self) -> str:
+        """"new", "shared" (keys shared), "masked" (update sent) or "done" (unmasking answered)."""
+        return self._state
+
     def public_keys(self) -> dict[str, bytes]:
         """{"c": channel key, "s": masking key}, both raw X25519 public keys."""
         return {"c": _raw_public(self._ckey), "s": _raw_public(self._skey)}
@@ -359,12 +364,26 @@ class DoubleMaskClient:
         return ChaCha20Poly1305(pair_seed(self._ckey, self._keys[other]["c"], self.peer_id, other,
                                           self._round, purpose=b"channel"))
 
-    def share_keys(self, public_keys: Mapping[str, Mapping[str, bytes]], round_id) -> dict[str, bytes]:
-        """Encrypted shares for each other peer: {recipient: ciphertext}."""
+    def share_keys(self, public_keys: Mapping[str, Mapping[str, bytes]], round_id, *,
+                   allow_missing: bool = False) -> dict[str, bytes]:
+        """Encrypted shares for each other peer: {recipient: ciphertext}.
+
+        With `allow_missing`, peers that advertised no keys (they dropped before this
+        step) leave the round: the peers become those with keys, who must still be at
+        least the threshold, and the server must be made for that same list.
+        """
         if self._state != "new":
             raise ProtocolError(f"share_keys in state {self._state}")
-        if set(self.peers) - set(public_keys):
-            raise ProtocolError(f"no public keys for {sorted(set(self.peers) - set(public_keys))}")
+        missing = set(self.peers) - set(public_keys)
+        if missing and not allow_missing:
+            raise ProtocolError(f"no public keys for {sorted(missing)}")
+        if missing:
+            if self.peer_id in missing:
+                raise ProtocolError("this peer's own keys are missing")
+            remaining = [p for p in self.peers if p not in missing]
+            if len(remaining) < self.threshold:
+                raise ProtocolError(f"{len(remaining)} peers advertised keys, need {self.threshold}")
+            self.peers = remaining
         self._round = round_id
         self._keys = {p: {"c": bytes(public_keys[p]["c"]), "s": bytes(public_keys[p]["s"])}
                       for p in self.peers}

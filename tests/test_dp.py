@@ -121,3 +121,14 @@ def test_more_noise_or_less_sampling_means_less_epsilon():
         return acc.epsilon(1e-5)
     assert eps(2.0, 0.01) < eps(1.0, 0.01) < eps(0.7, 0.01)
     assert eps(1.0, 0.001) < eps(1.0, 0.01) < eps(1.0, 0.1)
+
+
+def test_rdp_curves_compose_like_steps():
+    from protocols.dp import rdp_curve
+    a, b = RDPAccountant(), RDPAccountant()
+    a.step(1.1, 0.01, 30)
+    b.add_rdp(rdp_curve(1.1, 0.01, 10))
+    b.add_rdp(rdp_curve(1.1, 0.01, 20))
+    assert b.epsilon(1e-5) == pytest.approx(a.epsilon(1e-5))
+    with pytest.raises(BadRequest):
+        b.add_rdp([1.0])

@@ -218,3 +218,16 @@ def test_federated_rounds_learn(strategy):
 def test_a_round_with_too_many_failures_fails():
     with pytest.raises(ProtocolError):
         run_rounds(FedAvg(min_peers=4), rounds=1, drop=["p1", "p2"])
+
+
+def test_fedadam_state_survives_a_checkpoint():
+    params = {"w": torch.zeros(3), "n": torch.tensor(2)}
+    one = FedAdam(eta=0.1, min_peers=1)
+    reply = [FitRes("a", {"w": torch.ones(3), "n": torch.tensor(2)}, 5)]
+    one.aggregate_fit(1, params, reply, [])
+    two = FedAdam(eta=0.1, min_peers=1)
+    two.load_state_dict(wire.loads(wire.dumps(one.state_dict())))
+    assert FedAvg.layout(params) == (["w"], ["n"])
+    a, b = one.aggregate_fit(2, params, reply, []), two.aggregate_fit(2, params, reply, [])
+    assert torch.equal(a["w"], b["w"]) and two.t == 2
+    assert FedAvg(min_peers=1).state_dict() == {}

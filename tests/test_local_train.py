@@ -189,3 +189,22 @@ def test_imported_cnn_trains_with_batchnorm_without_dp():
     params, _, _ = train_locally(back, x, y, epochs=1, batch_size=8, optimizer=SGD, loss="cross_entropy",
                                  seed=0)
     assert int(params["1.num_batches_tracked"]) == 4
+
+
+def test_training_can_be_stopped_and_reports_its_time():
+    from protocols.local_train import TrainingStopped, dp_steps
+    x, y = blobs(64)
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 3
+
+    with pytest.raises(TrainingStopped):
+        train_locally(mlp(), x, y, epochs=5, batch_size=8, optimizer={"name": "sgd", "lr": 0.1},
+                      loss="cross_entropy", seed=0, should_stop=stop)
+    assert len(calls) == 4
+    _, _, metrics = train_locally(mlp(), x, y, epochs=1, batch_size=8, optimizer={"name": "sgd", "lr": 0.1},
+                                  loss="cross_entropy", seed=0)
+    assert metrics["train_seconds"] > 0
+    assert dp_steps(64, 8, 3) == (0.125, 24) and dp_steps(5, 8, 1) == (1.0, 1)

@@ -254,3 +254,24 @@ def test_double_masking_needs_a_threshold():
     tampered = dict(inboxes["b"], a=b"\0" * len(inboxes["b"]["a"]))
     with pytest.raises(ProtocolError, match="do not decrypt"):
         clients["b"].masked_update(xs["b"], tampered, 1)
+
+
+def test_double_masking_survives_a_dropout_before_sharing_keys():
+    """A peer that advertised nothing leaves the round; the others agree on the smaller set."""
+    peers = ["a", "b", "c", "d", "e"]
+    xs, ws = updates(peers, d=9), {"a": 1, "b": 2, "c": 3, "d": 4, "e": 5}
+    clients = {p: DoubleMaskClient(p, peers) for p in peers}
+    keys = {p: clients[p].public_keys() for p in ["a", "b", "c", "e"]}     # d never answered
+    with pytest.raises(ProtocolError, match="no public keys"):
+        clients["a"].share_keys(keys, "r")
+    outboxes = {p: clients[p].share_keys(keys, "r", allow_missing=True) for p in keys}
+    assert clients["a"].peers == ["a", "b", "c", "e"] and clients["a"].state == "shared"
+    server = DoubleMaskServer(["a", "b", "c", "e"], threshold=clients["a"].threshold)
+    inboxes = server.route_shares(outboxes)
+    masked = {p: clients[p].masked_update(xs[p], inboxes[p], ws[p]) for p in ["a", "c", "e"]}  # b drops too
+    answers = {p: clients[p].unmask_shares(masked) for p in masked}
+    mean = server.aggregate(masked, answers, keys, "r")
+    assert torch.allclose(mean, weighted_mean(xs, ws, ["a", "c", "e"]), atol=2.0 ** -F)
+    lonely = DoubleMaskClient("a", peers)
+    with pytest.raises(ProtocolError, match="advertised keys, need 3"):
+        lonely.share_keys({"a": lonely.public_keys(), "b": keys["b"]}, "r", allow_missing=True)

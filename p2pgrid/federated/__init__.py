@@ -1,0 +1,76 @@
+"""Federated learning over p2pgrid peers (plugin; see docs/FEDERATED.md).
+
+    from p2pgrid.federated import SGD, ClientDP, FedAvg
+
+    async with p2pgrid.connect("ai-company") as net:
+        result = await net.federated_fit(model, data="#mnist #train", rounds=10,
+                                         optimizer=SGD(lr=0.05), strategy=FedAvg(min_peers=2),
+                                         secure_aggregation=True, dp=ClientDP(clip=1.0),
+                                         evaluate="#mnist #test")
+
+Data owners publish an ``#x``/``#y`` pair (``net.federated_publish``) and keep
+control: the compute right decides who may train on it, an epsilon cap bounds
+what it may spend, and only model updates leave their peer.
+
+This module is imported while ``p2pgrid`` itself initialises (the Network class mixes
+in :class:`NetworkAPI`), and ``protocols.*`` import ``p2pgrid``: so nothing here
+imports ``protocols`` at import time. The handlers (``router``), the strategies and
+the other names below load on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import trio
+from torch import nn
+
+from .api import NetworkAPI
+from .cli import add_cli
+from .options import SGD, Adam, ClientDP, FitEvent, FitResult, LocalDP, RoundRecord
+
+__all__ = ["SGD", "Adam", "ClientDP", "LocalDP", "FedAvg", "FedProx", "FedAdam", "DPFedAvg", "Strategy",
+           "FitResult", "RoundRecord", "FitEvent", "PrivacyBudgetExceeded", "NetworkAPI", "router",
+           "service", "add_cli", "save_model", "load_model", "state_of"]
+
+_LAZY = {"router": ".owner", "state_of": ".owner", "PrivacyBudgetExceeded": ".ledger",
+         "FedAvg": "protocols.fedavg", "FedProx": "protocols.fedavg", "FedAdam": "protocols.fedavg",
+         "DPFedAvg": "protocols.fedavg", "Strategy": "protocols.fedavg"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name], __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+async def service(peer, task_status=trio.TASK_STATUS_IGNORED):
+    """Load the privacy ledger at start-up, warm the training loop up in the background
+    (torch loads parts of itself on the first optimizer step: seconds, once per process),
+    then drop stale secure-aggregation sessions now and then."""
+    from .owner import state_of, warm_up
+
+    state = state_of(peer)
+    task_status.started()
+    await trio.to_thread.run_sync(warm_up, abandon_on_cancel=True)
+    while True:
+        await trio.sleep(60)
+        state.prune()
+
+
+def save_model(model: nn.Module, path: Path | str) -> None:
+    """Write `model` as a p2pgrid model spec (CBOR: whitelisted layers, ops and weights)."""
+    from .. import wire
+    from ..modelgraph import export_model
+    Path(path).write_bytes(wire.dumps(export_model(model)))
+
+
+def load_model(path: Path | str) -> nn.Module:
+    """Read a model spec written by :func:`save_model`; checked against the whitelist."""
+    from .. import wire
+    from ..modelgraph import import_model
+    return import_model(wire.loads(Path(path).read_bytes()))
