@@ -85,6 +85,11 @@ async def test_fedavg_over_three_peers_learns_and_reports(tmp_path):
         assert isinstance(model, nn.Sequential)
         acc = (model(X[1400:]).argmax(1) == Y[1400:]).float().mean().item()
         assert abs(acc - res.history[-1].accuracy) < 1e-6
+        # the coordinator's page draws the run's curves
+        from p2pgrid.web import training_runs
+        (job, series), = training_runs(grid["ai"].extensions["federated"])
+        assert [round(v, 6) for _, v in series["accuracy"]] == [
+            round(h.accuracy, 6) for h in res.history]
         # FedAdam, through the same loop
         res = await fit(grid.net("ai"), rounds=2, strategy=FedAdam(eta=0.02, min_peers=2), job="adam")
         assert len(res.history) == 2 and res.history[-1].loss < res.history[0].loss

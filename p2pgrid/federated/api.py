@@ -85,6 +85,9 @@ class NetworkAPI:
         checkpoints = Checkpoints(self._peer.config.data_dir / "federated" / "jobs")
         coordinator = Coordinator(PeerLink(self._peer), plan, model, checkpoints=checkpoints,
                                   resume=resume, progress=progress, on_event=on_event)
+        from .owner import state_of
+        # the peer's page draws this run's curves from its live history
+        state_of(self._peer).runs[plan.job] = {"job": plan.job, "history": coordinator.history}
         return await coordinator.run()
 
     async def federated_publish(self, x: torch.Tensor, y: torch.Tensor, *, tags: Iterable[str],

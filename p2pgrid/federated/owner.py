@@ -70,6 +70,7 @@ class OwnerState:
         self.sessions: dict[tuple[str, str, str], _Session] = {}
         self.running: dict[tuple[str, str], tuple[int, threading.Event]] = {}
         self.training: set[tuple[str, int]] = set()  # (job, round) being trained now
+        self.runs: dict[str, dict] = {}  # runs this peer coordinated: job -> {job, history}
 
     def prune(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
