@@ -148,6 +148,11 @@ class Transport:
                  timeout: float = 120.0):
         self.identity, self.name, self.insecure, self.timeout = identity, name, insecure, timeout
         self._pools: dict[tuple[str, bytes | None], httpx.AsyncHTTPTransport] = {}
+        # A pool whose connection failed is retired, not closed: closing it under
+        # other requests still running on it would fail them too, though their
+        # peer may be fine. It closes when its last request is done.
+        self._busy: dict[int, int] = {}
+        self._retired: dict[int, httpx.AsyncHTTPTransport] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
         h2tuning.apply()
@@ -179,36 +184,40 @@ class Transport:
             headers["content-length"] = str(size)
             headers["host"] = target.address  # httpx adds it only when it builds the stream
             pool = self._pool(target)
-            # the body in one piece (bytes or a view): h2tuning frames it as views
-            request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(body),
-                                    extensions={"timeout": timeouts})
+            self._busy[id(pool)] = self._busy.get(id(pool), 0) + 1
             try:
-                resp = await pool.handle_async_request(request)
-            except _NOT_DELIVERED as e:
-                # A pooled connection the peer closed (it restarted, say): the
-                # request never reached it, so sending again on a new one is safe.
-                await self._drop(target)
-                if attempt == 2:
-                    raise PeerUnavailable(f"peer at {target.address} is unreachable: "
-                                          f"{type(e).__name__}") from None
-                continue
-            except _BROKEN as e:
-                await self._drop(target)
-                raise PeerUnavailable(f"peer at {target.address} did not answer: "
-                                      f"{type(e).__name__}") from None
-            try:
-                data = await _read_reply(resp)  # closes resp once read
-            except BaseException as e:
-                with trio.move_on_after(1) as scope:
-                    scope.shield = True
-                    with contextlib.suppress(Exception):
-                        await resp.aclose()
-                if isinstance(e, _BROKEN):
-                    await self._drop(target)
+                # the body in one piece (bytes or a view): h2tuning frames it as views
+                request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(body),
+                                        extensions={"timeout": timeouts})
+                try:
+                    resp = await pool.handle_async_request(request)
+                except _NOT_DELIVERED as e:
+                    # A pooled connection the peer closed (it restarted, say): the
+                    # request never reached it, so sending again on a new one is safe.
+                    self._retire(target, pool)
+                    if attempt == 2:
+                        raise PeerUnavailable(f"peer at {target.address} is unreachable: "
+                                              f"{type(e).__name__}") from None
+                    continue
+                except _BROKEN as e:
+                    self._retire(target, pool)
                     raise PeerUnavailable(f"peer at {target.address} did not answer: "
                                           f"{type(e).__name__}") from None
-                raise
-            break
+                try:
+                    data = await _read_reply(resp)  # closes resp once read
+                except BaseException as e:
+                    with trio.move_on_after(1) as scope:
+                        scope.shield = True
+                        with contextlib.suppress(Exception):
+                            await resp.aclose()
+                    if isinstance(e, _BROKEN):
+                        self._retire(target, pool)
+                        raise PeerUnavailable(f"peer at {target.address} did not answer: "
+                                              f"{type(e).__name__}") from None
+                    raise
+                break
+            finally:
+                await self._release(pool)
         self.bytes_sent += size
         self.bytes_received += len(data)
         if resp.status_code != 200:
@@ -220,15 +229,28 @@ class Transport:
         # adopt: a large reply is read into a buffer of our own (see _read_reply)
         return await _maybe_thread(len(data), lambda d: wire.decode(d, adopt=True), data)
 
-    async def _drop(self, target: Target) -> None:
-        pool = self._pools.pop((target.address, target.cert), None)
-        if pool is not None:
+    def _retire(self, target: Target, pool: httpx.AsyncHTTPTransport) -> None:
+        """New requests to `target` get a fresh pool; this one closes once idle."""
+        k = (target.address, target.cert)
+        if self._pools.get(k) is pool:
+            del self._pools[k]
+        self._retired[id(pool)] = pool
+
+    async def _release(self, pool: httpx.AsyncHTTPTransport) -> None:
+        n = self._busy.get(id(pool), 1) - 1
+        if n:
+            self._busy[id(pool)] = n
+            return
+        self._busy.pop(id(pool), None)
+        if self._retired.pop(id(pool), None) is not None:
             with trio.move_on_after(1) as scope:
                 scope.shield = True
-                await pool.aclose()
+                with contextlib.suppress(Exception):
+                    await pool.aclose()
 
     async def aclose(self) -> None:
-        pools, self._pools = list(self._pools.values()), {}
+        pools = list(self._pools.values()) + list(self._retired.values())
+        self._pools, self._retired = {}, {}
         with trio.move_on_after(2) as scope:
             scope.shield = True
             for pool in pools:
