@@ -99,7 +99,7 @@ async def walkthrough(net) -> None:
 
     _say("\n7. results can stay remote as pointers, and bob can send his own tensors")
     bmi = await (rec[:, 0] / (rec[:, 1] / 100) ** 2)
-    _say(f"   ponderal result kept on hospital: {bmi!r}")
+    _say(f"   BMI-like result kept on hospital: {bmi!r}")
     _say(f"   its mean, fetched: {float(await bmi.mean().get()):.2f} kg/m^2")
     mine = await net.peer("clinic").send(torch.tensor([1.0, 2.0, 3.0]), tags=["bob-scratch"])
     _say(f"   sent to clinic: {mine!r} -> back: {(await (mine * 10).get()).tolist()}")
