@@ -35,6 +35,17 @@ async def _to_thread_if_big(n: int, fn, *args):
     return fn(*args)
 
 
+async def handle_lifespan(receive, send) -> None:
+    """ASGI lifespan: nothing to set up or tear down beyond what the peer owns."""
+    while True:
+        msg = await receive()
+        if msg["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif msg["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 class App:
     """ASGI application; `dispatch(caller, message)` returns the reply message."""
 
@@ -50,13 +61,7 @@ class App:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await handle_lifespan(receive, send)
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]

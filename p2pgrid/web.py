@@ -31,6 +31,8 @@ from urllib.parse import parse_qs, quote
 
 import trio
 
+from .server import handle_lifespan
+
 log = logging.getLogger("p2pgrid.web")
 
 SESSION_TTL = 12 * 3600.0
@@ -447,13 +449,7 @@ class Console:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
-            while True:
-                msg = await receive()
-                if msg["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif msg["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            return await handle_lifespan(receive, send)
         if scope["type"] != "http":
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
