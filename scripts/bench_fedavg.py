@@ -28,7 +28,6 @@ Prints JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -40,7 +39,7 @@ import torch
 import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fl_mnist import DEFAULT_DATA, Workers, mlp, wait_for_data  # noqa: E402
+from fl_mnist import DEFAULT_DATA, Workers, mlp, run_script, wait_for_data  # noqa: E402
 
 
 def lo_bytes() -> int | None:
@@ -153,12 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path, help="also write the JSON here")
     args = p.parse_args(argv)
     args.peers = [int(x) for x in args.peers.split(",")]
-    result = trio.run(main_async, args)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
-    return 0
+    return run_script(args, main_async)
 
 
 if __name__ == "__main__":

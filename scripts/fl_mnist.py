@@ -19,7 +19,6 @@ Prints a JSON summary last. The data is read from --data (default <repo>/../shar
 from __future__ import annotations
 
 import argparse
-import copy
 import gzip
 import json
 import shutil
@@ -250,6 +249,19 @@ async def run_worker(args) -> None:
     await serve_worker(args.name, args.dir, args.join, publish)
 
 
+def run_script(args, coordinate, run_worker=None) -> int:
+    """Run one process of a script: a data worker, or the coordinator, whose JSON
+    summary is printed (and written to ``--json`` when given)."""
+    if run_worker is not None and getattr(args, "mode", None) == "worker":
+        trio.run(run_worker, args)
+        return 0
+    text = json.dumps(trio.run(coordinate, args), indent=2)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", nargs="?", default="run", choices=["run", "worker"])
@@ -273,16 +285,7 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int)
     p.add_argument("--dir", type=Path)
     p.add_argument("--join")
-    args = p.parse_args(argv)
-    if args.mode == "worker":
-        trio.run(run_worker, args)
-        return 0
-    summary = trio.run(coordinate, args)
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
-    return 0
+    return run_script(p.parse_args(argv), coordinate, run_worker)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import shutil
 import re
 import sys
@@ -34,7 +33,7 @@ import trio
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fl_mnist import DEFAULT_DATA, Workers, serve_worker, wait_for_data  # noqa: E402
+from fl_mnist import DEFAULT_DATA, Workers, run_script, serve_worker, wait_for_data  # noqa: E402
 
 PEERS = ["bob", "anne"]
 _WORD = re.compile(r"[a-z0-9£$']+")
@@ -207,16 +206,7 @@ def main(argv=None) -> int:
     p.add_argument("--part", type=int)
     p.add_argument("--dir", type=Path)
     p.add_argument("--join")
-    args = p.parse_args(argv)
-    if args.mode == "worker":
-        trio.run(run_worker, args)
-        return 0
-    summary = trio.run(coordinate, args)
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
-    return 0
+    return run_script(p.parse_args(argv), coordinate, run_worker)
 
 
 if __name__ == "__main__":
