@@ -446,7 +446,11 @@ def _tune_httpcore() -> None:
         await self._write_outgoing_data(request)
 
     async def _send_request_headers(self, request, stream_id):
-        if self._request_count > 1 and len(self._events) == 1 and _readable_or_closed(self):
+        # Only a connection that has carried a stream before qualifies: a fresh
+        # one is readable too (the server's SETTINGS), and _request_count counts
+        # requests still waiting for their first stream id, so it cannot tell.
+        opened = self._h2_state.highest_outbound_stream_id or 0
+        if 0 < opened < stream_id and len(self._events) == 1 and _readable_or_closed(self):
             # Idle in the pool after a reply, yet readable: the peer has almost
             # certainly closed the connection (it restarted, say); everything
             # else it sends (SETTINGS, WINDOW_UPDATE) arrives before the reply

@@ -15,7 +15,7 @@ import trio
 
 import p2pgrid
 from p2pgrid import wire
-from p2pgrid.client import Target
+from p2pgrid.client import Target, Transport
 from p2pgrid.config import PeerConfig
 from p2pgrid.errors import MalformedMessage
 from p2pgrid.messages import DeleteObject, GetObject, Ping, Pong, PutObject, Value
@@ -71,6 +71,38 @@ async def test_large_and_small_requests_share_one_connection(tmp_path):
         assert len(pongs) == 60 and all(isinstance(p, Pong) and p.name == "b" for p in pongs)
         (pool,) = a.transport._pools.values()
         assert len(pool._pool.connections) == 1  # one HTTP/2 connection carried it all
+
+
+async def test_concurrent_first_requests_on_a_fresh_connection_all_succeed(tmp_path):
+    # Regression: a fresh connection is readable at once (the server's SETTINGS).
+    # The check for "closed while idle in the pool" once fired there for a second
+    # concurrent request and closed the connection under the first one, which
+    # then failed (KeyError in httpcore) or hung.
+    async with open_network(["a", "b"], tmp_path) as grid:
+        a = grid["a"]
+        target = a.target(a.record("b"))
+
+        async def burst(transport, attempt):
+            replies = []
+
+            async def ping():
+                replies.append(await transport.request(target, Ping(), timeout=10))
+
+            async with trio.open_nursery() as n:
+                for _ in range(8):
+                    n.start_soon(ping)
+            await trio.sleep(0.01 * (attempt % 3))  # let SETTINGS/ACKs arrive in between
+            replies.append(await transport.request(target, Ping(), timeout=10))
+            return replies
+
+        for attempt in range(20):
+            transport = Transport(a.identity, "a")
+            try:
+                with trio.fail_after(30):  # the bug once hung here instead of failing
+                    replies = await burst(transport, attempt)
+            finally:
+                await transport.aclose()
+            assert len(replies) == 9 and all(isinstance(r, Pong) for r in replies), attempt
 
 
 async def test_oversized_body_is_refused_and_the_peer_keeps_serving(tmp_path):

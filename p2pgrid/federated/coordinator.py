@@ -187,6 +187,7 @@ class Coordinator:
         self.examples: dict[str, int] = {}
         self.refused: dict[str, str] = {}        # peer -> why it takes no part
         self._last_failure: dict[str, str] = {}
+        self._probe_failures: dict[str, str] = {}   # this round's, for error messages
         self.start_round = 1
         if resume and checkpoints is not None:
             self._restore()
@@ -268,6 +269,7 @@ class Coordinator:
                     await trio.sleep(0.1)
                     shards = self.link.shards(plan.data)
         probe_failures = await self._probe(r, shards)
+        self._probe_failures = probe_failures
         deadline = trio.current_time() + strategy.round_timeout
         available = sorted(p for p in shards if self.accepted.get(p) == _key(shards[p]))
         if len(available) < strategy.min_peers:
@@ -407,7 +409,10 @@ class Coordinator:
 
     def _not_enough(self, r: int, phase: str, got: int, asked: int, need: int,
                     failures: dict[str, str]) -> _RoundFailed:
-        detail = "; ".join(f"{p}: {why}" for p, why in sorted(failures.items()))
+        # peers left out at the probe explain why fewer were selected than hold data
+        notes = {**{p: f"probe: {why}" for p, why in self._probe_failures.items()},
+                 **failures}
+        detail = "; ".join(f"{p}: {why}" for p, why in sorted(notes.items()))
         return _RoundFailed(
             f"round {r}: {got} of {asked} selected peers answered ({phase}) before the "
             f"{self.plan.strategy.round_timeout:g} s deadline, need {need}"
