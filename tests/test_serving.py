@@ -144,6 +144,43 @@ async def test_replica_failover_loses_no_request(tmp_path):
         assert sum(served_by.values()) >= len(xs) and all(served_by.values())  # load was spread
 
 
+async def test_lost_replica_is_replaced_and_a_returning_host_drops_its_copy(tmp_path):
+    async with open_network(["hospital", "clinic", "lab", "bob"], tmp_path) as grid:
+        model = digits_model()
+        bob, hospital = grid.net("bob"), grid.net("hospital")
+        audit = []
+        grid["hospital"].audit_sinks.append(audit.append)
+        await bob.set_hosting(HostingPolicy(accept_from=()))
+        await hospital.serve_model(model, "digits", policy=DIGITS, replicas=1)
+        info = await wait_hosts(bob, "digits", 2)
+        [first] = [n for n in info.hosts.values() if n != "hospital"]
+        [other] = {"clinic", "lab"} - {first}
+
+        await grid.stop(first)  # its record expires (ttl 5 s); the owner places another
+        with trio.fail_after(30):
+            while sorted(bob.model_info("digits").hosts.values()) != sorted(["hospital", other]):
+                await trio.sleep(0.1)
+        assert other in {h.name for h in grid["hospital"].directory.peers()}
+        serving = grid[other].extensions["serving"]
+        assert serving.models[("hospital", "digits")].role == "replica"
+        assert ("replica_lost", first) in [(e["action"], e["caller"]) for e in audit]
+        x = torch.rand(4, 1, 28, 28)
+        assert torch.allclose(await bob.run_inference("digits", x), model(x), atol=1e-5)
+
+        # the first host returns with the copy it kept on disk; the owner counts one
+        # replica only, so that copy goes (after the grace period)
+        back = await grid.start(grid.configs[first])
+        with trio.fail_after(40):
+            while ("hospital", "digits") in back.extensions["serving"].models or \
+                    not back.extensions["serving"].loaded.is_set():
+                await trio.sleep(0.1)
+        with trio.fail_after(10):  # bob hears of it by gossip
+            while sorted(bob.model_info("digits").hosts.values()) != sorted(["hospital", other]):
+                await trio.sleep(0.1)
+        assert len(grid["hospital"].extensions["serving"].models[("hospital", "digits")]
+                   .replicas) == 1
+
+
 async def test_download_public_model_verified_by_hash(tmp_path):
     async with open_network(["company", "bob"], tmp_path) as grid:
         torch.manual_seed(0)
@@ -257,7 +294,8 @@ async def test_encrypted_serving_matches_plaintext_and_only_users_get_answers(tm
         info = await grid.net("company").serve_model(
             model, "digits-encrypted", mpc=True, parties=["hospital", "clinic"],
             dealer="university", policy=Policy(input_shape=(None, 1, 28, 28), dtype="float32",
-                                               value_range=(0, 1), users=["bob"]))
+                                               value_range=(0, 1), users=["bob"], max_batch=4,
+                                               rate_limit="4/min", quota="8/day"))
         assert info.mpc["parties"] == ["hospital", "clinic"] and info.flags() == ["mpc"]
         bob, eve = grid.net("bob"), grid.net("eve")
         await wait_hosts(bob, "digits-encrypted", 1, eve)
@@ -275,3 +313,19 @@ async def test_encrypted_serving_matches_plaintext_and_only_users_get_answers(tm
             await bob.run_inference("digits-encrypted", x)
         with pytest.raises(PermissionDenied):
             await bob.download_model("digits-encrypted")
+
+        # the parties enforce batch, rate and quota themselves: a caller that skips
+        # run_encrypted_inference's checks and asks them directly is refused too
+        handle = await bob.encrypted_model("company", "digits-encrypted")
+        xs = await bob.share(torch.rand(5, 1, 28, 28, dtype=torch.float64),
+                             parties=handle.parties, dealer=handle.dealer)
+        with pytest.raises(BadRequest, match="limit of 4"):
+            await handle.predict(xs)
+        await xs.delete()
+        await bob.run_encrypted_inference("digits-encrypted", x)  # call 2, rows 6
+        with pytest.raises(RateLimited, match="quota of 8/day"):   # call 3 (counted), rows 9
+            await bob.run_encrypted_inference("digits-encrypted", x)
+        await bob.run_encrypted_inference("digits-encrypted", x[:2])  # call 4, rows 8
+        with pytest.raises(RateLimited, match="4/min") as exc:
+            await bob.run_encrypted_inference("digits-encrypted", x[:1])
+        assert exc.value.details["retry_after"] > 0

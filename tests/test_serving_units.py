@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import types
 
 import cbor2
 import pytest
@@ -17,6 +18,7 @@ from p2pgrid.serving.gpt import GPT, generate
 from p2pgrid.serving.package import (MAGIC, file_digests, import_package, live_spec, spec_hash,
                                      write_package)
 from p2pgrid.serving.policy import Gate, parse_rate
+from p2pgrid.serving.owner import replica_check
 from p2pgrid.serving.routing import Routes
 from p2pgrid.serving.transfer import PartFile, read_chunk
 
@@ -238,3 +240,32 @@ def test_gpt_small_shape_and_sampling():
     lm = GPT(vocab=10, context=8, width=16, depth=1, heads=2).eval()
     out = generate(lm, torch.tensor([1, 2]), 12, context=8, generator=torch.Generator().manual_seed(0))
     assert out.shape == (14,) and out[:2].tolist() == [1, 2]
+
+
+class _Rec:  # what replica_check reads of a directory record
+    def __init__(self, key_id, name, *announced):
+        self.key_id, self.name = key_id, name
+        self.services = {"serving": {"models": [
+            {"owner": "hospital", "name": n, "hash": h, "role": "replica"} for n, h in announced]}}
+
+
+def test_replica_check_writes_off_gone_and_silent_replicas_and_finds_strays():
+    hm = types.SimpleNamespace(owner="hospital", name="digits", hash="h1",
+                               replicas={"k1": "clinic", "k2": "lab", "k3": "uni"})
+    since: dict = {}
+    recs = [_Rec("k1", "clinic", ("digits", "h1")),  # fine
+            _Rec("k2", "lab"),                        # live, announces nothing (yet)
+            _Rec("k4", "old", ("digits", "h0"))]      # an old copy we do not count
+    # k3 left the directory: lost at once; k2 and k4 get the grace period first
+    assert replica_check(hm, recs, 100.0, since, grace=5.0) == (["k3"], [])
+    del hm.replicas["k3"]  # as tend does
+    assert replica_check(hm, recs, 104.0, since, grace=5.0) == ([], [])
+    recs[1] = _Rec("k2", "lab", ("digits", "h1"))     # its record caught up: not lost
+    assert replica_check(hm, recs, 105.0, since, grace=5.0) == ([], [recs[2]])
+    recs[2] = _Rec("k4", "old")                       # tend told it to drop its copy
+    recs[1] = _Rec("k2", "lab")                       # silent again: a new grace period
+    assert replica_check(hm, recs, 106.0, since, grace=5.0) == ([], [])
+    assert replica_check(hm, recs, 111.0, since, grace=5.0) == (["k2"], [])
+    del hm.replicas["k2"]
+    other = _Rec("k5", "x", ("other-model", "h1"))    # another model: none of our business
+    assert replica_check(hm, [other], 200.0, since, grace=0.0) == (["k1"], [])

@@ -192,6 +192,10 @@ async def test_seeds_encrypted_linear_inference(tmp_path):
         company = grid.net("company")
         model = await company.encrypt_model(lin, parties=["hospital", "public"], dealer=DEALER,
                                             users=["bob"], name="linear", publish=True)
+        for bad in ({"rate_limit": "lots"}, {"max_batch": 0}, {"burst": 3}):
+            with pytest.raises(BadRequest, match="rate|max_batch|limits"):  # each party checks
+                await company.encrypt_model(lin, parties=["hospital", "public"], dealer=DEALER,
+                                            users=["bob"], name="limited", limits=bad)
         await grid.wait_converged()
         for _ in range(100):                       # the record announcing it spreads by gossip
             if "smpc-models" in grid["bob"].record("company").services:

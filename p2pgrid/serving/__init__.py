@@ -21,6 +21,7 @@ import logging
 
 import trio
 
+from . import owner
 from .api import NetworkAPI
 from .catalog import ModelInfo
 from .cli import add_cli
@@ -34,7 +35,8 @@ log = logging.getLogger("p2pgrid.serving")
 
 
 async def service(peer, task_status=trio.TASK_STATUS_IGNORED):
-    """Announce this peer's hosting consent, then serve again what it served before."""
+    """Announce this peer's hosting consent, serve again what it served before, then
+    keep the replicas of its own models placed."""
     s = state(peer)
     s.load_hosting()
     s.announce()
@@ -44,3 +46,4 @@ async def service(peer, task_status=trio.TASK_STATUS_IGNORED):
     except Exception:  # never take the peer down over a model
         log.exception("could not restore served models")
         s.loaded.set()
+    await owner.keep_replicas(s)

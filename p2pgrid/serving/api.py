@@ -91,11 +91,16 @@ class NetworkAPI:
 
     async def replicate_model(self, name: str, *, count: int = 1, hosts: Iterable[str] | None = None,
                               on_chunk=None) -> list[TransferReport]:
-        """Place more replicas of a model we serve (resuming any upload that broke before)."""
+        """Place more replicas of a model we serve (resuming any upload that broke before).
+        The peer keeps the model at its new replica count from then on."""
         s = self._serving()
         hm = s.get(self.name, name)
         hosts = None if hosts is None else list(hosts)
-        return await owner.place(s, hm, len(hosts) if hosts else count, hosts, on_chunk=on_chunk)
+        reports = await owner.place(s, hm, len(hosts) if hosts else count, hosts,
+                                    on_chunk=on_chunk)
+        hm.target = max(hm.target, len(hm.replicas))
+        s.save()
+        return reports
 
     async def run_inference(self, name: str, x: torch.Tensor, *, owner: str | None = None,
                             timeout: float | None = None):

@@ -4,10 +4,10 @@ caller reconstructs the output.
 
 The serving layer adds the catalog entry (flags, policy summary, parties, dealer), the
 caller-side input checks (the policy's shape, dtype, range and batch: only the caller
-can check values it alone can see) and the cleanup of input shares. Who may call is
-enforced by the parties (the policy's ``users`` become the smpc model's users); rate
-limits and quotas are not enforced for encrypted inference (the parties would have to
-agree on a count). Supported models are what :mod:`p2pgrid.smpc` evaluates:
+can check values it alone can see) and the cleanup of input shares. Who may call, how
+often and how many rows is enforced by every party (the policy's ``users`` become the
+smpc model's users, its ``rate_limit``, ``quota`` and ``max_batch`` the model's limits):
+each party sees every call, so their counts agree. Supported models are what :mod:`p2pgrid.smpc` evaluates:
 ``nn.Sequential`` of Linear, ReLU and Flatten.
 """
 
@@ -41,10 +41,12 @@ async def encrypt(net, model: nn.Module, name: str, terms: Terms, *, replicas: i
                          "allow_download and allow_remote_inference must be False")
     if replicas:
         raise BadRequest("an encrypted model's parties already hold it: replicas must be 0")
-    users = terms.policy.users
+    policy = terms.policy
+    limits = {"rate_limit": policy.rate_limit, "quota": policy.quota,
+              "max_batch": policy.max_batch}
     return await net.encrypt_model(model, parties=list(parties), dealer=dealer,
-                                   users=("*",) if users is None else users, name=name,
-                                   publish=True, frac_bits=frac_bits)
+                                   users=("*",) if policy.users is None else policy.users,
+                                   name=name, publish=True, frac_bits=frac_bits, limits=limits)
 
 
 def summary(handle) -> dict:

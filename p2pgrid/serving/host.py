@@ -130,6 +130,8 @@ class HostedModel:
     mpc: dict | None = None       # encrypted serving: the smpc model's description
     encrypted: object = None      # owner: the p2pgrid.smpc EncryptedModel handle
     calls: int = 0
+    target: int = 0               # owner: replicas to keep (see owner.keep_replicas)
+    placing: int = 0              # owner: placements in progress (not saved)
 
     @property
     def key(self) -> tuple[str, str]:
@@ -152,7 +154,7 @@ class HostedModel:
         return {"owner": self.owner, "name": self.name, "hash": self.hash, "role": self.role,
                 "terms": self.terms.to_dict(), "file": self.path.name,
                 "digests": self.digests.to_dict(), "grant": self.grant,
-                "replicas": self.replicas}
+                "replicas": self.replicas, "target": self.target}
 
 
 class Serving:
@@ -221,6 +223,8 @@ class Serving:
                                  Gate(Policy()), bytes(item.get("grant") or b""),
                                  dict(item.get("replicas") or {}))
                 hm.gate = Gate(hm.terms.policy)
+                target = item.get("target", 0)
+                hm.target = target if isinstance(target, int) and target >= 0 else 0
                 self.models[hm.key] = hm
                 self.announce()
             except Exception as e:

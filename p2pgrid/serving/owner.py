@@ -6,6 +6,11 @@ the peers named in ``hosts``; they are tried in order of fewest models hosted, t
 lowest ping, and each decides for itself when offered. Each accepted one gets the package by :func:`transfer.upload` and a
 grant (the owner's signature of model, hash, host and terms) that clients check.
 If fewer than ``replicas`` accept, the ones placed are dropped again and the call fails.
+
+Keeping: :func:`keep_replicas` runs for the peer's lifetime and holds each model at the
+replica count its owner asked for: a replica whose host left the directory (or stopped
+announcing it) is written off and another peer gets a new one; a host that comes back
+with a replica written off meanwhile is told to drop it.
 """
 
 from __future__ import annotations
@@ -65,6 +70,8 @@ async def serve(s: Serving, model: nn.Module, name: str, terms: Terms, *, replic
             with trio.CancelScope(shield=True):
                 await unserve(s, name)
             raise
+        hm.target = want
+        s.save()
     return hm
 
 
@@ -74,6 +81,7 @@ async def place(s: Serving, hm: HostedModel, count: int, hosts: list[str] | None
     refusals: list[str] = []
     reports: list[TransferReport] = []
     placed: list[str] = []
+    hm.placing += 1
     try:
         for rec in await candidates(s, hm, hosts):
             if len(placed) == count:
@@ -93,6 +101,13 @@ async def place(s: Serving, hm: HostedModel, count: int, hosts: list[str] | None
             for kid in placed:
                 await _drop(s, hm, kid)
         raise
+    finally:
+        hm.placing -= 1
+    if s.models.get(hm.key) is not hm:  # unserved (or served anew) meanwhile
+        with trio.CancelScope(shield=True):
+            for kid in placed:
+                await _drop(s, hm, kid)
+        raise NotFound(f"{hm.name} stopped being served while its replicas were placed")
     return reports
 
 
@@ -182,3 +197,97 @@ async def unserve(s: Serving, name: str, *, keep_file: bool = False) -> None:
     s.save()
     s.announce()
     s.peer.audit("model_unserved", s.peer.name, model=f"{s.peer.name}/{name}")
+
+
+# ------------------------------------------------------------------ keeping replicas
+
+def _announces(rec, hm: HostedModel, *, any_hash: bool = False) -> bool:
+    """Does `rec` (a directory record) announce a replica of `hm`?"""
+    block = rec.services.get("serving") if isinstance(rec.services, dict) else None
+    models = block.get("models") if isinstance(block, dict) else None
+    return any(isinstance(e, dict) and e.get("role") == "replica" and e.get("owner") == hm.owner
+               and e.get("name") == hm.name and (any_hash or e.get("hash") == hm.hash)
+               for e in models or ())
+
+
+def replica_check(hm: HostedModel, records, now: float, since: dict, grace: float
+                  ) -> tuple[list[str], list]:
+    """(lost, strays) for one of our models, from the live directory records (sans-IO).
+
+    lost: key ids of replicas whose host left the directory, or has not announced the
+    replica for `grace` seconds. strays: records of live hosts announcing a replica we
+    do not count (written off while they were away), for `grace` seconds. `since` keeps
+    when each was first seen so, between calls (updated in place).
+    """
+    live = {r.key_id: r for r in records}
+    lost, strays = [], []
+    for kid in hm.replicas:
+        key = (hm.name, kid, "missing")
+        rec = live.get(kid)
+        if rec is not None and _announces(rec, hm):
+            since.pop(key, None)
+        elif rec is None or now - since.setdefault(key, now) >= grace:
+            since.pop(key, None)
+            lost.append(kid)
+    for kid, rec in live.items():
+        key = (hm.name, kid, "stray")
+        if kid in hm.replicas or not _announces(rec, hm, any_hash=True):
+            since.pop(key, None)
+        elif now - since.setdefault(key, now) >= grace:
+            since.pop(key, None)
+            strays.append(rec)
+    return lost, strays
+
+
+async def tend(s: Serving, hm: HostedModel, since: dict, grace: float) -> None:
+    """One pass of :func:`keep_replicas` over one model."""
+    if hm.placing:  # serve_model or replicate_model is at work on it
+        return
+    d = s.peer.directory
+    lost, strays = replica_check(hm, d.peers(include_self=False), trio.current_time(), since,
+                                 grace)
+    for kid in lost:
+        host = hm.replicas.get(kid, kid)
+        log.warning("the replica of %s on %s is gone; placing another", hm.name, host)
+        s.peer.audit("replica_lost", host, model=f"{hm.owner}/{hm.name}")
+        await _drop(s, hm, kid)  # if its host is still there, it holds a copy we do not count
+    if lost:
+        s.save()
+        s.announce()
+    for rec in strays:
+        log.info("%s is back with a replica of %s we replaced; dropping it", rec.name, hm.name)
+        await _drop(s, hm, rec.key_id)
+    for _ in range(hm.target - len(hm.replicas)):
+        try:
+            await place(s, hm, 1)
+        except P2PError as e:  # no candidate now: try again next time round
+            log.info("could not place a replica of %s: %s", hm.name, e.message)
+            return
+        s.peer.audit("replica_placed", s.peer.name, model=f"{hm.owner}/{hm.name}",
+                     replicas=len(hm.replicas), target=hm.target)
+
+
+async def keep_replicas(s: Serving) -> None:
+    """For the peer's lifetime: keep each model we own at its target replica count.
+
+    Every ttl/4 (at most 5 s) each model is checked; a replica missing for the
+    directory's ttl (a host that left has been unheard of that long already) is
+    replaced, and a placement that finds no candidate is retried next time.
+    """
+    ttl = s.peer.directory.ttl
+    interval = max(0.5, min(5.0, ttl / 4))
+    since: dict = {}
+    while True:
+        await trio.sleep(interval)
+        for hm in [m for m in s.models.values() if m.role == "owner" and not m.mpc]:
+            if s.models.get(hm.key) is not hm:
+                continue
+            try:
+                await tend(s, hm, since, ttl)
+            except P2PError as e:
+                log.info("keeping the replicas of %s: %s", hm.name, e.message)
+            except Exception:  # never take the peer down over a replica
+                log.exception("keeping the replicas of %s", hm.name)
+        names = {hm.name for hm in s.models.values()}
+        for key in [k for k in since if k[0] not in names]:
+            del since[key]

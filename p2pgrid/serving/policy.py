@@ -18,34 +18,20 @@ p2pgrid.errors.RateLimited: bob exceeded 2/s; retry in 0.5 s
 
 from __future__ import annotations
 
-import math
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from ..errors import BadRequest, PermissionDenied, RateLimited, ShapeError
+from ..errors import BadRequest, PermissionDenied, ShapeError
+from ..ratelimit import Limiter, parse_rate
 
 __all__ = ["Policy", "Gate", "parse_rate", "DTYPES"]
 
 DTYPES = {str(d).removeprefix("torch."): d for d in (
     torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.uint8,
     torch.int16, torch.int32, torch.int64, torch.bool)}
-
-_PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
-            "hour": 3600.0, "day": 86400.0, "d": 86400.0}
-_RATE = re.compile(r"\s*(\d+)\s*/\s*([a-z]+)\s*")
-
-
-def parse_rate(text: str) -> tuple[int, float]:
-    """'60/min' -> (60, 60.0): that many events per that many seconds."""
-    m = _RATE.fullmatch(text.lower()) if isinstance(text, str) else None
-    if not m or m.group(2) not in _PERIODS or int(m.group(1)) < 1:
-        raise BadRequest(f"a rate is 'N/s', 'N/min', 'N/hour' or 'N/day' with N >= 1, not {text!r}")
-    return int(m.group(1)), _PERIODS[m.group(2)]
-
 
 @dataclass(frozen=True)
 class Policy:
@@ -173,57 +159,11 @@ class Policy:
                 raise BadRequest(f"input values must lie in [{lo}, {hi}]; got [{mn:g}, {mx:g}]")
 
 
-class _Bucket:
-    __slots__ = ("tokens", "at")
+class Gate(Limiter):
+    """The policy's rate limit and quota for one served model on one host: each host
+    enforces the policy on its own, so a user spreading calls over k hosts is bounded
+    by k times the limit."""
 
-    def __init__(self, tokens: float, at: float):
-        self.tokens, self.at = tokens, at
-
-
-@dataclass
-class Gate:
-    """Per-user rate limit (token bucket over calls) and quota (rows per fixed window).
-
-    One Gate per served model on one host: each host enforces the policy on its own,
-    so a user spreading calls over k hosts is bounded by k times the limit.
-    """
-
-    policy: Policy
-    clock: Callable[[], float] = time.monotonic
-    _buckets: dict[str, _Bucket] = field(default_factory=dict)
-    _usage: dict[str, tuple[int, int]] = field(default_factory=dict)  # user -> (window, rows)
-
-    def admit(self, user: str) -> None:
-        """Take one call token or raise RateLimited."""
-        if self.policy.rate_limit is None:
-            return
-        n, period = parse_rate(self.policy.rate_limit)
-        now = self.clock()
-        b = self._buckets.get(user)
-        if b is None:
-            b = self._buckets[user] = _Bucket(float(n), now)
-        b.tokens = min(float(n), b.tokens + (now - b.at) * n / period)
-        b.at = now
-        if b.tokens < 1.0:
-            wait = (1.0 - b.tokens) * period / n
-            raise RateLimited(f"{user} exceeded {self.policy.rate_limit}; retry in {wait:.1f} s",
-                              retry_after=round(wait, 3))
-        b.tokens -= 1.0
-        if len(self._buckets) > 100_000:  # forget full buckets: they carry no state
-            self._buckets = {u: v for u, v in self._buckets.items() if v.tokens < n}
-
-    def charge(self, user: str, rows: int) -> None:
-        """Count `rows` against the user's quota for the current window, or raise RateLimited."""
-        if self.policy.quota is None:
-            return
-        n, period = parse_rate(self.policy.quota)
-        window = math.floor(self.clock() / period)
-        w, used = self._usage.get(user, (window, 0))
-        if w != window:
-            used = 0
-        if used + rows > n:
-            wait = (window + 1) * period - self.clock()
-            raise RateLimited(f"{user} would exceed the quota of {self.policy.quota} input rows "
-                              f"({used} used); the window resets in {wait:.0f} s",
-                              retry_after=round(wait, 3), used=used)
-        self._usage[user] = (window, used + rows)
+    def __init__(self, policy: Policy, clock: Callable[[], float] = time.monotonic):
+        super().__init__(policy.rate_limit, policy.quota, clock=clock)
+        self.policy = policy

@@ -78,9 +78,11 @@ class NetworkAPI:
     async def encrypt_model(self, module: nn.Module, *, parties: Sequence[str], dealer: str,
                             requires_grad: bool = False, users: Iterable[str] = (),
                             name: str | None = None, publish: bool = False,
-                            frac_bits: int = 16) -> EncryptedModel:
+                            frac_bits: int = 16, limits: dict | None = None) -> EncryptedModel:
         """Share a model's parameters among `parties`. `users` may run encrypted inference
-        on it; with `publish` (and a `name`) it is announced in your directory record."""
+        on it; with `publish` (and a `name`) it is announced in your directory record.
+        `limits` (``{"rate_limit": "60/min", "quota": "10000/day", "max_batch": 64}``, each
+        optional) bound the users' predictions; every party enforces them."""
         group = make_group(parties, dealer, frac_bits)
         check_dealer(self._peer, group)
         check_holders(group, self.name, self.name)
@@ -91,7 +93,7 @@ class NetworkAPI:
             return await self.share(t, parties=group.parties, dealer=dealer, frac_bits=frac_bits)
 
         return await encrypt(self, module, group, requires_grad=requires_grad, users=tuple(users),
-                             name=name, publish=publish, share=share)
+                             name=name, publish=publish, share=share, limits=limits)
 
     async def encrypted_model(self, owner: str, name: str) -> EncryptedModel:
         """A handle on an encrypted model `owner` published as `name` (for inference)."""

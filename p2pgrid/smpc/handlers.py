@@ -17,6 +17,7 @@ from p2pgrid.errors import (BadRequest, Conflict, NotFound, P2PError, PeerUnavai
                             PermissionDenied, ProtocolError, ShapeError)
 from p2pgrid.handlers import may
 from p2pgrid.messages import Ack
+from p2pgrid.ratelimit import Limiter
 from p2pgrid.router import Router
 from protocols.smpc.fixedpoint import FixedPoint
 from protocols.smpc.prg import Prg, new_seed
@@ -364,8 +365,21 @@ async def register_model(peer, caller, msg: RegisterModel):
     old = state.models.get(msg.id)
     if old is not None and old.owner != caller.name:
         raise Conflict(f"model {msg.id!r} exists and is not yours")
-    state.models[msg.id] = ModelRecord(msg.id, group, layers, tuple(msg.users), caller.name)
+    limiter, max_batch = _limits(msg.limits)
+    state.models[msg.id] = ModelRecord(msg.id, group, layers, tuple(msg.users), caller.name,
+                                       limiter, max_batch)
     return Ack()
+
+
+def _limits(limits) -> tuple[Limiter, int | None]:
+    if limits is None:
+        return Limiter(), None
+    if not isinstance(limits, dict) or set(limits) - {"rate_limit", "quota", "max_batch"}:
+        raise BadRequest("limits: a map of rate_limit, quota and max_batch")
+    rate, quota, max_batch = (limits.get(k) for k in ("rate_limit", "quota", "max_batch"))
+    if max_batch is not None and (type(max_batch) is not int or max_batch < 1):
+        raise BadRequest("limits: max_batch must be a positive int")
+    return Limiter(rate, quota), max_batch
 
 
 def _model(state, group, id_) -> ModelRecord:
@@ -445,6 +459,15 @@ async def predict(peer, caller, msg: Predict):
             raise BadRequest("an inference program has one output: the input batch")
         autograd.check_shapes(model.layers, {i: tuple(e.share.shape) for i, e in params.items()},
                               tuple(shapes[0]), None)
+        if caller.name != model.owner:
+            # Every party counts every call, so the parties agree on the count without a
+            # round of their own; a call one party refuses runs nowhere.
+            rows = int(shapes[0][0]) if shapes[0] else 1
+            if model.max_batch is not None and rows > model.max_batch:
+                raise BadRequest(f"batch of {rows} exceeds the limit of {model.max_batch}",
+                                 batch=rows, max_batch=model.max_batch)
+            model.limiter.admit(caller.name)
+            model.limiter.charge(caller.name, rows)
         input_rules = ShareRules.derived([e.rules for e in leaves.values()], caller.name)
         if not msg.keep and not input_rules.allows("reveal", caller.name):
             raise PermissionDenied(f"{caller.name} may not reconstruct a prediction on data it "

@@ -102,10 +102,13 @@ class DeleteShares:
 @message("smpc.register_model")
 @dataclass(frozen=True)
 class RegisterModel:
+    """`limits`: what each party enforces on users' predictions: ``rate_limit`` (calls per
+    user, '60/min'), ``quota`` (input rows per user per window, '10000/day'), ``max_batch``."""
     id: str
     group: dict
     layers: list[dict]
     users: list[str]
+    limits: dict | None = None
 
 
 @message("smpc.train")

@@ -182,7 +182,7 @@ class EncryptedModel:
 
 async def encrypt(net, module: nn.Module, group: Group, *, requires_grad: bool,
                   users: Sequence[str], name: str | None, publish: bool,
-                  share) -> EncryptedModel:
+                  share, limits: dict | None = None) -> EncryptedModel:
     """Share `module`'s parameters and register the layout on every party."""
     layout = layout_of(module)
     model_id = f"{net.name}/{name}" if name else new_id("m")
@@ -198,7 +198,8 @@ async def encrypt(net, module: nn.Module, group: Group, *, requires_grad: bool,
         if b is not None:
             shapes[b.id] = list(b.shape)
     from .tensor import run_simple
-    await run_simple(net, group, RegisterModel(model_id, group.to_wire(), spec, list(users)))
+    await run_simple(net, group, RegisterModel(model_id, group.to_wire(), spec, list(users),
+                                               limits))
     model = EncryptedModel(net, group, model_id, spec, shapes, net.name, requires_grad)
     if publish:
         peer = net._peer

@@ -24,6 +24,7 @@ import torch
 import trio
 
 from p2pgrid.errors import BadRequest, ProtocolError
+from p2pgrid.ratelimit import Limiter
 
 __all__ = ["Group", "ShareRules", "Entry", "ModelRecord", "Mailbox", "SmpcState"]
 
@@ -186,6 +187,8 @@ class ModelRecord:
     layers: list[dict]
     users: tuple[str, ...]
     owner: str
+    limiter: Limiter = field(default_factory=Limiter)  # users' calls and rows, this party's count
+    max_batch: int | None = None
 
     def param_ids(self) -> list[str]:
         out = []
