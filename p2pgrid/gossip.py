@@ -109,6 +109,9 @@ class Gossiper:
             except P2PError as e:
                 log.info("gossip with %s failed: %s %s", address, e.code, e.message)
                 stats.failed += 1
+            except Exception:  # a bug in one exchange must not end the peer's gossip
+                log.exception("gossip with %s failed unexpectedly", address)
+                stats.failed += 1
         if scope.cancelled_caught:
             log.debug("gossip with %s: timed out after %.1fs", address, self.timeout)
             stats.failed += 1

@@ -57,6 +57,7 @@ def apply() -> None:
     _one_idle_timer()
     _coalesce_hypercorn_writes()
     _tune_httpcore()
+    _uncancellable_free_permits()
     _applied = True
 
 
@@ -407,6 +408,35 @@ def _coalesce_hypercorn_writes() -> None:
 
 
 # ------------------------------------------------------------------ httpcore (client)
+
+def _uncancellable_free_permits() -> None:
+    """A free permit of httpcore's stream semaphore is taken without a checkpoint.
+
+    A fresh HTTP/2 connection takes 99 of its 100 permits one by one (one stream
+    until the server's SETTINGS say more) and gives them back when SETTINGS
+    arrive. trio's ``Semaphore.acquire`` is a checkpoint even when a permit is free,
+    so a request cancelled during those 99 (a gossip exchange timing out, say) left
+    the connection with permits it then gave back again: ``ValueError: semaphore
+    released too many times`` on a later request.
+    """
+    import trio
+    from httpcore import _synchronization as sync
+
+    plain = sync.AsyncSemaphore.acquire
+
+    async def acquire(self) -> None:
+        if not self._backend:
+            self.setup()
+        if self._backend == "trio":
+            try:
+                return self._trio_semaphore.acquire_nowait()
+            except trio.WouldBlock:
+                pass
+        await plain(self)
+
+    sync.AsyncSemaphore.acquire = acquire
+
+
 
 def _tune_httpcore() -> None:
     """Settings, one write per small request, and no copies of the body.

@@ -199,3 +199,35 @@ async def test_fuzzed_signed_bodies(grid):
     assert set(before) <= set(await _snapshot(hospital))
     assert torch.equal(hospital.store.load(before[0][0]), torch.arange(60.).reshape(20, 3))
     assert await grid.net("bob").peer("hospital").ping() < 5
+
+
+async def test_data_for_a_stream_closed_mid_batch_is_dropped_not_fatal():
+    # Regression: the app may answer (and hypercorn close the stream) while an earlier
+    # DATA frame of the same batch is handled; the next DATA frame then met
+    # `self.streams[id]` -> KeyError, which ended the connection and the server.
+    import h2.events
+    from hypercorn.protocol import h2 as hh2
+
+    from p2pgrid import hypercorn_fixes
+
+    hypercorn_fixes.apply()
+    acked, bodies = [], []
+
+    class Stream:  # answers on its first body chunk, then is gone
+        async def handle(self, event):
+            bodies.append(event.data)
+            del proto.streams[1]
+
+    class Connection:
+        def acknowledge_received_data(self, n, stream_id):
+            acked.append((stream_id, n))
+
+        def data_to_send(self):
+            return b""
+
+    proto = hh2.H2Protocol.__new__(hh2.H2Protocol)
+    proto.streams, proto.connection = {1: Stream()}, Connection()
+    await proto._handle_events([
+        h2.events.DataReceived(stream_id=1, data=b"a" * 10, flow_controlled_length=10),
+        h2.events.DataReceived(stream_id=1, data=b"b" * 20, flow_controlled_length=20)])
+    assert bodies == [b"a" * 10] and acked == [(1, 10), (1, 20)]  # both frames credited

@@ -197,10 +197,9 @@ async def test_seeds_encrypted_linear_inference(tmp_path):
                 await company.encrypt_model(lin, parties=["hospital", "public"], dealer=DEALER,
                                             users=["bob"], name="limited", limits=bad)
         await grid.wait_converged()
-        for _ in range(100):                       # the record announcing it spreads by gossip
-            if "smpc-models" in grid["bob"].record("company").services:
-                break
-            await trio.sleep(0.05)
+        with trio.fail_after(20):                 # the record announcing it spreads by gossip
+            while "linear" not in str(grid["bob"].record("company").services.get("smpc-models")):
+                await trio.sleep(0.05)
         bob = grid.net("bob")
         handle = await bob.encrypted_model("company", "linear")
         x = torch.tensor([[1.0, 2.0, -3.0], [0.5, -0.25, 4.0], [0.0, 0.0, 0.0]])

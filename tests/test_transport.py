@@ -105,6 +105,25 @@ async def test_concurrent_first_requests_on_a_fresh_connection_all_succeed(tmp_p
             assert len(replies) == 9 and all(isinstance(r, Pong) for r in replies), attempt
 
 
+async def test_a_request_cancelled_on_a_fresh_connection_leaves_it_usable(tmp_path):
+    # Regression: cancelled while httpcore set up a fresh connection's stream
+    # permits, a request left too many of them; the next request on that connection
+    # then failed with "ValueError: semaphore released too many times".
+    async with open_network(["a", "b"], tmp_path) as grid:
+        a = grid["a"]
+        target = a.target(a.record("b"))
+        rng = random.Random(1)
+        for attempt in range(150):
+            transport = Transport(a.identity, "a")
+            try:
+                with trio.move_on_after(rng.uniform(0, 0.004)):  # cancelled somewhere
+                    await transport.request(target, Ping(), timeout=10)
+                with trio.fail_after(30):
+                    assert isinstance(await transport.request(target, Ping(), timeout=10), Pong)
+            finally:
+                await transport.aclose()
+
+
 async def test_oversized_body_is_refused_and_the_peer_keeps_serving(tmp_path):
     small = PeerConfig(name="b", data_dir=tmp_path / "b", max_body=MB)
     async with open_network(["a", small], tmp_path) as grid:
