@@ -51,6 +51,7 @@ async def test_private_inference_policy_errors_and_audit(tmp_path):
         await hospital.serve_model(digits_model(1), "digits-limited",
                                    policy=Policy(rate_limit="3/min", quota="10/day"))
         info = await wait_hosts(bob, "digits-classifier", 1, eve)
+        await wait_hosts(bob, "digits-limited", 1, eve)
         assert info.flags() == ["inference"] and info.policy["users"] == ["bob", "ana"]
 
         x = torch.rand(7, 1, 28, 28)
