@@ -261,8 +261,12 @@ async def tend(s: Serving, hm: HostedModel, since: dict, grace: float) -> None:
         try:
             await place(s, hm, 1)
         except P2PError as e:  # no candidate now: try again next time round
-            log.info("could not place a replica of %s: %s", hm.name, e.message)
+            if since.get((hm.name, "", "why")) != e.message:  # said once, not every pass
+                since[(hm.name, "", "why")] = e.message
+                log.warning("%s has %d of its %d replicas; could not place another: %s",
+                            hm.name, len(hm.replicas), hm.target, e.message)
             return
+        since.pop((hm.name, "", "why"), None)
         s.peer.audit("replica_placed", s.peer.name, model=f"{hm.owner}/{hm.name}",
                      replicas=len(hm.replicas), target=hm.target)
 
