@@ -185,6 +185,38 @@ async def test_lost_replica_is_replaced_and_a_returning_host_drops_its_copy(tmp_
                    .replicas) == 1
 
 
+async def test_named_hosts_only_and_a_returning_host_is_counted_again(tmp_path):
+    async with open_network(["hospital", "clinic", "lab"], tmp_path) as grid:
+        hospital = grid.net("hospital")
+        audit = []
+        grid["hospital"].audit_sinks.append(audit.append)
+        await hospital.serve_model(digits_model(), "digits", hosts=["clinic"])  # anyone may call
+        hm = grid["hospital"].extensions["serving"].models[("hospital", "digits")]
+        assert list(hm.replicas.values()) == ["clinic"] and hm.pool == ["clinic"]
+
+        await grid.stop("clinic")  # written off once its record expires (ttl 5 s)...
+        with trio.fail_after(30):
+            while hm.replicas:
+                await trio.sleep(0.1)
+        await trio.sleep(3)  # ...and not re-placed on lab, which the owner did not name
+        assert ("hospital", "digits") not in grid["lab"].extensions["serving"].models
+        assert not hm.replicas
+
+        back = await grid.start(grid.configs["clinic"])  # back with its copy: counted again
+        clinic_audit = []
+        back.audit_sinks.append(clinic_audit.append)
+        with trio.fail_after(40):
+            while list(hm.replicas.values()) != ["clinic"]:
+                await trio.sleep(0.1)
+        actions = {e["action"] for e in audit}
+        assert "replica_lost" in actions and actions & {"replica_back", "replica_placed"}
+        # it kept its copy on disk: nothing was uploaded again
+        assert "model_hosted" not in {e["action"] for e in clinic_audit}
+        x = torch.rand(2, 1, 28, 28)
+        y = await grid.net("lab").run_inference("hospital/digits", x)
+        assert y.shape == (2, 10)
+
+
 async def test_download_public_model_verified_by_hash(tmp_path):
     async with open_network(["company", "bob"], tmp_path) as grid:
         torch.manual_seed(0)

@@ -18,7 +18,7 @@ from p2pgrid.serving.gpt import GPT, generate
 from p2pgrid.serving.package import (MAGIC, file_digests, import_package, live_spec, spec_hash,
                                      write_package)
 from p2pgrid.serving.policy import Gate, parse_rate
-from p2pgrid.serving.owner import replica_check
+from p2pgrid.serving.owner import replica_check, widen_pool
 from p2pgrid.serving.routing import Routes
 from p2pgrid.serving.transfer import PartFile, read_chunk
 
@@ -269,3 +269,13 @@ def test_replica_check_writes_off_gone_and_silent_replicas_and_finds_strays():
     del hm.replicas["k2"]
     other = _Rec("k5", "x", ("other-model", "h1"))    # another model: none of our business
     assert replica_check(hm, [other], 200.0, since, grace=0.0) == (["k1"], [])
+
+
+def test_widen_pool_keeps_named_hosts_until_the_owner_opens_it():
+    hm = types.SimpleNamespace(pool=["clinic"])
+    widen_pool(hm, ["lab"])
+    assert hm.pool == ["clinic", "lab"]
+    widen_pool(hm, None)              # replicate_model(count=...) on any peer
+    assert hm.pool is None
+    widen_pool(hm, ["uni"])           # still any peer: naming one more does not narrow it
+    assert hm.pool is None

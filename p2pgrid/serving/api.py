@@ -99,6 +99,7 @@ class NetworkAPI:
         reports = await owner.place(s, hm, len(hosts) if hosts else count, hosts,
                                     on_chunk=on_chunk)
         hm.target = max(hm.target, len(hm.replicas))
+        owner.widen_pool(hm, hosts)
         s.save()
         return reports
 

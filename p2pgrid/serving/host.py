@@ -131,6 +131,7 @@ class HostedModel:
     encrypted: object = None      # owner: the p2pgrid.smpc EncryptedModel handle
     calls: int = 0
     target: int = 0               # owner: replicas to keep (see owner.keep_replicas)
+    pool: list[str] | None = None  # owner: the only peers replicas may go to (None: any)
     placing: int = 0              # owner: placements in progress (not saved)
 
     @property
@@ -154,7 +155,7 @@ class HostedModel:
         return {"owner": self.owner, "name": self.name, "hash": self.hash, "role": self.role,
                 "terms": self.terms.to_dict(), "file": self.path.name,
                 "digests": self.digests.to_dict(), "grant": self.grant,
-                "replicas": self.replicas, "target": self.target}
+                "replicas": self.replicas, "target": self.target, "pool": self.pool}
 
 
 class Serving:
@@ -225,6 +226,8 @@ class Serving:
                 hm.gate = Gate(hm.terms.policy)
                 target = item.get("target", 0)
                 hm.target = target if isinstance(target, int) and target >= 0 else 0
+                pool = item.get("pool")
+                hm.pool = [str(n) for n in pool] if isinstance(pool, list) else None
                 self.models[hm.key] = hm
                 self.announce()
             except Exception as e:

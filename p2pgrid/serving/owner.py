@@ -70,9 +70,18 @@ async def serve(s: Serving, model: nn.Module, name: str, terms: Terms, *, replic
             with trio.CancelScope(shield=True):
                 await unserve(s, name)
             raise
-        hm.target = want
+        hm.target, hm.pool = want, None if hosts is None else list(hosts)
         s.save()
     return hm
+
+
+def widen_pool(hm: HostedModel, hosts: list[str] | None) -> None:
+    """After a placement asked for by the owner: `hosts` join the peers replicas may go
+    to; a placement on any peer (hosts=None) lets them go anywhere from then on."""
+    if hosts is None:
+        hm.pool = None
+    elif hm.pool is not None:
+        hm.pool = sorted(set(hm.pool) | set(hosts))
 
 
 async def place(s: Serving, hm: HostedModel, count: int, hosts: list[str] | None = None, *,
@@ -255,11 +264,27 @@ async def tend(s: Serving, hm: HostedModel, since: dict, grace: float) -> None:
         s.save()
         s.announce()
     for rec in strays:
+        if (len(hm.replicas) < hm.target and _announces(rec, hm)
+                and (hm.pool is None or rec.name in hm.pool)):
+            # back with the current version, and still wanted: it holds a grant for it
+            hm.replicas[rec.key_id] = rec.name
+            s.save()
+            s.announce()
+            log.info("%s is back with its replica of %s; counting it again", rec.name, hm.name)
+            s.peer.audit("replica_back", rec.name, model=f"{hm.owner}/{hm.name}")
+            continue
         log.info("%s is back with a replica of %s we replaced; dropping it", rec.name, hm.name)
         await _drop(s, hm, rec.key_id)
     for _ in range(hm.target - len(hm.replicas)):
         try:
-            await place(s, hm, 1)
+            hosts = None
+            if hm.pool is not None:  # the owner named the peers it trusts with the weights
+                live = {r.name: r for r in d.peers(include_self=False)}
+                hosts = [n for n in hm.pool if n in live and live[n].key_id not in hm.replicas]
+                if not hosts:
+                    raise PeerUnavailable(f"none of the peers named to host it ({', '.join(hm.pool)}) "
+                                          "is up without a replica")
+            await place(s, hm, 1, hosts)
         except P2PError as e:  # no candidate now: try again next time round
             if since.get((hm.name, "", "why")) != e.message:  # said once, not every pass
                 since[(hm.name, "", "why")] = e.message
