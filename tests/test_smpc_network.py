@@ -198,8 +198,10 @@ async def test_seeds_encrypted_linear_inference(tmp_path):
                                             users=["bob"], name="limited", limits=bad)
         await grid.wait_converged()
         with trio.fail_after(20):                 # the record announcing it spreads by gossip
-            while "linear" not in str(grid["bob"].record("company").services.get("smpc-models")):
-                await trio.sleep(0.05)
+            for who in ("bob", "carol"):
+                while "company/linear" not in (grid[who].record("company").services
+                                               .get("smpc-models") or {}):
+                    await trio.sleep(0.05)
         bob = grid.net("bob")
         handle = await bob.encrypted_model("company", "linear")
         x = torch.tensor([[1.0, 2.0, -3.0], [0.5, -0.25, 4.0], [0.0, 0.0, 0.0]])
