@@ -242,15 +242,20 @@ def test_gpt_small_shape_and_sampling():
     assert out.shape == (14,) and out[:2].tolist() == [1, 2]
 
 
+TERMS = Terms(policy=Policy(value_range=(0, 1), users=["bob"]))
+
+
 class _Rec:  # what replica_check reads of a directory record
-    def __init__(self, key_id, name, *announced):
+    def __init__(self, key_id, name, *announced, terms=TERMS):
         self.key_id, self.name = key_id, name
+        wire_terms = cbor2.loads(cbor2.dumps(terms.to_dict()))  # as it arrives by gossip
         self.services = {"serving": {"models": [
-            {"owner": "hospital", "name": n, "hash": h, "role": "replica"} for n, h in announced]}}
+            {"owner": "hospital", "name": n, "hash": h, "role": "replica", "terms": wire_terms}
+            for n, h in announced]}}
 
 
 def test_replica_check_writes_off_gone_and_silent_replicas_and_finds_strays():
-    hm = types.SimpleNamespace(owner="hospital", name="digits", hash="h1",
+    hm = types.SimpleNamespace(owner="hospital", name="digits", hash="h1", terms=TERMS,
                                replicas={"k1": "clinic", "k2": "lab", "k3": "uni"})
     since: dict = {}
     recs = [_Rec("k1", "clinic", ("digits", "h1")),  # fine
@@ -269,6 +274,11 @@ def test_replica_check_writes_off_gone_and_silent_replicas_and_finds_strays():
     del hm.replicas["k2"]
     other = _Rec("k5", "x", ("other-model", "h1"))    # another model: none of our business
     assert replica_check(hm, [other], 200.0, since, grace=0.0) == (["k1"], [])
+    # a copy under older terms is not a replica of the model as served now
+    old_terms = _Rec("k1", "clinic", ("digits", "h1"), terms=Terms(policy=Policy(users=["eve"])))
+    assert replica_check(hm, [old_terms], 300.0, {}, grace=0.0) == (["k1"], [])
+    assert replica_check(hm, [_Rec("k1", "clinic", ("digits", "h1"))], 300.0, {},
+                         grace=0.0) == ([], [])
 
 
 def test_widen_pool_keeps_named_hosts_until_the_owner_opens_it():
@@ -279,3 +289,40 @@ def test_widen_pool_keeps_named_hosts_until_the_owner_opens_it():
     assert hm.pool is None
     widen_pool(hm, ["uni"])           # still any peer: naming one more does not narrow it
     assert hm.pool is None
+
+
+def test_catalog_routes_only_to_replicas_under_the_owners_current_terms():
+    from p2pgrid.identity import Identity
+    from p2pgrid.serving.catalog import catalog, grant_bytes
+
+    owner = Identity.generate()
+    now, old = TERMS.to_dict(), Terms(policy=Policy(users=None)).to_dict()  # old: anyone
+
+    def entry(role, key_id, terms):
+        e = {"owner": "hospital", "name": "digits", "hash": "h1", "size": 10, "role": role,
+             "terms": cbor2.loads(cbor2.dumps(terms))}
+        if role == "replica":
+            e["grant"] = owner.sign(grant_bytes("hospital", "digits", "h1", key_id, terms))
+        return types.SimpleNamespace(key_id=key_id, name=key_id.removesuffix("-key"),
+                                     services={"serving": {"models": [e]}})
+
+    class Directory:
+        def __init__(self, recs):
+            self.recs = recs
+
+        def peers(self):
+            return self.recs
+
+        def label(self, rec):
+            return rec.name
+
+        def name_key(self, name):
+            return owner.public_bytes if name == "hospital" else None
+
+    recs = [entry("owner", "hospital-key", now), entry("replica", "clinic-key", now),
+            entry("replica", "lab-key", old)]  # lab was away when the terms changed
+    [info] = catalog(Directory(recs))
+    assert sorted(info.hosts.values()) == ["clinic", "hospital"]
+    # owner offline: the first granted replica's terms stand, and hosts must match them
+    [info] = catalog(Directory(recs[1:]))
+    assert list(info.hosts.values()) == ["clinic"] and info.terms["policy"]["users"] == ["bob"]

@@ -81,6 +81,14 @@ def _entries(rec) -> list[dict]:
     return ok
 
 
+def same_terms(a, b) -> bool:
+    """Equal terms, however each went through CBOR (lists, tuples, key order)."""
+    try:
+        return cbor2.dumps(a, canonical=True) == cbor2.dumps(b, canonical=True)
+    except (cbor2.CBOREncodeError, TypeError, ValueError):
+        return False
+
+
 def catalog(directory) -> list[ModelInfo]:
     """Every model the live directory announces, with the hosts we may believe."""
     found: dict[tuple[str, str], ModelInfo] = {}
@@ -106,7 +114,9 @@ def catalog(directory) -> list[ModelInfo]:
         info = found.get(key)
         if info is None:  # owner offline: believe the granted replicas
             info = found[key] = ModelInfo(e["owner"], e["name"], e["hash"], e["size"], e["terms"])
-        if info.hash == e["hash"]:
+        # a replica granted under older terms (its host was away when they changed)
+        # would enforce those: route only to hosts of the owner's current terms
+        if info.hash == e["hash"] and same_terms(info.terms, e["terms"]):
             info.hosts[rec.key_id] = directory.label(rec)
     return sorted(found.values(), key=lambda i: (i.name, i.owner))
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..errors import BadRequest, NotFound, P2PError, PeerUnavailable
 from ..messages import Ping
-from .catalog import grant_bytes
+from .catalog import grant_bytes, same_terms
 from .host import HostedModel, Serving, Terms, check_model_name
 from .messages import DropReplica, HostOffer
 from .package import live_spec, spec_hash, write_package
@@ -210,12 +210,15 @@ async def unserve(s: Serving, name: str, *, keep_file: bool = False) -> None:
 
 # ------------------------------------------------------------------ keeping replicas
 
-def _announces(rec, hm: HostedModel, *, any_hash: bool = False) -> bool:
-    """Does `rec` (a directory record) announce a replica of `hm`?"""
+def _announces(rec, hm: HostedModel, *, any_version: bool = False) -> bool:
+    """Does `rec` (a directory record) announce a replica of `hm` (of this hash and
+    these terms, unless `any_version`)?"""
     block = rec.services.get("serving") if isinstance(rec.services, dict) else None
     models = block.get("models") if isinstance(block, dict) else None
+    terms = hm.terms.to_dict()
     return any(isinstance(e, dict) and e.get("role") == "replica" and e.get("owner") == hm.owner
-               and e.get("name") == hm.name and (any_hash or e.get("hash") == hm.hash)
+               and e.get("name") == hm.name
+               and (any_version or e.get("hash") == hm.hash and same_terms(e.get("terms"), terms))
                for e in models or ())
 
 
@@ -240,7 +243,7 @@ def replica_check(hm: HostedModel, records, now: float, since: dict, grace: floa
             lost.append(kid)
     for kid, rec in live.items():
         key = (hm.name, kid, "stray")
-        if kid in hm.replicas or not _announces(rec, hm, any_hash=True):
+        if kid in hm.replicas or not _announces(rec, hm, any_version=True):
             since.pop(key, None)
         elif now - since.setdefault(key, now) >= grace:
             since.pop(key, None)
