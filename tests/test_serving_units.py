@@ -326,3 +326,29 @@ def test_catalog_routes_only_to_replicas_under_the_owners_current_terms():
     # owner offline: the first granted replica's terms stand, and hosts must match them
     [info] = catalog(Directory(recs[1:]))
     assert list(info.hosts.values()) == ["clinic"] and info.terms["policy"]["users"] == ["bob"]
+
+
+async def test_keeper_backs_off_when_no_peer_takes_a_replica(monkeypatch, autojump_clock):
+    import trio
+
+    from p2pgrid.errors import PeerUnavailable
+    from p2pgrid.serving import owner
+
+    attempts = []
+
+    async def place(s, hm, count, hosts=None):
+        attempts.append(trio.current_time())
+        raise PeerUnavailable("no peer offers to host replicas")
+
+    monkeypatch.setattr(owner, "place", place)
+    peer = types.SimpleNamespace(directory=types.SimpleNamespace(peers=lambda **kw: []),
+                                 audit=lambda *a, **k: None)
+    s = types.SimpleNamespace(peer=peer, save=lambda: None, announce=lambda: None)
+    hm = types.SimpleNamespace(owner="hospital", name="digits", hash="h1", terms=TERMS,
+                               replicas={}, target=1, placing=0, pool=None)
+    since: dict = {}
+    for _ in range(400):  # 200 s of passes every 0.5 s, grace (ttl) 4 s
+        await owner.tend(s, hm, since, 4.0)
+        await trio.sleep(0.5)
+    gaps = [round(b - a, 1) for a, b in zip(attempts, attempts[1:])]
+    assert gaps[:3] == [1.0, 2.0, 4.0] and max(gaps) == owner.MAX_RETRY_DELAY

@@ -210,6 +210,8 @@ async def unserve(s: Serving, name: str, *, keep_file: bool = False) -> None:
 
 # ------------------------------------------------------------------ keeping replicas
 
+MAX_RETRY_DELAY = 60.0  # seconds between placement attempts that find no taker, at most
+
 def _announces(rec, hm: HostedModel, *, any_version: bool = False) -> bool:
     """Does `rec` (a directory record) announce a replica of `hm` (of this hash and
     these terms, unless `any_version`)?"""
@@ -278,6 +280,9 @@ async def tend(s: Serving, hm: HostedModel, since: dict, grace: float) -> None:
             continue
         log.info("%s is back with a replica of %s we replaced; dropping it", rec.name, hm.name)
         await _drop(s, hm, rec.key_id)
+    now = trio.current_time()
+    if hm.target > len(hm.replicas) and now < since.get((hm.name, "", "retry_at"), now):
+        return  # the last attempt found no taker: back off rather than ask everyone again
     for _ in range(hm.target - len(hm.replicas)):
         try:
             hosts = None
@@ -288,13 +293,17 @@ async def tend(s: Serving, hm: HostedModel, since: dict, grace: float) -> None:
                     raise PeerUnavailable(f"none of the peers named to host it ({', '.join(hm.pool)}) "
                                           "is up without a replica")
             await place(s, hm, 1, hosts)
-        except P2PError as e:  # no candidate now: try again next time round
+        except P2PError as e:  # no candidate now: try again later, less often each time
+            delay = min(MAX_RETRY_DELAY, 2 * since.get((hm.name, "", "delay"), grace / 8))
+            since[(hm.name, "", "delay")] = delay
+            since[(hm.name, "", "retry_at")] = trio.current_time() + delay
             if since.get((hm.name, "", "why")) != e.message:  # said once, not every pass
                 since[(hm.name, "", "why")] = e.message
                 log.warning("%s has %d of its %d replicas; could not place another: %s",
                             hm.name, len(hm.replicas), hm.target, e.message)
             return
-        since.pop((hm.name, "", "why"), None)
+        for k in ("why", "delay", "retry_at"):
+            since.pop((hm.name, "", k), None)
         s.peer.audit("replica_placed", s.peer.name, model=f"{hm.owner}/{hm.name}",
                      replicas=len(hm.replicas), target=hm.target)
 
