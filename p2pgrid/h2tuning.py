@@ -437,7 +437,6 @@ def _uncancellable_free_permits() -> None:
     sync.AsyncSemaphore.acquire = acquire
 
 
-
 def _tune_httpcore() -> None:
     """Settings, one write per small request, and no copies of the body.
 

@@ -32,7 +32,6 @@ def apply() -> None:
     if _applied:
         return
     from hypercorn.protocol import h2 as hh2
-
     from hypercorn.trio import tcp_server
 
     original = hh2.H2Protocol._handle_events

@@ -18,7 +18,7 @@ from p2pgrid.serving.gpt import GPT, generate
 from p2pgrid.serving.package import (MAGIC, file_digests, import_package, live_spec, spec_hash,
                                      write_package)
 from p2pgrid.serving.policy import Gate, parse_rate
-from p2pgrid.serving.owner import replica_check, widen_pool
+from p2pgrid.serving.owner import Watch, replica_check, widen_pool
 from p2pgrid.serving.routing import Routes
 from p2pgrid.serving.transfer import PartFile, read_chunk
 
@@ -257,27 +257,27 @@ class _Rec:  # what replica_check reads of a directory record
 def test_replica_check_writes_off_gone_and_silent_replicas_and_finds_strays():
     hm = types.SimpleNamespace(owner="hospital", name="digits", hash="h1", terms=TERMS,
                                replicas={"k1": "clinic", "k2": "lab", "k3": "uni"})
-    since: dict = {}
+    watch = Watch()
     recs = [_Rec("k1", "clinic", ("digits", "h1")),  # fine
             _Rec("k2", "lab"),                        # live, announces nothing (yet)
             _Rec("k4", "old", ("digits", "h0"))]      # an old copy we do not count
     # k3 left the directory: lost at once; k2 and k4 get the grace period first
-    assert replica_check(hm, recs, 100.0, since, grace=5.0) == (["k3"], [])
+    assert replica_check(hm, recs, 100.0, watch, grace=5.0) == (["k3"], [])
     del hm.replicas["k3"]  # as tend does
-    assert replica_check(hm, recs, 104.0, since, grace=5.0) == ([], [])
+    assert replica_check(hm, recs, 104.0, watch, grace=5.0) == ([], [])
     recs[1] = _Rec("k2", "lab", ("digits", "h1"))     # its record caught up: not lost
-    assert replica_check(hm, recs, 105.0, since, grace=5.0) == ([], [recs[2]])
+    assert replica_check(hm, recs, 105.0, watch, grace=5.0) == ([], [recs[2]])
     recs[2] = _Rec("k4", "old")                       # tend told it to drop its copy
     recs[1] = _Rec("k2", "lab")                       # silent again: a new grace period
-    assert replica_check(hm, recs, 106.0, since, grace=5.0) == ([], [])
-    assert replica_check(hm, recs, 111.0, since, grace=5.0) == (["k2"], [])
+    assert replica_check(hm, recs, 106.0, watch, grace=5.0) == ([], [])
+    assert replica_check(hm, recs, 111.0, watch, grace=5.0) == (["k2"], [])
     del hm.replicas["k2"]
     other = _Rec("k5", "x", ("other-model", "h1"))    # another model: none of our business
-    assert replica_check(hm, [other], 200.0, since, grace=0.0) == (["k1"], [])
+    assert replica_check(hm, [other], 200.0, watch, grace=0.0) == (["k1"], [])
     # a copy under older terms is not a replica of the model as served now
     old_terms = _Rec("k1", "clinic", ("digits", "h1"), terms=Terms(policy=Policy(users=["eve"])))
-    assert replica_check(hm, [old_terms], 300.0, {}, grace=0.0) == (["k1"], [])
-    assert replica_check(hm, [_Rec("k1", "clinic", ("digits", "h1"))], 300.0, {},
+    assert replica_check(hm, [old_terms], 300.0, Watch(), grace=0.0) == (["k1"], [])
+    assert replica_check(hm, [_Rec("k1", "clinic", ("digits", "h1"))], 300.0, Watch(),
                          grace=0.0) == ([], [])
 
 
@@ -346,9 +346,9 @@ async def test_keeper_backs_off_when_no_peer_takes_a_replica(monkeypatch, autoju
     s = types.SimpleNamespace(peer=peer, save=lambda: None, announce=lambda: None)
     hm = types.SimpleNamespace(owner="hospital", name="digits", hash="h1", terms=TERMS,
                                replicas={}, target=1, placing=0, pool=None)
-    since: dict = {}
+    watch = Watch()
     for _ in range(400):  # 200 s of passes every 0.5 s, grace (ttl) 4 s
-        await owner.tend(s, hm, since, 4.0)
+        await owner.tend(s, hm, watch, 4.0)
         await trio.sleep(0.5)
     gaps = [round(b - a, 1) for a, b in zip(attempts, attempts[1:])]
     assert gaps[:3] == [1.0, 2.0, 4.0] and max(gaps) == owner.MAX_RETRY_DELAY

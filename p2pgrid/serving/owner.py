@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from functools import partial
 
 import trio
@@ -212,6 +213,18 @@ async def unserve(s: Serving, name: str, *, keep_file: bool = False) -> None:
 
 MAX_RETRY_DELAY = 60.0  # seconds between placement attempts that find no taker, at most
 
+
+@dataclass
+class Watch:
+    """What the keeper remembers of one model between passes."""
+
+    missing: dict[str, float] = field(default_factory=dict)  # replica key id -> unseen since
+    strays: dict[str, float] = field(default_factory=dict)   # host key id -> seen since
+    retry_at: float = 0.0     # no placement before this (back-off)
+    delay: float = 0.0        # the back-off's current step
+    why: str = ""             # the last placement failure, logged once
+
+
 def _announces(rec, hm: HostedModel, *, any_version: bool = False) -> bool:
     """Does `rec` (a directory record) announce a replica of `hm` (of this hash and
     these terms, unless `any_version`)?"""
@@ -224,42 +237,49 @@ def _announces(rec, hm: HostedModel, *, any_version: bool = False) -> bool:
                for e in models or ())
 
 
-def replica_check(hm: HostedModel, records, now: float, since: dict, grace: float
+def _overdue(since: dict[str, float], key: str, now: float, grace: float) -> bool:
+    """Seen now, first seen `grace` seconds ago or more (then forgotten, to start over)."""
+    if now - since.setdefault(key, now) < grace:
+        return False
+    del since[key]
+    return True
+
+
+def replica_check(hm: HostedModel, records, now: float, watch: Watch, grace: float
                   ) -> tuple[list[str], list]:
     """(lost, strays) for one of our models, from the live directory records (sans-IO).
 
     lost: key ids of replicas whose host left the directory, or has not announced the
     replica for `grace` seconds. strays: records of live hosts announcing a replica we
-    do not count (written off while they were away), for `grace` seconds. `since` keeps
-    when each was first seen so, between calls (updated in place).
+    do not count (written off while they were away), for `grace` seconds. `watch`
+    keeps when each was first seen, between calls.
     """
     live = {r.key_id: r for r in records}
     lost, strays = [], []
     for kid in hm.replicas:
-        key = (hm.name, kid, "missing")
         rec = live.get(kid)
         if rec is not None and _announces(rec, hm):
-            since.pop(key, None)
-        elif rec is None or now - since.setdefault(key, now) >= grace:
-            since.pop(key, None)
+            watch.missing.pop(kid, None)
+        elif rec is None:
+            watch.missing.pop(kid, None)
+            lost.append(kid)
+        elif _overdue(watch.missing, kid, now, grace):
             lost.append(kid)
     for kid, rec in live.items():
-        key = (hm.name, kid, "stray")
         if kid in hm.replicas or not _announces(rec, hm, any_version=True):
-            since.pop(key, None)
-        elif now - since.setdefault(key, now) >= grace:
-            since.pop(key, None)
+            watch.strays.pop(kid, None)
+        elif _overdue(watch.strays, kid, now, grace):
             strays.append(rec)
     return lost, strays
 
 
-async def tend(s: Serving, hm: HostedModel, since: dict, grace: float) -> None:
+async def tend(s: Serving, hm: HostedModel, watch: Watch, grace: float) -> None:
     """One pass of :func:`keep_replicas` over one model."""
     if hm.placing:  # serve_model or replicate_model is at work on it
         return
     d = s.peer.directory
-    lost, strays = replica_check(hm, d.peers(include_self=False), trio.current_time(), since,
-                                 grace)
+    live = d.peers(include_self=False)
+    lost, strays = replica_check(hm, live, trio.current_time(), watch, grace)
     for kid in lost:
         host = hm.replicas.get(kid, kid)
         log.warning("the replica of %s on %s is gone; placing another", hm.name, host)
@@ -280,30 +300,28 @@ async def tend(s: Serving, hm: HostedModel, since: dict, grace: float) -> None:
             continue
         log.info("%s is back with a replica of %s we replaced; dropping it", rec.name, hm.name)
         await _drop(s, hm, rec.key_id)
-    now = trio.current_time()
-    if hm.target > len(hm.replicas) and now < since.get((hm.name, "", "retry_at"), now):
+    if hm.target > len(hm.replicas) and trio.current_time() < watch.retry_at:
         return  # the last attempt found no taker: back off rather than ask everyone again
     for _ in range(hm.target - len(hm.replicas)):
         try:
             hosts = None
             if hm.pool is not None:  # the owner named the peers it trusts with the weights
-                live = {r.name: r for r in d.peers(include_self=False)}
-                hosts = [n for n in hm.pool if n in live and live[n].key_id not in hm.replicas]
+                by_name = {r.name: r for r in live}
+                hosts = [n for n in hm.pool
+                         if n in by_name and by_name[n].key_id not in hm.replicas]
                 if not hosts:
                     raise PeerUnavailable(f"none of the peers named to host it ({', '.join(hm.pool)}) "
                                           "is up without a replica")
             await place(s, hm, 1, hosts)
         except P2PError as e:  # no candidate now: try again later, less often each time
-            delay = min(MAX_RETRY_DELAY, 2 * since.get((hm.name, "", "delay"), grace / 8))
-            since[(hm.name, "", "delay")] = delay
-            since[(hm.name, "", "retry_at")] = trio.current_time() + delay
-            if since.get((hm.name, "", "why")) != e.message:  # said once, not every pass
-                since[(hm.name, "", "why")] = e.message
+            watch.delay = min(MAX_RETRY_DELAY, 2 * (watch.delay or grace / 8))
+            watch.retry_at = trio.current_time() + watch.delay
+            if watch.why != e.message:  # said once, not every pass
+                watch.why = e.message
                 log.warning("%s has %d of its %d replicas; could not place another: %s",
                             hm.name, len(hm.replicas), hm.target, e.message)
             return
-        for k in ("why", "delay", "retry_at"):
-            since.pop((hm.name, "", k), None)
+        watch.retry_at, watch.delay, watch.why = 0.0, 0.0, ""
         s.peer.audit("replica_placed", s.peer.name, model=f"{hm.owner}/{hm.name}",
                      replicas=len(hm.replicas), target=hm.target)
 
@@ -313,22 +331,22 @@ async def keep_replicas(s: Serving) -> None:
 
     Every ttl/4 (at most 5 s) each model is checked; a replica missing for the
     directory's ttl (a host that left has been unheard of that long already) is
-    replaced, and a placement that finds no candidate is retried next time.
+    replaced, and a placement that finds no taker is retried with back-off.
     """
     ttl = s.peer.directory.ttl
     interval = max(0.5, min(5.0, ttl / 4))
-    since: dict = {}
+    watches: dict[str, Watch] = {}
     while True:
         await trio.sleep(interval)
         for hm in [m for m in s.models.values() if m.role == "owner" and not m.mpc]:
             if s.models.get(hm.key) is not hm:
                 continue
             try:
-                await tend(s, hm, since, ttl)
+                await tend(s, hm, watches.setdefault(hm.name, Watch()), ttl)
             except P2PError as e:
                 log.info("keeping the replicas of %s: %s", hm.name, e.message)
             except Exception:  # never take the peer down over a replica
                 log.exception("keeping the replicas of %s", hm.name)
         names = {hm.name for hm in s.models.values()}
-        for key in [k for k in since if k[0] not in names]:
-            del since[key]
+        for name in [n for n in watches if n not in names]:
+            del watches[name]
