@@ -15,6 +15,7 @@ from p2pgrid.federated import (SGD, ClientDP, FedAdam, FedAvg, LocalDP, PrivacyB
 from p2pgrid.federated.data import find_shards
 from p2pgrid.federated.messages import MaskedRes, Train
 from p2pgrid.testing import open_network
+from p2pgrid.web import training_runs
 from protocols.dp import RDPAccountant
 from protocols.fedavg import FitRes
 from protocols.local_train import TrainingStopped
@@ -233,6 +234,11 @@ async def test_resume_after_coordinator_restart(tmp_path):
                       on_event=crash_after_two)
         await grid.restart("ai")
         await grid.wait_converged()
+        # the restarted peer's page still shows both runs' curves, read from the checkpoints
+        curves = dict(training_runs(state_of(grid["ai"])))
+        assert set(curves) == {"full", "part"}
+        assert [r for r, _ in curves["full"]["loss"]] == [1, 2, 3]
+        assert [r for r, _ in curves["part"]["loss"]] == [1, 2]
         rounds = []
         res = await fit(grid.net("ai"), rounds=3, job="part", resume=True,
                         strategy=FedAdam(eta=0.02, min_peers=2),

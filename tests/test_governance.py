@@ -86,11 +86,35 @@ async def test_role_boundaries(tmp_path):
         await req.wait(timeout=10)
         assert not req.approved and req.why == "too broad"
 
-        # every one of these is in the audit trail, chained
-        actions = {(e["action"], e.get("caller")) for e in gov.store.audit_tail(200)}
+        # model calls: a scientist may call a served model, a guest may not
+        model = torch.nn.Sequential(torch.nn.Linear(3, 2))
+        await grid.net("hospital").serve_model(model, "risk")
+        x = torch.rand(4, 3)
+        with trio.fail_after(10):
+            while True:
+                try:
+                    y = await grid.net("bob").run_inference("risk", x)
+                    break
+                except p2pgrid.NotFound:  # not announced to bob yet
+                    await trio.sleep(0.05)
+        assert torch.allclose(y, model(x), atol=1e-6)
+        with pytest.raises(p2pgrid.PermissionDenied, match="gail"):
+            await grid.net("gail").run_inference("risk", x)
+
+        # every one of these is in the audit trail, chained, each once
+        tail = gov.store.audit_tail(300)
+        actions = {(e["action"], e.get("caller")) for e in tail}
         for expected in [("search", "gail"), ("compute", "bob"), ("denied", "bob"),
-                         ("request", "bob"), ("decision", "olga"), ("user.add", "test")]:
+                         ("get", "olga"), ("request", "bob"),
+                         ("decision", "olga"), ("user.add", "test"), ("model_call", "bob"),
+                         ("denied", "gail")]:
             assert expected in actions, expected
+        assert any(e["action"] == "compute" and e["caller"] == "bob" and e.get("fetch")
+                   for e in tail)  # an aggregate fetched in the same call
+        calls = [e for e in tail if e["action"] == "model_call"]
+        assert [(e["caller"], e["outcome"]) for e in calls] == [("bob", "ok")]
+        assert any(e["action"] == "denied" and e.get("message") == "serving.infer"
+                   and e["caller"] == "gail" for e in tail)
         assert gov.store.verify(grid["hospital"].identity.public_bytes).ok
 
 

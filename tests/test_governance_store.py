@@ -212,6 +212,15 @@ def test_owner_commands(tmp_path, capsys, monkeypatch):
     assert users["gail"]["key"] is None
     assert "registered users only" in run("users", "list", *peer)[1].out
     assert run("users", "remove", "gail", *peer)[0] == 0
+    # without --peer: the only peer that has run here, else a list of candidates
+    with pytest.raises(SystemExit, match="no peer has run"):
+        run("users", "list")
+    (tmp_path / "home" / "hospital" / "objects.db").touch()
+    assert "bob" in run("users", "list")[1].out
+    (tmp_path / "home" / "clinic").mkdir()
+    (tmp_path / "home" / "clinic" / "objects.db").touch()
+    with pytest.raises(SystemExit, match="peers here: clinic, hospital"):
+        run("users", "list")
     assert run("users", "remove", "gail", *peer)[0] == 1
 
     assert run("budget", "bounds", "births", "0:60", "1000:5000", "0:1", "--total", "5", *peer)[0] == 0

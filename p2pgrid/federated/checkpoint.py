@@ -12,6 +12,9 @@ checked against the whitelist before its weights are used.
 >>> cps.save("job-1", {"round": 2, "w": torch.ones(2)})
 >>> cps.load("job-1")["round"], cps.load("nothing")
 (2, None)
+>>> cps.save("job-2", {"round": 1, "history": [{"round": 1, "loss": 0.5}]})
+>>> cps.histories()
+{'job-2': [{'round': 1, 'loss': 0.5}]}
 """
 
 from __future__ import annotations
@@ -46,13 +49,25 @@ class Checkpoints:
 
     def save(self, job: str, state: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.path(job)
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(wire.dumps({"format": FORMAT, **state}))
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        _write(self.path(job), {"format": FORMAT, **state})
+        if "history" in state:  # read back by the peer's page without loading the model
+            _write(self.root / f"{check_job(job)}.history.cbor",
+                   {"format": FORMAT, "job": job, "history": state["history"]})
+
+    def histories(self, newest: int = 6) -> dict[str, list[dict]]:
+        """job -> round records of the `newest` jobs that saved a history (oldest first);
+        unreadable files are skipped."""
+        files = sorted(self.root.glob("*.history.cbor"), key=lambda p: p.stat().st_mtime) \
+            if self.root.is_dir() else []
+        out = {}
+        for path in files[-newest:]:
+            try:
+                data = wire.loads(path.read_bytes())
+                if data.get("format") == FORMAT and isinstance(data.get("history"), list):
+                    out[check_job(data["job"])] = data["history"]
+            except Exception:  # noqa: BLE001 - a damaged page record must not stop the peer
+                continue
+        return out
 
     def load(self, job: str) -> dict | None:
         path = self.path(job)
@@ -65,3 +80,13 @@ class Checkpoints:
 
     def delete(self, job: str) -> None:
         self.path(job).unlink(missing_ok=True)
+        (self.root / f"{check_job(job)}.history.cbor").unlink(missing_ok=True)
+
+
+def _write(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(wire.dumps(obj))
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)

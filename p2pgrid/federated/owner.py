@@ -32,6 +32,7 @@ from ..handlers import may
 from ..identity import verify
 from ..modelgraph import import_model
 from ..router import Router
+from .checkpoint import Checkpoints
 from .ledger import PrivacyLedger, round_cost
 from .messages import (Advertise, EvalRes, Evaluate, Keys, MaskedRes, Probe, ProbeRes, ShareKeys,
                        Shares, Train, Unmask, UnmaskRes, keys_statement)
@@ -70,7 +71,11 @@ class OwnerState:
         self.sessions: dict[tuple[str, str, str], _Session] = {}
         self.running: dict[tuple[str, str], tuple[int, threading.Event]] = {}
         self.training: set[tuple[str, int]] = set()  # (job, round) being trained now
-        self.runs: dict[str, dict] = {}  # runs this peer coordinated: job -> {job, history}
+        # runs this peer coordinated, for its page: job -> {job, history}; those of earlier
+        # lives of the peer come from their checkpoints
+        self.runs: dict[str, dict] = {
+            job: {"job": job, "history": h}
+            for job, h in Checkpoints(peer.config.data_dir / "federated" / "jobs").histories().items()}
 
     def prune(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

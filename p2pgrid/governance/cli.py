@@ -22,7 +22,8 @@ BY = "owner (cli)"
 
 def _target(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("which peer")
-    g.add_argument("--peer", metavar="NAME", help="the peer's name: its data is $P2PGRID_HOME/NAME")
+    g.add_argument("--peer", metavar="NAME", help="the peer's name: its data is $P2PGRID_HOME/NAME (default: the only "
+                   "peer there, if there is just one)")
     g.add_argument("--data-dir", type=Path, help="the peer's data directory")
 
 
@@ -31,7 +32,14 @@ def _data_dir(args) -> Path:
         return Path(args.data_dir)
     if args.peer:
         return default_home() / args.peer
-    raise SystemExit("give --peer NAME or --data-dir DIR (the peer whose owner you are)")
+    home = default_home()
+    peers = sorted(d for d in home.iterdir() if (d / "objects.db").exists()) \
+        if home.is_dir() else []
+    if len(peers) == 1:  # the usual case: one peer on this machine
+        return peers[0]
+    known = f" (peers here: {', '.join(d.name for d in peers)})" if peers else \
+        f" (no peer has run under {home} yet)"
+    raise SystemExit(f"give --peer NAME or --data-dir DIR: the peer whose owner you are{known}")
 
 
 def _store(args):

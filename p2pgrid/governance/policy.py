@@ -32,8 +32,6 @@ log = logging.getLogger("p2pgrid.governance")
 NAME = "governance"  # key in peer.extensions
 _VERBS = {"search": "search", "compute": "compute", "request": "file requests",
           "admin": "administer this peer"}
-# Plugin messages that are model calls or training, for the audit trail.
-AUDITED = {"serving.infer": "model", "federated.train": "train", "federated.evaluate": "evaluate"}
 _OPEN = ("rt.", "dir.", "gov.")  # core and governance handlers check for themselves
 
 
@@ -165,9 +163,12 @@ class Gate:
         if not gov.is_self(caller):
             gov.pin(caller)
             if not name.startswith(_OPEN):
-                gov.require(caller, "compute")
-                if name in AUDITED:
-                    peer.audit(AUDITED[name], caller.name, message=name)
+                try:
+                    gov.require(caller, "compute")
+                except PermissionDenied:
+                    # plugins audit the calls they serve; a call refused here never reaches them
+                    peer.audit("denied", caller.name, message=name, right="compute")
+                    raise
         return await self._inner.dispatch(peer, caller, msg)
 
 
