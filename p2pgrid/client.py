@@ -229,6 +229,53 @@ class Transport:
         # adopt: a large reply is read into a buffer of our own (see _read_reply)
         return await _maybe_thread(len(data), lambda d: wire.decode(d, adopt=True), data)
 
+    async def stream(self, target: Target, path: str, frames, *, digest: str,
+                     open_timeout: float = 10.0) -> None:
+        """POST `path` with a body streamed from the async iterator `frames` (each item
+        sent as it comes); returns once the body has ended and the reply is 200,
+        raises the remote error or PeerUnavailable otherwise. The request is signed
+        with the fixed `digest` the route expects."""
+        url = f"{'http' if self.insecure else 'https'}://{target.address}{path}"
+        headers = sign_request(self.identity, self.name, target.key_id, "POST", path,
+                               digest=digest, now=time.time())
+        headers["content-type"] = "application/cbor"
+        headers["host"] = target.address
+        headers["transfer-encoding"] = "chunked"  # tells httpcore there is a body (not sent in h2)
+        sent = 0
+
+        class Body(httpx.AsyncByteStream):
+            async def __aiter__(self):
+                nonlocal sent
+                async for chunk in frames:
+                    sent += len(chunk)
+                    yield chunk
+
+            async def aclose(self):
+                await frames.aclose()
+
+        timeouts = httpx.Timeout(open_timeout, read=None, write=open_timeout).as_dict()
+        pool = self._pool(target)
+        self._busy[id(pool)] = self._busy.get(id(pool), 0) + 1
+        try:
+            request = httpx.Request("POST", url, headers=headers, stream=Body(),
+                                    extensions={"timeout": timeouts})
+            try:
+                resp = await pool.handle_async_request(request)
+                data = await _read_reply(resp)
+            except _BROKEN as e:
+                self._retire(target, pool)
+                raise PeerUnavailable(f"peer at {target.address} broke the stream: "
+                                      f"{type(e).__name__}") from None
+        finally:
+            self.bytes_sent += sent
+            await self._release(pool)
+        if resp.status_code != 200:
+            try:
+                body = wire.loads(data)
+            except P2PError:
+                body = None
+            raise error_from_wire(body, resp.status_code)
+
     def _retire(self, target: Target, pool: httpx.AsyncHTTPTransport) -> None:
         """New requests to `target` get a fresh pool; this one closes once idle."""
         k = (target.address, target.cert)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -79,12 +80,12 @@ class Identity:
         os.replace(tmp, path)
         return ident
 
-    @property
+    @cached_property  # derived on every request otherwise (20 us each)
     def public_bytes(self) -> bytes:
         return self.private_key.public_key().public_bytes(
             serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
-    @property
+    @cached_property
     def key_id(self) -> str:
         return key_id(self.public_bytes)
 

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Iterable
 import torch
 import trio
 
-from . import tls, wire
+from . import push, tls, wire
 from .auth import Caller, Verifier
 from .client import Target, Transport, learn_target
 from .config import PeerConfig
@@ -27,6 +27,7 @@ from .directory import Directory, ObjectSummary, PeerRecord, handle_gossip
 from .errors import NotFound, PeerUnavailable, Unauthenticated
 from .gossip import gossip_loop
 from .identity import Identity
+from .push import Pushers
 from .router import Router
 from .server import App, serve
 from .store import ObjectMeta, Rules, Store
@@ -61,6 +62,10 @@ class Peer:
         self.transport = Transport(self.identity, self.name, insecure=config.insecure,
                                    timeout=config.request_timeout)
         self.verifier = Verifier(self.identity.key_id)
+        self.pushers = Pushers(
+            lambda target, frames: self.transport.stream(target, push.PATH, frames,
+                                                         digest=push.STREAM_DIGEST),
+            _encode_push)
         self.router = Router()
         self.router.include(core_router)
         for r in [*plugins.routers(), *routers]:
@@ -174,6 +179,20 @@ class Peer:
             return await self.router.dispatch(self, Caller(self.name, self.identity.public_bytes), msg)
         return await self.transport.request(self.target(rec), msg, timeout=timeout)
 
+    async def push(self, to: str | PeerRecord, msg) -> None:
+        """Send `msg` one way (see :mod:`p2pgrid.push`): queued on the stream to that
+        peer, delivered in order, no reply. Breaks are reported to `push_listeners`."""
+        rec = to if isinstance(to, PeerRecord) else self.record(to)
+        if rec.key_id == self.key_id:
+            await self.router.dispatch(self, Caller(self.name, self.identity.public_bytes), msg)
+            return
+        await self.pushers.push(rec.name, self.target(rec), msg)
+
+    @property
+    def push_listeners(self) -> list:
+        """Callables (peer name, why) told when a push stream to or from a peer breaks."""
+        return self.pushers.listeners
+
     def add_seed(self, address: str, key_id: str | None = None) -> None:
         """Somewhere to gossip with: from --join, mDNS, or a test harness."""
         if "@" in address:
@@ -209,7 +228,8 @@ class Peer:
                                                          self.config.data_dir / "tls")
         card = wire.dumps({"name": self.name, "public_key": self.identity.public_bytes})
         app = App(self.verifier, self.authorize, lambda c, m: self.router.dispatch(self, c, m),
-                  max_body=self.config.max_body, page=self._page, identity_card=card)
+                  max_body=self.config.max_body, page=self._page, identity_card=card,
+                  push_broken=self.pushers.report)
         await serve(app, host=self.config.host, port=self.config.port if port is None else port,
                     certfile=certfile,
                     keyfile=keyfile, task_status=task_status)
@@ -268,6 +288,17 @@ class Peer:
             self._saved_bindings = current
 
 
+async def _encode_push(msg) -> bytes:
+    if _size_hint(msg) > 1 << 20:
+        return await trio.to_thread.run_sync(wire.encode_buffer, msg)
+    return wire.encode_buffer(msg)
+
+
+def _size_hint(msg) -> int:
+    return sum(v.numel() * v.element_size() for v in vars(msg).values()
+               if isinstance(v, torch.Tensor)) if hasattr(msg, "__dict__") else 0
+
+
 def summary_of(meta: ObjectMeta) -> ObjectSummary:
     return ObjectSummary(id=meta.id, tags=list(meta.tags), description=meta.description,
                          shape=list(meta.shape), dtype=meta.dtype, owner=meta.owner,
@@ -281,6 +312,7 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
     try:
         async with trio.open_nursery() as nursery:
             peer.nursery = nursery
+            peer.pushers.nursery = nursery
             binds = await _start_server(nursery, peer)
             port = int(binds[0].rsplit(":", 1)[1])
             peer.state_save_port(port)

@@ -1,6 +1,7 @@
 """The peer's HTTP/2 edge: an ASGI app served by hypercorn's trio worker.
 
 Routes: ``POST /rpc`` carries one signed CBOR message and answers one;
+``POST /push`` opens a stream of one-way messages (see :mod:`p2pgrid.push`);
 ``GET /`` is the peer's page; ``GET /health`` a liveness probe. Everything
 protocol-specific lives in handlers; this module only moves bytes, checks
 sizes and signatures, and maps typed errors to HTTP statuses.
@@ -16,7 +17,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from . import h2tuning, hypercorn_fixes, wire
+from . import h2tuning, hypercorn_fixes, push, wire
 from .auth import H_DIGEST, Caller, Verifier
 from .errors import P2PError, PayloadTooLarge, Unauthenticated
 
@@ -51,7 +52,8 @@ class App:
 
     def __init__(self, verifier: Verifier, authorize: Callable[[Caller], None],
                  dispatch: Dispatch, *, max_body: int, page: Page | None = None,
-                 identity_card: bytes = b""):
+                 identity_card: bytes = b"", push_broken: Callable[[str, str], None] | None = None):
+        self.push_broken = push_broken  # (caller name, why) when an inbound push stream breaks
         self.verifier = verifier
         self.authorize = authorize
         self.dispatch = dispatch
@@ -69,6 +71,8 @@ class App:
         try:
             if path == "/rpc" and method == "POST":
                 await self._rpc(scope, headers, receive, send)
+            elif path == push.PATH and method == "POST":
+                await self._push(headers, receive, send)
             elif path == "/health" and method == "GET":
                 await _respond(send, 200, "text/plain", b"ok\n")
             elif path == "/id" and method == "GET":
@@ -114,6 +118,38 @@ class App:
             log.exception("unexpected error in rpc handler")
             err = P2PError("internal error; see the peer's log")
             await _respond(send, 500, "application/cbor", wire.dumps(err.to_wire()))
+
+
+    async def _push(self, headers, receive, send):
+        caller = None
+        try:
+            caller = self.verifier.verify("POST", push.PATH, headers, push.STREAM_DIGEST,
+                                          now=time.time())
+            self.authorize(caller)
+            reader = push.FrameReader(self.max_body)
+            while True:
+                event = await receive()
+                if event["type"] == "http.disconnect":
+                    raise _ClientGone()
+                for frame in reader.feed(event.get("body", b"")):
+                    msg = wire.decode(frame, max_size=self.max_body, adopt=True)
+                    try:
+                        await self.dispatch(caller, msg)
+                    except P2PError as e:  # nobody to answer: the handler's own state says it
+                        log.debug("pushed %s from %s refused: %s", type(msg).__name__,
+                                  caller.name, e.code)
+                if not event.get("more_body", False):
+                    break
+            reader.finish()
+            await _respond(send, 200, "application/cbor", wire.dumps(None))
+        except _ClientGone:
+            if caller is not None and self.push_broken is not None:
+                self.push_broken(caller.name, "its push stream was cut off")
+            raise
+        except P2PError as e:
+            if caller is not None and self.push_broken is not None:
+                self.push_broken(caller.name, f"its push stream was refused: {e.message}")
+            await _respond(send, e.status, "application/cbor", wire.dumps(e.to_wire()))
 
 
 def _approx_size(msg) -> int:

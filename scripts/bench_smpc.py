@@ -13,7 +13,9 @@ in this process, measures with real TLS HTTP/2 between all of them:
 - ``inference_b64``: seconds per encrypted inference batch of 64 (the client shares
   its input, the parties run the model, only the client reconstructs);
 - rounds and payload bytes each party sends per op / step (measured on the wire's
-  payloads by the parties themselves).
+  payloads by the parties themselves);
+- ``round_ms``: what one more round costs, from a chain of 21 dependent 1x1 products
+  against a single one.
 
 Medians over ``--reps`` after ``--warmup`` runs (the first run of a program plans it
 and fetches its material; later runs get material the dealer made ahead of use).
@@ -48,6 +50,7 @@ from p2pgrid.smpc.messages import RunProgram, TrainStep  # noqa: E402
 from p2pgrid.smpc.tensor import reconstruct_reply, run_on_parties  # noqa: E402
 
 PARTIES = ("alice", "bob")
+CHAIN = 20
 DEALER = "dealer"
 
 
@@ -127,6 +130,16 @@ async def _measure(args, seed: str) -> dict:
                            ("relu_64x128", h.relu())]:
             out[name] = await _timed_program(net, expr, args.reps, args.warmup)
             _log(name, out[name])
+
+        # the cost of one round: a chain of 21 dependent 1x1 products against a single one
+        one = await net.share(torch.ones(1), **kw)
+        chain = one
+        for _ in range(CHAIN):
+            chain = chain * one
+        single = await _timed_program(net, one * one, args.reps, args.warmup)
+        long = await _timed_program(net, chain, args.reps, args.warmup)
+        out["round_ms"] = round((long["ms"] - single["ms"]) / (long["rounds"] - single["rounds"]), 3)
+        _log("round", out["round_ms"], "ms")
 
         # training: the MNIST-shaped MLP on shared random data with one-hot targets
         torch.manual_seed(0)
@@ -211,7 +224,7 @@ def main(argv=None) -> None:
         ops = trio.run(_measure, args, seed)
         result = {
             "setting": {"parties": list(PARTIES), "dealer": DEALER, "processes": 4,
-                        "transport": "TLS HTTP/2 (peer.request), loopback", "frac_bits": 16,
+                        "transport": "TLS HTTP/2 (rounds pushed on streams), loopback", "frac_bits": 16,
                         "torch_threads": args.threads, "reps": args.reps,
                         "cpus": os.cpu_count()},
             **ops,

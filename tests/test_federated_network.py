@@ -13,7 +13,8 @@ import p2pgrid
 from p2pgrid.datasets import digits
 from p2pgrid.federated import (SGD, ClientDP, FedAdam, FedAvg, LocalDP, PrivacyBudgetExceeded, state_of)
 from p2pgrid.federated.data import find_shards
-from p2pgrid.federated.messages import MaskedRes, Train
+from p2pgrid.federated.messages import Evaluate, MaskedRes, Train
+from p2pgrid.modelgraph import export_model
 from p2pgrid.testing import open_network
 from p2pgrid.web import training_runs
 from protocols.dp import RDPAccountant
@@ -72,7 +73,7 @@ def fit(net, **kw):
     return net.federated_fit(mlp(), TRAIN, **args)
 
 
-async def test_fedavg_over_three_peers_learns_and_reports(tmp_path):
+async def test_fedavg_over_three_peers_learns_and_reports(tmp_path, capsys):
     async with open_network(["ai", "h1", "h2", "h3"], tmp_path) as grid:
         await publish_shards(grid, ["h1", "h2", "h3"], test_on="h1")
         res = await fit(grid.net("ai"), evaluate=TEST)
@@ -87,13 +88,24 @@ async def test_fedavg_over_three_peers_learns_and_reports(tmp_path):
         acc = (model(X[1400:]).argmax(1) == Y[1400:]).float().mean().item()
         assert abs(acc - res.history[-1].accuracy) < 1e-6
         # the coordinator's page draws the run's curves
-        from p2pgrid.web import training_runs
         (job, series), = training_runs(grid["ai"].extensions["federated"])
         assert [round(v, 6) for _, v in series["accuracy"]] == [
             round(h.accuracy, 6) for h in res.history]
-        # FedAdam, through the same loop
-        res = await fit(grid.net("ai"), rounds=2, strategy=FedAdam(eta=0.02, min_peers=2), job="adam")
+        # the coordinator may train on the data, never download it, not even as aggregates
+        ptrs = (await grid.net("ai").search(TRAIN))["h1"]
+        assert len(ptrs) == 2
+        for ptr in ptrs:
+            with pytest.raises(p2pgrid.PermissionDenied):
+                await ptr.get()
+            with pytest.raises(p2pgrid.PermissionDenied):
+                await ptr.sum().get()
+        # FedAdam, through the same loop, with its progress bar
+        capsys.readouterr()
+        res = await fit(grid.net("ai"), rounds=2, strategy=FedAdam(eta=0.02, min_peers=2), job="adam",
+                        progress=True)
         assert len(res.history) == 2 and res.history[-1].loss < res.history[0].loss
+        bar = capsys.readouterr().err
+        assert "federated #digits #train" in bar and "2/2" in bar and "round" in bar
 
 
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
@@ -194,6 +206,12 @@ async def test_dp_epsilon_and_owner_cap(tmp_path):
         await grid.net("h3").federated_publish(X[600:900], Y[600:900], tags=["digits", "train"],
                                                compute=["ai"], epsilon_cap=cap)
         await visible(grid, TRAIN, ["h1", "h2", "h3"])
+        # evaluation on capped data would release loss/accuracy outside the ledger: refused
+        pairs = find_shards(grid["ai"].directory, TRAIN)["h3"]
+        spec = export_model(mlp())
+        params = dict(spec.pop("state"))
+        with pytest.raises(p2pgrid.PermissionDenied, match="differentially private training"):
+            await grid["ai"].request("h3", Evaluate("probe", 1, spec, params, pairs, "cross_entropy"))
         # no DP on capped data: h3 refuses and is left out
         res = await fit(grid.net("ai"), rounds=1, local_epochs=1)
         assert res.history[0].peers == ["h1", "h2"]

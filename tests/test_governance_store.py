@@ -201,7 +201,7 @@ def test_owner_commands(tmp_path, capsys, monkeypatch):
     assert code == 0 and len(bob_key) == 43
     assert format_key(Identity.load_or_create(tmp_path / "home" / "bob" / "identity.key")
                       .public_bytes) == bob_key
-    assert run("users", "add", "bob", "--role", "scientist", "--key", bob_key, *peer)[0] == 0
+    assert run("users", "add", "bob", "--role", "scientist", f"--key={bob_key}", *peer)[0] == 0
     assert run("users", "add", "gail", "--role", "guest", *peer)[0] == 0
     code, out = run("users", "add", "x y", "--role", "guest", *peer)
     assert code == 1 and "user name" in out.err

@@ -110,7 +110,14 @@ class TinyGPT(nn.Module):
         return self.head(self.ln(x))
 
 
+def signal_net():
+    """The remaining whitelisted layers: Conv1d, BatchNorm1d, Tanh, Sigmoid, Softmax."""
+    return nn.Sequential(nn.Conv1d(2, 4, 3), nn.BatchNorm1d(4), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(4 * 14, 8), nn.Sigmoid(), nn.Linear(8, 3), nn.Softmax(dim=-1))
+
+
 CASES = {
+    "signal": (signal_net, lambda: torch.randn(5, 2, 16)),
     "mlp": (mlp, lambda: torch.randn(5, 1, 28, 28)),
     "cnn": (CNN, lambda: torch.randn(4, 1, 28, 28)),
     "gru": (GRUClassifier, lambda: torch.randint(0, 50, (6, 11))),

@@ -309,6 +309,13 @@ async def train(peer, caller, msg: Train):
 @router.on(Evaluate)
 async def evaluate_model(peer, caller, msg: Evaluate):
     metas = await _metas(peer, caller, msg.data)
+    ledger = state_of(peer).ledger
+    capped = [oid for oid in _ids(metas) if ledger.cap(oid) is not None]
+    if capped:
+        # a loss or accuracy over capped data is a release the ledger cannot price
+        raise PermissionDenied(f"{peer.name}: {', '.join(capped)} may only be used by "
+                               "differentially private training (its owner capped its epsilon); "
+                               "evaluate on data without a cap")
     peer.audit("federated.evaluate", caller.name, job=msg.job, round=msg.round, objects=_ids(metas))
     x, y = await trio.to_thread.run_sync(_load, peer, metas)
 

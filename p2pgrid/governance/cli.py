@@ -70,15 +70,16 @@ def add_cli(sub) -> dict:
                                    " scientist (search, compute, file requests), guest (search). A "
                                    "registered name is pinned to its key. With no users the peer is "
                                    "open: names bind on first use and object rules decide.",
-                       epilog="examples:\n  p2pgrid users add bob --role scientist --key KEY --peer "
+                       epilog="examples:\n  p2pgrid users add bob --role scientist --key=KEY --peer "
                               "hospital\n  p2pgrid users key --as bob        (bob prints his key)\n"
                               "  p2pgrid users mode registered --peer hospital")
     us = u.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = us.add_parser("add", help="register NAME (again: change its role or key)")
     a.add_argument("user")
     a.add_argument("--role", required=True, choices=("owner", "scientist", "guest"))
-    a.add_argument("--key", help="the user's public key (`p2pgrid users key` prints it); "
-                                 "default: bound to the first key that calls with this name")
+    a.add_argument("--key", help="the user's public key (`p2pgrid users key` prints it); write "
+                                 "--key=KEY, as a key may begin with '-'; default: bound to the "
+                                 "first key that calls with this name")
     _target(a)
     r = us.add_parser("remove", help="unregister NAME")
     r.add_argument("user")

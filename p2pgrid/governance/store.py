@@ -47,6 +47,7 @@ STATUSES = ("pending", "approved", "denied")
 TOTAL = "*"            # budgets.object_id of a user's total across datasets
 SLACK = 1e-9           # float rounding allowed when charging the last bit of a budget
 MAX_PENDING = 50       # open requests per user
+FRESH = 0.2            # seconds a snapshot of users and settings is trusted without asking SQLite
 
 # _SCHEMA[v] upgrades a database at user_version v to v + 1; append, never edit.
 _SCHEMA = [audit.SCHEMA + """
@@ -97,6 +98,7 @@ class GovernanceStore:
         self._pending: list[dict] = []      # audit entries not chained yet (see record)
         self._taken: list[dict] = []        # ... taken by the open transaction
         self._snapshot: tuple | None = None  # (data_version, users, settings)
+        self._checked = 0.0                  # when data_version was last read (monotonic)
         self._verified: tuple[int, str] = (0, audit.GENESIS)  # head of the last intact check
         self._conn: sqlite3.Connection | None = sqlite3.connect(
             self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
@@ -243,6 +245,12 @@ class GovernanceStore:
     # ------------------------------------------------------------ settings and users
 
     def _fresh(self):
+        # Every request asks for roles, some several times; asking SQLite whether
+        # another process (the owner's CLI) wrote costs 0.2 ms each, so that is
+        # checked at most every FRESH seconds. Our own writes reset the snapshot.
+        snap, now = self._snapshot, time.monotonic()
+        if snap is not None and now - self._checked < FRESH:
+            return snap
         with self._reader() as db:
             version = db.execute("PRAGMA data_version").fetchone()[0]
             if self._snapshot is None or self._snapshot[0] != version:
@@ -250,6 +258,7 @@ class GovernanceStore:
                          for r in db.execute("SELECT name, role, public_key, added FROM users")}
                 settings = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM settings")}
                 self._snapshot = (version, users, settings)
+            self._checked = now
             return self._snapshot
 
     def users(self) -> dict[str, User]:

@@ -47,6 +47,7 @@ async def service(peer, task_status=trio.TASK_STATUS_IGNORED):
         if ROLE in peer.config.roles:
             state.dealer = DealerService(peer, nursery)
         peer.extensions["smpc"] = state
+        peer.push_listeners.append(state.peer_broke)
         task_status.started()
         try:
             while True:
@@ -56,4 +57,5 @@ async def service(peer, task_status=trio.TASK_STATUS_IGNORED):
                     state.dealer.sweep(time.monotonic())
         finally:
             peer.extensions.pop("smpc", None)
+            peer.push_listeners.remove(state.peer_broke)
             nursery.cancel_scope.cancel()

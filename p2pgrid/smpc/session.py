@@ -12,12 +12,14 @@ its peer's nursery:
    names the next session's id in advance (``next_session``) so a party fetches the
    next step's material while this one runs.
 3. **Rounds.** The party's protocol generator yields one :class:`Round` per step.
-   For each pair of parties (i < j), i sends its step-k payload to j as a request and
-   j answers with its own step-k payload: one request per pair per round, carried by
-   ``peer.request`` (signed, pinned TLS, HTTP/2). Heavy steps run in a worker thread.
+   Every party pushes its step-k payload to every other party (``peer.push``: one
+   long-lived HTTP/2 stream per pair and direction, opened with a signed request,
+   pinned TLS) and waits for theirs. A round costs one one-way trip instead of a
+   request and its reply. Heavy steps run in a worker thread.
 4. **Failure.** Every wait has a deadline. A party whose session fails (a peer
    unreachable, a deadline passed, a protocol check) tells the others with ``Abort``
-   so they fail at once with a :class:`ProtocolError` instead of waiting; errors name
+   so they fail at once with a :class:`ProtocolError` instead of waiting; a push
+   stream to or from a party that breaks aborts that party's sessions; errors name
    parties, steps and shapes, never values.
 """
 
@@ -143,44 +145,33 @@ def _advance(gen, inbox):
 
 async def _exchange(peer, mb: Mailbox, group: Group, party: int, session: str, step: int,
                     rnd: Round, timeout: float, stats: dict) -> dict:
+    """Push this party's step payload to every other party, then wait for theirs."""
     got: dict[int, RoundMessage] = {}
-
-    async def call(q: int, msg: RoundMessage) -> None:
-        name = group.parties[q]
-        try:
-            reply = await peer.request(name, msg, timeout=timeout)
-        except PeerUnavailable as e:
-            raise PeerUnavailable(f"party {name} is unreachable at step {step}: {e.message}") from None
-        if not isinstance(reply, RoundMessage) or reply.session != session or reply.step != step \
-                or reply.sender != q:
-            raise ProtocolError(f"party {name} answered step {step} with another message")
-        got[q] = reply
-
-    async def receive(q: int) -> None:
-        msg, caller = await mb.receive(step, q)
-        if caller != group.parties[q]:
-            raise ProtocolError(f"a step-{step} message claiming to be party {q} came from {caller}")
-        got[q] = msg
-
     try:
         with trio.fail_after(timeout):
-            async with trio.open_nursery() as nursery:
-                for q in range(group.n):
-                    if q == party:
-                        continue
-                    msg = RoundMessage(session, step, rnd.tag, party, rnd.payload_for(q))
-                    stats["bytes"] = stats.get("bytes", 0) + payload_nbytes(msg.tensors)
-                    if party < q:
-                        nursery.start_soon(call, q, msg)
-                    else:
-                        mb.post(step, q, msg)
-                        nursery.start_soon(receive, q)
+            for q in range(group.n):
+                if q == party:
+                    continue
+                msg = RoundMessage(session, step, rnd.tag, party, rnd.payload_for(q))
+                stats["bytes"] = stats.get("bytes", 0) + payload_nbytes(msg.tensors)
+                name = group.parties[q]
+                try:
+                    await peer.push(name, msg)
+                except P2PError as e:
+                    raise PeerUnavailable(f"party {name} is unreachable at step {step}: "
+                                          f"{e.message}") from None
+            for q in range(group.n):
+                if q == party:
+                    continue
+                msg, caller = await mb.receive(step, q)
+                if caller != group.parties[q]:
+                    raise ProtocolError(f"a step-{step} message claiming to be party {q} came "
+                                        f"from {caller}")
+                got[q] = msg
     except trio.TooSlowError:
         missing = [group.parties[q] for q in range(group.n) if q != party and q not in got]
         raise ProtocolError(f"no step-{step} message from {', '.join(missing)} within "
                             f"{timeout:g} s") from None
-    except BaseExceptionGroup as eg:  # report the first real error, typed
-        raise _first_error(eg) from None
     inbox = {}
     for q, msg in got.items():
         if msg.tag != rnd.tag:
@@ -189,25 +180,6 @@ async def _exchange(peer, mb: Mailbox, group: Group, party: int, session: str, s
         if msg.tensors:
             inbox[q] = msg.tensors
     return inbox
-
-
-def _first_error(eg: BaseExceptionGroup) -> BaseException:
-    leaves = []
-
-    def walk(e):
-        if isinstance(e, BaseExceptionGroup):
-            for x in e.exceptions:
-                walk(x)
-        else:
-            leaves.append(e)
-    walk(eg)
-    for e in leaves:
-        if isinstance(e, PeerUnavailable):
-            return e
-    for e in leaves:
-        if isinstance(e, P2PError):
-            return e
-    return leaves[0] if leaves else ProtocolError("session failed")
 
 
 async def _abort_others(peer, group: Group, party: int, session: str, reason: str) -> None:

@@ -201,7 +201,7 @@ class ModelRecord:
 
 
 class Mailbox:
-    """Round messages of one session, in and out, with wake-ups for whoever waits."""
+    """Round messages of one session as they arrive, with wake-ups for whoever waits."""
 
     def __init__(self, session: str, now: float):
         self.session = session
@@ -210,7 +210,6 @@ class Mailbox:
         self.group: Group | None = None
         self.requester: str | None = None
         self._in: dict[tuple[int, int], tuple[Any, str]] = {}   # (step, sender) -> (msg, caller)
-        self._out: dict[tuple[int, int], Any] = {}              # (step, to) -> msg
         self.aborted: str | None = None
         self._changed = trio.Event()
 
@@ -230,24 +229,12 @@ class Mailbox:
         self._in[key] = (msg, caller)
         self._notify()
 
-    def post(self, step: int, to: int, msg) -> None:
-        self._out[(step, to)] = msg
-        self._notify()
-
     async def receive(self, step: int, sender: int):
         while True:
             self._check()
             item = self._in.pop((step, sender), None)
             if item is not None:
                 return item
-            await self._changed.wait()
-
-    async def reply_for(self, step: int, to: int):
-        while True:
-            self._check()
-            msg = self._out.pop((step, to), None)
-            if msg is not None:
-                return msg
             await self._changed.wait()
 
     def abort(self, reason: str) -> None:
@@ -291,6 +278,12 @@ class SmpcState:
                 raise ProtocolError(f"session {session[:8]} is over")
             mb = self.mailboxes[session] = Mailbox(session, time.monotonic())
         return mb
+
+    def peer_broke(self, name: str, why: str) -> None:
+        """A push stream to or from `name` broke: sessions it takes part in cannot finish."""
+        for mb in list(self.mailboxes.values()):
+            if mb.claimed and mb.group is not None and name in mb.group.parties:
+                mb.abort(f"party {name} is unreachable: {why}")
 
     def close(self, session: str, outcome: str) -> None:
         self.mailboxes.pop(session, None)

@@ -1,0 +1,157 @@
+"""Push streams: one-way messages on a long-lived HTTP/2 stream (p2pgrid.push)."""
+
+import time
+
+import httpx
+import pytest
+import torch
+import trio
+from hypothesis import given, settings, strategies as st
+
+from p2pgrid import push, tls, wire
+from p2pgrid.auth import sign_request
+from p2pgrid.errors import MalformedMessage, PayloadTooLarge
+from p2pgrid.identity import Identity
+from p2pgrid.router import Router
+from p2pgrid.testing import open_network
+from p2pgrid.wire import dataclass, message
+
+
+@message("test.note")
+@dataclass(frozen=True)
+class Note:
+    n: int
+    x: torch.Tensor
+
+
+notes = Router()
+
+
+@notes.on(Note)
+async def _note(peer, caller, msg: Note):
+    peer.extensions.setdefault("notes", []).append((caller.name, msg.n, msg.x))
+
+
+# ------------------------------------------------------------------ framing (sans-IO)
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=12), st.data())
+def test_frames_survive_any_chunking(bodies, data):
+    stream = b"".join(push.encode_frame(b) for b in bodies)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+    reader, got, at = push.FrameReader(1 << 10), [], 0
+    for cut in [*cuts, len(stream)]:
+        got += reader.feed(stream[at:cut])
+        at = cut
+    reader.finish()
+    assert got == bodies
+
+
+def test_frame_errors():
+    with pytest.raises(PayloadTooLarge, match="exceeds the limit of 16"):
+        push.FrameReader(16).feed(push.encode_frame(b"x" * 17))
+    with pytest.raises(MalformedMessage, match="empty"):
+        push.FrameReader(16).feed(b"\0\0\0\0")
+    r = push.FrameReader(16)
+    assert r.feed(push.encode_frame(b"abc")[:5]) == []
+    with pytest.raises(MalformedMessage, match="inside a frame"):
+        r.finish()
+
+
+# ------------------------------------------------------------------ over the network
+
+async def _wait_notes(peer, n, timeout=10):
+    with trio.fail_after(timeout):
+        while len(peer.extensions.get("notes", [])) < n:
+            await trio.sleep(0.01)
+    return peer.extensions["notes"]
+
+
+@pytest.mark.parametrize("insecure", [False, True])
+async def test_pushes_arrive_in_order_and_intact(tmp_path, insecure):
+    async with open_network(["a", "b"], tmp_path, routers=[notes], insecure=insecure) as grid:
+        a = grid["a"]
+        sent = [torch.randn(int(n) % 50 + 1) for n in range(200)]
+        sent[77] = torch.randn(1 << 19)  # 2 MB: many DATA frames
+        for n, x in enumerate(sent):
+            await a.push("b", Note(n, x))
+        got = await _wait_notes(grid["b"], 200)
+        assert [n for _, n, _ in got] == list(range(200))
+        assert all(c == "a" and torch.equal(x, sent[n]) for c, n, x in got)
+        assert len(a.pushers._streams) == 1          # all on one stream
+        await a.push("a", Note(-1, torch.zeros(1)))  # to itself: dispatched in place
+        assert a.extensions["notes"][-1][1] == -1
+
+
+async def test_idle_streams_close_and_reopen(tmp_path):
+    async with open_network(["a", "b"], tmp_path, routers=[notes]) as grid:
+        a = grid["a"]
+        a.pushers.idle = 0.2
+        await a.push("b", Note(0, torch.zeros(1)))
+        await _wait_notes(grid["b"], 1)
+        with trio.fail_after(5):
+            while a.pushers._streams:                # closed cleanly after 0.2 s idle
+                await trio.sleep(0.05)
+        broke = []
+        grid["b"].push_listeners.append(lambda name, why: broke.append(name))
+        await a.push("b", Note(1, torch.zeros(1)))
+        assert [n for _, n, _ in await _wait_notes(grid["b"], 2)] == [0, 1]
+        assert broke == []                           # an idle close is not a break
+
+
+async def test_a_stopped_peer_is_reported_to_listeners(tmp_path):
+    async with open_network(["a", "b"], tmp_path, routers=[notes]) as grid:
+        broke = []
+        grid["a"].push_listeners.append(lambda name, why: broke.append((name, why)))
+        await grid["b"].push("a", Note(0, torch.zeros(1)))   # a stream from b to a
+        await _wait_notes(grid["a"], 1)
+        await grid.stop("b")
+        with trio.fail_after(5):
+            while not broke:
+                await trio.sleep(0.02)
+        assert broke[0][0] == "b" and "cut off" in broke[0][1]
+
+
+class _RawPush:
+    def __init__(self, peer, identity=None, name="mallory"):
+        self.peer, self.identity, self.name = peer, identity or Identity.generate(), name
+        self.client = httpx.AsyncClient(http2=True, http1=False, verify=tls.client_context(peer.cert),
+                                        base_url=f"https://{peer.address}")
+
+    async def post(self, body: bytes, *, signed=True, now=None):
+        headers = {"content-type": "application/cbor"}
+        if signed:
+            headers.update(sign_request(self.identity, self.name, self.peer.key_id, "POST",
+                                        push.PATH, digest=push.STREAM_DIGEST,
+                                        now=time.time() if now is None else now))
+        r = await self.client.post(push.PATH, content=body, headers=headers)
+        return r.status_code, (wire.loads(r.content) if r.content else None)
+
+
+@pytest.mark.parametrize("case, status, code", [
+    ("unsigned", 401, "unauthenticated"),
+    ("stale", 401, "replay"),
+    ("garbage", 400, "malformed_message"),
+    ("cut", 400, "malformed_message"),
+    ("huge-frame", 413, "payload_too_large"),
+    ("unknown-type", 400, None),
+])
+async def test_bad_push_streams_get_4xx_and_the_peer_keeps_serving(tmp_path, case, status, code):
+    async with open_network(["a", "b"], tmp_path, routers=[notes]) as grid:
+        b = grid["b"]
+        raw = _RawPush(b)
+        good = push.encode_frame(wire.encode(Note(1, torch.ones(2))))
+        body = {"unsigned": good, "stale": good, "garbage": push.encode_frame(b"\xff\x00junk"),
+                "cut": good + good[:7], "huge-frame": ((1 << 30) + 1).to_bytes(4, "big") + b"x",
+                "unknown-type": push.encode_frame(wire.dumps({"_t": "no.such", "v": 1}))}[case]
+        got, err = await raw.post(body, signed=case != "unsigned",
+                                  now=time.time() - 3600 if case == "stale" else None)
+        assert got == status and err["error"] == (code or err["error"]) and 400 <= got < 500, err
+        if case == "cut":       # the whole frame before the cut was delivered
+            assert [n for _, n, _ in await _wait_notes(b, 1)] == [1]
+        else:
+            assert not b.extensions.get("notes")
+        # the peer still answers requests and takes pushes
+        assert await grid.net("a").peer("b").ping() < 5
+        await grid["a"].push("b", Note(2, torch.ones(1)))
+        assert (await _wait_notes(b, 1 + (case == "cut")))[-1][1] == 2
