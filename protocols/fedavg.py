@@ -34,7 +34,7 @@ from p2pgrid.wire import message
 
 from .dp import RDPAccountant, add_gaussian_noise, clip_update
 
-__all__ = ["FitIns", "FitRes", "Strategy", "FedAvg", "FedProx", "FedAdam", "DPFedAvg",
+__all__ = ["FitIns", "FitRes", "Strategy", "FedAvg", "FedMedian", "FedProx", "FedAdam", "DPFedAvg",
            "flatten", "unflatten", "weighted_metrics"]
 
 Params = dict[str, torch.Tensor]
@@ -95,7 +95,16 @@ def weighted_metrics(replies: list[FitRes]) -> dict[str, float]:
 # ------------------------------------------------------------------ strategies
 
 class Strategy(ABC):
-    """Policy of a federated round; knows nothing of the network."""
+    """Policy of a federated round; knows nothing of the network.
+
+    The driver (``net.federated_fit``) also reads `min_peers` (a round fails with
+    fewer replies) and `round_timeout` (seconds until a round closes with the replies
+    it has). Secure aggregation and client-level DP see only a sum of updates, so
+    they need a :class:`FedAvg`-family strategy; any other works in plain rounds.
+    """
+
+    min_peers: int = 1
+    round_timeout: float = 60.0
 
     @abstractmethod
     def configure_fit(self, round: int, params: Params, available_peers: list[str]) -> dict[str, FitIns]:
@@ -229,6 +238,49 @@ class FedAvg(Strategy):
         new = self.apply_update(round, params, self.mean_delta(params, replies))
         new.update(self._aggregate_ints(params, replies))
         return {k: new[k] for k in params}
+
+
+class FedMedian(Strategy):
+    """Coordinate-wise median of the peers' new parameters (Yin et al. 2018): one peer
+    sending garbage cannot move a coordinate beyond the honest peers' range. Every
+    available peer trains; integer buffers take the median too (rounded down).
+
+    >>> g = {"w": torch.zeros(3)}
+    >>> s = FedMedian(min_peers=3)
+    >>> s.aggregate_fit(1, g, [FitRes("a", {"w": torch.tensor([1., 2., 3.])}, 5),
+    ...                        FitRes("b", {"w": torch.tensor([2., 2., 9.])}, 5),
+    ...                        FitRes("c", {"w": torch.tensor([1e9, 0., 4.])}, 5)], [])["w"]
+    tensor([2., 2., 4.])
+    """
+
+    def __init__(self, *, min_peers: int = 3, round_timeout: float = 60.0,
+                 train_config: dict | None = None):
+        if min_peers < 1 or round_timeout <= 0:
+            raise BadRequest("need min_peers >= 1 and round_timeout > 0")
+        self.min_peers, self.round_timeout = min_peers, round_timeout
+        self.train_config = dict(train_config or {})
+
+    def configure_fit(self, round: int, params: Params, available_peers: list[str]) -> dict[str, FitIns]:
+        peers = sorted(set(available_peers))
+        if len(peers) < self.min_peers:
+            raise ProtocolError(f"round {round}: {len(peers)} peers available, need {self.min_peers}")
+        config = {"round": round, "round_timeout": self.round_timeout, **self.train_config}
+        return {p: FitIns(round, params, dict(config)) for p in peers}
+
+    def aggregate_fit(self, round: int, params: Params, replies: list[FitRes],
+                      failures: list[str]) -> Params:
+        FedAvg(min_peers=self.min_peers).check_replies(round, params, replies, failures)
+        out = {}
+        for k, g in params.items():
+            vals = torch.stack([r.params[k].to(torch.float64) + (g.to(torch.float64) if r.delta else 0)
+                                for r in replies])
+            if g.is_floating_point():   # the mean of the middle two for an even count
+                srt, n = vals.sort(dim=0).values, len(replies)
+                med = (srt[(n - 1) // 2] + srt[n // 2]) / 2
+            else:
+                med = vals.median(dim=0).values
+            out[k] = med.to(g.dtype)
+        return out
 
 
 class FedProx(FedAvg):

@@ -105,9 +105,16 @@ class Workers:
                     self.on_line(name, text)
 
     async def wait_ready(self, timeout: float = 120) -> None:
+        """Until every worker is READY; fails at once if one exits before that."""
         with trio.fail_after(timeout):
             for name, ev in self.ready.items():
-                await ev.wait()
+                while not ev.is_set():
+                    code = self.procs[name].poll()
+                    if code is not None:
+                        raise RuntimeError(f"worker {name} exited with status {code} before it "
+                                           "was ready (its error is above)")
+                    with trio.move_on_after(0.2):
+                        await ev.wait()
 
     def kill(self, name: str) -> None:
         proc = self.procs[name]
@@ -212,6 +219,14 @@ async def coordinate(args) -> dict:
                 secure_aggregation=args.secure_aggregation, evaluate=(x_test, y_test),
                 seed=args.seed, progress=not args.no_progress)
             t_fit = time.perf_counter() - t_ready
+            if args.secure_aggregation:  # the same run without it, to compare the final weights
+                plain = await net.federated_fit(
+                    mlp(args.seed), "#mnist #train", rounds=args.rounds,
+                    local_epochs=args.local_epochs, batch_size=args.batch_size,
+                    optimizer=SGD(lr=args.lr, momentum=args.momentum),
+                    strategy=FedAvg(min_peers=2, round_timeout=args.round_timeout),
+                    evaluate=(x_test, y_test), seed=args.seed, progress=not args.no_progress,
+                    job="plain-for-comparison")
         finally:
             await workers.close()
             nursery.cancel_scope.cancel()
@@ -221,6 +236,11 @@ async def coordinate(args) -> dict:
                                          batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                                          seed=args.seed)
     fed_acc = result.history[-1].accuracy
+    compare = {}
+    if args.secure_aggregation:
+        compare = {"plain_accuracy": plain.history[-1].accuracy,
+                   "max_abs_weight_difference_secure_vs_plain": max(
+                       (result.params[k] - plain.params[k]).abs().max().item() for k in plain.params)}
     return {
         "script": "fl_mnist", "peers": args.peers, "processes": args.peers + 1,
         "split": "non-iid (sorted by label)" if args.non_iid else "iid",
@@ -228,7 +248,7 @@ async def coordinate(args) -> dict:
         "optimizer": {"sgd": {"lr": args.lr, "momentum": args.momentum}},
         "secure_aggregation": args.secure_aggregation, "killed": workers.killed,
         "federated_accuracy": fed_acc, "centralised_accuracy": central_acc,
-        "gap_points": round(100 * (central_acc - fed_acc), 2),
+        "gap_points": round(100 * (central_acc - fed_acc), 2), **compare,
         "startup_seconds": round(t_ready - t_start, 2),
         "federated_seconds": round(t_fit, 2), "centralised_seconds": round(central_s, 2),
         "wall_seconds": round(time.perf_counter() - t_start, 2),

@@ -11,14 +11,15 @@ from torch import nn
 
 import p2pgrid
 from p2pgrid.datasets import digits
-from p2pgrid.federated import (SGD, ClientDP, FedAdam, FedAvg, LocalDP, PrivacyBudgetExceeded, state_of)
+from p2pgrid.federated import (SGD, ClientDP, FedAdam, FedAvg, FedMedian, LocalDP, PrivacyBudgetExceeded,
+                               Strategy, state_of)
 from p2pgrid.federated.data import find_shards
 from p2pgrid.federated.messages import Evaluate, MaskedRes, Train
 from p2pgrid.modelgraph import export_model
 from p2pgrid.testing import open_network
 from p2pgrid.web import training_runs
 from protocols.dp import RDPAccountant
-from protocols.fedavg import FitRes
+from protocols.fedavg import FitIns, FitRes
 from protocols.local_train import TrainingStopped
 
 X, Y = digits()
@@ -108,6 +109,42 @@ async def test_fedavg_over_three_peers_learns_and_reports(tmp_path, capsys):
         assert "federated #digits #train" in bar and "2/2" in bar and "round" in bar
 
 
+class FirstTwo(Strategy):
+    """A strategy of one's own: the two first peers, an unweighted mean of their models."""
+    min_peers, round_timeout = 2, 20.0
+
+    def configure_fit(self, round, params, available_peers):
+        return {p: FitIns(round, params, {"round": round}) for p in sorted(available_peers)[:2]}
+
+    def aggregate_fit(self, round, params, replies, failures):
+        return {k: params[k] + sum(r.params[k] if r.delta else r.params[k] - params[k]
+                                   for r in replies) / len(replies) for k in params}
+
+
+async def test_custom_and_robust_strategies(tmp_path):
+    async with open_network(["ai", "h1", "h2", "h3"], tmp_path) as grid:
+        await publish_shards(grid, ["h1", "h2", "h3"], test_on="h1")
+        state = state_of(grid["h3"])
+        original = state.train
+
+        def poisoned(spec, params, x, y, config, should_stop):   # h3 sends garbage
+            update, n, metrics = original(spec, params, x, y, config, should_stop)
+            return {k: v * 1e6 if v.is_floating_point() else v for k, v in update.items()}, n, metrics
+
+        state.train = poisoned
+        res = await fit(grid.net("ai"), evaluate=TEST, strategy=FedMedian(min_peers=3, round_timeout=20))
+        assert all(h.peers == ["h1", "h2", "h3"] for h in res.history)
+        assert res.history[-1].accuracy > 0.8                   # the median ignores h3
+        res = await fit(grid.net("ai"), rounds=1, evaluate=TEST, job="avg")
+        assert res.history[-1].accuracy < 0.5                   # the mean does not
+        state.train = original
+        res = await fit(grid.net("ai"), rounds=2, strategy=FirstTwo(), job="first-two", evaluate=TEST)
+        assert all(h.peers == ["h1", "h2"] for h in res.history)
+        assert res.history[-1].accuracy > 0.7
+        with pytest.raises(p2pgrid.BadRequest, match="FedAvg-family"):
+            await fit(grid.net("ai"), strategy=FedMedian(), secure_aggregation=True)
+
+
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "secure"])
 async def test_peer_stopped_mid_round_and_back_again(tmp_path, secure):
     async with open_network(["ai", "h1", "h2", "h3"], tmp_path) as grid:
@@ -192,7 +229,7 @@ async def test_secure_aggregation_equals_plain_and_hides_each_update(tmp_path):
         for r in seen:
             assert looks_uniform(r.masked)
         update = updates[0].params["0.weight"].flatten().double() * updates[0].num_examples
-        first = seen[0].masked.double()[:update.numel()] / 2 ** 24
+        first = seen[0].masked.double()[:update.numel()] / 2 ** 32
         assert torch.corrcoef(torch.stack([update, first]))[0, 1].abs() < 0.1
 
 

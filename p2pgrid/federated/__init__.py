@@ -30,13 +30,14 @@ from .api import NetworkAPI
 from .cli import add_cli
 from .options import SGD, Adam, ClientDP, FitEvent, FitResult, LocalDP, RoundRecord
 
-__all__ = ["SGD", "Adam", "ClientDP", "LocalDP", "FedAvg", "FedProx", "FedAdam", "DPFedAvg", "Strategy",
+__all__ = ["SGD", "Adam", "ClientDP", "LocalDP", "FedAvg", "FedProx", "FedAdam", "FedMedian", "DPFedAvg",
+           "Strategy",
            "FitResult", "RoundRecord", "FitEvent", "PrivacyBudgetExceeded", "NetworkAPI", "router",
            "service", "add_cli", "save_model", "load_model", "state_of"]
 
 _LAZY = {"router": ".owner", "state_of": ".owner", "PrivacyBudgetExceeded": ".ledger",
          "FedAvg": "protocols.fedavg", "FedProx": "protocols.fedavg", "FedAdam": "protocols.fedavg",
-         "DPFedAvg": "protocols.fedavg", "Strategy": "protocols.fedavg"}
+         "DPFedAvg": "protocols.fedavg", "Strategy": "protocols.fedavg", "FedMedian": "protocols.fedavg"}
 
 
 def __getattr__(name: str):

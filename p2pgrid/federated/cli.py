@@ -40,7 +40,9 @@ def add_cli(subparsers) -> dict:
     t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
     t.add_argument("--loss", choices=["cross_entropy", "bce_with_logits", "mse"], default="cross_entropy")
     s = p.add_argument_group("strategy")
-    s.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam"], default="fedavg")
+    s.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedmedian"], default="fedavg",
+                   help="fedmedian: coordinate-wise median, robust to one peer's bad update; every "
+                        "peer trains, no secure aggregation or client-level DP")
     s.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal weight")
     s.add_argument("--server-lr", type=float, default=0.1, help="FedAdam's eta")
     s.add_argument("--min-peers", type=int, default=2)
@@ -79,8 +81,10 @@ def _mlp(sizes: str):
 
 
 def _strategy(args):
-    from protocols.fedavg import FedAdam, FedAvg, FedProx
+    from protocols.fedavg import FedAdam, FedAvg, FedMedian, FedProx
 
+    if args.strategy == "fedmedian":
+        return FedMedian(min_peers=args.min_peers, round_timeout=args.round_timeout)
     common = dict(min_peers=args.min_peers, fraction=args.fraction, round_timeout=args.round_timeout,
                   seed=args.seed)
     if args.strategy == "fedprox":

@@ -37,7 +37,7 @@ import trio
 from torch import nn
 
 from protocols.dp import RDPAccountant, add_gaussian_noise, clip_update
-from protocols.fedavg import FedAvg, FitIns, FitRes, flatten, unflatten
+from protocols.fedavg import FedAvg, FitIns, FitRes, Strategy, flatten, unflatten
 from protocols.local_train import evaluate as evaluate_locally
 from protocols.secagg import DoubleMaskServer
 
@@ -141,14 +141,20 @@ class Plan:
     evaluate: Any = None                 # a data query, an (x, y) pair, or None
     evaluate_every: int = 1
     seed: int = 0
-    fractional_bits: int = 24
+    fractional_bits: int = 32
     probe_timeout: float = 30.0
     discover_timeout: float = 10.0       # wait this long for min_peers data holders to appear
     setup_timeout: float = 10.0
 
     def __post_init__(self):
-        if not isinstance(self.strategy, FedAvg):
-            raise BadRequest("strategy must be FedAvg, FedProx, FedAdam (or a subclass)")
+        if not isinstance(self.strategy, Strategy):
+            raise BadRequest("strategy must be a protocols.fedavg.Strategy (FedAvg, FedProx, "
+                             "FedAdam, FedMedian, or your own)")
+        if (self.secure or self.client_dp is not None) and not isinstance(self.strategy, FedAvg):
+            # both see only a (noisy) sum of updates: only a weighted mean can be made of it
+            raise BadRequest(f"secure aggregation and client-level DP need a FedAvg-family "
+                             f"strategy (FedAvg, FedProx, FedAdam), not "
+                             f"{type(self.strategy).__name__}")
         if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
             raise BadRequest("rounds must be a positive int")
         if self.secure and self.strategy.min_peers < 2:
@@ -275,17 +281,21 @@ class Coordinator:
         if len(available) < strategy.min_peers:
             raise ProtocolError(self._too_few_available(r, shards, available),
                                 available=len(available), need=strategy.min_peers)
-        selected = strategy.sample(r, available)
-        config = {**strategy.fit_config(r), "local_epochs": plan.local_epochs,
-                  "batch_size": plan.batch_size, "optimizer": dict(plan.optimizer), "loss": plan.loss}
+        instructions = strategy.configure_fit(r, self.params, available)
+        if not instructions or not set(instructions) <= set(available):
+            raise BadRequest(f"round {r}: {type(strategy).__name__}.configure_fit chose "
+                             f"{sorted(instructions)}, not a non-empty subset of {available}")
+        selected = sorted(instructions)
         rate = len(selected) / len(available)
         dp = {}
         if plan.client_dp is not None:
             dp["client"] = plan.client_dp.to_config(rate)
         if plan.local_dp is not None:
             dp["local"] = plan.local_dp.to_config()
-        if dp:
-            config["dp"] = dp
+        # the strategy's per-peer config, with what the caller of federated_fit chose on top
+        config = {p: {**instructions[p].config, "local_epochs": plan.local_epochs,
+                      "batch_size": plan.batch_size, "optimizer": dict(plan.optimizer),
+                      "loss": plan.loss, **({"dp": dp} if dp else {})} for p in selected}
         self._peers_bar = self._bar(r, len(selected))
         try:
             if plan.secure:
@@ -426,7 +436,7 @@ class Coordinator:
     # ------------------------------------------------------------ plain rounds
     async def _plain_round(self, r, selected, shards, config, deadline):
         plan, strategy = self.plan, self.plan.strategy
-        msgs = {p: self._train_msg(r, p, shards[p], config) for p in selected}
+        msgs = {p: self._train_msg(r, p, shards[p], config[p]) for p in selected}
         await self._emit("fit_sent", r, info={"peers": list(selected)})
         replies, failures = await self._gather(r, msgs, deadline, phase="fit", bar=self._peers_bar)
         fits = []
@@ -438,7 +448,8 @@ class Coordinator:
         failed = self._note_failures({p: f for p, f in failures.items()})
         if len(fits) < strategy.min_peers:
             raise self._not_enough(r, "fit", len(fits), len(selected), strategy.min_peers, failed)
-        strategy.check_replies(r, self.params, fits, list(failed))
+        if isinstance(strategy, FedAvg):
+            strategy.check_replies(r, self.params, fits, list(failed))
         metrics = {k: [f.metrics[k] for f in fits if _finite(f.metrics.get(k))]
                    for k in ("train_seconds", "peer_seconds", "epsilon")}
         mean = strategy.aggregate_metrics(fits)
@@ -510,7 +521,7 @@ class Coordinator:
         server = DoubleMaskServer(sorted(keys), plan.fractional_bits, threshold=threshold)
         inboxes = server.route_shares(outboxes)
         # 3. masked updates
-        msgs = {p: self._train_msg(r, p, shards[p], config, round_id, inboxes[p]) for p in inboxes}
+        msgs = {p: self._train_msg(r, p, shards[p], config[p], round_id, inboxes[p]) for p in inboxes}
         await self._emit("fit_sent", r, info={"peers": sorted(msgs)})
         replies, failures = await self._gather(r, msgs, deadline, phase="fit", bar=self._peers_bar)
         masked, metrics = {}, {"train_seconds": [], "peer_seconds": [], "epsilon": []}

@@ -72,7 +72,7 @@ class Advertise:
     you: str
     peers: list[str]
     threshold: int
-    fractional_bits: int = 24
+    fractional_bits: int = 32
 
 
 @message("federated.keys")

@@ -33,7 +33,7 @@ import torch
 from p2pgrid.errors import BadRequest, ShapeError
 
 from .beaver import beaver_product
-from .gates import LEVEL1, LEVEL2, chunks_of, slice_bits, table_lookup, unslice_bits
+from .gates import LEVEL1, LEVEL2, lookup_sliced, slice_bits, unslice_bits
 from .messages import Request
 from .runtime import PartyContext, Protocol, open_ring, open_xor
 from .sharing import Shared
@@ -81,10 +81,10 @@ def sign_rounds(ctx: PartyContext, u: torch.Tensor, mat: dict, tag: str) -> Prot
     """Bit-sliced XOR share of msb(u - r) for public u and the dealt mask r; 2 rounds."""
     party0 = ctx.party == 0
     u = u.reshape(-1)
-    lt, eq = table_lookup(mat["tables"], chunks_of(u & _MASK63))          # (N, 16)
-    # level-1 inputs L0..L3, E0..E3 of group g = chunks 4g..4g+3, sliced over elements
-    v1 = torch.cat([lt.view(-1, 4, 4), eq.view(-1, 4, 4)], -1).permute(2, 1, 0)  # (8, 4, N)
-    v1 = slice_bits(v1.contiguous())                                      # (8, 4, W)
+    lt, eq = lookup_sliced(mat["tables"], u & _MASK63)                    # (16, W) each
+    # level-1 inputs L0..L3, E0..E3 of group g = chunks 4g..4g+3
+    w = lt.shape[-1]
+    v1 = torch.cat([lt.view(4, 4, w).transpose(0, 1), eq.view(4, 4, w).transpose(0, 1)], 0)
     g1 = mat["g1"]
     d1 = v1 ^ g1[:LEVEL1.n_inputs]
     d1 = (yield from open_xor(ctx, f"{tag}/level1", {"d": d1}))["d"]

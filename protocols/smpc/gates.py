@@ -34,10 +34,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from itertools import combinations
 
+import numpy as np
 import torch
 
 __all__ = ["Gate", "LEVEL1", "LEVEL2", "CHUNKS", "deal_cmp", "cmp_spec", "chunks_of",
-           "table_lookup", "slice_bits", "unslice_bits", "n_words"]
+           "table_lookup", "lookup_sliced", "slice_bits", "unslice_bits", "n_words"]
 
 CHUNKS = 16
 _MASK63 = (1 << 63) - 1
@@ -130,24 +131,25 @@ def n_words(n: int) -> int:
 
 
 def slice_bits(bits: torch.Tensor) -> torch.Tensor:
-    """0/1 int64 (..., N) -> bit-sliced words (..., ceil(N / 64)); bit i of word w is
+    """0/1 int (..., N) -> bit-sliced words (..., ceil(N / 64)); bit i of word w is
     element 64 w + i."""
     n = bits.shape[-1]
     if n == 0:
         return torch.zeros(*bits.shape[:-1], 0, dtype=torch.int64)
     pad = n_words(n) * 64 - n
+    a = bits.numpy().astype(np.uint8, copy=False)
     if pad:
-        bits = torch.cat([bits, bits.new_zeros(*bits.shape[:-1], pad)], -1)
-    by = (bits.reshape(*bits.shape[:-1], -1, 8) * _BYTE_WEIGHTS).sum(-1).to(torch.uint8)
-    return by.contiguous().view(torch.int64)
+        a = np.concatenate([a, np.zeros((*a.shape[:-1], pad), np.uint8)], -1)
+    packed = np.packbits(a, axis=-1, bitorder="little")          # (..., N / 8) bytes
+    return torch.from_numpy(np.ascontiguousarray(packed).view(np.int64))
 
 
 def unslice_bits(words: torch.Tensor, n: int) -> torch.Tensor:
     if n == 0:
         return torch.zeros(*words.shape[:-1], 0, dtype=torch.int64)
-    by = words.contiguous().view(torch.uint8).to(torch.int64)
-    bits = (by.unsqueeze(-1) >> torch.arange(8)) & 1
-    return bits.reshape(*words.shape[:-1], -1)[..., :n]
+    by = words.contiguous().numpy().view(np.uint8)
+    bits = np.unpackbits(by, axis=-1, count=n, bitorder="little")
+    return torch.from_numpy(bits).to(torch.int64)
 
 
 def chunks_of(u_lo: torch.Tensor) -> torch.Tensor:
@@ -156,17 +158,40 @@ def chunks_of(u_lo: torch.Tensor) -> torch.Tensor:
     return (u_lo.unsqueeze(-1) >> shifts) & 15
 
 
+def _lookup_table() -> np.ndarray:
+    # entry v (a 16-bit field shifted right by u): bit 0 = [field bit u] (eq), bit 1 = the
+    # parity of the field bits above u (lt), for XOR shares of a one-hot field
+    v = np.arange(1 << 16, dtype=np.uint32)
+    above, parity = v >> 1, np.zeros(1 << 16, np.uint32)
+    for k in range(15):
+        parity ^= (above >> k) & 1
+    return ((parity << 1) | (v & 1)).astype(np.uint8)
+
+
+_LT_EQ = _lookup_table()
+
+
 def table_lookup(tables: torch.Tensor, u_chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """XOR shares of (lt, eq) per chunk from shares of the one-hot tables (..., 4 words)."""
-    shifts = torch.arange(4, dtype=torch.int64) * 16
-    fields = ((tables.unsqueeze(-1) >> shifts) & 0xFFFF).flatten(-2)     # (..., 16)
-    eq = (fields >> u_chunks) & 1
-    above = fields >> (u_chunks + 1)
-    above = above ^ (above >> 8)
-    above = above ^ (above >> 4)
-    above = above ^ (above >> 2)
-    above = above ^ (above >> 1)
-    return above & 1, eq
+    fields = tables.contiguous().numpy().view(np.uint16).astype(np.int32)   # (..., 16)
+    t = _LT_EQ[fields >> u_chunks.numpy().astype(np.int32)]
+    t = torch.from_numpy(t).to(torch.int64)
+    return t >> 1, t & 1
+
+
+def lookup_sliced(tables: torch.Tensor, u_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`table_lookup` for flat public u_lo (N,), bit-sliced: (lt, eq) words (16, W)."""
+    n = u_lo.shape[0]
+    shifts = np.arange(CHUNKS, dtype=np.int64) * 4
+    u = ((u_lo.numpy()[:, None] >> shifts) & 15).astype(np.int32)             # (N, 16)
+    fields = tables.contiguous().numpy().view(np.uint16).astype(np.int32)       # (N, 16)
+    t = np.ascontiguousarray(_LT_EQ[fields >> u].T)                            # (16, N)
+    pad = n_words(n) * 64 - n
+    if pad:
+        t = np.concatenate([t, np.zeros((CHUNKS, pad), np.uint8)], -1)
+    eq = np.packbits(t & 1, axis=-1, bitorder="little").view(np.int64)
+    lt = np.packbits(t >> 1, axis=-1, bitorder="little").view(np.int64)
+    return torch.from_numpy(lt), torch.from_numpy(eq)
 
 
 def cmp_spec(n: int) -> list[tuple[str, tuple[int, ...]]]:
