@@ -98,8 +98,12 @@ async def test_role_boundaries(tmp_path):
                 except p2pgrid.NotFound:  # not announced to bob yet
                     await trio.sleep(0.05)
         assert torch.allclose(y, model(x), atol=1e-6)
-        with pytest.raises(p2pgrid.PermissionDenied, match="gail"):
-            await grid.net("gail").run_inference("risk", x)
+        with trio.fail_after(10), pytest.raises(p2pgrid.PermissionDenied, match="gail"):
+            while True:
+                try:
+                    await grid.net("gail").run_inference("risk", x)
+                except p2pgrid.NotFound:  # not announced to gail yet
+                    await trio.sleep(0.05)
 
         # every one of these is in the audit trail, chained, each once
         tail = gov.store.audit_tail(300)

@@ -67,7 +67,8 @@ def test_mlp_training_matches_plaintext(n):
 
 
 def test_step_rounds_and_bytes():
-    """MNIST-shaped step: 1+4+1+4+1+1 forward, 6 backward rounds; masks reused."""
+    """MNIST-shaped step: 1+4+1+4+1+1 forward, 5 backward rounds; masks reused, and the
+    first layer updated without a truncation (its weight kept at 2f bits)."""
     g = torch.Generator().manual_seed(0)
     sizes = [784, 128, 64, 10]
     ws = [torch.randn(a, b, generator=g, dtype=torch.float64) * 0.05 for a, b in zip(sizes, sizes[1:])]
@@ -82,9 +83,9 @@ def test_step_rounds_and_bytes():
         return (yield from train_step(ctx, model, xs, ys, 0.1, with_loss=False))
 
     stats = run_parties(2, party, seed=0, config=DEALER).stats
-    assert stats.rounds == 12 + 6
+    assert stats.rounds == 12 + 5
     beaver_bound = 8 * sum(64 * a + a * b + 64 * b for a, b in zip(sizes, sizes[1:]))
-    assert stats.bytes_sent[0] < 1.8 * beaver_bound
+    assert stats.bytes_sent[0] < 1.25 * beaver_bound
 
 
 def test_layer_errors():

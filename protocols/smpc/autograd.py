@@ -82,8 +82,8 @@ class Linear:
         eps, delta = opened["eps"], opened["delta"]
         a_eps = m["A"] + eps if ctx.party == 0 else m["A"]
         z = m["C"] + _matmul_pair(eps, m["B"], a_eps, delta)
-        if self.bias is not None:
-            z = z + (self.bias.share << x.scale)           # bias at the product's scale
+        if self.bias is not None:                          # bias at the product's scale
+            z = z + (self.bias.share << (x.scale + w.scale - self.bias.scale))
         if train:
             self._saved = {"eps": eps, "delta": delta, "A": m["A"], "B": m["B"], "G": m["G"],
                            "D": m["D"], "E": m.get("E"), "x_scale": x.scale}
@@ -128,7 +128,9 @@ class ReLU:
         return []
 
     def forward(self, ctx: PartyContext, x: Shared, *, trunc_bits: int = 0, train: bool = False,
-                bwd_bits: int = 0) -> Protocol[Shared]:
+                bwd_bits: int = 0, bwd_factor: int = 1, bwd_factor_scale: int = 0) -> Protocol[Shared]:
+        """`bwd_bits`: how far backward truncates the incoming gradient after multiplying it
+        by the public `bwd_factor` (a learning rate with `bwd_factor_scale` fractional bits)."""
         ctx.check_shared(x, "ReLU")
         m = ctx.pre.take(Request("relu", (tuple(x.shape),), relu_param(trunc_bits, bwd_bits, train)))
         p0 = ctx.party == 0
@@ -141,7 +143,8 @@ class ReLU:
         value, value_t = _unmask(ctx, c, m, trunc_bits, "r", "rt")
         y = x.like(e * value + (1 - 2 * e) * value_t, x.scale - trunc_bits)
         if train:
-            self._state = {"e": e, "t": t, "m": m, "bwd_bits": bwd_bits}
+            self._state = {"e": e, "t": t, "m": m, "bwd_bits": bwd_bits, "factor": bwd_factor,
+                           "factor_scale": bwd_factor_scale}
         return y
 
     def backward(self, ctx: PartyContext, grad: Shared) -> Protocol[Shared]:
@@ -151,13 +154,14 @@ class ReLU:
             raise ProtocolError("ReLU.backward before a training forward")
         ctx.check_shared(grad, "ReLU.backward")
         bits, m = st["bwd_bits"], st["m"]
+        scaled = grad.share * st["factor"]
         offset = ((1 << TRUNC_RANGE_BITS) + (1 << (bits - 1))) if bits else 0
-        masked = grad.share + m["q"] + offset if ctx.party == 0 else grad.share + m["q"]
+        masked = scaled + m["q"] + offset if ctx.party == 0 else scaled + m["q"]
         c = (yield from open_ring(ctx, "relu/grad", {"c": masked}))["c"]
         value, value_t = _unmask(ctx, c, m, bits, "q", "qt")
         e = st["e"]
         self._state = None
-        return grad.like(e * value + (1 - 2 * e) * value_t, grad.scale - bits)
+        return grad.like(e * value + (1 - 2 * e) * value_t, grad.scale + st["factor_scale"] - bits)
 
 
 def _unmask(ctx: PartyContext, c: torch.Tensor, m: dict, bits: int, mask: str, prod: str):
@@ -193,6 +197,17 @@ class Flatten:
 class Sequential:
     def __init__(self, layers: Sequence):
         self.layers = list(layers)
+        self._wide = False   # this training step updates the first Linear without truncation
+
+    def wide_first(self) -> int | None:
+        """Index of the first Linear if it has no parameters below and a ReLU above: its
+        weight can be kept at f + (input scale) fractional bits and updated exactly."""
+        for i, layer in enumerate(self.layers):
+            if layer.parameters():
+                ok = isinstance(layer, Linear) and i + 1 < len(self.layers) and \
+                    isinstance(self.layers[i + 1], ReLU)
+                return i if ok else None
+        return None
 
     def parameters(self) -> list[tuple[str, Shared]]:
         return [(f"{i}.{name}", p) for i, layer in enumerate(self.layers)
@@ -201,15 +216,28 @@ class Sequential:
     def _has_params_below(self, i: int) -> bool:
         return any(layer.parameters() for layer in self.layers[:i])
 
-    def forward(self, ctx: PartyContext, x: Shared, *, train: bool = False) -> Protocol[Shared]:
+    def forward(self, ctx: PartyContext, x: Shared, *, train: bool = False,
+                lr: float | None = None) -> Protocol[Shared]:
+        """With `train` and `lr`, the ReLU above a wide first Linear (see train_step)
+        folds the learning rate into its backward truncation."""
         f = ctx.config.frac_bits
         ctx.check_shared(x, "model input")
+        wide = self.wide_first() if train and lr is not None else None
+        self._wide = wide is not None
         h = x
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1] if i + 1 < len(self.layers) else None
             if isinstance(layer, ReLU):
+                bwd_bits = f if isinstance(nxt, Linear) else 0
+                factor, factor_scale = 1, 0
+                keep = 0   # extra fractional bits the backward output keeps
+                if wide is not None and i == wide + 1:
+                    factor_scale = f + _lr_bits(lr)
+                    factor = _lr_ring(lr, factor_scale)
+                    keep = WIDE_BITS
                 h = yield from layer.forward(ctx, h, trunc_bits=h.scale - f, train=train,
-                                             bwd_bits=f if isinstance(nxt, Linear) else 0)
+                                             bwd_bits=bwd_bits + factor_scale - keep,
+                                             bwd_factor=factor, bwd_factor_scale=factor_scale)
                 continue
             if h.scale > f:
                 h = yield from truncate(ctx, h, h.scale - f)
@@ -230,6 +258,19 @@ class Sequential:
             if isinstance(layer, Linear):
                 below = self._has_params_below(i)
                 dw, dx, db = yield from layer.backward(ctx, grad, need_input_grad=below)
+                if not below and self._wide:
+                    # grad came as lr * g at scale f, so x^T (lr g) is the exact update of
+                    # a weight kept at f + (input scale) bits: no truncation, no round
+                    if dw.scale != layer.weight.scale:
+                        raise ProtocolError(f"first layer: update scale {dw.scale}, weight "
+                                            f"scale {layer.weight.scale}")
+                    layer.weight = layer.weight - dw
+                    if db is not None:
+                        if db.scale != layer.bias.scale:
+                            raise ProtocolError(f"first layer: bias update scale {db.scale}, "
+                                                f"bias scale {layer.bias.scale}")
+                        layer.bias = layer.bias - db
+                    return None
                 jobs = [_sgd_update(ctx, layer, "weight", dw, lr)]
                 if db is not None:
                     jobs.append(_sgd_update(ctx, layer, "bias", db, lr))
@@ -256,16 +297,27 @@ def _lr_bits(lr: float) -> int:
     return max(0, min(12, math.ceil(-math.log2(lr)))) if lr < 1 else 0
 
 
+# The first Linear's weight is kept at f + WIDE_BITS + (input scale) fractional bits
+# during training, so that lr * x^T g, with lr * g computed at f + WIDE_BITS bits by the
+# ReLU's backward truncation, is its exact update. More bits are more precise updates and
+# a smaller range for that layer's outputs: |x W1| < 2^(62 - 2f - WIDE_BITS - input scale),
+# 256 for f = 16 and inputs at 16 bits.
+WIDE_BITS = 6
+
+
+def _lr_ring(lr: float, bits: int) -> int:
+    lr_ring = int(round(lr * (1 << bits)))
+    if lr_ring <= 0:
+        raise BadRequest("the learning rate is below the fixed-point resolution")
+    return lr_ring
+
+
 def _sgd_update(ctx: PartyContext, layer: Linear, name: str, grad: Shared, lr: float
                 ) -> Protocol[None]:
     """param -= lr * grad with one truncation (grad may be raw, with more fractional bits)."""
     param = getattr(layer, name)
-    extra = _lr_bits(lr)
-    bits = ctx.config.frac_bits + extra
-    lr_ring = int(round(lr * (1 << bits)))
-    if lr_ring <= 0:
-        raise BadRequest("the learning rate is below the fixed-point resolution")
-    step = grad.like(grad.share * lr_ring, grad.scale + bits)
+    bits = ctx.config.frac_bits + _lr_bits(lr)
+    step = grad.like(grad.share * _lr_ring(lr, bits), grad.scale + bits)
     step = yield from truncate(ctx, step, step.scale - param.scale)
     setattr(layer, name, param - step)
     return None
@@ -351,6 +403,15 @@ def predict(ctx: PartyContext, model: Sequential, x: Shared) -> Protocol[Shared]
     return (yield from model.forward(ctx, x))
 
 
+def _rescale(ctx: PartyContext, p: Shared, scale: int) -> Protocol[Shared]:
+    """`p` at `scale` fractional bits: a local shift up, or a truncation down."""
+    if p.scale < scale:
+        return p.like(p.share << (scale - p.scale), scale)
+    if p.scale > scale:
+        return (yield from truncate(ctx, p, p.scale - scale))
+    return p
+
+
 def train_step(ctx: PartyContext, model: Sequential, x: Shared, y: Shared, lr: float, *,
                with_loss: bool = True) -> Protocol[Shared | None]:
     """Forward, MSE, backward and SGD; returns the shared loss (or None).
@@ -361,11 +422,19 @@ def train_step(ctx: PartyContext, model: Sequential, x: Shared, y: Shared, lr: f
     if not lr > 0:
         raise BadRequest("learning rate must be positive")
     ctx.check_shared(y, "train_step", "targets")
-    pred = yield from model.forward(ctx, x, train=True)
+    ctx.check_shared(x, "train_step", "inputs")
+    step_lr = lr * 2.0 / y.numel()
+    wide = model.wide_first()
+    if wide is not None:   # keep the first weight at f + (input scale) bits (see backward_sgd)
+        layer = model.layers[wide]
+        f = ctx.config.frac_bits
+        layer.weight = yield from _rescale(ctx, layer.weight, f + WIDE_BITS + x.scale)
+        if layer.bias is not None:
+            layer.bias = yield from _rescale(ctx, layer.bias, f + WIDE_BITS)
+    pred = yield from model.forward(ctx, x, train=True, lr=step_lr)
     if pred.shape != y.shape:
         raise ShapeError(f"mse: pred {list(pred.shape)} vs target {list(y.shape)}")
     diff = pred - y
-    step_lr = lr * 2.0 / pred.numel()
     if with_loss:
         _, loss = yield from parallel(model.backward_sgd(ctx, diff, step_lr),
                                       mse_loss(ctx, pred, y))
