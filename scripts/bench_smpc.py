@@ -5,13 +5,15 @@ Starts three peer processes on 127.0.0.1 (``alice`` and ``bob`` hold the shares,
 ``dealer`` has the ``crypto-provider`` role), then, as a fourth peer (``client``)
 in this process, measures with real TLS HTTP/2 between all of them:
 
-- ``mul_64x784``, ``matmul_64x784_784x128``, ``relu_64x128``: ms per op, from the
+- ``add_64x128`` (no round: what a session costs by itself), ``mul_64x784``,
+  ``matmul_64x784_784x128``, ``relu_64x128``: ms per op, from the
   client's request to the reconstructed result (`reveal`), and the parties' own
   session time (first dealer fetch to last round);
 - ``train_step_b64``: seconds per encrypted training step of the MLP 784-128-64-10
   (ReLU, MSE, SGD) on a shared batch of 64;
 - ``inference_b64``: seconds per encrypted inference batch of 64 (the client shares
-  its input, the parties run the model, only the client reconstructs);
+  its input, sent with the call, the parties run the model, only the client
+  reconstructs; ``predict_only_s``: on a batch shared beforehand);
 - rounds and payload bytes each party sends per op / step (measured on the wire's
   payloads by the parties themselves);
 - ``round_ms``: what one more round costs, from a chain of 21 dependent 1x1 products
@@ -126,8 +128,8 @@ async def _measure(args, seed: str) -> dict:
         w = await net.share(torch.randn(784, 128, generator=g) * 0.05, **kw)
         h = await net.share(torch.randn(64, 128, generator=g), **kw)
         out = {}
-        for name, expr in [("mul_64x784", x * y), ("matmul_64x784_784x128", x @ w),
-                           ("relu_64x128", h.relu())]:
+        for name, expr in [("add_64x128", h + h), ("mul_64x784", x * y),
+                           ("matmul_64x784_784x128", x @ w), ("relu_64x128", h.relu())]:
             out[name] = await _timed_program(net, expr, args.reps, args.warmup)
             _log(name, out[name])
 
@@ -169,19 +171,22 @@ async def _measure(args, seed: str) -> dict:
             "party_ms_split": _split(last)}
         _log("train", out["train_step_b64"])
 
-        # inference: the client shares a batch of 64, the parties run the model
+        # inference: the client shares a batch of 64 (with the call), the parties run the
+        # model, the client reconstructs; and the same on a batch shared beforehand
         model.requires_grad = False
         times, predict_only = [], []
         for i in range(args.warmup + args.reps):
             batch = torch.randn(64, 784, generator=g)
             t0 = time.perf_counter()
-            xb = await net.share(batch, **kw)
+            await model.predict(batch)
             t1 = time.perf_counter()
-            await model.predict(xb)
+            xb = await net.share(batch, **kw)
             t2 = time.perf_counter()
+            await model.predict(xb)
+            t3 = time.perf_counter()
             if i >= args.warmup:
-                times.append(t2 - t0)
-                predict_only.append(t2 - t1)
+                times.append(t1 - t0)
+                predict_only.append(t3 - t2)
             await xb.delete()
         out["inference_b64"] = {"s": round(_median(times), 4),
                                 "predict_only_s": round(_median(predict_only), 4)}

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 
 from p2pgrid.errors import BadRequest
 from protocols.smpc import FixedPoint, Prg
-from protocols.smpc.ring import logical_rshift, msb, ring_matmul
+from protocols.smpc.ring import logical_rshift, msb, ring_matmul, ring_matmul_limbs
 
 I64 = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
 
@@ -56,7 +56,11 @@ def test_ring_arithmetic_wraps():
 def test_ring_matmul_exact_hypothesis(xa, xb):
     a = torch.tensor(xa, dtype=torch.int64).reshape(2, 3)
     b = torch.tensor(xb, dtype=torch.int64).reshape(3, 2)
-    assert torch.equal(ring_matmul(a, b), a @ b)
+    # the reference: Python integers reduced mod 2^64 into the signed range
+    want = [[(sum(xa[3 * i + k] * xb[2 * k + j] for k in range(3)) + 2 ** 63) % 2 ** 64 - 2 ** 63
+             for j in range(2)] for i in range(2)]
+    assert ring_matmul(a, b).tolist() == want
+    assert ring_matmul_limbs(a, b).tolist() == want
 
 
 @pytest.mark.parametrize("shape_a,shape_b", [((5, 300), (300, 7)), ((3, 2500), (2500, 4)),
@@ -68,6 +72,8 @@ def test_ring_matmul_matches_int64(shape_a, shape_b):
     extremes = torch.tensor([-(2 ** 63), 2 ** 63 - 1, -1, 0], dtype=torch.int64)
     a.view(-1)[:4] = extremes
     b.view(-1)[:4] = extremes
+    # two independent routes (int64 kernel, float64 limbs) agree, the fast one picked
+    assert torch.equal(ring_matmul(a, b), ring_matmul_limbs(a, b))
     assert torch.equal(ring_matmul(a, b), a @ b)
 
 

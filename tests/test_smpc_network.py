@@ -209,10 +209,20 @@ async def test_seeds_encrypted_linear_inference(tmp_path):
         out = await handle.predict(xs)
         with torch.no_grad():
             _close(out, lin(x).double(), 1e-3)
+        # a plaintext batch is shared inside the call itself and leaves nothing behind
+        before = {n: set(grid[n].extensions["smpc"].shares) for n in handle.parties}
+        out = await handle.predict(x)
+        with torch.no_grad():
+            _close(out, lin(x).double(), 1e-3)
+        assert all(set(grid[n].extensions["smpc"].shares) == before[n] for n in handle.parties)
         carol = grid.net("carol")
         xc = await carol.share(x, parties=handle.parties, dealer=handle.dealer)
         with pytest.raises(PermissionDenied):
             await (await carol.encrypted_model("company", "linear")).predict(xc)
+        with pytest.raises(PermissionDenied):
+            await (await carol.encrypted_model("company", "linear")).predict(x)
+        assert all(set(grid[n].extensions["smpc"].shares) <= before[n] | {xc.id}
+                   for n in handle.parties)
         # the company cannot read bob's prediction, nor bob the weights
         kept = await handle.forward(xs)
         with pytest.raises(PermissionDenied):

@@ -84,14 +84,6 @@ async def infer(net, name: str, x: torch.Tensor, *, owner: str | None, timeout: 
     if not hasattr(net, "encrypted_model"):
         raise BadRequest("encrypted inference needs the p2pgrid.smpc plugin")
     handle = await net.encrypted_model(info.owner, info.name)
-    xs = await net.share(x.detach().to(torch.float64), parties=handle.parties,
-                         dealer=handle.dealer, frac_bits=handle.group.frac_bits)
-    try:
-        y = await handle.predict(xs, timeout=timeout)
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(10):
-            try:
-                await xs.delete()
-            except P2PError:
-                pass
+    # the input's shares travel with the call and are dropped after it
+    y = await handle.predict(x.detach().to(torch.float64), timeout=timeout)
     return y.to(x.dtype) if x.dtype.is_floating_point else y

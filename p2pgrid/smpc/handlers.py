@@ -68,6 +68,14 @@ def check_holders(group: Group, requester: str, owner: str) -> None:
 
 async def deal_input(peer, group: Group, id: str, tensor: torch.Tensor, rules: ShareRules) -> list[int]:
     """Encode `tensor` and send each party its share (seeds to all but the last party)."""
+    msgs = await input_messages(group, id, tensor, rules)
+    await gather([lambda m=m: peer.request(group.parties[m.party], m) for m in msgs])
+    return list(tensor.shape)
+
+
+async def input_messages(group: Group, id: str, tensor: torch.Tensor, rules: ShareRules
+                         ) -> list[ShareInput]:
+    """One ShareInput per party for `tensor` (seeds to all but the last party)."""
     if tensor.numel() > MAX_SHARE_ELEMENTS:
         raise BadRequest(f"at most {MAX_SHARE_ELEMENTS} elements per shared tensor")
     if tensor.is_complex() or tensor.dtype == torch.bool:
@@ -87,8 +95,7 @@ async def deal_input(peer, group: Group, id: str, tensor: torch.Tensor, rules: S
             for p, s in enumerate(seeds)]
     msgs.append(ShareInput(id, group.to_wire(), group.n - 1, group.frac_bits, shape,
                            rules.to_wire(), share=last))
-    await gather([lambda m=m: peer.request(group.parties[m.party], m) for m in msgs])
-    return shape
+    return msgs
 
 
 async def gather(fns: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
@@ -116,6 +123,12 @@ async def gather(fns: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
 @router.on(ShareInput)
 async def share_input(peer, caller, msg: ShareInput):
     state = state_of(peer)
+    state.shares[msg.id] = _input_entry(peer, state, caller, msg, state.share_ttl)
+    return Ack()
+
+
+def _input_entry(peer, state: SmpcState, caller, msg: ShareInput, ttl: float) -> Entry:
+    """This party's Entry for an input owner's ShareInput, checked."""
     group = Group.from_wire(msg.group)
     if group.index(peer.name) != msg.party:
         raise BadRequest(f"{peer.name} is party {group.index(peer.name)}, not {msg.party}")
@@ -141,9 +154,7 @@ async def share_input(peer, caller, msg: ShareInput):
         raise Conflict(f"shared tensor {msg.id!r} exists and is not yours")
     if not 0 <= msg.scale <= 30:
         raise BadRequest("scale out of range")
-    state.shares[msg.id] = Entry(share, msg.scale, group, msg.party, rules,
-                                 time.time() + state.share_ttl)
-    return Ack()
+    return Entry(share, msg.scale, group, msg.party, rules, time.time() + ttl)
 
 
 @router.on(ShareObject)
@@ -444,6 +455,26 @@ async def train(peer, caller, msg: TrainStep):
 
 @router.on(Predict)
 async def predict(peer, caller, msg: Predict):
+    inline: list[str] = []
+    if msg.inputs:
+        state = state_of(peer)
+        if len(msg.inputs) != 1 or not isinstance(msg.inputs[0], ShareInput):
+            raise BadRequest("a prediction carries at most one input share")
+        inp = msg.inputs[0]
+        if inp.id in state.shares:
+            raise Conflict(f"shared tensor {inp.id!r} exists already")
+        if Group.from_wire(inp.group) != Group.from_wire(msg.group):
+            raise BadRequest("the input is shared among another group than the model's")
+        state.shares[inp.id] = _input_entry(peer, state, caller, inp, msg.timeout + 30)
+        inline.append(inp.id)
+    try:
+        return await _predict(peer, caller, msg)
+    finally:
+        for id_ in inline:
+            state.shares.pop(id_, None)
+
+
+async def _predict(peer, caller, msg: Predict):
     def check(state, group, party):
         model = _model(state, group, msg.model)
         if caller.name != model.owner and caller.name not in model.users and "*" not in model.users:
@@ -481,7 +512,8 @@ async def predict(peer, caller, msg: Predict):
         (x,) = yield from run_program(ctx, msg.program,
                                       {i: ctx.wrap(e.share, e.scale) for i, e in leaves.items()})
         net = autograd.build(model.layers, {i: ctx.wrap(e.share, e.scale) for i, e in params.items()})
-        return (yield from autograd.predict(ctx, net, x))
+        # an output the caller reconstructs keeps its product's scale: no truncation round
+        return (yield from autograd.predict(ctx, net, x, raw_output=not msg.keep))
 
     stats: dict = {}
     out = await _in_nursery(state, lambda: run_session(

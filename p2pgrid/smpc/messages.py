@@ -138,3 +138,6 @@ class Predict:
     keep: str = ""
     next_session: str = ""
     timeout: float = 60.0
+    # the caller's input shares sent with the call (this party's), used for this session
+    # only: a batch needs no ShareInput request of its own
+    inputs: list[ShareInput] | None = None

@@ -217,7 +217,7 @@ class Sequential:
         return any(layer.parameters() for layer in self.layers[:i])
 
     def forward(self, ctx: PartyContext, x: Shared, *, train: bool = False,
-                lr: float | None = None) -> Protocol[Shared]:
+                lr: float | None = None, truncate_output: bool = True) -> Protocol[Shared]:
         """With `train` and `lr`, the ReLU above a wide first Linear (see train_step)
         folds the learning rate into its backward truncation."""
         f = ctx.config.frac_bits
@@ -245,7 +245,7 @@ class Sequential:
                 h = yield from layer.forward(ctx, h, train=train, grad_x=self._has_params_below(i))
             else:
                 h = layer.forward(ctx, h)
-        if h.scale > f:
+        if h.scale > f and truncate_output:
             h = yield from truncate(ctx, h, h.scale - f)
         return h
 
@@ -399,8 +399,11 @@ def parameters(model: Sequential) -> list[Shared]:
     return [p for _, p in model.parameters()]
 
 
-def predict(ctx: PartyContext, model: Sequential, x: Shared) -> Protocol[Shared]:
-    return (yield from model.forward(ctx, x))
+def predict(ctx: PartyContext, model: Sequential, x: Shared, *, raw_output: bool = False
+            ) -> Protocol[Shared]:
+    """The model's output on x. With `raw_output` the last product is not truncated (it keeps
+    up to 2f fractional bits): one round fewer, for an output that is only reconstructed."""
+    return (yield from model.forward(ctx, x, truncate_output=not raw_output))
 
 
 def _rescale(ctx: PartyContext, p: Shared, scale: int) -> Protocol[Shared]:
