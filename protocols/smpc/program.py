@@ -236,8 +236,29 @@ def leaf_ids(program) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+_INFERRED: dict[str, list[torch.Size]] = {}   # signature -> output shapes (bounded below)
+
+
 def infer(program, leaf_shapes: Mapping[str, tuple]) -> list[torch.Size]:
-    """Output shapes of `program` given its leaves' shapes; ShapeError/BadRequest if it does not fit."""
+    """Output shapes of `program` given its leaves' shapes; ShapeError/BadRequest if it does not fit.
+
+    Shapes follow from what :func:`signature` hashes (structure, shapes, non-tensor
+    arguments; tensor constants only by shape, as meta tensors carry no values), so a
+    program met again is answered from a cache: a session repeats its program often."""
+    try:
+        key = signature(program, leaf_shapes)
+    except Exception:  # noqa: BLE001 - malformed: _infer says what is wrong, typed
+        return _infer(program, leaf_shapes)
+    hit = _INFERRED.get(key)
+    if hit is None:
+        hit = _infer(program, leaf_shapes)
+        if len(_INFERRED) >= 512:
+            _INFERRED.clear()
+        _INFERRED[key] = hit
+    return list(hit)
+
+
+def _infer(program, leaf_shapes: Mapping[str, tuple]) -> list[torch.Size]:
     nodes, outputs = _nodes(program)
     metas: list[Any] = []
     for i, n in enumerate(nodes):
