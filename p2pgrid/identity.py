@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -30,10 +30,16 @@ def key_id(public_bytes: bytes) -> str:
     return hashlib.sha256(public_bytes).hexdigest()[:16]
 
 
+@lru_cache(maxsize=4096)
+def _public_key(public_bytes: bytes) -> Ed25519PublicKey:
+    # parsing a key costs a fifth of a verification; peers see the same few keys all day
+    return Ed25519PublicKey.from_public_bytes(public_bytes)
+
+
 def verify(public_bytes: bytes, data: bytes, signature: bytes) -> bool:
     """True iff `signature` is `public_bytes`' Ed25519 signature of `data`."""
     try:
-        Ed25519PublicKey.from_public_bytes(bytes(public_bytes)).verify(bytes(signature), data)
+        _public_key(bytes(public_bytes)).verify(bytes(signature), data)
         return True
     except (InvalidSignature, ValueError, TypeError):
         return False

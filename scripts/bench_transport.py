@@ -11,6 +11,8 @@ and, once the directory knows the server, measures:
 - ``ping_ms``: ``peer.request(server, Ping())`` round trips (p50, p99, mean),
   and the CPU time each process spent per round trip (``cpu_ms_client``,
   ``cpu_ms_server``): on a shared machine the steadier number;
+- ``call_ms``: the same for ``peer.call(server, Ping())``: signed and verified the
+  same way, carried on push streams (see ``p2pgrid.calls``);
 - ``upload_MBps``: ``PutObject`` of an N MB uint8 tensor (the reply comes after
   the server has verified, decoded and stored it);
 - ``download_MBps``: ``GetObject`` of that stored object (the reply carries it);
@@ -117,22 +119,23 @@ async def _measure(args, seed: str, data_dir: Path, server_pid: int) -> dict:
         server = "bench-server"
         _log(f"  peers idle after {await _settle(server_pid):.1f} s")
 
-        for _ in range(min(200, args.pings)):  # warm up: connection, caches
-            await peer.request(server, Ping())
-        rtts = []
-        cpu0 = _cpu_s(), _cpu_s(server_pid)
-        for _ in range(args.pings):
-            t0 = time.perf_counter()
-            await peer.request(server, Ping())
-            rtts.append((time.perf_counter() - t0) * 1e3)
-        cpu1 = _cpu_s(), _cpu_s(server_pid)
-        out["ping_ms"] = {"p50": round(_percentile(rtts, 50), 3),
-                          "p99": round(_percentile(rtts, 99), 3),
-                          "mean": round(statistics.fmean(rtts), 3), "n": len(rtts),
-                          # CPU each process spent per round trip: the floor on this machine
-                          "cpu_ms_client": round((cpu1[0] - cpu0[0]) * 1e3 / len(rtts), 3),
-                          "cpu_ms_server": round((cpu1[1] - cpu0[1]) * 1e3 / len(rtts), 3)}
-        _log(f"  ping {out['ping_ms']}")
+        for key, send in [("ping_ms", peer.request), ("call_ms", peer.call)]:
+            for _ in range(min(200, args.pings)):  # warm up: connection, caches
+                await send(server, Ping())
+            rtts = []
+            cpu0 = _cpu_s(), _cpu_s(server_pid)
+            for _ in range(args.pings):
+                t0 = time.perf_counter()
+                await send(server, Ping())
+                rtts.append((time.perf_counter() - t0) * 1e3)
+            cpu1 = _cpu_s(), _cpu_s(server_pid)
+            out[key] = {"p50": round(_percentile(rtts, 50), 3),
+                        "p99": round(_percentile(rtts, 99), 3),
+                        "mean": round(statistics.fmean(rtts), 3), "n": len(rtts),
+                        # CPU each process spent per round trip: the floor on this machine
+                        "cpu_ms_client": round((cpu1[0] - cpu0[0]) * 1e3 / len(rtts), 3),
+                        "cpu_ms_server": round((cpu1[1] - cpu0[1]) * 1e3 / len(rtts), 3)}
+            _log(f"  {key} {out[key]}")
 
         for size_mb in args.sizes:
             n = int(size_mb * MB)

@@ -8,6 +8,7 @@ import torch
 import trio
 from hypothesis import given, settings, strategies as st
 
+import p2pgrid
 from p2pgrid import push, tls, wire
 from p2pgrid.auth import sign_request
 from p2pgrid.errors import MalformedMessage, PayloadTooLarge
@@ -155,3 +156,79 @@ async def test_bad_push_streams_get_4xx_and_the_peer_keeps_serving(tmp_path, cas
         assert await grid.net("a").peer("b").ping() < 5
         await grid["a"].push("b", Note(2, torch.ones(1)))
         assert (await _wait_notes(b, 1 + (case == "cut")))[-1][1] == 2
+
+
+# ------------------------------------------------------------------ calls over pushes
+
+stall = Router()
+
+
+@message("test.stall")
+@dataclass(frozen=True)
+class Stall:
+    seconds: float
+
+
+@stall.on(Stall)
+async def _stall(peer, caller, msg: Stall):
+    await trio.sleep(msg.seconds)
+    return Note(0, torch.zeros(1))
+
+
+async def test_calls_answer_like_requests(tmp_path):
+    from p2pgrid.errors import NotFound
+    from p2pgrid.messages import GetObject, Ping, Pong
+
+    async with open_network(["a", "b"], tmp_path, routers=[notes, stall]) as grid:
+        a = grid["a"]
+        pong = await a.call("b", Ping())
+        assert isinstance(pong, Pong) and pong.name == "b"
+        with pytest.raises(NotFound):                           # typed errors come back typed
+            await a.call("b", GetObject("no-such-object"))
+        many = await _gather([lambda: a.call("b", Ping()) for _ in range(50)])
+        assert all(isinstance(p, Pong) for p in many)          # concurrent calls, each answered
+        with pytest.raises(p2pgrid.PeerUnavailable, match="within 0.2 s"):
+            await a.call("b", Stall(2.0), timeout=0.2)
+        # a call whose callee goes away fails at once, not at its timeout
+        t0 = time.monotonic()
+        async with trio.open_nursery() as n:
+            n.start_soon(grid.stop, "b")
+            with pytest.raises(p2pgrid.PeerUnavailable):
+                await a.call("b", Stall(30.0), timeout=30)
+        assert time.monotonic() - t0 < 10
+
+
+async def test_calls_are_verified_and_replays_refused(tmp_path):
+    from p2pgrid.auth import Caller
+    from p2pgrid.calls import PATH, Call
+    from p2pgrid.errors import ReplayDetected, Unauthenticated
+    from p2pgrid.messages import Ping
+
+    async with open_network(["a", "b"], tmp_path) as grid:
+        a, b = grid["a"], grid["b"]
+        body = wire.encode(Ping())
+        import hashlib
+        headers = sign_request(a.identity, "a", b.key_id, "POST", PATH,
+                               digest=hashlib.sha256(body).hexdigest(), now=time.time())
+        me = Caller("a", a.identity.public_bytes)
+        b.calls.accept(me, Call(1, headers, body))
+        with pytest.raises(ReplayDetected):
+            b.calls.accept(me, Call(2, headers, body))              # the same signature again
+        with pytest.raises(Unauthenticated):                         # a body it did not sign
+            b.calls.accept(me, Call(3, dict(headers, **{"x-p2p-nonce": "00"}), body))
+        other = Identity.generate()
+        h2 = sign_request(other, "mallory", b.key_id, "POST", PATH,
+                          digest=hashlib.sha256(body).hexdigest(), now=time.time())
+        with pytest.raises(Unauthenticated, match="opened its stream"):
+            b.calls.accept(me, Call(4, h2, body))                   # signed by another key
+
+
+async def _gather(fns):
+    out = [None] * len(fns)
+
+    async def one(i, fn):
+        out[i] = await fn()
+    async with trio.open_nursery() as n:
+        for i, fn in enumerate(fns):
+            n.start_soon(one, i, fn)
+    return out

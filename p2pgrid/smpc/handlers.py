@@ -336,7 +336,8 @@ async def run(peer, caller, msg: RunProgram):
     outs = await _in_nursery(state, lambda: run_session(
         peer, state, session=msg.session, group=group, party=party, protocol=protocol,
         signature=sig, requester=caller.name, truncation=msg.truncation,
-        next_session=msg.next_session, timeout=msg.timeout, stats=stats))
+        next_session=msg.next_session, timeout=msg.timeout, stats=stats,
+        input_elements=sum(e.share.numel() for e in leaves.values())))
     now = time.time()
     shares = []
     for out, keep, reveal, r in zip(outs, msg.keep, msg.reveal, rules):

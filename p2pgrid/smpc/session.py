@@ -198,10 +198,13 @@ async def _abort_others(peer, group: Group, party: int, session: str, reason: st
 async def run_session(peer, state: SmpcState, *, session: str, group: Group, party: int,
                       protocol: Callable[[PartyContext], Any], signature: str,
                       requester: str, truncation: str = "auto", next_session: str = "",
-                      timeout: float = 60.0, stats: dict | None = None) -> Any:
+                      timeout: float = 60.0, stats: dict | None = None,
+                      input_elements: int | None = None) -> Any:
     """Run this party's `protocol` for `session`; returns what the protocol returns.
 
     Raises ProtocolError / PeerUnavailable on failure, after telling the other parties.
+    `input_elements` (the size of the session's inputs, if known) lets a small first step
+    run on the loop instead of a worker thread, like the steps after it.
     `stats` (if given) receives seconds, rounds and payload bytes sent to other parties,
     and where the time went: plan, material (dealer), compute, wait (rounds on the wire
     and the other parties' compute).
@@ -240,7 +243,10 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
                                      plan, ph, timeout)
         ctx = PartyContext(party, group.n, BundleFeed(plan, expanded), config, Prg.from_entropy())
         gen = protocol(ctx)
-        kind, out = await trio.to_thread.run_sync(_advance, gen, None)
+        if input_elements is not None and input_elements < HEAVY_ELEMENTS:
+            kind, out = _advance(gen, None)
+        else:
+            kind, out = await trio.to_thread.run_sync(_advance, gen, None)
         lap("compute")
         step = 0
         while kind == "round":

@@ -1,0 +1,198 @@
+"""Calls: signed request/reply pairs carried on push streams (see :mod:`p2pgrid.push`).
+
+A call is a request without HTTP: the caller signs the encoded message exactly as
+:meth:`p2pgrid.client.Transport.request` does (method ``POST``, path ``/call``, its
+name, the audience's key id, a timestamp, a nonce and the SHA-256 of the body) and
+pushes it as :class:`Call`; the callee verifies it with the same verifier (stale
+and replayed calls are refused), dispatches the message through its router (the
+same role checks as ``/rpc``) in a task of its own, and pushes the answer back as
+:class:`CallReply` (the reply message, or the typed error). Each call costs two
+one-way messages on streams that stay open, instead of an HTTP/2 request with its
+headers, ASGI scope and httpx objects.
+
+Calls suit small messages whose sender wants the reply soon (SMPC sessions start
+this way); large bodies still go as requests. A call whose stream breaks fails
+with PeerUnavailable at once; one that is not answered within its timeout fails
+with PeerUnavailable too, and its late reply is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+import time
+
+import trio
+
+from . import wire
+from .auth import Caller, body_digest, sign_request
+from .client import learn_target
+from .errors import P2PError, PeerUnavailable, RateLimited, Unauthenticated, error_from_wire
+from .router import Router
+from .wire import dataclass, message
+
+log = logging.getLogger("p2pgrid.calls")
+
+PATH = "/call"
+MAX_IN_FLIGHT = 256   # calls one caller may have running on this peer at once
+
+__all__ = ["Call", "CallReply", "Calls", "router"]
+
+
+@message("rt.call")
+@dataclass(frozen=True)
+class Call:
+    """A signed message for the receiving peer's router; `body` is its CBOR encoding;
+    `reply_to` the caller's address, for a callee that does not know it yet."""
+    id: int
+    headers: dict[str, str]
+    body: bytes
+    reply_to: str = ""
+
+
+@message("rt.call_reply")
+@dataclass(frozen=True)
+class CallReply:
+    """The answer to call `id`: the reply message's CBOR encoding (`status` 200), or an
+    error as ``P2PError.to_wire()`` encodes it."""
+    id: int
+    status: int
+    body: bytes
+
+
+class Calls:
+    """The calls one peer has sent and is waiting on, and the ones it is serving."""
+
+    def __init__(self, peer):
+        self.peer = peer
+        self._ids = itertools.count(1)
+        self._waiting: dict[tuple[str, int], tuple[trio.Event, list]] = {}
+        self._serving: dict[str, int] = {}   # caller key id -> calls running for it
+        self._learned: dict[tuple[str, str], object] = {}   # (address, key id) -> Target
+        self.nursery: trio.Nursery | None = None
+        peer.push_listeners.append(self._broken)
+
+    async def call(self, name: str, msg, *, timeout: float) -> object:
+        """Send `msg` to peer `name` as a call; its reply message, or its error raised."""
+        peer = self.peer
+        rec = peer.record(name)
+        body = wire.encode(msg)
+        headers = sign_request(peer.identity, peer.name, rec.key_id, "POST", PATH,
+                               digest=hashlib.sha256(body).hexdigest(), now=time.time())
+        call_id = next(self._ids)
+        key = (rec.key_id, call_id)
+        done, slot = trio.Event(), []
+        self._waiting[key] = (done, slot)
+        try:
+            await peer.push(rec, Call(call_id, headers, body, peer.address or ""))
+            with trio.move_on_after(timeout):
+                await done.wait()
+        finally:
+            self._waiting.pop(key, None)
+        if not slot:
+            raise PeerUnavailable(f"{name} did not answer call {type(msg).__name__} within "
+                                  f"{timeout:g} s")
+        status, payload = slot[0]
+        if isinstance(payload, BaseException):
+            raise payload
+        if status != 200:
+            try:
+                err = wire.loads(payload)
+            except P2PError:
+                err = None
+            raise error_from_wire(err, status)
+        return wire.loads(payload)
+
+    def _broken(self, name: str, why: str) -> None:
+        try:
+            kid = self.peer.record(name).key_id
+        except P2PError:
+            return
+        for (k, _), (done, slot) in list(self._waiting.items()):
+            if k == kid and not done.is_set():
+                slot.append((503, PeerUnavailable(f"the stream to {name} broke: {why}")))
+                done.set()
+
+    # ------------------------------------------------------------ the callee's side
+    def accept(self, stream_caller: Caller, msg: Call) -> None:
+        """Verify `msg` and start serving it; the answer goes back as a push."""
+        if self.nursery is None:
+            raise PeerUnavailable("this peer is not running")
+        digest = body_digest(msg.body)
+        caller = self.peer.verifier.verify("POST", PATH, msg.headers, digest, now=time.time())
+        if caller.public_key != stream_caller.public_key:
+            raise Unauthenticated("a call must be signed by the key that opened its stream")
+        self.peer.authorize(caller)
+        kid = caller.key_id
+        if self._serving.get(kid, 0) >= MAX_IN_FLIGHT:
+            raise RateLimited(f"{caller.name} has {MAX_IN_FLIGHT} calls running here already")
+        self._serving[kid] = self._serving.get(kid, 0) + 1
+        self.nursery.start_soon(self._serve, caller, msg)
+
+    async def _serve(self, caller: Caller, msg: Call) -> None:
+        peer = self.peer
+        try:
+            try:
+                inner = wire.decode(msg.body, max_size=peer.config.max_body)
+                reply = await peer.router.dispatch(peer, caller, inner)
+                answer = CallReply(msg.id, 200, wire.encode(reply))
+            except P2PError as e:
+                if e.status >= 500:
+                    log.warning("call from %s failed: %s", caller.name, e.code)
+                answer = CallReply(msg.id, e.status, wire.dumps(e.to_wire()))
+            except Exception:  # noqa: BLE001 - answered like /rpc answers it
+                log.exception("unexpected error in a call handler")
+                err = P2PError("internal error; see the peer's log")
+                answer = CallReply(msg.id, 500, wire.dumps(err.to_wire()))
+            try:
+                await self._answer(caller, msg.reply_to, answer)
+            except P2PError as e:
+                log.info("could not answer a call from %s: %s", caller.name, e.message)
+        finally:
+            kid = caller.key_id
+            left = self._serving.get(kid, 1) - 1
+            if left:
+                self._serving[kid] = left
+            else:
+                self._serving.pop(kid, None)
+
+    async def _answer(self, caller: Caller, reply_to: str, answer: CallReply) -> None:
+        peer = self.peer
+        try:
+            rec = peer.record(caller.name)
+        except P2PError:
+            rec = None
+        if rec is not None and rec.key_id == caller.key_id:
+            await peer.push(rec, answer)
+            return
+        if not reply_to:
+            raise PeerUnavailable(f"no address to answer {caller.name} at")
+        target = self._learned.get((reply_to, caller.key_id))
+        if target is None:   # first contact, pinned to the key that signed the call
+            target = await learn_target(reply_to, expect_key_id=caller.key_id,
+                                        insecure=peer.config.insecure)
+            self._learned[(reply_to, caller.key_id)] = target
+        await peer.pushers.push(caller.name, target, answer)
+
+    def answered(self, callee: Caller, msg: CallReply) -> None:
+        entry = self._waiting.get((callee.key_id, msg.id))
+        if entry is None:   # late (timed out) or not ours: nobody waits for it
+            return
+        done, slot = entry
+        if not done.is_set():
+            slot.append((msg.status, msg.body))
+            done.set()
+
+
+router = Router()
+
+
+@router.on(Call)
+async def _call(peer, caller, msg: Call):
+    peer.calls.accept(caller, msg)
+
+
+@router.on(CallReply)
+async def _call_reply(peer, caller, msg: CallReply):
+    peer.calls.answered(caller, msg)
