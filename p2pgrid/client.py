@@ -62,7 +62,7 @@ async def _encode_and_hash(msg) -> tuple:
     already copied. Both must finish before the request's headers can go, so
     this is time nothing else hides.
     """
-    if _size_hint(msg) <= OFFLOAD:
+    if wire.tensor_bytes(msg) <= OFFLOAD:
         body = wire.encode_buffer(msg)
         return body, hashlib.sha256(body).hexdigest()
     parts = await trio.to_thread.run_sync(wire.encode_parts, msg)
@@ -302,12 +302,6 @@ class Transport:
             scope.shield = True
             for pool in pools:
                 await pool.aclose()
-
-
-def _size_hint(msg) -> int:
-    import torch
-    return sum(v.numel() * v.element_size() for v in vars(msg).values()
-               if isinstance(v, torch.Tensor)) if hasattr(msg, "__dict__") else 0
 
 
 async def fetch_certificate(address: str, *, timeout: float = 5.0) -> bytes:

@@ -301,14 +301,9 @@ class Peer:
 
 
 async def _encode_push(msg) -> bytes:
-    if _size_hint(msg) > 1 << 20:
+    if wire.tensor_bytes(msg) > 1 << 20:
         return await trio.to_thread.run_sync(wire.encode_buffer, msg)
     return wire.encode_buffer(msg)
-
-
-def _size_hint(msg) -> int:
-    return sum(v.numel() * v.element_size() for v in vars(msg).values()
-               if isinstance(v, torch.Tensor)) if hasattr(msg, "__dict__") else 0
 
 
 def summary_of(meta: ObjectMeta) -> ObjectSummary:

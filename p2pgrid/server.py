@@ -106,7 +106,7 @@ class App:
                 len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
             del body
             reply = await self.dispatch(caller, msg)
-            out = await _to_thread_if_big(_approx_size(reply), wire.encode_buffer, reply)
+            out = await _to_thread_if_big(wire.tensor_bytes(reply), wire.encode_buffer, reply)
             await _respond(send, 200, "application/cbor", out)
         except P2PError as e:
             if e.status >= 500:
@@ -150,15 +150,6 @@ class App:
             if caller is not None and self.push_broken is not None:
                 self.push_broken(caller.name, f"its push stream was refused: {e.message}")
             await _respond(send, e.status, "application/cbor", wire.dumps(e.to_wire()))
-
-
-def _approx_size(msg) -> int:
-    import torch
-    total = 0
-    for v in getattr(msg, "__dict__", {}).values():
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-    return total
 
 
 class _ClientGone(Exception):

@@ -214,6 +214,12 @@ def encode(msg) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def tensor_bytes(msg) -> int:
+    """Bytes of the tensors a message holds directly: whether encoding it is heavy work."""
+    return sum(v.numel() * v.element_size() for v in getattr(msg, "__dict__", {}).values()
+               if isinstance(v, torch.Tensor))
+
+
 def encode_buffer(msg):
     """:func:`encode` into one buffer, built with one copy of each large array.
 
