@@ -20,6 +20,7 @@ import time
 import torch
 import trio
 
+from . import wire
 from .auth import Caller
 from .directory import GossipDigest, GossipPush, handle_gossip
 from .errors import BadRequest, NotFound, PermissionDenied
@@ -116,7 +117,7 @@ async def get(peer, caller, msg: GetObject):
     meta = await _meta_for(peer, caller, msg.id, "get")
     value = await peer.load(msg.id)
     peer.audit("get", caller.name, object=msg.id, shape=list(meta.shape))
-    return Value(value, info(peer, meta))
+    return wire.owned(Value(value, info(peer, meta)))  # a fresh tensor: sent by reference
 
 
 @router.on(DeleteObject)

@@ -106,7 +106,10 @@ class App:
                 len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
             del body
             reply = await self.dispatch(caller, msg)
-            out = await _to_thread_if_big(wire.tensor_bytes(reply), wire.encode_buffer, reply)
+            if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
+                out = wire.encode_parts(reply)
+            else:
+                out = await _to_thread_if_big(wire.tensor_bytes(reply), wire.encode_buffer, reply)
             await _respond(send, 200, "application/cbor", out)
         except P2PError as e:
             if e.status >= 500:
@@ -205,15 +208,22 @@ async def _read_hashed_body(receive, limit: int, declared: int | None):
 
 
 async def _respond(send, status: int, ctype: str, body) -> None:
+    """Send a reply: one buffer, or a list of buffers sent one after another."""
+    parts = [memoryview(p).cast("B") for p in body] if isinstance(body, list) \
+        else [memoryview(body).cast("B")]
+    total = sum(len(p) for p in parts)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", ctype.encode()),
-                            (b"content-length", str(len(body)).encode())]})
-    view = memoryview(body)
-    for start in range(0, max(len(body), 1), CHUNK):
-        more = start + CHUNK < len(body)
-        # a view: hypercorn copies each chunk into bytes itself
-        await send({"type": "http.response.body", "body": view[start:start + CHUNK],
-                    "more_body": more})
+                            (b"content-length", str(total).encode())]})
+    sent = 0
+    for view in parts:
+        for start in range(0, len(view), CHUNK):
+            chunk = view[start:start + CHUNK]
+            sent += len(chunk)
+            # a view: hypercorn copies each chunk into bytes itself
+            await send({"type": "http.response.body", "body": chunk, "more_body": sent < total})
+    if total == 0:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 async def serve(app: App, *, host: str, port: int, certfile: str | None, keyfile: str | None,

@@ -214,6 +214,17 @@ def encode(msg) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
+def owned(msg):
+    """Mark `msg` as the only holder of its tensors (a value just loaded, say): the transport
+    may then send them by reference instead of copying a snapshot first. Returns `msg`."""
+    object.__setattr__(msg, "_p2p_owned", True)
+    return msg
+
+
+def is_owned(msg) -> bool:
+    return getattr(msg, "_p2p_owned", False)
+
+
 def tensor_bytes(msg) -> int:
     """Bytes of the tensors a message holds directly: whether encoding it is heavy work."""
     return sum(v.numel() * v.element_size() for v in getattr(msg, "__dict__", {}).values()
