@@ -10,10 +10,12 @@ same role checks as ``/rpc``) in a task of its own, and pushes the answer back a
 one-way messages on streams that stay open, instead of an HTTP/2 request with its
 headers, ASGI scope and httpx objects.
 
-Calls suit small messages whose sender wants the reply soon (SMPC sessions start
-this way); large bodies still go as requests. A call whose stream breaks fails
-with PeerUnavailable at once; one that is not answered within its timeout fails
-with PeerUnavailable too, and its late reply is dropped.
+Calls suit small messages whose sender wants the reply soon; large bodies still go
+as requests. A call fails with PeerUnavailable as soon as a break of either stream
+of the pair is noticed: the callee's stream back (open once it has answered a call)
+shows a cut at once, while a stream nobody writes to shows it at the next write. A
+call not answered within its timeout fails with PeerUnavailable too, and its late
+reply is dropped.
 """
 
 from __future__ import annotations
