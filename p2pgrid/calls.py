@@ -13,9 +13,9 @@ headers, ASGI scope and httpx objects.
 Calls suit small messages whose sender wants the reply soon; large bodies still go
 as requests. A call fails with PeerUnavailable as soon as a break of either stream
 of the pair is noticed: the callee's stream back (open once it has answered a call)
-shows a cut at once, while a stream nobody writes to shows it at the next write. A
-call not answered within its timeout fails with PeerUnavailable too, and its late
-reply is dropped.
+shows a cut at once; the stream there shows it at its next write, and a waiting call
+writes a :class:`Nop` every :data:`KEEPALIVE` seconds for that. A call not answered
+within its timeout fails with PeerUnavailable too, and its late reply is dropped.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ log = logging.getLogger("p2pgrid.calls")
 
 PATH = "/call"
 MAX_IN_FLIGHT = 256   # calls one caller may have running on this peer at once
+KEEPALIVE = 0.5       # seconds between Nop writes while a call waits
 
-__all__ = ["Call", "CallReply", "Calls", "router"]
+__all__ = ["Call", "CallReply", "Nop", "Calls", "router"]
 
 
 @message("rt.call")
@@ -51,6 +52,12 @@ class Call:
     headers: dict[str, str]
     body: bytes
     reply_to: str = ""
+
+
+@message("rt.nop")
+@dataclass(frozen=True)
+class Nop:
+    """Nothing: written while a call waits, so that a dead connection shows as a write error."""
 
 
 @message("rt.call_reply")
@@ -89,7 +96,11 @@ class Calls:
         try:
             await peer.push(rec, Call(call_id, headers, body, peer.address or ""))
             with trio.move_on_after(timeout):
-                await done.wait()
+                while not done.is_set():
+                    with trio.move_on_after(KEEPALIVE):
+                        await done.wait()
+                    if not done.is_set():   # a stream nobody writes to never notices a dead peer
+                        await peer.push(rec, Nop())
         finally:
             self._waiting.pop(key, None)
         if not slot:
@@ -193,6 +204,11 @@ router = Router()
 @router.on(Call)
 async def _call(peer, caller, msg: Call):
     peer.calls.accept(caller, msg)
+
+
+@router.on(Nop)
+async def _nop(peer, caller, msg: Nop):
+    return None
 
 
 @router.on(CallReply)

@@ -232,3 +232,17 @@ async def _gather(fns):
         for i, fn in enumerate(fns):
             n.start_soon(one, i, fn)
     return out
+
+
+async def test_a_first_call_notices_a_callee_that_stops(tmp_path):
+    # no stream back from b yet: only the Nop writes of the waiting call can notice
+    async with open_network(["a", "b"], tmp_path, routers=[stall]) as grid:
+        t0 = time.monotonic()
+        async with trio.open_nursery() as n:
+            async def stop_soon():
+                await trio.sleep(0.5)
+                await grid.stop("b")
+            n.start_soon(stop_soon)
+            with pytest.raises(p2pgrid.PeerUnavailable):
+                await grid["a"].call("b", Stall(30.0), timeout=30)
+        assert time.monotonic() - t0 < 10
