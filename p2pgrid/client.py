@@ -157,8 +157,11 @@ class Transport:
         self.bytes_received = 0
         h2tuning.apply()
 
-    def _pool(self, target: Target) -> httpx.AsyncHTTPTransport:
-        k = (target.address, target.cert)
+    def _pool(self, target: Target, lane: str = "rpc") -> httpx.AsyncHTTPTransport:
+        # Push streams get a connection of their own ("push" lane): a request that shares
+        # a connection with a stream that stays open can wait on that stream's flow
+        # control and reads (httpcore reads for one stream at a time).
+        k = (target.address, target.cert, lane)
         pool = self._pools.get(k)
         if pool is None:
             if self.insecure:
@@ -254,7 +257,7 @@ class Transport:
                 await frames.aclose()
 
         timeouts = httpx.Timeout(open_timeout, read=None, write=open_timeout).as_dict()
-        pool = self._pool(target)
+        pool = self._pool(target, "push")
         self._busy[id(pool)] = self._busy.get(id(pool), 0) + 1
         try:
             request = httpx.Request("POST", url, headers=headers, stream=Body(),
@@ -278,8 +281,7 @@ class Transport:
 
     def _retire(self, target: Target, pool: httpx.AsyncHTTPTransport) -> None:
         """New requests to `target` get a fresh pool; this one closes once idle."""
-        k = (target.address, target.cert)
-        if self._pools.get(k) is pool:
+        for k in [k for k, p in self._pools.items() if p is pool]:
             del self._pools[k]
         self._retired[id(pool)] = pool
 
