@@ -16,6 +16,15 @@ of the pair is noticed: the callee's stream back (open once it has answered a ca
 shows a cut at once; the stream there shows it at its next write, and a waiting call
 writes a :class:`Nop` every :data:`KEEPALIVE` seconds for that. A call not answered
 within its timeout fails with PeerUnavailable too, and its late reply is dropped.
+
+>>> import tempfile, trio
+>>> from p2pgrid.messages import Ping
+>>> from p2pgrid.testing import open_network
+>>> async def main():
+...     async with open_network(["a", "b"], tempfile.mkdtemp()) as grid:
+...         return (await grid["a"].call("b", Ping())).name
+>>> trio.run(main)
+'b'
 """
 
 from __future__ import annotations
