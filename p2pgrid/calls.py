@@ -29,7 +29,6 @@ within its timeout fails with PeerUnavailable too, and its late reply is dropped
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import time
@@ -38,8 +37,8 @@ import trio
 
 from . import wire
 from .auth import Caller, body_digest, sign_request
-from .client import learn_target
-from .errors import P2PError, PeerUnavailable, RateLimited, Unauthenticated, error_from_wire
+from .client import learn_target, remote_error
+from .errors import P2PError, PeerUnavailable, RateLimited, Unauthenticated
 from .router import Router
 from .wire import dataclass, message
 
@@ -97,7 +96,7 @@ class Calls:
         rec = peer.record(name)
         body = wire.encode(msg)
         headers = sign_request(peer.identity, peer.name, rec.key_id, "POST", PATH,
-                               digest=hashlib.sha256(body).hexdigest(), now=time.time())
+                               digest=body_digest(body), now=time.time())
         call_id = next(self._ids)
         key = (rec.key_id, call_id)
         done, slot = trio.Event(), []
@@ -119,11 +118,7 @@ class Calls:
         if isinstance(payload, BaseException):
             raise payload
         if status != 200:
-            try:
-                err = wire.loads(payload)
-            except P2PError:
-                err = None
-            raise error_from_wire(err, status)
+            raise remote_error(payload, status)
         return wire.loads(payload)
 
     def _broken(self, name: str, why: str) -> None:

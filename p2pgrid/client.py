@@ -49,7 +49,17 @@ class Target:
     cert: bytes | None = None  # pinned certificate (DER); None only in --insecure mode
 
 
-async def _maybe_thread(n: int, fn, *args):
+def remote_error(data, status: int) -> P2PError:
+    """The typed error a peer answered with `status` and the body `data`."""
+    try:
+        body = wire.loads(data)
+    except P2PError:
+        body = None
+    return error_from_wire(body, status)
+
+
+async def maybe_thread(n: int, fn, *args):
+    """fn(*args), in a worker thread when it handles more than OFFLOAD bytes."""
     return await trio.to_thread.run_sync(fn, *args) if n > OFFLOAD else fn(*args)
 
 
@@ -224,13 +234,9 @@ class Transport:
         self.bytes_sent += size
         self.bytes_received += len(data)
         if resp.status_code != 200:
-            try:
-                body = wire.loads(data)
-            except P2PError:
-                body = None
-            raise error_from_wire(body, resp.status_code)
+            raise remote_error(data, resp.status_code)
         # adopt: a large reply is read into a buffer of our own (see _read_reply)
-        return await _maybe_thread(len(data), lambda d: wire.decode(d, adopt=True), data)
+        return await maybe_thread(len(data), lambda d: wire.decode(d, adopt=True), data)
 
     async def stream(self, target: Target, path: str, frames, *, digest: str,
                      open_timeout: float = 10.0) -> None:
@@ -273,11 +279,7 @@ class Transport:
             self.bytes_sent += sent
             await self._release(pool)
         if resp.status_code != 200:
-            try:
-                body = wire.loads(data)
-            except P2PError:
-                body = None
-            raise error_from_wire(body, resp.status_code)
+            raise remote_error(data, resp.status_code)
 
     def _retire(self, target: Target, pool: httpx.AsyncHTTPTransport) -> None:
         """New requests to `target` get a fresh pool; this one closes once idle."""

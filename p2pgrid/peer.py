@@ -21,7 +21,7 @@ import trio
 
 from . import push, tls, wire
 from .auth import Caller, Verifier
-from .client import Target, Transport, learn_target
+from .client import Target, Transport, learn_target, maybe_thread
 from .config import PeerConfig
 from .directory import Directory, ObjectSummary, PeerRecord, handle_gossip
 from .errors import NotFound, PeerUnavailable, Unauthenticated
@@ -301,9 +301,7 @@ class Peer:
 
 
 async def _encode_push(msg) -> bytes:
-    if wire.tensor_bytes(msg) > 1 << 20:
-        return await trio.to_thread.run_sync(wire.encode_buffer, msg)
-    return wire.encode_buffer(msg)
+    return await maybe_thread(wire.tensor_bytes(msg), wire.encode_buffer, msg)
 
 
 def summary_of(meta: ObjectMeta) -> ObjectSummary:

@@ -170,14 +170,14 @@ class Pushers:
                 yield part
 
     async def _run(self, stream: _Stream, target) -> None:
+        why = None
         try:
             await self._open_stream(target, self._frames(stream))
         except Exception as e:  # noqa: BLE001 - reported to the listeners, never raised here
             why = e.message if isinstance(e, P2PError) else type(e).__name__
             log.info("push stream to %s broke: %s", stream.name, why)
-            self._forget(stream)
-            stream.receive.close()
-            self.report(stream.name, why)
         finally:
-            self._forget(stream)
+            self._forget(stream)   # the next push opens a new stream
             stream.receive.close()
+        if why is not None:
+            self.report(stream.name, why)

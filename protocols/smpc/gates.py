@@ -171,27 +171,22 @@ def _lookup_table() -> np.ndarray:
 _LT_EQ = _lookup_table()
 
 
+def _lt_eq(tables: torch.Tensor, u_chunks: torch.Tensor) -> np.ndarray:
+    """uint8 codes (..., 16): bit 0 the share of eq, bit 1 the share of lt, per chunk."""
+    fields = tables.contiguous().numpy().view(np.uint16).astype(np.int32)   # (..., 16)
+    return _LT_EQ[fields >> u_chunks.numpy().astype(np.int32)]
+
+
 def table_lookup(tables: torch.Tensor, u_chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """XOR shares of (lt, eq) per chunk from shares of the one-hot tables (..., 4 words)."""
-    fields = tables.contiguous().numpy().view(np.uint16).astype(np.int32)   # (..., 16)
-    t = _LT_EQ[fields >> u_chunks.numpy().astype(np.int32)]
-    t = torch.from_numpy(t).to(torch.int64)
+    t = torch.from_numpy(_lt_eq(tables, u_chunks)).to(torch.int64)
     return t >> 1, t & 1
 
 
 def lookup_sliced(tables: torch.Tensor, u_lo: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`table_lookup` for flat public u_lo (N,), bit-sliced: (lt, eq) words (16, W)."""
-    n = u_lo.shape[0]
-    shifts = np.arange(CHUNKS, dtype=np.int64) * 4
-    u = ((u_lo.numpy()[:, None] >> shifts) & 15).astype(np.int32)             # (N, 16)
-    fields = tables.contiguous().numpy().view(np.uint16).astype(np.int32)       # (N, 16)
-    t = np.ascontiguousarray(_LT_EQ[fields >> u].T)                            # (16, N)
-    pad = n_words(n) * 64 - n
-    if pad:
-        t = np.concatenate([t, np.zeros((CHUNKS, pad), np.uint8)], -1)
-    eq = np.packbits(t & 1, axis=-1, bitorder="little").view(np.int64)
-    lt = np.packbits(t >> 1, axis=-1, bitorder="little").view(np.int64)
-    return torch.from_numpy(lt), torch.from_numpy(eq)
+    t = torch.from_numpy(np.ascontiguousarray(_lt_eq(tables, chunks_of(u_lo)).T))   # (16, N)
+    return slice_bits(t >> 1), slice_bits(t & 1)
 
 
 def cmp_spec(n: int) -> list[tuple[str, tuple[int, ...]]]:
