@@ -25,6 +25,7 @@ import hashlib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 
 from .errors import ReplayDetected, Unauthenticated
 from .identity import Identity, key_id, verify
@@ -67,7 +68,7 @@ class Caller:
     name: str
     public_key: bytes
 
-    @property
+    @cached_property   # asked for on every message a stream carries
     def key_id(self) -> str:
         return key_id(self.public_key)
 

@@ -1,17 +1,28 @@
-"""Calls: signed request/reply pairs carried on push streams (see :mod:`p2pgrid.push`).
+"""Calls: request/reply pairs carried on push streams (see :mod:`p2pgrid.push`).
 
-A call is a request without HTTP: the caller signs the encoded message exactly as
-:meth:`p2pgrid.client.Transport.request` does (method ``POST``, path ``/call``, its
-name, the audience's key id, a timestamp, a nonce and the SHA-256 of the body) and
-pushes it as :class:`Call`; the callee verifies it with the same verifier (stale
-and replayed calls are refused), dispatches the message through its router (the
-same role checks as ``/rpc``) in a task of its own, and pushes the answer back as
-:class:`CallReply` (the reply message, or the typed error). Each call costs two
-one-way messages on streams that stay open, instead of an HTTP/2 request with its
-headers, ASGI scope and httpx objects.
+A call is a request without HTTP: the caller pushes the encoded message as
+:class:`Call` on its stream to the callee; the callee dispatches it through its
+router (the same role checks as ``/rpc``) in a task of its own and pushes the
+answer back as :class:`CallReply` (the reply message, or the typed error). Each
+call costs two one-way messages on streams that stay open, instead of an HTTP/2
+request with its headers, ASGI scope and httpx objects.
 
-Calls suit small messages whose sender wants the reply soon; large bodies still go
-as requests. A call fails with PeerUnavailable as soon as a break of either stream
+Authentication. A call arrives on a stream its caller opened with a signed request,
+and over TLS pinned to the callee's key every frame of that stream is the caller's,
+in order, once: the channel authenticates the call, as it does every push. So
+over TLS a call carries no signature of its own (an Ed25519 verification was a
+quarter of the callee's CPU per call). Over cleartext h2c (``--insecure``) frames
+could be injected, so there each call is signed exactly as
+:meth:`p2pgrid.client.Transport.request` signs (method ``POST``, path ``/call``,
+its name, the audience's key id, a timestamp, a nonce and the SHA-256 of the
+body), and the callee verifies it with the same verifier (stale and replayed calls
+are refused) before it runs.
+
+:meth:`p2pgrid.peer.Peer.request` sends small messages as calls; a message of
+:data:`INLINE` bytes or more goes as an HTTP request instead, and a reply that large
+is held by the callee under a one-time ticket that the caller redeems with a request
+(:class:`FetchReply`): the request path streams large bodies without the copies a
+pushed frame costs. A call fails with PeerUnavailable as soon as a break of either stream
 of the pair is noticed: the callee's stream back (open once it has answered a call)
 shows a cut at once; the stream there shows it at its next write, and a waiting call
 writes a :class:`Nop` every :data:`KEEPALIVE` seconds for that. A call not answered
@@ -31,14 +42,16 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import time
+from dataclasses import field
 
 import trio
 
 from . import wire
 from .auth import Caller, body_digest, sign_request
 from .client import learn_target, remote_error
-from .errors import P2PError, PeerUnavailable, RateLimited, Unauthenticated
+from .errors import NotFound, P2PError, PeerUnavailable, RateLimited, Unauthenticated
 from .router import Router
 from .wire import dataclass, message
 
@@ -47,19 +60,22 @@ log = logging.getLogger("p2pgrid.calls")
 PATH = "/call"
 MAX_IN_FLIGHT = 256   # calls one caller may have running on this peer at once
 KEEPALIVE = 0.5       # seconds between Nop writes while a call waits
+INLINE = 1 << 20      # bytes: larger messages and replies take the request path
+HOLD = 60.0           # seconds a large reply waits for its caller to fetch it
 
-__all__ = ["Call", "CallReply", "Nop", "Calls", "router"]
+__all__ = ["Call", "CallReply", "FetchReply", "Nop", "Calls", "router"]
 
 
 @message("rt.call")
 @dataclass(frozen=True)
 class Call:
-    """A signed message for the receiving peer's router; `body` is its CBOR encoding;
-    `reply_to` the caller's address, for a callee that does not know it yet."""
+    """A message for the receiving peer's router; `body` is its CBOR encoding;
+    `reply_to` the caller's address, for a callee that does not know it yet;
+    `headers` its signature where the stream is cleartext (empty over TLS)."""
     id: int
-    headers: dict[str, str]
     body: bytes
     reply_to: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 @message("rt.nop")
@@ -71,11 +87,20 @@ class Nop:
 @message("rt.call_reply")
 @dataclass(frozen=True)
 class CallReply:
-    """The answer to call `id`: the reply message's CBOR encoding (`status` 200), or an
+    """The answer to call `id`: the reply message's CBOR encoding (`status` 200), the
+    ticket of a reply too large to push (`status` 303, see :class:`FetchReply`), or an
     error as ``P2PError.to_wire()`` encodes it."""
     id: int
     status: int
     body: bytes
+
+
+@message("rt.fetch_reply")
+@dataclass(frozen=True)
+class FetchReply:
+    """Ask, as a request, for the reply a call left under `ticket`: large replies take
+    the request path, which streams them without copies."""
+    ticket: str
 
 
 class Calls:
@@ -87,36 +112,50 @@ class Calls:
         self._waiting: dict[tuple[str, int], tuple[trio.Event, list]] = {}
         self._serving: dict[str, int] = {}   # caller key id -> calls running for it
         self._learned: dict[tuple[str, str], object] = {}   # (address, key id) -> Target
+        self._held: dict[str, tuple[str, float, object]] = {}   # ticket -> (key id, until, reply)
         self.nursery: trio.Nursery | None = None
         peer.push_listeners.append(self._broken)
 
-    async def call(self, name: str, msg, *, timeout: float) -> object:
-        """Send `msg` to peer `name` as a call; its reply message, or its error raised."""
+    def usable(self) -> bool:
+        """Whether this peer can make calls: it serves, so replies have somewhere to go."""
+        return self.nursery is not None and bool(self.peer.address)
+
+    async def call(self, rec, msg, *, timeout: float) -> object:
+        """Send `msg` to the peer of record `rec` as a call; its reply message, or its
+        error raised. A message that encodes to :data:`INLINE` bytes or more goes as
+        a request instead."""
         peer = self.peer
-        rec = peer.record(name)
         body = wire.encode(msg)
-        headers = sign_request(peer.identity, peer.name, rec.key_id, "POST", PATH,
-                               digest=body_digest(body), now=time.time())
-        call_id = next(self._ids)
-        key = (rec.key_id, call_id)
+        if len(body) >= INLINE:
+            return await peer.transport.request(peer.target(rec), msg, timeout=timeout,
+                                                encoded=body)
+        headers = {}
+        if peer.config.insecure:   # nothing else vouches for a cleartext frame
+            headers = sign_request(peer.identity, peer.name, rec.key_id, "POST", PATH,
+                                   digest=body_digest(body), now=time.time())
+        call = Call(next(self._ids), body, peer.address or "", headers)
+        key = (rec.key_id, call.id)
         done, slot = trio.Event(), []
         self._waiting[key] = (done, slot)
         try:
-            await peer.push(rec, Call(call_id, headers, body, peer.address or ""))
-            with trio.move_on_after(timeout):
-                while not done.is_set():
-                    with trio.move_on_after(KEEPALIVE):
-                        await done.wait()
-                    if not done.is_set():   # a stream nobody writes to never notices a dead peer
-                        await peer.push(rec, Nop())
+            await peer.push(rec, call)
+            deadline = trio.current_time() + timeout
+            while not done.is_set() and trio.current_time() < deadline:
+                with trio.move_on_at(min(deadline, trio.current_time() + KEEPALIVE)):
+                    await done.wait()
+                if not done.is_set():   # a stream nobody writes to never notices a dead peer
+                    await peer.push(rec, Nop())
         finally:
             self._waiting.pop(key, None)
         if not slot:
-            raise PeerUnavailable(f"{name} did not answer call {type(msg).__name__} within "
+            raise PeerUnavailable(f"{rec.name} did not answer call {type(msg).__name__} within "
                                   f"{timeout:g} s")
         status, payload = slot[0]
         if isinstance(payload, BaseException):
             raise payload
+        if status == 303:
+            return await peer.transport.request(peer.target(rec), FetchReply(payload.hex()),
+                                                timeout=timeout)
         if status != 200:
             raise remote_error(payload, status)
         return wire.loads(payload)
@@ -133,13 +172,15 @@ class Calls:
 
     # ------------------------------------------------------------ the callee's side
     def accept(self, stream_caller: Caller, msg: Call) -> None:
-        """Verify `msg` and start serving it; the answer goes back as a push."""
+        """Check `msg` and start serving it; the answer goes back as a push."""
         if self.nursery is None:
             raise PeerUnavailable("this peer is not running")
-        digest = body_digest(msg.body)
-        caller = self.peer.verifier.verify("POST", PATH, msg.headers, digest, now=time.time())
-        if caller.public_key != stream_caller.public_key:
-            raise Unauthenticated("a call must be signed by the key that opened its stream")
+        caller = stream_caller   # over TLS the stream vouches for its frames
+        if msg.headers or self.peer.config.insecure:
+            caller = self.peer.verifier.verify("POST", PATH, msg.headers,
+                                               body_digest(msg.body), now=time.time())
+            if caller.public_key != stream_caller.public_key:
+                raise Unauthenticated("a call must be signed by the key that opened its stream")
         self.peer.authorize(caller)
         kid = caller.key_id
         if self._serving.get(kid, 0) >= MAX_IN_FLIGHT:
@@ -153,7 +194,11 @@ class Calls:
             try:
                 inner = wire.decode(msg.body, max_size=peer.config.max_body)
                 reply = await peer.router.dispatch(peer, caller, inner)
-                answer = CallReply(msg.id, 200, wire.encode(reply))
+                body = None if wire.tensor_bytes(reply) >= INLINE else wire.encode(reply)
+                if body is None or len(body) >= INLINE:
+                    answer = CallReply(msg.id, 303, self._hold(caller, reply))
+                else:
+                    answer = CallReply(msg.id, 200, body)
             except P2PError as e:
                 if e.status >= 500:
                     log.warning("call from %s failed: %s", caller.name, e.code)
@@ -180,7 +225,9 @@ class Calls:
             rec = peer.record(caller.name)
         except P2PError:
             rec = None
-        if rec is not None and rec.key_id == caller.key_id:
+        # the address the call came from wins over the directory's, which may be stale
+        if (rec is not None and rec.key_id == caller.key_id
+                and (not reply_to or reply_to in rec.addresses)):
             await peer.push(rec, answer)
             return
         if not reply_to:
@@ -191,6 +238,22 @@ class Calls:
                                         insecure=peer.config.insecure)
             self._learned[(reply_to, caller.key_id)] = target
         await peer.pushers.push(caller.name, target, answer)
+
+    def _hold(self, caller: Caller, reply) -> bytes:
+        """Keep `reply` for `caller` to fetch for :data:`HOLD` seconds; its ticket."""
+        now = time.monotonic()
+        for t in [t for t, (_, until, _) in self._held.items() if until < now]:
+            del self._held[t]
+        ticket = os.urandom(16)
+        self._held[ticket.hex()] = (caller.key_id, now + HOLD, reply)
+        return ticket
+
+    def fetch(self, caller: Caller, ticket: str):
+        held = self._held.get(ticket)
+        if held is None or held[0] != caller.key_id or held[1] < time.monotonic():
+            raise NotFound("no reply is held under that ticket (fetched, expired, or another's)")
+        del self._held[ticket]
+        return held[2]
 
     def answered(self, callee: Caller, msg: CallReply) -> None:
         entry = self._waiting.get((callee.key_id, msg.id))
@@ -218,3 +281,8 @@ async def _nop(peer, caller, msg: Nop):
 @router.on(CallReply)
 async def _call_reply(peer, caller, msg: CallReply):
     peer.calls.answered(caller, msg)
+
+
+@router.on(FetchReply)
+async def _fetch_reply(peer, caller, msg: FetchReply):
+    return peer.calls.fetch(caller, msg.ticket)

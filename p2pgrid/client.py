@@ -184,9 +184,14 @@ class Transport:
             self._pools[k] = pool
         return pool
 
-    async def request(self, target: Target, msg, *, timeout: float | None = None):
-        """Send one message and return the reply message; remote errors re-raise here typed."""
-        body, digest = await _encode_and_hash(msg)
+    async def request(self, target: Target, msg, *, timeout: float | None = None,
+                      encoded: bytes | None = None):
+        """Send one message and return the reply message; remote errors re-raise here typed.
+        `encoded`: the message's encoding, where the caller has it already."""
+        if encoded is None:
+            body, digest = await _encode_and_hash(msg)
+        else:
+            body, digest = encoded, hashlib.sha256(encoded).hexdigest()
         size = len(body)
         url = f"{'http' if self.insecure else 'https'}://{target.address}/rpc"
         timeouts = httpx.Timeout(timeout or self.timeout).as_dict()
@@ -280,6 +285,12 @@ class Transport:
             await self._release(pool)
         if resp.status_code != 200:
             raise remote_error(data, resp.status_code)
+
+    def retire(self, target: Target, lane: str = "rpc") -> None:
+        """The next request (or stream, lane "push") to `target` takes a new connection."""
+        pool = self._pools.get((target.address, target.cert, lane))
+        if pool is not None and self._busy.get(id(pool)):   # it closes when its last ends
+            self._retire(target, pool)
 
     def _retire(self, target: Target, pool: httpx.AsyncHTTPTransport) -> None:
         """New requests to `target` get a fresh pool; this one closes once idle."""

@@ -19,7 +19,7 @@ from typing import AsyncIterator, Iterable
 import torch
 import trio
 
-from . import push, tls, wire
+from . import calls, push, tls, wire
 from .auth import Caller, Verifier
 from .client import Target, Transport, learn_target, maybe_thread
 from .config import PeerConfig
@@ -67,7 +67,7 @@ class Peer:
         self.pushers = Pushers(
             lambda target, frames: self.transport.stream(target, push.PATH, frames,
                                                          digest=push.STREAM_DIGEST),
-            _encode_push)
+            _encode_push, retire=lambda target: self.transport.retire(target, "push"))
         self.calls = Calls(self)
         self.router = Router()
         self.router.include(core_router)
@@ -176,11 +176,25 @@ class Peer:
             raise PeerUnavailable(f"peer {rec.name!r} advertises no address")
         return Target(rec.addresses[0], rec.key_id, None if self.config.insecure else rec.cert)
 
-    async def request(self, to: str | PeerRecord, msg, *, timeout: float | None = None):
-        """Send `msg` to a peer (name, key id, or record) and return its reply."""
+    async def request(self, to: str | PeerRecord, msg, *, timeout: float | None = None,
+                      via: str = "auto"):
+        """Send `msg` to a peer (name, key id, or record) and return its reply, or raise
+        its typed error.
+
+        ``via="auto"`` sends a small message as a call on the push streams (see
+        :mod:`p2pgrid.calls`: about half the cost of an HTTP request each way) and a
+        large one (tensors of :data:`p2pgrid.calls.INLINE` bytes or more) as an HTTP/2
+        request, which streams it; ``"call"`` and ``"http"`` choose.
+        """
+        if via not in ("auto", "call", "http"):
+            raise ValueError(f"via must be 'auto', 'call' or 'http', not {via!r}")
         rec = to if isinstance(to, PeerRecord) else self.record(to)
         if rec.key_id == self.key_id:
             return await self.router.dispatch(self, Caller(self.name, self.identity.public_bytes), msg)
+        if via == "call" or (via == "auto" and self.calls.usable()
+                             and wire.tensor_bytes(msg) < calls.INLINE):
+            timeout = self.config.request_timeout if timeout is None else timeout
+            return await self.calls.call(rec, msg, timeout=timeout)
         return await self.transport.request(self.target(rec), msg, timeout=timeout)
 
     async def push(self, to: str | PeerRecord, msg) -> None:
@@ -192,13 +206,16 @@ class Peer:
             return
         await self.pushers.push(rec.name, self.target(rec), msg)
 
-    async def call(self, to: str, msg, *, timeout: float | None = None):
-        """Like :meth:`request` (signed, verified, the reply or the typed error), carried
-        on push streams instead of an HTTP request each: for small, frequent messages."""
-        timeout = self.config.request_timeout if timeout is None else timeout
-        if self.record(to).key_id == self.key_id:
-            return await self.router.dispatch(self, Caller(self.name, self.identity.public_bytes), msg)
-        return await self.calls.call(to, msg, timeout=timeout)
+    async def call(self, to: str | PeerRecord, msg, *, timeout: float | None = None):
+        """:meth:`request` as a call whatever the message's size (a large one still
+        goes as a request: see :meth:`p2pgrid.calls.Calls.call`)."""
+        return await self.request(to, msg, timeout=timeout, via="call")
+
+    def _stream_cut(self, name: str, why: str) -> None:
+        # A peer whose stream to us was cut has likely gone (a restart, say): our
+        # stream to it goes too, rather than lose the next message on a dead connection.
+        self.pushers.drop(name)
+        self.pushers.report(name, why)
 
     @property
     def push_listeners(self) -> list:
@@ -241,7 +258,7 @@ class Peer:
         card = wire.dumps({"name": self.name, "public_key": self.identity.public_bytes})
         app = App(self.verifier, self.authorize, lambda c, m: self.router.dispatch(self, c, m),
                   max_body=self.config.max_body, page=self._page, identity_card=card,
-                  push_broken=self.pushers.report)
+                  push_broken=self._stream_cut)
         await serve(app, host=self.config.host, port=self.config.port if port is None else port,
                     certfile=certfile,
                     keyfile=keyfile, task_status=task_status)

@@ -41,6 +41,7 @@ STREAM_DIGEST = "push-stream-v1"  # stands in for the body digest a streamed bod
 IDLE = 30.0            # seconds without a message before a push stream closes
 QUEUE = 64             # messages queued per destination before push() waits
 HEADER = 4
+MIN_FRAME = 4 << 20    # bytes a stream takes in one frame, even where max_body is smaller
 
 __all__ = ["encode_frame", "FrameReader", "Pushers", "PATH", "STREAM_DIGEST"]
 
@@ -100,9 +101,10 @@ Listener = Callable[[str, str], None]   # (peer name, why the stream broke)
 class _Stream:
     """One destination's queue and the task that writes it into a /push request."""
 
-    def __init__(self, name: str, key):
-        self.name, self.key = name, key
+    def __init__(self, name: str, key, target):
+        self.name, self.key, self.target = name, key, target
         self.send, self.receive = trio.open_memory_channel(QUEUE)
+        self.scope = trio.CancelScope()
 
 
 class Pushers:
@@ -110,12 +112,15 @@ class Pushers:
 
     `open_stream(target, frames)` is the transport's streamed request; it returns
     when the body has ended and the receiver answered. `encode(msg)` gives the
-    message's CBOR bytes.
+    message's CBOR bytes. `retire(target)` makes the transport's next stream to
+    `target` take a new connection.
     """
 
     def __init__(self, open_stream: Callable[..., Awaitable[None]],
-                 encode: Callable[[object], Awaitable[bytes]], *, idle: float = IDLE):
+                 encode: Callable[[object], Awaitable[bytes]], *, idle: float = IDLE,
+                 retire: Callable[[object], None] = lambda target: None):
         self._open_stream, self._encode, self.idle = open_stream, encode, idle
+        self._retire = retire
         self._streams: dict[object, _Stream] = {}
         self.listeners: list[Listener] = []
         self.nursery: trio.Nursery | None = None
@@ -127,12 +132,24 @@ class Pushers:
         if stream is None:
             if self.nursery is None:
                 raise PeerUnavailable("this peer is not running")
-            stream = self._streams[key] = _Stream(name, key)
+            stream = self._streams[key] = _Stream(name, key, target)
             self.nursery.start_soon(self._run, stream, target)
         try:
             await stream.send.send(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise PeerUnavailable(f"the push stream to {name} broke") from None
+
+    def drop(self, name: str) -> None:
+        """Close the streams to peer `name` now, and let the next take a new connection.
+
+        For when its stream to us was cut: it has likely gone away, and a stream
+        to it that is idle would only show that at its next write, which the
+        kernel accepts for a dead connection, and loses.
+        """
+        for stream in [s for s in self._streams.values() if s.name == name]:
+            self._forget(stream)
+            stream.scope.cancel()
+            self._retire(stream.target)
 
     def report(self, name: str, why: str) -> None:
         for fn in list(self.listeners):
@@ -172,7 +189,8 @@ class Pushers:
     async def _run(self, stream: _Stream, target) -> None:
         why = None
         try:
-            await self._open_stream(target, self._frames(stream))
+            with stream.scope:   # cancelled by drop(), whose caller has reported the break
+                await self._open_stream(target, self._frames(stream))
         except Exception as e:  # noqa: BLE001 - reported to the listeners, never raised here
             why = e.message if isinstance(e, P2PError) else type(e).__name__
             log.info("push stream to %s broke: %s", stream.name, why)

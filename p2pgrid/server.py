@@ -129,13 +129,16 @@ class App:
             caller = self.verifier.verify("POST", push.PATH, headers, push.STREAM_DIGEST,
                                           now=time.time())
             self.authorize(caller)
-            reader = push.FrameReader(self.max_body)
+            # a call's own body is held to max_body where it is decoded, so that one
+            # call over it is refused alone, not with the stream and every call on it
+            limit = max(self.max_body, push.MIN_FRAME)
+            reader = push.FrameReader(limit)
             while True:
                 event = await receive()
                 if event["type"] == "http.disconnect":
                     raise _ClientGone()
                 for frame in reader.feed(event.get("body", b"")):
-                    msg = wire.decode(frame, max_size=self.max_body, adopt=True)
+                    msg = wire.decode(frame, max_size=limit, adopt=True)
                     try:
                         await self.dispatch(caller, msg)
                     except P2PError as e:  # nobody to answer: the handler's own state says it

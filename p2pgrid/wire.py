@@ -21,6 +21,7 @@ as tag 40 ``[shape, typed-array]`` (RFC 8746, little-endian) and decode to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import types
@@ -63,7 +64,7 @@ _TAG_NDARRAY = 40
 
 _MESSAGES: dict[str, type] = {}
 _NAMES: dict[type, str] = {}
-_HINTS: dict[type, dict[str, Any]] = {}
+_PLANS: dict[type, tuple[set, list]] = {}  # class -> (field names, checks)
 
 
 def message(name: str):
@@ -328,29 +329,34 @@ def _tag_hook(tag, immutable=False, payloads=None):
     raise MalformedMessage(f"unknown CBOR tag {t}")
 
 
-def _hints(cls) -> dict[str, Any]:
-    if cls not in _HINTS:
+def _fields_of(cls) -> tuple[dict, list]:
+    """The checks `_build` runs for `cls`, compiled from its annotations once."""
+    plan = _PLANS.get(cls)
+    if plan is None:
         mod = sys.modules.get(cls.__module__)
-        _HINTS[cls] = typing.get_type_hints(cls, vars(mod) if mod else None)
-    return _HINTS[cls]
+        hints = typing.get_type_hints(cls, vars(mod) if mod else None)
+        name = _NAMES[cls]
+        plan = _PLANS[cls] = (
+            {f.name for f in dataclasses.fields(cls)},
+            [(f.name, f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+              _checker(hints[f.name]), f"{name}.{f.name}") for f in dataclasses.fields(cls)])
+    return plan
 
 
 def _build(name: str, fields: dict):
     cls = _MESSAGES.get(name)
     if cls is None:
         raise MalformedMessage(f"unknown message type {name!r}")
-    hints = _hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    extra = set(fields) - set(known)
-    if extra:
+    known, checks = _fields_of(cls)
+    if len(fields) > len(known) or not known.issuperset(fields):
+        extra = set(fields) - known
         raise MalformedMessage(f"{name}: unknown fields {sorted(map(str, extra))}")
     kwargs = {}
-    for fname, f in known.items():
-        if fname not in fields:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise MalformedMessage(f"{name}: missing field {fname!r}")
-            continue
-        kwargs[fname] = _coerce(fields[fname], hints[fname], f"{name}.{fname}")
+    for fname, required, check, where in checks:
+        if fname in fields:
+            kwargs[fname] = check(fields[fname], where)
+        elif required:
+            raise MalformedMessage(f"{name}: missing field {fname!r}")
     return cls(**kwargs)
 
 
@@ -366,52 +372,95 @@ def _thaw(value):
     return value
 
 
-def _coerce(value, hint, where: str):
-    """Check `value` against the annotation `hint`; convert lists/tuples where asked."""
-    if hint is Any or hint is object:
-        return _thaw(value)
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(hint):
-            try:
-                return _coerce(value, arg, where)
-            except MalformedMessage as e:
-                errors.append(e)
-        raise MalformedMessage(f"{where}: {type(value).__name__} fits none of {hint}")
-    if hint is type(None):
-        if value is None:
-            return None
-        raise MalformedMessage(f"{where}: expected null")
-    if origin in (list, tuple) or hint in (list, tuple):
-        if not isinstance(value, _ANY_SEQ):
-            raise MalformedMessage(f"{where}: expected a list, got {type(value).__name__}")
-        args = typing.get_args(hint)
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise MalformedMessage(f"{where}: expected {len(args)} items")
-            return tuple(_coerce(v, a, where) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        out = [_coerce(v, item, where) for v in value]
-        return tuple(out) if (origin or hint) is tuple else out
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise MalformedMessage(f"{where}: expected a map, got {type(value).__name__}")
-        args = typing.get_args(hint) or (Any, Any)
-        return {_coerce(k, args[0], where): _coerce(v, args[1], where) for k, v in value.items()}
-    if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is bytes:
-        if isinstance(value, (bytes, bytearray)):
-            return bytes(value)
-    elif isinstance(hint, type) and isinstance(value, hint):
-        return value
+def _fail(where: str, hint, value):
     raise MalformedMessage(f"{where}: expected {getattr(hint, '__name__', hint)}, "
                            f"got {type(value).__name__}")
+
+
+@functools.lru_cache(maxsize=None)
+def _checker(hint):
+    """A function (value, where) -> value that checks `value` against the annotation
+    `hint` and converts lists/tuples where asked; built once per annotation, because
+    decoding each message field by field through typing's introspection cost more
+    than the rest of its decoding."""
+    if hint is Any or hint is object:
+        return lambda v, where: _thaw(v)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = [_checker(a) for a in typing.get_args(hint)]
+
+        def union(v, where):
+            for check in options:
+                try:
+                    return check(v, where)
+                except MalformedMessage:
+                    pass
+            raise MalformedMessage(f"{where}: {type(v).__name__} fits none of {hint}")
+        return union
+    if hint is type(None):
+        def none(v, where):
+            if v is None:
+                return None
+            raise MalformedMessage(f"{where}: expected null")
+        return none
+    if origin in (list, tuple) or hint in (list, tuple):
+        args = typing.get_args(hint)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            items = [_checker(a) for a in args]
+
+            def fixed(v, where):
+                if not isinstance(v, _ANY_SEQ):
+                    raise MalformedMessage(f"{where}: expected a list, got {type(v).__name__}")
+                if len(items) != len(v):
+                    raise MalformedMessage(f"{where}: expected {len(items)} items")
+                return tuple(check(x, where) for x, check in zip(v, items))
+            return fixed
+        item = _checker(args[0] if args else Any)
+        as_tuple = (origin or hint) is tuple
+
+        def seq(v, where):
+            if not isinstance(v, _ANY_SEQ):
+                raise MalformedMessage(f"{where}: expected a list, got {type(v).__name__}")
+            out = [item(x, where) for x in v]
+            return tuple(out) if as_tuple else out
+        return seq
+    if origin is dict or hint is dict:
+        kt, vt = typing.get_args(hint) or (Any, Any)
+        key, val = _checker(kt), _checker(vt)
+
+        def mapping(v, where):
+            if not isinstance(v, Mapping):
+                raise MalformedMessage(f"{where}: expected a map, got {type(v).__name__}")
+            return {key(k, where): val(x, where) for k, x in v.items()}
+        return mapping
+    if hint is float:
+        def real(v, where):
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return float(v)
+            _fail(where, hint, v)
+        return real
+    if hint is int:
+        def integer(v, where):
+            if isinstance(v, int) and not isinstance(v, bool):
+                return v
+            _fail(where, hint, v)
+        return integer
+    if hint is bytes:
+        def raw(v, where):
+            if isinstance(v, (bytes, bytearray)):
+                return bytes(v)
+            _fail(where, hint, v)
+        return raw
+    if isinstance(hint, type):
+        def instance(v, where):
+            if isinstance(v, hint):
+                return v
+            _fail(where, hint, v)
+        return instance
+
+    def never(v, where):
+        _fail(where, hint, v)
+    return never
 
 
 # Large typed arrays skip cbor2 on the way in, too: cbor2 reads a byte string

@@ -10,12 +10,15 @@ and, once the directory knows the server, measures:
 
 - ``ping_ms``: ``peer.request(server, Ping())`` round trips (p50, p99, mean),
   and the CPU time each process spent per round trip (``cpu_ms_client``,
-  ``cpu_ms_server``): on a shared machine the steadier number;
-- ``call_ms``: the same for ``peer.call(server, Ping())``: signed and verified the
-  same way, carried on push streams (see ``p2pgrid.calls``);
+  ``cpu_ms_server``): on a shared machine the steadier number. A small request
+  travels as a call on the push streams (see ``p2pgrid.calls``);
+- ``http_ms``: the same with ``via="http"``: an HTTP/2 request of its own, the
+  path large messages take;
 - ``upload_MBps``: ``PutObject`` of an N MB uint8 tensor (the reply comes after
   the server has verified, decoded and stored it);
-- ``download_MBps``: ``GetObject`` of that stored object (the reply carries it);
+- ``download_MBps``: ``GetObject`` of that stored object: a small request whose
+  reply, from 1 MiB up, the server holds for the client to fetch with a request
+  (see ``p2pgrid.calls``), so the time includes that extra round trip;
 - ``*_cpu_ms_per_MB``: CPU time per MB moved, per process, all threads.
 
 Measuring starts once both peers are idle (plugins warm up in threads when a
@@ -119,7 +122,10 @@ async def _measure(args, seed: str, data_dir: Path, server_pid: int) -> dict:
         server = "bench-server"
         _log(f"  peers idle after {await _settle(server_pid):.1f} s")
 
-        for key, send in [("ping_ms", peer.request), ("call_ms", peer.call)]:
+        async def http(to, msg):
+            return await peer.request(to, msg, via="http")
+        paths = {"request": ("ping_ms", peer.request), "http": ("http_ms", http)}
+        for key, send in [paths[p] for p in args.paths]:
             for _ in range(min(200, args.pings)):  # warm up: connection, caches
                 await send(server, Ping())
             rtts = []
@@ -223,6 +229,9 @@ def main(argv=None) -> None:
                     help="tensor sizes in MB (10**6 bytes), comma-separated")
     ap.add_argument("--rounds", type=int, default=3, help="transfers per size and direction")
     ap.add_argument("--pings", type=int, default=1000, help="timed Ping round trips")
+    ap.add_argument("--paths", default="request,http",
+                    help="which round trips to time: request (as peer.request sends a small "
+                         "message), http (an HTTP/2 request each), or both (comma-separated)")
     ap.add_argument("--insecure", action="store_true", help="h2c only (no TLS)")
     ap.add_argument("--tls-only", action="store_true", help="TLS only")
     ap.add_argument("--data-dir", default=None, help="where the peers keep their stores")
@@ -236,6 +245,9 @@ def main(argv=None) -> None:
         return
 
     args.sizes = [float(s) for s in args.sizes.split(",") if s]
+    args.paths = [p for p in args.paths.split(",") if p]
+    if not set(args.paths) <= {"request", "http"}:
+        ap.error("--paths takes request, http or both")
     base = args.data_dir or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
     modes = [True] if args.insecure else [False] if args.tls_only else [False, True]
     t0 = time.perf_counter()

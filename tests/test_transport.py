@@ -51,7 +51,7 @@ async def test_bodies_of_many_sizes_round_trip_intact(tmp_path, insecure):
 async def test_large_and_small_requests_share_one_connection(tmp_path):
     async with open_network(["a", "b"], tmp_path) as grid:
         a = grid["a"]
-        await a.request("b", Ping())  # the connection exists before the burst
+        await a.request("b", Ping(), via="http")  # the connection exists before the burst
         big = torch.randint(0, 256, (24 * MB,), dtype=torch.uint8)
         pongs, backs = [], []
 
@@ -60,7 +60,7 @@ async def test_large_and_small_requests_share_one_connection(tmp_path):
 
         async def pings():
             for _ in range(20):
-                pongs.append(await a.request("b", Ping()))
+                pongs.append(await a.request("b", Ping(), via="http"))
 
         with trio.fail_after(60):
             async with trio.open_nursery() as nursery:
@@ -69,7 +69,7 @@ async def test_large_and_small_requests_share_one_connection(tmp_path):
                     nursery.start_soon(pings)
         assert torch.equal(backs[0], big)
         assert len(pongs) == 60 and all(isinstance(p, Pong) and p.name == "b" for p in pongs)
-        (pool,) = a.transport._pools.values()
+        (pool,) = [p for k, p in a.transport._pools.items() if k[2] == "rpc"]
         assert len(pool._pool.connections) == 1  # one HTTP/2 connection carried it all
 
 
@@ -135,7 +135,7 @@ async def test_oversized_body_is_refused_and_the_peer_keeps_serving(tmp_path):
         assert isinstance(await a.request("b", Ping()), Pong)
         x = torch.randint(0, 256, (MB - 4096,), dtype=torch.uint8)
         assert torch.equal(await _round_trip(a, "b", x), x)
-        (pool,) = a.transport._pools.values()
+        (pool,) = [p for k, p in a.transport._pools.items() if k[2] == "rpc"]
         assert len(pool._pool.connections) == 1
 
 

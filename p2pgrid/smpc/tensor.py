@@ -349,7 +349,7 @@ async def run_on_parties(net, group: Group, make_msg, *, timeout: float = DEFAUL
                          per_party=None) -> list:
     """Send one session's request to every party at once; return their replies in order.
     `per_party(i, msg)`, if given, makes party i's own version of the message. The
-    requests go as calls on push streams (signed like requests, 1-2 ms cheaper a session).
+    requests go as calls on push streams (see :mod:`p2pgrid.calls`), whatever their size.
 
     If a party fails, the others are told to abort, and the root cause is raised
     (an unreachable peer first), within `timeout` plus a grace period.
