@@ -88,14 +88,16 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-async def _timed_program(net: Network, expr: smpc.SharedTensor, reps: int, warmup: int) -> dict:
+async def _timed_program(net: Network, expr: smpc.SharedTensor, reps: int, warmup: int,
+                         chain: str = "") -> dict:
     program = expr.program()
     group = expr.group
     wall, party_s, stats = [], [], None
     for i in range(warmup + reps):
         t0 = time.perf_counter()
         replies = await run_on_parties(
-            net, group, lambda s, nxt: RunProgram(s, group.to_wire(), program, [""], [True], nxt))
+            net, group, lambda s, nxt: RunProgram(s, group.to_wire(), program, [""], [True], nxt),
+            chain=chain)
         reconstruct_reply(replies, 0)
         if i >= warmup:
             wall.append(time.perf_counter() - t0)
@@ -130,7 +132,7 @@ async def _measure(args, seed: str) -> dict:
         out = {}
         for name, expr in [("add_64x128", h + h), ("mul_64x784", x * y),
                            ("matmul_64x784_784x128", x @ w), ("relu_64x128", h.relu())]:
-            out[name] = await _timed_program(net, expr, args.reps, args.warmup)
+            out[name] = await _timed_program(net, expr, args.reps, args.warmup, chain=name)
             _log(name, out[name])
 
         # the cost of one round: a chain of 21 dependent 1x1 products against a single one
@@ -138,8 +140,8 @@ async def _measure(args, seed: str) -> dict:
         chain = one
         for _ in range(CHAIN):
             chain = chain * one
-        single = await _timed_program(net, one * one, args.reps, args.warmup)
-        long = await _timed_program(net, chain, args.reps, args.warmup)
+        single = await _timed_program(net, one * one, args.reps, args.warmup, chain="single")
+        long = await _timed_program(net, chain, args.reps, args.warmup, chain="chain")
         out["round_ms"] = round((long["ms"] - single["ms"]) / (long["rounds"] - single["rounds"]), 3)
         _log("round", out["round_ms"], "ms")
 
@@ -159,7 +161,8 @@ async def _measure(args, seed: str) -> dict:
             t0 = time.perf_counter()
             replies = await run_on_parties(
                 net, model.group, lambda s, nxt: TrainStep(s, model.group.to_wire(), model.id,
-                                                           program, opt.lr, "mse", True, nxt))
+                                                           program, opt.lr, "mse", True, nxt),
+                chain="train")
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
                 party_s.append(max(r.values[0] for r in replies))

@@ -261,9 +261,23 @@ async def test_encrypted_training_converges(tmp_path):
         losses, ref = [], []
         loader = smpc.PrivateLoader(xs, ys, batch_size=16)
         assert len(loader) == 4
+        # the steps form a chain of sessions: each party fetches the dealer's material
+        # for several steps ahead in one request
+        from p2pgrid.smpc.handlers import state_of
+        dealer = state_of(grid[DEALER]).dealer
+        deals, serve = [], dealer.serve
+
+        async def counted(caller, msg):
+            deals.append((caller.name, 1 + len(msg.more)))
+            return await serve(caller, msg)
+        dealer.serve = counted
         for _ in range(4):
             async for xb, yb in loader:          # batches secret-shared by their owners
                 losses.append(await model.fit_batch(xb, yb, loss="mse", optimizer=opt))
+        dealer.serve = serve
+        for party in ("hospital", "clinic"):
+            mine = [k for name, k in deals if name == party]
+            assert sum(mine) >= 16 and len(mine) <= 6, mine   # 16 steps, a few requests
         for step in range(16):
             rows = slice(16 * (step % 4), 16 * (step % 4) + 16)
             ref_opt.zero_grad()
@@ -276,3 +290,43 @@ async def test_encrypted_training_converges(tmp_path):
         trained = await model.decrypt()   # the data's owners let the company have aggregates
         for p, q in zip(trained.parameters(), plain.parameters()):
             _close(p.detach(), q.detach(), 1e-2)
+
+
+async def test_one_deal_covers_several_sessions(tmp_path):
+    # What a party fetching ahead asks for: the material of several sessions in one
+    # request, each session's parts matching what the other party gets, each once.
+    from p2pgrid.errors import Conflict
+    from p2pgrid.smpc.messages import Deal, Dealt
+    from p2pgrid.smpc.session import next_in_chain, plan_hash
+    from p2pgrid.smpc.state import Group
+    from protocols.smpc.messages import Request
+
+    async with open_network(_peers(tmp_path, "hospital", "clinic"), tmp_path, **NET) as grid:
+        group = Group(("hospital", "clinic"), DEALER, 16).to_wire()
+        plan = [Request("triple", ((3,),))]
+        ph = plan_hash(plan)
+        s = ["s0"]
+        while len(s) < 4:
+            s.append(next_in_chain(s[-1]))
+        assert len(set(s)) == 4 and next_in_chain("s0") == s[1]   # deterministic, distinct
+        h, c = grid["hospital"], grid["clinic"]
+        got_h = await h.request(DEALER, Deal(s[0], group, 0, ph, plan, s[1:]))
+        assert isinstance(got_h, Dealt) and len(got_h.more) == 3
+        with pytest.raises(Conflict):                                 # each part once
+            await h.request(DEALER, Deal(s[2], group, 0, ph, plan))
+        got_c = [await c.request(DEALER, Deal(s[1], group, 1, ph, plan, [s[0]])),
+                 await c.request(DEALER, Deal(s[2], group, 1, ph, plan, [s[3]]))]
+        mine = [got_h.materials, *got_h.more]
+        theirs = [got_c[0].more[0], got_c[0].materials, got_c[1].materials, got_c[1].more[0]]
+        for a, b in zip(mine, theirs):        # a triple per session, split between the two
+            ea, eb = a[0].expand(), b[0].expand()
+            x, y, z = (ea[k] + eb[k] for k in ("a", "b", "c"))
+            assert torch.equal(x * y, z)
+        assert not torch.equal(mine[0][0].expand()["a"] + theirs[0][0].expand()["a"],
+                               mine[1][0].expand()["a"] + theirs[1][0].expand()["a"])
+        with pytest.raises(BadRequest):
+            await h.request(DEALER, Deal("x", group, 0, ph, plan, ["x"]))   # twice in one
+        with pytest.raises(BadRequest):
+            await h.request(DEALER, Deal("y", group, 0, ph, plan, [f"m{i}" for i in range(40)]))
+        with pytest.raises(PermissionDenied):                         # not its index
+            await h.request(DEALER, Deal("z", group, 1, ph, plan))

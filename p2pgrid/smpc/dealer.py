@@ -2,9 +2,10 @@
 
 A peer whose directory record has the role ``crypto-provider`` runs a
 :class:`DealerService`. Parties ask it for their material for a session's plan
-(``Deal``): the first party to ask for a ``(session, plan)`` gets the bundle dealt
-for every party, the others collect theirs; each party gets its own part once, and
-only the party the group names at that index may take it. The dealer learns shapes
+(``Deal``), and for that of later sessions of the same plan in the same request (a
+party fetching ahead): the first party to ask for a ``(session, plan)`` gets the
+bundle dealt for every party, the others collect theirs; each party gets its own part
+once, and only the party the group names at that index may take it. The dealer learns shapes
 and the op sequence, never data or shares of data.
 
 Ahead of use: after serving a plan for a group, the dealer deals another bundle for
@@ -36,6 +37,7 @@ BUNDLE_TTL = 120.0     # undelivered parts of a bundle are dropped after this
 POOL_TTL = 600.0
 POOL_DEPTH = 1         # bundles dealt ahead per (group, plan)
 MAX_PLAN_ITEMS = 4096
+MAX_SESSIONS = 32      # sessions one Deal may cover
 
 
 def deal_plan(plan: list[Request], n: int) -> list[list[Material]]:
@@ -71,51 +73,67 @@ class DealerService:
             raise PermissionDenied(f"{caller.name} is not party {msg.party} of this group")
         if len(msg.requests) > MAX_PLAN_ITEMS:
             raise BadRequest(f"a plan has at most {MAX_PLAN_ITEMS} items")
+        sessions = [msg.session, *msg.more]
+        if len(sessions) > MAX_SESSIONS or len(set(sessions)) != len(sessions):
+            raise BadRequest(f"a deal covers at most {MAX_SESSIONS} distinct sessions")
         plan = list(msg.requests)
         if plan_hash(plan) != msg.plan:
             raise BadRequest("the plan does not match its hash")
-        key = (msg.session, msg.plan)
-        bundle = self.bundles.get(key)
-        if bundle is None:
-            bundle = self.bundles[key] = _Bundle(group.n)
+        bundles, new = [], []
+        for s in sessions:
+            bundle = self.bundles.get((s, msg.plan))
+            if bundle is None:
+                bundle = self.bundles[(s, msg.plan)] = _Bundle(group.n)
+                new.append((s, bundle))
+            bundles.append(bundle)
+        if new:
             try:
-                bundle.items = await self._take_or_deal(group, msg.plan, plan)
+                dealt = await self._take_or_deal(group, msg.plan, plan, len(new))
+                for (_, bundle), items in zip(new, dealt):
+                    bundle.items = items
             except Exception as e:
-                bundle.error = f"{type(e).__name__}"
-                self.bundles.pop(key, None)
-                raise ProtocolError(f"the dealer could not deal this plan ({bundle.error})") from None
+                for s, bundle in new:
+                    bundle.error = f"{type(e).__name__}"
+                    self.bundles.pop((s, msg.plan), None)
+                raise ProtocolError(f"the dealer could not deal this plan ({type(e).__name__})") \
+                    from None
             finally:
-                bundle.ready.set()
-        else:
+                for _, bundle in new:
+                    bundle.ready.set()
+        out = []
+        for s, bundle in zip(sessions, bundles):
             await bundle.ready.wait()
             if bundle.items is None:
                 raise ProtocolError(f"the dealer could not deal this plan ({bundle.error})")
-        if bundle.taken[msg.party]:
-            raise Conflict(f"party {msg.party} already took its material for this session")
-        bundle.taken[msg.party] = True
-        mats = [item[msg.party] for item in bundle.items]
-        if all(bundle.taken):
-            self.bundles.pop(key, None)
-        return Dealt(mats)
+            if bundle.taken[msg.party]:
+                raise Conflict(f"party {msg.party} already took its material for session "
+                               f"{s[:8]}")
+        for s, bundle in zip(sessions, bundles):
+            bundle.taken[msg.party] = True
+            out.append([item[msg.party] for item in bundle.items])
+            if all(bundle.taken):
+                self.bundles.pop((s, msg.plan), None)
+        return Dealt(out[0], out[1:])
 
-    async def _take_or_deal(self, group: Group, ph: str, plan: list[Request]):
+    async def _take_or_deal(self, group: Group, ph: str, plan: list[Request], count: int):
+        """`count` bundles for (group, plan): from the pool while it lasts, the rest dealt now."""
         pkey = (group.key, ph)
         stock = self.pool.get(pkey)
         now = time.monotonic()
-        items = None
-        while stock:
+        out = []
+        while stock and len(out) < count:
             created, cand = stock.pop(0)
             if now - created < POOL_TTL:
-                items = cand
+                out.append(cand)
                 self.served_from_pool += 1
-                break
-        if items is None:
-            items = await trio.to_thread.run_sync(deal_plan, plan, group.n)
-        self.dealt_items += len(plan)
+        if len(out) < count:
+            k = count - len(out)
+            out += await trio.to_thread.run_sync(lambda: [deal_plan(plan, group.n) for _ in range(k)])
+        self.dealt_items += len(plan) * count
         if pkey not in self._refilling:
             self._refilling.add(pkey)
             self.nursery.start_soon(self._refill, pkey, plan, group.n)
-        return items
+        return out
 
     async def _refill(self, pkey, plan, n) -> None:
         try:

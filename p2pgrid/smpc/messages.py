@@ -6,6 +6,8 @@ dealer's answers as :class:`protocols.smpc.Material` inside :class:`Dealt`.
 
 from __future__ import annotations
 
+from dataclasses import field
+
 import torch
 
 from p2pgrid.wire import dataclass, message
@@ -79,18 +81,22 @@ class Abort:
 @message("smpc.deal")
 @dataclass(frozen=True)
 class Deal:
-    """A party asks the dealer for its material for a session's whole plan."""
+    """A party asks the dealer for its material for a session's whole plan, and for
+    the sessions in `more` (the same plan, run later) in the same reply."""
     session: str
     group: dict
     party: int
     plan: str
     requests: list[Request]
+    more: list[str] = field(default_factory=list)
 
 
 @message("smpc.dealt")
 @dataclass(frozen=True)
 class Dealt:
+    """The material for `Deal.session`, then for each of `Deal.more` in order."""
     materials: list[Material]
+    more: list[list[Material]] = field(default_factory=list)
 
 
 @message("smpc.delete")

@@ -121,7 +121,8 @@ class EncryptedModel:
         replies = await run_on_parties(
             self._net, self.group,
             lambda s, nxt: TrainStep(s, self.group.to_wire(), self.id, program, optimizer.lr,
-                                     loss, want_loss, nxt, timeout), timeout=timeout)
+                                     loss, want_loss, nxt, timeout), timeout=timeout,
+            chain=f"train:{self.id}")
         self.steps += 1
         if not want_loss or any(r.shares[0] is None for r in replies):
             return None
@@ -145,7 +146,8 @@ class EncryptedModel:
         replies = await run_on_parties(
             self._net, self.group,
             lambda s, nxt: Predict(s, self.group.to_wire(), self.id, program, "", nxt, timeout),
-            timeout=timeout, per_party=per_party)
+            timeout=timeout, per_party=per_party,
+            chain=f"predict:{self.id}:{'input' if per_party else 'shared'}")
         return reconstruct_reply(replies, 0)
 
     async def forward(self, x: SharedTensor, *, timeout: float = DEFAULT_TIMEOUT) -> SharedTensor:
@@ -155,7 +157,7 @@ class EncryptedModel:
         replies = await run_on_parties(
             self._net, self.group,
             lambda s, nxt: Predict(s, self.group.to_wire(), self.id, program, id_, nxt, timeout),
-            timeout=timeout)
+            timeout=timeout, chain=f"forward:{self.id}")
         meta = torch.empty(replies[0].shapes[0], dtype=torch.float64, device="meta")
         return SharedTensor(self._net, self.group, _Node("leaf", leaf=id_), meta)
 

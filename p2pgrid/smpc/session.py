@@ -8,9 +8,11 @@ its peer's nursery:
    finds them with a dry run of its own part (:func:`protocols.smpc.plan_party`) the
    first time it meets a program signature, and remembers them.
 2. **Material.** It asks the dealer for the whole plan in one request (``Deal``), or
-   takes the bundle it prefetched while running the previous session: the requester
+   takes the bundle it prefetched while running an earlier session: the requester
    names the next session's id in advance (``next_session``) so a party fetches the
-   next step's material while this one runs.
+   next step's material while this one runs. A requester that runs a chain of sessions
+   (training steps, inference batches) derives each id from the last
+   (:func:`next_in_chain`), so a party fetches several sessions ahead in one request.
 3. **Rounds.** The party's protocol generator yields one :class:`Round` per step.
    Every party pushes its step-k payload to every other party (``peer.push``: one
    long-lived HTTP/2 stream per pair and direction, opened with a signed request,
@@ -46,8 +48,11 @@ log = logging.getLogger("p2pgrid.smpc")
 
 HEAVY_ELEMENTS = 1 << 15      # inbox size from which a step runs in a worker thread
 ABORT_TIMEOUT = 3.0
+LOOKAHEAD = 8                 # sessions of a chain whose material a party fetches ahead
+LOOKAHEAD_BYTES = 32 << 20    # at most this much expanded material held ahead per plan
 
-__all__ = ["run_session", "plan_hash", "BundleFeed", "fetch_bundle"]
+__all__ = ["run_session", "plan_hash", "BundleFeed", "fetch_bundle", "fetch_bundles",
+           "next_in_chain"]
 
 
 def plan_hash(plan: list[Request]) -> str:
@@ -83,23 +88,43 @@ def _expand(materials: list[Material]) -> list[dict]:
 async def fetch_bundle(peer, group: Group, session: str, party: int, plan: list[Request],
                        ph: str, timeout: float) -> list[dict]:
     """This party's expanded material for `session` from the dealer (one request)."""
+    return (await fetch_bundles(peer, group, [session], party, plan, ph, timeout))[0]
+
+
+async def fetch_bundles(peer, group: Group, sessions: list[str], party: int,
+                        plan: list[Request], ph: str, timeout: float) -> list[list[dict]]:
+    """This party's expanded material for each of `sessions` (one plan), in one request."""
     if not plan:
-        return []
+        return [[] for _ in sessions]
     try:
-        reply = await peer.request(group.dealer, Deal(session, group.to_wire(), party, ph, plan),
-                                   timeout=timeout)
+        reply = await peer.request(
+            group.dealer, Deal(sessions[0], group.to_wire(), party, ph, plan, sessions[1:]),
+            timeout=timeout)
     except PeerUnavailable as e:
         raise PeerUnavailable(f"the dealer {group.dealer} is unreachable: {e.message}") from None
     except P2PError as e:
         if e.status == 404 and "no peer" in e.message.lower():
             raise PeerUnavailable(f"the dealer {group.dealer} is not in the directory") from None
         raise
-    if not isinstance(reply, Dealt) or len(reply.materials) != len(plan):
+    bundles = [reply.materials, *reply.more] if isinstance(reply, Dealt) else []
+    if len(bundles) != len(sessions) or any(len(b) != len(plan) for b in bundles):
         raise ProtocolError(f"the dealer {group.dealer} answered with the wrong material")
-    for req, mat in zip(plan, reply.materials):
-        if mat.kind != req.kind or mat.party != party:
-            raise ProtocolError(f"the dealer {group.dealer} sent material for another request")
-    return await trio.to_thread.run_sync(_expand, reply.materials)
+    for bundle in bundles:
+        for req, mat in zip(plan, bundle):
+            if mat.kind != req.kind or mat.party != party:
+                raise ProtocolError(f"the dealer {group.dealer} sent material for another request")
+    return await trio.to_thread.run_sync(lambda: [_expand(b) for b in bundles])
+
+
+def next_in_chain(session: str) -> str:
+    """The session id a requester uses after `session` when it runs a chain of sessions.
+
+    Parties may then fetch material several sessions ahead, one request for many. Ids
+    stay unguessable to anyone who never saw one of the chain (they travel only to the
+    parties and the dealer, over TLS); those who did could have stalled the session
+    anyway.
+    """
+    return hashlib.sha256(b"p2pgrid-next-session:" + session.encode()).hexdigest()[:32]
 
 
 class _Pending:
@@ -110,14 +135,45 @@ class _Pending:
         self.error: BaseException | None = None
 
 
-async def _prefetch(peer, state: SmpcState, key, group, party, plan, ph, timeout) -> None:
-    pending = state.prefetched[key]
+async def _prefetch(peer, state: SmpcState, sessions: list[str], group, party, plan, ph,
+                    timeout) -> None:
+    pendings = [state.prefetched[(s, ph)] for s in sessions]
     try:
-        pending.value = await fetch_bundle(peer, group, key[0], party, plan, ph, timeout)
+        bundles = await fetch_bundles(peer, group, sessions, party, plan, ph, timeout)
+        for pending, bundle in zip(pendings, bundles):
+            pending.value = bundle
     except Exception as e:  # the session that needs it will fetch again and report
-        pending.error = e
+        for pending in pendings:
+            pending.error = e
     finally:
-        pending.done.set()
+        for pending in pendings:
+            pending.done.set()
+
+
+def _nbytes(expanded: list[dict]) -> int:
+    return sum(getattr(v, "nbytes", 0) for item in expanded for v in item.values())
+
+
+def _prefetch_ahead(peer, state: SmpcState, group, session: str, next_session: str, party: int,
+                    plan, ph: str, timeout: float) -> None:
+    """Fetch the material of the sessions the requester will run next, if not fetched yet.
+
+    One session ahead, or, when the requester runs a chain (:func:`next_in_chain`), up to
+    :data:`LOOKAHEAD` sessions (fewer for large material, :data:`LOOKAHEAD_BYTES` in all):
+    a request once half of those are used, for all the missing ones at once.
+    """
+    ahead = [next_session]
+    if next_session == next_in_chain(session):
+        size = state.material_bytes.get(ph, 0)
+        depth = max(1, min(LOOKAHEAD, LOOKAHEAD_BYTES // size if size else LOOKAHEAD))
+        while len(ahead) < depth:
+            ahead.append(next_in_chain(ahead[-1]))
+    missing = [s for s in ahead if (s, ph) not in state.prefetched]
+    if not missing or len(ahead) - len(missing) > len(ahead) // 2:
+        return
+    for s in missing:
+        state.prefetched[(s, ph)] = _Pending()
+    state.nursery.start_soon(_prefetch, peer, state, missing, group, party, plan, ph, timeout)
 
 
 async def _materials(peer, state: SmpcState, group, session, party, plan, ph, timeout):
@@ -236,11 +292,10 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
         ph = plan_hash(plan)
         lap("plan")
         expanded = await _materials(peer, state, group, session, party, plan, ph, timeout)
+        state.material_bytes[ph] = _nbytes(expanded)
         lap("material")
-        if next_session and plan and (next_session, ph) not in state.prefetched:
-            state.prefetched[(next_session, ph)] = _Pending()
-            state.nursery.start_soon(_prefetch, peer, state, (next_session, ph), group, party,
-                                     plan, ph, timeout)
+        if next_session and plan:
+            _prefetch_ahead(peer, state, group, session, next_session, party, plan, ph, timeout)
         ctx = PartyContext(party, group.n, BundleFeed(plan, expanded), config, Prg.from_entropy())
         gen = protocol(ctx)
         if input_elements is not None and input_elements < HEAVY_ELEMENTS:

@@ -28,6 +28,7 @@ from protocols.smpc.fixedpoint import FixedPoint
 from protocols.smpc.program import OPS
 
 from .messages import Abort, DeleteShares, ProgramResult, RunProgram
+from .session import next_in_chain
 from .state import Group
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -346,17 +347,20 @@ async def run_simple(net, group: Group, msg, *, timeout: float = 30.0) -> list:
 
 
 async def run_on_parties(net, group: Group, make_msg, *, timeout: float = DEFAULT_TIMEOUT,
-                         per_party=None) -> list:
+                         per_party=None, chain: str = "") -> list:
     """Send one session's request to every party at once; return their replies in order.
-    `per_party(i, msg)`, if given, makes party i's own version of the message. The
+    `per_party(i, msg)`, if given, makes party i's own version of the message. Sessions
+    with the same `chain` (a training loop's steps, say) form a chain of ids the parties
+    can fetch dealer material ahead for; give each kind of session its own. The
     requests go as calls on push streams (see :mod:`p2pgrid.calls`), whatever their size.
 
     If a party fails, the others are told to abort, and the root cause is raised
     (an unreachable peer first), within `timeout` plus a grace period.
     """
     state = _smpc_state(net)
-    session = state.next_session.pop(group.key, None) or secrets.token_hex(16)
-    nxt = state.next_session[group.key] = secrets.token_hex(16)
+    key = (group.key, chain)
+    session = state.next_session.pop(key, None) or secrets.token_hex(16)
+    nxt = state.next_session[key] = next_in_chain(session)
     msg = make_msg(session, nxt)
     replies: list[Any] = [None] * group.n
     errors: list[tuple[float, P2PError]] = []
