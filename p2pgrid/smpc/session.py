@@ -48,7 +48,7 @@ log = logging.getLogger("p2pgrid.smpc")
 
 HEAVY_ELEMENTS = 1 << 15      # inbox size from which a step runs in a worker thread
 ABORT_TIMEOUT = 3.0
-LOOKAHEAD = 8                 # sessions of a chain whose material a party fetches ahead
+LOOKAHEAD = 16                # sessions of a chain whose material a party fetches ahead
 LOOKAHEAD_BYTES = 32 << 20    # at most this much expanded material held ahead per plan
 
 __all__ = ["run_session", "plan_hash", "BundleFeed", "fetch_bundle", "fetch_bundles",
