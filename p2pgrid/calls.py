@@ -194,7 +194,7 @@ class Calls:
             try:
                 inner = wire.decode(msg.body, max_size=peer.config.max_body)
                 reply = await peer.router.dispatch(peer, caller, inner)
-                body = None if wire.tensor_bytes(reply) >= INLINE else wire.encode(reply)
+                body = None if wire.payload_bytes(reply) >= INLINE else wire.encode(reply)
                 if body is None or len(body) >= INLINE:
                     answer = CallReply(msg.id, 303, self._hold(caller, reply))
                 else:

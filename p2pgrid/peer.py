@@ -192,7 +192,7 @@ class Peer:
         if rec.key_id == self.key_id:
             return await self.router.dispatch(self, Caller(self.name, self.identity.public_bytes), msg)
         if via == "call" or (via == "auto" and self.calls.usable()
-                             and wire.tensor_bytes(msg) < calls.INLINE):
+                             and wire.payload_bytes(msg) < calls.INLINE):
             timeout = self.config.request_timeout if timeout is None else timeout
             return await self.calls.call(rec, msg, timeout=timeout)
         return await self.transport.request(self.target(rec), msg, timeout=timeout)

@@ -232,6 +232,20 @@ def tensor_bytes(msg) -> int:
                if isinstance(v, torch.Tensor))
 
 
+def payload_bytes(msg) -> int:
+    """Bytes of the tensors, arrays and byte strings a message holds directly: about how
+    large its encoding is, without encoding it."""
+    total = 0
+    for v in getattr(msg, "__dict__", {}).values():
+        if isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
+        elif isinstance(v, (bytes, bytearray)):
+            total += len(v)
+        elif isinstance(v, (memoryview, np.ndarray)):
+            total += v.nbytes
+    return total
+
+
 def encode_buffer(msg):
     """:func:`encode` into one buffer, built with one copy of each large array.
 

@@ -104,3 +104,11 @@ def test_fuzz_valid_cbor_as_message_fields(fields):
         assert isinstance(msg.program, dict)
     except MalformedMessage:
         pass
+
+
+def test_payload_bytes_counts_tensors_arrays_and_byte_strings():
+    from p2pgrid.calls import CallReply
+    from p2pgrid.messages import PutObject
+    assert wire.payload_bytes(PutObject(torch.zeros(10, dtype=torch.int64))) == 80
+    assert wire.payload_bytes(CallReply(1, 200, b"x" * 1000)) == 1000
+    assert wire.payload_bytes(object()) == 0

@@ -95,14 +95,14 @@ class PartFile:
             raise BadRequest("the package's sha256 does not match its manifest")
 
 
-async def request(peer, host: str, msg, *, timeout: float | None = None):
+async def request(peer, host: str, msg, *, timeout: float | None = None, via: str = "auto"):
     """peer.request to a host by key id or name; a host gone from the directory is
     unavailable (PeerUnavailable), like one that does not answer."""
     try:
         rec = peer.record(host)
     except NotFound:
         raise PeerUnavailable(f"{host} is not in the directory (any more)") from None
-    return await peer.request(rec, msg, timeout=timeout)
+    return await peer.request(rec, msg, timeout=timeout, via=via)
 
 
 def read_chunk(path: Path, digests: Digests, index: int) -> bytes:
@@ -220,7 +220,8 @@ async def download(peer, pick_host: Callable[[], str], report_host: Callable[[st
         report.resumed_with.append(len(part.have))
 
         async def fetch(i: int):
-            reply = await request(peer, host, GetChunk(owner, model, hash, i))
+            # a chunk is large: its reply streams best as a request's (no call, no ticket)
+            reply = await request(peer, host, GetChunk(owner, model, hash, i), via="http")
             if not isinstance(reply, Chunk) or reply.index != i:
                 raise BadRequest(f"{host} answered chunk {i} with something else")
             await trio.to_thread.run_sync(part.write, i, reply.data)
