@@ -62,6 +62,8 @@ MAX_IN_FLIGHT = 256   # calls one caller may have running on this peer at once
 KEEPALIVE = 0.5       # seconds between Nop writes while a call waits
 INLINE = 1 << 20      # bytes: larger messages and replies take the request path
 HOLD = 60.0           # seconds a large reply waits for its caller to fetch it
+HELD_MAX = 16         # large replies held for one caller at most
+HELD_BYTES = 2 << 30  # bytes of large replies held for one caller at most
 
 __all__ = ["Call", "CallReply", "FetchReply", "Nop", "Calls", "router"]
 
@@ -112,7 +114,8 @@ class Calls:
         self._waiting: dict[tuple[str, int], tuple[trio.Event, list]] = {}
         self._serving: dict[str, int] = {}   # caller key id -> calls running for it
         self._learned: dict[tuple[str, str], object] = {}   # (address, key id) -> Target
-        self._held: dict[str, tuple[str, float, object]] = {}   # ticket -> (key id, until, reply)
+        # ticket -> (key id, until, reply, its bytes)
+        self._held: dict[str, tuple[str, float, object, int]] = {}
         self.nursery: trio.Nursery | None = None
         peer.push_listeners.append(self._broken)
 
@@ -240,18 +243,28 @@ class Calls:
         await peer.pushers.push(caller.name, target, answer)
 
     def _hold(self, caller: Caller, reply) -> bytes:
-        """Keep `reply` for `caller` to fetch for :data:`HOLD` seconds; its ticket."""
+        """Keep `reply` for `caller` to fetch for :data:`HOLD` seconds; its ticket.
+
+        A caller that never fetches cannot pile replies up here: past :data:`HELD_MAX`
+        of its own, or :data:`HELD_BYTES` in all, its oldest is dropped (fetching that
+        one then fails with NotFound, as an expired one does)."""
         now = time.monotonic()
-        for t in [t for t, (_, until, _) in self._held.items() if until < now]:
+        for t in [t for t, (_, until, _, _) in self._held.items() if until < now]:
             del self._held[t]
+        size = wire.payload_bytes(reply)
+        mine = [t for t, (kid, _, _, _) in self._held.items() if kid == caller.key_id]
+        held = sum(n for kid, _, _, n in self._held.values() if kid == caller.key_id)
+        while mine and (len(mine) >= HELD_MAX or held + size > HELD_BYTES):
+            held -= self._held.pop(mine.pop(0))[3]   # dicts keep insertion order: oldest first
         ticket = os.urandom(16)
-        self._held[ticket.hex()] = (caller.key_id, now + HOLD, reply)
+        self._held[ticket.hex()] = (caller.key_id, now + HOLD, reply, size)
         return ticket
 
     def fetch(self, caller: Caller, ticket: str):
         held = self._held.get(ticket)
         if held is None or held[0] != caller.key_id or held[1] < time.monotonic():
-            raise NotFound("no reply is held under that ticket (fetched, expired, or another's)")
+            raise NotFound("no reply is held under that ticket (fetched, expired, dropped for "
+                           "newer ones, or another's)")
         del self._held[ticket]
         return held[2]
 

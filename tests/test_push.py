@@ -336,3 +336,30 @@ async def test_requests_go_through_at_once_after_a_restart_at_the_same_address(t
         with trio.fail_after(10):
             assert isinstance(await grid["a"].request("b", Ping(), timeout=5), Pong)
             assert isinstance(await grid["b"].request("a", Ping(), timeout=5), Pong)
+
+
+async def test_replies_held_for_a_caller_are_bounded(tmp_path):
+    # A caller that never fetches its large replies cannot pile them up on the callee.
+    from p2pgrid import calls
+    from p2pgrid.auth import Caller
+    from p2pgrid.messages import Value
+
+    async with open_network(["a", "b"], tmp_path) as grid:
+        b = grid["b"].calls
+        me = Caller("a", grid["a"].identity.public_bytes)
+        other = Caller("c", Identity.generate().public_bytes)
+        theirs = b._hold(other, Value(torch.zeros(4)))
+        tickets = [b._hold(me, Value(torch.zeros(4))) for _ in range(calls.HELD_MAX + 4)]
+        held = [t for t in tickets if t.hex() in b._held]
+        assert held == tickets[4:]                                  # the oldest went first
+        assert theirs.hex() in b._held                              # another caller's stay
+        real = calls.HELD_BYTES
+        calls.HELD_BYTES = 100
+        try:
+            big = b._hold(me, Value(torch.zeros(20)))               # 80 bytes: older ones go
+            mine = [n for kid, _, _, n in b._held.values() if kid == me.key_id]
+            assert big.hex() in b._held and sum(mine) <= 100 and len(mine) == 2
+            b._hold(me, Value(torch.zeros(20)))                     # and it goes for this one
+            assert big.hex() not in b._held and theirs.hex() in b._held
+        finally:
+            calls.HELD_BYTES = real
