@@ -175,19 +175,28 @@ class Calls:
 
     # ------------------------------------------------------------ the callee's side
     def accept(self, stream_caller: Caller, msg: Call) -> None:
-        """Check `msg` and start serving it; the answer goes back as a push."""
+        """Check `msg` and start serving it; the answer goes back as a push. A call
+        refused here is answered with its error too (and the error raised), so that
+        its caller does not wait for its timeout."""
         if self.nursery is None:
             raise PeerUnavailable("this peer is not running")
-        caller = stream_caller   # over TLS the stream vouches for its frames
-        if msg.headers or self.peer.config.insecure:
-            caller = self.peer.verifier.verify("POST", PATH, msg.headers,
-                                               body_digest(msg.body), now=time.time())
-            if caller.public_key != stream_caller.public_key:
-                raise Unauthenticated("a call must be signed by the key that opened its stream")
-        self.peer.authorize(caller)
-        kid = caller.key_id
-        if self._serving.get(kid, 0) >= MAX_IN_FLIGHT:
-            raise RateLimited(f"{caller.name} has {MAX_IN_FLIGHT} calls running here already")
+        try:
+            caller = stream_caller   # over TLS the stream vouches for its frames
+            if msg.headers or self.peer.config.insecure:
+                caller = self.peer.verifier.verify("POST", PATH, msg.headers,
+                                                   body_digest(msg.body), now=time.time())
+                if caller.public_key != stream_caller.public_key:
+                    raise Unauthenticated("a call must be signed by the key that opened its "
+                                          "stream")
+            self.peer.authorize(caller)
+            kid = caller.key_id
+            if self._serving.get(kid, 0) >= MAX_IN_FLIGHT:
+                raise RateLimited(f"{caller.name} has {MAX_IN_FLIGHT} calls running here already")
+        except P2PError as e:
+            # to the stream's opener, whom its signed open authenticated
+            answer = CallReply(msg.id, e.status, wire.dumps(e.to_wire()))
+            self.nursery.start_soon(self._reply, stream_caller, msg.reply_to, answer)
+            raise
         self._serving[kid] = self._serving.get(kid, 0) + 1
         self.nursery.start_soon(self._serve, caller, msg)
 
@@ -210,10 +219,7 @@ class Calls:
                 log.exception("unexpected error in a call handler")
                 err = P2PError("internal error; see the peer's log")
                 answer = CallReply(msg.id, 500, wire.dumps(err.to_wire()))
-            try:
-                await self._answer(caller, msg.reply_to, answer)
-            except P2PError as e:
-                log.info("could not answer a call from %s: %s", caller.name, e.message)
+            await self._reply(caller, msg.reply_to, answer)
         finally:
             kid = caller.key_id
             left = self._serving.get(kid, 1) - 1
@@ -221,6 +227,12 @@ class Calls:
                 self._serving[kid] = left
             else:
                 self._serving.pop(kid, None)
+
+    async def _reply(self, caller: Caller, reply_to: str, answer: CallReply) -> None:
+        try:
+            await self._answer(caller, reply_to, answer)
+        except P2PError as e:
+            log.info("could not answer a call from %s: %s", caller.name, e.message)
 
     async def _answer(self, caller: Caller, reply_to: str, answer: CallReply) -> None:
         peer = self.peer

@@ -363,3 +363,20 @@ async def test_replies_held_for_a_caller_are_bounded(tmp_path):
             assert big.hex() not in b._held and theirs.hex() in b._held
         finally:
             calls.HELD_BYTES = real
+
+
+async def test_a_refused_call_is_answered_at_once(tmp_path, monkeypatch):
+    # more calls running than a caller may have: the extra one fails with RateLimited
+    # straight away, not at its timeout
+    from p2pgrid import calls
+    monkeypatch.setattr(calls, "MAX_IN_FLIGHT", 2)
+    async with open_network(["a", "b"], tmp_path, routers=[stall]) as grid:
+        a = grid["a"]
+        async with trio.open_nursery() as n:
+            for _ in range(2):
+                n.start_soon(lambda: a.call("b", Stall(1.0)))
+            await trio.sleep(0.3)
+            t0 = time.monotonic()
+            with pytest.raises(p2pgrid.RateLimited):
+                await a.call("b", Stall(0.0), timeout=20)
+            assert time.monotonic() - t0 < 5
