@@ -206,11 +206,11 @@ class Calls:
             try:
                 inner = wire.decode(msg.body, max_size=peer.config.max_body)
                 reply = await peer.router.dispatch(peer, caller, inner)
-                body = None if wire.payload_bytes(reply) >= INLINE else wire.encode(reply)
-                if body is None or len(body) >= INLINE:
-                    answer = CallReply(msg.id, 303, self._hold(caller, reply))
-                else:
+                size = wire.payload_bytes(reply)
+                if size < INLINE and len(body := wire.encode(reply)) < INLINE:
                     answer = CallReply(msg.id, 200, body)
+                else:   # too large to push: the caller fetches it with a request
+                    answer = CallReply(msg.id, 303, self._hold(caller, reply, size))
             except P2PError as e:
                 if e.status >= 500:
                     log.warning("call from %s failed: %s", caller.name, e.code)
@@ -254,7 +254,7 @@ class Calls:
             self._learned[(reply_to, caller.key_id)] = target
         await peer.pushers.push(caller.name, target, answer)
 
-    def _hold(self, caller: Caller, reply) -> bytes:
+    def _hold(self, caller: Caller, reply, size: int | None = None) -> bytes:
         """Keep `reply` for `caller` to fetch for :data:`HOLD` seconds; its ticket.
 
         A caller that never fetches cannot pile replies up here: past :data:`HELD_MAX`
@@ -263,7 +263,7 @@ class Calls:
         now = time.monotonic()
         for t in [t for t, (_, until, _, _) in self._held.items() if until < now]:
             del self._held[t]
-        size = wire.payload_bytes(reply)
+        size = wire.payload_bytes(reply) if size is None else size
         mine = [t for t, (kid, _, _, _) in self._held.items() if kid == caller.key_id]
         held = sum(n for kid, _, _, n in self._held.values() if kid == caller.key_id)
         while mine and (len(mine) >= HELD_MAX or held + size > HELD_BYTES):

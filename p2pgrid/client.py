@@ -72,7 +72,7 @@ async def _encode_and_hash(msg) -> tuple:
     already copied. Both must finish before the request's headers can go, so
     this is time nothing else hides.
     """
-    if wire.tensor_bytes(msg) <= OFFLOAD:
+    if wire.payload_bytes(msg) <= OFFLOAD:
         body = wire.encode_buffer(msg)
         return body, hashlib.sha256(body).hexdigest()
     parts = await trio.to_thread.run_sync(wire.encode_parts, msg)
@@ -287,7 +287,9 @@ class Transport:
             raise remote_error(data, resp.status_code)
 
     def retire(self, target: Target, lane: str = "rpc") -> None:
-        """The next request (or stream, lane "push") to `target` takes a new connection."""
+        """The next request (or stream, lane "push") to `target` takes a new connection, if
+        one is running on the current; an idle pooled connection is checked by httpcore
+        before reuse, and a closed one is not reused."""
         pool = self._pools.get((target.address, target.cert, lane))
         if pool is not None and self._busy.get(id(pool)):   # it closes when its last ends
             self._retire(target, pool)

@@ -318,7 +318,7 @@ class Peer:
 
 
 async def _encode_push(msg) -> bytes:
-    return await maybe_thread(wire.tensor_bytes(msg), wire.encode_buffer, msg)
+    return await maybe_thread(wire.payload_bytes(msg), wire.encode_buffer, msg)
 
 
 def summary_of(meta: ObjectMeta) -> ObjectSummary:

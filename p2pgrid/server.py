@@ -111,7 +111,7 @@ class App:
             if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
                 out = wire.encode_parts(reply)
             else:
-                out = await _to_thread_if_big(wire.tensor_bytes(reply), wire.encode_buffer, reply)
+                out = await _to_thread_if_big(wire.payload_bytes(reply), wire.encode_buffer, reply)
             await _respond(send, 200, "application/cbor", out)
         except P2PError as e:
             if e.status >= 500:

@@ -226,15 +226,9 @@ def is_owned(msg) -> bool:
     return getattr(msg, "_p2p_owned", False)
 
 
-def tensor_bytes(msg) -> int:
-    """Bytes of the tensors a message holds directly: whether encoding it is heavy work."""
-    return sum(v.numel() * v.element_size() for v in getattr(msg, "__dict__", {}).values()
-               if isinstance(v, torch.Tensor))
-
-
 def payload_bytes(msg) -> int:
     """Bytes of the tensors, arrays and byte strings a message holds directly: about how
-    large its encoding is, without encoding it."""
+    large its encoding is without encoding it, and so whether encoding it is heavy work."""
     total = 0
     for v in getattr(msg, "__dict__", {}).values():
         if isinstance(v, torch.Tensor):

@@ -292,7 +292,7 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
         ph = plan_hash(plan)
         lap("plan")
         expanded = await _materials(peer, state, group, session, party, plan, ph, timeout)
-        state.material_bytes[ph] = _nbytes(expanded)
+        state.material_bytes.put(ph, _nbytes(expanded))
         lap("material")
         if next_session and plan:
             _prefetch_ahead(peer, state, group, session, next_session, party, plan, ph, timeout)

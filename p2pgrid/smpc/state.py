@@ -265,7 +265,7 @@ class SmpcState:
     mailboxes: dict[str, Mailbox] = field(default_factory=dict)
     plans: _Lru = field(default_factory=lambda: _Lru(64))
     prefetched: dict = field(default_factory=dict)       # (session, plan hash) -> _Pending
-    material_bytes: dict[str, int] = field(default_factory=dict)  # plan hash -> one session's
+    material_bytes: _Lru = field(default_factory=lambda: _Lru(64))  # plan hash -> one session's
     next_session: dict[tuple, str] = field(default_factory=dict)  # (group key, chain) -> id
     finished: _Lru = field(default_factory=lambda: _Lru(256))  # session -> "ok" | error text
     dealer: Any = None                                     # DealerService on crypto providers
