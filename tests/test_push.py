@@ -278,7 +278,8 @@ async def test_small_requests_ride_calls_and_large_replies_are_fetched(tmp_path)
         real_request = a.transport.request
 
         async def counted(target, msg, **kw):
-            http.append(type(msg).__name__)
+            if type(msg).__module__ != "p2pgrid.directory":   # gossip runs beside, unordered
+                http.append(type(msg).__name__)
             return await real_request(target, msg, **kw)
         a.transport.request = counted
         assert isinstance(await a.request("b", Ping()), Pong)
