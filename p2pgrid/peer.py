@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Iterable
 
 import torch
 import trio
 
-from . import calls, push, tls, wire
-from .auth import Caller, Verifier
+from . import calls, membership, push, tls, wire
+from .auth import H_CERT, WINDOW, Caller, Verifier, b64
 from .client import Target, Transport, learn_target, maybe_thread
 from .config import PeerConfig
 from .directory import Directory, ObjectSummary, PeerRecord, handle_gossip
-from .errors import NotFound, PeerUnavailable, Unauthenticated
+from .errors import NotFound, P2PError, PeerUnavailable, PermissionDenied, ReplayDetected, Unauthenticated
 from .gossip import gossip_loop
 from .identity import Identity
+from .messages import Ping, Pong
 from .calls import Calls
 from .push import Pushers
 from .router import Router
@@ -53,7 +55,13 @@ class Peer:
         self.identity = Identity.load_or_create(data / "identity.key")
         self.cert = tls.load_or_create_certificate(self.identity, data / "tls-cert.der")
         self.store = Store(data / "store")
-        self.directory = Directory(self.identity, ttl=config.ttl)
+        self.membership: membership.Membership | None = None
+        self.own_cert = b""  # our membership certificate, CBOR (with a network key)
+        self._revocations_file: tuple[str, float] | None = None  # (path, mtime) last read
+        if config.network_key:
+            self.membership, self.own_cert = _open_membership(config, self.identity)
+        self.directory = Directory(self.identity, ttl=config.ttl, admit=self._admit)
+        self.directory.add_listener(self._directory_changed)
         self._bindings_path = data / "names.cbor"
         if self._bindings_path.exists():
             try:
@@ -63,6 +71,9 @@ class Peer:
         self._saved_bindings = self.directory.bindings()
         self.transport = Transport(self.identity, self.name, insecure=config.insecure,
                                    timeout=config.request_timeout)
+        if self.own_cert:
+            self.transport.headers[H_CERT] = b64(self.own_cert)
+        self.clock_offset: float | None = None  # median of the peers' clocks minus ours, once measured
         self.verifier = Verifier(self.identity.key_id)
         self.pushers = Pushers(
             lambda target, frames: self.transport.stream(target, push.PATH, frames,
@@ -96,15 +107,109 @@ class Peer:
 
     def authorize(self, caller: Caller) -> None:
         """A caller's name must be the one its key is bound to (first use binds it),
-        unless governance pins it: a user registered here must use the registered key."""
+        unless governance pins it: a user registered here must use the registered key.
+        With a network key, the name must be certified for the key instead (see
+        :mod:`p2pgrid.membership`); registered users with their key still pass."""
         from .governance import authorize as governed
         if governed(self, caller):
+            return
+        if self.membership is not None:
+            self._authorize_member(caller)
             return
         known = self.directory.name_key(caller.name)
         if known is None:
             self.directory.bind_name(caller.name, caller.public_key, time.monotonic())
         elif known != caller.public_key:
             raise Unauthenticated(f"the name {caller.name!r} is bound to another key")
+
+    def _authorize_member(self, caller: Caller) -> None:
+        if caller.public_key == self.identity.public_bytes and caller.name == self.name:
+            return
+        cert = caller.cert or self.membership.known(caller.public_key)
+        if not cert:
+            try:   # its directory record may carry one (older clients send no header)
+                rec = self.directory.lookup(caller.key_id)
+                cert = rec.membership if rec.name == caller.name else b""
+            except NotFound:
+                pass
+        why = self.membership.why_not(caller.name, caller.public_key, cert or None,
+                                      now=time.time())
+        if why is None:
+            self.directory.bind_name(caller.name, caller.public_key, time.monotonic())
+            return
+        msg = (f"{self.name} serves members of network {self.membership.network} only; "
+               f"{caller.name!r} (key {caller.key_id}) is refused: {why}")
+        if not cert or self.membership.certificate(cert) is None:
+            raise Unauthenticated(msg + "; the network's operator issues certificates "
+                                        "(p2pgrid network invite)")
+        raise PermissionDenied(msg)
+
+    def _admit(self, rec: PeerRecord) -> str | None:
+        """Whether the directory may keep `rec` (see Directory's ``admit``): with a network
+        key, only under a valid certificate for its name; a name this peer's governance
+        registered with a key, only for that key."""
+        if self.membership is not None:
+            why = self.membership.why_not(rec.name, rec.public_key, rec.membership or None,
+                                          now=time.time())
+            if why is not None:
+                return why
+        from .governance import policy
+        user = policy.of(self).store.user(rec.name)
+        if user is not None and user.public_key is not None and user.public_key != rec.public_key:
+            return f"the name {rec.name!r} is registered on {self.name} with another key"
+        return None
+
+    def _directory_changed(self, kind: str, records: list[PeerRecord]) -> None:
+        if kind != "accepted" or self.membership is None:
+            return
+        if any(r.revocations and self.membership.offer(r.revocations) for r in records):
+            self._revocations_changed()
+
+    def _revocations_changed(self) -> None:
+        """A newer revocation list: keep it, drop who it revokes, and spread it."""
+        crl = self.membership.revocations
+        log.info("revocation list %d of network %s adopted", crl.serial, self.membership.network)
+        try:
+            membership.write_revocations(self.config.data_dir / "revocations.cbor", crl)
+        except OSError as e:
+            log.warning("could not save the revocation list: %s", e)
+        if self.membership.why_not(self.name, self.identity.public_bytes, self.own_cert,
+                                   now=time.time()) is not None:
+            log.error("this peer's own membership (%s) is revoked: other members will refuse it",
+                      self.name)
+        self.recheck_members()
+        if self.directory.own is not None:
+            self.reissue()
+
+    def recheck_members(self) -> list[PeerRecord]:
+        """Drop the directory records whose membership was revoked or has expired."""
+        if self.membership is None:
+            return []
+        gone = [r.key_id for r in self.directory.peers(include_self=False)
+                if self._admit(r) is not None]
+        dropped = self.directory.drop(gone, time.monotonic())
+        if dropped:
+            log.warning("dropped %s: membership revoked or expired",
+                        ", ".join(f"{r.name} ({r.key_id})" for r in dropped))
+        return dropped
+
+    def _reload_revocations(self) -> None:
+        """Re-read the revocation list file given in the config when it changes (the
+        operator's `p2pgrid network revoke` rewrites it)."""
+        path = self.config.revocations
+        if self.membership is None or not path:
+            return
+        try:
+            if not Path(path).exists():
+                return
+            stamp = (str(path), Path(path).stat().st_mtime)
+            if stamp == self._revocations_file:
+                return
+            self._revocations_file = stamp
+            if self.membership.offer(membership.read_revocations(path)):
+                self._revocations_changed()
+        except (OSError, ValueError) as e:
+            log.warning("could not read the revocation list %s: %s", path, e)
 
     def audit(self, action: str, caller: str | None = None, **fields) -> None:
         """Record an event (search, compute, get, request, model call...) for the audit trail.
@@ -166,7 +271,9 @@ class Peer:
         return self.directory.issue(
             time.time(), name=self.name, addresses=[self.address] if self.address else [],
             cert=self.cert, roles=list(self.config.roles),
-            objects=list(self._summaries.values()), services=self.services)
+            objects=list(self._summaries.values()), services=self.services,
+            membership=self.own_cert,
+            revocations=self.membership.revocations_bytes() if self.membership else b"")
 
     def record(self, name_or_key: str) -> PeerRecord:
         return self.directory.lookup(name_or_key)
@@ -277,6 +384,62 @@ class Peer:
                 self.reissue()
             self.save_bindings()
             self.state_save_known_peers()
+            self._reload_revocations()
+            self.recheck_members()
+
+    async def check_clock(self, *, attempts: tuple[float, ...] = (1.0, 3.0, 10.0),
+                          timeout: float = 5.0) -> float | None:
+        """Compare our clock with the peers we know (a Ping's Pong time, or the offset a
+        peer states when it refuses us for skew) and warn once, at WARNING, when the
+        median differs by more than half the window signed requests allow. Returns that
+        median (the peers' clocks minus ours), or None if no peer answered."""
+        for delay in attempts:
+            await trio.sleep(delay)
+            offsets = await self._clock_offsets(timeout)
+            if offsets:
+                break
+        else:
+            return None
+        ordered = sorted(offsets.values())
+        median = ordered[len(ordered) // 2]
+        self.clock_offset = median
+        if abs(median) > WINDOW / 2:
+            log.warning("this machine's clock is %.0f s %s %s; peers refuse requests more than "
+                        "%.0f s off, so this peer will drop out: fix the clock (NTP)",
+                        abs(median), "behind" if median > 0 else "ahead of",
+                        ", ".join(f"{k} ({v:+.0f} s)" for k, v in sorted(offsets.items())[:5]),
+                        WINDOW)
+        return median
+
+    async def _clock_offsets(self, timeout: float) -> dict[str, float]:
+        offsets: dict[str, float] = {}
+
+        async def probe(label: str, send) -> None:
+            t0 = time.time()
+            try:
+                with trio.move_on_after(timeout):
+                    reply = await send(Ping())
+                    if isinstance(reply, Pong):
+                        offsets[label] = reply.time - (t0 + time.time()) / 2
+            except ReplayDetected as e:   # refused for skew: it says by how much
+                off = e.details.get("clock_offset")
+                if isinstance(off, (int, float)):
+                    offsets[label] = float(off)
+            except (P2PError, OSError) as e:
+                log.debug("clock check with %s: %s", label, e)
+
+        recs = [r for r in self.directory.peers(include_self=False) if r.addresses][:5]
+        known = {a for r in recs for a in r.addresses}
+        seeds = [a for a in self._seeds if a not in known][:5]
+        async with trio.open_nursery() as nursery:
+            for rec in recs:
+                nursery.start_soon(probe, self.directory.label(rec),
+                                   lambda m, rec=rec: self.transport.request(
+                                       self.target(rec), m, timeout=timeout))
+            for address in seeds:
+                nursery.start_soon(probe, address,
+                                   lambda m, a=address: self._gossip_send(a, m))
+        return offsets
 
     # ------------------------------------------------------------ what survives a restart
     # Identity, certificate, store and name bindings live in their own files; here
@@ -315,6 +478,36 @@ class Peer:
             tmp.write_bytes(wire.dumps(current))
             tmp.replace(self._bindings_path)
             self._saved_bindings = current
+
+
+def _open_membership(config: PeerConfig, ident: Identity):
+    """The network's view and our certificate, checked before the peer starts."""
+    try:
+        m = membership.Membership(membership.parse_public_key(config.network_key))
+    except ValueError as e:
+        raise membership.MembershipError(f"--network-key: {e}") from None
+    saved = config.data_dir / "revocations.cbor"
+    if saved.exists():
+        m.offer(saved.read_bytes())
+    if config.revocations and Path(config.revocations).exists():  # none yet: nobody revoked
+        try:
+            m.offer(membership.read_revocations(config.revocations))
+        except (OSError, ValueError) as e:
+            raise membership.MembershipError(f"{config.revocations}: {e}") from None
+    if not config.cert:
+        raise membership.MembershipError(
+            f"network {m.network} admits members only: give this peer its certificate "
+            f"(--cert FILE, made by the network's operator with `p2pgrid network invite "
+            f"{config.name} {ident.public_bytes.hex()}`)")
+    try:
+        cert = membership.read_certificate(config.cert)
+    except (OSError, ValueError) as e:
+        raise membership.MembershipError(f"{config.cert}: {e}") from None
+    why = m.why_not(config.name, ident.public_bytes, cert, now=time.time())
+    if why is not None:
+        raise membership.MembershipError(f"{config.cert}: this peer ({config.name}, key "
+                                         f"{ident.key_id}) cannot join network {m.network}: {why}")
+    return m, membership.encode(cert)
 
 
 async def _encode_push(msg) -> bytes:
@@ -360,6 +553,12 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
                     on_found=lambda address, info: peer.add_seed(address, info.get("key_id")),
                     task_status=task_status))
             nursery.start_soon(peer._housekeeping)
+            nursery.start_soon(peer.check_clock)
+            if peer.membership is None:
+                log.warning("%s: no network key, so names are trusted on first use (the first "
+                            "key to claim a name owns it here); pin peers with --join "
+                            "KEYID@HOST:PORT or run a network key (p2pgrid network --help)",
+                            peer.name)
             from . import plugins
             for service in plugins.services():
                 await nursery.start(service, peer)
