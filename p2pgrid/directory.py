@@ -269,8 +269,8 @@ class Directory:
                 if kid not in self._refused and len(self._refused) < 4096:
                     self._refused.add(kid)
                     log.warning("refused the record of %r (key %s): %s", rec.name, kid, why)
-                # until a newer version comes (with a certificate, say), not asked for again
-                self._tombstones[kid] = (rec.version, now)
+                if cur is None:   # not asked for again until a newer version comes
+                    self._tombstones[kid] = (rec.version, now)
                 continue
             self._records[kid] = rec
             self._last_seen[kid] = now
