@@ -118,6 +118,33 @@ def test_revocation_lists_must_be_the_networks():
         m.revoke(Identity.generate(), real, name="bob", now=NOW)   # another network's list
 
 
+# ---------------------------------------------------------------- the directory's side
+
+def test_directory_keeps_certified_records_only_and_drops_revoked_ones():
+    from p2pgrid.directory import Directory
+    net, ana, eve = Identity.generate(), Identity.generate(), Identity.generate()
+    mem = m.Membership(net.public_bytes)
+    d = Directory(Identity.generate(),
+                  admit=lambda r: mem.why_not(r.name, r.public_key, r.membership or None, now=NOW))
+    cert = m.encode(m.issue(net, "ana", ana.public_bytes, days=1, now=NOW))
+
+    def rec(ident, name, version, membership=b""):
+        return sign_record(ident, name=name, addresses=[], cert=b"", roles=[], objects=[],
+                           services={}, version=version, issued_at=NOW, membership=membership)
+
+    assert d.merge([rec(eve, "ana", 1)], 0.0) == []                 # no certificate
+    assert d.merge([rec(eve, "ana", 2, cert)], 0.0) == []           # ana's, on eve's key
+    assert d.rejected == 2 and eve.key_id not in d.digest()
+    assert eve.key_id not in d.wanted({eve.key_id: 2})              # not fetched again
+    good = rec(ana, "ana", 1, cert)
+    assert d.merge([good], 0.0) == [good] and d.lookup("ana") == good
+    # the membership field is signed with the rest: it cannot be swapped in transit
+    assert not dataclasses.replace(good, membership=b"").verify()
+    assert d.drop([ana.key_id], 1.0) == [good]
+    assert d.name_key("ana") is None and ana.key_id not in d.digest()
+    assert d.merge([good], 2.0) == []                               # that version stays gone
+
+
 # ---------------------------------------------------------------- a network with a key
 
 async def _refused(peer, rec, **kw):
