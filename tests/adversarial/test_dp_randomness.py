@@ -19,6 +19,7 @@ from p2pgrid.federated import SGD, ClientDP, FedAvg, LocalDP
 from p2pgrid.federated.data import find_shards
 from p2pgrid.federated.ledger import round_cost
 from p2pgrid.testing import open_network
+import protocols.local_train as local_train
 from protocols.dp import RDPAccountant, rdp_curve
 
 X, Y = digits()
@@ -45,6 +46,32 @@ async def _publish(grid):
 def _fit(net, job, **kw):
     return net.federated_fit(mlp(), TRAIN, rounds=1, local_epochs=1, batch_size=32,
                              optimizer=SGD(lr=0.1), seed=0, job=job, progress=False, **kw)
+
+
+def test_dp_sgd_samples_privately_at_the_rate_it_accounts(monkeypatch):
+    """Each step's batch is a fresh Poisson sample at rate batch_size / n (the q the peer's
+    accountant uses), drawn from the OS CSPRNG: the same seed gives other batches."""
+    batches: list[list[int]] = []
+    real = local_train._dp_step
+
+    def spy(model, opt, loss_fn, xb, yb, *rest):
+        batches[-1].append(len(xb))
+        return real(model, opt, loss_fn, xb, yb, *rest)
+
+    monkeypatch.setattr(local_train, "_dp_step", spy)
+    x, y = torch.randn(400, 4), torch.randint(0, 2, (400,))
+    for _ in range(2):
+        batches.append([])
+        _, _, metrics = local_train.train_locally(
+            nn.Linear(4, 2), x, y, epochs=10, batch_size=40, optimizer={"name": "sgd", "lr": 0.1},
+            loss="cross_entropy", dp={"clip": 1.0, "noise_multiplier": 1.0}, seed=0)
+    q = metrics["sample_rate"]
+    assert q == 0.1 and len(batches[0]) == metrics["steps"] == 100
+    sizes = torch.tensor(batches[0] + batches[1], dtype=torch.float64)
+    # Binomial(400, 0.1) per step: mean 40, variance 36 (not a fixed-size batch)
+    assert abs(float(sizes.mean()) - 400 * q) < 5 * (400 * q * (1 - q) / len(sizes)) ** 0.5
+    assert 18 < float(sizes.var()) < 60
+    assert batches[0] != batches[1], "the same seed drew the same DP samples"
 
 
 def test_an_owner_charges_client_dp_at_rate_one_whatever_the_coordinator_claims():
