@@ -17,7 +17,7 @@ restarts.
 >>> import tempfile, pathlib
 >>> led = PrivacyLedger(pathlib.Path(tempfile.mkdtemp()) / "privacy.cbor")
 >>> led.set_cap(5.0, delta=1e-5)
->>> cost = round_cost({"client": {"noise_multiplier": 1.1, "sample_rate": 1.0, "delta": 1e-5}})
+>>> cost = round_cost({"client": {"noise_multiplier": 1.1, "delta": 1e-5}})
 >>> token = led.charge(["obj"], cost)
 >>> 0 < led.spent("obj", 1e-5) < 5.0
 True
