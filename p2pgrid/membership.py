@@ -9,7 +9,8 @@ every request a caller signs (header ``x-p2p-cert``). Certificates are revoked b
 :class:`RevocationList` the network key signs; every member carries the newest one it
 knows in its directory record, so it spreads by gossip (highest ``serial`` wins).
 
-Nothing here does I/O or reads the clock: times are passed in.
+The checks do no I/O and read no clock (times are passed in); the helpers that read and
+write certificate and revocation list files, and :func:`open_membership`, are apart.
 
 >>> from p2pgrid.identity import Identity
 >>> net, ana = Identity.generate(), Identity.generate()
@@ -43,7 +44,7 @@ from .wire import message
 __all__ = ["Certificate", "Revocation", "RevocationList", "Membership", "issue", "revoke",
            "parse_public_key", "format_public_key", "encode", "decode_certificate", "decode_revocations",
            "read_certificate", "write_certificate", "b64_certificate", "read_revocations", "write_revocations",
-           "fingerprint", "MembershipError", "MAX_CERT", "MAX_CRL"]
+           "fingerprint", "MembershipError", "open_membership", "MAX_CERT", "MAX_CRL"]
 
 MAX_CERT = 2048                # bytes of an encoded certificate we decode at all
 MAX_CRL = 1 << 20              # bytes of an encoded revocation list
@@ -340,3 +341,35 @@ class Membership:
 
 class MembershipError(ValueError):
     """This peer cannot start as a member: no certificate, or one that does not fit."""
+
+
+def open_membership(config, ident: Identity, *, now: float) -> tuple[Membership, bytes]:
+    """A peer's view of its network from its config (``network_key``, ``cert``,
+    ``revocations``, and the newest list saved in its data dir), with its own
+    certificate's CBOR; MembershipError, for the user, when it cannot be a member."""
+    try:
+        m = Membership(parse_public_key(config.network_key))
+    except ValueError as e:
+        raise MembershipError(f"--network-key: {e}") from None
+    saved = config.data_dir / "revocations.cbor"
+    if saved.exists():
+        m.offer(saved.read_bytes())
+    if config.revocations and Path(config.revocations).exists():  # none yet: nobody revoked
+        try:
+            m.offer(read_revocations(config.revocations))
+        except (OSError, ValueError) as e:
+            raise MembershipError(f"{config.revocations}: {e}") from None
+    if not config.cert:
+        raise MembershipError(
+            f"network {m.network} admits members only: give this peer its certificate "
+            f"(--cert FILE, made by the network's operator with `p2pgrid network invite "
+            f"{config.name} {ident.public_bytes.hex()}`)")
+    try:
+        cert = read_certificate(config.cert)
+    except (OSError, ValueError) as e:
+        raise MembershipError(f"{config.cert}: {e}") from None
+    why = m.why_not(config.name, ident.public_bytes, cert, now=now)
+    if why is not None:
+        raise MembershipError(f"{config.cert}: this peer ({config.name}, key {ident.key_id}) "
+                              f"cannot join network {m.network}: {why}")
+    return m, encode(cert)

@@ -21,15 +21,15 @@ import torch
 import trio
 
 from . import calls, membership, push, tls, wire
-from .auth import H_CERT, WINDOW, Caller, Verifier, b64
+from .auth import H_CERT, Caller, Verifier, b64
 from .client import Target, Transport, learn_target, maybe_thread
 from .config import PeerConfig
 from .directory import Directory, ObjectSummary, PeerRecord, handle_gossip
-from .errors import NotFound, P2PError, PeerUnavailable, PermissionDenied, ReplayDetected, Unauthenticated
+from .errors import NotFound, PeerUnavailable, PermissionDenied, Unauthenticated
 from .gossip import gossip_loop
 from .identity import Identity
-from .messages import Ping, Pong
 from .calls import Calls
+from .clock import check_clock
 from .push import Pushers
 from .router import Router
 from .server import App, serve
@@ -59,7 +59,8 @@ class Peer:
         self.own_cert = b""  # our membership certificate, CBOR (with a network key)
         self._revocations_file: tuple[str, float] | None = None  # (path, mtime) last read
         if config.network_key:
-            self.membership, self.own_cert = _open_membership(config, self.identity)
+            self.membership, self.own_cert = membership.open_membership(
+                config, self.identity, now=time.time())
         self.directory = Directory(self.identity, ttl=config.ttl, admit=self._admit)
         self.directory.add_listener(self._directory_changed)
         self._bindings_path = data / "names.cbor"
@@ -387,59 +388,6 @@ class Peer:
             self._reload_revocations()
             self.recheck_members()
 
-    async def check_clock(self, *, attempts: tuple[float, ...] = (1.0, 3.0, 10.0),
-                          timeout: float = 5.0) -> float | None:
-        """Compare our clock with the peers we know (a Ping's Pong time, or the offset a
-        peer states when it refuses us for skew) and warn once, at WARNING, when the
-        median differs by more than half the window signed requests allow. Returns that
-        median (the peers' clocks minus ours), or None if no peer answered."""
-        for delay in attempts:
-            await trio.sleep(delay)
-            offsets = await self._clock_offsets(timeout)
-            if offsets:
-                break
-        else:
-            return None
-        ordered = sorted(offsets.values())
-        median = ordered[len(ordered) // 2]
-        self.clock_offset = median
-        if abs(median) > WINDOW / 2:
-            log.warning("this machine's clock is %.0f s %s %s; peers refuse requests more than "
-                        "%.0f s off, so this peer will drop out: fix the clock (NTP)",
-                        abs(median), "behind" if median > 0 else "ahead of",
-                        ", ".join(f"{k} ({v:+.0f} s)" for k, v in sorted(offsets.items())[:5]),
-                        WINDOW)
-        return median
-
-    async def _clock_offsets(self, timeout: float) -> dict[str, float]:
-        offsets: dict[str, float] = {}
-
-        async def probe(label: str, send) -> None:
-            t0 = time.time()
-            try:
-                with trio.move_on_after(timeout):
-                    reply = await send(Ping())
-                    if isinstance(reply, Pong):
-                        offsets[label] = reply.time - (t0 + time.time()) / 2
-            except ReplayDetected as e:   # refused for skew: it says by how much
-                off = e.details.get("clock_offset")
-                if isinstance(off, (int, float)):
-                    offsets[label] = float(off)
-            except (P2PError, OSError) as e:
-                log.debug("clock check with %s: %s", label, e)
-
-        recs = [r for r in self.directory.peers(include_self=False) if r.addresses][:5]
-        known = {a for r in recs for a in r.addresses}
-        seeds = [a for a in self._seeds if a not in known][:5]
-        async with trio.open_nursery() as nursery:
-            for rec in recs:
-                nursery.start_soon(probe, self.directory.label(rec),
-                                   lambda m, rec=rec: self.transport.request(
-                                       self.target(rec), m, timeout=timeout))
-            for address in seeds:
-                nursery.start_soon(probe, address,
-                                   lambda m, a=address: self._gossip_send(a, m))
-        return offsets
 
     # ------------------------------------------------------------ what survives a restart
     # Identity, certificate, store and name bindings live in their own files; here
@@ -480,34 +428,6 @@ class Peer:
             self._saved_bindings = current
 
 
-def _open_membership(config: PeerConfig, ident: Identity):
-    """The network's view and our certificate, checked before the peer starts."""
-    try:
-        m = membership.Membership(membership.parse_public_key(config.network_key))
-    except ValueError as e:
-        raise membership.MembershipError(f"--network-key: {e}") from None
-    saved = config.data_dir / "revocations.cbor"
-    if saved.exists():
-        m.offer(saved.read_bytes())
-    if config.revocations and Path(config.revocations).exists():  # none yet: nobody revoked
-        try:
-            m.offer(membership.read_revocations(config.revocations))
-        except (OSError, ValueError) as e:
-            raise membership.MembershipError(f"{config.revocations}: {e}") from None
-    if not config.cert:
-        raise membership.MembershipError(
-            f"network {m.network} admits members only: give this peer its certificate "
-            f"(--cert FILE, made by the network's operator with `p2pgrid network invite "
-            f"{config.name} {ident.public_bytes.hex()}`)")
-    try:
-        cert = membership.read_certificate(config.cert)
-    except (OSError, ValueError) as e:
-        raise membership.MembershipError(f"{config.cert}: {e}") from None
-    why = m.why_not(config.name, ident.public_bytes, cert, now=time.time())
-    if why is not None:
-        raise membership.MembershipError(f"{config.cert}: this peer ({config.name}, key "
-                                         f"{ident.key_id}) cannot join network {m.network}: {why}")
-    return m, membership.encode(cert)
 
 
 async def _encode_push(msg) -> bytes:
@@ -553,7 +473,7 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
                     on_found=lambda address, info: peer.add_seed(address, info.get("key_id")),
                     task_status=task_status))
             nursery.start_soon(peer._housekeeping)
-            nursery.start_soon(peer.check_clock)
+            nursery.start_soon(check_clock, peer)
             if peer.membership is None:
                 log.warning("%s: no network key, so names are trusted on first use (the first "
                             "key to claim a name owns it here); pin peers with --join "
