@@ -183,14 +183,14 @@ class Peer:
             self.reissue()
 
     def recheck_members(self) -> list[PeerRecord]:
-        """Drop the directory records whose membership was revoked or has expired."""
-        if self.membership is None:
-            return []
+        """Drop the directory records this peer would no longer admit: membership revoked
+        or expired, or a name its owner has since registered with another key."""
         gone = [r.key_id for r in self.directory.peers(include_self=False)
                 if self._admit(r) is not None]
         dropped = self.directory.drop(gone, time.monotonic())
         if dropped:
-            log.warning("dropped %s: membership revoked or expired",
+            log.warning("dropped %s: membership revoked or expired, or name registered here "
+                        "with another key",
                         ", ".join(f"{r.name} ({r.key_id})" for r in dropped))
         return dropped
 

@@ -99,11 +99,17 @@ async def test_registered_name_binds_only_its_key_without_a_network_key(tmp_path
     ana_ident = Identity.load_or_create(tmp_path / "ana" / "identity.key")
     async with open_network(["hospital", "clinic"], tmp_path) as grid:
         hospital = grid["hospital"]
-        policy.of(hospital).store.add_user("ana", "scientist", ana_ident.public_bytes, by="test")
-        meta = await hospital.publish(TABLE, tags=["ana-table"], get=["ana"], compute=["ana"])
         squatter = Identity.generate()
+        early = sign_record(squatter, name="ana", addresses=[], cert=b"", roles=[],
+                            objects=[], services={}, version=1, issued_at=time.time())
+        hospital.directory.merge([early], trio.current_time())   # before ana is registered
+        policy.of(hospital).store.add_user("ana", "scientist", ana_ident.public_bytes, by="test")
+        with trio.fail_after(30):   # registering ana takes the name back from the squatter
+            while hospital.directory.name_key("ana") is not None:
+                await trio.sleep(0.1)
+        meta = await hospital.publish(TABLE, tags=["ana-table"], get=["ana"], compute=["ana"])
         rec = sign_record(squatter, name="ana", addresses=["127.0.0.1:9"], cert=b"", roles=[],
-                          objects=[], services={}, version=1, issued_at=time.time())
+                          objects=[], services={}, version=2, issued_at=time.time())
         # relayed by a peer that took it (the clinic trusts on first use, no registration)
         grid["clinic"].directory.merge([rec], trio.current_time())
         await grid["clinic"].request(hospital.directory.own, GossipPush(records=[rec]),
