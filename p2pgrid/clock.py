@@ -71,10 +71,9 @@ async def measure(peer, timeout: float) -> dict[str, float]:
     known = {a for r in recs for a in r.addresses}
     seeds = [a for a in peer._seeds if a not in known][:PROBES]
     async with trio.open_nursery() as nursery:
-        for rec in recs:
+        for rec in recs:   # gossip with them worked, so a call (the usual way) will do
             nursery.start_soon(probe, peer.directory.label(rec),
-                               lambda m, rec=rec: peer.transport.request(
-                                   peer.target(rec), m, timeout=timeout))
-        for address in seeds:
+                               lambda m, rec=rec: peer.request(rec, m, timeout=timeout))
+        for address in seeds:   # a request, whose refusal for skew says the offset
             nursery.start_soon(probe, address, lambda m, a=address: peer._gossip_send(a, m))
     return offsets
