@@ -127,9 +127,10 @@ class AddrBook:
             if n and (best is None or n > best[0]):
                 best = (n, name)
         if best is not None:
+            # within that source: records we failed to reach first, then the stalest
             held = self._sources[best[1]].held
             return min((k for k in held if k not in protected and k != keep),
-                       key=lambda k: last_seen.get(k, float("-inf")))
+                       key=lambda k: (k not in self._failed, last_seen.get(k, float("-inf"))))
         # keys held but introduced before this book knew them (none in practice)
         rest = [k for k in last_seen if k not in protected and k != keep]
         return min(rest, key=lambda k: last_seen[k]) if rest else None

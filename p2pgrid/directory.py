@@ -337,7 +337,7 @@ class Directory:
     def lifetime(self, rec: PeerRecord) -> float:
         """How long `rec` stays live after its newest version arrived: its own promise
         (``ttl``) if longer than ours, but never more than our ``max_ttl``."""
-        stated = rec.ttl if isinstance(rec.ttl, (int, float)) and math.isfinite(rec.ttl) else 0.0
+        stated = rec.ttl if isinstance(rec.ttl, (int, float)) and not math.isnan(rec.ttl) else 0.0
         return min(max(self.ttl, float(stated)), self.max_ttl)
 
     def digest(self) -> dict[str, int]:
@@ -350,14 +350,20 @@ class Directory:
                 if remote_digest.get(kid, -1) < r.version]
 
     def wanted(self, remote_digest: dict[str, int]) -> list[str]:
-        """Key ids the remote side holds a newer version of (never our own key)."""
-        out = []
+        """Key ids the remote side holds a newer version of (never our own key): every
+        update of a key we hold, and at most one round's worth (``new_per_source``) of
+        keys we do not, so a digest listing a million keys costs one round's worth."""
+        out, new = [], 0
         for kid, version in remote_digest.items():
             if kid == self.key_id or not isinstance(version, int):
                 continue
             cur = self._records.get(kid)
             have = cur.version if cur is not None else self._tombstones.get(kid, (-1,))[0]
             if version > have:
+                if cur is None:
+                    new += 1
+                    if new > self.book.limits.new_per_source:
+                        continue
                 out.append(kid)
         return out
 
@@ -522,6 +528,9 @@ def handle_digest(directory: Directory, msg: GossipDigest, now: float,
                   source: str | None = None) -> GossipReply:
     """Responder side of an exchange: learn the sender, answer with the difference.
     `source` defaults to the sender's key id (the transport checks it is the caller's)."""
+    if not isinstance(msg.digest, dict) or len(msg.digest) > 2 * directory.book.limits.max_records:
+        raise BadRequest(f"a gossip digest lists at most {2 * directory.book.limits.max_records} "
+                         f"records")
     directory.merge([msg.sender], now, source=source or _sender_key(msg.sender))
     return GossipReply(records=directory.newer_than(msg.digest), want=directory.wanted(msg.digest))
 
