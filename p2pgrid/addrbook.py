@@ -50,7 +50,7 @@ class BookLimits:
     window: float = 1.0  # seconds of the directory's clock: one gossip round
     max_protected: int = 64
     protected_ttl: float = 120.0
-    protected_share: float = 0.5  # of each fanout, at least one slot when any is protected
+    protected_share: float = 0.5  # of each fanout drawn from the protected set
 
     def __post_init__(self):
         if self.max_records < 1 or self.new_per_source < 1 or self.max_protected < 0:
@@ -176,7 +176,10 @@ class AddrBook:
             return []
         protected = self.protected(now)
         prot = [c for c in candidates if c.key_id in protected]
-        k = min(len(prot), max(1, round(fanout * self.limits.protected_share))) if prot else 0
+        # fanout * share slots, the fraction drawn at random (a fanout of 1 still explores)
+        want = fanout * self.limits.protected_share
+        k = int(want) + (rng.random() < want - int(want))
+        k = min(len(prot), k)
         picked = rng.sample(prot, k)
         chosen = {c.key_id for c in picked}
         rest = [c for c in candidates if c.key_id not in chosen]
