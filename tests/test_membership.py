@@ -182,6 +182,8 @@ async def test_network_refuses_strangers_and_revoked_members(tmp_path):
             await trio.sleep(1.0)   # gossip rounds, all refused
             assert mal.key_id not in hospital.directory.digest()
             assert not mal.directory.search("#anything") and hospital.key_id in mal.directory.digest()
+            from p2pgrid.web import render_status
+            assert "trusted on first use" in render_status(mal)
 
         # a certificate from another network's key does not help
         other = Identity.generate()
@@ -213,6 +215,11 @@ async def test_network_refuses_strangers_and_revoked_members(tmp_path):
         assert isinstance(e, PermissionDenied)
         # the members still talk to each other
         assert isinstance(await clinic.request("hospital", Ping()), Pong)
+        # the page says what names are worth here, beside each peer's key fingerprint
+        from p2pgrid.web import render_status
+        page = render_status(hospital)
+        assert f"certified by network <code>{net.key_id}</code>" in page
+        assert clinic.key_id in page
 
 
 async def test_member_without_a_valid_certificate_does_not_start(tmp_path):
