@@ -46,6 +46,9 @@ __all__ = ["GovernanceStore", "User", "STATUSES"]
 STATUSES = ("pending", "approved", "denied")
 TOTAL = "*"            # budgets.object_id of a user's total across datasets
 SLACK = 1e-9           # float rounding allowed when charging the last bit of a budget
+# The total epsilon, per peer, of a user with no budget of their own: names that may
+# compute but hold no `aggregate` grant get DP releases (never exact aggregates) out of it.
+DEFAULT_EPSILON = 1.0
 MAX_PENDING = 50       # open requests per user
 FRESH = 0.2            # seconds a snapshot of users and settings is trusted without asking SQLite
 
@@ -317,8 +320,9 @@ class GovernanceStore:
 
     def create_request(self, *, user: str, key_id: str, object_id: str, right: str,
                        epsilon: float | None, reason: str) -> dict:
-        if right not in ("get", "budget"):
-            raise BadRequest("a request is for 'get' or for privacy budget (give epsilon)")
+        if right not in ("get", "budget", "program"):
+            raise BadRequest("a request is for 'get', for privacy budget (give epsilon), or for "
+                             "the release of a program")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
             raise BadRequest("give a reason of 1 to 2000 characters")
         now = time.time()
@@ -371,7 +375,11 @@ class GovernanceStore:
             status = "approved" if approve else "denied"
             db.execute("UPDATE requests SET status = ?, why = ?, decided = ?, decided_by = ? "
                        "WHERE id = ?", (status, why, now, by, rid))
-            if approve and req["epsilon"] is None:
+            if approve and req["right"] == "program":
+                # object_id names the program (release.approval_id): its result may leave
+                db.execute("INSERT OR REPLACE INTO grants VALUES (?, ?, ?, ?, ?)",
+                           (req["user"], req["object_id"], "release", rid, now))
+            elif approve and req["epsilon"] is None:
                 db.execute("INSERT OR REPLACE INTO grants VALUES (?, ?, ?, ?, ?)",
                            (req["user"], req["object_id"], "get", rid, now))
             elif approve:
@@ -425,7 +433,7 @@ class GovernanceStore:
                               "epsilon": epsilon})
 
     def set_default_budget(self, epsilon: float, *, by: str) -> None:
-        """The total epsilon of users with no budget of their own (default 0)."""
+        """The total epsilon of users with no budget of their own (default DEFAULT_EPSILON)."""
         self.set_setting("default_epsilon", _check_limit(epsilon), by=by)
 
     def budgets(self) -> list[dict]:
@@ -445,7 +453,7 @@ class GovernanceStore:
         if row:
             return row[0]
         d = db.execute("SELECT value FROM settings WHERE key = 'default_epsilon'").fetchone()
-        return float(json.loads(d[0])) if d else 0.0
+        return float(json.loads(d[0])) if d else DEFAULT_EPSILON
 
     def _limits(self, db, user: str, object_id: str | None) -> dict[str, dict]:
         """Every limit that applies to `user` on `object_id`: label -> limit, spent, left."""
