@@ -199,9 +199,11 @@ async def execute(peer, caller, msg: Execute):
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
     except ShapeError:
-        # only values can make the real run fail where the dry run passed
+        # values can make the real run fail where the dry run passed: whoever may
+        # receive the output may hear why (raised as is); for anyone else the failure
+        # is not reported at all, as that alone would tell something about the values
         if decision.allowed:
-            raise release.ComputeFailed(release.GENERIC_FAILURE) from None
+            raise
         value, failed = None, True
     if not decision.allowed and (value is None or not isinstance(probe, torch.Tensor)
                                  or value.shape != probe.shape or value.dtype != probe.dtype):
