@@ -29,6 +29,11 @@ class PeerConfig:
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] | None = None
     roles: tuple[str, ...] = ()          # e.g. ("crypto-provider",)
+    # SMPC trust, decided here and never taken from a record: the peers this peer lets
+    # hold shares of its data (besides itself), and the crypto providers it lets deal for
+    # them (a role a peer announces for itself counts for nothing). See docs/SECURITY.md.
+    smpc_parties: tuple[str, ...] = ()
+    crypto_providers: tuple[str, ...] = ()
     gossip_interval: float = 1.0
     gossip_fanout: int = 2
     ttl: float = 15.0                    # a peer unheard of for this long is dropped
@@ -44,6 +49,12 @@ class PeerConfig:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "join", tuple(self.join))
         object.__setattr__(self, "roles", tuple(self.roles))
+        for key in ("smpc_parties", "crypto_providers"):
+            names = tuple(getattr(self, key))
+            if any(not isinstance(n, str) or not n or n == "*" for n in names):
+                raise ValueError(f"{key} lists peer names (no '*': each one is trusted "
+                                 "not to collude)")
+            object.__setattr__(self, key, names)
         if self.mdns_interfaces is not None:
             object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
 

@@ -23,8 +23,8 @@ import torch
 
 from p2pgrid.errors import BadRequest
 
-__all__ = ["clip_update", "add_gaussian_noise", "global_norm", "RDPAccountant", "DEFAULT_ORDERS",
-           "rdp_sampled_gaussian", "rdp_to_epsilon", "rdp_curve"]
+__all__ = ["clip_update", "add_gaussian_noise", "global_norm", "private_generator", "RDPAccountant",
+           "DEFAULT_ORDERS", "rdp_sampled_gaussian", "rdp_to_epsilon", "rdp_curve"]
 
 #: The orders Opacus uses by default: 1.1, 1.2, ..., 10.9 and 12, ..., 63.
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
@@ -53,28 +53,28 @@ def clip_update(delta: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, 
     return {k: (v * scale).to(v.dtype) if v.is_floating_point() else v for k, v in delta.items()}, norm
 
 
-def _generator(generator: torch.Generator | None) -> torch.Generator:
-    if generator is not None:
-        return generator
+def private_generator() -> torch.Generator:
+    """A torch generator for privacy randomness (DP noise, DP sampling), seeded with 64
+    bits from the OS CSPRNG on the peer that applies it, fresh for every use.
+
+    Nothing a caller, coordinator or config sets can seed it: a DP guarantee holds against
+    whoever could reproduce the noise only if nobody can. torch's generator (Philox /
+    Mersenne Twister) is not itself a cryptographic PRG and floating-point Gaussian sampling
+    has known side channels (Mironov 2012): adequate for research, not for a high-stakes
+    release (see docs/SECURITY.md)."""
     g = torch.Generator()
     g.manual_seed(int.from_bytes(os.urandom(8), "little"))
     return g
 
 
-def add_gaussian_noise(sum_update: dict[str, torch.Tensor], clip: float, noise_multiplier: float,
-                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Return `sum_update` + N(0, (noise_multiplier * clip)^2) on every float coordinate.
-
-    `generator` makes the noise reproducible (tests); leave it None in production
-    and the generator is seeded from the OS's randomness. Note that torch's
-    generator is not a cryptographic one and floating-point Gaussian sampling has
-    known side channels (Mironov 2012): adequate for research, not for a
-    high-stakes release.
-    """
+def add_gaussian_noise(sum_update: dict[str, torch.Tensor], clip: float,
+                       noise_multiplier: float) -> dict[str, torch.Tensor]:
+    """Return `sum_update` + N(0, (noise_multiplier * clip)^2) on every float coordinate,
+    the noise drawn from a :func:`private_generator` (no seed can reproduce it)."""
     if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
         raise BadRequest(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
     std = float(noise_multiplier) * float(clip)
-    gen = _generator(generator)
+    gen = private_generator()
     out = {}
     for k, v in sum_update.items():
         if v.is_floating_point() and std > 0:

@@ -513,16 +513,16 @@ def _rng() -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
 
 
-def laplace(value: torch.Tensor, sensitivity: float, epsilon: float,
-            rng: np.random.Generator | None = None) -> torch.Tensor:
+def laplace(value: torch.Tensor, sensitivity: float, epsilon: float) -> torch.Tensor:
     """`value` plus Laplace(0, sensitivity / epsilon) noise on every element.
 
-    Seeded from the OS's randomness unless `rng` is given (tests). Floating-point
+    Seeded from the OS's CSPRNG on every call: no seed anyone sets reproduces it (see
+    docs/SECURITY.md). Floating-point
     Laplace sampling has known side channels (Mironov 2012); adequate for research
     and statistics releases, not for a high-stakes adversary with many queries."""
     epsilon = check_epsilon(epsilon)
     scale = float(sensitivity) / epsilon
     if scale == 0:
         return value.to(torch.float64).clone()
-    noise = (rng or _rng()).laplace(0.0, scale, size=tuple(value.shape))
+    noise = _rng().laplace(0.0, scale, size=tuple(value.shape))
     return value.to(torch.float64) + torch.as_tensor(noise, dtype=torch.float64)
