@@ -217,7 +217,8 @@ async def execute(peer, caller, msg: Execute):
     meta = ObjectMeta(owner=peer.name, shape=tuple(value.shape),
                       dtype=str(value.dtype).removeprefix("torch."), tags=tuple(msg.tags),
                       description=msg.description or f"result for {caller.name}",
-                      rules=rules, level="aggregate" if decision.kind == release.AGGREGATE else "row",
+                      rules=rules,
+                      level="aggregate" if decision.kind == release.AGGREGATE else "row",
                       expires=time.time() + peer.config.result_ttl,
                       derivation=release.Derivation(deriv.nodes, failed).to_json())
     return ObjectInfo(info(peer, await peer.put(value.contiguous(), meta)))

@@ -329,7 +329,8 @@ def _rule(i, op, args, kwargs, out, refs, kinds, values, leaves) -> _V:
                     f"computed from the data); exact aggregates allow one")
     rec, ref, path = recs[0]
     if path.startswith("kw:") or "." in path:
-        return _row(f"{what} takes data in a keyword or nested argument ({path.removeprefix('kw:')})")
+        where = path.removeprefix("kw:")
+        return _row(f"{what} takes data in a keyword or nested argument ({where})")
     if aggs:
         return _row(f"{what} combines per-record values with an aggregate of the data")
     v = values[ref]
@@ -338,7 +339,8 @@ def _rule(i, op, args, kwargs, out, refs, kinds, values, leaves) -> _V:
     if op == "getitem":
         return _select(what, rec, v, args, out, len(ks))
     if op in ("t", "transpose"):
-        if op == "transpose" and len(args) == 3 and {args[1] % max(v.dim(), 1), args[2] % max(v.dim(), 1)} != {0, 1}:
+        ndim = max(v.dim(), 1)
+        if op == "transpose" and len(args) == 3 and {args[1] % ndim, args[2] % ndim} != {0, 1}:
             return _row(f"{what} of other axes than the records'")
         if v.dim() != 2 or rec.axis != 0:
             return _row(f"{what} of something that is not a table of records")
@@ -405,8 +407,7 @@ def _gram(what, recs, ks, out, leaves) -> _V:
     if not (a.raw and b.raw and a.obj == b.obj and a.axis == 1 and b.axis == 0):
         return _row(f"{what}: the only exact product is A.T @ B of plain column selections of "
                     f"one dataset (no elementwise maps on them)")
-    n = out  # shapes already checked by torch: A is (k, n), B is (n, ...)
-    del n
+    # torch checked the shapes: A is (k, n) and B is (n, ...), the same n records
     need = leaves[a.obj].min_rows
     rows = leaves[a.obj].shape[0]
     if rows < need:

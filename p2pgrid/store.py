@@ -232,7 +232,8 @@ _SCHEMA = ["""
 """]
 SCHEMA_VERSION = len(_SCHEMA)
 
-_COLS = ("id, owner, shape, dtype, description, rules, level, created, expires, nbytes, derivation, "
+_COLS = ("id, owner, shape, dtype, description, rules, level, created, expires, nbytes, "
+         "derivation, "
          "(SELECT json_group_array(tag) FROM tags WHERE object_id = objects.id)")
 
 

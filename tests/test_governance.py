@@ -326,3 +326,28 @@ async def test_open_peer_without_users_is_unchanged(tmp_path):
         req = await bob.request_access(reason="rows please")
         with pytest.raises(p2pgrid.PermissionDenied):
             await grid["bob"].request("hospital", DecideRequest(req.id, True, ""))
+
+
+async def test_program_approval_releases_exactly_that_program(tmp_path):
+    async with open_network(["hospital", "bob", "ana"], tmp_path) as grid:
+        await grid.net("hospital").publish(BIRTHS, tags=["births"], compute=["bob", "ana"])
+        await grid.wait_searchable("#births")
+        bob = await _rec(grid, "bob")
+        expr = (bob[:, 1] * (bob[:, 0] > 3)).sum()  # a masked sum: no exact aggregate form
+        with pytest.raises(p2pgrid.PermissionDenied, match="approve this program"):
+            await expr.get()
+        req = await expr.request_release(reason="length of the heavier births")
+        listed = await grid.net("hospital").access_requests("hospital")
+        mine = next(r for r in listed if r["id"] == req.id)
+        assert mine["right"] == "program" and "gt(" in mine["reason"] and bob.id in mine["reason"]
+        await grid.net("hospital").decide_request("hospital", req.id, approve=True)
+        await req.wait(timeout=10)
+        want = (BIRTHS[:, 1] * (BIRTHS[:, 0] > 3)).sum()
+        assert torch.allclose(await expr.get(), want, rtol=1e-5)
+        kept = await expr                       # the same program kept remote, fetched later
+        assert torch.allclose(await kept.get(), want, rtol=1e-5)
+        with pytest.raises(p2pgrid.PermissionDenied):
+            await (bob[:, 1] * (bob[:, 0] > 2)).sum().get()   # another constant: another program
+        ana = await _rec(grid, "ana")
+        with pytest.raises(p2pgrid.PermissionDenied):
+            await (ana[:, 1] * (ana[:, 0] > 3)).sum().get()   # approved for bob only
