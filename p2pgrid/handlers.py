@@ -198,12 +198,14 @@ async def execute(peer, caller, msg: Execute):
         value, _ = await trio.to_thread.run_sync(run, "cpu")
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
-    except ShapeError:
+    except (ShapeError, ArithmeticError, RuntimeError, ValueError) as e:
         # values can make the real run fail where the dry run passed: whoever may
-        # receive the output may hear why (raised as is); for anyone else the failure
-        # is not reported at all, as that alone would tell something about the values
+        # receive the output may hear why; for anyone else the failure is not reported
+        # at all, as that alone would tell something about the values
         if decision.allowed:
-            raise
+            if isinstance(e, ShapeError):
+                raise
+            raise release.ComputeFailed(release.GENERIC_FAILURE) from None
         value, failed = None, True
     if not decision.allowed and (value is None or not isinstance(probe, torch.Tensor)
                                  or value.shape != probe.shape or value.dtype != probe.dtype):

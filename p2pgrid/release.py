@@ -36,7 +36,7 @@ result someone else finds by its tags) only if one of these holds for the caller
     chosen per record can enter, since no second per-record operand is ever accepted.
 (d) **The owner approved this exact program for C** (its hash over ops, constants'
     digests and object ids, with stored results expanded) through the request queue
-    (``rec.request_release(expr, reason=...)``, ``p2pgrid requests approve``).
+    (``await expr.request_release(reason=...)``, ``p2pgrid requests approve``).
 
 Anything else is row-level and stays. Results kept remote carry their *derivation* (the
 expanded program in canonical form: constants replaced by dtype, shape and digest) in
