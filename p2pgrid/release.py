@@ -336,6 +336,8 @@ def _rule(i, op, args, kwargs, out, refs, kinds, values, leaves) -> _V:
     v = values[ref]
     if op in _ELEMENTWISE:
         return _elementwise(what, rec, v, args, kwargs, out)
+    if path != "0":  # an index, a dim or a second operand taken from the data
+        return _row(f"{what} takes data as argument {path}, where only constants may go")
     if op == "getitem":
         return _select(what, rec, v, args, out, len(ks))
     if op in ("t", "transpose"):

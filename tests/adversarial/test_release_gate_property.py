@@ -215,3 +215,10 @@ def test_documented_forms(program, allowed):
     if not allowed:
         assert d.why and decide(canonical(program), _leaves((N, 1)),
                                 approved=lambda h: h == d.program_hash).basis == "approved"
+
+
+def test_data_as_an_index_is_row_level():
+    program = _p(_n("astype", {"$": 0}, {"dtype": "int64"}),
+                 _n("getitem", {"tensor": torch.arange(10.)}, {"$": 2}), _n("sum", {"$": 3}))
+    d = decide(canonical(program), _leaves((N, 1)), approved=lambda h: False)
+    assert not d.allowed and "argument 1" in d.why
