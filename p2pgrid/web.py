@@ -291,10 +291,11 @@ def _datasets_section(metas, gov) -> str:
 
 def _users_section(gov) -> str:
     from .governance.roles import format_key
+    from .governance.store import DEFAULT_EPSILON
 
     store = gov.store
     caps = {(b["user"], b["object_id"]): b["epsilon"] for b in store.budgets()}
-    default = store.setting("default_epsilon", 0.0)
+    default = store.setting("default_epsilon", DEFAULT_EPSILON)
     rows = []
     for u in sorted(store.users().values(), key=lambda u: (u.role, u.name)):
         limit = caps.get((u.name, None), default)
@@ -303,10 +304,14 @@ def _users_section(gov) -> str:
         rows.append(f"<tr><td><b>{esc(u.name)}</b></td><td>{esc(u.role)}</td><td>{key}</td>"
                     f"<td>{_bar(store.spent(u.name), limit)}</td></tr>")
     mode = ("registered users only" if store.registered_only
+            else "open; releases to registered users only" if store.releases_registered_only
             else "open: unregistered callers follow object rules")
+    guests = store.setting("guest_epsilon")
     return _section("users", "Users", len(rows),
                     f'<p class="muted">Mode: <b>{esc(mode)}</b>. Default budget for users without '
-                    f'one: ε = {default:g}.</p>'
+                    f'one: ε = {default:g}. Unregistered callers together: '
+                    f'ε = {store.pooled_spent():.4g} spent of '
+                    f'{default if guests is None else guests:g}.</p>'
                     + _table(["name", "role", "key", "budget used (ε)"], rows,
                              "no registered users (open mode)"))
 

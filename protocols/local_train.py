@@ -30,7 +30,8 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from p2pgrid.errors import BadRequest, ShapeError, UnknownOp
 
-from .dp import RDPAccountant, private_generator
+from .dp import RDPAccountant
+from .private_random import PrivateRandom
 
 __all__ = ["train_locally", "evaluate", "OPTIMIZERS", "LOSSES", "make_optimizer", "TrainingStopped",
            "dp_steps"]
@@ -156,7 +157,7 @@ def _per_sample_grads(model, params, buffers, loss_fn, xb, yb):
     return grads, losses
 
 
-def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, gen, prox_mu=0.0, anchor=None) -> float:
+def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, rand, prox_mu=0.0, anchor=None) -> float:
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     buffers = {k: b for k, b in model.named_buffers()}
     loss = math.nan
@@ -172,7 +173,7 @@ def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, gen, prox_mu=0.0, 
     std = dp["noise_multiplier"] * dp["clip"]
     named = dict(model.named_parameters())
     for k, s in summed.items():
-        noise = torch.normal(0.0, std, size=s.shape, generator=gen) if std > 0 else 0.0
+        noise = rand.normal(s.shape, std, s.dtype) if std > 0 else 0.0
         g = (s + noise) / expected_batch
         if anchor:  # FedProx's term depends on no example: adding it after the noise costs no privacy
             g = g + prox_mu * (params[k] - anchor[k])
@@ -195,7 +196,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     (Poisson sampling, which the accountant assumes), clips each example's gradient
     to `clip` and adds N(0, (noise_multiplier * clip)^2); metrics then carry
     ``epsilon`` at ``delta``. The sampling and the noise come from the OS CSPRNG
-    (:func:`protocols.dp.private_generator`); `seed` drives only what privacy does not
+    (:class:`protocols.private_random.PrivateRandom`); `seed` drives only what privacy does not
     depend on (the shuffling of non-DP epochs, dropout masks), so a seeded DP run is
     not reproducible. DP training refuses BatchNorm (it mixes examples).
     `should_stop`, polled before every step, ends the loop with :class:`TrainingStopped`
@@ -230,7 +231,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
     # DP sampling and noise: this peer's OS CSPRNG, never `seed` (which whoever asks for
     # the training may choose, and could then subtract the noise it reproduces)
-    private = private_generator() if dp is not None else None
+    private = PrivateRandom() if dp is not None else None
     was_training = model.training
     model.train()
     steps, last_losses = 0, []
@@ -243,8 +244,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
                 order = torch.randperm(n, generator=gen)
                 batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
             else:  # Poisson sampling: n / batch_size steps of expected size batch_size
-                batches = [torch.nonzero(torch.rand(n, generator=private) < dp["sample_rate"]).flatten()
-                           for _ in range(max(1, n // batch_size))]
+                batches = [private.bernoulli(n, dp["sample_rate"]) for _ in range(max(1, n // batch_size))]
             for idx in batches:
                 if should_stop is not None and should_stop():
                     model.train(was_training)

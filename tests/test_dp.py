@@ -131,3 +131,18 @@ def test_rdp_curves_compose_like_steps():
     assert b.epsilon(1e-5) == pytest.approx(a.epsilon(1e-5))
     with pytest.raises(BadRequest):
         b.add_rdp([1.0])
+
+
+def test_private_random_samples_have_the_promised_distributions():
+    from protocols.private_random import PrivateRandom
+    r = PrivateRandom()
+    z = r.normal((200_000,), std=3.0)
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 3.0) < 0.05
+    lap = r.laplace((200_000,), scale=2.0)   # E|X| = scale
+    assert abs(float(lap.abs().mean()) - 2.0) < 0.05
+    kept = r.bernoulli(100_000, 0.3)
+    assert abs(len(kept) / 100_000 - 0.3) < 0.01 and bool((kept[1:] > kept[:-1]).all())
+    u = r.uniform((100_000,))
+    assert 0.0 < float(u.min()) and float(u.max()) < 1.0
+    # two instances are keyed independently from the OS: no shared stream
+    assert not torch.equal(PrivateRandom().normal((8,)), PrivateRandom().normal((8,)))
