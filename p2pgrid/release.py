@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import trio
 
 from .errors import BadRequest, register_error
 from .ops import DTYPES, OPS
@@ -512,7 +513,10 @@ async def gate(peer, caller, program: dict, metas: dict) -> tuple[Decision, Deri
     deriv = expand(program, lambda oid: stored_derivation(peer, metas[oid]) if oid in metas
                    else None)
     leaves = await _leaves(peer, caller, deriv, metas)
-    return decide(deriv, leaves, approved=_approved(peer, caller)), deriv
+    approved = _approved(peer, caller)
+    # up to MAX_EXPANDED meta ops: off the event loop
+    decision = await trio.to_thread.run_sync(lambda: decide(deriv, leaves, approved=approved))
+    return decision, deriv
 
 
 async def gate_stored(peer, caller, meta) -> Decision | None:
@@ -522,7 +526,8 @@ async def gate_stored(peer, caller, meta) -> Decision | None:
     if deriv is None:
         return None
     leaves = await _leaves(peer, caller, deriv, {})
-    decision = decide(deriv, leaves, approved=_approved(peer, caller))
+    approved = _approved(peer, caller)
+    decision = await trio.to_thread.run_sync(lambda: decide(deriv, leaves, approved=approved))
     if decision.allowed and deriv.failed:
         raise ComputeFailed(GENERIC_FAILURE)
     return decision
