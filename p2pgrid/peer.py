@@ -258,17 +258,34 @@ class Peer:
 
     async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
                       compute: Iterable[str] = (), get: Iterable[str] = (),
-                      aggregate: Iterable[str] | None = None, min_rows: int | None = None,
-                      id: str | None = None) -> ObjectMeta:
-        """Store a tensor owned by this peer and announce it in the directory."""
+                      aggregate: Iterable[str] = (), min_rows: int | None = None,
+                      id: str | None = None, bounds=None, epsilon: float | None = None
+                      ) -> ObjectMeta:
+        """Store a tensor owned by this peer and announce it in the directory.
+
+        `aggregate` is an explicit grant of exact aggregates (no longer implied by
+        `compute`); names with `compute` only get DP releases, which need `bounds`
+        (per-column ``[lo, hi]`` pairs, declared with the data; `epsilon`: the dataset's
+        total budget). A WARNING says so when such names exist and no bounds are given."""
+        from .governance import Bounds, of as governance_of
+        from .release import warn_unbounded
+
         compute = tuple(compute)
-        rules = Rules(compute=compute, get=tuple(get),
-                      aggregate=compute if aggregate is None else tuple(aggregate),
+        rules = Rules(compute=compute, get=tuple(get), aggregate=tuple(aggregate or ()),
                       min_rows=self.config.min_rows if min_rows is None else min_rows)
+        declared = Bounds.parse(bounds) if bounds is not None else None
+        if declared is not None:
+            declared.check(tuple(tensor.shape))
         meta = ObjectMeta(id=id or "", owner=self.name, shape=tuple(tensor.shape),
                           dtype=str(tensor.dtype).removeprefix("torch."), tags=tuple(tags),
                           description=description, rules=rules)
-        return await self.put(tensor, meta)
+        meta = await self.put(tensor, meta)
+        gov = governance_of(self)
+        if declared is not None:
+            await trio.to_thread.run_sync(lambda: gov.store.set_dataset(
+                meta.id, declared, epsilon, by=self.name))
+        warn_unbounded(self, meta, gov.store.dataset(meta.id) is not None)
+        return meta
 
     # ------------------------------------------------------------ directory
 
@@ -551,4 +568,5 @@ async def _publish_profile_item(peer: Peer, item: dict) -> None:
     tensor = await trio.to_thread.run_sync(build_dataset, item)
     await peer.publish(tensor, tags=item.get("tags", ()), description=item.get("description", ""),
                        compute=item.get("compute", ()), get=item.get("get", ()),
-                       aggregate=item.get("aggregate"), min_rows=item.get("min_rows"), id=name)
+                       aggregate=item.get("aggregate", ()), min_rows=item.get("min_rows"), id=name,
+                       bounds=item.get("bounds"), epsilon=item.get("epsilon"))

@@ -296,10 +296,11 @@ def _datasets_section(metas, gov) -> str:
 
 def _users_section(gov) -> str:
     from .governance.roles import format_key
+    from .governance.store import DEFAULT_EPSILON
 
     store = gov.store
     caps = {(b["user"], b["object_id"]): b["epsilon"] for b in store.budgets()}
-    default = store.setting("default_epsilon", 0.0)
+    default = store.setting("default_epsilon", DEFAULT_EPSILON)
     rows = []
     for u in sorted(store.users().values(), key=lambda u: (u.role, u.name)):
         limit = caps.get((u.name, None), default)
