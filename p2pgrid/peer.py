@@ -62,6 +62,9 @@ class Peer:
         if config.network_key:
             self.membership, self.own_cert = membership.open_membership(
                 config, self.identity, now=time.time())
+        elif config.cert:
+            raise membership.MembershipError("a membership certificate needs the network's key "
+                                             "too (--network-key PUB)")
         self.directory = Directory(self.identity, ttl=config.ttl, max_ttl=config.max_record_ttl,
                                    limits=directory_limits(config), admit=self._admit)
         self.directory.add_listener(self._directory_changed)

@@ -236,6 +236,18 @@ async def test_member_without_a_valid_certificate_does_not_start(tmp_path):
     with pytest.raises(m.MembershipError, match="network-key"):
         async with open_peer(PeerConfig(**{**cfg.__dict__, "network_key": "zz", "mdns": False})):
             pass
+    with pytest.raises(m.MembershipError, match="network-key"):   # a certificate alone
+        async with open_peer(PeerConfig(**{**cfg.__dict__, "network_key": None, "mdns": False})):
+            pass
+
+
+def test_profile_names_the_network(tmp_path):
+    from p2pgrid.config import load_profile
+    (tmp_path / "p.toml").write_text('[peer]\nname = "clinic"\nnetwork_key = "ab"\n'
+                                     'cert = "clinic.cert"\nrevocations = "network.crl"\n')
+    cfg = load_profile(tmp_path / "p.toml")
+    assert (cfg.network_key, str(cfg.cert), str(cfg.revocations)) == (
+        "ab", "clinic.cert", "network.crl")
 
 
 # ---------------------------------------------------------------- the CLI, end to end
