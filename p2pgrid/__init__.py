@@ -12,7 +12,7 @@
 """
 
 from .config import PeerConfig, load_profile
-from .errors import (BadRequest, Conflict, MalformedMessage, NotFound, P2PError, PayloadTooLarge,
+from .errors import (BadRequest, CheatingDetected, Conflict, MalformedMessage, NotFound, P2PError, PayloadTooLarge,
                      PeerUnavailable, PermissionDenied, ProtocolError, RateLimited, ReplayDetected,
                      ShapeError, Unauthenticated, UnknownOp)
 from .identity import Identity
@@ -26,6 +26,6 @@ __all__ = [
     "Pointer", "Expr", "Rules", "ObjectMeta", "Identity",
     "P2PError", "BadRequest", "MalformedMessage", "UnknownOp", "ShapeError", "Unauthenticated",
     "ReplayDetected", "PermissionDenied", "NotFound", "Conflict", "PayloadTooLarge",
-    "RateLimited", "PeerUnavailable", "ProtocolError",
+    "RateLimited", "PeerUnavailable", "ProtocolError", "CheatingDetected",
 ]
 __version__ = "0.1.0"
