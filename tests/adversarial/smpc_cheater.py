@@ -74,6 +74,15 @@ class Cheater:
                         rnd = Round(rnd.tag, {}, {p: (self._with("add1", honest)
                                                       if p == others[0] else honest)
                                                   for p in others})
+                    if self.deviation in ("add1", "flip", "replay") and self.deviated:
+                        # Keep its own view consistent with what it sent, as a careful
+                        # cheater would: only the MAC check can catch it then.
+                        delta = {k: rnd.broadcast[k] - honest[k] for k in honest}
+                        inbox = yield rnd
+                        first = min(inbox)
+                        inbox[first] = {k: (v + delta[k] if k in delta else v)
+                                        for k, v in inbox[first].items()}
+                        continue
                     if self.deviation == "mac":
                         mark = len(ctx._log)
                         inbox = yield rnd
