@@ -88,11 +88,11 @@ def test_rounds_and_bytes_are_counted():
         return (yield from mac.reveal(ctx, (yield from mac.mul(ctx, xs, xs))))
 
     res = mac.run_active(2, prog)
-    # input 1, mul 1, check 4 + output opening 1 + check 4
-    assert res.stats.rounds == 11
+    # input 1, mul 1, check 3 + output opening 1 + check 3
+    assert res.stats.rounds == 9
     assert res.stats.tags.count("a/mul") == 1
-    # each opening sends 8 bytes per element, as in semi-honest mode
-    assert res.stats.bytes_sent[1] >= 2 * 6 * 8
+    # each opening sends 16 bytes per element (Z_2^128), twice semi-honest mode
+    assert res.stats.bytes_sent[1] >= 3 * 6 * 16
 
 
 def test_a_party_opening_another_seed_is_caught():
@@ -164,3 +164,22 @@ def test_wrong_party_program_fails_loudly():
 
     with pytest.raises(Exception):
         mac.run_active(2, prog)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.floats(-2.0 ** 40, 2.0 ** 40, allow_nan=False), min_size=1, max_size=6),
+       st.integers(2, 3))
+def test_relu_and_sign_are_exact(values, parties):
+    x = torch.tensor(values, dtype=torch.float64)
+    enc = mac.encode(x)
+    want = torch.tensor([float((v if v < (1 << 127) else v - mac.MOD)) for v in enc.tolist()],
+                        dtype=torch.float64) / 2 ** 16
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        return (yield from mac.reveal(ctx, (yield from mac.ge_zero(ctx, xs)),
+                                      (yield from mac.relu(ctx, xs))))
+
+    bit, r = mac.run_active(parties, prog).outputs[0]
+    assert torch.equal(bit, (want >= 0).double())
+    assert torch.equal(r, want.clamp(min=0))

@@ -47,9 +47,10 @@ from .messages import Round
 from .runtime import collect
 
 __all__ = ["K", "S", "AuthShared", "AuthDealer", "ActiveParty", "open_values", "mac_check",
-           "input_value", "mul", "matmul", "truncate", "reveal", "run_active", "encode", "decode"]
+           "input_value", "mul", "matmul", "truncate", "ge_zero", "relu", "reveal", "run_active", "encode", "decode"]
 
 K, S = 64, 64
+CMP_BITS = K - 2
 MOD = 1 << (K + S)
 MASK_K = (1 << K) - 1
 _NONCE = 16
@@ -62,12 +63,11 @@ def _obj(a) -> np.ndarray:
 
 
 def _rand(shape, bits: int) -> np.ndarray:
-    """Uniform ints below 2^bits from the OS CSPRNG."""
+    """Uniform ints below 2^bits (64 or 128) from the OS CSPRNG."""
     n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    nb = bits // 8
-    raw = os.urandom(n * nb)
-    vals = [int.from_bytes(raw[i * nb:(i + 1) * nb], "little") for i in range(n)]
-    return _obj(vals).reshape(shape)
+    words = np.frombuffer(os.urandom(8 * n * (bits // 64)), dtype=np.uint64).astype(object)
+    out = words[:n] if bits == 64 else words[:n] + (words[n:] << 64)
+    return out.reshape(shape)
 
 
 def _to_wire(a: np.ndarray) -> torch.Tensor:
@@ -164,18 +164,30 @@ class AuthDealer:
             out[owner]["r_clear"] = r
         elif kind == "triple":
             _, shape = key
-            a, b = _rand(shape, K), _rand(shape, K)
+            a, b = _rand(shape, K + S), _rand(shape, K + S)
             put("a", a), put("b", b), put("c", (a * b) % MOD)
         elif kind == "mtriple":
             _, sa, sb = key
-            a, b = _rand(sa, K), _rand(sb, K)
+            a, b = _rand(sa, K + S), _rand(sb, K + S)
             put("a", a), put("b", b), put("c", a.dot(b) % MOD)
         elif kind == "trunc":
             _, shape, f = key
             r = _rand(shape, K)
-            put("r", r), put("r_hi", r >> f), put("r_msb", r >> (K - 1))
+            put("r", r + (_rand(shape, S) << K))
+            put("r_hi", r >> f), put("r_msb", r >> (K - 1))
+        elif kind == "cmp":
+            _, shape = key
+            r = _rand(shape, K)
+            put("r", r + (_rand(shape, S) << K))
+            put("r_top", r >> CMP_BITS), put("r_msb", r >> (K - 1))
+            bits = _obj(np.zeros(tuple(shape) + (CMP_BITS,), dtype=np.int64))
+            for j in range(CMP_BITS):
+                bits[..., j] = (r >> j) & 1
+            put("r_bits", bits)
+        elif kind == "outmask":
+            _, shape = key
+            put("rho", _rand(shape, S) << K)
         elif kind == "check":
-            put("rho", _rand((), S))
             seeds = [os.urandom(16) for _ in range(self.n)]
             nonces = [os.urandom(_NONCE) for _ in range(self.n)]
             commits = [hashlib.sha256(s + c).digest() for s, c in zip(seeds, nonces)]
@@ -271,17 +283,19 @@ class ActiveParty:
 # ---------------------------------------------------------------- protocols
 
 def open_values(ctx: ActiveParty, tag: str, values: dict[str, AuthShared]):
-    """One round: open several authenticated values (low k bits), recorded for the check."""
-    inbox = yield Round(tag, broadcast={n: _to_wire(v.value) for n, v in values.items()})
+    """One round: open several authenticated values in full (k+s bits), recorded for the
+    check. Callers open only values masked by a dealt mask uniform in Z_2^(k+s) (or, for
+    outputs, masked by 2^k rho), so the upper s bits reveal nothing."""
+    inbox = yield Round(tag, broadcast={n: _to_wire128(v.value) for n, v in values.items()})
     out = {}
     for name, v in values.items():
-        mine = _to_wire(v.value)
-        total = v.value & MASK_K
+        mine = _to_wire128(v.value)
+        total = v.value
         for t in collect(ctx, inbox, name, mine):
-            total = total + _from_wire(t)
-        total = total % (1 << K)
+            total = total + _from_wire128(t)
+        total = _obj(total % MOD)
         ctx.record(total, v)
-        ctx.note(_to_wire(total).numpy().tobytes())
+        ctx.note(_to_wire128(total).numpy().tobytes())
         out[name] = total
     return out
 
@@ -304,13 +318,13 @@ def input_value(ctx: ActiveParty, owner: int, value: torch.Tensor | None, shape)
     return ctx.add_public(r, e)
 
 
-def mul(ctx: ActiveParty, x: AuthShared, y: AuthShared):
+def mul(ctx: ActiveParty, x: AuthShared, y: AuthShared, tag: str = "a/mul"):
     """Elementwise product with a dealt authenticated triple; one round (no truncation)."""
     if x.shape != y.shape:
         raise BadRequest("mul needs operands of one shape")
     m = ctx.material("triple", x.shape)
     a, b, c = ctx.auth(m["a"]), ctx.auth(m["b"]), ctx.auth(m["c"])
-    o = yield from open_values(ctx, "a/mul", {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
+    o = yield from open_values(ctx, tag, {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
     d, e = o["d"], o["e"]
     z = ctx.add(c, ctx.add(ctx.mul_public(b, d), ctx.mul_public(a, e)))
     z = ctx.add_public(z, (d * e) % MOD)
@@ -343,13 +357,66 @@ def truncate(ctx: ActiveParty, x: AuthShared, bits: int | None = None):
     r, r_hi, r_msb = ctx.auth(m["r"]), ctx.auth(m["r_hi"]), ctx.auth(m["r_msb"])
     off = 1 << (K - 2)
     o = yield from open_values(ctx, "a/trunc", {"c": ctx.add_public(ctx.add(x, r), off)})
-    c = o["c"]
+    c = o["c"] % (1 << K)
     not_msb_c = 1 - (c >> (K - 1))
     wrap = ctx.mul_public(r_msb, not_msb_c)
     z = ctx.sub(ctx.add_public(ctx.mul_public(wrap, 1 << (K - bits)), c >> bits), r_hi)
     z = ctx.add_public(z, -(off >> bits) % MOD)
     z.scale = x.scale - bits
     return z
+
+
+def _part(x: AuthShared, index) -> AuthShared:
+    return AuthShared(x.value[index], x.mac[index], x.scale)
+
+
+def ge_zero(ctx: ActiveParty, x: AuthShared):
+    """[x >= 0] as an authenticated 0/1 (scale 0), exact for |x| < 2^(k-2); 8 rounds.
+
+    Opens c = u + r with u = x + 2^(k-2) in [0, 2^(k-1)) and r dealt with its top bits
+    and its low k-2 bits authenticated one by one. Then u >> (k-2) = [x >= 0] equals
+    (c >> (k-2)) - (r >> (k-2)) + 4 wrap - [c_low < r_low]: wrap = msb(r) (1 - msb(c))
+    as in :func:`truncate`, and the borrow is a bitwise comparison of public c_low with
+    the dealt bits of r_low: d_j = c_j xor r_j (linear), a prefix OR from the top
+    (6 rounds of authenticated products), and the one-hot first difference f_j picks
+    1 - c_j (linear). Every opening is an authenticated one, checked like the rest.
+    """
+    m = ctx.material("cmp", x.shape)
+    r, r_top, r_msb = ctx.auth(m["r"]), ctx.auth(m["r_top"], 0), ctx.auth(m["r_msb"], 0)
+    rb = ctx.auth(m["r_bits"], 0)
+    off = 1 << CMP_BITS
+    o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, r), off)})
+    c = o["c"] % (1 << K)
+    cb = _obj(np.zeros(tuple(x.shape) + (CMP_BITS,), dtype=np.int64))
+    for j in range(CMP_BITS):
+        cb[..., j] = (c >> j) & 1
+    d = ctx.add_public(ctx.mul_public(rb, 1 - 2 * cb), cb)          # c_j xor r_j
+    shift = 1
+    while shift < CMP_BITS:
+        lo, hi = _part(d, (..., slice(0, CMP_BITS - shift))), _part(d, (..., slice(shift, None)))
+        both = yield from mul(ctx, lo, hi, "a/cmp/or")
+        head = ctx.sub(ctx.add(lo, hi), both)                          # lo OR hi
+        d = AuthShared(np.concatenate([head.value, d.value[..., CMP_BITS - shift:]], -1),
+                       np.concatenate([head.mac, d.mac[..., CMP_BITS - shift:]], -1), 0)
+        shift *= 2
+    nxt = AuthShared(np.concatenate([d.value[..., 1:], d.value[..., :1] * 0], -1),
+                     np.concatenate([d.mac[..., 1:], d.mac[..., :1] * 0], -1), 0)
+    first = ctx.sub(d, nxt)                                             # one-hot f_j
+    borrow = ctx.mul_public(first, 1 - cb)
+    borrow = AuthShared(borrow.value.sum(-1) % MOD, borrow.mac.sum(-1) % MOD, 0)
+    wrap = ctx.mul_public(r_msb, 1 - (c >> (K - 1)))
+    bit = ctx.sub(ctx.add(ctx.mul_public(wrap, 4), ctx.add_public(ctx.mul_public(borrow, -1 % MOD),
+                                                                    c >> CMP_BITS)), r_top)
+    bit.scale = 0
+    return bit
+
+
+def relu(ctx: ActiveParty, x: AuthShared):
+    """max(x, 0) = x [x >= 0]; 9 rounds, exact (no truncation: the bit has scale 0)."""
+    bit = yield from ge_zero(ctx, x)
+    out = yield from mul(ctx, x, bit, "a/relu")
+    out.scale = x.scale
+    return out
 
 
 def _commit(data: bytes) -> tuple[bytes, bytes]:
@@ -367,17 +434,15 @@ def _coefficients(seed: bytes, n: int) -> np.ndarray:
 
 
 def mac_check(ctx: ActiveParty):
-    """SPDZ2k's batched MAC check of every opening so far; 4 rounds; raises CheatingDetected.
+    """Batched MAC check of every opening so far; 3 rounds; raises CheatingDetected.
 
     1. open the dealt seed shares (the dealer committed to each, so nobody can pick its
-       seed after seeing the others') and the hash of every broadcast received;
-    2. chi = PRG(xor of seeds); y = sum chi_j x_j (public), [y~] = sum chi_j [x_j];
-       open [y~] - y + 2^k [rho] (full width), which must be 0 mod 2^k;
-    3-4. commit to, then open, sigma_i = m_i + 2^k m_rho_i - alpha_i (y + opened);
-       the sigmas must sum to 0 mod 2^(k+s).
+       seed after seeing the others') and a hash of every broadcast received;
+    2. chi = PRG(xor of seeds), uniform in Z_2^s; y = sum chi_j x_j (public); commit to
+       sigma_i = sum chi_j m_ij - alpha_i y (mod 2^(k+s));
+    3. open the sigmas; they must sum to 0 mod 2^(k+s).
     """
     m = ctx.material("check")
-    rho = ctx.auth(m["rho"])
     seed, nonce, commits = m["seed"]
     digest = ctx._transcript.digest()
     inbox = yield Round("a/check/seed", broadcast={"seed": _bytes_tensor(seed + nonce),
@@ -396,23 +461,13 @@ def mac_check(ctx: ActiveParty):
         joint = bytearray(a ^ b for a, b in zip(joint, s_n[:16]))
     if ctx._log:
         opened = np.concatenate([o for o, _, _ in ctx._log])
-        shares = np.concatenate([v for _, v, _ in ctx._log])
         macs = np.concatenate([mc for _, _, mc in ctx._log])
+        chi = _coefficients(bytes(joint), opened.size)
+        y = int(np.dot(chi, opened)) % MOD
+        m_sh = int(np.dot(chi, macs)) % MOD
     else:
-        opened = shares = macs = _obj(np.zeros(0, dtype=np.int64))
-    chi = _coefficients(bytes(joint), opened.size)
-    y = int(np.dot(chi, opened)) % MOD if opened.size else 0
-    y_sh = int(np.dot(chi, shares)) % MOD if opened.size else 0
-    m_sh = int(np.dot(chi, macs)) % MOD if opened.size else 0
-    d_i = (y_sh - (y if ctx.party == 0 else 0) + (int(rho.value) << K)) % MOD
-    inbox = yield Round("a/check/mask", broadcast={"d": _to_wire128(_obj([d_i]))})
-    total = d_i
-    for t in collect(ctx, inbox, "d", _to_wire128(_obj([d_i]))):
-        total += int(_from_wire128(t)[0])
-    total %= MOD
-    if total & MASK_K:
-        raise ctx.cheating("the MAC check's combined opening is inconsistent")
-    sigma = (m_sh + (int(rho.mac) << K) - ctx.alpha * (y + total)) % MOD
+        y = m_sh = 0
+    sigma = (m_sh - ctx.alpha * y) % MOD
     sig = _to_wire128(_obj([sigma]))
     digest_s, nonce_s = _commit(sig.numpy().tobytes())
     inbox = yield Round("a/check/commit", broadcast={"c": _bytes_tensor(digest_s)})
@@ -443,9 +498,13 @@ def mac_check(ctx: ActiveParty):
 def reveal(ctx: ActiveParty, *xs: AuthShared, decode_out: bool = True):
     """Open results to every party after checking all earlier openings, then check them."""
     yield from mac_check(ctx)
-    opened = yield from open_values(ctx, "a/reveal", {str(i): x for i, x in enumerate(xs)})
+    masked = {}
+    for i, x in enumerate(xs):
+        # 2^k rho hides the upper s bits of the output's lift (carries of the shares)
+        masked[str(i)] = ctx.add(x, ctx.auth(ctx.material("outmask", x.shape)["rho"]))
+    opened = yield from open_values(ctx, "a/reveal", masked)
     yield from mac_check(ctx)
-    outs = [opened[str(i)] for i in range(len(xs))]
+    outs = [opened[str(i)] % (1 << K) for i in range(len(xs))]
     if decode_out:
         outs = [decode(o, x.scale) for o, x in zip(outs, xs)]
     return outs

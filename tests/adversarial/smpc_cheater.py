@@ -19,9 +19,16 @@ import secrets
 
 import torch
 
+from protocols.smpc import mac
 from protocols.smpc.messages import Round
 
 DEVIATIONS = ("add1", "flip", "replay", "mac", "equivocate")
+
+
+def _shift(theirs, sent, honest):
+    """`theirs` + (sent - honest) in Z_2^128 (int64 word pairs)."""
+    val = (mac._from_wire128(theirs) + mac._from_wire128(sent) - mac._from_wire128(honest))
+    return mac._to_wire128(val % mac.MOD)
 
 
 def catching(gen):
@@ -43,7 +50,9 @@ class Cheater:
     def _tamper(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = {k: v.clone() for k, v in payload.items()}
         name = sorted(out)[0]
-        flat = out[name].view(-1)
+        # openings travel as (low, high) int64 words of Z_2^128 elements: change the low
+        # word, the part every later step uses (the high one is masking)
+        flat = out[name].view(-1, 2)[:, 0]
         i = secrets.randbelow(flat.numel())
         if self.deviation == "add1":
             flat[i] += 1
@@ -54,12 +63,13 @@ class Cheater:
     def wrap(self, ctx, gen):
         """The generator this party runs instead of `gen`."""
         self.deviated = False
+        seen = False
         inbox = None
         try:
             while True:
                 rnd = gen.send(inbox) if inbox is not None else next(gen)
-                if rnd.tag == self.target and not self.deviated:
-                    self.deviated = True
+                if rnd.tag == self.target and not seen:
+                    seen = self.deviated = True
                     honest = dict(rnd.broadcast)
                     if self.deviation in ("add1", "flip"):
                         rnd = Round(rnd.tag, self._tamper(honest), rnd.direct)
@@ -77,10 +87,10 @@ class Cheater:
                     if self.deviation in ("add1", "flip", "replay") and self.deviated:
                         # Keep its own view consistent with what it sent, as a careful
                         # cheater would: only the MAC check can catch it then.
-                        delta = {k: rnd.broadcast[k] - honest[k] for k in honest}
+                        sent = rnd.broadcast
                         inbox = yield rnd
                         first = min(inbox)
-                        inbox[first] = {k: (v + delta[k] if k in delta else v)
+                        inbox[first] = {k: (_shift(v, sent[k], honest[k]) if k in honest else v)
                                         for k, v in inbox[first].items()}
                         continue
                     if self.deviation == "mac":
