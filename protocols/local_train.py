@@ -137,9 +137,24 @@ def _dp_config(dp: dict, n: int, batch_size: int) -> dict:
     return out
 
 
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """The model's modules, with the layer a single-layer GraphModel runs (kept out of its tree)."""
+    root = getattr(model, "root_layer", None)
+    return [*model.modules(), *([root] if isinstance(root, nn.Module) else [])]
+
+
+def _checked_loss(loss_fn: Callable) -> Callable:
+    def loss(out, y):
+        if not isinstance(out, torch.Tensor):
+            raise ShapeError(f"the model returns a {type(out).__name__} (as nn.LSTM and nn.GRU do), "
+                             f"a loss needs one tensor: put the layer in a module that returns one")
+        return loss_fn(out, y)
+    return loss
+
+
 def _per_sample_grads(model, params, buffers, loss_fn, xb, yb):
     """Per-example gradients ({name: [batch, *shape]}) and losses ([batch])."""
-    if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+    if not any(isinstance(m, nn.RNNBase) for m in _layers(model)):
         def one(p, x, y):
             out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
             return loss_fn(out, y.unsqueeze(0))
@@ -210,12 +225,15 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadRequest("batch_size must be a positive int")
     prox_mu = _num(0, 1e6)(prox_mu, "prox_mu")
+    loss_fn = _checked_loss(loss_fn)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise BadRequest("the model has no trainable parameters")
     opt = make_optimizer(trainable, optimizer)
     batch_size = min(batch_size, n)
     if dp is not None:
         dp = _dp_config(dp, n, batch_size)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in _layers(model)):
             raise BadRequest("DP-SGD cannot train BatchNorm layers (they mix examples); use LayerNorm")
     anchor = None
     if prox_mu > 0:
