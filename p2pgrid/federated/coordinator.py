@@ -42,7 +42,8 @@ from protocols.local_train import evaluate as evaluate_locally
 from protocols.secagg import DoubleMaskServer
 
 from .. import wire
-from ..errors import BadRequest, NotFound, P2PError, PeerUnavailable, PermissionDenied, ProtocolError
+from ..errors import (BadRequest, NotFound, P2PError, PeerUnavailable, PermissionDenied, ProtocolError,
+                      RoundFailed)
 from ..identity import verify
 from ..modelgraph import export_model, import_model, model_hash
 from .checkpoint import Checkpoints
@@ -170,10 +171,6 @@ class Plan:
         if self.local_dp is not None:
             out["local"] = self.local_dp.to_config()
         return out or None
-
-
-class _RoundFailed(ProtocolError):
-    pass
 
 
 class Coordinator:
@@ -402,7 +399,7 @@ class Coordinator:
             nursery.cancel_scope.cancel()
         for p in msgs:
             if p not in replies and p not in failures:
-                failures[p] = (f"no answer before the round's deadline ({phase})", None)
+                failures[p] = (_NO_ANSWER + f" ({phase})", None)
                 await self._emit("failure", r, peer=p, info={"phase": phase, "reason": failures[p][0]})
         for p, (why, _) in failures.items():
             self._last_failure[p] = why
@@ -418,15 +415,23 @@ class Coordinator:
         return out
 
     def _not_enough(self, r: int, phase: str, got: int, asked: int, need: int,
-                    failures: dict[str, str]) -> _RoundFailed:
+                    failures: dict[str, str]) -> RoundFailed:
         # peers left out at the probe explain why fewer were selected than hold data
         notes = {**{p: f"probe: {why}" for p, why in self._probe_failures.items()},
                  **failures}
-        detail = "; ".join(f"{p}: {why}" for p, why in sorted(notes.items()))
-        return _RoundFailed(
-            f"round {r}: {got} of {asked} selected peers answered ({phase}) before the "
-            f"{self.plan.strategy.round_timeout:g} s deadline, need {need}"
-            + (f"; {detail}" if detail else ""), round=r, answered=got, need=need)
+        slow = sorted(p for p, why in failures.items() if why.startswith(_NO_ANSWER))
+        others = sorted(p for p in notes if p not in slow)
+        parts = []
+        if others:  # refusals and errors came back at once: no deadline is involved
+            parts.append(f"{len(others)} refused or failed: "
+                         + "; ".join(f"{p}: {notes[p]}" for p in others))
+        if slow:
+            parts.append(f"{len(slow)} did not answer before the "
+                         f"{self.plan.strategy.round_timeout:g} s deadline: {', '.join(slow)}")
+        return RoundFailed(
+            f"round {r}: {got} of {asked} selected peers returned a usable answer ({phase}), "
+            f"need {need}" + ("; " + "; ".join(parts) if parts else ""),
+            round=r, answered=got, need=need, refused=others, no_answer=slow)
 
     def _train_msg(self, r: int, p: str, pairs, config, round_id=None, inbox=None) -> Train:
         cfg = {**config, "seed": _seed(self.plan.seed, r, p)}
@@ -446,6 +451,9 @@ class Coordinator:
             else:
                 failures[p] = (f"answered with {type(rep).__name__}, not an update", None)
         failed = self._note_failures({p: f for p, f in failures.items()})
+        # replies arrive in any order and float sums depend on order: sum by peer key so
+        # that a seeded run is reproducible bit for bit
+        fits.sort(key=lambda f: f.peer)
         if len(fits) < strategy.min_peers:
             raise self._not_enough(r, "fit", len(fits), len(selected), strategy.min_peers, failed)
         if isinstance(strategy, FedAvg):
@@ -544,13 +552,13 @@ class Coordinator:
         try:
             total, weight = server.unmask(masked, answers, {p: {"s": keys[p]["s"]} for p in keys}, round_id)
         except ProtocolError as e:
-            raise _RoundFailed(f"round {r}: secure aggregation could not unmask the sum: {e.message}; "
+            raise RoundFailed(f"round {r}: secure aggregation could not unmask the sum: {e.message}; "
                                + "; ".join(f"{p}: {w}" for p, (w, _) in failures.items())) from None
         floats, ints = FedAvg.layout(self.params)
         nf = sum(self.params[k].numel() for k in floats)
         ni = sum(self.params[k].numel() for k in ints)
         if total.numel() != nf + ni + 1:
-            raise _RoundFailed(f"round {r}: the unmasked sum has {total.numel()} entries, expected "
+            raise RoundFailed(f"round {r}: the unmasked sum has {total.numel()} entries, expected "
                                f"{nf + ni + 1}")
         new = self._apply_sum(r, total[:nf], total[nf:nf + ni], weight, len(selected))
         private = plan.client_dp is not None or plan.local_dp is not None
@@ -576,7 +584,8 @@ class Coordinator:
                     for p, pairs in shards.items()}
             timeout = min(self.plan.strategy.round_timeout, 60.0)
             replies, _ = await self._gather(r, msgs, trio.current_time() + timeout, phase="evaluate")
-            res = [rep for rep in replies.values() if isinstance(rep, EvalRes) and rep.num_examples > 0]
+            res = [replies[p] for p in sorted(replies)
+                   if isinstance(replies[p], EvalRes) and replies[p].num_examples > 0]
             if not res:
                 return None, None
             n = sum(x.num_examples for x in res)
@@ -590,6 +599,9 @@ class Coordinator:
         m = await trio.to_thread.run_sync(evaluate_locally, model, x, y, self.plan.loss)
         acc = m.get("accuracy")
         return m["loss"], (None if acc is None or math.isnan(acc) else acc)
+
+
+_NO_ANSWER = "no answer before the round's deadline"
 
 
 def _key(pairs) -> tuple:
