@@ -292,3 +292,29 @@ def test_dp_sgd_on_a_bare_rnn_inside_a_module_uses_its_own_loop():
     params, n, metrics = train_locally(model, x, y, epochs=1, batch_size=4, optimizer=SGD, loss="mse",
                                        dp={"clip": 1.0, "noise_multiplier": 1.0})
     assert metrics["epsilon"] > 0
+
+
+# ---- issue 15 item 6: gradient clipping, as the SMS-spam tutorial's CLIP = 5
+
+def test_clip_grad_norm_clips_each_step_as_torch_does():
+    x, y = blobs(n=64)
+    model, twin = mlp(), mlp()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()  # no dropout in either: compare the updates alone
+    model[2].p = twin[2].p = 0.0
+    train_locally(model, x, y, epochs=1, batch_size=64, optimizer={"name": "sgd", "lr": 1.0},
+                  loss="cross_entropy", seed=0, clip_grad_norm=0.01)
+    opt = torch.optim.SGD(twin.parameters(), lr=1.0)
+    value = nn.functional.cross_entropy(twin(x), y)
+    value.backward()
+    assert torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.01) > 0.01   # it did clip
+    opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(BadRequest, match="clip_grad_norm"):
+        train_locally(model, x, y, epochs=1, batch_size=8, optimizer=SGD, loss="cross_entropy",
+                      clip_grad_norm=0)
+    # with DP-SGD it bounds the noisy step too
+    _, _, m = train_locally(model, x, y, epochs=1, batch_size=8, optimizer=SGD, loss="cross_entropy",
+                            dp={"clip": 1.0, "noise_multiplier": 1.0}, clip_grad_norm=5.0)
+    assert m["epsilon"] > 0

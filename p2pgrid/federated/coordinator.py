@@ -146,6 +146,9 @@ class Plan:
     probe_timeout: float = 30.0
     discover_timeout: float = 10.0       # wait this long for min_peers data holders to appear
     setup_timeout: float = 10.0
+    clip_grad_norm: float | None = None  # peers clip each step's gradient to this L2 norm
+    wait_for: tuple[str, ...] | int | None = None   # data holders (names, or how many) round 1 waits for
+    wait_timeout: float = 60.0
 
     def __post_init__(self):
         if not isinstance(self.strategy, Strategy):
@@ -162,6 +165,21 @@ class Plan:
             raise BadRequest("secure aggregation needs min_peers >= 2 (one update alone is no secret)")
         if self.evaluate_every < 1:
             raise BadRequest("evaluate_every must be >= 1")
+        if self.clip_grad_norm is not None and (
+                isinstance(self.clip_grad_norm, bool) or not isinstance(self.clip_grad_norm, (int, float))
+                or not 0 < self.clip_grad_norm < math.inf):
+            raise BadRequest("clip_grad_norm must be a positive number")
+        if self.wait_for is not None:
+            w = self.wait_for
+            if isinstance(w, str):
+                w = (w,)
+            if isinstance(w, bool) or (isinstance(w, int) and w < 1) or (
+                    not isinstance(w, int) and (not w or not all(isinstance(p, str) and p for p in w))):
+                raise BadRequest("wait_for must be a positive count or a list of peer names")
+            self.wait_for = w if isinstance(w, int) else tuple(w)
+        if isinstance(self.wait_timeout, bool) or not isinstance(self.wait_timeout, (int, float)) \
+                or not 0 <= self.wait_timeout < math.inf:
+            raise BadRequest("wait_timeout must be a number of seconds >= 0")
 
     def cost(self) -> dict | None:
         """The DP part of the training config: what a data owner charges to its ledger."""
@@ -266,6 +284,9 @@ class Coordinator:
         t0, sent0, recv0 = time.perf_counter(), self.link.sent, self.link.received
         await self._emit("round_start", r)
         shards = self.link.shards(plan.data)
+        absent: dict[str, str] = {}
+        if r == self.start_round and plan.wait_for is not None:
+            shards, absent = await self._wait_for(shards)
         if len(shards) < strategy.min_peers and plan.discover_timeout > 0:
             with trio.move_on_after(plan.discover_timeout):   # gossip may not have brought them yet
                 while len(shards) < strategy.min_peers:
@@ -291,7 +312,9 @@ class Coordinator:
         # the strategy's per-peer config, with what the caller of federated_fit chose on top
         config = {p: {**instructions[p].config, "local_epochs": plan.local_epochs,
                       "batch_size": plan.batch_size, "optimizer": dict(plan.optimizer),
-                      "loss": plan.loss, **({"dp": dp} if dp else {})} for p in selected}
+                      "loss": plan.loss, **({"dp": dp} if dp else {}),
+                      **({"clip_grad_norm": plan.clip_grad_norm} if plan.clip_grad_norm else {})}
+                  for p in selected}
         self._peers_bar = self._bar(r, len(selected))
         try:
             if plan.secure:
@@ -306,7 +329,10 @@ class Coordinator:
             # sample rate 1: the selection is public (seeded, and named in the record)
             self.accountant.step(plan.client_dp.noise_multiplier, 1.0)
         failures = {**{p: f"probe: {why}" for p, why in probe_failures.items()}, **failures}
-        record = RoundRecord(round=r, peers=used, failures=failures, num_examples=n, loss=loss,
+        unused = self._unused(shards, used, available, selected, failures)
+        unused.update(absent)
+        record = RoundRecord(round=r, peers=used, failures=failures, unused=unused,
+                             num_examples=n, loss=loss,
                              secure=plan.secure,
                              train_seconds=max(metrics["train_seconds"]) if metrics["train_seconds"] else None,
                              peer_seconds=max(metrics["peer_seconds"]) if metrics["peer_seconds"] else None,
@@ -319,6 +345,48 @@ class Coordinator:
         record.bytes_received = self.link.received - recv0
         record.seconds = time.perf_counter() - t0
         return record
+
+    async def _wait_for(self, shards: dict) -> tuple[dict, dict[str, str]]:
+        """Round 1 waits (up to ``wait_timeout``) until the data holders named in ``wait_for``,
+        or that many of them, are in the directory; returns the shards and, for each named
+        peer still missing, why it is not used."""
+        plan = self.plan
+        want = plan.wait_for
+
+        def satisfied(found) -> bool:
+            return len(found) >= want if isinstance(want, int) else set(want) <= set(found)
+
+        with trio.move_on_after(plan.wait_timeout):
+            while not satisfied(shards):
+                await trio.sleep(0.1)
+                shards = self.link.shards(plan.data)
+        if isinstance(want, int):
+            if not satisfied(shards):
+                log.warning("job %s: %d of the %d data holders waited for appeared in %g s",
+                            plan.job, len(shards), want, plan.wait_timeout)
+            return shards, {}
+        return shards, {p: f"named in wait_for, but no data matching {plan.data!r} from it reached "
+                           f"the directory within {plan.wait_timeout:g} s"
+                        for p in want if p not in shards}
+
+    def _unused(self, shards: dict, used: list[str], available: list[str], selected: list[str],
+                failures: dict[str, str]) -> dict[str, str]:
+        """{peer: why} for each peer holding data for the query that this round did not use."""
+        out = {}
+        for p in sorted(shards):
+            if p in used:
+                continue
+            if p in failures:
+                out[p] = failures[p]
+            elif p in self.refused:
+                out[p] = f"refused the job: {self.refused[p]}"
+            elif p not in available:
+                out[p] = f"has not accepted the job: {self._last_failure.get(p, 'no answer to the probe')}"
+            elif p not in selected:
+                out[p] = f"not sampled by {type(self.plan.strategy).__name__} this round"
+            else:  # pragma: no cover - selected peers either answered or are in failures
+                out[p] = "selected, but its update was not used"
+        return out
 
     def _bar(self, r: int, total: int):
         from tqdm.auto import tqdm
