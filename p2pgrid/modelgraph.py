@@ -486,6 +486,9 @@ def export_model(model: nn.Module) -> dict:
     """Write `model` as a CBOR-able spec; UnknownOp names anything outside the whitelist."""
     if isinstance(model, GraphModel):
         return model.export()
+    if isinstance(model, torch.jit.ScriptModule):   # read as data, never run: p2pgrid.torchscript
+        from .torchscript import from_torchscript
+        return export_model(from_torchscript(model))
     modules = _export_tree(model, "")
     if type(model) in _LAYER_NAMES:
         state, tied, frozen = _export_state(model)

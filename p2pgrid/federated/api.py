@@ -81,6 +81,8 @@ class NetworkAPI:
             raise BadRequest("data must be a tag query such as '#mnist #train'")
         if not isinstance(model, nn.Module):
             raise BadRequest("model must be a torch.nn.Module")
+        from ..torchscript import from_torchscript
+        model = from_torchscript(model)   # traced/scripted: rebuilt from whitelisted layers
         structure = structure_of(export_model(model))
         job = check_job(job) if job is not None else job_id(structure, data)
         plan = Plan(job=job, data=data, rounds=rounds, strategy=strategy, local_epochs=local_epochs,

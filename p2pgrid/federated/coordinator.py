@@ -197,6 +197,8 @@ class Coordinator:
     def __init__(self, link: Link, plan: Plan, model: nn.Module, *, checkpoints: Checkpoints | None = None,
                  resume: bool = False, progress: bool = True,
                  on_event: Callable[[FitEvent], Any] | None = None):
+        from ..torchscript import from_torchscript
+        model = from_torchscript(model)   # traced/scripted: rebuilt from whitelisted layers
         self.link, self.plan, self.model = link, plan, model
         spec = export_model(model)
         self.structure = structure_of(spec)
