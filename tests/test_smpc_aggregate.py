@@ -48,7 +48,9 @@ async def test_encrypted_evaluation_reveals_aggregates_only(tmp_path):
         ys = await (await _pointer(company, "test-y")).share("hospital", "clinic", dealer=DEALER)
         torch.manual_seed(2)
         plain = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
-        model = await company.encrypt_model(plain, parties=["hospital", "clinic"], dealer=DEALER)
+        # the model as the encrypted-training tutorial might hand it over: traced (issue 15 item 2)
+        traced = torch.jit.trace(plain, x[:1])
+        model = await company.encrypt_model(traced, parties=["hospital", "clinic"], dealer=DEALER)
 
         # the tutorial's test(): the number of correct predictions, and the mean loss
         pred = await model.forward(xs)
