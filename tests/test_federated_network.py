@@ -190,7 +190,12 @@ async def test_deadline_min_peers_and_compute_rights(tmp_path):
         assert res.history[0].peers == ["h1", "h2"]
         assert "deadline" in res.history[0].failures["h4"]
         assert "no compute right" in res.excluded["h3"]   # never asked to train
-        with pytest.raises(p2pgrid.ProtocolError, match=r"2 of 3 selected peers answered.*need 3.*h4"):
+        # the round's report names every holder of matching data it did not use (issue 15 item 4)
+        assert set(res.history[0].unused) == {"h3", "h4"}
+        assert "refused" in res.history[0].unused["h3"] and "deadline" in res.history[0].unused["h4"]
+        with pytest.raises(p2pgrid.RoundFailed, match=r"2 of 3 selected peers returned a usable answer "
+                                                      r".*need 3.*did not answer before the 4 s "
+                                                      r"deadline: h4"):
             await fit(grid.net("ai"), strategy=FedAvg(min_peers=3, round_timeout=4.0), **quick)
         with pytest.raises(p2pgrid.ProtocolError,
                            match=r"3 of 4 peers .* need min_peers=4.*h3: PermissionDenied"):
