@@ -37,6 +37,10 @@ class PeerConfig:
     gossip_interval: float = 1.0
     gossip_fanout: int = 2
     ttl: float = 15.0                    # a peer unheard of for this long is dropped
+    max_record_ttl: float | None = None  # a record's own longer ttl honoured up to this (4 * ttl)
+    max_records: int = 10_000            # directory records kept (a fair eviction beyond)
+    gossip_new_per_source: int = 256     # new keys one gossip partner may introduce per round
+    protected_peers: int = 64            # peers reached recently that gossip always draws from
     max_body: int = 1 << 30
     min_rows: int = 10                   # default records an aggregate must span
     result_ttl: float = 3600.0           # unfetched results expire after this

@@ -513,6 +513,9 @@ async def predict(peer, caller, msg: Predict):
 
 
 async def _predict(peer, caller, msg: Predict):
+    from p2pgrid import governance
+    pooled = governance.pooled(peer, caller)  # unregistered callers share one allowance
+
     def check(state, group, party):
         model = _model(state, group, msg.model)
         if caller.name != model.owner and caller.name not in model.users and "*" not in model.users:
@@ -531,8 +534,8 @@ async def _predict(peer, caller, msg: Predict):
             if model.max_batch is not None and rows > model.max_batch:
                 raise BadRequest(f"batch of {rows} exceeds the limit of {model.max_batch}",
                                  batch=rows, max_batch=model.max_batch)
-            model.limiter.admit(caller.name)
-            model.limiter.charge(caller.name, rows)
+            model.limiter.admit(caller.name, pooled=pooled)
+            model.limiter.charge(caller.name, rows, pooled=pooled)
         input_rules = ShareRules.derived([e.rules for e in leaves.values()], caller.name)
         if not msg.keep and not input_rules.allows("reveal", caller.name):
             raise PermissionDenied(f"{caller.name} may not reconstruct a prediction on data it "
