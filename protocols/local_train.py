@@ -220,8 +220,9 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     not reproducible. DP training refuses BatchNorm (it mixes examples).
     `clip_grad_norm` rescales each step's gradient to at most that L2 norm (over all
     trainable parameters, as ``torch.nn.utils.clip_grad_norm_``); under DP it applies to the
-    noisy gradient, which costs no privacy. `should_stop`, polled before every step, ends the loop with :class:`TrainingStopped`
-    (a peer uses it when the round it trains for was abandoned). Metrics carry
+    noisy gradient, which costs no privacy. `should_stop`, polled before every step, ends
+    the loop with :class:`TrainingStopped` (a peer uses it when the round it trains for
+    was abandoned). Metrics carry
     ``train_seconds``, the loop's wall time.
     """
     n = _check_data(x, y)
