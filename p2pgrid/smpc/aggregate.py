@@ -145,6 +145,9 @@ def _step(op: str, args: list, kwargs: dict, real_args: list, real_kwargs: dict,
     first = args[0] if args else None
     a = real_args[0] if real_args else None
     rows = recs[0].rows
+    if op not in _ELEMENTWISE | {"matmul", "cat", "stack"} and (
+            _refs(args[1:]) or _refs(list(kwargs.values()))):
+        return _BAD   # shapes, dims and indices are constants: a computed one could pick records
     if op in ("sum", "mean"):
         if not isinstance(kind(first), _Rec) or len(args) != 1 or len(recs) != 1:
             return _BAD
