@@ -191,9 +191,9 @@ async def share_object(peer, caller, msg: ShareObject):
                    dealer=group.dealer)
         raise
     reveal = list(meta.rules.get)
-    if meta.level == "public":
-        reveal.append("*")
-    elif meta.level == "aggregate":
+    # a result's level is set by the release gate (p2pgrid.release), which labels only
+    # verified exact aggregates "aggregate"; "public" is no right any more (issue 12)
+    if meta.level == "aggregate" and meta.derivation:
         reveal += list(meta.rules.aggregate)
     aggregate = list(meta.rules.aggregate)
     # what this peer lets the caller do with the object itself (its rules, governance
