@@ -42,7 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = ["LinkSpec", "Lab", "LabPeer", "LabError", "unsupported_reason", "has_netem",
-           "cleanup_stale", "PREFIX"]
+           "cleanup_stale", "PREFIX", "host_ns", "ns_address", "ns_tx_bytes"]
 
 PREFIX = "p2plab"
 REPO = Path(__file__).resolve().parent.parent
@@ -602,3 +602,27 @@ def _wait_for(pred, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise LabError(what)
         time.sleep(0.05)
+
+
+# --- helpers for code running inside a lab host (benchmarks) ------------------------------
+
+def host_ns(lab_id: str, host: str) -> str:
+    """The namespace of ``host`` in lab ``lab_id``."""
+    return f"{PREFIX}-{lab_id}-{host}"
+
+
+def ns_address(ns: str) -> str:
+    """The LAN (IPv4) address of a lab namespace's eth0."""
+    out = _sh(["ip", "-n", ns, "-4", "-o", "addr", "show", "dev", "eth0"]).stdout.split()
+    return out[out.index("inet") + 1].split("/")[0]
+
+
+def ns_tx_bytes(ns: str) -> int:
+    """Bytes a lab namespace has sent on its LAN link (all traffic: TLS, HTTP/2, gossip, mDNS)."""
+    out = _sh(["ip", "-n", ns, "-s", "-o", "link", "show", "dev", "eth0"]).stdout
+    # one line: ... RX: bytes packets ... \    <rx values> \    TX: bytes ... \    <tx values>
+    parts = [p.split() for p in out.split("\\")]
+    for i, p in enumerate(parts):
+        if p and p[0] == "TX:":
+            return int(parts[i + 1][0])
+    raise LabError(f"no TX counters for {ns}")
