@@ -14,7 +14,7 @@ link is the lab's LAN, 10.77.0.0/24 by default, and no default route). Two link 
   egress when the kernel has it; rate uses ``tbf`` on both ends.
 - ``vde``: when delay, jitter or loss are asked for and the kernel has no ``netem``, each
   host gets a persistent TAP device wired by Debian's vde tools to a userspace switch:
-  ``dpipe ip netns exec NS vde_plug tap://eth0 = wirefilter -d LR<ms> = vde_plug vde://SW``.
+  ``ip netns exec NS vde_plug tap://eth0 switch://PORT`` and ``wirefilter -v PORT:SW -d LR<ms>``.
   The filter delays one direction only, so a packet from A to B crosses one delay
   (A's link out or B's link in), like ``netem`` on egress. Rate uses ``tbf`` on the TAP.
 
@@ -74,7 +74,7 @@ def unsupported_reason() -> str | None:
 
 def vde_missing() -> str | None:
     """None when the vde tools (userspace delay/loss) are installed, else what is missing."""
-    missing = [t for t in ("dpipe", "vde_plug", "wirefilter") if not shutil.which(t)]
+    missing = [t for t in ("vde_plug", "wirefilter") if not shutil.which(t)]
     if missing:
         return (f"delay/loss emulation needs netem or the vde tools ({', '.join(missing)} missing: "
                 "apt-get install --no-install-recommends vdeplug vde-wirefilter)")
@@ -267,7 +267,8 @@ class Host:
     ns: str
     address: str
     port_name: str                      # its link's end in the switch namespace (veth)
-    wire: subprocess.Popen | None = None  # vde: the dpipe chain plugging its TAP into the switch
+    tap: subprocess.Popen | None = None   # vde: its TAP's own switch, in its namespace
+    wire: subprocess.Popen | None = None  # vde: the wirefilter joining that to the LAN's switch
     cut: bool = False
 
 
@@ -425,8 +426,20 @@ class Lab:
                  h.port_name, "root", *_tbf(spec.rate_bit)])
 
     def _plug(self, h: Host) -> None:
+        # The host's TAP gets a switch of its own (a process in the host's namespace); a
+        # wirefilter joins it to the LAN's switch over their unix sockets. (A dpipe chain
+        # through stdin/stdout stalls one direction when both are busy, as in SMPC rounds.)
         spec = self.link
-        wf = ["wirefilter"]
+        port = self.dir / f"port-{h.name}"
+        if h.tap is None or h.tap.poll() is not None:
+            h.tap = self._track(subprocess.Popen(
+                ["ip", "netns", "exec", h.ns, "vde_plug", "tap://eth0", f"switch://{port}"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(self.dir / f"tap-{h.name}.log", "ab"), start_new_session=True))
+            _wait_for(lambda: (port / "ctl").exists(), 10, f"{h.name}'s port did not start")
+        # a queue deep enough for a burst at full speed across the delay: wirefilter drops
+        # what does not fit, and lost SYNs cost TCP seconds of backoff
+        wf = ["wirefilter", "-v", f"{port}:{self.dir}/sw", "-c", str(64 << 20)]
         if spec.delay_ms:
             d = f"LR{spec.delay_ms:g}"
             if spec.jitter_ms:
@@ -434,12 +447,11 @@ class Lab:
             wf += ["-d", d]
         if spec.loss_pct:
             wf += ["-l", f"LR{spec.loss_pct:g}"]
-        argv = ["dpipe", "ip", "netns", "exec", h.ns, "vde_plug", "tap://eth0", "=",
-                *wf, "=", "vde_plug", f"vde://{self.dir}/sw"]
-        # not a new session: dpipe makes its own process group (and fails as a session leader)
+        # with -v, wirefilter reads management commands from stdin and ends at its EOF:
+        # the pipe stays open until we end it
         h.wire = self._track(subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(self.dir / f"wire-{h.name}.log", "ab")))
+            wf, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=open(self.dir / f"wire-{h.name}.log", "ab"), start_new_session=True))
 
     def _track(self, proc: subprocess.Popen) -> subprocess.Popen:
         self._procs.append(proc)
@@ -455,6 +467,8 @@ class Lab:
         for p in reversed(self._procs):
             if p.poll() is None:
                 _killpg(p.pid, signal.SIGTERM)
+            if p.stdin is not None:
+                p.stdin.close()
         deadline = time.monotonic() + 5
         for p in reversed(self._procs):
             try:
@@ -574,6 +588,7 @@ class Lab:
         else:
             _killpg(h.wire.pid, signal.SIGTERM)
             h.wire.wait(timeout=10)
+            h.wire.stdin.close()
         h.cut = True
 
     def restore(self, host: str) -> None:

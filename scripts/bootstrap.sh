@@ -18,7 +18,7 @@ if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }
 fi
 # The network lab (scripts/lab.py, tests/lab) emulates delay and loss with Debian's vde tools
 # where the kernel has no netem; it needs root and iproute2 (lab tests skip without root).
-if { ! command -v wirefilter >/dev/null || ! command -v dpipe >/dev/null || ! command -v tc >/dev/null; } \
+if { ! command -v wirefilter >/dev/null || ! command -v tc >/dev/null; } \
     && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   echo "== installing iproute2, vdeplug and vde-wirefilter (network lab)" >&2
   { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
