@@ -125,6 +125,21 @@ def fedavg(delay_ms: float, peers: int, args) -> dict:
             "median_bytes": res["median_bytes"], "rounds": res["rounds"]}
 
 
+def _beyond_baseline(rows: list[dict]) -> None:
+    """FedAvg overhead a delay adds to the 0 ms row's, in RTTs (the target: <= 3)."""
+    base = next((r for r in rows if r["delay_ms"] == 0), None)
+    if base is None:
+        return
+    for row in rows:
+        if row["delay_ms"] == 0:
+            continue
+        for fl in row.get("fedavg", []):
+            ref = next((b for b in base.get("fedavg", []) if b["peers"] == fl["peers"]), None)
+            if ref is not None:
+                fl["overhead_beyond_0ms_in_rtts"] = round(
+                    (fl["median_overhead_s"] - ref["median_overhead_s"]) / (row["rtt_ms"] / 1000), 1)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--delays", default="0,10,20,50", help="one-way delays in ms (default 0,10,20,50)")
@@ -162,6 +177,7 @@ def main(argv=None) -> int:
             row.setdefault("fedavg", []).append(fedavg(d, n, args))
             _log(json.dumps(row["fedavg"][-1]))
         out["results"].append(row)
+    _beyond_baseline(out["results"])
     out["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out, indent=1))
     return 0
