@@ -27,7 +27,10 @@ OWNER = DATA + textwrap.dedent("""
         name = os.environ["NAME"]
         rows = slice(0, 32) if name == "hospital" else slice(32, 64)
         x, y = data()
-        async with p2pgrid.connect(name, host=os.environ["LISTEN"], wait=30) as net:
+        other = "clinic" if name == "hospital" else "hospital"
+        # the owner's own peer decides who may hold shares of its data and who deals
+        async with p2pgrid.connect(name, host=os.environ["LISTEN"], wait=30, smpc_parties=(other,),
+                                   crypto_providers=("university",)) as net:
             await net.publish(x[rows], tags=[f"{name}-x"], compute=["company"])
             await net.publish(y[rows], tags=[f"{name}-y"], compute=["company"])
             print("READY", flush=True)
