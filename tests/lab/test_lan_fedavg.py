@@ -52,7 +52,7 @@ COORDINATOR = textwrap.dedent("""
 
             result = await net.federated_fit(
                 model, "#lab #train", rounds=3, local_epochs=2, batch_size=32,
-                optimizer=SGD(lr=0.1), strategy=FedAvg(min_peers=2, round_timeout=15),
+                optimizer=SGD(lr=0.1), strategy=FedAvg(min_peers=2, round_timeout=10),
                 progress=False, on_event=on_event, discover_timeout=5)
             x = torch.randn(500, 8)
             acc = (result.model(x).argmax(1) == (x[:, 0] + 0.5 * x[:, 1] > 0).long()).float().mean()

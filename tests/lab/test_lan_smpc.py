@@ -86,11 +86,12 @@ COMPANY = DATA + textwrap.dedent("""
 
 def test_encrypted_training_and_inference_across_four_hosts_match_plaintext(lab_required):
     with Lab(["hospital", "clinic", "university", "company"]) as lab:
-        lab.start_peer("university", profile="peers/university.toml",
-                       args=["--host", lab.address("university")])
+        university = lab.spawn_peer("university", profile="peers/university.toml",
+                                    args=["--host", lab.address("university")])
         owners = [lab.spawn(n, ["python", "-c", OWNER], log=n,
                             env={"NAME": n, "LISTEN": lab.address(n)})[0] for n in ("hospital", "clinic")]
         try:
+            lab.wait_up(university)
             r = lab.run("company", ["python", "-c", COMPANY], timeout=300,
                         env={"LISTEN": lab.address("company")})
         finally:

@@ -26,10 +26,10 @@ SCIENTIST = textwrap.dedent("""
             hits = await net.search("#february #birth-records", wait=30)
             rec = hits["hospital"][0]
             out["shape"] = list(rec.shape)
-            with trio.fail_after(30):
+            with trio.fail_after(20):
                 out["mean"] = float(await (rec[:, 0].sum() / rec.shape[0]).get())
             try:
-                with trio.fail_after(30):
+                with trio.fail_after(20):
                     await rec.get()
                 out["get"] = "allowed"
             except p2pgrid.PermissionDenied as e:
@@ -59,11 +59,15 @@ def lan(lab_required):
             "hospital": dict(profile="peers/hospital.toml", args=["--host", lab.address("hospital")]),
             "clinic": dict(args=["--host", lab.address("clinic")]),
         })
-        yield lab, peers
+        # a scientist's peer watching its directory, started now so that its start overlaps
+        # the other tests (see test_a_host_whose_link_goes_down_expires_and_comes_back)
+        watcher, log = lab.spawn("bob", ["python", "-c", WATCHER], log="watcher")
+        yield lab, peers, log
+        lab.stop(watcher)
 
 
 def test_search_by_tag_finds_the_hospital_by_mdns_from_another_host(lan):
-    lab, _ = lan
+    lab, _, _ = lan
     r = lab.run("bob", ["p2pgrid", "search", "#birth-records", "--as", "bob", "--wait", "30"], timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "births-2024-02" in r.stdout and "births-2024-03" in r.stdout
@@ -83,7 +87,7 @@ def _check(out: dict) -> None:
 
 
 def test_remote_mean_and_refused_get_from_a_scientist_listening_on_the_lan(lan):
-    lab, _ = lan
+    lab, _, _ = lan
     _check(_walkthrough(lab, {"LISTEN": lab.address("bob")}))
 
 
@@ -91,7 +95,7 @@ def test_remote_mean_and_refused_get_from_a_scientist_listening_on_the_lan(lan):
                           "to it: needs replies on the caller's own connection (issue 17, issue 18 "
                           "item 2)", strict=False)
 def test_remote_mean_and_refused_get_from_a_scientist_others_cannot_dial(lan):
-    lab, _ = lan
+    lab, _, _ = lan
     _check(_walkthrough(lab))
 
 
@@ -112,8 +116,7 @@ def _wait_seen(log_path, pred, timeout: float) -> list[str]:
 
 
 def test_a_host_whose_link_goes_down_expires_and_comes_back(lan):
-    lab, peers = lan
-    proc, log = lab.spawn("bob", ["python", "-c", WATCHER], log="watcher")
+    lab, peers, log = lan
     try:
         _wait_seen(log, lambda s: {"hospital", "clinic"} <= set(s), 90)
         lab.cut("clinic")
@@ -128,4 +131,3 @@ def test_a_host_whose_link_goes_down_expires_and_comes_back(lan):
         assert peers["clinic"].proc.poll() is None
     finally:
         lab.restore("clinic")
-        lab.stop(proc)
