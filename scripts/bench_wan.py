@@ -17,8 +17,10 @@ its own lab so that one measurement's peers do not load the next:
   3 (``--fedavg-peers 3,10``: and 10) data peers each on its own host; median round
   wall time and its overhead beyond local training.
 
-Next to each latency it prints ``rounds x RTT``, the floor the delay alone sets
-(latency ~ rounds x RTT + compute). Needs root (scripts/lab.py). One JSON object to
+Next to each latency it prints ``rounds x RTT`` and ``rounds x delay``: in an SPDZ round
+both parties send at once and each waits for the other's message, so a round costs one
+one-way delay, not a round trip (``round_ms`` measures it); the call that starts a step
+and its reply add one RTT. Needs root (scripts/lab.py). One JSON object to
 stdout; progress to stderr::
 
     sudo .venv/bin/python scripts/bench_wan.py --delays 0,20
@@ -94,6 +96,7 @@ def smpc(delay_ms: float, args) -> dict:
         "train_step_b64": {
             "mean_s": train.get("mean_s"), "median_s": train["s"], "rounds": train["rounds"],
             "rounds_x_rtt_s": round(train["rounds"] * rtt, 3),
+            "rounds_x_delay_s": round(train["rounds"] * delay_ms / 1000, 3),
             "payload_bytes_per_party": train["bytes_sent_per_party"],
             "wire_bytes_per_step": wire, "dealer_wire_bytes_per_step": wire.get("dealer")},
         "inference_b64": {"mean_s": inf.get("mean_s"), "median_s": inf["s"],
