@@ -62,6 +62,31 @@ def test_delayed_links_and_nothing_left_after_close(shaped_lab_required):
     assert not (labmod.run_root() / lab_id).exists()
 
 
+BULK = textwrap.dedent("""
+    import socket, sys, time
+    if sys.argv[1] == "serve":
+        s = socket.socket(); s.bind(("0.0.0.0", 9998)); s.listen()
+        c, _ = s.accept()
+        while c.recv(1 << 20):
+            pass
+        sys.exit(0)
+    s = socket.create_connection((sys.argv[2], 9998), timeout=30)
+    t = time.perf_counter()
+    s.sendall(b"x" * (4 << 20))
+    s.shutdown(socket.SHUT_WR); s.recv(1)
+    print(time.perf_counter() - t)
+""")
+
+
+def test_rate_limits_a_hosts_link(lab_required):
+    with Lab(["a", "b"], LinkSpec.parse(rate="20mbit")) as lab:
+        server, _ = lab.spawn("b", ["python", "-c", BULK, "serve"], log="bulk")
+        time.sleep(1)
+        r = lab.run("a", ["python", "-c", BULK, "send", lab.address("b")], timeout=60, check=True)
+        # 4 MiB at 20 Mbit/s takes 1.7 s; an unlimited veth moves it in milliseconds
+        assert float(r.stdout) >= 1.4, r.stdout
+
+
 OWNER = textwrap.dedent("""
     import sys, time
     from p2pgrid.lab import Lab, LinkSpec
