@@ -31,8 +31,9 @@ OWNER = DATA + textwrap.dedent("""
         # the owner's own peer decides who may hold shares of its data and who deals
         async with p2pgrid.connect(name, host=os.environ["LISTEN"], wait=30, smpc_parties=(other,),
                                    crypto_providers=("university",)) as net:
-            await net.publish(x[rows], tags=[f"{name}-x"], compute=["company"])
-            await net.publish(y[rows], tags=[f"{name}-y"], compute=["company"])
+            # aggregates (the loss) are an explicit grant
+            await net.publish(x[rows], tags=[f"{name}-x"], compute=["company"], aggregate=["company"])
+            await net.publish(y[rows], tags=[f"{name}-y"], compute=["company"], aggregate=["company"])
             print("READY", flush=True)
             await trio.sleep_forever()
 
