@@ -103,6 +103,12 @@ class CheatingDetected(Conflict):
     status, code = 409, "cheating_detected"
 
 
+class RoundFailed(ProtocolError):
+    """A federated round could not go on: too few selected peers returned an update.
+    The message names each peer left out and why (refused, failed, or too slow)."""
+    code = "round_failed"
+
+
 _REGISTRY: dict[str, type[P2PError]] = {}
 
 
