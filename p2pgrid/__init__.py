@@ -13,8 +13,9 @@
 
 from .config import PeerConfig, load_profile
 from .errors import (BadRequest, CheatingDetected, Conflict, MalformedMessage, NotFound, P2PError,
-                     PayloadTooLarge,                     PeerUnavailable, PermissionDenied, ProtocolError, RateLimited, ReplayDetected,
-                     RoundFailed, ShapeError, Unauthenticated, UnknownOp)
+                     PayloadTooLarge, PeerUnavailable, PermissionDenied, ProtocolError,
+                     RateLimited, ReplayDetected, RoundFailed, ShapeError, Unauthenticated,
+                     UnknownOp)
 from .identity import Identity
 from .network import Network, RemotePeer, connect
 from .peer import Peer, open_peer
