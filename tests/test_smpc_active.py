@@ -183,3 +183,36 @@ def test_relu_and_sign_are_exact(values, parties):
     bit, r = mac.run_active(parties, prog).outputs[0]
     assert torch.equal(bit, (want >= 0).double())
     assert torch.equal(r, want.clamp(min=0))
+
+
+def _mlp_program(x, w1, w2):
+    def program(ops):
+        xs = yield from ops.input(0, x if ops.party == 0 else None, x.shape)
+        a = yield from ops.input(1, w1 if ops.party == 1 else None, w1.shape)
+        b = yield from ops.input(1, w2 if ops.party == 1 else None, w2.shape)
+        h = yield from ops.relu((yield from ops.matmul(xs, a)))
+        out = yield from ops.matmul(h, b)
+        return (yield from ops.reveal(out, (yield from ops.mul(out, out))))
+    return program
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1))
+def test_same_program_both_modes_agree(seed):
+    from protocols.smpc.modes import run_program
+    g = torch.Generator().manual_seed(seed)
+    x, w1, w2 = (torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g),
+                 torch.randn(4, 2, generator=g))
+    prog = _mlp_program(x, w1, w2)
+    semi = run_program(2, prog, security="semi-honest")
+    act = run_program(2, prog, security="active")
+    for s_out, a_out in zip(semi.outputs[0], act.outputs[0]):
+        assert torch.allclose(s_out.double(), a_out, atol=1e-3)
+    plain = torch.relu(x.double() @ w1.double()) @ w2.double()
+    assert torch.allclose(act.outputs[0][0], plain, atol=1e-3)
+
+
+def test_security_mode_is_checked():
+    from protocols.smpc.modes import run_program
+    with pytest.raises(Exception, match="security"):
+        run_program(2, lambda ops: None, security="malicious-ish")
