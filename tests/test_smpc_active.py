@@ -216,3 +216,21 @@ def test_security_mode_is_checked():
     from protocols.smpc.modes import run_program
     with pytest.raises(Exception, match="security"):
         run_program(2, lambda ops: None, security="malicious-ish")
+
+
+def test_security_bench_runs_at_a_small_size(capsys):
+    """The benchmark of both modes (scripts/bench_smpc_local.py --security) at a tiny size."""
+    import importlib.util
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_smpc_local.py"
+    spec = importlib.util.spec_from_file_location("bench_smpc_local", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--security", "both", "--batch", "2", "--mlp", "6-4-2", "--reps", "1"])
+    out = json.loads(capsys.readouterr().out)
+    ops = out["ops"]
+    for name in ("inference", "relu"):
+        semi, act = ops[f"{name}/semi-honest"], ops[f"{name}/active"]
+        assert act["rounds"] > semi["rounds"]          # the checks' rounds are counted
+        assert min(act["bytes_sent_per_party"]) > 0 and act["dealer_bytes_per_party"][0] > 0
