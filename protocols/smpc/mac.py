@@ -51,6 +51,7 @@ __all__ = ["K", "S", "AuthShared", "AuthDealer", "ActiveParty", "open_values", "
 
 K, S = 64, 64
 CMP_BITS = K - 2
+CHUNKS = 16          # 4-bit chunks of the low CMP_BITS bits (the top one has 2 bits)
 MOD = 1 << (K + S)
 MASK_K = (1 << K) - 1
 _NONCE = 16
@@ -180,10 +181,14 @@ class AuthDealer:
             r = _rand(shape, K)
             put("r", r + (_rand(shape, S) << K))
             put("r_top", r >> CMP_BITS), put("r_msb", r >> (K - 1))
-            bits = _obj(np.zeros(tuple(shape) + (CMP_BITS,), dtype=np.int64))
-            for j in range(CMP_BITS):
-                bits[..., j] = (r >> j) & 1
-            put("r_bits", bits)
+            # one-hot tables of r_low's 4-bit chunks (the top chunk has 2 bits)
+            table = _obj(np.zeros(tuple(shape) + (CHUNKS, 16), dtype=np.int64))
+            for j in range(CHUNKS):
+                chunk = (r >> (4 * j)) & _chunk_mask(j)
+                for v in range(16):
+                    table[..., j, v] = (chunk == v).astype(np.int64) if chunk.shape else \
+                        int(chunk == v)
+            put("r_onehot", table)
         elif kind == "outmask":
             _, shape = key
             put("rho", _rand(shape, S) << K)
@@ -370,40 +375,52 @@ def _part(x: AuthShared, index) -> AuthShared:
     return AuthShared(x.value[index], x.mac[index], x.scale)
 
 
+def _chunk_mask(j: int) -> int:
+    return (1 << min(4, CMP_BITS - 4 * j)) - 1
+
+
 def ge_zero(ctx: ActiveParty, x: AuthShared):
-    """[x >= 0] as an authenticated 0/1 (scale 0), exact for |x| < 2^(k-2); 8 rounds.
+    """[x >= 0] as an authenticated 0/1 (scale 0), exact for |x| < 2^(k-2); 5 rounds.
 
     Opens c = u + r with u = x + 2^(k-2) in [0, 2^(k-1)) and r dealt with its top bits
-    and its low k-2 bits authenticated one by one. Then u >> (k-2) = [x >= 0] equals
-    (c >> (k-2)) - (r >> (k-2)) + 4 wrap - [c_low < r_low]: wrap = msb(r) (1 - msb(c))
-    as in :func:`truncate`, and the borrow is a bitwise comparison of public c_low with
-    the dealt bits of r_low: d_j = c_j xor r_j (linear), a prefix OR from the top
-    (6 rounds of authenticated products), and the one-hot first difference f_j picks
-    1 - c_j (linear). Every opening is an authenticated one, checked like the rest.
+    and one-hot tables of its low k-2 bits' 4-bit chunks, all authenticated. Then
+    u >> (k-2) = [x >= 0] equals (c >> (k-2)) - (r >> (k-2)) + 4 wrap - [c_low < r_low]:
+    wrap = msb(r) (1 - msb(c)) as in :func:`truncate`. Per chunk, [c_j < r_j] and
+    [c_j = r_j] are sums of table entries (linear, c_j public); a tree over the 16 chunks
+    combines them (lt = lt_hi + eq_hi lt_lo, eq = eq_hi eq_lo: 4 rounds of authenticated
+    products). Every opening is an authenticated one, checked like the rest.
     """
     m = ctx.material("cmp", x.shape)
     r, r_top, r_msb = ctx.auth(m["r"]), ctx.auth(m["r_top"], 0), ctx.auth(m["r_msb"], 0)
-    rb = ctx.auth(m["r_bits"], 0)
+    table = ctx.auth(m["r_onehot"], 0)
     off = 1 << CMP_BITS
     o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, r), off)})
     c = o["c"] % (1 << K)
-    cb = _obj(np.zeros(tuple(x.shape) + (CMP_BITS,), dtype=np.int64))
-    for j in range(CMP_BITS):
-        cb[..., j] = (c >> j) & 1
-    d = ctx.add_public(ctx.mul_public(rb, 1 - 2 * cb), cb)          # c_j xor r_j
-    shift = 1
-    while shift < CMP_BITS:
-        lo, hi = _part(d, (..., slice(0, CMP_BITS - shift))), _part(d, (..., slice(shift, None)))
-        both = yield from mul(ctx, lo, hi, "a/cmp/or")
-        head = ctx.sub(ctx.add(lo, hi), both)                          # lo OR hi
-        d = AuthShared(np.concatenate([head.value, d.value[..., CMP_BITS - shift:]], -1),
-                       np.concatenate([head.mac, d.mac[..., CMP_BITS - shift:]], -1), 0)
-        shift *= 2
-    nxt = AuthShared(np.concatenate([d.value[..., 1:], d.value[..., :1] * 0], -1),
-                     np.concatenate([d.mac[..., 1:], d.mac[..., :1] * 0], -1), 0)
-    first = ctx.sub(d, nxt)                                             # one-hot f_j
-    borrow = ctx.mul_public(first, 1 - cb)
-    borrow = AuthShared(borrow.value.sum(-1) % MOD, borrow.mac.sum(-1) % MOD, 0)
+    vals = np.arange(16)
+    chunks = np.stack([((c >> (4 * j)) & _chunk_mask(j)).astype(np.int64)
+                       for j in range(CHUNKS)], -1) if np.ndim(c) else \
+        np.array([(int(c) >> (4 * j)) & _chunk_mask(j) for j in range(CHUNKS)])
+    pick_eq = _obj((vals == chunks[..., None]).astype(np.int64))
+    pick_lt = _obj((vals > chunks[..., None]).astype(np.int64))
+
+    def reduce(pick):
+        t = ctx.mul_public(table, pick)
+        return AuthShared(t.value.sum(-1) % MOD, t.mac.sum(-1) % MOD, 0)
+
+    lt, eq = reduce(pick_lt), reduce(pick_eq)          # shape + (CHUNKS,), low chunk first
+    while lt.value.shape[-1] > 1:
+        lo = (..., slice(0, None, 2))
+        hi = (..., slice(1, None, 2))
+        eq_hi = _part(eq, hi)
+        both = AuthShared(np.concatenate([eq_hi.value, eq_hi.value], -1),
+                          np.concatenate([eq_hi.mac, eq_hi.mac], -1), 0)
+        other = AuthShared(np.concatenate([_part(lt, lo).value, _part(eq, lo).value], -1),
+                           np.concatenate([_part(lt, lo).mac, _part(eq, lo).mac], -1), 0)
+        prod = yield from mul(ctx, both, other, "a/cmp/and")
+        half = eq_hi.value.shape[-1]
+        lt = ctx.add(_part(lt, hi), _part(prod, (..., slice(0, half))))
+        eq = _part(prod, (..., slice(half, None)))
+    borrow = _part(lt, (..., 0))
     wrap = ctx.mul_public(r_msb, 1 - (c >> (K - 1)))
     bit = ctx.sub(ctx.add(ctx.mul_public(wrap, 4), ctx.add_public(ctx.mul_public(borrow, -1 % MOD),
                                                                     c >> CMP_BITS)), r_top)
@@ -412,7 +429,7 @@ def ge_zero(ctx: ActiveParty, x: AuthShared):
 
 
 def relu(ctx: ActiveParty, x: AuthShared):
-    """max(x, 0) = x [x >= 0]; 9 rounds, exact (no truncation: the bit has scale 0)."""
+    """max(x, 0) = x [x >= 0]; 6 rounds, exact (no truncation: the bit has scale 0)."""
     bit = yield from ge_zero(ctx, x)
     out = yield from mul(ctx, x, bit, "a/relu")
     out.scale = x.scale

@@ -57,7 +57,7 @@ def _relu(ctx):
 # round type -> (the round's tag, a small program that has it)
 ROUND_TYPES = {"mul": ("a/mul", _mul), "matmul": ("a/matmul", _matmul),
                "truncation": ("a/trunc", _truncation), "comparison": ("a/cmp", _relu),
-               "comparison-or": ("a/cmp/or", _relu), "relu": ("a/relu", _relu),
+               "comparison-and": ("a/cmp/and", _relu), "relu": ("a/relu", _relu),
                "reveal": ("a/reveal", _mul)}
 
 
