@@ -27,9 +27,10 @@ from .errors import BadRequest, NotFound, PermissionDenied
 from .governance import policy as governance
 from .messages import (Ack, DeleteObject, DescribeObject, Execute, GetObject, ListObjects,
                        ObjectInfo, ObjectInfos, Ping, Pong, PutObject, Value)
-from .ops import AGGREGATE, OPAQUE, PUBLIC, Level, evaluate
+from .ops import AGGREGATE, OPAQUE, PUBLIC, Level
 from .router import Router
 from .store import ObjectMeta, Rules, normalise_tags
+from .worker import run_program
 
 router = Router()
 
@@ -156,16 +157,10 @@ async def execute(peer, caller, msg: Execute):
     metas = {i: await _meta_for(peer, caller, i, "compute") for i in dict.fromkeys(ids)}
     min_rows = max([m.rules.min_rows for m in metas.values()] or [peer.config.min_rows])
 
-    def run(device):
-        def resolve(oid):
-            m = metas[oid]
-            t = (torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta")
-                 if device == "meta" else peer.store.load(oid))
-            return t, _leaf_level(m)
-        return evaluate(msg.program, resolve, min_rows=min_rows, device=device)
-
-    run("meta")  # shapes and sizes checked before any real work
-    value, level = await trio.to_thread.run_sync(run, "cpu")
+    # dry run, budget and the real run where it can be stopped (p2pgrid.worker)
+    value, level = await run_program(peer, caller, msg.program,
+                                     {i: (m, _leaf_level(m)) for i, m in metas.items()},
+                                     min_rows=min_rows)
     if not isinstance(value, torch.Tensor):
         value = torch.as_tensor(value)
     rules = _result_rules(peer, caller, metas)
