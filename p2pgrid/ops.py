@@ -441,6 +441,9 @@ def _apply(i: int, name: str, op: Op, args: list, kwargs: dict) -> torch.Tensor:
                                    limit="program_memory") from None
     except (RuntimeError, TypeError, ValueError, IndexError, OverflowError, ArithmeticError,
             NotImplementedError, AttributeError, KeyError) as e:
+        if "can't allocate memory" in str(e):   # torch's allocator under an address-space cap
+            raise ComputeLimitExceeded(f"node {i} ({name}) ran out of memory",
+                                       limit="program_memory") from None
         raise ShapeError(f"node {i} ({name}): {_torch_message(e)}", op=name) from None
     except RecursionError:
         raise BadRequest(f"node {i} ({name}): arguments nested too deep") from None
