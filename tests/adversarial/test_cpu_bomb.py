@@ -112,9 +112,9 @@ async def test_cpu_bomb_stops_when_its_caller_gives_up(tmp_path):
             pids = [proc.pid] + [c for c in children(proc.pid) if started(c) <= sent]
             await trio.sleep(max(0.0, gave_up + 1.0 - time.monotonic()))
             before = {p: cpu(p) for p in pids}
-            await trio.sleep(4.0)
+            await trio.sleep(6.0)
             spent = sum(cpu(p) - before[p] for p in pids if alive(p) and before[p])
-            assert spent < 0.6, f"{spent:.2f} s of CPU spent in the 4 s after the caller gave up"
+            assert spent < 0.6, f"{spent:.2f} s of CPU spent in the 6 s after the caller gave up"
             assert [p for p in pids[1:] if alive(p)] == [], "the bomb's worker still runs"
 
             # a budget's wall-clock limit stops it as well, with a 4xx naming the limit
