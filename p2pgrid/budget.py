@@ -133,15 +133,17 @@ class Meter:
         self.limits = limits
         self.flops = 0.0
         self.peak = 0
+        self.constants = 0
 
     def base(self, live: int) -> None:
-        """Memory held before the first node (the program's own constants)."""
+        """Memory held before the first node and throughout: the program's own constants."""
+        self.constants = live
         self._check_memory(-1, "constants", live)
 
     def node(self, i: int, name: str, args: list, out, *, live: int) -> None:
-        """Charge node `i`; `live` is what is held while it runs, its output included."""
+        """Charge node `i`; `live` is what its values hold while it runs, its output included."""
         self.flops += op_flops(name, args, out)
-        self._check_memory(i, name, live + scratch_bytes(name, args, out))
+        self._check_memory(i, name, self.constants + live + scratch_bytes(name, args, out))
         if self.limits is not None and self.flops > self.limits.flops:
             raise ComputeLimitExceeded(
                 f"node {i} ({name}) brings the program to {self.flops:.0f} floating-point "

@@ -11,7 +11,7 @@ refused with :class:`~p2pgrid.errors.ComputeLimitExceeded` having cost nothing.
 
 The pool is per peer: at most ``program_workers`` processes, started lazily, each
 a child of the peer's nursery (so they end with it) and of the peer's process (they
-die with it, see ``PR_SET_PDEATHSIG``). Each caller has at most ``programs_running``
+die with it: each watches its parent). Each caller has at most ``programs_running``
 programs there at once. Workers run at a lower CPU priority than the peer, so the
 peer keeps answering others while they compute, and under an address-space limit a
 little above the largest memory budget, in case an estimate falls short.
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -312,16 +311,19 @@ def _read(f, n: int) -> bytes | None:
 
 
 def _die_with_parent() -> None:
-    if sys.platform != "linux":
-        return
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() == 1:   # the parent died before prctl took effect
-        sys.exit(0)
+    """Exit as soon as the peer that started us is gone, even mid-program. (Not
+    ``PR_SET_PDEATHSIG``: trio starts processes from a worker thread, and that
+    signal comes when the *thread* ends, which trio's thread cache does when idle.)"""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+    threading.Thread(target=watch, daemon=True, name="p2pgrid-worker-watchdog").start()
 
 
 def _limit_address_space(memory: int) -> None:
