@@ -95,13 +95,7 @@ class Programs:
         """Dry-run `program` against `caller`'s limits, then run it; (value, Level).
 
         `leaves`: object id -> (ObjectMeta, Level) for every leaf it names."""
-        limits = limits_for(self.peer.config, caller.name)
-        meter = Meter(limits)
-
-        def meta_leaf(oid):
-            m, level = leaves[oid]
-            return torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta"), level
-        evaluate(program, meta_leaf, min_rows=min_rows, device="meta", meter=meter)
+        limits, meter = self.check(caller, program, leaves, min_rows=min_rows)
         if meter.flops <= self.peer.config.program_inline_flops:
             return await trio.to_thread.run_sync(self._inline, program, leaves, min_rows)
         kid = caller.key_id
@@ -126,6 +120,18 @@ class Programs:
             raise error_from_wire(reply["error"])
         kind, row_dim, rows = reply["level"]
         return reply["value"], Level(kind, row_dim, rows)
+
+    def check(self, caller, program: dict, leaves: dict, *, min_rows: int) -> tuple[Limits, Meter]:
+        """Dry-run `program` on ``meta`` tensors against `caller`'s limits: its Limits and
+        the Meter with its cost; ComputeLimitExceeded (or the program's error) if over."""
+        limits = limits_for(self.peer.config, caller.name)
+        meter = Meter(limits)
+
+        def meta_leaf(oid):
+            m, level = leaves[oid]
+            return torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta"), level
+        evaluate(program, meta_leaf, min_rows=min_rows, device="meta", meter=meter)
+        return limits, meter
 
     def _inline(self, program, leaves, min_rows):
         def resolve(oid):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import trio
 
 from .. import handlers as core  # a module reference: the two import each other
 from .. import wire
 from ..errors import BadRequest, NotFound, PermissionDenied
 from ..router import Router
+from ..worker import Programs
 from . import mechanism
 from .errors import PrivacyBudgetExceeded
 from .messages import (BudgetInfo, BudgetQuery, DecideRequest, ListRequests, PrivateQuery,
@@ -99,6 +102,10 @@ async def private_query(peer, caller, msg: PrivateQuery):
     bounds, _ = declared
     bounds.check(meta.shape)
     plan = mechanism.plan(msg.program, {meta.id: (meta.shape, bounds)})
+    # the program's cost, as for any program (the query runs on float64 data)
+    Programs.of(peer).check(caller, msg.program,
+                            {meta.id: (replace(meta, dtype="float64"), core._leaf_level(meta))},
+                            min_rows=0)
     epsilon = mechanism.check_epsilon(msg.epsilon)
     query = {**plan.describe(), "mechanism": "laplace", "scale": plan.scale(epsilon)}
 
