@@ -183,7 +183,10 @@ class Calls:
             except P2PError:
                 pass   # a callee we cannot reach sees its stream from us break instead
         if self.nursery is not None:
-            self.nursery.start_soon(tell)
+            try:
+                self.nursery.start_soon(tell)
+            except RuntimeError:
+                pass   # the peer is closing: its streams, and so the call, go with it
 
     def cancel(self, caller: Caller, call_id: int) -> None:
         """Stop serving `caller`'s call `call_id`, if it still runs."""
