@@ -132,7 +132,8 @@ class _Grid:
         from p2pgrid.testing import open_network
 
         async def main():
-            cfg = PeerConfig(name="hospital", program_memory=LIMITS.memory, program_flops=LIMITS.flops)
+            cfg = PeerConfig(name="hospital", data_dir=self.tmp / "hospital",
+                             program_memory=LIMITS.memory, program_flops=LIMITS.flops)
             try:
                 async with open_network([cfg, "bob"], self.tmp) as grid:
                     self.grid = grid
