@@ -107,3 +107,30 @@ async def test_worker_runs_programs_and_stops_them(tmp_path):
         with trio.fail_after(10):
             while worker.process.returncode is None or programs._running:
                 await trio.sleep(0.05)
+
+
+async def test_a_caller_that_disconnects_stops_its_program(tmp_path):
+    cfg = PeerConfig(name="h", program_inline_flops=0, program_flops=1e12)
+    async with open_network([cfg, "bob"], tmp_path) as grid:
+        h = grid["h"]
+        small = {"nodes": [{"op": "sum", "args": [{"tensor": torch.ones(10)}]}]}
+        await grid["bob"].request("h", Execute(small, fetch=True), timeout=180)   # a worker ready
+        programs = Programs.of(h)
+        (worker,) = programs._idle
+        slow = {"nodes": [{"op": "add", "args": [{"tensor": torch.ones(4096, 1)}, {"tensor": torch.ones(1, 4096)}]},
+                          {"op": "matmul", "args": [{"$": 0}, {"$": 0}]},
+                          {"op": "sum", "args": [{"$": 1}]}]}
+
+        async def send():
+            with pytest.raises(Exception):   # noqa: B017 - its own peer is gone: any error
+                await grid["bob"].request("h", Execute(slow, fetch=True), timeout=120)
+        async with trio.open_nursery() as n:
+            n.start_soon(send)
+            with trio.fail_after(30):
+                while not programs._running:
+                    await trio.sleep(0.01)
+            await grid.stop("bob")   # its connections close with it; nobody waits for the answer
+            with trio.fail_after(5):
+                while worker.process.returncode is None:
+                    await trio.sleep(0.05)
+            n.cancel_scope.cancel()
