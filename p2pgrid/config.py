@@ -53,6 +53,12 @@ class PeerConfig:
     program_limits: dict = field(default_factory=dict, repr=False)  # caller or "*" -> overrides
     program_workers: int = 2                 # worker processes that run programs at once
     program_inline_flops: float = 2e7        # smaller programs run in a thread, without a worker
+    # Network membership (p2pgrid.membership). With the network's public key (64 hex
+    # digits), only peers and users certified by it are heard; without, names are
+    # trusted on first use.
+    network_key: str | None = None
+    cert: Path | str | None = None          # this peer's certificate (`p2pgrid network invite`)
+    revocations: Path | str | None = None   # a revocation list file to read and spread
     publish: tuple[dict, ...] = field(default=(), repr=False)  # datasets from a profile
 
     def __post_init__(self):

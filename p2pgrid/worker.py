@@ -43,12 +43,13 @@ import trio
 
 from . import wire
 from .budget import Limits, Meter, limits_for
-from .errors import BadRequest, ComputeLimitExceeded, P2PError, RateLimited, error_from_wire
+from .errors import (BadRequest, ComputeLimitExceeded, P2PError, RateLimited, ShapeError,
+                     error_from_wire)
 from .ops import Level, evaluate
 
 log = logging.getLogger("p2pgrid.worker")
 
-__all__ = ["run_program", "Programs"]
+__all__ = ["run_program", "Programs", "Cost"]
 
 _LEN = struct.Struct(">Q")
 READY = b"p2pgrid-worker-ready"
@@ -59,6 +60,16 @@ MAX_REPLY = 1 << 34     # bytes: a result is bounded by the memory budget well b
 _BOOT = ("import sys, types; pkg = types.ModuleType('p2pgrid'); pkg.__path__ = [sys.argv[1]]; "
          "sys.modules['p2pgrid'] = pkg; from p2pgrid.worker import _serve; "
          "_serve(int(sys.argv[2]), int(sys.argv[3]))")
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What a program's dry run found: the caller's limits, the metered cost, and the
+    result's ``meta`` tensor and level."""
+    limits: Limits
+    meter: Meter
+    probe: object
+    level: Level
 
 
 @dataclass
@@ -91,12 +102,31 @@ class Programs:
         return programs
 
     # ------------------------------------------------------------ one program
-    async def run(self, caller, program: dict, leaves: dict, *, min_rows: int):
-        """Dry-run `program` against `caller`'s limits, then run it; (value, Level).
+    def dry_run(self, caller, program: dict, leaves: dict, *, min_rows: int) -> Cost:
+        """Run `program` on ``meta`` tensors against `caller`'s limits: its Cost (the
+        result's meta tensor included); ComputeLimitExceeded, or the program's own error,
+        before any real work.
 
         `leaves`: object id -> (ObjectMeta, Level) for every leaf it names."""
-        limits, meter = self.check(caller, program, leaves, min_rows=min_rows)
-        if meter.flops <= self.peer.config.program_inline_flops:
+        limits = limits_for(self.peer.config, caller.name)
+        meter = Meter(limits)
+
+        def meta_leaf(oid):
+            m, level = leaves[oid]
+            return torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta"), level
+        probe, level = evaluate(program, meta_leaf, min_rows=min_rows, device="meta", meter=meter)
+        return Cost(limits, meter, probe, level)
+
+    async def run(self, caller, program: dict, leaves: dict, *, min_rows: int):
+        """Dry-run `program` (see :meth:`dry_run`), then run it; (value, Level)."""
+        cost = self.dry_run(caller, program, leaves, min_rows=min_rows)
+        return await self.execute(caller, program, leaves, cost, min_rows=min_rows)
+
+    async def execute(self, caller, program: dict, leaves: dict, cost: Cost, *, min_rows: int):
+        """Run `program`, whose :meth:`dry_run` gave `cost`, for real: in a thread if it
+        is tiny, else in a worker, within `caller`'s limits; (value, Level)."""
+        limits = cost.limits
+        if cost.meter.flops <= self.peer.config.program_inline_flops:
             return await trio.to_thread.run_sync(self._inline, program, leaves, min_rows)
         kid = caller.key_id
         if self._running.get(kid, 0) >= limits.running:
@@ -120,18 +150,6 @@ class Programs:
             raise error_from_wire(reply["error"])
         kind, row_dim, rows = reply["level"]
         return reply["value"], Level(kind, row_dim, rows)
-
-    def check(self, caller, program: dict, leaves: dict, *, min_rows: int) -> tuple[Limits, Meter]:
-        """Dry-run `program` on ``meta`` tensors against `caller`'s limits: its Limits and
-        the Meter with its cost; ComputeLimitExceeded (or the program's error) if over."""
-        limits = limits_for(self.peer.config, caller.name)
-        meter = Meter(limits)
-
-        def meta_leaf(oid):
-            m, level = leaves[oid]
-            return torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta"), level
-        evaluate(program, meta_leaf, min_rows=min_rows, device="meta", meter=meter)
-        return limits, meter
 
     def _inline(self, program, leaves, min_rows):
         def resolve(oid):
@@ -301,7 +319,7 @@ def _serve(memory: int, threads: int) -> None:
             reply = {"error": ComputeLimitExceeded("the program ran out of memory",
                                                    limit="program_memory").to_wire()}
         except Exception as e:  # noqa: BLE001 - the program's fault, answered as such
-            reply = {"error": BadRequest(f"the program failed: {type(e).__name__}").to_wire()}
+            reply = {"error": ShapeError(f"the program failed: {type(e).__name__}").to_wire()}
         del data
         send(reply)
 
