@@ -78,7 +78,7 @@ async def test_worker_runs_programs_and_stops_them(tmp_path):
     async with open_network([cfg, "bob"], tmp_path) as grid:
         h, bob = grid["h"], grid["bob"]
         x = torch.randn(300, 4)
-        meta = await h.publish(x, tags=["#x"], compute=["bob"])
+        meta = await h.publish(x, tags=["#x"], compute=["bob"], aggregate=["bob"])
         mean = {"nodes": [{"op": "leaf", "obj": meta.id}, {"op": "mean", "args": [{"$": 0}], "kwargs": {"dim": 0}}]}
         got = await bob.request("h", Execute(mean, fetch=True), timeout=180)
         assert torch.allclose(got.value, x.mean(0))

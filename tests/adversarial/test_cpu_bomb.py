@@ -42,6 +42,7 @@ month = 2
 tags = ["birth-records"]
 description = "synthetic births"
 compute = ["bob"]
+aggregate = ["bob"]
 """
 
 

@@ -31,6 +31,7 @@ month = 2
 tags = ["birth-records"]
 description = "synthetic births"
 compute = ["bob"]
+aggregate = ["bob"]
 """
 
 
