@@ -9,25 +9,24 @@ Why the larger ring: mod 2^k alone, an error e = 2^(k-1) needs a MAC error alpha
 which depends on alpha's lowest bit only, so a cheater passes with probability 1/2.
 With MACs mod 2^(k+s) and errors that matter (e != 0 mod 2^k, so e = 2^v u with v < k
 and u odd), alpha * e mod 2^(k+s) depends on all s bits of alpha: a single forged
-opening passes with probability 2^-s. The batched check below is SPDZ2k's
-(Cramer, Damgard, Escudero, Scholl, Xing, CRYPTO 2018, "Pi_MACCheck"): random
-coefficients in Z_2^s, the upper bits of the combined value masked with a dealt
-authenticated 2^k * rho; it fails to catch a deviation with probability at most
-2^(-s + log2(s + 1)) < 2^-57 per check (s = 64).
+opening passes with probability 2^-s. As in SPDZ2k (Cramer, Damgard, Escudero,
+Scholl, Xing, CRYPTO 2018), openings carry the full (k+s)-bit shares of values masked
+uniformly in Z_2^(k+s) (outputs: x + 2^k rho), and one batched check with random
+coefficients in Z_2^s covers every opening so far; it lets a deviation pass with
+probability at most 2^(-s + log2(s + 1)) < 2^-57 (s = 64).
 
-Openings send only the low k bits of each share (8 bytes per element, as in
-semi-honest mode). Every opening is recorded; :func:`mac_check` verifies all of a
-session's openings at once, plus a hash of every broadcast the party received (so an
-input owner that told parties different things is caught too). :func:`reveal` checks
-everything opened so far before opening its output, then checks the output opening,
-and only then returns it: a deviation raises :class:`~p2pgrid.errors.CheatingDetected`
-on every honest party, never a wrong result.
+Every opening is recorded; :func:`mac_check` verifies all of a session's openings at
+once, plus a hash of every broadcast the party received (so an input owner that told
+parties different things is caught too). :func:`reveal` checks everything opened so
+far before opening its outputs, then checks the output opening, and only then returns
+it: a deviation raises :class:`~p2pgrid.errors.CheatingDetected` on every honest party,
+never a wrong result.
 
 The dealer (crypto provider) is trusted, as in semi-honest mode: it knows alpha and
 every mask. Shares are held as numpy object arrays of Python ints (exact 128-bit
 arithmetic; slow: see docs/SMPC.md for the measured cost). Coverage: input, linear
 ops, Beaver mul and matmul, fixed-point truncation with dealt authenticated pairs,
-reveal. Comparison/ReLU are not authenticated yet.
+comparison with zero and ReLU with dealt authenticated chunk tables, reveal.
 """
 
 from __future__ import annotations
