@@ -140,13 +140,13 @@ async def run_peer(args) -> int:
             for s in peer._summaries.values():
                 print(f"  publishes {s.id} {tuple(s.shape)} {' '.join('#' + t for t in s.tags)}",
                       flush=True)
-            print(f"  join:  --join {peer.key_id}@{peer.address}", flush=True)
             if len(peer.addresses) > 1:
                 print(f"  also at: {' '.join(peer.addresses[1:])}", flush=True)
             if is_loopback(cfg.host):
                 print(f"  local only: listening on {cfg.host}, so peers on other machines "
                       f"cannot reach it; to serve your network, start it with --host 0.0.0.0 "
                       f"(or --host THIS-MACHINE'S-LAN-ADDRESS)", flush=True)
+            print(f"  join:  --join {peer.key_id}@{peer.address}", flush=True)
             await trio.sleep_forever()
     print("peer stopped", flush=True)
     return 0
