@@ -256,7 +256,7 @@ class Peer:
         """Somewhere to gossip with: from --join, mDNS, or a test harness."""
         if "@" in address:
             key_id, address = address.split("@", 1)
-        if address != self.address:
+        if address not in self.addresses:
             self._seeds.setdefault(address, key_id)
 
     def _unknown_seeds(self) -> list[str]:
