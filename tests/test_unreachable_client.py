@@ -27,8 +27,14 @@ BIRTHS = torch.tensor([[3.1 + 0.01 * i, 50.0 + 0.1 * i, 38.0 + (i % 4)] for i in
 X, Y = digits()
 
 
+def _trusting(tmp_path, name: str, **kw) -> PeerConfig:
+    # each owner's own SMPC trust (docs/SECURITY.md): these parties, this dealer
+    return PeerConfig(name=name, data_dir=tmp_path / name, smpc_parties=("hospital", "clinic"),
+                      crypto_providers=(DEALER,), **kw)
+
+
 def _peers(tmp_path, bob: PeerConfig):
-    return ["hospital", "clinic", "company",
+    return [*(_trusting(tmp_path, n) for n in ("hospital", "clinic", "company")),
             PeerConfig(name=DEALER, roles=("crypto-provider",), data_dir=tmp_path / DEALER), bob]
 
 
@@ -47,7 +53,7 @@ async def _readme_walkthrough(grid, net):
 
 
 async def test_a_client_that_does_not_listen_is_a_full_client(tmp_path):
-    bob_cfg = PeerConfig(name="bob", listen=False, data_dir=tmp_path / "bob")
+    bob_cfg = _trusting(tmp_path, "bob", listen=False)
     async with open_network(_peers(tmp_path, bob_cfg), tmp_path, **NET) as grid:
         bob_peer = grid["bob"]
         assert bob_peer.address is None and bob_peer.directory.own.addresses == []
