@@ -40,7 +40,7 @@ def _peers(tmp_path, bob: PeerConfig):
 
 async def _readme_walkthrough(grid, net):
     await grid.net("hospital").publish(BIRTHS, tags=["birth-records", "february"],
-                                       compute=["bob"], get=[])
+                                       compute=["bob"], aggregate=["bob"], get=[])
     await grid.wait_searchable("#birth-records")
     hits = await net.search("#february #birth-records")
     rec = hits["hospital"][0]
@@ -124,7 +124,8 @@ async def test_a_client_at_an_address_nobody_can_reach_gets_its_replies(tmp_path
 
 async def test_connect_listens_nowhere_by_default(tmp_path):
     async with open_network(["hospital"], tmp_path, **NET) as grid:
-        await grid.net("hospital").publish(BIRTHS, tags=["birth-records"], compute=["bob"])
+        await grid.net("hospital").publish(BIRTHS, tags=["birth-records"], compute=["bob"],
+                                           aggregate=["bob"])
         seed = f"{grid['hospital'].key_id}@{grid['hospital'].address}"
         async with p2pgrid.connect("bob", join=[seed], mdns=False, data_dir=tmp_path / "bob",
                                    **NET) as net:
