@@ -361,7 +361,10 @@ class Peer:
             return
         if await self.links.send(rec.key_id, msg):
             return
-        await self.pushers.push(rec.name, self.target(rec), msg, public_key=rec.public_key)
+        # streams are reported by the name the record answers to here: an impostor's
+        # record carrying another peer's name must never break that peer's calls
+        await self.pushers.push(self.directory.label(rec), self.target(rec), msg,
+                                public_key=rec.public_key)
 
     async def reply(self, key_id: str, msg) -> bool:
         """Send `msg` to the peer with `key_id` on a link already open between us: the way
