@@ -31,7 +31,7 @@ from .calls import Calls
 from .push import Pushers
 from .router import Router
 from .server import App, serve
-from .store import ObjectMeta, Rules, Store
+from .store import ObjectMeta, Quota, Rules, Store
 
 log = logging.getLogger("p2pgrid.peer")
 
@@ -106,6 +106,11 @@ class Peer:
         elif known != caller.public_key:
             raise Unauthenticated(f"the name {caller.name!r} is bound to another key")
 
+    def registered(self, caller: Caller) -> bool:
+        """Whether `caller` is this peer itself or a user registered here (with its key)."""
+        from .governance import policy
+        return policy.of(self).role(caller) is not None
+
     def audit(self, action: str, caller: str | None = None, **fields) -> None:
         """Record an event (search, compute, get, request, model call...) for the audit trail.
         Fields must be public facts (ids, shapes, names), never values."""
@@ -115,10 +120,17 @@ class Peer:
 
     # ------------------------------------------------------------ objects
 
-    async def put(self, tensor: torch.Tensor, meta: ObjectMeta) -> ObjectMeta:
-        meta = await trio.to_thread.run_sync(self.store.put, tensor, meta)
+    async def put(self, tensor: torch.Tensor, meta: ObjectMeta, quota: Quota | None = None
+                  ) -> ObjectMeta:
+        meta = await trio.to_thread.run_sync(self.store.put, tensor, meta, quota)
         self._advertise(meta)
         return meta
+
+    def quota(self) -> Quota:
+        """The limits on objects others store here (from the config)."""
+        c = self.config
+        return Quota(c.store_quota_count, c.store_quota_bytes, c.store_total_count,
+                     c.store_total_bytes, host=self.name)
 
     async def load(self, id: str) -> torch.Tensor:
         return await trio.to_thread.run_sync(self.store.load, id)
@@ -258,7 +270,8 @@ class Peer:
         card = wire.dumps({"name": self.name, "public_key": self.identity.public_bytes})
         app = App(self.verifier, self.authorize, lambda c, m: self.router.dispatch(self, c, m),
                   max_body=self.config.max_body, page=self._page, identity_card=card,
-                  push_broken=self._stream_cut)
+                  push_broken=self._stream_cut, limits=self.config.edge_limits(),
+                  registered=self.registered)
         await serve(app, host=self.config.host, port=self.config.port if port is None else port,
                     certfile=certfile,
                     keyfile=keyfile, task_status=task_status)

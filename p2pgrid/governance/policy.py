@@ -73,6 +73,11 @@ class Governance:
         # open mode: unregistered callers as before, but never an owner's powers
         return capability != "admin" and not self.store.registered_only
 
+    def strangers_store(self) -> bool:
+        """Whether callers not registered here may store objects (setting ``store_objects``:
+        "registered", the default, or "anyone")."""
+        return self.store.setting("store_objects", "registered") == "anyone"
+
     def require(self, caller: Caller, capability: str) -> None:
         if not self.capable(caller, capability):
             role = self.role(caller)
