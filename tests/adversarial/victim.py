@@ -121,10 +121,12 @@ def start(tmp_path: Path, *, name: str = "victim", nofile: int | None = None,
 class Caller:
     """A legitimate caller: a real Transport with a key of its own."""
 
-    def __init__(self, victim: Victim, name: str = "alice", identity: Identity | None = None):
-        self.victim, self.name = victim, name
+    def __init__(self, victim: Victim, name: str | None = None,
+                 identity: Identity | None = None):
         self.identity = identity or Identity.generate()
-        self.transport = Transport(self.identity, name)
+        # a name per key unless given: a name is bound to the first key that uses it
+        self.victim, self.name = victim, name or f"alice-{self.identity.key_id[:8]}"
+        self.transport = Transport(self.identity, self.name)
         self.target: Target | None = None
 
     async def request(self, msg, timeout: float = 15.0):
