@@ -75,9 +75,10 @@ class Victim:
 
 
 def start(tmp_path: Path, *, name: str = "victim", nofile: int | None = None,
-          peer: dict | None = None, extra: str = "") -> Victim:
+          peer: dict | None = None, extra: str = "", wrap: list[str] = ()) -> Victim:
     """Start a peer process; `peer` adds keys to its profile's [peer] table, `extra`
-    appends raw TOML. Returns once it prints its join line."""
+    appends raw TOML, `wrap` is a command line the peer's is appended to (e.g. to
+    give it a small disk). Returns once it prints its join line."""
     data = tmp_path / f"{name}-data"
     profile = tmp_path / f"{name}.toml"
     from dataclasses import fields
@@ -99,7 +100,7 @@ def start(tmp_path: Path, *, name: str = "victim", nofile: int | None = None,
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "p2pgrid.cli", "peer", "--profile",
+        proc = subprocess.Popen([*wrap, sys.executable, "-m", "p2pgrid.cli", "peer", "--profile",
                                  str(profile), "--data-dir", str(data)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 preexec_fn=limit)
