@@ -107,9 +107,10 @@ class App:
         except P2PError as e:  # a page's body timed out or was too large
             await _respond(send, e.status, "text/plain", f"{e.message}\n".encode())
 
-    def _timed(self, receive):
-        """`receive`, but a body that stops arriving for read_timeout raises RequestTimeout."""
-        timeout = self.limits.read_timeout
+    def _timed(self, receive, timeout: float | None = None):
+        """`receive`, but a body that stops arriving for `timeout` (default read_timeout)
+        raises RequestTimeout."""
+        timeout = self.limits.read_timeout if timeout is None else timeout
 
         async def timed():
             with trio.move_on_after(timeout):
@@ -173,7 +174,7 @@ class App:
             limit = max(self.max_body, push.MIN_FRAME)
             reader = push.FrameReader(limit)
             # a push stream idles up to push.IDLE between messages before its sender ends it
-            timed = self._timed(receive) if self.limits.read_timeout > push.IDLE else receive
+            timed = self._timed(receive, max(self.limits.read_timeout, push.IDLE + 15))
             with self._admit(caller):
                 while True:
                     event = await timed()
