@@ -8,7 +8,7 @@ new connection first evicts an idle one (oldest, from the address holding most).
 
 import trio
 
-from . import victim as V
+import _victim as V
 
 NOFILE = 256
 ADDRESSES = [f"127.0.0.{i}" for i in range(2, 12)]   # the attacker's, none the caller's

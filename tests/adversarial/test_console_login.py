@@ -6,7 +6,7 @@ anyone's 20 wrong guesses. Now failures are counted per client address.
 
 import httpx
 
-from . import victim as V
+import _victim as V
 
 
 async def _login(base: str, token: str, local: str) -> int:

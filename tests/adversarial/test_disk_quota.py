@@ -16,7 +16,7 @@ import torch
 from p2pgrid.errors import InsufficientStorage, P2PError, PermissionDenied
 from p2pgrid.messages import GetObject, PutObject
 
-from . import victim as V
+import _victim as V
 
 MB = 1 << 20
 DISK = 12  # MiB of tmpfs under the victim's store

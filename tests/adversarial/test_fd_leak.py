@@ -10,7 +10,7 @@ import trio
 
 from p2pgrid.identity import Identity
 
-from . import victim as V
+import _victim as V
 
 NOFILE = 128
 

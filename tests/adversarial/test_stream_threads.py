@@ -10,7 +10,7 @@ import trio
 
 from p2pgrid.identity import Identity
 
-from . import victim as V
+import _victim as V
 
 CONNECTIONS, STREAMS = 4, 48   # under the peer's 100 streams per connection
 DECLARED = 16 << 20            # over the 1 MiB from which bodies were hashed in a thread
