@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="port to listen on (default: any free)")
     p.add_argument("--advertise", help="host others should dial, if not --host")
     p.add_argument("--role", action="append", dest="roles", help="e.g. crypto-provider (repeatable)")
+    p.add_argument("--smpc-party", action="append", dest="smpc_parties", metavar="PEER",
+                   help="a peer this peer lets hold SMPC shares of its data (repeatable)")
+    p.add_argument("--crypto-provider", action="append", dest="crypto_providers", metavar="PEER",
+                   help="a peer this peer lets deal SMPC material for its data (repeatable)")
     p.add_argument("--ttl", type=float, default=None,
                    help="seconds a peer unheard of stays in the directory (default 15); this "
                         "peer re-announces itself every ttl/3")
@@ -127,7 +131,9 @@ async def run_peer(args) -> int:
         print("p2pgrid peer: give --name or --profile", file=sys.stderr)
         return 2
     cfg = cfg.with_(join=tuple(cfg.join) + tuple(args.join),
-                    roles=tuple(cfg.roles) + tuple(args.roles or ()))
+                    roles=tuple(cfg.roles) + tuple(args.roles or ()),
+                    smpc_parties=tuple(cfg.smpc_parties) + tuple(args.smpc_parties or ()),
+                    crypto_providers=tuple(cfg.crypto_providers) + tuple(args.crypto_providers or ()))
     with trio.CancelScope() as scope:
         async with open_peer(cfg) as peer, trio.open_nursery() as nursery:
             nursery.start_soon(_until_signalled, scope)

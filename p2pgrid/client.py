@@ -179,8 +179,12 @@ class Transport:
             else:
                 if target.cert is None:
                     raise Unauthenticated(f"no pinned certificate for {target.address}")
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True,
-                                                verify=tls.client_context(target.cert))
+                try:
+                    verify = tls.client_context(target.cert)
+                except ValueError:  # a signed record may still carry garbage for a certificate
+                    raise Unauthenticated(f"the certificate pinned for {target.address} is "
+                                          f"unusable") from None
+                pool = httpx.AsyncHTTPTransport(http1=False, http2=True, verify=verify)
             self._pools[k] = pool
         return pool
 

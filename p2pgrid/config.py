@@ -29,9 +29,18 @@ class PeerConfig:
     mdns: bool = True
     mdns_interfaces: tuple[str, ...] | None = None
     roles: tuple[str, ...] = ()          # e.g. ("crypto-provider",)
+    # SMPC trust, decided here and never taken from a record: the peers this peer lets
+    # hold shares of its data (besides itself), and the crypto providers it lets deal for
+    # them (a role a peer announces for itself counts for nothing). See docs/SECURITY.md.
+    smpc_parties: tuple[str, ...] = ()
+    crypto_providers: tuple[str, ...] = ()
     gossip_interval: float = 1.0
     gossip_fanout: int = 2
     ttl: float = 15.0                    # a peer unheard of for this long is dropped
+    max_record_ttl: float | None = None  # a record's own longer ttl honoured up to this (4 * ttl)
+    max_records: int = 10_000            # directory records kept (a fair eviction beyond)
+    gossip_new_per_source: int = 256     # new keys one gossip partner may introduce per round
+    protected_peers: int = 64            # peers reached recently that gossip always draws from
     max_body: int = 1 << 30
     min_rows: int = 10                   # default records an aggregate must span
     result_ttl: float = 3600.0           # unfetched results expire after this
@@ -59,6 +68,12 @@ class PeerConfig:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         object.__setattr__(self, "join", tuple(self.join))
         object.__setattr__(self, "roles", tuple(self.roles))
+        for key in ("smpc_parties", "crypto_providers"):
+            names = tuple(getattr(self, key))
+            if any(not isinstance(n, str) or not n or n == "*" for n in names):
+                raise ValueError(f"{key} lists peer names (no '*': each one is trusted "
+                                 "not to collude)")
+            object.__setattr__(self, key, names)
         if self.mdns_interfaces is not None:
             object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
 

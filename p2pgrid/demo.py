@@ -42,6 +42,8 @@ async def run_demo(args) -> int:
                 _say(f"  {name:<11} https://{peer.address}/  key {peer.key_id}  {roles}")
             await grid.wait_searchable("#birth-records")
             await walkthrough(grid.net("bob"))
+            await smpc_walkthrough(grid.net("bob"))
+            _say("\nDone: the hospital's rows never left the hospital.")
             if args.keep_running:
                 _say("\nPeers keep running; open the pages above. Ctrl-C to stop.")
                 await trio.sleep_forever()
@@ -104,4 +106,24 @@ async def walkthrough(net) -> None:
     mine = await net.peer("clinic").send(torch.tensor([1.0, 2.0, 3.0]), tags=["bob-scratch"])
     _say(f"   sent to clinic: {mine!r} -> back: {(await (mine * 10).get()).tolist()}")
     await mine.delete()
-    _say("\nDone: the hospital's rows never left the hospital.")
+
+
+async def smpc_walkthrough(net) -> None:
+    """Secret sharing, where the data's owner decides who holds the shares."""
+    rec = (await net.search("#february #birth-records"))["hospital"][0]
+    _say("\n8. secret sharing: the hospital's peer decides who may hold shares of its data")
+    _say("   x = await rec.share('hospital', 'clinic', dealer='university')")
+    x = await rec.share("hospital", "clinic", dealer="university")
+    _say(f"   {x!r}  (peers/hospital.toml: smpc_parties, crypto_providers)")
+    try:
+        await x.reveal()
+        _say("   !! bob reconstructed the rows")
+    except PermissionDenied:
+        _say("   x.reveal(): PermissionDenied (the shares keep the data's rules)")
+    await x.delete()
+    for parties, dealer in ((("clinic", "company"), "university"), (("hospital", "clinic"), "company")):
+        try:
+            await rec.share(*parties, dealer=dealer)
+            _say(f"   share among {parties}, {dealer} dealing: allowed (!)")
+        except PermissionDenied as e:
+            _say(f"   share among {parties}, {dealer} dealing: PermissionDenied: {e}")

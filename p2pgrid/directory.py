@@ -13,6 +13,16 @@ while a newer version of it arrived less than ``ttl`` ago. When a record expires
 keep a tombstone (key id, version) for a while so that peers which have not expired
 it yet cannot gossip the same dead version back to us.
 
+Bounds (see :mod:`p2pgrid.addrbook`): at most ``max_records`` records, each gossip
+partner introducing at most so many new keys per round, a fair eviction when full, and a
+protected set of peers we reached ourselves that gossip always draws from. A record's
+ttl is honoured up to our own ``max_ttl`` (a record saying ``ttl=inf`` lives no longer
+than any other).
+
+Listings are the owner's: a record may list only objects whose ``owner`` is the
+record's own name (see :func:`listing_problem`); one that claims another owner's data
+is dropped whole. Search lists a record's objects only under a name bound to its key.
+
 Names are labels bound to keys, trust on first use. The first key seen with a name owns
 it, for good (across expiry; :meth:`Directory.bindings` exports the bindings so a peer
 can save them). A record from another key claiming a bound name is still *kept* and
@@ -35,6 +45,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -43,6 +54,7 @@ from functools import cached_property
 import cbor2
 
 from . import identity as _identity
+from .addrbook import AddrBook, BookLimits
 from .errors import BadRequest, Conflict, NotFound
 from .wire import message
 
@@ -50,6 +62,7 @@ __all__ = [
     "ObjectSummary", "PeerRecord", "sign_record", "NameConflict", "Directory",
     "GossipDigest", "GossipReply", "GossipPush", "GossipAck",
     "handle_digest", "handle_push", "handle_gossip", "normalize_tags", "check_name",
+    "listing_problem", "MAX_OBJECTS",
 ]
 
 log = logging.getLogger("p2pgrid.directory")
@@ -57,6 +70,7 @@ log = logging.getLogger("p2pgrid.directory")
 _SIGNING_DOMAIN = "p2pgrid.dir.record/1"  # so a record signature is never valid for anything else
 _KEY_ID_SHAPE = re.compile(r"[0-9a-f]{16}")
 MAX_NAME = 64
+MAX_OBJECTS = 2000  # objects one record may list
 
 
 # ---------------------------------------------------------------- records
@@ -144,6 +158,21 @@ def check_name(name) -> str | None:
     return None
 
 
+def listing_problem(rec: PeerRecord) -> str | None:
+    """Why `rec`'s listing is not its owner's own, or None if it is.
+
+    A record lists only objects published by the peer that signs it: each object's
+    ``owner`` must be the record's name. Objects others stored on a peer (``PutObject``)
+    are theirs, not the host's, and are not listed in the host's record at all."""
+    if len(rec.objects) > MAX_OBJECTS:
+        return f"lists {len(rec.objects)} objects (at most {MAX_OBJECTS})"
+    for o in rec.objects:
+        if not isinstance(o, ObjectSummary) or o.owner != rec.name:
+            owner = getattr(o, "owner", None)
+            return f"lists object {getattr(o, 'id', '?')!r} as owned by {owner!r}, not by {rec.name!r}"
+    return None
+
+
 def normalize_tags(query: str | Iterable[str]) -> list[str]:
     """'#February, #birth-records' -> ['february', 'birth-records']."""
     parts = re.split(r"[\s,]+", query) if isinstance(query, str) else list(query)
@@ -180,11 +209,14 @@ class Directory:
     """
 
     def __init__(self, identity: _identity.Identity, *, ttl: float = 30.0,
-                 tombstone_ttl: float | None = None):
+                 tombstone_ttl: float | None = None, max_ttl: float | None = None,
+                 limits: BookLimits | None = None):
         self.identity = identity
         self.key_id = identity.key_id
         self.ttl = float(ttl)
+        self.max_ttl = 4 * self.ttl if max_ttl is None else max(float(max_ttl), self.ttl)
         self.tombstone_ttl = 4 * self.ttl if tombstone_ttl is None else float(tombstone_ttl)
+        self.book = AddrBook(limits)
         self.own: PeerRecord | None = None
         self.conflicts: list[NameConflict] = []
         self.rejected = 0  # records dropped for a bad signature or an unusable name
@@ -208,6 +240,9 @@ class Directory:
         if bound is not None and bytes(bound) != self.identity.public_bytes:
             raise Conflict(f"the name {name!r} is bound to key {_identity.key_id(bound)}, "
                            f"not to this peer's key {self.key_id}", name=name)
+        foreign = [o.id for o in objects if o.owner != name]
+        if foreign:
+            raise ValueError(f"a record lists only its owner's objects; not {foreign[:3]}")
         version = max(self.own.version if self.own else 0, self._own_version_seen) + 1
         rec = sign_record(self.identity, name=name, addresses=list(addresses), cert=bytes(cert),
                           roles=list(roles), objects=list(objects), services=dict(services),
@@ -221,11 +256,16 @@ class Directory:
 
     # ------------------------------------------------------------ gossip state
 
-    def merge(self, records: Iterable[PeerRecord], now: float) -> list[PeerRecord]:
+    def merge(self, records: Iterable[PeerRecord], now: float,
+              source: str | None = None) -> list[PeerRecord]:
         """Keep each record that is the newest version seen for its key and verifies.
 
-        Returns the accepted records, in the order given. Stale versions are ignored
-        without verifying; bad signatures and unusable names count in ``rejected``.
+        `source` is who handed us the records (the authenticated key id of a gossip
+        partner, or the address we pulled from; None for local merges): it may
+        introduce only so many new keys per round (:class:`~p2pgrid.addrbook.AddrBook`).
+        Returns the accepted records, in the order given. Stale versions and new keys
+        over the source's limit are skipped without verifying; bad signatures, unusable
+        names and listings of another owner's objects count in ``rejected``.
         """
         accepted = []
         for rec in records:
@@ -250,18 +290,55 @@ class Directory:
             tomb = self._tombstones.get(kid)
             if tomb is not None and rec.version <= tomb[0]:
                 continue
-            if check_name(rec.name) is not None or not rec.verify():
+            if cur is None and not self.book.may_introduce(source, now):
+                continue
+            why = check_name(rec.name) or listing_problem(rec)
+            if why is not None or not rec.verify():
                 self.rejected += 1
-                log.debug("dropped record for %s: bad signature or name", kid)
+                log.debug("dropped record for %s: %s", kid, why or "bad signature")
+                continue
+            if cur is None and not self._make_room(now):
+                self.book.refused += 1
                 continue
             self._records[kid] = rec
             self._last_seen[kid] = now
             self._tombstones.pop(kid, None)
+            if cur is None:
+                self.book.added(kid, source)
             self._bind(rec.name, rec.public_key, now)
             accepted.append(rec)
         if accepted:
             self._notify("accepted", accepted)
         return accepted
+
+    def _make_room(self, now: float) -> bool:
+        """Evict one record if the table is full; False if nothing may be evicted."""
+        if len(self._records) < self.book.limits.max_records:
+            return True
+        victim = self.book.victim(self._last_seen, now, keep=self.key_id)
+        if victim is None:
+            return False
+        rec = self._records.pop(victim)
+        self._last_seen.pop(victim, None)
+        self.book.removed(victim)
+        self.book.evicted += 1
+        # A tombstone, so that the same version relayed again does not evict in turn.
+        self._tombstone(victim, rec.version, now)
+        self._notify("expired", [rec])
+        return True
+
+    def _tombstone(self, kid: str, version: int, now: float) -> None:
+        self._tombstones[kid] = (version, now)
+        excess = len(self._tombstones) - 2 * self.book.limits.max_records
+        if excess > 0:  # bounded like the records: the oldest go first
+            for k in sorted(self._tombstones, key=lambda k: self._tombstones[k][1])[:excess]:
+                del self._tombstones[k]
+
+    def lifetime(self, rec: PeerRecord) -> float:
+        """How long `rec` stays live after its newest version arrived: its own promise
+        (``ttl``) if longer than ours, but never more than our ``max_ttl``."""
+        stated = rec.ttl if isinstance(rec.ttl, (int, float)) and not math.isnan(rec.ttl) else 0.0
+        return min(max(self.ttl, float(stated)), self.max_ttl)
 
     def digest(self) -> dict[str, int]:
         """key id -> version, for every record held (ours included)."""
@@ -273,14 +350,20 @@ class Directory:
                 if remote_digest.get(kid, -1) < r.version]
 
     def wanted(self, remote_digest: dict[str, int]) -> list[str]:
-        """Key ids the remote side holds a newer version of (never our own key)."""
-        out = []
+        """Key ids the remote side holds a newer version of (never our own key): every
+        update of a key we hold, and at most one round's worth (``new_per_source``) of
+        keys we do not, so a digest listing a million keys costs one round's worth."""
+        out, new = [], 0
         for kid, version in remote_digest.items():
             if kid == self.key_id or not isinstance(version, int):
                 continue
             cur = self._records.get(kid)
             have = cur.version if cur is not None else self._tombstones.get(kid, (-1,))[0]
             if version > have:
+                if cur is None:
+                    new += 1
+                    if new > self.book.limits.new_per_source:
+                        continue
                 out.append(kid)
         return out
 
@@ -290,14 +373,16 @@ class Directory:
     def expire(self, now: float) -> list[PeerRecord]:
         """Drop records whose newest version arrived more than ``ttl`` ago (never ours)."""
         # A record promises a heartbeat within its own ttl; honour the longer of that
-        # promise and ours, so peers configured differently do not expire each other.
+        # promise and ours (so peers configured differently do not expire each other),
+        # up to our own maximum (so no record outlives it by saying ttl=inf).
         dead = [kid for kid, seen in self._last_seen.items()
-                if now - seen > max(self.ttl, self._records[kid].ttl) and kid != self.key_id]
+                if now - seen > self.lifetime(self._records[kid]) and kid != self.key_id]
         dropped = []
         for kid in dead:
             rec = self._records.pop(kid)
             del self._last_seen[kid]
-            self._tombstones[kid] = (rec.version, now)
+            self.book.removed(kid)
+            self._tombstone(kid, rec.version, now)
             dropped.append(rec)
         for kid in [k for k, (_, t) in self._tombstones.items() if now - t > self.tombstone_ttl]:
             del self._tombstones[kid]
@@ -332,10 +417,13 @@ class Directory:
 
     def search(self, query: str | Iterable[str]) -> dict[str, list[ObjectSummary]]:
         """Objects carrying every tag in `query` ('#a #b', '#' optional, any case),
-        by peer label (see :meth:`label`). An empty query lists every object."""
+        by peer name. Only records whose name is bound to their key are searched (an
+        impostor's listing would claim another owner). An empty query lists every object."""
         want = set(normalize_tags(query))
         out: dict[str, list[ObjectSummary]] = {}
         for rec in self.peers():
+            if self.label(rec) != rec.name:
+                continue  # its name is another key's: its objects would claim that owner
             hits = [o for o in rec.objects if want <= set(normalize_tags(o.tags))]
             if hits:
                 out[self.label(rec)] = hits
@@ -397,6 +485,13 @@ class Directory:
 
 # ---------------------------------------------------------------- the exchange
 
+def _sender_key(rec) -> str | None:
+    try:
+        return rec.key_id
+    except (AttributeError, TypeError):
+        return None
+
+
 @message("dir.gossip.digest")
 @dataclass(frozen=True)
 class GossipDigest:
@@ -429,21 +524,29 @@ class GossipAck:
     accepted: int
 
 
-def handle_digest(directory: Directory, msg: GossipDigest, now: float) -> GossipReply:
-    """Responder side of an exchange: learn the sender, answer with the difference."""
-    directory.merge([msg.sender], now)
+def handle_digest(directory: Directory, msg: GossipDigest, now: float,
+                  source: str | None = None) -> GossipReply:
+    """Responder side of an exchange: learn the sender, answer with the difference.
+    `source` defaults to the sender's key id (the transport checks it is the caller's)."""
+    if not isinstance(msg.digest, dict) or len(msg.digest) > 2 * directory.book.limits.max_records:
+        raise BadRequest(f"a gossip digest lists at most {2 * directory.book.limits.max_records} "
+                         f"records")
+    directory.merge([msg.sender], now, source=source or _sender_key(msg.sender))
     return GossipReply(records=directory.newer_than(msg.digest), want=directory.wanted(msg.digest))
 
 
-def handle_push(directory: Directory, msg: GossipPush, now: float) -> GossipAck:
-    """Responder side, second step: take the records we asked for."""
-    return GossipAck(accepted=len(directory.merge(msg.records, now)))
+def handle_push(directory: Directory, msg: GossipPush, now: float,
+                source: str | None = "?") -> GossipAck:
+    """Responder side, second step: take the records we asked for. `source`: the
+    caller's key id (a push with no known source shares one limited bucket)."""
+    return GossipAck(accepted=len(directory.merge(msg.records, now, source=source)))
 
 
-def handle_gossip(directory: Directory, msg, now: float):
-    """Answer any gossip request (for the transport's route)."""
+def handle_gossip(directory: Directory, msg, now: float, source: str | None = None):
+    """Answer any gossip request (for the transport's route). `source`: the
+    authenticated caller's key id, which every new record it brings is counted against."""
     if isinstance(msg, GossipDigest):
-        return handle_digest(directory, msg, now)
+        return handle_digest(directory, msg, now, source)
     if isinstance(msg, GossipPush):
-        return handle_push(directory, msg, now)
+        return handle_push(directory, msg, now, source or "?")
     raise BadRequest(f"{type(msg).__name__} is not a gossip request")

@@ -12,13 +12,22 @@ plus any seed address (from mDNS or ``--join``) it has not yet reached::
               <-------  GossipAck
 
 The transport is injected: ``send(address, msg) -> reply`` raises
-:class:`~p2pgrid.errors.PeerUnavailable` when the peer does not answer. The exchanges
+:class:`~p2pgrid.errors.PeerUnavailable` when the peer does not answer; a ``send``
+that takes a ``key_id`` keyword gets the key of the record we meant to reach, so the
+transport pins the exchange to it (a record claiming someone else's address then fails
+instead of borrowing their liveness).
+
+Partners are chosen by the directory's address book (:mod:`p2pgrid.addrbook`): part of
+every fanout comes from the peers we recently reached ourselves, so records with dead
+addresses cannot crowd them out, and each completed exchange we started renews that
+protection for the partner's key. The exchanges
 of a round run concurrently, each under its own deadline; one bad peer never stops the
 loop. :class:`MemoryNetwork` is an in-memory ``send`` for tests and benchmarks.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable
@@ -47,8 +56,23 @@ class RoundStats:
     pushed: int = 0  # records sent because the other side wanted them
 
 
+def _takes_key_id(send) -> bool:
+    try:
+        return "key_id" in inspect.signature(send).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class Gossiper:
     """One peer's gossip state (which seeds were reached) and its round."""
+
+    @property
+    def send(self) -> Send:
+        return self._send
+
+    @send.setter
+    def send(self, fn: Send) -> None:
+        self._send, self._keyed = fn, _takes_key_id(fn)
 
     def __init__(self, directory: Directory, send: Send, *, fanout: int = 2,
                  reissue: Callable[[], PeerRecord] | None = None,
@@ -66,22 +90,29 @@ class Gossiper:
         self.reached_seeds: set[str] = set()
 
     def targets(self, own: PeerRecord) -> list[str]:
-        """`fanout` random live peers' addresses, plus seeds not reached yet.
+        """Addresses of :meth:`choose`'s partners."""
+        return [address for address, _ in self.choose(own)]
+
+    def choose(self, own: PeerRecord) -> list[tuple[str, str | None]]:
+        """(address, key id) of `fanout` live peers chosen by the address book (part
+        from the protected set), plus (seed, None) for seeds not reached yet.
 
         When we know no live peer at all (just started, or cut off long enough for
         everyone to expire) every seed counts as not reached, so a partition heals.
         """
         others = [r for r in self.directory.peers(include_self=False) if r.addresses]
-        picked = self.rng.sample(others, min(self.fanout, len(others)))
-        out = [self.rng.choice(r.addresses) for r in picked]
+        picked = self.directory.book.choose(others, self.fanout, self.clock(), self.rng)
+        out = [(self.rng.choice(r.addresses), r.key_id) for r in picked]
         if self.seeds is not None:
             mine = set(own.addresses)
+            chosen = {a for a, _ in out}
             for s in self.seeds():
-                if s in mine or s in out:
+                if s in mine or s in chosen:
                     continue
                 if others and s in self.reached_seeds:
                     continue
-                out.append(s)
+                out.append((s, None))
+                chosen.add(s)
         return out
 
     async def round(self) -> RoundStats:
@@ -92,43 +123,56 @@ class Gossiper:
         self.directory.expire(self.clock())
         stats = RoundStats()
         async with trio.open_nursery() as nursery:
-            for address in self.targets(own):
-                nursery.start_soon(self._exchange_within, address, own, stats)
+            for address, key_id in self.choose(own):
+                nursery.start_soon(self._exchange_within, address, own, stats, key_id)
         return stats
 
-    async def _exchange_within(self, address: str, own: PeerRecord, stats: RoundStats) -> None:
+    async def _exchange_within(self, address: str, own: PeerRecord, stats: RoundStats,
+                               key_id: str | None = None) -> None:
+        ok = False
         with trio.move_on_after(self.timeout) as scope:
             try:
-                await self.exchange(address, own, stats)
+                await self.exchange(address, own, stats, key_id)
+                ok = True
             except PeerUnavailable as e:
                 log.debug("gossip with %s: unavailable (%s)", address, e.message)
-                stats.failed += 1
             except OSError as e:  # a transport that let a socket error through
                 log.debug("gossip with %s: unavailable (%s)", address, e)
-                stats.failed += 1
             except P2PError as e:
                 log.info("gossip with %s failed: %s %s", address, e.code, e.message)
-                stats.failed += 1
             except Exception:  # a bug in one exchange must not end the peer's gossip
                 log.exception("gossip with %s failed unexpectedly", address)
-                stats.failed += 1
         if scope.cancelled_caught:
             log.debug("gossip with %s: timed out after %.1fs", address, self.timeout)
+        if not ok:
             stats.failed += 1
+            if key_id is not None:
+                self.directory.book.failed(key_id, self.clock())
 
-    async def exchange(self, address: str, own: PeerRecord, stats: RoundStats) -> None:
-        """One push-pull exchange with the peer at `address`."""
-        reply = await self.send(address, GossipDigest(sender=own, digest=self.directory.digest()))
+    async def _call(self, address: str, msg, key_id: str | None):
+        if key_id is not None and self._keyed:
+            return await self._send(address, msg, key_id=key_id)
+        return await self._send(address, msg)
+
+    async def exchange(self, address: str, own: PeerRecord, stats: RoundStats,
+                       key_id: str | None = None) -> None:
+        """One push-pull exchange with the peer at `address` (pinned to `key_id`
+        when the transport can). Success protects `key_id` (see :mod:`p2pgrid.addrbook`)."""
+        msg = GossipDigest(sender=own, digest=self.directory.digest())
+        reply = await self._call(address, msg, key_id)
         if not isinstance(reply, GossipReply):
             raise PeerUnavailable(f"{address} answered a digest with {type(reply).__name__}")
-        stats.accepted += len(self.directory.merge(reply.records, self.clock()))
+        source = key_id if key_id is not None else address
+        stats.accepted += len(self.directory.merge(reply.records, self.clock(), source=source))
         if reply.want:
             records = self.directory.records_for(reply.want)
             if records:
-                await self.send(address, GossipPush(records=records))
+                await self._call(address, GossipPush(records=records), key_id)
                 stats.pushed += len(records)
         stats.contacted += 1
         self.reached_seeds.add(address)
+        if key_id is not None and self._keyed:
+            self.directory.book.good(key_id, self.clock())
 
 
 async def gossip_once(directory: Directory, send: Send, **kwargs) -> RoundStats:
@@ -182,7 +226,8 @@ class MemoryNetwork:
     """An in-memory ``send`` between directories, for tests and benchmarks.
 
     ``net.add("a:1", directory)`` makes a directory answer at that address;
-    ``net.kill(address)`` makes it unreachable (send raises PeerUnavailable). With
+    ``net.kill(address)`` makes it unreachable (send raises PeerUnavailable). A send
+    pinned to a key id fails unless that key answers there, as TLS pinning would. With
     ``roundtrip=True`` every request and reply goes through wire.encode/decode, so
     the cost is the real one and ``bytes_sent`` counts the bytes.
     """
@@ -214,11 +259,13 @@ class MemoryNetwork:
         self.bytes_sent += len(data)
         return wire.decode(data)
 
-    async def send(self, address: str, msg):
+    async def send(self, address: str, msg, key_id: str | None = None):
         await trio.lowlevel.checkpoint()
         target = self.directories.get(address)
         if target is None or address in self.down:
             raise PeerUnavailable(f"no peer answers at {address}")
+        if key_id is not None and target.key_id != key_id:
+            raise PeerUnavailable(f"the peer at {address} is not {key_id}")
         reply = handle_gossip(target, self._carry(msg), self.clock())
         await trio.lowlevel.checkpoint()
         return self._carry(reply)

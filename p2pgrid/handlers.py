@@ -212,9 +212,10 @@ def _result_rules(peer, caller: Caller, metas: dict[str, ObjectMeta]) -> Rules:
 async def gossip_digest(peer, caller, msg: GossipDigest):
     if msg.sender.public_key != caller.public_key:
         raise PermissionDenied("a gossip digest must carry the sender's own record")
-    return handle_gossip(peer.directory, msg, time.monotonic())
+    return handle_gossip(peer.directory, msg, time.monotonic(), source=caller.key_id)
 
 
 @router.on(GossipPush)
 async def gossip_push(peer, caller, msg: GossipPush):
-    return handle_gossip(peer.directory, msg, time.monotonic())
+    # New records count against the caller's key (p2pgrid.addrbook: per-source limits).
+    return handle_gossip(peer.directory, msg, time.monotonic(), source=caller.key_id)

@@ -23,7 +23,8 @@ from . import calls, push, tls, wire
 from .auth import Caller, Verifier
 from .client import Target, Transport, learn_target, maybe_thread
 from .config import PeerConfig
-from .directory import Directory, ObjectSummary, PeerRecord, handle_gossip
+from .addrbook import BookLimits
+from .directory import MAX_OBJECTS, Directory, ObjectSummary, PeerRecord
 from .errors import NotFound, PeerUnavailable, Unauthenticated
 from .gossip import gossip_loop
 from .identity import Identity
@@ -35,7 +36,7 @@ from .store import ObjectMeta, Quota, Rules, Store
 
 log = logging.getLogger("p2pgrid.peer")
 
-MAX_SUMMARIES = 2000  # objects advertised in our directory record
+MAX_SUMMARIES = MAX_OBJECTS  # objects advertised in our directory record
 
 
 class Peer:
@@ -53,7 +54,8 @@ class Peer:
         self.identity = Identity.load_or_create(data / "identity.key")
         self.cert = tls.load_or_create_certificate(self.identity, data / "tls-cert.der")
         self.store = Store(data / "store")
-        self.directory = Directory(self.identity, ttl=config.ttl)
+        self.directory = Directory(self.identity, ttl=config.ttl, max_ttl=config.max_record_ttl,
+                                   limits=directory_limits(config))
         self._bindings_path = data / "names.cbor"
         if self._bindings_path.exists():
             try:
@@ -107,9 +109,11 @@ class Peer:
             raise Unauthenticated(f"the name {caller.name!r} is bound to another key")
 
     def registered(self, caller: Caller) -> bool:
-        """Whether `caller` is this peer itself or a user registered here (with its key)."""
-        from .governance import policy
-        return policy.of(self).role(caller) is not None
+        """Whether `caller` does not share the allowance of unregistered callers: this peer,
+        a user registered here, or one the owner or the network vouches for (see
+        ``governance.pooled``)."""
+        from .governance import pooled
+        return not pooled(self, caller)
 
     def audit(self, action: str, caller: str | None = None, **fields) -> None:
         """Record an event (search, compute, get, request, model call...) for the audit trail.
@@ -145,9 +149,20 @@ class Peer:
         return gone
 
     def _advertise(self, meta: ObjectMeta) -> None:
-        if meta.tags and len(self._summaries) < MAX_SUMMARIES:
-            self._summaries[meta.id] = summary_of(meta)
-            self.reissue()
+        if not self.advertises(meta):
+            return
+        if len(self._summaries) >= MAX_SUMMARIES:
+            log.warning("%s: %s not advertised: the record lists at most %d objects",
+                        self.name, meta.id, MAX_SUMMARIES)
+            return
+        self._summaries[meta.id] = summary_of(meta)
+        self.reissue()
+
+    def advertises(self, meta: ObjectMeta) -> bool:
+        """Whether our signed record lists `meta`: objects this peer published, with
+        tags. Objects callers stored here (``PutObject``, owned by them) and results
+        computed for them are theirs, not ours, and are never advertised as ours."""
+        return bool(meta.tags) and meta.owner == self.name and meta.expires is None
 
     async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
                       compute: Iterable[str] = (), get: Iterable[str] = (),
@@ -245,9 +260,20 @@ class Peer:
         known = {a for rec in self.directory.peers() for a in rec.addresses}
         return [a for a in self._seeds if a not in known]
 
-    async def _gossip_send(self, address: str, msg):
+    async def _gossip_send(self, address: str, msg, key_id: str | None = None):
+        if key_id is not None:
+            # Pinned to the record gossip chose: another record claiming the same
+            # address cannot stand in for it (see p2pgrid.addrbook).
+            try:
+                rec = self.directory.lookup(key_id)
+            except NotFound:
+                raise PeerUnavailable(f"peer {key_id} is no longer known") from None
+            target = Target(address, rec.key_id, None if self.config.insecure else rec.cert)
+            return await self.transport.request(target, msg, timeout=self.config.ttl)
+        expected = self._seeds.get(address)
         for rec in self.directory.peers():
-            if address in rec.addresses and rec.key_id != self.key_id:
+            if address in rec.addresses and rec.key_id != self.key_id and (
+                    expected is None or rec.key_id == expected):
                 return await self.transport.request(self.target(rec), msg, timeout=self.config.ttl)
         target = self._learned.get(address)
         if target is None:
@@ -334,6 +360,14 @@ async def _encode_push(msg) -> bytes:
     return await maybe_thread(wire.payload_bytes(msg), wire.encode_buffer, msg)
 
 
+def directory_limits(config: PeerConfig) -> BookLimits:
+    """The address book's bounds from a peer's config (one round = one gossip interval;
+    protection outlasts a few ttl so a brief outage does not cost it)."""
+    return BookLimits(max_records=config.max_records, new_per_source=config.gossip_new_per_source,
+                      window=config.gossip_interval, max_protected=config.protected_peers,
+                      protected_ttl=8 * config.ttl)
+
+
 def summary_of(meta: ObjectMeta) -> ObjectSummary:
     return ObjectSummary(id=meta.id, tags=list(meta.tags), description=meta.description,
                          shape=list(meta.shape), dtype=meta.dtype, owner=meta.owner,
@@ -354,7 +388,11 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
             peer.state_save_port(port)
             peer.address = f"{config.advertise or config.host}:{port}"
             peer._summaries = {m.id: summary_of(m) for m in await trio.to_thread.run_sync(
-                peer.store.list) if m.tags}
+                peer.store.list) if peer.advertises(m)}
+            if len(peer._summaries) > MAX_SUMMARIES:
+                log.warning("%s: %d published objects; the record lists the first %d",
+                            peer.name, len(peer._summaries), MAX_SUMMARIES)
+                peer._summaries = dict(list(peer._summaries.items())[:MAX_SUMMARIES])
             for item in config.publish:
                 await _publish_profile_item(peer, item)
             for seed in list(config.join) + peer.state_known_peers():

@@ -11,6 +11,18 @@ p2pgrid.errors.RateLimited: bob exceeded 2/s; retry in 0.5 s
 Traceback (most recent call last):
 ...
 p2pgrid.errors.RateLimited: bob would exceed the quota of 10/day input rows (8 used); the window resets in 86400 s
+
+Names are free, so callers the peer has not registered (``pooled=True``) also draw on
+one shared allowance: ``guest_pool`` times one name's limit for all of them together.
+Thirty fresh names get what two names would, not thirty times the limit:
+
+>>> lim = Limiter("2/min", clock=lambda: 0.0, guest_pool=2)
+>>> for name in ("s1", "s2", "s3", "s4"): lim.admit(name, pooled=True)
+>>> lim.admit("s5", pooled=True)
+Traceback (most recent call last):
+...
+p2pgrid.errors.RateLimited: unregistered callers together exceeded 4/min; retry in 15.0 s
+>>> lim.admit("bob")  # a registered caller keeps a limit of its own
 """
 
 from __future__ import annotations
@@ -22,7 +34,9 @@ from typing import Callable
 
 from .errors import BadRequest, RateLimited
 
-__all__ = ["Limiter", "parse_rate"]
+__all__ = ["Limiter", "parse_rate", "POOL"]
+
+POOL = "\0unregistered"  # the shared bucket's key: no peer name can be it
 
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
             "hour": 3600.0, "day": 86400.0, "d": 86400.0}
@@ -46,47 +60,82 @@ class _Bucket:
 
 class Limiter:
     """A token bucket of calls per user (``rate_limit``) and a count of input rows per
-    user per fixed window (``quota``); either may be None (no limit)."""
+    user per fixed window (``quota``); either may be None (no limit).
+
+    ``pooled=True`` marks a caller whose name vouches for nothing (not registered on this
+    peer): it is held to its own limit *and* to the pool that all such callers share,
+    ``guest_pool`` times one name's limit (at least one name's worth).
+    """
 
     def __init__(self, rate_limit: str | None = None, quota: str | None = None, *,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, guest_pool: float = 2.0):
         self._rate = None if rate_limit is None else parse_rate(rate_limit)
         self._quota = None if quota is None else parse_rate(quota)
         self.rate_limit, self.quota, self.clock = rate_limit, quota, clock
+        self.guest_pool = max(1.0, float(guest_pool))
         self._buckets: dict[str, _Bucket] = {}
         self._usage: dict[str, tuple[int, int]] = {}  # user -> (window, rows)
 
-    def admit(self, user: str) -> None:
-        """Take one call token or raise RateLimited."""
+    def admit(self, user: str, *, pooled: bool = False) -> None:
+        """Take one call token (and one of the pool's, for a pooled caller) or raise
+        RateLimited; nothing is taken when either is empty."""
         if self._rate is None:
             return
         n, period = self._rate
         now = self.clock()
-        b = self._buckets.get(user)
-        if b is None:
-            b = self._buckets[user] = _Bucket(float(n), now)
-        b.tokens = min(float(n), b.tokens + (now - b.at) * n / period)
-        b.at = now
-        if b.tokens < 1.0:
-            wait = (1.0 - b.tokens) * period / n
+        mine = self._refill(user, n, period, now)
+        pool = self._refill(POOL, n * self.guest_pool, period, now) if pooled else None
+        if mine.tokens < 1.0:
+            wait = (1.0 - mine.tokens) * period / n
             raise RateLimited(f"{user} exceeded {self.rate_limit}; retry in {wait:.1f} s",
                               retry_after=round(wait, 3))
-        b.tokens -= 1.0
+        if pool is not None and pool.tokens < 1.0:
+            wait = (1.0 - pool.tokens) * period / (n * self.guest_pool)
+            raise RateLimited(f"unregistered callers together exceeded {self._pooled_rate()}; "
+                              f"retry in {wait:.1f} s", retry_after=round(wait, 3), pooled=True)
+        mine.tokens -= 1.0
+        if pool is not None:
+            pool.tokens -= 1.0
         if len(self._buckets) > 100_000:  # forget full buckets: they carry no state
-            self._buckets = {u: v for u, v in self._buckets.items() if v.tokens < n}
+            self._buckets = {u: v for u, v in self._buckets.items() if v.tokens < n or u == POOL}
 
-    def charge(self, user: str, rows: int) -> None:
-        """Count `rows` against the user's quota for the current window, or raise RateLimited."""
+    def _refill(self, key: str, cap: float, period: float, now: float) -> _Bucket:
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket(float(cap), now)
+        b.tokens = min(float(cap), b.tokens + (now - b.at) * cap / period)
+        b.at = now
+        return b
+
+    def _pooled_rate(self) -> str:
+        n, _ = self._rate
+        unit = self.rate_limit.split("/", 1)[1].strip()
+        return f"{n * self.guest_pool:g}/{unit}"
+
+    def charge(self, user: str, rows: int, *, pooled: bool = False) -> None:
+        """Count `rows` against the user's quota for the current window (and, for a pooled
+        caller, against the pool's), or raise RateLimited and count nothing."""
         if self._quota is None:
             return
         n, period = self._quota
         window = math.floor(self.clock() / period)
-        w, used = self._usage.get(user, (window, 0))
-        if w != window:
-            used = 0
+        used = self._used(user, window)
         if used + rows > n:
             wait = (window + 1) * period - self.clock()
             raise RateLimited(f"{user} would exceed the quota of {self.quota} input rows "
                               f"({used} used); the window resets in {wait:.0f} s",
                               retry_after=round(wait, 3), used=used)
+        if pooled:
+            shared = self._used(POOL, window)
+            if shared + rows > n * self.guest_pool:
+                wait = (window + 1) * period - self.clock()
+                raise RateLimited(f"unregistered callers together would exceed the quota of "
+                                  f"{n * self.guest_pool:g} input rows ({shared} used); the "
+                                  f"window resets in {wait:.0f} s", retry_after=round(wait, 3),
+                                  used=shared, pooled=True)
+            self._usage[POOL] = (window, shared + rows)
         self._usage[user] = (window, used + rows)
+
+    def _used(self, key: str, window: int) -> int:
+        w, used = self._usage.get(key, (window, 0))
+        return used if w == window else 0

@@ -304,10 +304,14 @@ def _users_section(gov) -> str:
         rows.append(f"<tr><td><b>{esc(u.name)}</b></td><td>{esc(u.role)}</td><td>{key}</td>"
                     f"<td>{_bar(store.spent(u.name), limit)}</td></tr>")
     mode = ("registered users only" if store.registered_only
+            else "open; releases to registered users only" if store.releases_registered_only
             else "open: unregistered callers follow object rules")
+    guests = store.setting("guest_epsilon")
     return _section("users", "Users", len(rows),
                     f'<p class="muted">Mode: <b>{esc(mode)}</b>. Default budget for users without '
-                    f'one: ε = {default:g}.</p>'
+                    f'one: ε = {default:g}. Unregistered callers together: '
+                    f'ε = {store.pooled_spent():.4g} spent of '
+                    f'{default if guests is None else guests:g}.</p>'
                     + _table(["name", "role", "key", "budget used (ε)"], rows,
                              "no registered users (open mode)"))
 

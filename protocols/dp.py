@@ -16,15 +16,16 @@ Opacus and TF Privacy use, and converts to (epsilon, delta).
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 
 from p2pgrid.errors import BadRequest
 
-__all__ = ["clip_update", "add_gaussian_noise", "global_norm", "RDPAccountant", "DEFAULT_ORDERS",
-           "rdp_sampled_gaussian", "rdp_to_epsilon", "rdp_curve"]
+from .private_random import PrivateRandom
+
+__all__ = ["clip_update", "add_gaussian_noise", "global_norm", "RDPAccountant",
+           "DEFAULT_ORDERS", "rdp_sampled_gaussian", "rdp_to_epsilon", "rdp_curve"]
 
 #: The orders Opacus uses by default: 1.1, 1.2, ..., 10.9 and 12, ..., 63.
 DEFAULT_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
@@ -53,32 +54,19 @@ def clip_update(delta: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, 
     return {k: (v * scale).to(v.dtype) if v.is_floating_point() else v for k, v in delta.items()}, norm
 
 
-def _generator(generator: torch.Generator | None) -> torch.Generator:
-    if generator is not None:
-        return generator
-    g = torch.Generator()
-    g.manual_seed(int.from_bytes(os.urandom(8), "little"))
-    return g
-
-
-def add_gaussian_noise(sum_update: dict[str, torch.Tensor], clip: float, noise_multiplier: float,
-                       generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Return `sum_update` + N(0, (noise_multiplier * clip)^2) on every float coordinate.
-
-    `generator` makes the noise reproducible (tests); leave it None in production
-    and the generator is seeded from the OS's randomness. Note that torch's
-    generator is not a cryptographic one and floating-point Gaussian sampling has
-    known side channels (Mironov 2012): adequate for research, not for a
-    high-stakes release.
-    """
+def add_gaussian_noise(sum_update: dict[str, torch.Tensor], clip: float,
+                       noise_multiplier: float) -> dict[str, torch.Tensor]:
+    """Return `sum_update` + N(0, (noise_multiplier * clip)^2) on every float coordinate,
+    the noise drawn from a :class:`~protocols.private_random.PrivateRandom` (no seed can
+    reproduce it)."""
     if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
         raise BadRequest(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")
     std = float(noise_multiplier) * float(clip)
-    gen = _generator(generator)
+    rand = PrivateRandom()
     out = {}
     for k, v in sum_update.items():
         if v.is_floating_point() and std > 0:
-            noise = torch.normal(0.0, std, size=v.shape, generator=gen, dtype=torch.float64)
+            noise = rand.normal(v.shape, std)
             out[k] = (v.double() + noise).to(v.dtype)
         else:
             out[k] = v

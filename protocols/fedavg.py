@@ -357,24 +357,26 @@ class DPFedAvg(FedAvg):
 
     Each reply's float update is clipped to L2 norm `clip`; the clipped updates are
     summed unweighted (weights would raise the sensitivity), N(0, (z * clip)^2) is
-    added, and the sum is divided by the number of sampled peers. The accountant
-    records one sampled-Gaussian step per round at rate selected / available, so
-    ``epsilon(delta)`` is the client-level guarantee for the released models,
-    assuming the coordinator adding the noise is trusted (or runs inside secure
-    aggregation). Integer buffers are not released privately: keep them out of
-    the parameters (e.g. use LayerNorm, not BatchNorm) when that matters.
+    added, and the sum is divided by the number of sampled peers. The noise comes from
+    the OS CSPRNG (:class:`protocols.private_random.PrivateRandom`), never from a seed. The
+    accountant records one Gaussian step per round at sample rate 1: the peers are
+    chosen by :meth:`FedAvg.sample` from a public seed and the round names them, so no
+    amplification by sampling may be claimed. ``epsilon(delta)`` is the client-level
+    guarantee for the released models, assuming the coordinator adding the noise is
+    trusted (or runs inside secure aggregation). Integer buffers are not released
+    privately: keep them out of the parameters (e.g. use LayerNorm, not BatchNorm)
+    when that matters.
     """
 
-    def __init__(self, *, clip: float = 1.0, noise_multiplier: float = 1.0,
-                 generator: torch.Generator | None = None, **kwargs):
+    def __init__(self, *, clip: float = 1.0, noise_multiplier: float = 1.0, **kwargs):
         super().__init__(**kwargs)
-        self.clip, self.noise_multiplier, self.generator = clip, noise_multiplier, generator
+        self.clip, self.noise_multiplier = clip, noise_multiplier
         self.accountant = RDPAccountant()
-        self._sample_rate: dict[int, tuple[int, float]] = {}
+        self._selected: dict[int, int] = {}
 
     def configure_fit(self, round: int, params: Params, available_peers: list[str]) -> dict[str, FitIns]:
         ins = super().configure_fit(round, params, available_peers)
-        self._sample_rate[round] = (len(ins), len(ins) / len(set(available_peers)))
+        self._selected[round] = len(ins)
         return ins
 
     def noisy_sum(self, params: Params, replies: list[FitRes]) -> torch.Tensor:
@@ -385,14 +387,14 @@ class DPFedAvg(FedAvg):
         for r in replies:
             clipped, _ = clip_update({"d": flatten(r.params, floats) - (0 if r.delta else base)}, self.clip)
             total += clipped["d"]
-        return add_gaussian_noise({"d": total}, self.clip, self.noise_multiplier, self.generator)["d"]
+        return add_gaussian_noise({"d": total}, self.clip, self.noise_multiplier)["d"]
 
     def aggregate_fit(self, round: int, params: Params, replies: list[FitRes],
                       failures: list[str]) -> Params:
         self._check(round, params, replies, failures)
-        selected, rate = self._sample_rate.pop(round, (len(replies) + len(failures), 1.0))
+        selected = self._selected.pop(round, len(replies) + len(failures))
         delta = self.noisy_sum(params, replies) / max(selected, 1)  # fixed denominator
-        self.accountant.step(self.noise_multiplier, rate)
+        self.accountant.step(self.noise_multiplier, 1.0)  # a public choice amplifies nothing
         new = self.apply_update(round, params, delta)
         new.update(self._aggregate_ints(params, replies))
         return {k: new[k] for k in params}

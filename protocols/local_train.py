@@ -31,6 +31,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from p2pgrid.errors import BadRequest, ShapeError, UnknownOp
 
 from .dp import RDPAccountant
+from .private_random import PrivateRandom
 
 __all__ = ["train_locally", "evaluate", "OPTIMIZERS", "LOSSES", "make_optimizer", "TrainingStopped",
            "dp_steps"]
@@ -156,7 +157,7 @@ def _per_sample_grads(model, params, buffers, loss_fn, xb, yb):
     return grads, losses
 
 
-def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, gen, prox_mu=0.0, anchor=None) -> float:
+def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, rand, prox_mu=0.0, anchor=None) -> float:
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     buffers = {k: b for k, b in model.named_buffers()}
     loss = math.nan
@@ -172,7 +173,7 @@ def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, gen, prox_mu=0.0, 
     std = dp["noise_multiplier"] * dp["clip"]
     named = dict(model.named_parameters())
     for k, s in summed.items():
-        noise = torch.normal(0.0, std, size=s.shape, generator=gen) if std > 0 else 0.0
+        noise = rand.normal(s.shape, std, s.dtype) if std > 0 else 0.0
         g = (s + noise) / expected_batch
         if anchor:  # FedProx's term depends on no example: adding it after the noise costs no privacy
             g = g + prox_mu * (params[k] - anchor[k])
@@ -194,7 +195,10 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     ["delta"]}, each step samples examples independently with rate batch_size / n
     (Poisson sampling, which the accountant assumes), clips each example's gradient
     to `clip` and adds N(0, (noise_multiplier * clip)^2); metrics then carry
-    ``epsilon`` at ``delta``. DP training refuses BatchNorm (it mixes examples).
+    ``epsilon`` at ``delta``. The sampling and the noise come from the OS CSPRNG
+    (:class:`protocols.private_random.PrivateRandom`); `seed` drives only what privacy does not
+    depend on (the shuffling of non-DP epochs, dropout masks), so a seeded DP run is
+    not reproducible. DP training refuses BatchNorm (it mixes examples).
     `should_stop`, polled before every step, ends the loop with :class:`TrainingStopped`
     (a peer uses it when the round it trains for was abandoned). Metrics carry
     ``train_seconds``, the loop's wall time.
@@ -225,6 +229,9 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
 
     gen = torch.Generator()
     gen.manual_seed(int(seed) if seed is not None else int(torch.randint(0, 2 ** 62, ()).item()))
+    # DP sampling and noise: this peer's OS CSPRNG, never `seed` (which whoever asks for
+    # the training may choose, and could then subtract the noise it reproduces)
+    private = PrivateRandom() if dp is not None else None
     was_training = model.training
     model.train()
     steps, last_losses = 0, []
@@ -237,15 +244,14 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
                 order = torch.randperm(n, generator=gen)
                 batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
             else:  # Poisson sampling: n / batch_size steps of expected size batch_size
-                batches = [torch.nonzero(torch.rand(n, generator=gen) < dp["sample_rate"]).flatten()
-                           for _ in range(max(1, n // batch_size))]
+                batches = [private.bernoulli(n, dp["sample_rate"]) for _ in range(max(1, n // batch_size))]
             for idx in batches:
                 if should_stop is not None and should_stop():
                     model.train(was_training)
                     raise TrainingStopped(f"stopped after {steps} steps")
                 xb, yb = x[idx], y[idx]
                 if dp is not None:
-                    last_losses.append(_dp_step(model, opt, loss_fn, xb, yb, dp, batch_size, gen,
+                    last_losses.append(_dp_step(model, opt, loss_fn, xb, yb, dp, batch_size, private,
                                                 prox_mu, anchor))
                 else:
                     opt.zero_grad(set_to_none=True)

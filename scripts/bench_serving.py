@@ -216,7 +216,9 @@ async def encrypted_bench(seed: str, root: Path) -> dict:
     from p2pgrid.network import connect
 
     out = {"parties": ["hospital", "clinic"], "dealer": "university", "frac_bits": 16}
+    # the client's peer shares its inputs only among parties and a dealer it trusts
     async with connect("client", join=[seed], data_dir=root / "client", mdns=False, wait=10.0,
+                       smpc_parties=("hospital", "clinic"), crypto_providers=("university",),
                        **NET) as net:
         with trio.fail_after(60):
             await net.wait_for_peers(["owner", "hospital", "clinic", "university"])

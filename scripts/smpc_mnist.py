@@ -81,8 +81,11 @@ def train_float(x, y1h, xt, yt, args) -> tuple[float, list[float]]:
 async def train_encrypted(x, y1h, xt, yt, args) -> dict:
     owners = ("hospital", "clinic")
     tmp = Path(tempfile.mkdtemp(prefix="smpc-mnist-"))
-    peers = [*owners, PeerConfig(name="university", roles=("crypto-provider",),
-                                 data_dir=tmp / "university"), "company"]
+    # each owner lets the other hold shares of its data, the university dealing
+    peers = [*(PeerConfig(name=o, data_dir=tmp / o, smpc_parties=owners,
+                          crypto_providers=("university",)) for o in owners),
+             PeerConfig(name="university", roles=("crypto-provider",),
+                        data_dir=tmp / "university"), "company"]
     async with open_network(peers, tmp) as grid:
         half = len(x) // 2
         parts = {"hospital": slice(0, half), "clinic": slice(half, len(x))}

@@ -87,6 +87,9 @@ def test_demo_walkthrough(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "PermissionDenied" in out.stdout and "allowed (!)" not in out.stdout
     assert "mean birth weight at the hospital in February" in out.stdout
+    # shares among the parties the hospital trusts, and only those
+    assert "among hospital,clinic (dealer university)" in out.stdout
+    assert out.stdout.count("does not let company") == 2
     assert "Done" in out.stdout
 
 

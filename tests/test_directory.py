@@ -21,9 +21,14 @@ def obj(oid, *tags, owner="x"):
     return ObjectSummary(oid, list(tags), f"object {oid}", [10, 3], "float32", owner)
 
 
+def _owned(objects, name):
+    """A record lists only its owner's objects (directory.listing_problem)."""
+    return [dataclasses.replace(o, owner=name) for o in objects]
+
+
 def record(ident, name="p", version=1, objects=(), **over):
     fields = dict(name=name, addresses=["127.0.0.1:7000"], cert=b"\x30\x82cert", roles=[],
-                  objects=list(objects), services={"models": {"m": {"in": [3]}}},
+                  objects=_owned(objects, name), services={"models": {"m": {"in": [3]}}},
                   version=version, issued_at=1000.0 + version)
     fields.update(over)
     return sign_record(ident, **fields)
@@ -34,8 +39,8 @@ def directory(i=0, **kw):
 
 
 def issue(d, name, now=0.0, objects=(), **over):
-    fields = dict(name=name, addresses=[f"{name}:1"], cert=b"c", roles=[], objects=list(objects),
-                  services={})
+    fields = dict(name=name, addresses=[f"{name}:1"], cert=b"c", roles=[],
+                  objects=_owned(objects, name), services={})
     fields.update(over)
     return d.issue(now, **fields)
 

@@ -39,7 +39,8 @@ def test_pairs_follow_the_x_y_convention():
 def test_options_become_checked_wire_configs():
     assert SGD(lr=0.1).to_config() == {"name": "sgd", "lr": 0.1}
     assert Adam(lr=0.01).to_config()["betas"] == [0.9, 0.999]
-    assert ClientDP(clip=2.0, noise_multiplier=0.5).to_config(0.5)["sample_rate"] == 0.5
+    assert ClientDP(clip=2.0, noise_multiplier=0.5).to_config() == {
+        "clip": 2.0, "noise_multiplier": 0.5, "delta": 1e-5}
     with pytest.raises(BadRequest):
         ClientDP(clip=0.0)
     rec = RoundRecord(round=1, peers=["a"], bytes_sent=3, bytes_received=4)

@@ -326,7 +326,10 @@ async def test_cli_lists_models_hosts_and_flags(tmp_path, capsys):
 async def test_encrypted_serving_matches_plaintext_and_only_users_get_answers(tmp_path):
     from p2pgrid.config import PeerConfig
 
-    peers = ["company", "hospital", "clinic", "bob", "eve",
+    # bob's peer shares his inputs only among parties and a dealer it trusts
+    bob = PeerConfig(name="bob", data_dir=tmp_path / "bob", smpc_parties=("hospital", "clinic"),
+                     crypto_providers=("university",))
+    peers = ["company", "hospital", "clinic", bob, "eve",
              PeerConfig(name="university", roles=("crypto-provider",), data_dir=tmp_path / "u")]
     async with open_network(peers, tmp_path, gossip_interval=0.5, ttl=30.0) as grid:
         torch.manual_seed(0)

@@ -19,7 +19,11 @@ NET = dict(gossip_interval=0.5, ttl=30.0)   # records must not expire on a busy 
 
 
 def _peers(tmp_path, *names):
-    return [*names, PeerConfig(name=DEALER, roles=("crypto-provider",), data_dir=tmp_path / DEALER)]
+    """The named peers, each trusting the others as SMPC parties and the dealer (an owner's
+    peer decides who may hold shares of its data: tests/adversarial/test_smpc_holders.py)."""
+    trusting = [PeerConfig(name=n, data_dir=tmp_path / n, smpc_parties=names,
+                           crypto_providers=(DEALER,)) for n in names]
+    return [*trusting, PeerConfig(name=DEALER, roles=("crypto-provider",), data_dir=tmp_path / DEALER)]
 
 
 def _close(got, want, tol):
@@ -98,11 +102,12 @@ async def test_share_pointer_rules_and_errors(tmp_path):
         with pytest.raises(PermissionDenied):
             await company.shared(kept.id, kept.shape, parties=x.parties, dealer=DEALER).reveal()
 
-        # the requester may not hold a share of someone else's data; the dealer must deal
+        # the requester may not hold a share of someone else's data; the dealer must be one
+        # the owner's peer trusts
         ptr_b = (await bob.search("#vitals"))["hospital"][0]
         with pytest.raises(PermissionDenied):
             await ptr_b.share("bob", "clinic", dealer=DEALER)
-        with pytest.raises(BadRequest):
+        with pytest.raises(PermissionDenied):
             await ptr_b.share("hospital", "clinic", dealer="public")
         with pytest.raises(BadRequest):
             await ptr_b.share("hospital", DEALER, dealer=DEALER)

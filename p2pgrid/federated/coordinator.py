@@ -166,7 +166,7 @@ class Plan:
         """The DP part of the training config: what a data owner charges to its ledger."""
         out = {}
         if self.client_dp is not None:
-            out["client"] = self.client_dp.to_config(1.0)
+            out["client"] = self.client_dp.to_config()
         if self.local_dp is not None:
             out["local"] = self.local_dp.to_config()
         return out or None
@@ -286,10 +286,9 @@ class Coordinator:
             raise BadRequest(f"round {r}: {type(strategy).__name__}.configure_fit chose "
                              f"{sorted(instructions)}, not a non-empty subset of {available}")
         selected = sorted(instructions)
-        rate = len(selected) / len(available)
         dp = {}
         if plan.client_dp is not None:
-            dp["client"] = plan.client_dp.to_config(rate)
+            dp["client"] = plan.client_dp.to_config()
         if plan.local_dp is not None:
             dp["local"] = plan.local_dp.to_config()
         # the strategy's per-peer config, with what the caller of federated_fit chose on top
@@ -307,7 +306,8 @@ class Coordinator:
         new_params, loss, n, metrics = agg
         self.params = new_params
         if plan.client_dp is not None:
-            self.accountant.step(plan.client_dp.noise_multiplier, rate)
+            # sample rate 1: the selection is public (seeded, and named in the record)
+            self.accountant.step(plan.client_dp.noise_multiplier, 1.0)
         failures = {**{p: f"probe: {why}" for p, why in probe_failures.items()}, **failures}
         record = RoundRecord(round=r, peers=used, failures=failures, num_examples=n, loss=loss,
                              secure=plan.secure,

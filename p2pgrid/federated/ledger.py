@@ -17,7 +17,7 @@ restarts.
 >>> import tempfile, pathlib
 >>> led = PrivacyLedger(pathlib.Path(tempfile.mkdtemp()) / "privacy.cbor")
 >>> led.set_cap(5.0, delta=1e-5)
->>> cost = round_cost({"client": {"noise_multiplier": 1.1, "sample_rate": 1.0, "delta": 1e-5}})
+>>> cost = round_cost({"client": {"noise_multiplier": 1.1, "delta": 1e-5}})
 >>> token = led.charge(["obj"], cost)
 >>> 0 < led.spent("obj", 1e-5) < 5.0
 True
@@ -59,9 +59,11 @@ def round_cost(cost: dict[str, Any] | None, *, num_examples: int = 0, batch_size
                epochs: int = 1, trust_client_dp: bool = True) -> list[float] | None:
     """The RDP curve of one round described by `cost`, or None when nothing bounds it.
 
-    `cost` may hold ``"client"`` ({noise_multiplier, sample_rate}: client-level DP,
-    counted only with `trust_client_dp`) and ``"local"`` ({noise_multiplier}: per-example
-    DP-SGD over `num_examples` with `batch_size` for `epochs`).
+    `cost` may hold ``"client"`` ({noise_multiplier}: client-level DP, counted only with
+    `trust_client_dp`, at sample rate 1 whatever rate the coordinator claims: this peer
+    cannot see how, nor how secretly, peers were sampled) and ``"local"``
+    ({noise_multiplier}: per-example DP-SGD over `num_examples` with `batch_size` for
+    `epochs`, sampled by this peer itself).
     """
     if not cost:
         return None
@@ -72,8 +74,7 @@ def round_cost(cost: dict[str, Any] | None, *, num_examples: int = 0, batch_size
     if client is not None and trust_client_dp:
         if not isinstance(client, dict):
             raise BadRequest("dp.client must be a map")
-        curves.append(rdp_curve(_num(client, "noise_multiplier", 0, 1e6),
-                                _num(client, "sample_rate", 0, 1)))
+        curves.append(rdp_curve(_num(client, "noise_multiplier", 0, 1e6), 1.0))
     if local is not None:
         if not isinstance(local, dict):
             raise BadRequest("dp.local must be a map")

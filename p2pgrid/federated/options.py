@@ -84,6 +84,9 @@ class ClientDP:
 
     The noise is added by the coordinator, so the guarantee to a data owner assumes
     an honest coordinator (with secure aggregation it sees only the clipped sum).
+    Epsilon is accounted at sample rate 1, on the coordinator and on every peer's
+    ledger: which peers take part in a round is chosen from a public seed and named
+    in the round's record, so no amplification by sampling holds.
     """
     clip: float = 1.0
     noise_multiplier: float = 1.0
@@ -92,9 +95,9 @@ class ClientDP:
     def __post_init__(self):
         _check_dp(self.clip, self.noise_multiplier, self.delta, "ClientDP")
 
-    def to_config(self, sample_rate: float) -> dict:
+    def to_config(self) -> dict:
         return {"clip": float(self.clip), "noise_multiplier": float(self.noise_multiplier),
-                "delta": float(self.delta), "sample_rate": float(sample_rate)}
+                "delta": float(self.delta)}
 
 
 @dataclass(frozen=True)

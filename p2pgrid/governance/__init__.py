@@ -30,7 +30,7 @@ from .store import GovernanceStore
 __all__ = ["AccessRequest", "Bounds", "Gate", "GovernanceStore", "Governance", "PrivacyBudgetExceeded",
            "Plan", "ROLES", "CAPABILITIES", "Verdict", "of", "request_access", "private_get",
            "router", "service", "NetworkAPI", "add_cli", "authorize", "verdict", "require",
-           "result_creator_only"]
+           "result_creator_only", "pooled"]
 
 log = logging.getLogger("p2pgrid.governance")
 FLUSH_INTERVAL = 0.5     # seconds between chaining queued audit entries
@@ -52,6 +52,12 @@ def verdict(peer, caller, meta, right: str) -> bool | None:
 def require(peer, caller, capability: str) -> None:
     """PermissionDenied unless `caller`'s role allows `capability` (for plugins)."""
     of(peer).require(caller, capability)
+
+
+def pooled(peer, caller) -> bool:
+    """Whether `caller` shares the allowance of all unregistered callers (budgets, rate
+    limits): names are free, so an unvouched name gets no allowance of its own."""
+    return of(peer).pooled(caller)
 
 
 def result_creator_only(peer) -> bool:

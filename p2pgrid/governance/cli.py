@@ -20,6 +20,9 @@ from ..errors import P2PError
 BY = "owner (cli)"
 
 
+_MODES = {"open": "open", "registered": "registered users only",
+          "releases": "open, releases to registered users only"}
+
 def _target(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("which peer")
     g.add_argument("--peer", metavar="NAME", help="the peer's name: its data is $P2PGRID_HOME/NAME (default: the only "
@@ -87,8 +90,10 @@ def add_cli(sub) -> dict:
     ls = us.add_parser("list", help="list users")
     ls.add_argument("--json", action="store_true")
     _target(ls)
-    m = us.add_parser("mode", help="open (default) or registered (registered users only)")
-    m.add_argument("mode", choices=("open", "registered"))
+    m = us.add_parser("mode", help="open (default), registered (registered users only), or "
+                                   "releases (others may search and compute; only registered "
+                                   "users take anything out)")
+    m.add_argument("mode", choices=("open", "registered", "releases"))
     _target(m)
     st = us.add_parser("storage", help="who may store objects here: registered (default) or anyone")
     st.add_argument("who", choices=("registered", "anyone"))
@@ -131,9 +136,14 @@ def add_cli(sub) -> dict:
     bset.add_argument("epsilon", type=float)
     bset.add_argument("--dataset", help="cap USER's spending on this dataset instead")
     _target(bset)
-    bd = bs.add_parser("default", help="total epsilon of users with no budget of their own")
+    bd = bs.add_parser("default", help="total epsilon of registered users with no budget of "
+                                       "their own, and of all unregistered callers together")
     bd.add_argument("epsilon", type=float)
     _target(bd)
+    bg = bs.add_parser("guests", help="total epsilon all unregistered callers share "
+                                      "(default: the default budget)")
+    bg.add_argument("epsilon", type=float)
+    _target(bg)
     bb = bs.add_parser("bounds", help="declare a dataset's column bounds LO:HI (one, or one per column)")
     bb.add_argument("dataset")
     bb.add_argument("bounds", nargs="+", metavar="LO:HI")
@@ -221,7 +231,8 @@ def _users(args) -> int:
             print(f"storing objects: {'anyone (within quotas)' if args.who == 'anyone' else 'registered users only'}")
         elif args.action == "mode":
             store.set_setting("registered_only", args.mode == "registered", by=BY)
-            print(f"mode: {'registered users only' if args.mode == 'registered' else 'open'}")
+            store.set_setting("releases_registered_only", args.mode == "releases", by=BY)
+            print(f"mode: {_MODES[args.mode]}")
         else:
             users = sorted(store.users().values(), key=lambda u: (u.role, u.name))
             if args.json:
@@ -229,8 +240,9 @@ def _users(args) -> int:
                                    "key": format_key(u.public_key) if u.public_key else None}
                                   for u in users], indent=2))
             else:
-                mode = "registered users only" if store.registered_only else "open"
-                print(f"mode: {mode}; {len(users)} user(s)")
+                mode = ("registered" if store.registered_only else
+                        "releases" if store.releases_registered_only else "open")
+                print(f"mode: {_MODES[mode]}; {len(users)} user(s)")
                 for u in users:
                     key = format_key(u.public_key) if u.public_key else "(bound on first use)"
                     print(f"  {u.name:<16} {u.role:<10} {key}")
@@ -294,6 +306,9 @@ def _budget(args) -> int:
         elif args.action == "default":
             store.set_default_budget(args.epsilon, by=BY)
             print(f"default total epsilon: {args.epsilon:g}")
+        elif args.action == "guests":
+            store.set_guest_budget(args.epsilon, by=BY)
+            print(f"total epsilon of all unregistered callers together: {args.epsilon:g}")
         elif args.action == "bounds":
             bounds = _parse_bounds(args.bounds)
             store.set_dataset(args.dataset, bounds, args.total, by=BY)
@@ -301,6 +316,8 @@ def _budget(args) -> int:
             print(f"{args.dataset}: bounds {bounds.to_list()}{total}")
         else:
             out = {"default_epsilon": store.setting("default_epsilon", 0.0),
+                   "guest_epsilon": store.setting("guest_epsilon"),
+                   "unregistered_spent": store.pooled_spent(),
                    "datasets": store.datasets(), "budgets": store.budgets(),
                    "spent": {u: store.spent(u) for u in sorted({b["user"] for b in store.budgets()}
                                                               | set(store.users()))}}
@@ -308,6 +325,10 @@ def _budget(args) -> int:
                 print(json.dumps(out, indent=2))
                 return 0
             print(f"default total epsilon per user: {out['default_epsilon']:g}")
+            guests = out["guest_epsilon"]
+            print(f"unregistered callers together: "
+                  f"{out['default_epsilon'] if guests is None else guests:g} "
+                  f"({out['unregistered_spent']:g} spent)")
             print("datasets:")
             for oid, d in sorted(out["datasets"].items()):
                 total = f"{d['epsilon']:g}" if d["epsilon"] is not None else "no cap"

@@ -86,6 +86,8 @@ async def decide(peer, caller, msg: DecideRequest):
 async def private_query(peer, caller, msg: PrivateQuery):
     gov = of(peer)
     gov.require(caller, "compute")
+    gov.require_release(caller, "take private releases")
+    pooled = gov.pooled(caller)
     ids = list(dict.fromkeys(core._leaf_ids(msg.program)))
     if len(ids) != 1:
         raise BadRequest("a private query reads exactly one dataset")
@@ -106,7 +108,7 @@ async def private_query(peer, caller, msg: PrivateQuery):
         del exact
         stored, limits, replayed = gov.store.charge(
             user=caller.name, object_id=meta.id, epsilon=epsilon, release_id=msg.release_id,
-            query=query, value=wire.dumps(noisy))
+            query=query, value=wire.dumps(noisy), pooled=pooled)
         return wire.loads(stored), limits, replayed
 
     try:
@@ -124,7 +126,7 @@ async def private_query(peer, caller, msg: PrivateQuery):
 async def budget(peer, caller, msg: BudgetQuery):
     gov = of(peer)
     gov.require(caller, "compute")
-    info = gov.store.remaining(caller.name, msg.object_id)
+    info = gov.store.remaining(caller.name, msg.object_id, pooled=gov.pooled(caller))
     if msg.object_id is not None:
         declared = gov.store.dataset(msg.object_id)
         info["bounds"] = declared[0].to_list() if declared else None

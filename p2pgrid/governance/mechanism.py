@@ -29,12 +29,12 @@ or ``dim=0``), optionally followed by affine post-processing with constants.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import numpy as np
 import torch
+
+from protocols.private_random import PrivateRandom
 
 from ..errors import BadRequest
 from ..ops import Level, evaluate
@@ -509,20 +509,15 @@ def run(program: dict, p: Plan, clamped: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def _rng() -> np.random.Generator:
-    return np.random.default_rng(int.from_bytes(os.urandom(16), "little"))
-
-
-def laplace(value: torch.Tensor, sensitivity: float, epsilon: float,
-            rng: np.random.Generator | None = None) -> torch.Tensor:
+def laplace(value: torch.Tensor, sensitivity: float, epsilon: float) -> torch.Tensor:
     """`value` plus Laplace(0, sensitivity / epsilon) noise on every element.
 
-    Seeded from the OS's randomness unless `rng` is given (tests). Floating-point
+    Drawn from a fresh OS-keyed AES-CTR stream (:class:`protocols.private_random.PrivateRandom`): no seed anyone sets reproduces it (see
+    docs/SECURITY.md). Floating-point
     Laplace sampling has known side channels (Mironov 2012); adequate for research
     and statistics releases, not for a high-stakes adversary with many queries."""
     epsilon = check_epsilon(epsilon)
     scale = float(sensitivity) / epsilon
     if scale == 0:
         return value.to(torch.float64).clone()
-    noise = (rng or _rng()).laplace(0.0, scale, size=tuple(value.shape))
-    return value.to(torch.float64) + torch.as_tensor(noise, dtype=torch.float64)
+    return value.to(torch.float64) + PrivateRandom().laplace(tuple(value.shape), scale)

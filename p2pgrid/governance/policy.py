@@ -8,7 +8,12 @@ opens ``governance.db``, adds the audit sink to ``peer.audit_sinks`` and wraps
 Modes. With no registered users a peer behaves as it always did: names bound on
 first use, object rules decide. Registered users get their role's ceiling (see
 ``roles.py``) and their name is pinned to their key. With the setting
-``registered_only`` nobody else may do anything but gossip and ping.
+``registered_only`` nobody else may do anything but gossip and ping; with
+``releases_registered_only`` others may search and compute, but take nothing out.
+
+Names are free, so a name the owner has not vouched for carries no allowance of its
+own: unregistered callers (:meth:`Governance.pooled`) share one privacy budget and one
+pool of each rate limit, whatever names they come under.
 """
 
 from __future__ import annotations
@@ -78,6 +83,26 @@ class Governance:
         "registered", the default, or "anyone")."""
         return self.store.setting("store_objects", "registered") == "anyone"
 
+    def pooled(self, caller: Caller) -> bool:
+        """Whether `caller` spends from the allowance all unregistered callers share: not
+        this peer, not a registered user (with its key), given no budget of its own by the
+        owner, and not certified by the network's membership (when a peer has one: a
+        ``peer.certified(caller)`` hook)."""
+        if self.is_self(caller) or self.role(caller) is not None:
+            return False
+        if self.store.has_own_budget(caller.name):
+            return False
+        certified = getattr(self.peer, "certified", None)
+        return not (callable(certified) and certified(caller))
+
+    def require_release(self, caller: Caller, what: str = "take results out") -> None:
+        """PermissionDenied for a pooled caller when the owner requires registration
+        for any release (``releases_registered_only``)."""
+        if self.store.releases_registered_only and self.pooled(caller):
+            raise PermissionDenied(f"{caller.name} (not registered here) may not {what} from "
+                                   f"{self.peer.name}: its owner requires registration for "
+                                   f"any release", capability="release")
+
     def require(self, caller: Caller, capability: str) -> None:
         if not self.capable(caller, capability):
             role = self.role(caller)
@@ -94,6 +119,9 @@ class Governance:
             return True
         if not self.capable(caller, "compute"):
             return False
+        if right in ("get", "aggregate") and meta.owner != caller.name \
+                and self.store.releases_registered_only and self.pooled(caller):
+            return False  # a release; their own uploads they may still take back
         if right == "get" and meta.id and self.store.has_grant(caller.name, meta.id, "get"):
             return True
         return None
@@ -170,6 +198,8 @@ class Gate:
             if not name.startswith(_OPEN):
                 try:
                     gov.require(caller, "compute")
+                    # model calls, training, reconstructions: each gives something out
+                    gov.require_release(caller, "use plugin services")
                 except PermissionDenied:
                     # plugins audit the calls they serve; a call refused here never reaches them
                     peer.audit("denied", caller.name, message=name, right="compute")

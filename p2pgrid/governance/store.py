@@ -69,6 +69,8 @@ _SCHEMA = [audit.SCHEMA + """
         query TEXT NOT NULL, value BLOB NOT NULL);
     CREATE INDEX ledger_user ON ledger (user, object_id);
     CREATE INDEX ledger_object ON ledger (object_id);
+""", """
+    ALTER TABLE ledger ADD COLUMN pooled INTEGER NOT NULL DEFAULT 0;
 """]
 SCHEMA_VERSION = len(_SCHEMA)
 
@@ -282,6 +284,17 @@ class GovernanceStore:
     def registered_only(self) -> bool:
         return bool(self.setting("registered_only", False))
 
+    @property
+    def releases_registered_only(self) -> bool:
+        """Whether only registered users may take anything out (downloads, private
+        releases, model calls, training); others may still search and compute."""
+        return bool(self.setting("releases_registered_only", False))
+
+    def has_own_budget(self, user: str) -> bool:
+        """Whether the owner set `user` a total budget of its own."""
+        return bool(self._read("SELECT 1 FROM budgets WHERE user = ? AND object_id = ?",
+                               (user, TOTAL)))
+
     def add_user(self, name: str, role: str, public_key: bytes | None = None, *, by: str) -> User:
         """Register `name` with `role` (again: change its role, and its key if given)."""
         check_name(name)
@@ -425,8 +438,14 @@ class GovernanceStore:
                               "epsilon": epsilon})
 
     def set_default_budget(self, epsilon: float, *, by: str) -> None:
-        """The total epsilon of users with no budget of their own (default 0)."""
+        """The total epsilon of registered users with no budget of their own, and the
+        total that all unregistered callers share (default 0)."""
         self.set_setting("default_epsilon", _check_limit(epsilon), by=by)
+
+    def set_guest_budget(self, epsilon: float | None, *, by: str) -> None:
+        """The total epsilon all unregistered callers share (None: the default budget)."""
+        self.set_setting("guest_epsilon", None if epsilon is None else _check_limit(epsilon),
+                         by=by)
 
     def budgets(self) -> list[dict]:
         return [{"user": u, "object_id": None if o == TOTAL else o, "epsilon": e}
@@ -444,17 +463,33 @@ class GovernanceStore:
                          (user, TOTAL)).fetchone()
         if row:
             return row[0]
-        d = db.execute("SELECT value FROM settings WHERE key = 'default_epsilon'").fetchone()
-        return float(json.loads(d[0])) if d else 0.0
+        return self._setting_in(db, "default_epsilon", 0.0)
 
-    def _limits(self, db, user: str, object_id: str | None) -> dict[str, dict]:
-        """Every limit that applies to `user` on `object_id`: label -> limit, spent, left."""
+    @staticmethod
+    def _setting_in(db, key: str, default):
+        row = db.execute("SELECT value FROM settings WHERE key = ?", (key,)).fetchone()
+        value = json.loads(row[0]) if row else None
+        return default if value is None else value
+
+    def _limits(self, db, user: str, object_id: str | None,
+                pooled: bool = False) -> dict[str, dict]:
+        """Every limit that applies to `user` on `object_id`: label -> limit, spent, left.
+        A pooled user (unregistered: its name vouches for nothing) spends from the one
+        total all such users share, not from a total of its own."""
         def entry(limit, spent):
             return {"limit": limit, "spent": spent, "left": max(0.0, limit - spent)}
 
-        spent_user = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE user = ?",
-                                (user,)).fetchone()[0]
-        out = {"user": entry(self._user_limit(db, user), spent_user)}
+        if pooled:
+            spent_pool = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE pooled = 1"
+                                    ).fetchone()[0]
+            limit = self._setting_in(db, "guest_epsilon", None)
+            if limit is None:
+                limit = self._setting_in(db, "default_epsilon", 0.0)
+            out = {"unregistered": entry(float(limit), spent_pool)}
+        else:
+            spent_user = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE user = ?",
+                                    (user,)).fetchone()[0]
+            out = {"user": entry(self._user_limit(db, user), spent_user)}
         if object_id is None:
             return out
         cap = db.execute("SELECT epsilon FROM budgets WHERE user = ? AND object_id = ?",
@@ -470,21 +505,22 @@ class GovernanceStore:
             out["dataset"] = entry(ds[0], spent)
         return out
 
-    def remaining(self, user: str, object_id: str | None = None) -> dict:
+    def remaining(self, user: str, object_id: str | None = None, *, pooled: bool = False) -> dict:
         """The limits that apply to `user` (on `object_id`), and the tightest one left."""
         with self._reader() as db:
             db.execute("BEGIN")  # the limits and what is spent, from one snapshot
             try:
-                limits = self._limits(db, user, object_id)
+                limits = self._limits(db, user, object_id, pooled)
             finally:
                 db.execute("COMMIT")
         return {**limits, "remaining": min(v["left"] for v in limits.values())}
 
     def charge(self, *, user: str, object_id: str, epsilon: float, release_id: str,
-               query: dict, value: bytes) -> tuple[bytes, dict, bool]:
+               query: dict, value: bytes, pooled: bool = False) -> tuple[bytes, dict, bool]:
         """Charge `epsilon` and store the release `value`, atomically; or raise
         PrivacyBudgetExceeded and store nothing. A `release_id` seen before (a retry
-        after a lost reply) returns the stored release, charged once.
+        after a lost reply) returns the stored release, charged once. `pooled`: the
+        caller is unregistered and spends from the budget all such callers share.
         Returns (value, remaining limits, replayed)."""
         epsilon = check_epsilon(epsilon)
         if not isinstance(release_id, str) or not 16 <= len(release_id) <= 64:
@@ -495,20 +531,23 @@ class GovernanceStore:
             if old is not None:
                 if (old[0], old[1]) != (user, object_id):
                     raise Conflict("release id already used")
-                return bytes(old[2]), self._limits(db, user, object_id), True
-            limits = self._limits(db, user, object_id)
+                return bytes(old[2]), self._limits(db, user, object_id, pooled), True
+            limits = self._limits(db, user, object_id, pooled)
             short = {k: v for k, v in limits.items() if v["spent"] + epsilon > v["limit"] + SLACK}
             if short:
                 left = min(v["left"] for v in limits.values())
                 label = {"user": f"{user}'s total", "user_dataset": f"{user}'s budget on {object_id}",
-                         "dataset": f"the total of dataset {object_id}"}
+                         "dataset": f"the total of dataset {object_id}",
+                         "unregistered": "the total all unregistered users share"}
                 why = "; ".join(f"{label[k]}: {v['left']:.6g} of {v['limit']:.6g} left"
                                 for k, v in short.items())
                 raise PrivacyBudgetExceeded(
                     f"privacy budget exceeded: asked for epsilon={epsilon:g}, {why}",
                     requested=epsilon, remaining=left, **limits)
-            db.execute("INSERT INTO ledger VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (release_id, user, object_id, epsilon, time.time(), json.dumps(query), value))
+            db.execute("INSERT INTO ledger (release_id, user, object_id, epsilon, time, query, "
+                       "value, pooled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (release_id, user, object_id, epsilon, time.time(), json.dumps(query), value,
+                        int(bool(pooled))))
             for v in limits.values():
                 v["spent"] += epsilon
                 v["left"] = max(0.0, v["limit"] - v["spent"])
@@ -527,6 +566,10 @@ class GovernanceStore:
             args.append(object_id)
         return self._read(f"SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE {' AND '.join(where)}",
                           args)[0][0]
+
+    def pooled_spent(self) -> float:
+        """Epsilon spent by unregistered callers, all together."""
+        return self._read("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE pooled = 1")[0][0]
 
     def ledger(self, limit: int = 50) -> list[dict]:
         rows = self._read("SELECT release_id, user, object_id, epsilon, time, query FROM ledger "

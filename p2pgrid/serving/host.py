@@ -276,11 +276,13 @@ class Serving:
 
     # ------------------------------------------------------------ inference
 
-    async def infer(self, caller: str, msg: Infer):
+    async def infer(self, caller: str, msg: Infer, *, pooled: bool = False):
+        """`pooled`: the caller is unregistered here and shares the rate limit and quota
+        of all unregistered callers (see p2pgrid.ratelimit)."""
         hm = None
         try:
             hm = self.get(msg.owner, msg.model)
-            y = await self._infer(hm, caller, msg.x)
+            y = await self._infer(hm, caller, msg.x, pooled)
         except P2PError as e:
             self.peer.audit("model_call", caller, model=f"{msg.owner}/{msg.model}",
                             batch=_batch(msg.x), outcome=e.code)
@@ -290,20 +292,20 @@ class Serving:
                         outcome="ok", role=hm.role)
         return Prediction(y, self.peer.name)
 
-    async def _infer(self, hm: HostedModel, caller: str, x):
+    async def _infer(self, hm: HostedModel, caller: str, x, pooled: bool = False):
         policy, owner = hm.terms.policy, caller == hm.owner
         if not hm.terms.allow_remote_inference and not owner:
             raise PermissionDenied(f"{hm.owner}/{hm.name} does not allow remote inference")
         policy.check_caller(caller, hm.owner, f"{hm.owner}/{hm.name}")
         if not owner:
-            hm.gate.admit(caller)
+            hm.gate.admit(caller, pooled=pooled)
         rows = policy.check_meta(x)
         if x.numel() * x.element_size() <= _VALUE_CHECK_INLINE:
             policy.check_values(x)
         else:
             await trio.to_thread.run_sync(policy.check_values, x, limiter=self.limiter)
         if not owner:
-            hm.gate.charge(caller, rows)
+            hm.gate.charge(caller, rows, pooled=pooled)
         return await trio.to_thread.run_sync(_forward, hm.module, x, limiter=self.limiter)
 
 
@@ -341,7 +343,8 @@ def state(peer) -> Serving:
 
 @router.on(Infer)
 async def on_infer(peer, caller, msg: Infer):
-    return await state(peer).infer(caller.name, msg)
+    from .. import governance
+    return await state(peer).infer(caller.name, msg, pooled=governance.pooled(peer, caller))
 
 
 @router.on(GetManifest)

@@ -14,7 +14,7 @@ from torch import nn
 
 from p2pgrid.errors import BadRequest, NotFound, P2PError
 
-from .handlers import check_dealer, check_holders, deal_input
+from .handlers import deal_input
 from .messages import ShareObject, SharedInfo
 from .model import SERVICE_KEY, EncryptedModel, encrypt
 from .state import Group, ShareRules
@@ -41,11 +41,12 @@ async def share_pointer(pointer, parties: Sequence[str], *, dealer: str, frac_bi
     The holder checks that you may compute on the object, splits it, and sends each
     party its share; you get a :class:`SharedTensor` and never see the data. The
     shares keep the object's rules: who may compute, who may reconstruct (its
-    ``get`` list) and who may reconstruct aggregates (training results).
+    ``get`` list) and who may reconstruct aggregates (training results). The holder
+    refuses (``PermissionDenied``) unless its own config trusts every party and the
+    dealer (``smpc_parties``, ``crypto_providers``): the owner decides who holds shares.
     """
     net = pointer._net
     group = make_group(parties, dealer, frac_bits)
-    check_dealer(net._peer, group)
     id_ = new_id()
     reply = await net._peer.request(pointer.peer, ShareObject(pointer.id, id_, group.to_wire()),
                                     timeout=timeout)
@@ -63,11 +64,12 @@ class NetworkAPI:
         """Secret-share your own tensor among `parties` (fixed point, `frac_bits` bits).
 
         You own the shares: by default only you may compute on them and reconstruct
-        them; widen with `compute=[...]`, `reveal=[...]` ("*": anyone)."""
+        them; widen with `compute=[...]`, `reveal=[...]` ("*": anyone). The parties and
+        the dealer you name here are your choice for your own tensor: trust them not to
+        collude (your peer's ``smpc_parties``/``crypto_providers`` are not consulted)."""
         if not isinstance(tensor, torch.Tensor):
             raise BadRequest("share() takes a torch tensor")
         group = make_group(parties, dealer, frac_bits)
-        check_dealer(self._peer, group)
         rules = ShareRules(owner=self.name, compute=tuple(compute or ()),
                            reveal=tuple(reveal or ()), aggregate=tuple(aggregate),
                            holder=self.name)
@@ -82,10 +84,10 @@ class NetworkAPI:
         """Share a model's parameters among `parties`. `users` may run encrypted inference
         on it; with `publish` (and a `name`) it is announced in your directory record.
         `limits` (``{"rate_limit": "60/min", "quota": "10000/day", "max_batch": 64}``, each
-        optional) bound the users' predictions; every party enforces them."""
+        optional) bound the users' predictions; every party enforces them. The parties and
+        dealer are your choice for your own model; a user's peer shares its inputs with
+        them only if its own config trusts them too (see ``EncryptedModel.predict``)."""
         group = make_group(parties, dealer, frac_bits)
-        check_dealer(self._peer, group)
-        check_holders(group, self.name, self.name)
         if publish and not name:
             raise BadRequest("a published model needs a name")
 

@@ -1,7 +1,8 @@
 """The crypto provider's dealer service: material for whole session plans, dealt ahead.
 
-A peer whose directory record has the role ``crypto-provider`` runs a
-:class:`DealerService`. Parties ask it for their material for a session's plan
+A peer configured with the role ``crypto-provider`` runs a :class:`DealerService`
+(its record says so, but only the data owners' own ``crypto_providers`` make it a
+trusted dealer for their shares: :func:`p2pgrid.smpc.handlers.approve_group`). Parties ask it for their material for a session's plan
 (``Deal``), and for that of later sessions of the same plan in the same request (a
 party fetching ahead): the first party to ask for a ``(session, plan)`` gets the
 bundle dealt for every party, the others collect theirs; each party gets its own part

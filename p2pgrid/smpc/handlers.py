@@ -45,17 +45,32 @@ def state_of(peer) -> SmpcState:
 
 # ---------------------------------------------------------------- policy
 
-def check_dealer(peer, group: Group) -> None:
-    """The dealer must be a known crypto provider."""
-    if group.dealer == peer.name:
-        roles = peer.config.roles
-    else:
-        try:
-            roles = peer.record(group.dealer).roles
-        except P2PError:
-            raise PeerUnavailable(f"the dealer {group.dealer!r} is not in the directory") from None
-    if ROLE not in roles:
-        raise BadRequest(f"{group.dealer} is not a crypto provider (no {ROLE!r} role)")
+def granted_dealer(peer, name: str) -> bool:
+    """Whether this peer lets `name` deal for shares of its data. Only this peer's own
+    config grants it (``crypto_providers``; itself when it runs a dealer): the role a peer
+    announces in its directory record is its own claim, which anybody can make."""
+    if name == peer.name:
+        return ROLE in peer.config.roles
+    return name in peer.config.crypto_providers
+
+
+def approve_group(peer, group: Group, *, whose: str = "its data") -> None:
+    """Refuse unless this peer trusts every party and the dealer of `group` (its config).
+
+    Additive shares are safe only while the parties and the dealer do not collude, which
+    no protocol can check: so the peer whose data is shared decides who holds the shares.
+    A party must be this peer itself or in its ``smpc_parties``; the dealer must be in its
+    ``crypto_providers`` (see :func:`granted_dealer`)."""
+    strangers = [p for p in group.parties if p != peer.name and p not in peer.config.smpc_parties]
+    if strangers:
+        raise PermissionDenied(
+            f"{peer.name} does not let {', '.join(strangers)} hold shares of {whose}: "
+            "parties must be the owner's peer or in its smpc_parties", parties=strangers)
+    if not granted_dealer(peer, group.dealer):
+        raise PermissionDenied(
+            f"{peer.name} does not let {group.dealer} deal for shares of {whose}: a dealer "
+            "must be in the owner's crypto_providers (a role a peer announces does not count)",
+            dealer=group.dealer)
 
 
 def check_holders(group: Group, requester: str, owner: str) -> None:
@@ -166,8 +181,13 @@ async def share_object(peer, caller, msg: ShareObject):
     if not may(peer, caller, meta, "compute"):
         raise PermissionDenied(f"{caller.name} has no compute right on object {msg.obj}")
     group = Group.from_wire(msg.group)
-    check_dealer(peer, group)
     check_holders(group, caller.name, meta.owner)
+    try:
+        approve_group(peer, group, whose=f"object {msg.obj}")
+    except PermissionDenied:
+        peer.audit("smpc.share.refused", caller.name, obj=msg.obj, parties=list(group.parties),
+                   dealer=group.dealer)
+        raise
     reveal = list(meta.rules.get)
     if meta.level == "public":
         reveal.append("*")
@@ -476,6 +496,9 @@ async def predict(peer, caller, msg: Predict):
 
 
 async def _predict(peer, caller, msg: Predict):
+    from p2pgrid import governance
+    pooled = governance.pooled(peer, caller)  # unregistered callers share one allowance
+
     def check(state, group, party):
         model = _model(state, group, msg.model)
         if caller.name != model.owner and caller.name not in model.users and "*" not in model.users:
@@ -494,8 +517,8 @@ async def _predict(peer, caller, msg: Predict):
             if model.max_batch is not None and rows > model.max_batch:
                 raise BadRequest(f"batch of {rows} exceeds the limit of {model.max_batch}",
                                  batch=rows, max_batch=model.max_batch)
-            model.limiter.admit(caller.name)
-            model.limiter.charge(caller.name, rows)
+            model.limiter.admit(caller.name, pooled=pooled)
+            model.limiter.charge(caller.name, rows, pooled=pooled)
         input_rules = ShareRules.derived([e.rules for e in leaves.values()], caller.name)
         if not msg.keep and not input_rules.allows("reveal", caller.name):
             raise PermissionDenied(f"{caller.name} may not reconstruct a prediction on data it "

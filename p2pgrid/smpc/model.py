@@ -26,7 +26,7 @@ from torch import nn
 
 from p2pgrid.errors import BadRequest, NotFound
 
-from .handlers import input_messages
+from .handlers import approve_group, input_messages
 from .messages import Predict, RegisterModel, TrainStep
 from .state import Group, ShareRules
 from .tensor import DEFAULT_TIMEOUT, SharedTensor, _Node, new_id, reconstruct_reply, run_on_parties
@@ -133,9 +133,14 @@ class EncryptedModel:
         """Encrypted inference; only the caller reconstructs the output. `x` is a shared
         batch, or a plaintext tensor of yours: then it is secret-shared here and each party
         gets its share (a seed for all but one) with the call itself, used for that call
-        only (one request per party instead of two, and nothing left to delete)."""
+        only (one request per party instead of two, and nothing left to delete). The
+        model's owner chose its parties and dealer; your peer shares your input with them
+        only if its own config trusts them (``smpc_parties``, ``crypto_providers``),
+        else ``PermissionDenied``."""
         per_party = None
         if isinstance(x, torch.Tensor):
+            if self.owner != self._net.name:
+                approve_group(self._net._peer, self.group, whose="your input")
             id_ = new_id()
             rules = ShareRules(owner=self._net.name, holder=self._net.name)
             shares = await input_messages(self.group, id_, x.detach().cpu(), rules)
