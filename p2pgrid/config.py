@@ -60,6 +60,12 @@ class PeerConfig:
     store_quota_bytes: int = 1 << 30     # bytes per caller
     store_total_count: int = 20000       # objects of all callers together
     store_total_bytes: int = 8 << 30     # bytes of all callers together
+    # Network membership (p2pgrid.membership). With the network's public key (64 hex
+    # digits), only peers and users certified by it are heard; without, names are
+    # trusted on first use.
+    network_key: str | None = None
+    cert: Path | str | None = None          # this peer's certificate (`p2pgrid network invite`)
+    revocations: Path | str | None = None   # a revocation list file to read and spread
     publish: tuple[dict, ...] = field(default=(), repr=False)  # datasets from a profile
 
     def __post_init__(self):
