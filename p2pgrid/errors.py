@@ -50,6 +50,13 @@ class ShapeError(BadRequest):
     code = "shape_error"
 
 
+class ComputeLimitExceeded(P2PError):
+    """A program would cost its host more than the host allows its caller (memory held
+    at once, floating-point operations, wall-clock time); ``details["limit"]`` names
+    the peer's setting."""
+    status, code = 422, "compute_limit"
+
+
 class Unauthenticated(P2PError):
     """Missing, malformed, or wrong signature; unknown key."""
     status, code = 401, "unauthenticated"
@@ -102,6 +109,12 @@ class PeerUnavailable(P2PError):
 class ProtocolError(P2PError):
     """A multi-party protocol broke: a party died, a message came out of order."""
     status, code = 502, "protocol_error"
+
+
+class RoundFailed(ProtocolError):
+    """A federated round could not go on: too few selected peers returned an update.
+    The message names each peer left out and why (refused, failed, or too slow)."""
+    code = "round_failed"
 
 
 _REGISTRY: dict[str, type[P2PError]] = {}

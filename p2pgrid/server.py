@@ -144,7 +144,7 @@ class App:
                 msg = await _to_thread_if_big(
                     len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
                 del body
-                reply = await _unless_gone(receive, self.dispatch, caller, msg)
+                reply = await _while_connected(receive, lambda: self.dispatch(caller, msg))
                 if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
                     out = wire.encode_parts(reply)
                 else:
@@ -218,32 +218,31 @@ class _Leave:
         self._flight.leave(self._key, registered=self._registered)
 
 
-async def _unless_gone(receive, fn, *args):
-    """`await fn(*args)`, cancelled if the client goes away meanwhile (its body has
-    been read, so the next ASGI event can only be the disconnect): work nobody
-    waits for stops. `fn` runs in a child task so that its errors stay unwrapped."""
-    result = error = None
-    gone = False
-
-    async def work(cancel_scope):
-        nonlocal result, error
-        try:
-            result = await fn(*args)
-        except Exception as e:  # re-raised below, as it was
-            error = e
-        cancel_scope.cancel()
-
+async def _while_connected(receive, work: Callable[[], Awaitable]):
+    """``await work()``, cancelled if the client disconnects first: work that nobody
+    waits for stops (a remote program's worker is killed, say)."""
+    outcome: list = []
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(work, nursery.cancel_scope)
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        gone = True
-        nursery.cancel_scope.cancel()
-    if error is not None:
-        raise error
-    if gone:
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass   # the body was read whole: nothing but a disconnect comes now
+            nursery.cancel_scope.cancel()
+
+        async def run():
+            try:
+                outcome.append((True, await work()))
+            except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
+                outcome.append((False, e))
+            finally:
+                nursery.cancel_scope.cancel()
+        nursery.start_soon(watch)
+        nursery.start_soon(run)
+    if not outcome:
         raise _ClientGone()
-    return result
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 async def _read_body(receive, limit: int) -> bytes:
