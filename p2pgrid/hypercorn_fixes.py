@@ -60,9 +60,8 @@ def apply() -> None:
     global _applied
     if _applied:
         return
-    if not patchguard.check(("h2", "trio", "hypercorn"), what="hypercorn fixes (p2pgrid.hypercorn_fixes)"):
-        _applied = True
-        return
+    patchguard.check_required(("hypercorn",), ("H2Protocol._handle_events", "TCPServer.run"),
+                              what="p2pgrid.hypercorn_fixes")
     from hypercorn.protocol import h2 as hh2
     from hypercorn.trio import tcp_server
 

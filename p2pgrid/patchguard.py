@@ -10,10 +10,12 @@ relies on exists with the parameters it had. Any mismatch is one
 :class:`PatchMismatch`, one line naming the library, the version found and the
 versions supported.
 
-``P2PGRID_UNPATCHED=1`` turns that refusal into a warning and leaves every library
-stock: correct (the test suite runs that way too), only slower, and without the
-connection table of :mod:`p2pgrid.hypercorn_fixes` nor its fix for DATA frames on
-closed streams.
+``P2PGRID_UNPATCHED=1`` turns that refusal into a warning and leaves the libraries
+stock as far as speed goes (:mod:`p2pgrid.h2tuning` is skipped): correct, only
+slower. :mod:`p2pgrid.hypercorn_fixes` still applies (:func:`check_required`):
+stock hypercorn lets one client's DATA frame on a closed stream end a connection,
+and the connection table and failure counting live there; it wraps two stock
+methods without copying them, so only their presence and shape must hold.
 """
 
 from __future__ import annotations
@@ -131,17 +133,21 @@ def _resolve(module: str, path: str):
     return obj
 
 
-def problems(libraries=None) -> list[str]:
-    """One line per mismatch in `libraries` (default: all), empty if all is as expected."""
+def problems(libraries=None, *, paths=None, versions: bool = True) -> list[str]:
+    """One line per mismatch in `libraries` (default: all), empty if all is as expected.
+    `paths` limits the symbols checked to those attribute paths; `versions=False` checks
+    symbols only."""
     out = []
     for lib in libraries or SUPPORTED:
         found = installed_version(lib)
         supported = ", ".join(SUPPORTED[lib])
-        if found not in SUPPORTED[lib]:
+        if found not in SUPPORTED[lib] and versions:
             out.append(f"{lib} {found or 'missing'} is installed but p2pgrid's transport "
                        f"patches support {lib} {supported} only")
             continue
         for module, path, params in SYMBOLS.get(lib, ()):
+            if paths is not None and path not in paths:
+                continue
             try:
                 obj = _resolve(module, path)
             except (ImportError, AttributeError):
@@ -157,8 +163,14 @@ def problems(libraries=None) -> list[str]:
     return out
 
 
+def _refuse(found: list[str]) -> PatchMismatch:
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return PatchMismatch(f"{found[0]}{more}; install constraints.txt's versions, or set {ENV}=1 "
+                         f"to run unpatched (slower)")
+
+
 def check(libraries=None, what: str = "transport patches") -> bool:
-    """Whether to apply patches for `libraries`: True when all match.
+    """Whether to apply speed patches for `libraries`: True when all match.
 
     Raises :class:`PatchMismatch` (one line) on a mismatch; with ``P2PGRID_UNPATCHED=1``
     logs a WARNING instead and returns False, as it does whenever that is set.
@@ -169,10 +181,29 @@ def check(libraries=None, what: str = "transport patches") -> bool:
         log.warning("%s=1: %s not applied, libraries run stock (slower)%s", ENV, what, reason)
         return False
     if found:
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise PatchMismatch(f"{found[0]}{more}; install constraints.txt's versions, or set {ENV}=1 "
-                            f"to run unpatched (slower)")
+        raise _refuse(found)
     return True
+
+
+def check_required(libraries, paths, what: str) -> None:
+    """Guard for fixes the peer cannot run safely without (stock is not correct there).
+
+    As :func:`check`, except that ``P2PGRID_UNPATCHED=1`` only excuses a version
+    mismatch (a WARNING): the symbols in `paths` must still be there with the shape the
+    fix wraps, else :class:`PatchMismatch` all the same.
+    """
+    if not unpatched():
+        found = problems(libraries, paths=paths)
+        if found:
+            raise _refuse(found)
+        return
+    broken = problems(libraries, paths=paths, versions=False)
+    if broken:
+        raise PatchMismatch(f"{broken[0]}; {what} cannot be applied and stock hypercorn is not "
+                            f"safe to serve with: install constraints.txt's versions")
+    off = problems(libraries, paths=())
+    if off:
+        log.warning("%s=1: %s applied over an unsupported version (%s)", ENV, what, off[0])
 
 
 def _table() -> str:

@@ -53,9 +53,13 @@ def test_pins_agree_with_the_guard_and_the_installed_libraries():
     assert patchguard.problems() == []
 
 
-@pytest.mark.parametrize("module", [h2tuning, hypercorn_fixes], ids=["h2tuning", "hypercorn_fixes"])
-def test_a_mismatching_version_is_refused_in_one_line_before_anything_is_patched(monkeypatch, module):
-    _bump(monkeypatch, "h2", "9.9.9")
+@pytest.mark.parametrize("module, lib, found, supported",
+                         [(h2tuning, "h2", "9.9.9", "4.4.1"),
+                          (hypercorn_fixes, "hypercorn", "0.99.0", "0.18.0")],
+                         ids=["h2tuning", "hypercorn_fixes"])
+def test_a_mismatching_version_is_refused_in_one_line_before_anything_is_patched(
+        monkeypatch, module, lib, found, supported):
+    _bump(monkeypatch, lib, found)
     monkeypatch.setattr(module, "_applied", False)
     monkeypatch.delenv(patchguard.ENV, raising=False)
     before = _patched_attributes()
@@ -63,7 +67,7 @@ def test_a_mismatching_version_is_refused_in_one_line_before_anything_is_patched
         module.apply()
     message = str(caught.value)
     assert "\n" not in message
-    assert "h2 9.9.9" in message and "4.4.1" in message
+    assert f"{lib} {found} is installed" in message and supported in message
     assert _patched_attributes() == before
     assert module._applied is False
 
@@ -83,18 +87,38 @@ def test_a_missing_symbol_or_changed_signature_is_refused(monkeypatch):
         h2tuning.apply()
 
 
-def test_unpatched_env_turns_the_refusal_into_a_warning_and_patches_nothing(monkeypatch, caplog):
-    _bump(monkeypatch, "hypercorn", "0.99.0")
+def test_unpatched_env_leaves_the_speed_patches_off_with_a_warning(monkeypatch, caplog):
+    _bump(monkeypatch, "h2", "9.9.9")
     monkeypatch.setenv(patchguard.ENV, "1")
     monkeypatch.setattr(h2tuning, "_applied", False)
-    monkeypatch.setattr(hypercorn_fixes, "_applied", False)
     before = _patched_attributes()
     with caplog.at_level(logging.WARNING, logger="p2pgrid.patchguard"):
         h2tuning.apply()
-        hypercorn_fixes.apply()
     assert _patched_attributes() == before
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 2 and all("hypercorn 0.99.0" in w for w in warned), warned
+    assert len(warned) == 1 and "h2 9.9.9" in warned[0], warned
+
+
+def test_unpatched_env_still_needs_the_safety_fixes_symbols(monkeypatch, caplog):
+    # stock hypercorn is not safe to serve with (a DATA frame on a closed stream ends the
+    # connection), so hypercorn_fixes applies over a bumped version if what it wraps is
+    # intact, with a warning, and refuses if not
+    from hypercorn.protocol import h2 as hh2
+    from hypercorn.trio import tcp_server
+
+    monkeypatch.setenv(patchguard.ENV, "1")
+    _bump(monkeypatch, "hypercorn", "0.99.0")
+    monkeypatch.setattr(hh2.H2Protocol, "_handle_events", hh2.H2Protocol._handle_events)
+    monkeypatch.setattr(tcp_server.TCPServer, "run", tcp_server.TCPServer.run)
+    monkeypatch.setattr(hypercorn_fixes, "_applied", False)
+    with caplog.at_level(logging.WARNING, logger="p2pgrid.patchguard"):
+        hypercorn_fixes.apply()
+    assert hypercorn_fixes._applied is True
+    assert "hypercorn 0.99.0" in caplog.text
+    monkeypatch.setattr(hypercorn_fixes, "_applied", False)
+    monkeypatch.setattr(tcp_server.TCPServer, "run", lambda self, extra: None)
+    with pytest.raises(patchguard.PatchMismatch, match="TCPServer.run"):
+        hypercorn_fixes.apply()
 
 
 def _fake_dist(tmp_path, name, version) -> Path:
@@ -130,8 +154,10 @@ async def test_libraries_stay_stock_when_unpatched(tmp_path):
         from p2pgrid.messages import Ping, Pong
 
         assert isinstance(await peers["a"].request("b", Ping()), Pong)
+    fixes = {"H2Protocol._handle_events", "TCPServer.run"}  # hypercorn_fixes: always on
     for (module, path), obj in _patched_attributes().items():
-        assert not getattr(obj, "__module__", "").startswith("p2pgrid."), (module, path)
+        ours = getattr(obj, "__module__", "").startswith("p2pgrid.")
+        assert ours == (path in fixes), (module, path)
 
 
 def test_transport_tests_pass_with_the_patches_off(tmp_path):
