@@ -1,0 +1,130 @@
+"""The blocking API (p2pgrid.sync) from plain functions and from asyncio: real peers, real sockets.
+
+These tests are plain ``def``s (no trio): the peers run on background threads, as in a notebook.
+"""
+
+import _thread
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+
+import p2pgrid
+from p2pgrid.datasets import birth_records
+from p2pgrid.sync import connect_asyncio, connect_sync, open_network_sync
+
+BIRTHS = birth_records(120, seed=5)
+
+
+def _trio_threads():
+    return [t for t in threading.enumerate() if t.name.endswith("-trio") and t.is_alive()]
+
+
+@pytest.fixture
+def grid(tmp_path):
+    before = len(_trio_threads())
+    # a long ttl: on a loaded machine a 5 s record can lapse between gossip rounds
+    with open_network_sync(["hospital", "clinic", "bob"], tmp_path, ttl=30.0) as g:
+        hospital = g.net("hospital")
+        ptr = hospital.publish(BIRTHS, tags=["birth-records"], description="births",
+                               compute=["*"], aggregate=["*"])
+        assert isinstance(ptr, p2pgrid.sync._Proxy) and ptr.shape == (120, 3)
+        g.wait_searchable("#birth-records")
+        yield g
+    assert len(_trio_threads()) == before  # the grid's thread is gone
+
+
+def _seed(grid):
+    peer = grid["hospital"]
+    return f"{peer.key_id}@{peer.address}"
+
+
+def test_blocking_search_compute_smpc(grid):
+    net = grid.net("bob")
+    hits = net.search("#birth-records")
+    rec = hits["hospital"][0]
+    assert "Pointer hospital/" in repr(rec) and rec.tags == ["birth-records"]
+    avg = (rec[:, 0].sum() / rec.shape[0]).get()          # operators and methods, all blocking
+    assert torch.allclose(avg, BIRTHS[:, 0].mean(), atol=1e-5)
+    assert torch.allclose(rec.mean(dim=0).get(), BIRTHS.mean(dim=0), atol=1e-4)
+    with pytest.raises(p2pgrid.PermissionDenied):
+        rec.get()                                           # errors arrive as the async API's
+    with pytest.raises(p2pgrid.ShapeError):
+        rec @ torch.ones(4)
+
+    # SMPC: share and reveal through the same generated proxy
+    x = net.share(torch.arange(6.0).reshape(2, 3), parties=["hospital", "clinic"], dealer="bob")
+    y = (x * 2 + 1).reveal()
+    assert torch.allclose(y.double(), torch.arange(6.0).reshape(2, 3).double() * 2 + 1, atol=1e-3)
+
+
+def test_connect_sync_joins_and_closes_cleanly(grid, tmp_path):
+    before = len(_trio_threads())
+    with connect_sync("carol", join=[_seed(grid)], mdns=False, data_dir=tmp_path / "carol") as net:
+        assert len(_trio_threads()) == before + 1
+        hits = net.search("#birth-records", wait=20)
+        assert list(hits) == ["hospital"]
+        assert "hospital" in net.peers()
+        addr = net.me.address
+    assert net.closed and len(_trio_threads()) == before
+    host, port = addr.rsplit(":", 1)
+    import socket
+    with pytest.raises(OSError):                            # its listening socket is closed
+        socket.create_connection((host, int(port)), timeout=2).close()
+    with pytest.raises(RuntimeError, match="closed"):
+        net.search("#birth-records")
+
+
+def test_interrupt_cancels_call_and_peer_stays_usable(grid):
+    """SIGINT in the calling thread (Ctrl-C, Jupyter's interrupt) cancels the call in progress."""
+    assert threading.current_thread() is threading.main_thread()
+    net = grid.net("bob")
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    t0 = time.monotonic()
+    with pytest.raises(KeyboardInterrupt, match="cancelled"):
+        net.wait_for_peers(["nobody"], timeout=60)         # would block a minute
+    timer.join()
+    assert time.monotonic() - t0 < 30
+    # the peer keeps running and answers the next call
+    rec = net.search("#birth-records")["hospital"][0]
+    assert torch.allclose(rec[:, 1].mean().get(), BIRTHS[:, 1].mean(), atol=1e-4)
+
+
+def test_from_asyncio(grid, tmp_path):
+    seed = _seed(grid)
+
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.ensure_future(ticker())
+        async with connect_asyncio("dora", join=[seed], mdns=False,
+                                   data_dir=tmp_path / "dora") as net:
+            hits = await net.search("#birth-records", wait=20)
+            rec = hits["hospital"][0]
+            got = await rec[:, 2].mean().get()
+            # a long call cancelled from asyncio cancels the trio task; the peer stays usable
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(net.wait_for_peers(["nobody"], timeout=60), 0.5)
+            again = await rec[:, 2].mean().get()
+        tick.cancel()
+        return got, again, ticks
+
+    got, again, ticks = asyncio.run(main())
+    assert torch.allclose(got, BIRTHS[:, 2].mean(), atol=1e-4) and torch.equal(got, again)
+    assert ticks > 5                                        # the asyncio loop kept running
+
+    # the aio face of a blocking handle uses the same bridge
+    net = grid.net("bob")
+
+    async def via_aio():
+        return await net.aio.search("#birth-records")
+    assert list(asyncio.run(via_aio())) == ["hospital"]
