@@ -448,6 +448,13 @@ class Directory:
                        if include_self or r.key_id != self.key_id),
                       key=lambda r: (r.name, r.key_id))
 
+    def _repr_html_(self) -> str:
+        from .display import table
+        return table(["peer", "key id", "addresses", "roles", "objects", "tags"],
+                     [[self.label(r), r.key_id, r.addresses, r.roles, len(r.objects),
+                       " ".join(sorted({"#" + t for o in r.objects for t in o.tags}))]
+                      for r in self.peers()], caption="directory")
+
     def label(self, rec: PeerRecord) -> str:
         """The name a record answers to here: its name if bound to its key, else its key id."""
         return rec.name if self._names.get(rec.name) == rec.public_key else rec.key_id

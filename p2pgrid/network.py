@@ -16,12 +16,25 @@ import torch
 import trio
 
 from .config import PeerConfig
+from .display import dtype_name, table
 from .errors import NotFound, PeerUnavailable
 from .messages import (DeleteObject, DescribeObject, Execute, GetObject, ListObjects, ObjectInfo,
                        Ping, PutObject, Value)
 from .peer import Peer, open_peer
 from .pointer import Pointer
 from .store import Rules
+
+
+class SearchResult(dict):
+    """What :meth:`Network.search` returns: {peer name: [Pointer, ...]}, a dict that
+    displays as a table in a notebook."""
+
+    def _repr_html_(self) -> str:
+        return table(["peer", "id", "shape", "dtype", "tags", "description"],
+                     [[peer, p.id, tuple(p.shape), dtype_name(p.dtype),
+                       " ".join("#" + t for t in p.tags), p.description]
+                      for peer, ptrs in self.items() for p in ptrs],
+                     caption=f"{sum(map(len, self.values()))} object(s) on {len(self)} peer(s)")
 
 
 class _NetworkCore:
@@ -61,8 +74,8 @@ class _NetworkCore:
         while True:
             found = self._peer.directory.search(query)
             if any(found.values()) or time.monotonic() >= deadline:
-                return {peer: [Pointer(self, peer, _summary_meta(s)) for s in items]
-                        for peer, items in found.items() if items}
+                return SearchResult({peer: [Pointer(self, peer, _summary_meta(s)) for s in items]
+                                     for peer, items in found.items() if items})
             await trio.sleep(0.05)
 
     async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
@@ -176,4 +189,4 @@ async def connect(name: str, *, join: Iterable[str] = (), data_dir=None, mdns: b
         yield net
 
 
-__all__ = ["Network", "RemotePeer", "connect", "NotFound"]
+__all__ = ["Network", "RemotePeer", "SearchResult", "connect", "NotFound"]

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .display import dtype_name, table
 from .errors import BadRequest, ShapeError
 from .ops import OPS, encode_arg
 
@@ -80,6 +81,11 @@ class Expr:
 
     def __repr__(self) -> str:
         return f"<Expr {self._node.op} on {self._peer}: {tuple(self.shape)} {self.dtype}>"
+
+    def _repr_html_(self) -> str:
+        return table(["peer", "op", "shape", "dtype"],
+                     [[self._peer, self._node.op, tuple(self.shape), dtype_name(self.dtype)]],
+                     caption="remote expression (lazy: .get() runs it)")
 
     def __bool__(self):
         raise TypeError("a remote value has no truth value here; .get() it first")
@@ -306,6 +312,11 @@ class Pointer(Expr):
         tags = " ".join("#" + t for t in self.tags)
         return (f"<Pointer {self._peer}/{self.id}: {tuple(self.shape)} "
                 f"{str(self.dtype).removeprefix('torch.')} {tags} {self.description!r}>")
+
+    def _repr_html_(self) -> str:
+        return table(["peer", "id", "shape", "dtype", "tags", "description"],
+                     [[self._peer, self.id, tuple(self.shape), dtype_name(self.dtype),
+                       " ".join("#" + t for t in self.tags), self.description]], caption="pointer")
 
     async def get(self, *, epsilon: float | None = None, **dp_options) -> torch.Tensor:
         if epsilon is not None:

@@ -253,8 +253,8 @@ class _Proxy:
     def _wrap(self, value: Any) -> Any:
         if isinstance(value, _Proxy):
             return value
-        if isinstance(value, dict):
-            return {k: self._wrap(v) for k, v in value.items()}
+        if isinstance(value, dict):  # subclasses (SearchResult) keep their type and display
+            return type(value)({k: self._wrap(v) for k, v in value.items()})
         if isinstance(value, (list, tuple)) and type(value) in (list, tuple):
             return type(value)(self._wrap(v) for v in value)
         if _is_async_object(value):

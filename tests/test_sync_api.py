@@ -128,3 +128,25 @@ def test_from_asyncio(grid, tmp_path):
     async def via_aio():
         return await net.aio.search("#birth-records")
     assert list(asyncio.run(via_aio())) == ["hospital"]
+
+
+def test_rich_display_is_escaped_html(grid):
+    hospital, net = grid.net("hospital"), grid.net("bob")
+    hospital.publish(torch.zeros(2, 2), tags=["evil"], description="<script>alert(1)</script>",
+                     compute=["*"])
+    hits = net.search("#evil", wait=20)
+    assert type(hits).__name__ == "SearchResult"            # the proxy keeps the dict's type
+    page = hits._repr_html_()
+    assert "<table>" in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>" not in page
+    ptr = hits["hospital"][0]
+    assert "&lt;script&gt;" in ptr._repr_html_() and "<Pointer hospital/" in repr(ptr)
+    assert "mean" in ptr.mean()._repr_html_() and repr(ptr.mean()).startswith("<Expr mean")
+    page = net.me.directory._repr_html_()
+    assert all(name in page for name in ("hospital", "clinic", "bob")) and "#evil" in page
+
+    from p2pgrid.federated.options import FitResult, RoundRecord
+    fit = FitResult(model=torch.nn.Linear(1, 1), params={}, job="j<1>",
+                    history=[RoundRecord(round=1, peers=["a", "b"], loss=0.5, accuracy=0.9)])
+    page = fit._repr_html_()
+    assert "j&lt;1&gt;" in page and "<td>0.9</td>" in page and "<td>a, b</td>" in page
