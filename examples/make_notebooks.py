@@ -93,7 +93,7 @@ NOTEBOOKS = {
         '        losses.append(model.fit_batch(xs[rows], ys[rows], loss="mse", optimizer=opt))\n'
         'print(losses)\nassert losses[-1] < losses[0]',
         'plain = model.decrypt()\nwith torch.no_grad():\n'
-        '    acc = (plain(X[1000:1200].double()).argmax(1) == labels[1000:1200]).double().mean()\n'
+        '    acc = (plain(X[1000:1200].float()).argmax(1) == labels[1000:1200]).double().mean()\n'
         'print("decrypted model accuracy", float(acc))',
         'grid.close()',
     ],
