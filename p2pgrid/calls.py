@@ -65,7 +65,7 @@ HOLD = 60.0           # seconds a large reply waits for its caller to fetch it
 HELD_MAX = 16         # large replies held for one caller at most
 HELD_BYTES = 2 << 30  # bytes of large replies held for one caller at most
 
-__all__ = ["Call", "CallReply", "FetchReply", "Nop", "Calls", "router"]
+__all__ = ["Call", "CallReply", "CancelCall", "FetchReply", "Nop", "Calls", "router"]
 
 
 @message("rt.call")
@@ -84,6 +84,14 @@ class Call:
 @dataclass(frozen=True)
 class Nop:
     """Nothing: written while a call waits, so that a dead connection shows as a write error."""
+
+
+@message("rt.cancel_call")
+@dataclass(frozen=True)
+class CancelCall:
+    """The caller no longer waits for call `id` (it timed out or was cancelled): the
+    callee stops serving it, so that work nobody waits for stops."""
+    id: int
 
 
 @message("rt.call_reply")
@@ -113,6 +121,8 @@ class Calls:
         self._ids = itertools.count(1)
         self._waiting: dict[tuple[str, int], tuple[trio.Event, list]] = {}
         self._serving: dict[str, int] = {}   # caller key id -> calls running for it
+        # (caller key id, call id) -> (caller name, its scope): what a cancel stops
+        self._scopes: dict[tuple[str, int], tuple[str, trio.CancelScope]] = {}
         self._learned: dict[tuple[str, str], object] = {}   # (address, key id) -> Target
         # ticket -> (key id, until, reply, its bytes)
         self._held: dict[str, tuple[str, float, object, int]] = {}
@@ -150,6 +160,8 @@ class Calls:
                     await peer.push(rec, Nop())
         finally:
             self._waiting.pop(key, None)
+            if not slot:
+                self._give_up(rec, call.id)
         if not slot:
             raise PeerUnavailable(f"{rec.name} did not answer call {type(msg).__name__} within "
                                   f"{timeout:g} s")
@@ -163,7 +175,30 @@ class Calls:
             raise remote_error(payload, status)
         return wire.loads(payload)
 
+    def _give_up(self, rec, call_id: int) -> None:
+        """Tell the callee, in the background, that nobody waits for call `call_id` now."""
+        async def tell():
+            try:
+                await self.peer.push(rec, CancelCall(call_id))
+            except P2PError:
+                pass   # a callee we cannot reach sees its stream from us break instead
+        if self.nursery is not None:
+            try:
+                self.nursery.start_soon(tell)
+            except RuntimeError:
+                pass   # the peer is closing: its streams, and so the call, go with it
+
+    def cancel(self, caller: Caller, call_id: int) -> None:
+        """Stop serving `caller`'s call `call_id`, if it still runs."""
+        entry = self._scopes.get((caller.key_id, call_id))
+        if entry is not None:
+            entry[1].cancel()
+
     def _broken(self, name: str, why: str) -> None:
+        # the calls a peer whose stream broke was waiting for: nobody waits any more
+        for (_, _), (who, scope) in list(self._scopes.items()):
+            if who == name:
+                scope.cancel()
         try:
             kid = self.peer.record(name).key_id
         except P2PError:
@@ -201,32 +236,39 @@ class Calls:
         self.nursery.start_soon(self._serve, caller, msg)
 
     async def _serve(self, caller: Caller, msg: Call) -> None:
-        peer = self.peer
+        key = (caller.key_id, msg.id)
         try:
-            try:
-                inner = wire.decode(msg.body, max_size=peer.config.max_body)
-                reply = await peer.router.dispatch(peer, caller, inner)
-                size = wire.payload_bytes(reply)
-                if size < INLINE and len(body := wire.encode(reply)) < INLINE:
-                    answer = CallReply(msg.id, 200, body)
-                else:   # too large to push: the caller fetches it with a request
-                    answer = CallReply(msg.id, 303, self._hold(caller, reply, size))
-            except P2PError as e:
-                if e.status >= 500:
-                    log.warning("call from %s failed: %s", caller.name, e.code)
-                answer = CallReply(msg.id, e.status, wire.dumps(e.to_wire()))
-            except Exception:  # noqa: BLE001 - answered like /rpc answers it
-                log.exception("unexpected error in a call handler")
-                err = P2PError("internal error; see the peer's log")
-                answer = CallReply(msg.id, 500, wire.dumps(err.to_wire()))
-            await self._reply(caller, msg.reply_to, answer)
+            with trio.CancelScope() as scope:
+                self._scopes[key] = (caller.name, scope)
+                await self._serve_one(caller, msg)
         finally:
+            self._scopes.pop(key, None)
             kid = caller.key_id
             left = self._serving.get(kid, 1) - 1
             if left:
                 self._serving[kid] = left
             else:
                 self._serving.pop(kid, None)
+
+    async def _serve_one(self, caller: Caller, msg: Call) -> None:
+        peer = self.peer
+        try:
+            inner = wire.decode(msg.body, max_size=peer.config.max_body)
+            reply = await peer.router.dispatch(peer, caller, inner)
+            size = wire.payload_bytes(reply)
+            if size < INLINE and len(body := wire.encode(reply)) < INLINE:
+                answer = CallReply(msg.id, 200, body)
+            else:   # too large to push: the caller fetches it with a request
+                answer = CallReply(msg.id, 303, self._hold(caller, reply, size))
+        except P2PError as e:
+            if e.status >= 500:
+                log.warning("call from %s failed: %s", caller.name, e.code)
+            answer = CallReply(msg.id, e.status, wire.dumps(e.to_wire()))
+        except Exception:  # noqa: BLE001 - answered like /rpc answers it
+            log.exception("unexpected error in a call handler")
+            err = P2PError("internal error; see the peer's log")
+            answer = CallReply(msg.id, 500, wire.dumps(err.to_wire()))
+        await self._reply(caller, msg.reply_to, answer)
 
     async def _reply(self, caller: Caller, reply_to: str, answer: CallReply) -> None:
         try:
@@ -301,6 +343,11 @@ async def _call(peer, caller, msg: Call):
 @router.on(Nop)
 async def _nop(peer, caller, msg: Nop):
     return None
+
+
+@router.on(CancelCall)
+async def _cancel_call(peer, caller, msg: CancelCall):
+    peer.calls.cancel(caller, msg.id)
 
 
 @router.on(CallReply)

@@ -45,6 +45,14 @@ class PeerConfig:
     min_rows: int = 10                   # default records an aggregate must span
     result_ttl: float = 3600.0           # unfetched results expire after this
     request_timeout: float = 120.0
+    # what one caller's remote program may cost (p2pgrid.budget.Limits has the defaults)
+    program_memory: int | None = None        # bytes held at once by the whole program
+    program_flops: float | None = None       # floating-point operations per program
+    program_seconds: float | None = None     # wall clock of the real run
+    programs_running: int | None = None      # programs one caller may have running at once
+    program_limits: dict = field(default_factory=dict, repr=False)  # caller or "*" -> overrides
+    program_workers: int = 2                 # worker processes that run programs at once
+    program_inline_flops: float = 2e7        # smaller programs run in a thread, without a worker
     # Network membership (p2pgrid.membership). With the network's public key (64 hex
     # digits), only peers and users certified by it are heard; without, names are
     # trusted on first use.

@@ -50,6 +50,13 @@ class ShapeError(BadRequest):
     code = "shape_error"
 
 
+class ComputeLimitExceeded(P2PError):
+    """A program would cost its host more than the host allows its caller (memory held
+    at once, floating-point operations, wall-clock time); ``details["limit"]`` names
+    the peer's setting."""
+    status, code = 422, "compute_limit"
+
+
 class Unauthenticated(P2PError):
     """Missing, malformed, or wrong signature; unknown key."""
     status, code = 401, "unauthenticated"

@@ -107,7 +107,7 @@ class App:
             msg = await _to_thread_if_big(
                 len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
             del body
-            reply = await self.dispatch(caller, msg)
+            reply = await _while_connected(receive, lambda: self.dispatch(caller, msg))
             if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
                 out = wire.encode_parts(reply)
             else:
@@ -162,6 +162,33 @@ class App:
 
 class _ClientGone(Exception):
     pass
+
+
+async def _while_connected(receive, work: Callable[[], Awaitable]):
+    """``await work()``, cancelled if the client disconnects first: work that nobody
+    waits for stops (a remote program's worker is killed, say)."""
+    outcome: list = []
+    async with trio.open_nursery() as nursery:
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass   # the body was read whole: nothing but a disconnect comes now
+            nursery.cancel_scope.cancel()
+
+        async def run():
+            try:
+                outcome.append((True, await work()))
+            except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
+                outcome.append((False, e))
+            finally:
+                nursery.cancel_scope.cancel()
+        nursery.start_soon(watch)
+        nursery.start_soon(run)
+    if not outcome:
+        raise _ClientGone()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 async def _read_body(receive, limit: int) -> bytes:
