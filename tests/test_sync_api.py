@@ -150,3 +150,24 @@ def test_rich_display_is_escaped_html(grid):
                     history=[RoundRecord(round=1, peers=["a", "b"], loss=0.5, accuracy=0.9)])
     page = fit._repr_html_()
     assert "j&lt;1&gt;" in page and "<td>0.9</td>" in page and "<td>a, b</td>" in page
+
+
+def test_interpreter_exit_stops_an_unclosed_peer(tmp_path):
+    """A script (or kernel) that never calls close() still exits, its peer stopped at exit."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    # registered first, this handler runs last (atexit is LIFO): after p2pgrid's own
+    code = ("import atexit, threading\n"
+            "atexit.register(lambda: print('left:', [t.name for t in threading.enumerate()\n"
+            "                                        if t.name.endswith('-trio')], flush=True))\n"
+            "import p2pgrid\n"
+            f"net = p2pgrid.connect_sync('solo', mdns=False, wait=0, data_dir={str(tmp_path)!r})\n"
+            "print(net.me.address, [t.name for t in threading.enumerate()], flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "solo-trio" in proc.stdout                      # it was running on its thread
+    assert "left: []" in proc.stdout                       # stopped before the interpreter died
+    assert "Traceback" not in proc.stderr
