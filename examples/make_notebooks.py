@@ -51,6 +51,8 @@ NOTEBOOKS = {
         '    grid.net(name).federated_publish(X[rows], Y[rows], tags=["digits", "train"], compute=["ai"])\n'
         'grid.net("h1").federated_publish(X[1400:], Y[1400:], tags=["digits", "test"], compute=["ai"])\n'
         'grid.wait_searchable("#digits #test")',
+        '# in Jupyter the rounds bar is a widget (tqdm.auto picks tqdm.notebook); in a terminal, text\n'
+        'import tqdm.auto, tqdm.notebook\nassert issubclass(tqdm.auto.tqdm, tqdm.notebook.tqdm)',
         'net = grid.net("ai")\ntorch.manual_seed(0)\n'
         'model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))\n'
         'result = net.federated_fit(model, "#digits #train", rounds=3, local_epochs=2,\n'
