@@ -1,11 +1,18 @@
 """Calls: request/reply pairs carried on push streams (see :mod:`p2pgrid.push`).
 
 A call is a request without HTTP: the caller pushes the encoded message as
-:class:`Call` on its stream to the callee; the callee dispatches it through its
-router (the same role checks as ``/rpc``) in a task of its own and pushes the
-answer back as :class:`CallReply` (the reply message, or the typed error). Each
-call costs two one-way messages on streams that stay open, instead of an HTTP/2
-request with its headers, ASGI scope and httpx objects.
+:class:`Call` on its link to the callee; the callee dispatches it through its
+router (the same role checks as ``/rpc``) in a task of its own and sends the
+answer back as :class:`CallReply` (the reply message, or the typed error) on the
+way back of that link: the response body of the ``/pull`` request the caller
+opened beside its push stream (see :mod:`p2pgrid.push`). Each call costs two
+one-way messages on streams that stay open, instead of an HTTP/2 request with its
+headers, ASGI scope and httpx objects.
+
+Replies never dial. The callee answers on a link already open between the two
+(the caller's own, or where the caller reached it over a link the callee opened,
+that one), and on nothing else: no address a message names is ever dialled, and a
+caller nobody can reach (behind NAT, or not listening at all) gets its replies.
 
 Authentication. A call arrives on a stream its caller opened with a signed request,
 and over TLS pinned to the callee's key every frame of that stream is the caller's,
@@ -22,10 +29,9 @@ are refused) before it runs.
 :data:`INLINE` bytes or more goes as an HTTP request instead, and a reply that large
 is held by the callee under a one-time ticket that the caller redeems with a request
 (:class:`FetchReply`): the request path streams large bodies without the copies a
-pushed frame costs. A call fails with PeerUnavailable as soon as a break of either stream
-of the pair is noticed: the callee's stream back (open once it has answered a call)
-shows a cut at once; the stream there shows it at its next write, and a waiting call
-writes a :class:`Nop` every :data:`KEEPALIVE` seconds for that. A call not answered
+pushed frame costs. A call fails with PeerUnavailable as soon as a break of its link is
+noticed: the way back shows a cut at once; the stream there shows it at its next write,
+and a waiting call writes a :class:`Nop` every :data:`KEEPALIVE` seconds for that. A call not answered
 within its timeout fails with PeerUnavailable too, and its late reply is dropped.
 
 >>> import tempfile, trio
@@ -50,7 +56,7 @@ import trio
 
 from . import wire
 from .auth import Caller, body_digest, sign_request
-from .client import learn_target, remote_error
+from .client import remote_error
 from .errors import NotFound, P2PError, PeerUnavailable, RateLimited, Unauthenticated
 from .router import Router
 from .wire import dataclass, message
@@ -72,11 +78,10 @@ __all__ = ["Call", "CallReply", "CancelCall", "FetchReply", "Nop", "Calls", "rou
 @dataclass(frozen=True)
 class Call:
     """A message for the receiving peer's router; `body` is its CBOR encoding;
-    `reply_to` the caller's address, for a callee that does not know it yet;
-    `headers` its signature where the stream is cleartext (empty over TLS)."""
+    `headers` its signature where the stream is cleartext (empty over TLS). It names
+    no address: the reply goes back on the caller's own link."""
     id: int
     body: bytes
-    reply_to: str = ""
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -123,15 +128,18 @@ class Calls:
         self._serving: dict[str, int] = {}   # caller key id -> calls running for it
         # (caller key id, call id) -> (caller name, its scope): what a cancel stops
         self._scopes: dict[tuple[str, int], tuple[str, trio.CancelScope]] = {}
-        self._learned: dict[tuple[str, str], object] = {}   # (address, key id) -> Target
         # ticket -> (key id, until, reply, its bytes)
         self._held: dict[str, tuple[str, float, object, int]] = {}
         self.nursery: trio.Nursery | None = None
         peer.push_listeners.append(self._broken)
 
     def usable(self) -> bool:
-        """Whether this peer can make calls: it serves, so replies have somewhere to go."""
-        return self.nursery is not None and bool(self.peer.address)
+        """Whether this peer can make calls (it is running; it need not listen)."""
+        return self.nursery is not None
+
+    def waits_on(self, key_id: str) -> bool:
+        """Whether a call to the peer with `key_id` waits for its reply."""
+        return any(k == key_id for k, _ in self._waiting)
 
     async def call(self, rec, msg, *, timeout: float) -> object:
         """Send `msg` to the peer of record `rec` as a call; its reply message, or its
@@ -146,7 +154,7 @@ class Calls:
         if peer.config.insecure:   # nothing else vouches for a cleartext frame
             headers = sign_request(peer.identity, peer.name, rec.key_id, "POST", PATH,
                                    digest=body_digest(body), now=time.time())
-        call = Call(next(self._ids), body, peer.address or "", headers)
+        call = Call(next(self._ids), body, headers)
         key = (rec.key_id, call.id)
         done, slot = trio.Event(), []
         self._waiting[key] = (done, slot)
@@ -230,7 +238,7 @@ class Calls:
         except P2PError as e:
             # to the stream's opener, whom its signed open authenticated
             answer = CallReply(msg.id, e.status, wire.dumps(e.to_wire()))
-            self.nursery.start_soon(self._reply, stream_caller, msg.reply_to, answer)
+            self.nursery.start_soon(self._reply, stream_caller, answer)
             raise
         self._serving[kid] = self._serving.get(kid, 0) + 1
         self.nursery.start_soon(self._serve, caller, msg)
@@ -268,33 +276,16 @@ class Calls:
             log.exception("unexpected error in a call handler")
             err = P2PError("internal error; see the peer's log")
             answer = CallReply(msg.id, 500, wire.dumps(err.to_wire()))
-        await self._reply(caller, msg.reply_to, answer)
+        await self._reply(caller, answer)
 
-    async def _reply(self, caller: Caller, reply_to: str, answer: CallReply) -> None:
-        try:
-            await self._answer(caller, reply_to, answer)
-        except P2PError as e:
-            log.info("could not answer a call from %s: %s", caller.name, e.message)
-
-    async def _answer(self, caller: Caller, reply_to: str, answer: CallReply) -> None:
-        peer = self.peer
-        try:
-            rec = peer.record(caller.name)
-        except P2PError:
-            rec = None
-        # the address the call came from wins over the directory's, which may be stale
-        if (rec is not None and rec.key_id == caller.key_id
-                and (not reply_to or reply_to in rec.addresses)):
-            await peer.push(rec, answer)
-            return
-        if not reply_to:
-            raise PeerUnavailable(f"no address to answer {caller.name} at")
-        target = self._learned.get((reply_to, caller.key_id))
-        if target is None:   # first contact, pinned to the key that signed the call
-            target = await learn_target(reply_to, expect_key_id=caller.key_id,
-                                        insecure=peer.config.insecure)
-            self._learned[(reply_to, caller.key_id)] = target
-        await peer.pushers.push(caller.name, target, answer)
+    async def _reply(self, caller: Caller, answer: CallReply) -> None:
+        # on a link open between us, never a new dial; a caller whose link broke has
+        # been told so by its own end and no longer waits
+        with trio.move_on_after(self.peer.config.request_timeout):
+            if await self.peer.reply(caller.key_id, answer):
+                return
+        log.info("could not answer a call from %s: no stream between us is open",
+                 caller.name)
 
     def _hold(self, caller: Caller, reply, size: int | None = None) -> bytes:
         """Keep `reply` for `caller` to fetch for :data:`HOLD` seconds; its ticket.

@@ -21,9 +21,11 @@ def default_home() -> Path:
 class PeerConfig:
     name: str
     data_dir: Path | str | None = None   # default: $P2PGRID_HOME/<name>
-    host: str = "127.0.0.1"              # where the HTTP/2 server listens
+    host: str = "127.0.0.1"              # where the HTTP/2 server listens (0.0.0.0: everywhere)
     port: int = 0                        # 0: any free port
-    advertise: str | None = None         # host others should dial (default: host)
+    advertise: str | None = None         # host others should dial (default: host, or for a
+                                         # wildcard host the addresses of our interfaces)
+    listen: bool = True                  # False: a client that only dials out (no server)
     insecure: bool = False               # cleartext h2c instead of pinned TLS
     join: tuple[str, ...] = ()           # seeds: "host:port" or "KEYID@host:port"
     mdns: bool = True
@@ -78,6 +80,33 @@ class PeerConfig:
 
     def with_(self, **changes) -> "PeerConfig":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def interface_ipv4s() -> list[str]:
+    """This host's IPv4 addresses, loopback last (only where there is nothing else)."""
+    import ifaddr  # a zeroconf dependency
+
+    ips = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+           if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
+    return list(dict.fromkeys(ips)) or ["127.0.0.1"]
+
+
+def advertised_addresses(config: PeerConfig, port: int) -> list[str]:
+    """Where others should dial a peer listening on `port`: never a wildcard address."""
+    if config.advertise:
+        hosts = [config.advertise]
+    elif config.host in WILDCARDS:
+        hosts = interface_ipv4s()
+    else:
+        hosts = [config.host]
+    return [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts]
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def load_profile(path: Path | str, **overrides) -> PeerConfig:

@@ -101,6 +101,15 @@ class ProtocolError(P2PError):
     status, code = 502, "protocol_error"
 
 
+class CheatingDetected(Conflict):
+    """An actively secure SMPC session's MAC check failed: some party deviated.
+
+    Raised on every honest party of the session (the message names the session, never
+    a value); nothing derived from the session's openings is revealed.
+    """
+    status, code = 409, "cheating_detected"
+
+
 class RoundFailed(ProtocolError):
     """A federated round could not go on: too few selected peers returned an update.
     The message names each peer left out and why (refused, failed, or too slow)."""
