@@ -15,10 +15,10 @@ Without trio (Jupyter, scripts, asyncio programs): ``p2pgrid.connect_sync`` and
 """
 
 from .config import PeerConfig, load_profile
-from .errors import (BadRequest, CheatingDetected, Conflict, MalformedMessage, NotFound, P2PError,
-                     PayloadTooLarge, PeerUnavailable, PermissionDenied, ProtocolError,
-                     RateLimited, ReplayDetected, RoundFailed, ShapeError, Unauthenticated,
-                     UnknownOp)
+from .errors import (BadRequest, CheatingDetected, Conflict, InsufficientStorage, MalformedMessage,
+                     NotFound, P2PError, PayloadTooLarge, PeerUnavailable, PermissionDenied,
+                     ProtocolError, RateLimited, ReplayDetected, RequestTimeout, RoundFailed,
+                     ShapeError, Unauthenticated, UnknownOp)
 from .identity import Identity
 from .network import Network, RemotePeer, connect
 from .peer import Peer, open_peer
@@ -32,5 +32,6 @@ __all__ = [
     "P2PError", "BadRequest", "MalformedMessage", "UnknownOp", "ShapeError", "Unauthenticated",
     "ReplayDetected", "PermissionDenied", "NotFound", "Conflict", "PayloadTooLarge",
     "RateLimited", "PeerUnavailable", "ProtocolError", "RoundFailed", "CheatingDetected",
+    "RequestTimeout", "InsufficientStorage",
 ]
 __version__ = "0.1.0"

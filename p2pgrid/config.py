@@ -47,6 +47,21 @@ class PeerConfig:
     min_rows: int = 10                   # default records an aggregate must span
     result_ttl: float = 3600.0           # unfetched results expire after this
     request_timeout: float = 120.0
+    # What callers can make the HTTP/2 edge hold (see p2pgrid.limits.EdgeLimits)
+    max_connections: int | None = None   # None: sized from the open-file limit
+    max_connections_per_address: int | None = None  # None: an eighth of max_connections
+    max_streams: int = 100               # concurrent streams per connection
+    handshake_timeout: float = 10.0      # seconds for a TLS handshake
+    idle_timeout: float = 30.0           # a connection without an open stream closes after this
+    read_timeout: float = 45.0           # a request body (push stream) silent this long: 408
+    write_timeout: float = 60.0          # a reply the client does not take: connection closed
+    requests_per_key: int = 32           # requests and push streams open at once per caller key
+    requests_unregistered: int = 256     # the same, for all unregistered keys together
+    # Objects others store here (PutObject); the peer itself and its owner role are exempt
+    store_quota_count: int = 1000        # objects per caller
+    store_quota_bytes: int = 1 << 30     # bytes per caller
+    store_total_count: int = 20000       # objects of all callers together
+    store_total_bytes: int = 8 << 30     # bytes of all callers together
     # what one caller's remote program may cost (p2pgrid.budget.Limits has the defaults)
     program_memory: int | None = None        # bytes held at once by the whole program
     program_flops: float | None = None       # floating-point operations per program
@@ -77,6 +92,11 @@ class PeerConfig:
             object.__setattr__(self, key, names)
         if self.mdns_interfaces is not None:
             object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
+
+    def edge_limits(self):
+        """The HTTP/2 edge's limits from this config (a p2pgrid.limits.EdgeLimits)."""
+        from .limits import EdgeLimits
+        return EdgeLimits(**{f.name: getattr(self, f.name) for f in fields(EdgeLimits)})
 
     def with_(self, **changes) -> "PeerConfig":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -87,8 +87,18 @@ class PayloadTooLarge(P2PError):
     status, code = 413, "payload_too_large"
 
 
+class RequestTimeout(P2PError):
+    """The request's body stopped arriving for longer than this peer waits."""
+    status, code = 408, "request_timeout"
+
+
 class RateLimited(P2PError):
     status, code = 429, "rate_limited"
+
+
+class InsufficientStorage(P2PError):
+    """A quota on stored objects, or the peer's disk, is full."""
+    status, code = 507, "insufficient_storage"
 
 
 class PeerUnavailable(P2PError):

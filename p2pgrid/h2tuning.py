@@ -18,7 +18,8 @@ idempotent (call it once per process; later calls do nothing):
   more; now once each way.
 - **Every received TLS record per read** (trio): SSLStream returned one 16 KiB
   record per ``receive_some``, each a trip through the reader's loop.
-- **One keep-alive timer per connection** (hypercorn), not a task per request.
+- **One keep-alive timer per connection** (hypercorn), not a task per request; it ends
+  with the connection's reading, and a write the client does not take ends the connection.
 - **Plain HPACK literals** (h2): no pure-Python Huffman coding of our headers.
 - **A pooled connection the peer closed is noticed before it is used**
   (httpcore), so the request goes on a new one instead of failing.
@@ -239,7 +240,8 @@ def _tune_hypercorn() -> None:
 
 
 def _one_idle_timer() -> None:
-    """One keep-alive timer task per connection, not one per request.
+    """One keep-alive timer task per connection, not one per request; and writes
+    that the client does not take within ``write_timeout`` end the connection.
 
     hypercorn stops its idle timer when a request arrives and starts a new
     timer task (nursery.start: a spawn and a handshake) when the connection
@@ -247,39 +249,76 @@ def _one_idle_timer() -> None:
     Updated events only note when the connection went idle, and one task per
     connection closes it after keep_alive_timeout of idleness, or once the
     server is shutting down and it is idle (within a second), as hypercorn does.
+    The task ends as soon as the connection's reading ends: a connection cut
+    mid-request never reports itself idle again, and a timer waiting for that
+    kept its task group, and so its socket, open for good.
+
+    hypercorn shields every write from cancellation and gives it no time limit, so
+    a client that stops reading (or vanished without a FIN) held a connection for
+    as long as TCP retransmits: here such a write ends the connection instead.
     """
     import trio
-    from hypercorn.events import Updated
+    from hypercorn.events import Closed, RawData, Updated
     from hypercorn.trio import tcp_server
 
     TCPServer = tcp_server.TCPServer
     original_init = TCPServer.__init__
     original_protocol_send = TCPServer.protocol_send
+    original_read_data = TCPServer._read_data
+    _GONE = (trio.BrokenResourceError, trio.ClosedResourceError)
 
     def __init__(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         self._p2p_idle_since = trio.current_time()  # None while a request is open
+        self._p2p_reading = True                    # False once the read loop has ended
+        self._p2p_write_timeout = getattr(self.config, "p2p_write_timeout", None) or float("inf")
 
     async def protocol_send(self, event) -> None:
-        if type(event) is Updated:
+        kind = type(event)
+        if kind is Updated:
             self._p2p_idle_since = trio.current_time() if event.idle else None
+        elif kind is RawData:
+            stuck = False
+            async with self.send_lock:
+                # shielded as in hypercorn (a cancelled writer must not cut a TLS
+                # record in half), but bounded: a stuck write ends the connection
+                with trio.CancelScope(shield=True) as scope:
+                    scope.deadline = trio.current_time() + self._p2p_write_timeout
+                    try:
+                        await self.stream.send_all(event.data)
+                    except _GONE:
+                        await self.protocol.handle(Closed())
+                stuck = scope.cancelled_caught
+            if stuck:
+                with trio.CancelScope(shield=True):
+                    await trio.aclose_forcefully(self.stream)
+                    await self.protocol.handle(Closed())
         else:
             await original_protocol_send(self, event)
+
+    async def _read_data(self) -> None:
+        try:
+            await original_read_data(self)
+        finally:
+            self._p2p_reading = False
 
     async def _idle_timeout(self) -> None:
         # started once, by TCPServer.run; ends with the connection's task group
         timeout = self.config.keep_alive_timeout
-        while True:
+        while self._p2p_reading:
             since = self._p2p_idle_since
             now = trio.current_time()
             if since is not None and (now - since >= timeout or self.context.terminated.is_set()):
                 break
             await trio.sleep(min(1.0, timeout if since is None else since + timeout - now))
+        else:
+            return  # the read loop ended: hypercorn closes the connection itself
         with trio.CancelScope(shield=True):
             await self._initiate_server_close()
 
     TCPServer.__init__ = __init__
     TCPServer.protocol_send = protocol_send
+    TCPServer._read_data = _read_data
     TCPServer._idle_timeout = _idle_timeout
 
 

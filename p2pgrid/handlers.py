@@ -83,13 +83,18 @@ async def ping(peer, caller, msg):
 
 @router.on(PutObject)
 async def put(peer, caller, msg: PutObject):
-    governance.of(peer).require(caller, "compute")
+    gov = governance.of(peer)
+    gov.require(caller, "compute")
+    role = gov.role(caller)
+    if role is None and not gov.strangers_store():
+        raise PermissionDenied(f"{caller.name} is not registered on {peer.name}, and only "
+                               f"registered users may store objects here (the owner's setting)")
     rules = Rules.from_dict(msg.rules) if msg.rules is not None else Rules(
         compute=(caller.name,), get=(caller.name,), aggregate=(caller.name,))
     meta = ObjectMeta(owner=caller.name, shape=tuple(msg.tensor.shape),
                       dtype=str(msg.tensor.dtype).removeprefix("torch."), tags=tuple(msg.tags),
                       description=msg.description, rules=rules)
-    meta = await peer.put(msg.tensor, meta)
+    meta = await peer.put(msg.tensor, meta, None if role == "owner" else peer.quota())
     peer.audit("put", caller.name, object=meta.id, shape=list(meta.shape), dtype=meta.dtype)
     return ObjectInfo(info(peer, meta))
 

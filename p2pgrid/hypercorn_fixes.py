@@ -13,6 +13,13 @@ each DATA frame is judged when its turn comes.
 And a bug in one connection ends that connection, not the server: trio's
 ``serve_listeners`` lets a handler's exception through, which would end every
 connection and the peer with it.
+
+Connections are counted: a listener whose hypercorn Config carries a
+:class:`p2pgrid.limits.ConnectionTable` (``config.p2p_connections``) admits each
+accepted connection there first, so that idle connections from one address, or
+from all, cannot take every file descriptor (see :mod:`p2pgrid.limits`); an
+evicted connection is cancelled, and every connection's socket is closed when its
+handler ends, however it ends (hypercorn's own close is skipped on cancellation).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import logging
 
 import h2.events
+import trio
 import h2.exceptions
 
 log = logging.getLogger("p2pgrid.server")
@@ -61,11 +69,35 @@ def apply() -> None:
     original_run = tcp_server.TCPServer.run
 
     async def run(self):
+        table = getattr(self.config, "p2p_connections", None)
+        conn = None
         try:
-            await original_run(self)
-        except Exception:  # Cancelled is not an Exception: shutdown still passes
-            log.exception("a connection failed; it is closed, the server goes on")
+            with trio.CancelScope() as scope:
+                if table is not None:
+                    conn = table.admit(_client_host(self.stream),
+                                       lambda: getattr(self, "_p2p_idle_since", 0) is not None,
+                                       scope.cancel)
+                    if conn is None:
+                        log.info("connection refused: too many connections and none idle")
+                        return
+                try:
+                    await original_run(self)
+                except Exception:  # Cancelled is not an Exception: shutdown still passes
+                    log.exception("a connection failed; it is closed, the server goes on")
+        finally:
+            if conn is not None:
+                table.release(conn)
+            await trio.aclose_forcefully(self.stream)
 
     hh2.H2Protocol._handle_events = _handle_events
     tcp_server.TCPServer.run = run
     _applied = True
+
+
+def _client_host(stream) -> str:
+    sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
+    try:
+        peer = sock.getpeername()
+    except (AttributeError, OSError):  # gone already, or not a socket
+        return "?"
+    return peer[0] if isinstance(peer, tuple) else str(peer)

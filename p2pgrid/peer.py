@@ -34,7 +34,7 @@ from .clock import check_clock
 from .push import BackLinks, Pushers
 from .router import Router
 from .server import App, serve
-from .store import ObjectMeta, Rules, Store
+from .store import ObjectMeta, Quota, Rules, Store
 
 log = logging.getLogger("p2pgrid.peer")
 
@@ -140,6 +140,13 @@ class Peer:
         elif known != caller.public_key:
             raise Unauthenticated(f"the name {caller.name!r} is bound to another key")
 
+    def registered(self, caller: Caller) -> bool:
+        """Whether `caller` does not share the allowance of unregistered callers: this peer,
+        a user registered here, or one the owner or the network vouches for (see
+        ``governance.pooled``)."""
+        from .governance import pooled
+        return not pooled(self, caller)
+
     def _authorize_member(self, caller: Caller) -> None:
         if caller.public_key == self.identity.public_bytes and caller.name == self.name:
             return
@@ -238,10 +245,17 @@ class Peer:
 
     # ------------------------------------------------------------ objects
 
-    async def put(self, tensor: torch.Tensor, meta: ObjectMeta) -> ObjectMeta:
-        meta = await trio.to_thread.run_sync(self.store.put, tensor, meta)
+    async def put(self, tensor: torch.Tensor, meta: ObjectMeta, quota: Quota | None = None
+                  ) -> ObjectMeta:
+        meta = await trio.to_thread.run_sync(self.store.put, tensor, meta, quota)
         self._advertise(meta)
         return meta
+
+    def quota(self) -> Quota:
+        """The limits on objects others store here (from the config)."""
+        c = self.config
+        return Quota(c.store_quota_count, c.store_quota_bytes, c.store_total_count,
+                     c.store_total_bytes, host=self.name)
 
     async def load(self, id: str) -> torch.Tensor:
         return await trio.to_thread.run_sync(self.store.load, id)
@@ -361,7 +375,10 @@ class Peer:
             return
         if await self.links.send(rec.key_id, msg):
             return
-        await self.pushers.push(rec.name, self.target(rec), msg, public_key=rec.public_key)
+        # streams are reported by the name the record answers to here: an impostor's
+        # record carrying another peer's name must never break that peer's calls
+        await self.pushers.push(self.directory.label(rec), self.target(rec), msg,
+                                public_key=rec.public_key)
 
     async def reply(self, key_id: str, msg) -> bool:
         """Send `msg` to the peer with `key_id` on a link already open between us: the way
@@ -441,7 +458,8 @@ class Peer:
         app = App(self.verifier, self.authorize, lambda c, m: self.router.dispatch(self, c, m),
                   max_body=self.config.max_body, page=self._page, identity_card=card,
                   push_broken=self._stream_cut, pull=self.links.serve,
-                  push_ended=lambda caller, link: self.links.close(caller.key_id, link))
+                  push_ended=lambda caller, link: self.links.close(caller.key_id, link),
+                  limits=self.config.edge_limits(), registered=self.registered)
         await serve(app, host=self.config.host, port=self.config.port if port is None else port,
                     certfile=certfile,
                     keyfile=keyfile, task_status=task_status)

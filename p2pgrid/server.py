@@ -6,13 +6,22 @@ Routes: ``POST /rpc`` carries one signed CBOR message and answers one;
 ``GET /`` is the peer's page; ``GET /health`` a liveness probe. Everything
 protocol-specific lives in handlers; this module only moves bytes, checks
 sizes and signatures, and maps typed errors to HTTP statuses.
+
+What a caller can make the edge hold is bounded (:class:`p2pgrid.limits.EdgeLimits`):
+connections in all and per address, streams per connection, requests open per
+caller key (and for all unregistered keys together); a body that stops arriving
+for ``read_timeout`` gets 408; idle connections close after ``idle_timeout``. A
+body is hashed by a small shared pool of threads once its bytes arrive, never by
+a thread of its own started for what its headers declare; and a request whose
+client goes away has its handler cancelled.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import hashlib
 import logging
-import queue
 import threading
 import time
 from typing import Awaitable, Callable
@@ -22,12 +31,14 @@ import trio
 
 from . import h2tuning, hypercorn_fixes, push, wire
 from .auth import H_DIGEST, Caller, Verifier
-from .errors import BadRequest, P2PError, PayloadTooLarge, Unauthenticated
+from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
+from .limits import ConnectionTable, EdgeLimits, InFlight
 
 log = logging.getLogger("p2pgrid.server")
 
 CHUNK = h2tuning.FRAME  # response body per ASGI message: one DATA frame each
 OFFLOAD = 1 << 20  # bodies larger than this are encoded/decoded in a worker thread
+HASH_THREADS = 4   # threads hashing large bodies, shared by every connection of the process
 
 Dispatch = Callable[[Caller, object], Awaitable[object]]
 Page = Callable[[dict, bytes], Awaitable[tuple[int, str, bytes]]]
@@ -58,10 +69,15 @@ class App:
                  dispatch: Dispatch, *, max_body: int, page: Page | None = None,
                  identity_card: bytes = b"", push_broken: Callable[[str, str], None] | None = None,
                  pull: Pull | None = None,
-                 push_ended: Callable[[Caller, str], None] | None = None):
+                 push_ended: Callable[[Caller, str], None] | None = None,
+                 limits: EdgeLimits = EdgeLimits(),
+                 registered: Callable[[Caller], bool] = lambda caller: False):
         self.push_broken = push_broken  # (caller name, why) when an inbound push stream breaks
         self.pull = pull                # writes what is queued for a caller on its way back
         self.push_ended = push_ended    # (caller, link id) when a push stream ends cleanly
+        self.limits = limits
+        self.registered = registered  # registered callers do not share the strangers' pool
+        self.in_flight = InFlight(limits.requests_per_key, limits.requests_unregistered)
         self.verifier = verifier
         self.authorize = authorize
         self.dispatch = dispatch
@@ -88,13 +104,33 @@ class App:
             elif path == "/id" and method == "GET":
                 await _respond(send, 200, "application/cbor", self.identity_card)
             elif self.page is not None and method in ("GET", "POST"):
-                body = await _read_body(receive, 1 << 20) if method == "POST" else b""
+                body = await _read_body(self._timed(receive), 1 << 20) \
+                    if method == "POST" else b""
                 status, ctype, content = await self.page(scope | {"headers_dict": headers}, body)
                 await _respond(send, status, ctype, content)
             else:
                 await _respond(send, 404, "text/plain", b"not found\n")
         except _ClientGone:
             pass
+        except P2PError as e:  # a page's body timed out or was too large
+            await _respond(send, e.status, "text/plain", f"{e.message}\n".encode())
+
+    def _timed(self, receive, timeout: float | None = None):
+        """`receive`, but a body that stops arriving for `timeout` (default read_timeout)
+        raises RequestTimeout."""
+        timeout = self.limits.read_timeout if timeout is None else timeout
+
+        async def timed():
+            with trio.move_on_after(timeout):
+                return await receive()
+            raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
+        return timed
+
+    def _admit(self, caller: Caller):
+        """Count `caller`'s open request; a context manager (RateLimited over the limits)."""
+        registered = self.registered(caller)
+        self.in_flight.enter(caller.public_key, registered=registered)
+        return _Leave(self.in_flight, caller.public_key, registered)
 
     async def _rpc(self, scope, headers, receive, send):
         try:
@@ -107,19 +143,21 @@ class App:
             caller = self.verifier.verify("POST", "/rpc", headers, headers.get(H_DIGEST, ""),
                                           now=time.time())
             self.authorize(caller)
-            body, sha = await _read_hashed_body(receive, self.max_body,
-                                                int(declared) if declared else None)
-            if sha.hexdigest() != headers.get(H_DIGEST):
-                raise Unauthenticated("body does not match its signed digest")
-            # adopt: the body buffer is ours alone, so tensors may keep it instead of a copy
-            msg = await _to_thread_if_big(
-                len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
-            del body
-            reply = await _while_connected(receive, lambda: self.dispatch(caller, msg))
-            if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
-                out = wire.encode_parts(reply)
-            else:
-                out = await _to_thread_if_big(wire.payload_bytes(reply), wire.encode_buffer, reply)
+            with self._admit(caller):
+                body, sha = await _read_hashed_body(self._timed(receive), self.max_body,
+                                                    int(declared) if declared else None)
+                if sha.hexdigest() != headers.get(H_DIGEST):
+                    raise Unauthenticated("body does not match its signed digest")
+                # adopt: the body buffer is ours alone, so tensors may keep it instead of a copy
+                msg = await _to_thread_if_big(
+                    len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
+                del body
+                reply = await _while_connected(receive, lambda: self.dispatch(caller, msg))
+                if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
+                    out = wire.encode_parts(reply)
+                else:
+                    out = await _to_thread_if_big(wire.payload_bytes(reply), wire.encode_buffer,
+                                                  reply)
             await _respond(send, 200, "application/cbor", out)
         except P2PError as e:
             if e.status >= 500:
@@ -143,20 +181,23 @@ class App:
             # call over it is refused alone, not with the stream and every call on it
             limit = max(self.max_body, push.MIN_FRAME)
             reader = push.FrameReader(limit)
-            while True:
-                event = await receive()
-                if event["type"] == "http.disconnect":
-                    raise _ClientGone()
-                for frame in reader.feed(event.get("body", b"")):
-                    msg = wire.decode(frame, max_size=limit, adopt=True)
-                    try:
-                        await self.dispatch(caller, msg)
-                    except P2PError as e:  # nobody to answer: the handler's own state says it
-                        log.debug("pushed %s from %s refused: %s", type(msg).__name__,
-                                  caller.name, e.code)
-                if not event.get("more_body", False):
-                    break
-            reader.finish()
+            # a push stream idles up to push.IDLE between messages before its sender ends it
+            timed = self._timed(receive, max(self.limits.read_timeout, push.IDLE + 15))
+            with self._admit(caller):
+                while True:
+                    event = await timed()
+                    if event["type"] == "http.disconnect":
+                        raise _ClientGone()
+                    for frame in reader.feed(event.get("body", b"")):
+                        msg = wire.decode(frame, max_size=limit, adopt=True)
+                        try:
+                            await self.dispatch(caller, msg)
+                        except P2PError as e:  # nobody to answer: the handler's state says it
+                            log.debug("pushed %s from %s refused: %s", type(msg).__name__,
+                                      caller.name, e.code)
+                    if not event.get("more_body", False):
+                        break
+                reader.finish()
             if self.push_ended is not None:
                 self.push_ended(caller, headers.get(push.LINK_HEADER, ""))
             await _respond(send, 200, "application/cbor", wire.dumps(None))
@@ -212,6 +253,19 @@ class _ClientGone(Exception):
     pass
 
 
+class _Leave:
+    __slots__ = ("_flight", "_key", "_registered")
+
+    def __init__(self, flight: InFlight, key: bytes, registered: bool):
+        self._flight, self._key, self._registered = flight, key, registered
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._flight.leave(self._key, registered=self._registered)
+
+
 async def _while_connected(receive, work: Callable[[], Awaitable]):
     """``await work()``, cancelled if the client disconnects first: work that nobody
     waits for stops (a remote program's worker is killed, say)."""
@@ -263,15 +317,16 @@ async def _read_hashed_body(receive, limit: int, declared: int | None):
     where hashing afterwards (0.7-1.5 ms per MB on a small VM) would add to the
     round trip.
     A large body of declared size is copied into one buffer of that size (see
-    ``wire.encode_buffer`` for why numpy) instead of joined from a list.
+    ``wire.encode_buffer`` for why numpy) instead of joined from a list; the
+    buffer is made when the first bytes arrive, not for what headers alone declare.
     """
     sha = hashlib.sha256()
     if declared is None or declared <= OFFLOAD:
         body = await _read_body(receive, limit)
         sha.update(body)
         return body, sha
-    buf, at = np.empty(declared, dtype=np.uint8), 0
-    view = memoryview(buf)
+    buf = view = None
+    at = 0
     hasher = _Hasher(sha)
     try:
         while True:
@@ -282,6 +337,9 @@ async def _read_hashed_body(receive, limit: int, declared: int | None):
             if at + len(chunk) > min(declared, limit):
                 raise PayloadTooLarge(f"body exceeds its declared length of {declared} bytes")
             if chunk:
+                if buf is None:
+                    buf = np.empty(declared, dtype=np.uint8)
+                    view = memoryview(buf)
                 buf[at:at + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
                 hasher.add(view[at:at + len(chunk)])
                 at += len(chunk)
@@ -289,35 +347,72 @@ async def _read_hashed_body(receive, limit: int, declared: int | None):
                 break
     finally:
         hasher.close()
-    await trio.to_thread.run_sync(hasher.join)
-    return view[:at], sha
+    await hasher.wait()
+    return (view[:at] if view is not None else b""), sha
 
 
 class _Hasher:
-    """Hashes a body's chunks in a thread of its own, behind the loop that receives them.
+    """Hashes a body's chunks in order on a small pool of threads shared by every body,
+    behind the loop that receives them.
 
     SHA-256 costs about 0.55 ms per MB here, a fifth of what the receiving loop spends
     on an upload; hashlib lets go of the GIL while it hashes, so in a thread it runs
-    beside the loop's next reads instead of between them.
+    beside the loop's next reads instead of between them. A body has at most one
+    job on the pool at a time (its chunks queue behind it), and none until its
+    first chunk arrives: a stream that only declares a large body costs no thread.
     """
 
-    def __init__(self, sha):
-        self._sha, self._queue = sha, queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="p2pgrid-hash", daemon=True)
-        self._thread.start()
+    _pool: concurrent.futures.ThreadPoolExecutor | None = None
+    _pool_lock = threading.Lock()
 
-    def _run(self) -> None:
-        while (chunk := self._queue.get()) is not None:
+    def __init__(self, sha):
+        self._sha = sha
+        self._queue: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._running = self._closed = False
+        self._done = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    @classmethod
+    def _executor(cls) -> concurrent.futures.ThreadPoolExecutor:
+        with cls._pool_lock:
+            if cls._pool is None:
+                cls._pool = concurrent.futures.ThreadPoolExecutor(
+                    HASH_THREADS, thread_name_prefix="p2pgrid-hash")
+            return cls._pool
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._queue:
+                    self._running = False
+                    finished = self._closed
+                    break
+                chunk = self._queue.popleft()
             self._sha.update(chunk)
+        if finished:
+            self._token.run_sync_soon(self._done.set)
+
+    def _kick(self) -> None:  # lock held
+        if not self._running:
+            self._running = True
+            self._executor().submit(self._drain)
 
     def add(self, chunk) -> None:
-        self._queue.put(chunk)
+        with self._lock:
+            self._queue.append(chunk)
+            self._kick()
 
     def close(self) -> None:
-        self._queue.put(None)
+        with self._lock:
+            self._closed = True
+            if self._running:
+                return  # the running job sees it when the queue is empty
+        self._done.set()
 
-    def join(self) -> None:
-        self._thread.join()
+    async def wait(self) -> None:
+        """Until every chunk added before close() is hashed."""
+        await self._done.wait()
 
 
 async def _respond(send, status: int, ctype: str, body) -> None:
@@ -339,9 +434,10 @@ async def _respond(send, status: int, ctype: str, body) -> None:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-async def serve(app: App, *, host: str, port: int, certfile: str | None, keyfile: str | None,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `app` until cancelled; reports the bound "host:port" via task_status."""
+async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str | None,
+                limits: EdgeLimits | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `app` until cancelled; reports the bound "host:port" via task_status.
+    `limits` (default: the App's, else EdgeLimits()) bound connections and timeouts."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
@@ -350,10 +446,14 @@ async def serve(app: App, *, host: str, port: int, certfile: str | None, keyfile
     config = Config()
     config.bind = [f"{host}:{port}"]
     config.h2_max_inbound_frame_size = h2tuning.FRAME
-    config.h2_max_concurrent_streams = 256
-    config.keep_alive_timeout = 300
+    limits = limits or getattr(app, "limits", None) or EdgeLimits()
+    config.h2_max_concurrent_streams = limits.max_streams
+    config.keep_alive_timeout = limits.idle_timeout   # h2tuning's timer: no open stream
     config.keep_alive_max_requests = 1 << 30
-    config.read_timeout = None
+    config.read_timeout = None   # per read, it would cut long replies' waits: see App._timed
+    config.ssl_handshake_timeout = limits.handshake_timeout
+    config.p2p_write_timeout = limits.write_timeout
+    config.p2p_connections = ConnectionTable(*limits.connections())
     config.max_app_queue_size = 64
     config.accesslog = None
     config.include_date_header = False    # per-response clock formatting and header bytes

@@ -25,6 +25,7 @@ opening the store sweeps such leftovers away.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
@@ -43,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BadRequest, Conflict, NotFound, P2PError, PayloadTooLarge
+from .errors import BadRequest, Conflict, InsufficientStorage, NotFound, P2PError, PayloadTooLarge
 
-__all__ = ["Rules", "ObjectMeta", "Store", "normalise_tags", "DTYPES", "LEVELS", "RIGHTS",
+__all__ = ["Rules", "ObjectMeta", "Quota", "Store", "normalise_tags", "DTYPES", "LEVELS", "RIGHTS",
            "SCHEMA_VERSION"]
 
 # dtype name -> (torch dtype, numpy dtype of the blob's bytes). Byte order is fixed
@@ -233,6 +234,25 @@ class ObjectMeta:
         return cls(**{**d, **({"rules": Rules.from_dict(d["rules"])} if "rules" in d else {})})
 
 
+@dataclass(frozen=True)
+class Quota:
+    """Limits on what callers other than the peer store on it (checked by `Store.put`):
+    objects and bytes per owner, and of all owners but `host` together."""
+
+    count: int
+    nbytes: int
+    total_count: int
+    total_nbytes: int
+    host: str  # the peer's own objects (results included) count in no quota
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full(nbytes: int) -> InsufficientStorage:
+    return InsufficientStorage(f"this peer's disk is full: it cannot store {nbytes} more bytes")
+
+
 # _SCHEMA[v] upgrades a database at user_version v to v + 1; append, never edit.
 _SCHEMA = ["""
     CREATE TABLE objects (id TEXT PRIMARY KEY, owner TEXT NOT NULL, shape TEXT NOT NULL,
@@ -314,11 +334,12 @@ class Store:
 
     # ------------------------------------------------------------ public API
 
-    def put(self, tensor: torch.Tensor, meta: ObjectMeta) -> ObjectMeta:
+    def put(self, tensor: torch.Tensor, meta: ObjectMeta, quota: Quota | None = None) -> ObjectMeta:
         """Store a copy of `tensor`; return `meta` completed from it (see ObjectMeta).
 
         Raises BadRequest (dtype outside DTYPES, no owner, not a dense tensor),
-        Conflict (id taken) or PayloadTooLarge (over max_bytes).
+        Conflict (id taken), PayloadTooLarge (over max_bytes) or InsufficientStorage
+        (over `quota`, or the disk is full: nothing of the put is left behind).
         """
         _check(isinstance(tensor, torch.Tensor) and isinstance(meta, ObjectMeta),
                "put needs a torch.Tensor and an ObjectMeta")
@@ -337,19 +358,31 @@ class Store:
                     "SELECT 1 FROM objects WHERE id = ?", (meta.id,)).fetchone():
                 raise Conflict(f"object {meta.id} already exists")
             self._make_room(meta.nbytes)
+            self._within(quota, meta)
             self._pending.add(meta.id)
         try:
-            self._write_blob(meta.id, arr)
+            try:
+                self._write_blob(meta.id, arr)
+            except OSError as e:
+                if e.errno in _FULL:
+                    raise _disk_full(meta.nbytes) from None
+                raise
             with self._lock:
                 self._make_room(meta.nbytes)  # again: puts alongside may have used the room
-                with self._db() as db:  # one transaction: committed, or rolled back on error
-                    db.execute("INSERT INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                               (meta.id, meta.owner, json.dumps(meta.shape), meta.dtype,
-                                meta.description, json.dumps(meta.rules.to_dict()),
-                                meta.level, meta.created, meta.expires, meta.nbytes,
-                                meta.derivation))
-                    db.executemany("INSERT INTO tags VALUES (?, ?)",
-                                   [(meta.id, tag) for tag in meta.tags])
+                self._within(quota, meta)
+                try:
+                    with self._db() as db:  # one transaction: committed, or rolled back on error
+                        db.execute("INSERT INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   (meta.id, meta.owner, json.dumps(meta.shape), meta.dtype,
+                                    meta.description, json.dumps(meta.rules.to_dict()),
+                                    meta.level, meta.created, meta.expires, meta.nbytes,
+                                    meta.derivation))
+                        db.executemany("INSERT INTO tags VALUES (?, ?)",
+                                       [(meta.id, tag) for tag in meta.tags])
+                except sqlite3.OperationalError as e:
+                    if getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                        raise _disk_full(meta.nbytes) from None
+                    raise
         except BaseException:
             # The id is pending and has no row, so a blob by its name can only be ours.
             self._blob(meta.id).unlink(missing_ok=True)
@@ -445,6 +478,32 @@ class Store:
     def _fits(self, nbytes: int) -> bool:
         used = self._db().execute("SELECT COALESCE(SUM(nbytes), 0) FROM objects").fetchone()[0]
         return self.max_bytes is None or used + nbytes <= self.max_bytes
+
+    def usage(self, owner: str | None = None) -> tuple[int, int]:
+        """(objects, bytes) stored by `owner`, or by everyone."""
+        where, args = ("owner = ?", [owner]) if owner is not None else ("1", [])
+        with self._lock:
+            return tuple(self._db().execute(
+                f"SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM objects WHERE {where}", args
+            ).fetchone())
+
+    def _within(self, quota: Quota | None, meta: ObjectMeta) -> None:
+        if quota is None or meta.owner == quota.host:
+            return
+        db = self._db()
+        n, used = db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM objects "
+                             "WHERE owner = ?", (meta.owner,)).fetchone()
+        if n + 1 > quota.count or used + meta.nbytes > quota.nbytes:
+            raise InsufficientStorage(
+                f"{meta.owner}'s storage quota here is full: {n} objects, {used} bytes stored, "
+                f"{meta.nbytes} more would pass the limit of {quota.count} objects or "
+                f"{quota.nbytes} bytes; delete some first")
+        n, used = db.execute("SELECT COUNT(*), COALESCE(SUM(nbytes), 0) FROM objects "
+                             "WHERE owner != ?", (quota.host,)).fetchone()
+        if n + 1 > quota.total_count or used + meta.nbytes > quota.total_nbytes:
+            raise InsufficientStorage(
+                f"this peer stores all it takes from others ({quota.total_count} objects or "
+                f"{quota.total_nbytes} bytes); try later or elsewhere")
 
     def _make_room(self, nbytes: int) -> None:
         # Expired objects are reclaimed when a put needs their room, not before.

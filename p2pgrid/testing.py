@@ -90,8 +90,13 @@ async def open_network(names: Iterable[str | PeerConfig], tmp_path: Path | str |
                        mdns: bool = False, join: bool = True,
                        gossip_interval: float = 0.2, ttl: float = 5.0,
                        insecure: bool = False, routers: Iterable[Router] = (),
-                       timeout: float = 30.0) -> AsyncIterator[Grid]:
+                       timeout: float = 30.0, strangers_store: bool = True
+                       ) -> AsyncIterator[Grid]:
     """Start the named peers (or configs), wait for their directories to agree, yield a Grid.
+
+    ``strangers_store`` sets each peer's owner setting ``store_objects`` to "anyone", so
+    that unregistered users of a test network may send tensors to its peers (a real
+    peer's default is registered users only).
 
     Peers find each other by joining the first one (``join=True``) and/or by mDNS
     bound to 127.0.0.1 (``mdns=True``); with ``join=False, mdns=True`` discovery is
@@ -112,6 +117,9 @@ async def open_network(names: Iterable[str | PeerConfig], tmp_path: Path | str |
                                     "insecure": insecure,
                                     "join": tuple(cfg.join) + ((seed,) if seed and join else ())})
                 peer = await grid.start(cfg, routers)
+                if strangers_store:
+                    from .governance import policy
+                    policy.of(peer).store.set_setting("store_objects", "anyone", by="test network")
                 seed = seed or f"{peer.key_id}@{peer.address}"
             await grid.wait_converged(timeout)
             try:

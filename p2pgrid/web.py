@@ -24,20 +24,21 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, quote
 
 import trio
 
+from .limits import EdgeLimits, Throttle
 from .server import handle_lifespan
 
 log = logging.getLogger("p2pgrid.web")
 
 SESSION_TTL = 12 * 3600.0
 MAX_FORM = 64 * 1024
-LOGIN_FAILURES = 20  # per minute, then 429
+CONSOLE_LIMITS = EdgeLimits(max_connections=32, max_connections_per_address=16)  # one owner's browser
+LOGIN_FAILURES = 20  # per client address per minute, then 429 for that address
 _CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; form-action 'self'; "
         "frame-ancestors 'none'; base-uri 'none'")
 esc = html.escape
@@ -455,7 +456,8 @@ class Console:
         self.peer, self.gov, self.secure = peer, gov, secure
         self.sessions: dict[str, Session] = {}
         self.cookie = f"p2pgrid_{peer.key_id}"  # cookies ignore ports: one name per peer
-        self._failures: deque[float] = deque()
+        # per client address: someone else's failures never lock the owner out
+        self._failures = Throttle(LOGIN_FAILURES, 60.0)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -484,7 +486,7 @@ class Console:
             else:
                 resp = await self.handle(scope["method"], scope["path"],
                                          scope.get("query_string", b"").decode("latin-1"),
-                                         headers, body)
+                                         headers, body, client=str((scope.get("client") or "?")[0]))
         except Exception:
             log.exception("console request failed")
             resp = Response(500, b"internal error; see the peer's log\n", "text/plain")
@@ -499,7 +501,8 @@ class Console:
     # ------------------------------------------------------------ routing
 
     async def handle(self, method: str, path: str, query: str, headers: dict,
-                     body: bytes) -> Response:
+                     body: bytes, client: str = "?") -> Response:
+        """One request; `client` is its address (failed logins are counted per address)."""
         session = self._session(headers)
         if path == "/health" and method == "GET":
             return Response(200, b"ok\n", "text/plain")
@@ -509,13 +512,13 @@ class Console:
             token = parse_qs(query).get("token", [""])[0]
             if not token:
                 return self._html(render_login(self.peer))
-            return self._login(token, headers)
+            return self._login(token, client)
         if method == "POST":
             if not self._same_origin(headers):
                 return Response(403, b"cross-site request refused\n", "text/plain")
             form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace")).items()}
             if path == "/login":
-                return self._login(form.get("token", ""), headers)
+                return self._login(form.get("token", ""), client)
             if session is None:
                 return self._redirect("/")  # session gone (expired, peer restarted): log in again
             if not hmac.compare_digest(form.get("csrf", ""), session.csrf):
@@ -566,14 +569,13 @@ class Console:
             headers.append(("set-cookie", f"{self.cookie}={attrs}; Max-Age=0"))
         return Response(303, b"", "text/plain", headers)
 
-    def _login(self, token: str, headers: dict) -> Response:
+    def _login(self, token: str, address: str) -> Response:
         now = time.time()
-        while self._failures and now - self._failures[0] > 60:
-            self._failures.popleft()
-        if len(self._failures) >= LOGIN_FAILURES:
-            return Response(429, b"too many failed logins; wait a minute\n", "text/plain")
+        if self._failures.blocked(address):
+            return Response(429, b"too many failed logins from your address; wait a minute\n",
+                            "text/plain")
         if not token or not hmac.compare_digest(token.encode(), self.gov.token.encode()):
-            self._failures.append(now)
+            self._failures.fail(address)
             self.peer.audit("console.login_failed", None)
             return self._html(render_login(self.peer, "wrong token"), 403)
         sid = secrets.token_urlsafe(32)
@@ -689,7 +691,8 @@ async def serve_console(peer, gov, *, host: str = "127.0.0.1", port: int = 0,
         candidates.append(0)
 
     async def run(p, task_status):
-        await serve(app, host=host, port=p, certfile=certfile, keyfile=keyfile, task_status=task_status)
+        await serve(app, host=host, port=p, certfile=certfile, keyfile=keyfile,
+                    limits=CONSOLE_LIMITS, task_status=task_status)
 
     async with trio.open_nursery() as nursery:
         for i, p in enumerate(candidates):

@@ -70,8 +70,11 @@ def _percentile(xs: list[float], q: float) -> float:
 async def _serve(args) -> None:
     cfg = PeerConfig(name="bench-server", data_dir=args.data_dir, mdns=False,
                      insecure=args.insecure, gossip_interval=0.2, ttl=30.0,
-                     max_body=2 << 30)
+                     max_body=2 << 30, store_quota_bytes=1 << 40, store_total_bytes=1 << 40)
     async with p2pgrid.open_peer(cfg) as peer:
+        # the client is not registered here: let anyone store (the owner's setting)
+        from p2pgrid.governance import policy
+        policy.of(peer).store.set_setting("store_objects", "anyone", by="bench")
         print(json.dumps({"address": peer.address, "key_id": peer.key_id}), flush=True)
         # Serve until the parent closes our stdin.
         await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)

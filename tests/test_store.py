@@ -417,3 +417,32 @@ def test_kill_9_mid_write_leaves_a_consistent_store(tmp_path):
         zygote.kill()
         zygote.communicate()
     assert seen, "the writers never committed a put: kill them later"
+
+
+def test_quota_per_owner_and_in_all(store):
+    from p2pgrid.errors import InsufficientStorage
+    from p2pgrid.store import Quota
+    q = Quota(count=2, nbytes=64, total_count=3, total_nbytes=1 << 20, host="me")
+    put = lambda owner, n=4: store.put(torch.zeros(n), ObjectMeta(owner=owner), q)  # noqa: E731
+    put("ann"), put("ann")
+    with pytest.raises(InsufficientStorage, match="ann's storage quota"):
+        put("ann")
+    put("bob")
+    with pytest.raises(InsufficientStorage, match="all it takes from others"):
+        put("cy")
+    for _ in range(5):
+        put("me")  # the host's own objects count in no quota
+    assert store.usage("ann") == (2, 32) and store.usage() == (8, 128)
+
+
+def test_disk_full_is_507_and_leaves_nothing(store, monkeypatch):
+    import errno
+    from p2pgrid.errors import InsufficientStorage
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(store, "_write_blob", full)
+    with pytest.raises(InsufficientStorage, match="disk is full") as e:
+        store.put(torch.zeros(4), ObjectMeta(id="x", owner="ann"))
+    assert e.value.status == 507
+    assert store.list() == [] and list(store.blobs.iterdir()) == []

@@ -96,6 +96,9 @@ def add_cli(sub) -> dict:
                                    "users take anything out)")
     m.add_argument("mode", choices=("open", "registered", "releases"))
     _target(m)
+    st = us.add_parser("storage", help="who may store objects here: registered (default) or anyone")
+    st.add_argument("who", choices=("registered", "anyone"))
+    _target(st)
     k = us.add_parser("key", help="print YOUR public key, to give to a peer's owner")
     k.add_argument("--as", dest="name", help="your name (your data is $P2PGRID_HOME/NAME)")
     k.add_argument("--data-dir", type=Path, help="your peer's data directory")
@@ -224,6 +227,9 @@ def _users(args) -> int:
                 print(f"no user {args.user}", file=sys.stderr)
                 return 1
             print(f"removed {args.user}")
+        elif args.action == "storage":
+            store.set_setting("store_objects", args.who, by=BY)
+            print(f"storing objects: {'anyone (within quotas)' if args.who == 'anyone' else 'registered users only'}")
         elif args.action == "mode":
             store.set_setting("registered_only", args.mode == "registered", by=BY)
             store.set_setting("releases_registered_only", args.mode == "releases", by=BY)

@@ -78,6 +78,11 @@ class Governance:
         # open mode: unregistered callers as before, but never an owner's powers
         return capability != "admin" and not self.store.registered_only
 
+    def strangers_store(self) -> bool:
+        """Whether callers not registered here may store objects (setting ``store_objects``:
+        "registered", the default, or "anyone")."""
+        return self.store.setting("store_objects", "registered") == "anyone"
+
     def pooled(self, caller: Caller) -> bool:
         """Whether `caller` spends from the allowance all unregistered callers share: not
         this peer, not a registered user (with its key), given no budget of its own by the
