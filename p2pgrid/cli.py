@@ -99,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-running", action="store_true", help="keep the peers up afterwards")
     d.add_argument("--data-dir", type=Path, default=None,
                    help="where the demo peers keep state (default: a temporary directory)")
-    from . import plugins
-    parser.plugin_runners = plugins.cli_extensions(sub)
+    from . import owner_cli, plugins
+    parser.plugin_runners = {**owner_cli.add_cli(sub), **plugins.cli_extensions(sub)}
     return parser
 
 
@@ -194,8 +194,10 @@ async def run_peers(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .owner_cli import fix_argv
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(fix_argv(sys.argv[1:] if argv is None else list(argv)))
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.verbose < 2:

@@ -37,7 +37,7 @@ def _data_dir(args) -> Path:
     if args.peer:
         return default_home() / args.peer
     home = default_home()
-    peers = sorted(d for d in home.iterdir() if (d / "objects.db").exists()) \
+    peers = sorted(d for d in home.iterdir() if (d / "store" / "objects.db").exists()) \
         if home.is_dir() else []
     if len(peers) == 1:  # the usual case: one peer on this machine
         return peers[0]
