@@ -105,6 +105,8 @@ class PeerRecord:
     version: int
     issued_at: float  # owner's clock, unix seconds; informational only
     ttl: float = 0.0  # the owner re-issues within this many seconds (0: unstated)
+    membership: bytes = b""   # its network membership certificate (p2pgrid.membership), CBOR
+    revocations: bytes = b""  # the newest network revocation list its owner knows, CBOR
     signature: bytes = b""
 
     @cached_property
@@ -217,8 +219,13 @@ class Directory:
 
     def __init__(self, identity: _identity.Identity, *, ttl: float = 30.0,
                  tombstone_ttl: float | None = None, max_ttl: float | None = None,
-                 limits: BookLimits | None = None):
+                 limits: BookLimits | None = None,
+                 admit: Callable[[PeerRecord], str | None] | None = None):
         self.identity = identity
+        # admit(record): why a verified record may not be kept (None: it may), e.g. it
+        # lacks a valid network membership certificate; the peer's policy, not ours
+        self.admit = admit
+        self._refused: set[str] = set()  # key ids whose refusal was logged
         self.key_id = identity.key_id
         self.ttl = float(ttl)
         self.max_ttl = 4 * self.ttl if max_ttl is None else max(float(max_ttl), self.ttl)
@@ -238,7 +245,8 @@ class Directory:
     # ------------------------------------------------------------ own record
 
     def issue(self, now: float, *, name: str, addresses: list[str], cert: bytes,
-              roles: list[str], objects: list[ObjectSummary], services: dict) -> PeerRecord:
+              roles: list[str], objects: list[ObjectSummary], services: dict,
+              membership: bytes = b"", revocations: bytes = b"") -> PeerRecord:
         """(Re)issue and store our own record with a version above any seen for our key."""
         why = check_name(name)
         if why:
@@ -253,7 +261,8 @@ class Directory:
         version = max(self.own.version if self.own else 0, self._own_version_seen) + 1
         rec = sign_record(self.identity, name=name, addresses=list(addresses), cert=bytes(cert),
                           roles=list(roles), objects=list(objects), services=dict(services),
-                          version=version, issued_at=float(now), ttl=self.ttl)
+                          version=version, issued_at=float(now), ttl=self.ttl,
+                          membership=bytes(membership), revocations=bytes(revocations))
         self.own = rec
         self._records[rec.key_id] = rec
         self._tombstones.pop(rec.key_id, None)
@@ -303,6 +312,15 @@ class Directory:
             if why is not None or not rec.verify():
                 self.rejected += 1
                 log.debug("dropped record for %s: %s", kid, why or "bad signature")
+                continue
+            why = self.admit(rec) if self.admit is not None else None
+            if why is not None:
+                self.rejected += 1
+                if kid not in self._refused and len(self._refused) < 4096:
+                    self._refused.add(kid)
+                    log.warning("refused the record of %r (key %s): %s", rec.name, kid, why)
+                if cur is None:   # not asked for again until a newer version comes
+                    self._tombstone(kid, rec.version, now)
                 continue
             if cur is None and not self._make_room(now):
                 self.book.refused += 1
@@ -395,6 +413,25 @@ class Directory:
             del self._tombstones[kid]
         if dropped:
             log.info("expired %s", ", ".join(f"{r.name} ({r.key_id})" for r in dropped))
+            self._notify("expired", dropped)
+        return dropped
+
+    def drop(self, key_ids: Iterable[str], now: float) -> list[PeerRecord]:
+        """Forget these records now (their membership was revoked or ran out), and the
+        names they held, so that a newly certified key can take them."""
+        dropped = []
+        for kid in key_ids:
+            rec = self._records.get(kid)
+            if rec is None or kid == self.key_id:
+                continue
+            del self._records[kid]
+            self._last_seen.pop(kid, None)
+            self.book.removed(kid)
+            self._tombstone(kid, rec.version, now)
+            if self._names.get(rec.name) == rec.public_key:
+                del self._names[rec.name]
+            dropped.append(rec)
+        if dropped:
             self._notify("expired", dropped)
         return dropped
 
