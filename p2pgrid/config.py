@@ -52,6 +52,7 @@ class PeerConfig:
     cert: Path | str | None = None          # this peer's certificate (`p2pgrid network invite`)
     revocations: Path | str | None = None   # a revocation list file to read and spread
     publish: tuple[dict, ...] = field(default=(), repr=False)  # datasets from a profile
+    console: bool = True                 # serve the owner's console (one-shot peers do not)
 
     def __post_init__(self):
         if self.data_dir is None:

@@ -98,6 +98,7 @@ class Peer:
         self.nursery: trio.Nursery | None = None
         self._seeds: dict[str, str | None] = {}       # address -> expected key id
         self._learned: dict[str, Target] = {}         # first-contact targets by address
+        self._seeds_warned: set[str] = set()
         self._summaries: dict[str, ObjectSummary] = {}
         self.services: dict = {}            # announced in our directory record (served models...)
         self.extensions: dict[str, object] = {}  # per-plugin state, keyed by plugin name
@@ -411,16 +412,33 @@ class Peer:
             if address in rec.addresses and rec.key_id != self.key_id and (
                     expected is None or rec.key_id == expected):
                 return await self.transport.request(self.target(rec), msg, timeout=self.config.ttl)
-        target = self._learned.get(address)
-        if target is None:
-            target = await learn_target(address, expect_key_id=self._seeds.get(address),
-                                        insecure=self.config.insecure)
-            self._learned[address] = target
         try:
-            return await self.transport.request(target, msg, timeout=self.config.ttl)
-        except Unauthenticated:
-            self._learned.pop(address, None)
+            target = self._learned.get(address)
+            if target is None:
+                target = await learn_target(address, expect_key_id=self._seeds.get(address),
+                                            insecure=self.config.insecure)
+                self._learned[address] = target
+            try:
+                return await self.transport.request(target, msg, timeout=self.config.ttl)
+            except Unauthenticated:
+                self._learned.pop(address, None)
+                raise
+        except (Unauthenticated, PeerUnavailable) as e:
+            self._warn_seed(address, e)
             raise
+
+    def _warn_seed(self, address: str, e) -> None:
+        # A seed (--join, mDNS) that answers with the wrong key or not at all is said
+        # once at the default level: a mistyped --join must not fail silently.
+        if address in self._seeds_warned:
+            return
+        self._seeds_warned.add(address)
+        if isinstance(e, Unauthenticated):
+            log.warning("%s: seed %s is not the peer --join named: %s", self.name, address,
+                        e.message)
+        else:
+            log.warning("%s: seed %s unreachable (%s); still trying", self.name, address,
+                        e.message)
 
     # ------------------------------------------------------------ services
 
@@ -522,7 +540,7 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
     """Run a peer for the duration of the block: server, gossip, mDNS, housekeeping."""
     peer = Peer(config, routers)
     try:
-        async with trio.open_nursery() as nursery:
+        async with _unwrapped(), trio.open_nursery() as nursery:
             peer.nursery = nursery
             peer.pushers.nursery = nursery
             peer.calls.nursery = nursery
@@ -577,6 +595,22 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
         peer.save_bindings()
         peer.state_save_known_peers()
         peer.store.close()
+
+
+@asynccontextmanager
+async def _unwrapped():
+    """Re-raise the one exception a nursery wrapped in a group as itself: a script's
+    own error (or KeyboardInterrupt) from inside ``async with connect(...)`` reaches it
+    as it was raised, not inside a (Base)ExceptionGroup."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        exc = group
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if exc is group:
+            raise
+        raise exc from exc.__cause__
 
 
 async def _start_server(nursery: trio.Nursery, peer: Peer) -> list[str]:

@@ -49,7 +49,8 @@ def hospital(tmp_path):
     try:
         yield proc, seed, home / "hospital"
     finally:
-        _stop(proc)
+        if proc.poll() is None:
+            _stop(proc)
 
 
 async def test_publish_files_to_running_peer_and_compute_by_column(tmp_path, hospital):
@@ -101,6 +102,10 @@ async def test_publish_files_to_running_peer_and_compute_by_column(tmp_path, hos
     assert changes[0]["new"]["aggregate"] == [] and changes[0]["new"]["get"] == ["ana", "carol"]
     out = await trio.to_thread.run_sync(lambda: _cli(tmp_path, "data", "unpublish", "scans"))
     assert out.returncode == 0 and out.stdout.strip() == "unpublished scans"
+    # the owner's terminal said, one line each, what was released and what denied
+    _, terminal = _stop(proc)
+    assert "p2pgrid.access INFO released to bob from births: aggregate" in terminal, terminal
+    assert "p2pgrid.access INFO denied bob on births" in terminal
 
 
 async def test_owner_commands_need_the_peers_key(tmp_path, hospital):
