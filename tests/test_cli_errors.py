@@ -106,3 +106,14 @@ def test_script_gets_its_own_exception(tmp_path, raise_, last):
     assert out.returncode != 0
     assert out.stderr.strip().splitlines()[-1] == last, out.stderr
     assert "ExceptionGroup" not in out.stderr
+
+
+@pytest.mark.parametrize("script", ["fl_mnist.py", "smpc_mnist.py", "fl_sms.py", "tiny_gpt.py"])
+def test_example_without_data_says_where_to_get_it(tmp_path, script):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--data",
+                          str(tmp_path / "none")], capture_output=True, text=True,
+                         env=_env(tmp_path), cwd=ROOT, timeout=120)
+    assert out.returncode != 0
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}: no data at {tmp_path / 'none'}")
+    assert "comes from https://" in lines[0]
