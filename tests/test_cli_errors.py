@@ -117,3 +117,21 @@ def test_example_without_data_says_where_to_get_it(tmp_path, script):
     lines = out.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{script}: no data at {tmp_path / 'none'}")
     assert "comes from https://" in lines[0]
+
+
+def test_every_option_has_help():
+    import argparse
+
+    from p2pgrid.cli import build_parser
+
+    missing = []
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.option_strings and not action.help and action.dest != "help":
+                missing.append(f"{path} {action.option_strings[-1]}")
+    walk(build_parser(), "p2pgrid")
+    assert not missing, missing
