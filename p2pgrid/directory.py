@@ -87,7 +87,8 @@ class ObjectSummary:
     dtype: str
     owner: str
     level: str = "row"
-    columns: list[str] = ()  # a table's column names (searchable like tags)
+    # a table's column names (searchable like tags)
+    columns: list[str] = dataclasses.field(default_factory=list)
 
 
 @message("dir.record")
