@@ -155,13 +155,14 @@ async def run_peer(args) -> int:
     with trio.CancelScope() as scope:
         async with open_peer(cfg) as peer, trio.open_nursery() as nursery:
             nursery.start_soon(_until_signalled, scope)
-            scheme = "http" if cfg.insecure else "https"
             print(f"peer {peer.name} up at {peer.address} (key {peer.key_id})", flush=True)
             print(f"  public key: {peer.identity.public_bytes.hex()}", flush=True)
             if peer.membership is not None:
                 print(f"  member of network {peer.membership.network}: certified peers only",
                       flush=True)
-            print(f"  page:  {scheme}://{peer.address}/   data: {cfg.data_dir}", flush=True)
+            # the peer's own https:// address is for peers (an Ed25519 certificate no
+            # browser takes); the console's link, printed by governance, is for browsers
+            print(f"  data:  {cfg.data_dir}", flush=True)
             for s in peer._summaries.values():
                 print(f"  publishes {s.id} {tuple(s.shape)} {' '.join('#' + t for t in s.tags)}",
                       flush=True)
