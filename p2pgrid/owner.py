@@ -142,9 +142,9 @@ async def owner_session(data_dir: Path) -> AsyncIterator:
     async def request(msg):
         try:
             return await transport.request(target, msg)
-        except (OSError, trio.BrokenResourceError) as e:
-            raise PeerUnavailable(f"the peer at {address} does not answer ({e}); is it "
-                                  "running?") from None
+        except (PeerUnavailable, OSError, trio.BrokenResourceError) as e:
+            why = e.message if isinstance(e, PeerUnavailable) else str(e)
+            raise PeerUnavailable(f"{why}; is the peer {name} running? (`p2pgrid peer`)") from None
     try:
         yield request
     finally:
