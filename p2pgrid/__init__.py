@@ -14,7 +14,7 @@
 from .config import PeerConfig, load_profile
 from .errors import (BadRequest, Conflict, MalformedMessage, NotFound, P2PError, PayloadTooLarge,
                      PeerUnavailable, PermissionDenied, ProtocolError, RateLimited, ReplayDetected,
-                     ShapeError, Unauthenticated, UnknownOp)
+                     RoundFailed, ShapeError, Unauthenticated, UnknownOp)
 from .identity import Identity
 from .network import Network, RemotePeer, connect
 from .peer import Peer, open_peer
@@ -26,6 +26,6 @@ __all__ = [
     "Pointer", "Expr", "Rules", "ObjectMeta", "Identity",
     "P2PError", "BadRequest", "MalformedMessage", "UnknownOp", "ShapeError", "Unauthenticated",
     "ReplayDetected", "PermissionDenied", "NotFound", "Conflict", "PayloadTooLarge",
-    "RateLimited", "PeerUnavailable", "ProtocolError",
+    "RateLimited", "PeerUnavailable", "ProtocolError", "RoundFailed",
 ]
 __version__ = "0.1.0"

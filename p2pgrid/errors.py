@@ -94,6 +94,12 @@ class ProtocolError(P2PError):
     status, code = 502, "protocol_error"
 
 
+class RoundFailed(ProtocolError):
+    """A federated round could not go on: too few selected peers returned an update.
+    The message names each peer left out and why (refused, failed, or too slow)."""
+    code = "round_failed"
+
+
 _REGISTRY: dict[str, type[P2PError]] = {}
 
 

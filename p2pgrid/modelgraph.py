@@ -459,11 +459,41 @@ def _export_state(model: nn.Module) -> tuple[dict, dict, list]:
     return state, tied, frozen
 
 
+def _layer_program(cls: type[nn.Module]) -> list[dict]:
+    """The program of a model that is one whitelisted layer: its inputs, one call, the output.
+
+    Tracing the layer's own forward would freeze Python values such as ``self.training``
+    (Dropout, BatchNorm) and fail on RNNs; a call of the layer keeps its real behaviour.
+    """
+    import inspect
+    program, refs = [], []
+    for name, p in list(inspect.signature(cls.forward).parameters.items())[1:]:
+        if p.kind not in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            break
+        step = {"op": "input", "args": [], "kwargs": {}, "out": name}
+        if p.default is not p.empty:
+            if p.default is not None and not isinstance(p.default, (bool, int, float)):
+                break
+            step["args"] = [p.default]
+        program.append(step)
+        refs.append({"ref": name})
+    program.append({"op": "module", "target": "", "args": refs, "kwargs": {}, "out": "layer"})
+    program.append({"op": "output", "args": [{"ref": "layer"}], "kwargs": {}, "out": "output"})
+    return program
+
+
 def export_model(model: nn.Module) -> dict:
     """Write `model` as a CBOR-able spec; UnknownOp names anything outside the whitelist."""
     if isinstance(model, GraphModel):
         return model.export()
+    if isinstance(model, torch.jit.ScriptModule):   # read as data, never run: p2pgrid.torchscript
+        from .torchscript import from_torchscript
+        return export_model(from_torchscript(model))
     modules = _export_tree(model, "")
+    if type(model) in _LAYER_NAMES:
+        state, tied, frozen = _export_state(model)
+        return {"format": FORMAT, "modules": modules, "forward": _layer_program(type(model)),
+                "state": state, "constants": {}, "tied": tied, "frozen": frozen}
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -720,12 +750,32 @@ class GraphModel(nn.Module):
             self.register_buffer(name, value.clone(), persistent=False)
         self._constant_names = frozenset(constants)
         self._root_type = spec["modules"]["type"]
-        layers = {n: m for n, m in self.named_modules() if n and type(m) in _LAYER_NAMES}
+        layers: dict[str, Callable] = {n: m for n, m in self.named_modules()
+                                       if n and type(m) in _LAYER_NAMES}
+        # A model that is one layer: the layer itself stays out of the module tree (its
+        # tensors are this model's, under the same names) and runs on this model's tensors.
+        self._root_layer: nn.Module | None = None
+        if type(tree) in _LAYER_NAMES:
+            object.__setattr__(self, "_root_layer", tree)
+            self._root_kwargs = dict(spec["modules"].get("kwargs", {}))
+            layers[""] = self._call_root_layer
         tensors = {n: "buffer" for n, _ in self.named_buffers(remove_duplicate=False)}
         tensors.update((n, "param") for n, _ in self.named_parameters(remove_duplicate=False))
         self._steps = _compile(spec.get("forward"), layers, tensors)
         self._program = spec["forward"]
         self._inputs = [s[4] for s in self._steps if s[0] == "input"]
+
+    @property
+    def root_layer(self) -> nn.Module | None:
+        """The whitelisted layer this model is, when it is a single layer (else None)."""
+        return self._root_layer
+
+    def _call_root_layer(self, *args, **kwargs):
+        layer = self._root_layer
+        layer.train(self.training)
+        tensors = {n: getattr(self, n) for n in (*layer._parameters, *layer._buffers)
+                   if getattr(layer, n, None) is not None}
+        return torch.func.functional_call(layer, tensors, args, kwargs)
 
     @property
     def program(self) -> list[dict]:
@@ -735,10 +785,13 @@ class GraphModel(nn.Module):
         """The spec of this model with its current tensors (no tracing needed)."""
         state, tied, frozen = _export_state(self)
         constants = {n: state.pop(n) for n in self._constant_names}
-        tree = _export_tree(self, "")
-        tree["type"] = self._root_type
-        for n in self._constant_names:
-            tree["buffers"].pop(n)
+        if self._root_layer is not None:
+            tree = {"type": self._root_type, "kwargs": dict(self._root_kwargs)}
+        else:
+            tree = _export_tree(self, "")
+            tree["type"] = self._root_type
+            for n in self._constant_names:
+                tree["buffers"].pop(n)
         return {"format": FORMAT, "modules": tree, "forward": self.program, "state": state,
                 "constants": constants, "tied": tied, "frozen": frozen}
 
@@ -761,10 +814,11 @@ class GraphModel(nn.Module):
             if kind == "output":
                 return _resolve(a[0], env)
             try:
-                if kind == "param":
-                    env[out] = self.get_parameter(fn)
-                elif kind == "buffer":
-                    env[out] = self.get_buffer(fn)
+                if kind in ("param", "buffer"):
+                    # attribute lookup, not get_parameter: under torch.func.functional_call
+                    # (DP-SGD's per-example gradients) a parameter is a plain tensor
+                    owner, leaf = _owner(self, fn)
+                    env[out] = getattr(owner, leaf)
                 else:
                     env[out] = fn(*_resolve(a, env), **{k: _resolve(v, env) for k, v in kw.items()})
             except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError,

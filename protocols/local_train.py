@@ -137,9 +137,24 @@ def _dp_config(dp: dict, n: int, batch_size: int) -> dict:
     return out
 
 
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """The model's modules, with the layer a single-layer GraphModel runs (kept out of its tree)."""
+    root = getattr(model, "root_layer", None)
+    return [*model.modules(), *([root] if isinstance(root, nn.Module) else [])]
+
+
+def _checked_loss(loss_fn: Callable) -> Callable:
+    def loss(out, y):
+        if not isinstance(out, torch.Tensor):
+            raise ShapeError(f"the model returns a {type(out).__name__} (as nn.LSTM and nn.GRU do), "
+                             f"a loss needs one tensor: put the layer in a module that returns one")
+        return loss_fn(out, y)
+    return loss
+
+
 def _per_sample_grads(model, params, buffers, loss_fn, xb, yb):
     """Per-example gradients ({name: [batch, *shape]}) and losses ([batch])."""
-    if not any(isinstance(m, nn.RNNBase) for m in model.modules()):
+    if not any(isinstance(m, nn.RNNBase) for m in _layers(model)):
         def one(p, x, y):
             out = functional_call(model, (p, buffers), (x.unsqueeze(0),))
             return loss_fn(out, y.unsqueeze(0))
@@ -157,7 +172,8 @@ def _per_sample_grads(model, params, buffers, loss_fn, xb, yb):
     return grads, losses
 
 
-def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, rand, prox_mu=0.0, anchor=None) -> float:
+def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, rand, prox_mu=0.0, anchor=None,
+             clip_grad_norm=None) -> float:
     params = {k: p.detach() for k, p in model.named_parameters() if p.requires_grad}
     buffers = {k: b for k, b in model.named_buffers()}
     loss = math.nan
@@ -178,6 +194,8 @@ def _dp_step(model, opt, loss_fn, xb, yb, dp, expected_batch, rand, prox_mu=0.0,
         if anchor:  # FedProx's term depends on no example: adding it after the noise costs no privacy
             g = g + prox_mu * (params[k] - anchor[k])
         named[k].grad = g.to(named[k].dtype)
+    if clip_grad_norm is not None:  # post-processing of the noisy gradient
+        torch.nn.utils.clip_grad_norm_([named[k] for k in summed], clip_grad_norm)
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
@@ -187,6 +205,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
                   optimizer: dict, loss: str, prox_mu: float = 0.0,
                   global_params: dict[str, torch.Tensor] | None = None, dp: dict | None = None,
                   seed: int | None = None, should_stop: Callable[[], bool] | None = None,
+                  clip_grad_norm: float | None = None,
                   ) -> tuple[dict[str, torch.Tensor], int, dict[str, Any]]:
     """Train `model` in place on (x, y); return (state dict copy, number of examples, metrics).
 
@@ -199,8 +218,11 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     (:class:`protocols.private_random.PrivateRandom`); `seed` drives only what privacy does not
     depend on (the shuffling of non-DP epochs, dropout masks), so a seeded DP run is
     not reproducible. DP training refuses BatchNorm (it mixes examples).
-    `should_stop`, polled before every step, ends the loop with :class:`TrainingStopped`
-    (a peer uses it when the round it trains for was abandoned). Metrics carry
+    `clip_grad_norm` rescales each step's gradient to at most that L2 norm (over all
+    trainable parameters, as ``torch.nn.utils.clip_grad_norm_``); under DP it applies to the
+    noisy gradient, which costs no privacy. `should_stop`, polled before every step, ends
+    the loop with :class:`TrainingStopped` (a peer uses it when the round it trains for
+    was abandoned). Metrics carry
     ``train_seconds``, the loop's wall time.
     """
     n = _check_data(x, y)
@@ -210,12 +232,17 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise BadRequest("batch_size must be a positive int")
     prox_mu = _num(0, 1e6)(prox_mu, "prox_mu")
+    if clip_grad_norm is not None:
+        clip_grad_norm = _num(0, 1e6, lo_open=True)(clip_grad_norm, "clip_grad_norm")
+    loss_fn = _checked_loss(loss_fn)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise BadRequest("the model has no trainable parameters")
     opt = make_optimizer(trainable, optimizer)
     batch_size = min(batch_size, n)
     if dp is not None:
         dp = _dp_config(dp, n, batch_size)
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in _layers(model)):
             raise BadRequest("DP-SGD cannot train BatchNorm layers (they mix examples); use LayerNorm")
     anchor = None
     if prox_mu > 0:
@@ -252,7 +279,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
                 xb, yb = x[idx], y[idx]
                 if dp is not None:
                     last_losses.append(_dp_step(model, opt, loss_fn, xb, yb, dp, batch_size, private,
-                                                prox_mu, anchor))
+                                                prox_mu, anchor, clip_grad_norm))
                 else:
                     opt.zero_grad(set_to_none=True)
                     value = loss_fn(model(xb), yb)
@@ -262,6 +289,8 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
                         value = value + prox_mu / 2 * sum(
                             (named[k] - a).pow(2).sum() for k, a in anchor.items())
                     value.backward()
+                    if clip_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(trainable, clip_grad_norm)
                     opt.step()
                 steps += 1
     model.train(was_training)

@@ -22,6 +22,10 @@ network namespace so that ``lo_bytes`` counts only this benchmark::
 
     unshare -n sh -c 'ip link set lo up; .venv/bin/python scripts/bench_fedavg.py'
 
+With ``--lab ID`` (scripts/bench_wan.py runs it so) this process runs in the lab host
+``ai`` and each data peer in the lab host of its name (``peer00``, ``peer01``...), all
+listening on their LAN addresses.
+
 Prints JSON.
 """
 
@@ -58,22 +62,33 @@ async def bench(n_peers: int, args) -> dict:
     from p2pgrid.federated import SGD, FedAvg
 
     names = [f"peer{i:02d}" for i in range(n_peers)]
-    workers = Workers(Path(__file__).resolve().parent / "fl_mnist.py")
+    wrap, host = None, "127.0.0.1"
+    if args.lab:
+        from p2pgrid.lab import host_ns, ns_address
+        host = ns_address(host_ns(args.lab, "ai"))
+
+        def wrap(name, cmd):
+            ns = host_ns(args.lab, name)
+            return ["ip", "netns", "exec", ns, *cmd, "--host", ns_address(ns)]
+    workers = Workers(Path(__file__).resolve().parent / "fl_mnist.py", wrap=wrap)
     tmp = Path(tempfile.mkdtemp(prefix="bench-fedavg-"))
     marks: dict[int, int | None] = {}
     cpu: dict[int, float] = {}
 
+    # in a lab the traffic is on each host's link, not on this host's loopback
+    counter = (lambda: None) if args.lab else lo_bytes
+
     def on_event(ev):
         if ev.kind == "round_start":
-            marks[ev.round] = lo_bytes()
+            marks[ev.round] = counter()
             cpu[ev.round] = time.process_time()
         elif ev.kind == "round_end":
-            start, end = marks.get(ev.round), lo_bytes()
+            start, end = marks.get(ev.round), counter()
             marks[ev.round] = None if start is None or end is None else end - start
             cpu[ev.round] = time.process_time() - cpu[ev.round]
 
     t0 = time.perf_counter()
-    async with p2pgrid.connect("ai", mdns=False, data_dir=tmp / "ai", wait=0,
+    async with p2pgrid.connect("ai", mdns=False, data_dir=tmp / "ai", wait=0, host=host,
                                gossip_interval=1.0) as net, trio.open_nursery() as nursery:
         join = f"{net.me.key_id}@{net.me.address}"
         for i, name in enumerate(names):
@@ -150,6 +165,7 @@ def main(argv=None) -> int:
     p.add_argument("--secure", action="store_true", help="with secure aggregation")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--json", type=Path, help="also write the JSON here")
+    p.add_argument("--lab", help="lab id: run in its hosts ai, peer00, peer01... (scripts/bench_wan.py)")
     args = p.parse_args(argv)
     args.peers = [int(x) for x in args.peers.split(",")]
     return run_script(args, main_async)

@@ -24,6 +24,12 @@ and fetches its material; later runs get material the dealer made ahead of use).
 One JSON object goes to stdout. For a clean loopback run it alone:
 
     unshare -rn sh -c 'ip link set lo up; .venv/bin/python scripts/bench_smpc.py'
+
+With ``--lab ID`` (see scripts/bench_wan.py, which runs this inside a lab host) the
+parties and the dealer run in the lab's hosts ``alice``, ``bob`` and ``dealer`` and
+this process listens on its own host's LAN address; the training step then also
+reports ``mean_s`` (mean over the measured steps, the dealer's work included) and
+``wire_bytes_per_step`` (bytes each host sent on its link per step, TLS included).
 """
 
 from __future__ import annotations
@@ -66,15 +72,20 @@ async def _serve(args) -> None:
     torch.set_num_threads(args.threads)
     roles = ("crypto-provider",) if args.serve == DEALER else ()
     cfg = PeerConfig(name=args.serve, data_dir=Path(args.data_dir) / args.serve, mdns=False,
-                     roles=roles, join=tuple(args.join or ()), gossip_interval=1.0, ttl=60.0)
+                     roles=roles, host=args.host or "127.0.0.1", join=tuple(args.join or ()), gossip_interval=1.0, ttl=60.0)
     async with p2pgrid.open_peer(cfg) as peer:
         print(json.dumps({"key_id": peer.key_id, "address": peer.address}), flush=True)
         await trio.sleep_forever()
 
 
-def _spawn(name: str, data_dir: str, join: str | None, threads: int) -> tuple[subprocess.Popen, str]:
+def _spawn(name: str, data_dir: str, join: str | None, threads: int,
+           lab: str | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", name, "--data-dir", data_dir,
            "--threads", str(threads)]
+    if lab:
+        from p2pgrid.lab import host_ns, ns_address
+        ns = host_ns(lab, name)
+        cmd = ["ip", "netns", "exec", ns, *cmd, "--host", ns_address(ns)]
     if join:
         cmd += ["--join", join]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -118,7 +129,7 @@ def _split(replies) -> dict:
 async def _measure(args, seed: str) -> dict:
     torch.set_num_threads(args.threads)
     cfg = PeerConfig(name="client", data_dir=Path(args.data_dir) / "client", mdns=False,
-                     join=(seed,), gossip_interval=1.0, ttl=60.0)
+                     join=(seed,), gossip_interval=1.0, ttl=60.0, host=args.host or "127.0.0.1")
     async with p2pgrid.open_peer(cfg) as peer:
         net = Network(peer)
         await net.wait_for_peers([*PARTIES, DEALER], timeout=60)
@@ -155,7 +166,10 @@ async def _measure(args, seed: str) -> dict:
                              .float(), **kw)
         opt = smpc.SGD(model, lr=0.1)
         times, party_s, last = [], [], None
+        wire0 = None
         for i in range(args.warmup + args.reps):
+            if i == args.warmup:
+                wire0 = _wire_bytes(args.lab)
             rows = slice(64 * (i % 4), 64 * (i % 4) + 64)
             program = xs[rows].program([xs[rows], ys[rows]])
             t0 = time.perf_counter()
@@ -167,11 +181,16 @@ async def _measure(args, seed: str) -> dict:
                 times.append(time.perf_counter() - t0)
                 party_s.append(max(r.values[0] for r in replies))
             last = replies
+        wire = _wire_bytes(args.lab)
         out["train_step_b64"] = {
-            "s": round(_median(times), 4), "party_session_s": round(_median(party_s), 4),
+            "s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
+            "party_session_s": round(_median(party_s), 4),
             "rounds": int(last[0].values[1]),
             "bytes_sent_per_party": [int(r.values[2]) for r in last],
             "party_ms_split": _split(last)}
+        if wire:
+            out["train_step_b64"]["wire_bytes_per_step"] = {
+                h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
         _log("train", out["train_step_b64"])
 
         # inference: the client shares a batch of 64 (with the call), the parties run the
@@ -191,10 +210,18 @@ async def _measure(args, seed: str) -> dict:
                 times.append(t1 - t0)
                 predict_only.append(t3 - t2)
             await xb.delete()
-        out["inference_b64"] = {"s": round(_median(times), 4),
+        out["inference_b64"] = {"s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
                                 "predict_only_s": round(_median(predict_only), 4)}
         _log("inference", out["inference_b64"])
         return out
+
+
+def _wire_bytes(lab: str | None) -> dict[str, int] | None:
+    """Bytes each lab host has sent on its link so far (None outside a lab)."""
+    if not lab:
+        return None
+    from p2pgrid.lab import host_ns, ns_tx_bytes
+    return {h: ns_tx_bytes(host_ns(lab, h)) for h in (*PARTIES, DEALER, "client")}
 
 
 def _beaver_bound_bytes() -> int:
@@ -214,6 +241,9 @@ def main(argv=None) -> None:
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     ap.add_argument("--join", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--host", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--lab", default=None,
+                    help="lab id: run the parties in its hosts alice, bob, dealer (scripts/bench_wan.py)")
     args = ap.parse_args(argv)
     if args.serve:
         trio.run(_serve, args)
@@ -223,16 +253,20 @@ def main(argv=None) -> None:
     args.data_dir = root
     procs = []
     try:
-        first, seed = _spawn(PARTIES[0], root, None, args.threads)
+        if args.lab and not args.host:
+            from p2pgrid.lab import host_ns, ns_address
+            args.host = ns_address(host_ns(args.lab, "client"))
+        first, seed = _spawn(PARTIES[0], root, None, args.threads, args.lab)
         procs.append(first)
         for name in (PARTIES[1], DEALER):
-            p, _ = _spawn(name, root, seed, args.threads)
+            p, _ = _spawn(name, root, seed, args.threads, args.lab)
             procs.append(p)
         t0 = time.perf_counter()
         ops = trio.run(_measure, args, seed)
         result = {
             "setting": {"parties": list(PARTIES), "dealer": DEALER, "processes": 4,
-                        "transport": "TLS HTTP/2 (rounds pushed on streams), loopback", "frac_bits": 16,
+                        "transport": "TLS HTTP/2 (rounds pushed on streams), "
+                        + (f"lab {args.lab} (separate namespaces)" if args.lab else "loopback"), "frac_bits": 16,
                         "torch_threads": args.threads, "reps": args.reps,
                         "cpus": os.cpu_count()},
             **ops,

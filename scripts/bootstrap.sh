@@ -19,6 +19,14 @@ if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; }
       && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       chromium chromium-driver; } >&2 || echo "== chromium not installed; browser tests will skip" >&2
 fi
+# The network lab (scripts/lab.py, tests/lab) emulates delay and loss with Debian's vde tools
+# where the kernel has no netem; it needs root and iproute2 (lab tests skip without root).
+if { ! command -v wirefilter >/dev/null || ! command -v tc >/dev/null; } \
+    && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "== installing iproute2, vdeplug and vde-wirefilter (network lab)" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      iproute2 vdeplug vde-wirefilter; } >&2 || echo "== vde tools not installed; delayed lab links will fail" >&2
+fi
 stamp=.venv/.p2pgrid-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then

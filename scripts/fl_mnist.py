@@ -76,16 +76,19 @@ def mlp(seed: int = 0) -> nn.Module:
 class Workers:
     """Data peers as child processes (``python SCRIPT worker ...``). Each prints
     ``READY <join>`` once its data is published and ``TRAINING <round>`` whenever it
-    starts training; `on_line(name, line)` sees every line."""
+    starts training; `on_line(name, line)` sees every line. `wrap(name, cmd)`, when
+    given, returns the command to run instead (e.g. inside a lab host's namespace)."""
 
-    def __init__(self, script: Path, on_line=None):
-        self.script, self.on_line = script, on_line
+    def __init__(self, script: Path, on_line=None, wrap=None):
+        self.script, self.on_line, self.wrap = script, on_line, wrap
         self.procs: dict[str, trio.Process] = {}
         self.ready: dict[str, trio.Event] = {}
         self.killed: list[str] = []
 
     async def start(self, nursery, name: str, args: list[str]) -> None:
         cmd = [sys.executable, str(self.script), "worker", "--name", name, *args]
+        if self.wrap is not None:
+            cmd = self.wrap(name, cmd)
         proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE,
                                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
         self.procs[name] = proc
@@ -134,7 +137,7 @@ class Workers:
                 proc.kill()
 
 
-async def serve_worker(name: str, data_dir: Path, join: str, publish) -> None:
+async def serve_worker(name: str, data_dir: Path, join: str, publish, host: str = "127.0.0.1") -> None:
     """A data peer: start, publish with `publish(net)`, announce, then serve until killed."""
     from p2pgrid.config import PeerConfig
     from p2pgrid.federated import state_of
@@ -145,7 +148,8 @@ async def serve_worker(name: str, data_dir: Path, join: str, publish) -> None:
 
     torch.set_num_threads(1)
     warm_up()  # torch's lazy imports happen now, not in round 1
-    cfg = PeerConfig(name=name, data_dir=data_dir, mdns=False, join=(join,), gossip_interval=0.5)
+    cfg = PeerConfig(name=name, data_dir=data_dir, mdns=False, join=(join,), gossip_interval=0.5,
+                     host=host)
     async with open_peer(cfg) as peer:
         state = state_of(peer)
         original = state.train
@@ -266,7 +270,7 @@ async def run_worker(args) -> None:
         await net.federated_publish(x[idx].clone(), y[idx].clone(), tags=["mnist", "train"],
                                     compute=["ai"], description=f"MNIST shard {args.shard}")
 
-    await serve_worker(args.name, args.dir, args.join, publish)
+    await serve_worker(args.name, args.dir, args.join, publish, host=args.host or "127.0.0.1")
 
 
 MNIST_HINT = ("MNIST (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, train-*) comes from "
@@ -319,6 +323,7 @@ def main(argv=None) -> int:
     p.add_argument("--shards", type=int)
     p.add_argument("--dir", type=Path)
     p.add_argument("--join")
+    p.add_argument("--host", help="address the worker listens on (default 127.0.0.1)")
     args = p.parse_args(argv)
     require_data(args.data / "mnist" / "t10k-images-idx3-ubyte.gz", MNIST_HINT)
     return run_script(args, coordinate, run_worker)

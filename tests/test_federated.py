@@ -134,7 +134,8 @@ async def test_round_closes_at_its_deadline_with_the_peers_that_answered(autojum
     assert torch.allclose(res.params["weight"], model.weight + 4.0)   # 2 rounds of mean(1, 3)
     assert res.history[0].train_seconds == 0.5
     link = FakeLink({"a": 1.0, "b": 1.0, "c": 1.0}, stalled=["b", "c"])
-    with pytest.raises(ProtocolError, match=r"round 1: 1 of 3 selected peers answered.*need 2.*b: no answer"):
+    with pytest.raises(ProtocolError, match=r"round 1: 1 of 3 selected peers returned.*need 2.*2 did not "
+                                            r"answer before the 30 s deadline: b, c"):
         await Coordinator(link, plan(), model, progress=False).run()
 
 
@@ -198,3 +199,112 @@ async def test_waits_for_data_holders_then_says_none_match(autojump_clock):
     with pytest.raises(ProtocolError, match="no peer publishes data matching '#d'"):
         await Coordinator(FakeLink({}), plan(), nn.Linear(2, 1), progress=False).run()
     assert trio.current_time() - start == pytest.approx(10, abs=0.5)
+
+
+# ---- issue 15 item 5: plain FedAvg sums in a fixed order
+
+class OrderedLink(FakeLink):
+    """Updates whose float sum depends on the order of addition; `order` says who answers first."""
+
+    def __init__(self, updates, order):
+        super().__init__(updates)
+        self.order = order
+
+    async def request(self, peer, msg, timeout):
+        if isinstance(msg, Train):
+            await trio.sleep(1 + self.order.index(peer))
+        return await super().request(peer, msg, timeout)
+
+
+@pytest.mark.parametrize("autojump_clock", [trio.testing.MockClock(autojump_threshold=0)])
+async def test_fedavg_is_bit_for_bit_reproducible_whatever_the_reply_order(autojump_clock):
+    updates = {"a": 1e17, "b": 1.0, "c": -1e17, "d": 3.3e-3}  # float64 sums that depend on order
+    results = []
+    for order in (["a", "b", "c", "d"], ["d", "c", "b", "a"], ["b", "d", "a", "c"]):
+        torch.manual_seed(0)
+        model = nn.Linear(3, 2)
+        res = await Coordinator(OrderedLink(updates, order), plan(rounds=2), model, progress=False).run()
+        results.append(res.params)
+    for other in results[1:]:
+        assert all(torch.equal(results[0][k], other[k]) for k in results[0])
+
+
+# ---- issue 15 item 7: a round whose peers all refused says so, with a public error class
+
+async def test_a_round_whose_peers_all_refused_names_the_refusals():
+    import p2pgrid
+
+    class Refuses(FakeLink):
+        async def request(self, peer, msg, timeout):
+            if isinstance(msg, Train):
+                raise PermissionDenied(f"{peer} refuses: the job's DP settings exceed its cap")
+            return await super().request(peer, msg, timeout)
+
+    with pytest.raises(p2pgrid.RoundFailed) as e:
+        await Coordinator(Refuses({"a": 1.0, "b": 1.0}), plan(), nn.Linear(2, 1), progress=False).run()
+    msg = str(e.value)
+    assert "deadline" not in msg and "2 refused or failed" in msg
+    assert "a: PermissionDenied: a refuses" in msg and "b: PermissionDenied: b refuses" in msg
+    assert isinstance(e.value, ProtocolError) and "RoundFailed" in p2pgrid.__all__
+
+
+# ---- issue 15 items 4 and 6: wait_for, the per-round report of unused peers, clip_grad_norm
+
+class LateLink(FakeLink):
+    """Data holders that reach the directory `late[p]` seconds after the link is made;
+    records the training config each peer received."""
+
+    def __init__(self, updates, late, **kw):
+        super().__init__(updates, **kw)
+        self.late, self.t0, self.configs = late, trio.current_time(), {}
+
+    def shards(self, query):
+        now = trio.current_time() - self.t0
+        return {p: pairs for p, pairs in super().shards(query).items() if self.late.get(p, 0) <= now}
+
+    async def request(self, peer, msg, timeout):
+        if isinstance(msg, Train):
+            self.configs[peer] = msg.fit.config
+        return await super().request(peer, msg, timeout)
+
+
+@pytest.mark.parametrize("autojump_clock", [trio.testing.MockClock(autojump_threshold=0)])
+async def test_wait_for_names_or_a_count_and_the_unused_report(autojump_clock):
+    updates = {"a": 1.0, "b": 1.0, "c": 1.0}
+    # without wait_for, round 1 starts with the two holders in sight, and says c was not seen
+    res = await Coordinator(LateLink(updates, {"c": 5}), plan(rounds=1), nn.Linear(2, 1),
+                            progress=False).run()
+    assert res.history[0].peers == ["a", "b"]
+    for wait_for in (["a", "b", "c"], 3):
+        start = trio.current_time()
+        res = await Coordinator(LateLink(updates, {"c": 5}), plan(rounds=1, wait_for=wait_for),
+                                nn.Linear(2, 1), progress=False).run()
+        assert res.history[0].peers == ["a", "b", "c"] and res.history[0].unused == {}
+        assert 5 <= trio.current_time() - start < 10
+    # a named peer that never comes: round 1 goes on after wait_timeout and says why it is missing
+    link = LateLink({**updates, "d": 1.0}, {"c": 5, "d": 1e9}, refuse=["b"])
+    res = await Coordinator(link, plan(rounds=2, wait_for=["a", "b", "c", "d"], wait_timeout=20),
+                            nn.Linear(2, 1), progress=False).run()
+    first, second = res.history
+    assert first.peers == ["a", "c"]
+    assert "compute right" in first.unused["b"] and "wait_for" in first.unused["d"]
+    assert "20 s" in first.unused["d"] and set(first.unused) == {"b", "d"}
+    assert set(second.unused) == {"b"} and "refused" in second.unused["b"]
+    # peers the strategy did not sample are reported too
+    res = await Coordinator(LateLink(updates, {}), plan(rounds=1, strategy=FedAvg(min_peers=1, fraction=0.3)),
+                            nn.Linear(2, 1), progress=False).run()
+    used, unused = res.history[0].peers, res.history[0].unused
+    assert sorted(used + list(unused)) == ["a", "b", "c"] and unused
+    assert all("not sampled by FedAvg" in why for why in unused.values())
+    with pytest.raises(BadRequest, match="wait_for"):
+        plan(wait_for=0)
+
+
+async def test_clip_grad_norm_travels_to_the_peers_and_their_loop():
+    from p2pgrid.federated.owner import _training_config
+    link = LateLink({"a": 1.0, "b": 1.0}, {})
+    await Coordinator(link, plan(rounds=1, clip_grad_norm=5.0), nn.Linear(2, 1), progress=False).run()
+    assert link.configs["a"]["clip_grad_norm"] == 5.0
+    assert _training_config(link.configs["a"])["clip_grad_norm"] == 5.0
+    with pytest.raises(BadRequest, match="clip_grad_norm"):
+        plan(clip_grad_norm=-1.0)

@@ -190,7 +190,12 @@ async def test_deadline_min_peers_and_compute_rights(tmp_path):
         assert res.history[0].peers == ["h1", "h2"]
         assert "deadline" in res.history[0].failures["h4"]
         assert "no compute right" in res.excluded["h3"]   # never asked to train
-        with pytest.raises(p2pgrid.ProtocolError, match=r"2 of 3 selected peers answered.*need 3.*h4"):
+        # the round's report names every holder of matching data it did not use (issue 15 item 4)
+        assert set(res.history[0].unused) == {"h3", "h4"}
+        assert "refused" in res.history[0].unused["h3"] and "deadline" in res.history[0].unused["h4"]
+        with pytest.raises(p2pgrid.RoundFailed, match=r"2 of 3 selected peers returned a usable answer "
+                                                      r".*need 3.*did not answer before the 4 s "
+                                                      r"deadline: h4"):
             await fit(grid.net("ai"), strategy=FedAvg(min_peers=3, round_timeout=4.0), **quick)
         with pytest.raises(p2pgrid.ProtocolError,
                            match=r"3 of 4 peers .* need min_peers=4.*h3: PermissionDenied"):
@@ -308,12 +313,22 @@ async def test_cli_fit_end_to_end(tmp_path):
         await publish_shards(grid, ["h1", "h2"], compute=["cli-user"])
         seed = f"{grid['h1'].key_id}@{grid['h1'].address}"
         out = tmp_path / "final.p2pmodel"
+        state = state_of(grid["h1"])
+        configs, original = [], state.train
+
+        def recording(spec, params, x, y, config, should_stop):
+            configs.append(config)
+            return original(spec, params, x, y, config, should_stop)
+        state.train = recording
         proc = await trio.run_process(
             [sys.executable, "-m", "p2pgrid.cli", "fit", TRAIN, "--mlp", "64,32,10", "--rounds", "2",
              "--lr", "0.2", "--as", "cli-user", "--join", seed, "--no-mdns", "--no-progress",
+             "--clip-grad-norm", "5", "--wait-for", "h1,h2",
              "--data-dir", str(tmp_path / "cli"), "--out", str(out)],
             capture_stdout=True, capture_stderr=True, check=False)
         assert proc.returncode == 0, proc.stderr.decode()[-2000:]
         assert "round 2: 2 peers" in proc.stdout.decode()
+        # the owner's own loop clipped at the CLI's norm (issue 15 item 6)
+        assert [c["clip_grad_norm"] for c in configs] == [5.0, 5.0]
         from p2pgrid.federated import load_model
         assert isinstance(load_model(out)(X[:2]), torch.Tensor)

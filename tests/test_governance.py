@@ -351,3 +351,42 @@ async def test_program_approval_releases_exactly_that_program(tmp_path):
         ana = await _rec(grid, "ana")
         with pytest.raises(p2pgrid.PermissionDenied):
             await (ana[:, 1] * (ana[:, 0] > 3)).sum().get()   # approved for bob only
+
+
+# ---- issue 15 item 8: bounds that clip the data warn the owner, never the scientist
+
+def _docs_bounds():
+    import re
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "docs" / "GOVERNANCE.md").read_text()
+    line = re.search(r"p2pgrid budget bounds births-2024-02 ((?:\S+:\S+ ?)+)", text).group(1)
+    return Bounds.parse([[float(v) for v in pair.split(":")] for pair in line.split()])
+
+
+def test_the_documented_bounds_fit_the_demo_births():
+    from p2pgrid.governance.mechanism import clipped_columns
+    # the hospital's demo dataset (peers/hospital.toml), and a few others from the generator
+    for data in (birth_records(1000, seed=7, month=2), *(birth_records(1000, seed=s) for s in range(3))):
+        assert clipped_columns(data, _docs_bounds(), threshold=0.0) == []
+
+
+async def test_bounds_that_clip_warn_the_owner_only(tmp_path, caplog):
+    async with open_network(["hospital", "bob"], tmp_path) as grid:
+        ptr, gov = await _setup(grid, users=(("bob", "scientist"),))
+        gov.store.set_dataset(ptr.id, Bounds.parse([[0, 60], [1000, 5000], [0, 1]]), None, by="test")
+        gov.store.set_budget("bob", 1.0, by="test")
+        bob = await _rec(grid, "bob")
+        with caplog.at_level("WARNING", logger="p2pgrid.governance"):
+            value, info = await p2pgrid.governance.private_get(bob[:, 1].mean(), epsilon=0.1, details=True)
+            await p2pgrid.governance.private_get(bob[:, 2].mean(), epsilon=0.1)   # warned once only
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                    and "clip" in r.getMessage()]
+        assert len(warnings) == 2, warnings
+        assert all(w.startswith("hospital: ") and ptr.id in w for w in warnings)
+        assert "column 1" in warnings[0] and "100.0%" in warnings[0] and "column 2" in warnings[1]
+        assert "clip" not in repr(info) and float(value) > 900   # bob sees the clamped mean, no hint
+        caplog.clear()
+        gov.store.set_dataset(ptr.id, _docs_bounds(), None, by="test")
+        with caplog.at_level("WARNING", logger="p2pgrid.governance"):
+            await p2pgrid.governance.private_get(bob[:, 1].mean(), epsilon=0.1)
+        assert not [r for r in caplog.records if "clip" in r.getMessage()]

@@ -208,3 +208,113 @@ def test_training_can_be_stopped_and_reports_its_time():
                                   loss="cross_entropy", seed=0)
     assert metrics["train_seconds"] > 0
     assert dp_steps(64, 8, 3) == (0.125, 24) and dp_steps(5, 8, 1) == (1.0, 1)
+
+
+# ---- issue 15 item 3: DP-SGD on a model that is one whitelisted layer, as federated training imports it
+
+_ALONE = {"Linear": dict(in_features=4, out_features=3),
+          "Conv1d": dict(in_channels=2, out_channels=3, kernel_size=3),
+          "Conv2d": dict(in_channels=2, out_channels=3, kernel_size=3),
+          "MaxPool1d": dict(kernel_size=2), "MaxPool2d": dict(kernel_size=2),
+          "AvgPool1d": dict(kernel_size=2), "AvgPool2d": dict(kernel_size=2),
+          "AdaptiveAvgPool1d": dict(output_size=2), "AdaptiveAvgPool2d": dict(output_size=2),
+          "Softmax": dict(dim=1), "LogSoftmax": dict(dim=1),
+          "Embedding": dict(num_embeddings=10, embedding_dim=3), "LayerNorm": dict(normalized_shape=[4]),
+          "BatchNorm1d": dict(num_features=4), "BatchNorm2d": dict(num_features=2),
+          "GRU": dict(input_size=4, hidden_size=3, batch_first=True),
+          "LSTM": dict(input_size=4, hidden_size=3, batch_first=True),
+          "Unflatten": dict(dim=1, unflattened_size=[2, 2])}
+
+
+def _alone_input(name):
+    if name.endswith("2d"):
+        return torch.randn(16, 2, 6, 6)
+    if name.endswith("1d") and name != "BatchNorm1d":
+        return torch.randn(16, 2, 6)
+    if name == "Embedding":
+        return torch.randint(0, 10, (16, 5))
+    if name in ("GRU", "LSTM"):
+        return torch.randn(16, 5, 4)
+    return torch.randn(16, 4)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("p2pgrid.modelgraph", fromlist=["LAYERS"]).LAYERS))
+def test_dp_sgd_on_every_whitelisted_layer_alone(name):
+    from p2pgrid.modelgraph import LAYERS
+    cls, _ = LAYERS[name]
+    torch.manual_seed(0)
+    model = import_model(export_model(cls(**_ALONE.get(name, {}))))
+    x = _alone_input(name)
+    out = model(x)
+    y = torch.randn_like((out[0] if isinstance(out, tuple) else out).float())
+    dp = {"clip": 1.0, "noise_multiplier": 1.0}
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def train():
+        return train_locally(model, x, y, epochs=1, batch_size=4, optimizer=SGD, loss="mse", dp=dp)
+
+    if not any(p.requires_grad for p in model.parameters()):
+        with pytest.raises(BadRequest, match="no trainable parameters"):
+            train()
+    elif name.startswith("BatchNorm"):
+        with pytest.raises(BadRequest, match="BatchNorm"):
+            train()
+    elif name in ("GRU", "LSTM"):  # a bare RNN returns (output, state): no loss applies to it
+        with pytest.raises(ShapeError, match="returns a tuple"):
+            train()
+    else:
+        params, n, metrics = train()
+        assert n == 16 and metrics["epsilon"] > 0
+        assert any(not torch.equal(before[k], params[k]) for k in before)
+
+
+def test_single_layer_model_keeps_train_and_eval_behaviour():
+    model = import_model(export_model(nn.Dropout(0.5)))
+    x = torch.ones(4, 1000)
+    model.eval()
+    assert torch.equal(model(x), x)
+    model.train()
+    assert (model(x) == 0).any()
+    again = import_model(model.export())  # a single-layer model re-exports as the layer
+    assert again.export()["modules"] == {"type": "Dropout", "kwargs": {"p": 0.5, "inplace": False}}
+
+
+def test_dp_sgd_on_a_bare_rnn_inside_a_module_uses_its_own_loop():
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn, self.head = nn.GRU(4, 3, batch_first=True), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+    model = import_model(export_model(Last()))
+    x, y = torch.randn(16, 5, 4), torch.randn(16, 1)
+    params, n, metrics = train_locally(model, x, y, epochs=1, batch_size=4, optimizer=SGD, loss="mse",
+                                       dp={"clip": 1.0, "noise_multiplier": 1.0})
+    assert metrics["epsilon"] > 0
+
+
+# ---- issue 15 item 6: gradient clipping, as the SMS-spam tutorial's CLIP = 5
+
+def test_clip_grad_norm_clips_each_step_as_torch_does():
+    x, y = blobs(n=64)
+    model, twin = mlp(), mlp()
+    twin.load_state_dict(model.state_dict())
+    twin.eval()  # no dropout in either: compare the updates alone
+    model[2].p = twin[2].p = 0.0
+    train_locally(model, x, y, epochs=1, batch_size=64, optimizer={"name": "sgd", "lr": 1.0},
+                  loss="cross_entropy", seed=0, clip_grad_norm=0.01)
+    opt = torch.optim.SGD(twin.parameters(), lr=1.0)
+    value = nn.functional.cross_entropy(twin(x), y)
+    value.backward()
+    assert torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.01) > 0.01   # it did clip
+    opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    with pytest.raises(BadRequest, match="clip_grad_norm"):
+        train_locally(model, x, y, epochs=1, batch_size=8, optimizer=SGD, loss="cross_entropy",
+                      clip_grad_norm=0)
+    # with DP-SGD it bounds the noisy step too
+    _, _, m = train_locally(model, x, y, epochs=1, batch_size=8, optimizer=SGD, loss="cross_entropy",
+                            dp={"clip": 1.0, "noise_multiplier": 1.0}, clip_grad_norm=5.0)
+    assert m["epsilon"] > 0

@@ -352,10 +352,13 @@ async def test_encrypted_serving_matches_plaintext_and_only_users_get_answers(tm
             await bob.run_encrypted_inference("digits-encrypted", torch.rand(3, 784))
         with pytest.raises(PermissionDenied):
             await eve.run_encrypted_inference("digits-encrypted", x)
-        with pytest.raises(PermissionDenied):  # and no plaintext inference, nor download
+        # and no plaintext inference, nor download: the refusal says what to use instead
+        with pytest.raises(PermissionDenied, match="served encrypted.*run_encrypted_inference") as e:
             await bob.run_inference("digits-encrypted", x)
-        with pytest.raises(PermissionDenied):
+        assert "remote inference only" not in str(e.value)
+        with pytest.raises(PermissionDenied, match="served encrypted.*run_encrypted_inference") as e:
             await bob.download_model("digits-encrypted")
+        assert "remote inference only" not in str(e.value)
 
         # the parties enforce batch, rate and quota themselves: a caller that skips
         # run_encrypted_inference's checks and asks them directly is refused too

@@ -38,7 +38,8 @@ class NetworkAPI:
             evaluate: str | tuple[torch.Tensor, torch.Tensor] | None = None, evaluate_every: int = 1,
             resume: bool = False, job: str | None = None, seed: int = 0, progress: bool = True,
             on_event: Callable[[FitEvent], Any] | None = None,
-            discover_timeout: float = 10.0) -> FitResult:
+            discover_timeout: float = 10.0, clip_grad_norm: float | None = None,
+            wait_for: Sequence[str] | int | None = None, wait_timeout: float = 60.0) -> FitResult:
         """Train `model` on every peer whose published data matches `data`, FedAvg-style.
 
         `data` is a tag query ("#mnist #train"): each matching peer holds an ``#x`` and a
@@ -59,7 +60,12 @@ class NetworkAPI:
         derived from the model's structure and `data`); ``resume=True`` continues from
         the checkpoint. `on_event` is called with each :class:`FitEvent`. A round that
         sees fewer than `min_peers` data holders in the directory waits up to
-        `discover_timeout` seconds for gossip to bring more.
+        `discover_timeout` seconds for gossip to bring more. `wait_for` (peer names, or a
+        number of data holders) makes round 1 wait up to `wait_timeout` seconds until those
+        are visible, so a run launched as peers start does not begin short-handed; each
+        round's ``unused`` names every peer holding matching data that the round did not
+        use, and why. `clip_grad_norm` clips each local step's gradient to that L2 norm
+        (``torch.nn.utils.clip_grad_norm_``; e.g. 5 for an LSTM).
         """
         from protocols.fedavg import DPFedAvg, FedAvg
 
@@ -75,13 +81,16 @@ class NetworkAPI:
             raise BadRequest("data must be a tag query such as '#mnist #train'")
         if not isinstance(model, nn.Module):
             raise BadRequest("model must be a torch.nn.Module")
+        from ..torchscript import from_torchscript
+        model = from_torchscript(model)   # traced/scripted: rebuilt from whitelisted layers
         structure = structure_of(export_model(model))
         job = check_job(job) if job is not None else job_id(structure, data)
         plan = Plan(job=job, data=data, rounds=rounds, strategy=strategy, local_epochs=local_epochs,
                     batch_size=batch_size, optimizer=optimizer_config(optimizer), loss=loss,
                     secure=bool(secure_aggregation), client_dp=client_dp, local_dp=local_dp,
                     evaluate=evaluate, evaluate_every=evaluate_every, seed=seed,
-                    discover_timeout=discover_timeout)
+                    discover_timeout=discover_timeout, clip_grad_norm=clip_grad_norm,
+                    wait_for=wait_for, wait_timeout=wait_timeout)
         checkpoints = Checkpoints(self._peer.config.data_dir / "federated" / "jobs")
         coordinator = Coordinator(PeerLink(self._peer), plan, model, checkpoints=checkpoints,
                                   resume=resume, progress=progress, on_event=on_event)

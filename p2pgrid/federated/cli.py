@@ -40,8 +40,18 @@ def add_cli(subparsers) -> dict:
                    help="each peer's local optimizer (default sgd)")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 0.05, adam 0.001)")
     t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
+<<<<<<< HEAD
     t.add_argument("--loss", choices=["cross_entropy", "bce_with_logits", "mse"], default="cross_entropy",
                    help="training loss (default cross_entropy: class labels)")
+=======
+    t.add_argument("--loss", choices=["cross_entropy", "bce_with_logits", "mse"], default="cross_entropy")
+    t.add_argument("--clip-grad-norm", type=float, default=None, metavar="NORM",
+                   help="clip each local step's gradient to this L2 norm (e.g. 5 for an LSTM)")
+    t.add_argument("--wait-for", default=None, metavar="PEERS|N",
+                   help="before round 1, wait for these data holders (comma-separated names) or "
+                        "for N of them to be visible")
+    t.add_argument("--wait-timeout", type=float, default=60.0, help="seconds (default 60)")
+>>>>>>> main
     s = p.add_argument_group("strategy")
     s.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedmedian"], default="fedavg",
                    help="fedmedian: coordinate-wise median, robust to one peer's bad update; every "
@@ -86,6 +96,15 @@ def _mlp(sizes: str):
     return nn.Sequential(*layers[:-1])
 
 
+def _wait_for(value: str | None):
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return int(value)
+    return [p.strip() for p in value.split(",") if p.strip()]
+
+
 def _strategy(args):
     from protocols.fedavg import FedAdam, FedAvg, FedMedian, FedProx
 
@@ -121,7 +140,9 @@ async def run_fit(args) -> int:
                 model, args.data, rounds=args.rounds, local_epochs=args.local_epochs,
                 batch_size=args.batch_size, optimizer=opt, loss=args.loss, strategy=_strategy(args),
                 secure_aggregation=args.secure_aggregation, dp=dp or None, evaluate=args.evaluate,
-                resume=args.resume, job=args.job, seed=args.seed, progress=args.progress)
+                resume=args.resume, job=args.job, seed=args.seed, progress=args.progress,
+                clip_grad_norm=args.clip_grad_norm, wait_for=_wait_for(args.wait_for),
+                wait_timeout=args.wait_timeout)
     except P2PError as e:
         print(f"p2pgrid fit: {type(e).__name__}: {e.message}", file=sys.stderr)
         return 1
@@ -139,6 +160,8 @@ async def run_fit(args) -> int:
             loss = "" if h.loss is None else f" loss {h.loss:.4f}"
             print(f"  round {h.round}: {len(h.peers)} peers{loss}{acc}{eps} "
                   f"{h.bytes / 1e6:.2f} MB {h.seconds:.2f} s")
+            for p, why in h.unused.items():
+                print(f"    not used: {p}: {why}")
         for p, why in result.excluded.items():
             print(f"  excluded {p}: {why}")
         if args.out:

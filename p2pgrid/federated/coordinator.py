@@ -42,7 +42,8 @@ from protocols.local_train import evaluate as evaluate_locally
 from protocols.secagg import DoubleMaskServer
 
 from .. import wire
-from ..errors import BadRequest, NotFound, P2PError, PeerUnavailable, PermissionDenied, ProtocolError
+from ..errors import (BadRequest, NotFound, P2PError, PeerUnavailable, PermissionDenied, ProtocolError,
+                      RoundFailed)
 from ..identity import verify
 from ..modelgraph import export_model, import_model, model_hash
 from .checkpoint import Checkpoints
@@ -145,6 +146,9 @@ class Plan:
     probe_timeout: float = 30.0
     discover_timeout: float = 10.0       # wait this long for min_peers data holders to appear
     setup_timeout: float = 10.0
+    clip_grad_norm: float | None = None  # peers clip each step's gradient to this L2 norm
+    wait_for: tuple[str, ...] | int | None = None   # data holders (names, or how many) round 1 waits for
+    wait_timeout: float = 60.0
 
     def __post_init__(self):
         if not isinstance(self.strategy, Strategy):
@@ -161,6 +165,21 @@ class Plan:
             raise BadRequest("secure aggregation needs min_peers >= 2 (one update alone is no secret)")
         if self.evaluate_every < 1:
             raise BadRequest("evaluate_every must be >= 1")
+        if self.clip_grad_norm is not None and (
+                isinstance(self.clip_grad_norm, bool) or not isinstance(self.clip_grad_norm, (int, float))
+                or not 0 < self.clip_grad_norm < math.inf):
+            raise BadRequest("clip_grad_norm must be a positive number")
+        if self.wait_for is not None:
+            w = self.wait_for
+            if isinstance(w, str):
+                w = (w,)
+            if isinstance(w, bool) or (isinstance(w, int) and w < 1) or (
+                    not isinstance(w, int) and (not w or not all(isinstance(p, str) and p for p in w))):
+                raise BadRequest("wait_for must be a positive count or a list of peer names")
+            self.wait_for = w if isinstance(w, int) else tuple(w)
+        if isinstance(self.wait_timeout, bool) or not isinstance(self.wait_timeout, (int, float)) \
+                or not 0 <= self.wait_timeout < math.inf:
+            raise BadRequest("wait_timeout must be a number of seconds >= 0")
 
     def cost(self) -> dict | None:
         """The DP part of the training config: what a data owner charges to its ledger."""
@@ -172,16 +191,14 @@ class Plan:
         return out or None
 
 
-class _RoundFailed(ProtocolError):
-    pass
-
-
 class Coordinator:
     """Runs a :class:`Plan` over a :class:`Link`; see the module docstring."""
 
     def __init__(self, link: Link, plan: Plan, model: nn.Module, *, checkpoints: Checkpoints | None = None,
                  resume: bool = False, progress: bool = True,
                  on_event: Callable[[FitEvent], Any] | None = None):
+        from ..torchscript import from_torchscript
+        model = from_torchscript(model)   # traced/scripted: rebuilt from whitelisted layers
         self.link, self.plan, self.model = link, plan, model
         spec = export_model(model)
         self.structure = structure_of(spec)
@@ -269,6 +286,9 @@ class Coordinator:
         t0, sent0, recv0 = time.perf_counter(), self.link.sent, self.link.received
         await self._emit("round_start", r)
         shards = self.link.shards(plan.data)
+        absent: dict[str, str] = {}
+        if r == self.start_round and plan.wait_for is not None:
+            shards, absent = await self._wait_for(shards)
         if len(shards) < strategy.min_peers and plan.discover_timeout > 0:
             with trio.move_on_after(plan.discover_timeout):   # gossip may not have brought them yet
                 while len(shards) < strategy.min_peers:
@@ -294,7 +314,9 @@ class Coordinator:
         # the strategy's per-peer config, with what the caller of federated_fit chose on top
         config = {p: {**instructions[p].config, "local_epochs": plan.local_epochs,
                       "batch_size": plan.batch_size, "optimizer": dict(plan.optimizer),
-                      "loss": plan.loss, **({"dp": dp} if dp else {})} for p in selected}
+                      "loss": plan.loss, **({"dp": dp} if dp else {}),
+                      **({"clip_grad_norm": plan.clip_grad_norm} if plan.clip_grad_norm else {})}
+                  for p in selected}
         self._peers_bar = self._bar(r, len(selected))
         try:
             if plan.secure:
@@ -309,7 +331,10 @@ class Coordinator:
             # sample rate 1: the selection is public (seeded, and named in the record)
             self.accountant.step(plan.client_dp.noise_multiplier, 1.0)
         failures = {**{p: f"probe: {why}" for p, why in probe_failures.items()}, **failures}
-        record = RoundRecord(round=r, peers=used, failures=failures, num_examples=n, loss=loss,
+        unused = self._unused(shards, used, available, selected, failures)
+        unused.update(absent)
+        record = RoundRecord(round=r, peers=used, failures=failures, unused=unused,
+                             num_examples=n, loss=loss,
                              secure=plan.secure,
                              train_seconds=max(metrics["train_seconds"]) if metrics["train_seconds"] else None,
                              peer_seconds=max(metrics["peer_seconds"]) if metrics["peer_seconds"] else None,
@@ -322,6 +347,48 @@ class Coordinator:
         record.bytes_received = self.link.received - recv0
         record.seconds = time.perf_counter() - t0
         return record
+
+    async def _wait_for(self, shards: dict) -> tuple[dict, dict[str, str]]:
+        """Round 1 waits (up to ``wait_timeout``) until the data holders named in ``wait_for``,
+        or that many of them, are in the directory; returns the shards and, for each named
+        peer still missing, why it is not used."""
+        plan = self.plan
+        want = plan.wait_for
+
+        def satisfied(found) -> bool:
+            return len(found) >= want if isinstance(want, int) else set(want) <= set(found)
+
+        with trio.move_on_after(plan.wait_timeout):
+            while not satisfied(shards):
+                await trio.sleep(0.1)
+                shards = self.link.shards(plan.data)
+        if isinstance(want, int):
+            if not satisfied(shards):
+                log.warning("job %s: %d of the %d data holders waited for appeared in %g s",
+                            plan.job, len(shards), want, plan.wait_timeout)
+            return shards, {}
+        return shards, {p: f"named in wait_for, but no data matching {plan.data!r} from it reached "
+                           f"the directory within {plan.wait_timeout:g} s"
+                        for p in want if p not in shards}
+
+    def _unused(self, shards: dict, used: list[str], available: list[str], selected: list[str],
+                failures: dict[str, str]) -> dict[str, str]:
+        """{peer: why} for each peer holding data for the query that this round did not use."""
+        out = {}
+        for p in sorted(shards):
+            if p in used:
+                continue
+            if p in failures:
+                out[p] = failures[p]
+            elif p in self.refused:
+                out[p] = f"refused the job: {self.refused[p]}"
+            elif p not in available:
+                out[p] = f"has not accepted the job: {self._last_failure.get(p, 'no answer to the probe')}"
+            elif p not in selected:
+                out[p] = f"not sampled by {type(self.plan.strategy).__name__} this round"
+            else:  # pragma: no cover - selected peers either answered or are in failures
+                out[p] = "selected, but its update was not used"
+        return out
 
     def _bar(self, r: int, total: int):
         from tqdm.auto import tqdm
@@ -402,7 +469,7 @@ class Coordinator:
             nursery.cancel_scope.cancel()
         for p in msgs:
             if p not in replies and p not in failures:
-                failures[p] = (f"no answer before the round's deadline ({phase})", None)
+                failures[p] = (_NO_ANSWER + f" ({phase})", None)
                 await self._emit("failure", r, peer=p, info={"phase": phase, "reason": failures[p][0]})
         for p, (why, _) in failures.items():
             self._last_failure[p] = why
@@ -418,15 +485,23 @@ class Coordinator:
         return out
 
     def _not_enough(self, r: int, phase: str, got: int, asked: int, need: int,
-                    failures: dict[str, str]) -> _RoundFailed:
+                    failures: dict[str, str]) -> RoundFailed:
         # peers left out at the probe explain why fewer were selected than hold data
         notes = {**{p: f"probe: {why}" for p, why in self._probe_failures.items()},
                  **failures}
-        detail = "; ".join(f"{p}: {why}" for p, why in sorted(notes.items()))
-        return _RoundFailed(
-            f"round {r}: {got} of {asked} selected peers answered ({phase}) before the "
-            f"{self.plan.strategy.round_timeout:g} s deadline, need {need}"
-            + (f"; {detail}" if detail else ""), round=r, answered=got, need=need)
+        slow = sorted(p for p, why in failures.items() if why.startswith(_NO_ANSWER))
+        others = sorted(p for p in notes if p not in slow)
+        parts = []
+        if others:  # refusals and errors came back at once: no deadline is involved
+            parts.append(f"{len(others)} refused or failed: "
+                         + "; ".join(f"{p}: {notes[p]}" for p in others))
+        if slow:
+            parts.append(f"{len(slow)} did not answer before the "
+                         f"{self.plan.strategy.round_timeout:g} s deadline: {', '.join(slow)}")
+        return RoundFailed(
+            f"round {r}: {got} of {asked} selected peers returned a usable answer ({phase}), "
+            f"need {need}" + ("; " + "; ".join(parts) if parts else ""),
+            round=r, answered=got, need=need, refused=others, no_answer=slow)
 
     def _train_msg(self, r: int, p: str, pairs, config, round_id=None, inbox=None) -> Train:
         cfg = {**config, "seed": _seed(self.plan.seed, r, p)}
@@ -446,6 +521,9 @@ class Coordinator:
             else:
                 failures[p] = (f"answered with {type(rep).__name__}, not an update", None)
         failed = self._note_failures({p: f for p, f in failures.items()})
+        # replies arrive in any order and float sums depend on order: sum by peer key so
+        # that a seeded run is reproducible bit for bit
+        fits.sort(key=lambda f: f.peer)
         if len(fits) < strategy.min_peers:
             raise self._not_enough(r, "fit", len(fits), len(selected), strategy.min_peers, failed)
         if isinstance(strategy, FedAvg):
@@ -544,13 +622,13 @@ class Coordinator:
         try:
             total, weight = server.unmask(masked, answers, {p: {"s": keys[p]["s"]} for p in keys}, round_id)
         except ProtocolError as e:
-            raise _RoundFailed(f"round {r}: secure aggregation could not unmask the sum: {e.message}; "
+            raise RoundFailed(f"round {r}: secure aggregation could not unmask the sum: {e.message}; "
                                + "; ".join(f"{p}: {w}" for p, (w, _) in failures.items())) from None
         floats, ints = FedAvg.layout(self.params)
         nf = sum(self.params[k].numel() for k in floats)
         ni = sum(self.params[k].numel() for k in ints)
         if total.numel() != nf + ni + 1:
-            raise _RoundFailed(f"round {r}: the unmasked sum has {total.numel()} entries, expected "
+            raise RoundFailed(f"round {r}: the unmasked sum has {total.numel()} entries, expected "
                                f"{nf + ni + 1}")
         new = self._apply_sum(r, total[:nf], total[nf:nf + ni], weight, len(selected))
         private = plan.client_dp is not None or plan.local_dp is not None
@@ -576,7 +654,8 @@ class Coordinator:
                     for p, pairs in shards.items()}
             timeout = min(self.plan.strategy.round_timeout, 60.0)
             replies, _ = await self._gather(r, msgs, trio.current_time() + timeout, phase="evaluate")
-            res = [rep for rep in replies.values() if isinstance(rep, EvalRes) and rep.num_examples > 0]
+            res = [replies[p] for p in sorted(replies)
+                   if isinstance(replies[p], EvalRes) and replies[p].num_examples > 0]
             if not res:
                 return None, None
             n = sum(x.num_examples for x in res)
@@ -590,6 +669,9 @@ class Coordinator:
         m = await trio.to_thread.run_sync(evaluate_locally, model, x, y, self.plan.loss)
         acc = m.get("accuracy")
         return m["loss"], (None if acc is None or math.isnan(acc) else acc)
+
+
+_NO_ANSWER = "no answer before the round's deadline"
 
 
 def _key(pairs) -> tuple:

@@ -129,6 +129,9 @@ class RoundRecord:
     round: int
     peers: list[str]
     failures: dict[str, str] = field(default_factory=dict)
+    # every peer whose data matched the query but that this round did not use, and why
+    # (refused, failed, not sampled, or named in wait_for and never seen)
+    unused: dict[str, str] = field(default_factory=dict)
     num_examples: int = 0
     loss: float | None = None
     eval_loss: float | None = None

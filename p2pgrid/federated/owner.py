@@ -97,7 +97,8 @@ class OwnerState:
         new, n, metrics = train_locally(
             model, x, y, epochs=config["local_epochs"], batch_size=config["batch_size"],
             optimizer=config["optimizer"], loss=config["loss"], prox_mu=config["prox_mu"],
-            global_params=params, dp=config["local_dp"], seed=config["seed"], should_stop=should_stop)
+            global_params=params, dp=config["local_dp"], seed=config["seed"], should_stop=should_stop,
+            clip_grad_norm=config["clip_grad_norm"])
         delta = {k: (new[k] - params[k]).to(params[k].dtype) for k in params}
         return delta, n, metrics
 
@@ -191,6 +192,7 @@ def _training_config(cfg: dict) -> dict:
            "loss": cfg.get("loss", "cross_entropy"),
            "prox_mu": cfg.get("prox_mu", 0.0),
            "seed": _int(cfg, "seed", 0, 0, (1 << 62)),
+           "clip_grad_norm": cfg.get("clip_grad_norm"),   # train_locally checks it
            "local_dp": None, "client_dp": None}
     dp = cfg.get("dp") or {}
     if not isinstance(dp, dict):

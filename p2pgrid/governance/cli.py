@@ -124,7 +124,7 @@ def add_cli(sub) -> dict:
                        description="Differential privacy: declare each dataset's column bounds (private "
                                    "queries need them), set each user's total epsilon (default: "
                                    "`budget default`, 0 until set), optionally per dataset.",
-                       epilog="examples:\n  p2pgrid budget bounds births-2024-02 0:60 1000:5000 0:1 "
+                       epilog="examples:\n  p2pgrid budget bounds births-2024-02 0:6 30:65 20:45 "
                               "--total 10 --peer hospital\n  p2pgrid budget set bob 1.0 --peer "
                               "hospital\n  p2pgrid budget set bob 0.5 --dataset births-2024-02 --peer "
                               "hospital\n  p2pgrid budget show --peer hospital\n"

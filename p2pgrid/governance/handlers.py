@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import trio
 
 from .. import handlers as core  # a module reference: the two import each other
@@ -13,6 +15,8 @@ from .errors import PrivacyBudgetExceeded
 from .messages import (BudgetInfo, BudgetQuery, DecideRequest, ListRequests, PrivateQuery,
                        Release, RequestAccess, RequestInfo, RequestInfos, WaitRequest)
 from .policy import of
+
+log = logging.getLogger("p2pgrid.governance")
 
 router = Router()
 MAX_WAIT = 30.0
@@ -126,7 +130,10 @@ async def private_query(peer, caller, msg: PrivateQuery):
     query = {**plan.describe(), "mechanism": "laplace", "scale": plan.scale(epsilon)}
 
     def release():
-        exact = mechanism.run(msg.program, plan, mechanism.clamp(peer.store.load(meta.id), bounds))
+        data = peer.store.load(meta.id)
+        _warn_clipping(peer, meta.id, data, bounds)
+        exact = mechanism.run(msg.program, plan, mechanism.clamp(data, bounds))
+        del data
         noisy = mechanism.laplace(exact, plan.sensitivity, epsilon)
         del exact
         stored, limits, replayed = gov.store.charge(
@@ -143,6 +150,24 @@ async def private_query(peer, caller, msg: PrivateQuery):
     info = {**query, "epsilon": epsilon, "replayed": replayed,
             "remaining": min(v["left"] for v in limits.values()), "limits": limits}
     return Release(value, info)
+
+
+_warned: set[tuple[str, str, str]] = set()   # (peer, object, bounds) the owner was told about
+
+
+def _warn_clipping(peer, object_id: str, data, bounds) -> None:
+    """Log (on this, the owner's, peer only; never in a reply) when the declared bounds clip
+    more than 1 % of a column: the released statistics would then describe clamped data.
+    Once per dataset and bounds."""
+    key = (peer.name, object_id, repr(bounds.to_list()))
+    if key in _warned:
+        return
+    clipped = mechanism.clipped_columns(data, bounds)
+    _warned.add(key)
+    for column, share, pair in clipped:
+        log.warning("%s: the bounds %s declared for column %d of dataset %s clip %.1f%% of its "
+                    "values: private queries see them clamped (p2pgrid budget bounds %s ...)",
+                    peer.name, pair, column, object_id, 100 * share, object_id)
 
 
 @router.on(BudgetQuery)

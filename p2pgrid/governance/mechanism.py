@@ -500,6 +500,31 @@ def clamp(tensor: torch.Tensor, bounds: Bounds) -> torch.Tensor:
     return torch.maximum(torch.minimum(t, hi), lo)
 
 
+#: the share of a column's values that its bounds may clip before the owner is warned
+CLIP_WARNING = 0.01
+
+
+def clipped_columns(tensor: torch.Tensor, bounds: Bounds,
+                    threshold: float = CLIP_WARNING) -> list[tuple[int, float, list[float]]]:
+    """(column, share of its values outside the bounds or NaN, [lo, hi]) for each column
+    (index along dim 1; the whole dataset if it has one dimension) whose share passes
+    `threshold`. For the owner's eyes only: it is computed from the raw data."""
+    lo, hi = bounds.tensors(tuple(tensor.shape))
+    t = tensor.detach().to(torch.float64)
+    outside = (t < lo) | (t > hi) | torch.isnan(t)
+    if t.dim() < 2 or t.shape[0] == 0:
+        shares = [outside.double().mean()] if outside.numel() else []
+    else:
+        per = outside.transpose(0, 1).reshape(t.shape[1], -1).double()
+        shares = list(per.mean(dim=1)) if per.shape[1] else []
+    out = []
+    for j, share in enumerate(shares):
+        if float(share) > threshold:
+            pair = bounds.pairs[j] if len(bounds.pairs) > 1 else bounds.pairs[0]
+            out.append((j, float(share), [float(pair[0]), float(pair[1])]))
+    return out
+
+
 def run(program: dict, p: Plan, clamped: torch.Tensor) -> torch.Tensor:
     """The exact answer of the planned program on the clamped data (never released as is)."""
     value, _ = evaluate(program, lambda oid: (clamped, Level("row", 0, p.rows)), min_rows=0)

@@ -51,6 +51,8 @@ class NetworkAPI:
         """
         if allow_remote_inference is None:
             allow_remote_inference = not mpc
+        from ..torchscript import from_torchscript
+        model = from_torchscript(model)   # traced/scripted: rebuilt from whitelisted layers
         policy = policy or Policy()
         terms = Terms(allow_download, allow_remote_inference, policy, description)
         s = self._serving()

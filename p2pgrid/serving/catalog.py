@@ -27,6 +27,18 @@ def grant_bytes(owner: str, model: str, hash: str, host_key_id: str, terms: dict
     return cbor2.dumps([_GRANT_DOMAIN, owner, model, hash, host_key_id, terms], canonical=True)
 
 
+def refusal(model: str, action: str, *, allow_remote_inference: bool, mpc: bool) -> str:
+    """Why a caller other than the owner may not download or query `model` (action:
+    "download" or "inference"), saying what the owner does allow instead."""
+    if mpc:
+        return (f"{model} is served encrypted: it may not be downloaded nor run on plaintext "
+                f"inputs; use run_encrypted_inference (its parties compute on secret-shared inputs)")
+    if action == "download":
+        return (f"{model} may not be downloaded (remote inference only)" if allow_remote_inference
+                else f"{model} may not be downloaded nor run remotely (its owner keeps it to itself)")
+    return f"{model} does not allow remote inference"
+
+
 @dataclass
 class ModelInfo:
     """A served model as the network announces it."""

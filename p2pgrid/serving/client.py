@@ -16,7 +16,7 @@ import trio
 from torch import nn
 
 from ..errors import Conflict, NotFound, PeerUnavailable, PermissionDenied
-from .catalog import ModelInfo, find
+from .catalog import ModelInfo, find, refusal
 from .host import Serving
 from .messages import GetManifest, Infer, Manifest, Prediction
 from .package import Digests
@@ -27,8 +27,8 @@ async def run_inference(s: Serving, name: str, x: torch.Tensor, *, owner: str | 
                         timeout: float | None = None):
     info = find(s.peer.directory, name, owner)
     if not info.allow_remote_inference and info.owner != s.peer.name:
-        raise PermissionDenied(f"{info.owner}/{info.name} does not allow remote inference",
-                               model=info.name)
+        raise PermissionDenied(refusal(f"{info.owner}/{info.name}", "inference", mpc=bool(info.mpc),
+                                       allow_remote_inference=False), model=info.name)
     reply = await _routed(s, info, lambda: Infer(info.owner, info.name, x), timeout)
     if not isinstance(reply, Prediction):
         raise PeerUnavailable(f"a host of {info.owner}/{info.name} answered with something "
@@ -73,7 +73,8 @@ async def download_model(s: Serving, name: str, *, owner: str | None = None,
     info = find(s.peer.directory, name, owner)
     model = f"{info.owner}/{info.name}"
     if not info.allow_download and info.owner != s.peer.name:
-        raise PermissionDenied(f"{model} may not be downloaded (remote inference only)",
+        raise PermissionDenied(refusal(model, "download", mpc=bool(info.mpc),
+                                       allow_remote_inference=info.allow_remote_inference),
                                model=info.name)
     manifest = await _routed(s, info, lambda: GetManifest(info.owner, info.name), None)
     if not isinstance(manifest, Manifest) or manifest.hash != info.hash:

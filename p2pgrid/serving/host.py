@@ -25,7 +25,7 @@ from ..errors import (BadRequest, Conflict, NotFound, P2PError, PayloadTooLarge,
                       PeerUnavailable, PermissionDenied, ShapeError)
 from ..identity import verify
 from ..router import Router
-from .catalog import grant_bytes
+from .catalog import grant_bytes, refusal
 from .messages import (Chunk, CommitUpload, DropReplica, GetChunk, GetManifest, HostOffer,
                        Hosted, Infer, Manifest, Prediction, PutChunk, UploadState)
 from .package import Digests, import_package, live_spec, spec_hash
@@ -269,8 +269,9 @@ class Serving:
 
     def check_download(self, hm: HostedModel, caller: str) -> None:
         if caller != hm.owner and not hm.terms.allow_download:
-            raise PermissionDenied(f"{hm.owner}/{hm.name} may not be downloaded "
-                                   f"(remote inference only)", model=hm.name)
+            raise PermissionDenied(refusal(f"{hm.owner}/{hm.name}", "download", mpc=bool(hm.mpc),
+                                           allow_remote_inference=hm.terms.allow_remote_inference),
+                                   model=hm.name)
         if caller != hm.owner:
             hm.terms.policy.check_caller(caller, hm.owner, f"{hm.owner}/{hm.name}")
 
@@ -295,7 +296,8 @@ class Serving:
     async def _infer(self, hm: HostedModel, caller: str, x, pooled: bool = False):
         policy, owner = hm.terms.policy, caller == hm.owner
         if not hm.terms.allow_remote_inference and not owner:
-            raise PermissionDenied(f"{hm.owner}/{hm.name} does not allow remote inference")
+            raise PermissionDenied(refusal(f"{hm.owner}/{hm.name}", "inference", mpc=bool(hm.mpc),
+                                           allow_remote_inference=False))
         policy.check_caller(caller, hm.owner, f"{hm.owner}/{hm.name}")
         if not owner:
             hm.gate.admit(caller, pooled=pooled)

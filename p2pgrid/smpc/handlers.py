@@ -7,6 +7,7 @@ alone it tells the others (``Abort``) so nobody waits.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Awaitable, Callable
 
@@ -25,6 +26,7 @@ import protocols.smpc.autograd as autograd
 from protocols.smpc.messages import RoundMessage
 from protocols.smpc.program import infer, leaf_ids, run_program, signature
 
+from .aggregate import kept_aggregate, may_reveal_aggregate
 from .dealer import ROLE
 from .messages import (Abort, Deal, DeleteShares, Predict, ProgramResult, RegisterModel, RunProgram,
                        ShareInput, ShareObject, SharedInfo, TrainStep)
@@ -193,8 +195,15 @@ async def share_object(peer, caller, msg: ShareObject):
     # verified exact aggregates "aggregate"; "public" is no right any more (issue 12)
     if meta.level == "aggregate" and meta.derivation:
         reveal += list(meta.rules.aggregate)
+    aggregate = list(meta.rules.aggregate)
+    # what this peer lets the caller do with the object itself (its rules, governance
+    # roles, approved requests) it lets the caller do with the shared copy
+    if may(peer, caller, meta, "get"):
+        reveal.append(caller.name)
+    if may(peer, caller, meta, "aggregate"):
+        aggregate.append(caller.name)
     rules = ShareRules(owner=meta.owner, compute=meta.rules.compute, reveal=reveal,
-                       aggregate=meta.rules.aggregate, min_rows=meta.rules.min_rows,
+                       aggregate=aggregate, min_rows=meta.rules.min_rows,
                        holder=caller.name)
     tensor = await peer.load(msg.obj)
     shape = await deal_input(peer, group, msg.id, tensor, rules)
@@ -337,12 +346,20 @@ async def run(peer, caller, msg: RunProgram):
         shapes = infer(msg.program, {i: tuple(e.share.shape) for i, e in leaves.items()})
         if len(msg.keep) != len(shapes) or len(msg.reveal) != len(shapes):
             raise BadRequest("keep and reveal need one entry per program output")
-        rules = [ShareRules.derived([leaves[i].rules for i in dep], caller.name)
-                 for dep in _dependencies(msg.program)]
+        deps = _dependencies(msg.program)
+        rules = [ShareRules.derived([leaves[i].rules for i in dep], caller.name) for dep in deps]
         for i, (want, r) in enumerate(zip(msg.reveal, rules)):
-            if want and not r.allows("reveal", caller.name):
-                raise PermissionDenied(f"{caller.name} may not reconstruct output {i}: the data "
-                                       "it derives from does not allow it (ask the owners)")
+            if want and not r.allows("reveal", caller.name) and not may_reveal_aggregate(
+                    msg.program, i, leaves, caller.name):
+                raise PermissionDenied(
+                    f"{caller.name} may not reconstruct output {i}: the data it derives from "
+                    "does not allow it (ask the owners); only a sum or mean over whole records, "
+                    "the program's last op, goes to holders of the aggregate right")
+        # a kept value may be reduced later: it keeps the aggregate right only while it is
+        # one row per record (see p2pgrid.smpc.aggregate)
+        rules = [dataclasses.replace(r, aggregate=kept_aggregate(msg.program, i, leaves, dep,
+                                                                 caller.name))
+                 for i, (r, dep) in enumerate(zip(rules, deps))]
         sig = signature(msg.program, {i: (tuple(e.share.shape), e.scale) for i, e in leaves.items()},
                         (group.n, group.frac_bits, msg.truncation))
         return leaves, rules, sig
@@ -526,8 +543,12 @@ async def _predict(peer, caller, msg: Predict):
         sig = signature(msg.program, {i: (tuple(e.share.shape), e.scale) for i, e in leaves.items()},
                         ("predict", group.n, group.frac_bits, repr(model.layers),
                          [tuple(e.share.shape) for e in params.values()]))
-        # the model's users may reconstruct its outputs on their own inputs
-        out_rules = ShareRules("", input_rules.compute, input_rules.reveal, (), 10, caller.name)
+        # the model's users may reconstruct its outputs on their own inputs; the model acts
+        # row by row with fixed weights, so an output kept shared may be reduced over its
+        # records later by holders of the aggregate right, if its input is one row per record
+        aggregate = kept_aggregate(msg.program, 0, leaves, set(leaves), caller.name)
+        out_rules = ShareRules("", input_rules.compute, input_rules.reveal, aggregate,
+                               input_rules.min_rows, caller.name)
         return model, params, leaves, out_rules, sig
 
     state, group, party, (model, params, leaves, out_rules, sig) = await _start(peer, caller, msg, check)

@@ -206,6 +206,8 @@ async def encrypt(net, module: nn.Module, group: Group, *, requires_grad: bool,
                   users: Sequence[str], name: str | None, publish: bool,
                   share, limits: dict | None = None) -> EncryptedModel:
     """Share `module`'s parameters and register the layout on every party."""
+    from p2pgrid.torchscript import from_torchscript
+    module = from_torchscript(module)   # traced/scripted Sequentials: rebuilt, never run
     layout = layout_of(module)
     model_id = f"{net.name}/{name}" if name else new_id("m")
     spec, shapes = [], {}
