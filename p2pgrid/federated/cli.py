@@ -40,18 +40,14 @@ def add_cli(subparsers) -> dict:
                    help="each peer's local optimizer (default sgd)")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 0.05, adam 0.001)")
     t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-<<<<<<< HEAD
     t.add_argument("--loss", choices=["cross_entropy", "bce_with_logits", "mse"], default="cross_entropy",
                    help="training loss (default cross_entropy: class labels)")
-=======
-    t.add_argument("--loss", choices=["cross_entropy", "bce_with_logits", "mse"], default="cross_entropy")
     t.add_argument("--clip-grad-norm", type=float, default=None, metavar="NORM",
                    help="clip each local step's gradient to this L2 norm (e.g. 5 for an LSTM)")
     t.add_argument("--wait-for", default=None, metavar="PEERS|N",
                    help="before round 1, wait for these data holders (comma-separated names) or "
                         "for N of them to be visible")
     t.add_argument("--wait-timeout", type=float, default=60.0, help="seconds (default 60)")
->>>>>>> main
     s = p.add_argument_group("strategy")
     s.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedmedian"], default="fedavg",
                    help="fedmedian: coordinate-wise median, robust to one peer's bad update; every "
