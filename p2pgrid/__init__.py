@@ -12,9 +12,10 @@
 """
 
 from .config import PeerConfig, load_profile
-from .errors import (BadRequest, Conflict, MalformedMessage, NotFound, P2PError, PayloadTooLarge,
-                     PeerUnavailable, PermissionDenied, ProtocolError, RateLimited, ReplayDetected,
-                     RoundFailed, ShapeError, Unauthenticated, UnknownOp)
+from .errors import (BadRequest, CheatingDetected, Conflict, MalformedMessage, NotFound, P2PError,
+                     PayloadTooLarge, PeerUnavailable, PermissionDenied, ProtocolError,
+                     RateLimited, ReplayDetected, RoundFailed, ShapeError, Unauthenticated,
+                     UnknownOp)
 from .identity import Identity
 from .network import Network, RemotePeer, connect
 from .peer import Peer, open_peer
@@ -26,6 +27,6 @@ __all__ = [
     "Pointer", "Expr", "Rules", "ObjectMeta", "Identity",
     "P2PError", "BadRequest", "MalformedMessage", "UnknownOp", "ShapeError", "Unauthenticated",
     "ReplayDetected", "PermissionDenied", "NotFound", "Conflict", "PayloadTooLarge",
-    "RateLimited", "PeerUnavailable", "ProtocolError", "RoundFailed",
+    "RateLimited", "PeerUnavailable", "ProtocolError", "RoundFailed", "CheatingDetected",
 ]
 __version__ = "0.1.0"

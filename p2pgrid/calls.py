@@ -1,11 +1,18 @@
 """Calls: request/reply pairs carried on push streams (see :mod:`p2pgrid.push`).
 
 A call is a request without HTTP: the caller pushes the encoded message as
-:class:`Call` on its stream to the callee; the callee dispatches it through its
-router (the same role checks as ``/rpc``) in a task of its own and pushes the
-answer back as :class:`CallReply` (the reply message, or the typed error). Each
-call costs two one-way messages on streams that stay open, instead of an HTTP/2
-request with its headers, ASGI scope and httpx objects.
+:class:`Call` on its link to the callee; the callee dispatches it through its
+router (the same role checks as ``/rpc``) in a task of its own and sends the
+answer back as :class:`CallReply` (the reply message, or the typed error) on the
+way back of that link: the response body of the ``/pull`` request the caller
+opened beside its push stream (see :mod:`p2pgrid.push`). Each call costs two
+one-way messages on streams that stay open, instead of an HTTP/2 request with its
+headers, ASGI scope and httpx objects.
+
+Replies never dial. The callee answers on a link already open between the two
+(the caller's own, or where the caller reached it over a link the callee opened,
+that one), and on nothing else: no address a message names is ever dialled, and a
+caller nobody can reach (behind NAT, or not listening at all) gets its replies.
 
 Authentication. A call arrives on a stream its caller opened with a signed request,
 and over TLS pinned to the callee's key every frame of that stream is the caller's,
@@ -22,10 +29,9 @@ are refused) before it runs.
 :data:`INLINE` bytes or more goes as an HTTP request instead, and a reply that large
 is held by the callee under a one-time ticket that the caller redeems with a request
 (:class:`FetchReply`): the request path streams large bodies without the copies a
-pushed frame costs. A call fails with PeerUnavailable as soon as a break of either stream
-of the pair is noticed: the callee's stream back (open once it has answered a call)
-shows a cut at once; the stream there shows it at its next write, and a waiting call
-writes a :class:`Nop` every :data:`KEEPALIVE` seconds for that. A call not answered
+pushed frame costs. A call fails with PeerUnavailable as soon as a break of its link is
+noticed: the way back shows a cut at once; the stream there shows it at its next write,
+and a waiting call writes a :class:`Nop` every :data:`KEEPALIVE` seconds for that. A call not answered
 within its timeout fails with PeerUnavailable too, and its late reply is dropped.
 
 >>> import tempfile, trio
@@ -50,7 +56,7 @@ import trio
 
 from . import wire
 from .auth import Caller, body_digest, sign_request
-from .client import learn_target, remote_error
+from .client import remote_error
 from .errors import NotFound, P2PError, PeerUnavailable, RateLimited, Unauthenticated
 from .router import Router
 from .wire import dataclass, message
@@ -65,18 +71,17 @@ HOLD = 60.0           # seconds a large reply waits for its caller to fetch it
 HELD_MAX = 16         # large replies held for one caller at most
 HELD_BYTES = 2 << 30  # bytes of large replies held for one caller at most
 
-__all__ = ["Call", "CallReply", "FetchReply", "Nop", "Calls", "router"]
+__all__ = ["Call", "CallReply", "CancelCall", "FetchReply", "Nop", "Calls", "router"]
 
 
 @message("rt.call")
 @dataclass(frozen=True)
 class Call:
     """A message for the receiving peer's router; `body` is its CBOR encoding;
-    `reply_to` the caller's address, for a callee that does not know it yet;
-    `headers` its signature where the stream is cleartext (empty over TLS)."""
+    `headers` its signature where the stream is cleartext (empty over TLS). It names
+    no address: the reply goes back on the caller's own link."""
     id: int
     body: bytes
-    reply_to: str = ""
     headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -84,6 +89,14 @@ class Call:
 @dataclass(frozen=True)
 class Nop:
     """Nothing: written while a call waits, so that a dead connection shows as a write error."""
+
+
+@message("rt.cancel_call")
+@dataclass(frozen=True)
+class CancelCall:
+    """The caller no longer waits for call `id` (it timed out or was cancelled): the
+    callee stops serving it, so that work nobody waits for stops."""
+    id: int
 
 
 @message("rt.call_reply")
@@ -113,15 +126,20 @@ class Calls:
         self._ids = itertools.count(1)
         self._waiting: dict[tuple[str, int], tuple[trio.Event, list]] = {}
         self._serving: dict[str, int] = {}   # caller key id -> calls running for it
-        self._learned: dict[tuple[str, str], object] = {}   # (address, key id) -> Target
+        # (caller key id, call id) -> (caller name, its scope): what a cancel stops
+        self._scopes: dict[tuple[str, int], tuple[str, trio.CancelScope]] = {}
         # ticket -> (key id, until, reply, its bytes)
         self._held: dict[str, tuple[str, float, object, int]] = {}
         self.nursery: trio.Nursery | None = None
         peer.push_listeners.append(self._broken)
 
     def usable(self) -> bool:
-        """Whether this peer can make calls: it serves, so replies have somewhere to go."""
-        return self.nursery is not None and bool(self.peer.address)
+        """Whether this peer can make calls (it is running; it need not listen)."""
+        return self.nursery is not None
+
+    def waits_on(self, key_id: str) -> bool:
+        """Whether a call to the peer with `key_id` waits for its reply."""
+        return any(k == key_id for k, _ in self._waiting)
 
     async def call(self, rec, msg, *, timeout: float) -> object:
         """Send `msg` to the peer of record `rec` as a call; its reply message, or its
@@ -136,7 +154,7 @@ class Calls:
         if peer.config.insecure:   # nothing else vouches for a cleartext frame
             headers = sign_request(peer.identity, peer.name, rec.key_id, "POST", PATH,
                                    digest=body_digest(body), now=time.time())
-        call = Call(next(self._ids), body, peer.address or "", headers)
+        call = Call(next(self._ids), body, headers)
         key = (rec.key_id, call.id)
         done, slot = trio.Event(), []
         self._waiting[key] = (done, slot)
@@ -150,6 +168,8 @@ class Calls:
                     await peer.push(rec, Nop())
         finally:
             self._waiting.pop(key, None)
+            if not slot:
+                self._give_up(rec, call.id)
         if not slot:
             raise PeerUnavailable(f"{rec.name} did not answer call {type(msg).__name__} within "
                                   f"{timeout:g} s")
@@ -163,7 +183,30 @@ class Calls:
             raise remote_error(payload, status)
         return wire.loads(payload)
 
+    def _give_up(self, rec, call_id: int) -> None:
+        """Tell the callee, in the background, that nobody waits for call `call_id` now."""
+        async def tell():
+            try:
+                await self.peer.push(rec, CancelCall(call_id))
+            except P2PError:
+                pass   # a callee we cannot reach sees its stream from us break instead
+        if self.nursery is not None:
+            try:
+                self.nursery.start_soon(tell)
+            except RuntimeError:
+                pass   # the peer is closing: its streams, and so the call, go with it
+
+    def cancel(self, caller: Caller, call_id: int) -> None:
+        """Stop serving `caller`'s call `call_id`, if it still runs."""
+        entry = self._scopes.get((caller.key_id, call_id))
+        if entry is not None:
+            entry[1].cancel()
+
     def _broken(self, name: str, why: str) -> None:
+        # the calls a peer whose stream broke was waiting for: nobody waits any more
+        for (_, _), (who, scope) in list(self._scopes.items()):
+            if who == name:
+                scope.cancel()
         try:
             kid = self.peer.record(name).key_id
         except P2PError:
@@ -195,32 +238,19 @@ class Calls:
         except P2PError as e:
             # to the stream's opener, whom its signed open authenticated
             answer = CallReply(msg.id, e.status, wire.dumps(e.to_wire()))
-            self.nursery.start_soon(self._reply, stream_caller, msg.reply_to, answer)
+            self.nursery.start_soon(self._reply, stream_caller, answer)
             raise
         self._serving[kid] = self._serving.get(kid, 0) + 1
         self.nursery.start_soon(self._serve, caller, msg)
 
     async def _serve(self, caller: Caller, msg: Call) -> None:
-        peer = self.peer
+        key = (caller.key_id, msg.id)
         try:
-            try:
-                inner = wire.decode(msg.body, max_size=peer.config.max_body)
-                reply = await peer.router.dispatch(peer, caller, inner)
-                size = wire.payload_bytes(reply)
-                if size < INLINE and len(body := wire.encode(reply)) < INLINE:
-                    answer = CallReply(msg.id, 200, body)
-                else:   # too large to push: the caller fetches it with a request
-                    answer = CallReply(msg.id, 303, self._hold(caller, reply, size))
-            except P2PError as e:
-                if e.status >= 500:
-                    log.warning("call from %s failed: %s", caller.name, e.code)
-                answer = CallReply(msg.id, e.status, wire.dumps(e.to_wire()))
-            except Exception:  # noqa: BLE001 - answered like /rpc answers it
-                log.exception("unexpected error in a call handler")
-                err = P2PError("internal error; see the peer's log")
-                answer = CallReply(msg.id, 500, wire.dumps(err.to_wire()))
-            await self._reply(caller, msg.reply_to, answer)
+            with trio.CancelScope() as scope:
+                self._scopes[key] = (caller.name, scope)
+                await self._serve_one(caller, msg)
         finally:
+            self._scopes.pop(key, None)
             kid = caller.key_id
             left = self._serving.get(kid, 1) - 1
             if left:
@@ -228,31 +258,34 @@ class Calls:
             else:
                 self._serving.pop(kid, None)
 
-    async def _reply(self, caller: Caller, reply_to: str, answer: CallReply) -> None:
-        try:
-            await self._answer(caller, reply_to, answer)
-        except P2PError as e:
-            log.info("could not answer a call from %s: %s", caller.name, e.message)
-
-    async def _answer(self, caller: Caller, reply_to: str, answer: CallReply) -> None:
+    async def _serve_one(self, caller: Caller, msg: Call) -> None:
         peer = self.peer
         try:
-            rec = peer.record(caller.name)
-        except P2PError:
-            rec = None
-        # the address the call came from wins over the directory's, which may be stale
-        if (rec is not None and rec.key_id == caller.key_id
-                and (not reply_to or reply_to in rec.addresses)):
-            await peer.push(rec, answer)
-            return
-        if not reply_to:
-            raise PeerUnavailable(f"no address to answer {caller.name} at")
-        target = self._learned.get((reply_to, caller.key_id))
-        if target is None:   # first contact, pinned to the key that signed the call
-            target = await learn_target(reply_to, expect_key_id=caller.key_id,
-                                        insecure=peer.config.insecure)
-            self._learned[(reply_to, caller.key_id)] = target
-        await peer.pushers.push(caller.name, target, answer)
+            inner = wire.decode(msg.body, max_size=peer.config.max_body)
+            reply = await peer.router.dispatch(peer, caller, inner)
+            size = wire.payload_bytes(reply)
+            if size < INLINE and len(body := wire.encode(reply)) < INLINE:
+                answer = CallReply(msg.id, 200, body)
+            else:   # too large to push: the caller fetches it with a request
+                answer = CallReply(msg.id, 303, self._hold(caller, reply, size))
+        except P2PError as e:
+            if e.status >= 500:
+                log.warning("call from %s failed: %s", caller.name, e.code)
+            answer = CallReply(msg.id, e.status, wire.dumps(e.to_wire()))
+        except Exception:  # noqa: BLE001 - answered like /rpc answers it
+            log.exception("unexpected error in a call handler")
+            err = P2PError("internal error; see the peer's log")
+            answer = CallReply(msg.id, 500, wire.dumps(err.to_wire()))
+        await self._reply(caller, answer)
+
+    async def _reply(self, caller: Caller, answer: CallReply) -> None:
+        # on a link open between us, never a new dial; a caller whose link broke has
+        # been told so by its own end and no longer waits
+        with trio.move_on_after(self.peer.config.request_timeout):
+            if await self.peer.reply(caller.key_id, answer):
+                return
+        log.info("could not answer a call from %s: no stream between us is open",
+                 caller.name)
 
     def _hold(self, caller: Caller, reply, size: int | None = None) -> bytes:
         """Keep `reply` for `caller` to fetch for :data:`HOLD` seconds; its ticket.
@@ -301,6 +334,11 @@ async def _call(peer, caller, msg: Call):
 @router.on(Nop)
 async def _nop(peer, caller, msg: Nop):
     return None
+
+
+@router.on(CancelCall)
+async def _cancel_call(peer, caller, msg: CancelCall):
+    peer.calls.cancel(caller, msg.id)
 
 
 @router.on(CallReply)

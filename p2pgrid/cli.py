@@ -14,7 +14,7 @@ from pathlib import Path
 
 import trio
 
-from .config import PeerConfig, load_profile
+from .config import PeerConfig, is_loopback, load_profile
 
 EPILOG = """examples:
   p2pgrid peer --name hospital --profile peers/hospital.toml
@@ -69,9 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "identity and data in its data dir across restarts.")
     p.add_argument("--name", help="the peer's name (required unless the profile sets it)")
     p.add_argument("--profile", type=Path, help="a TOML profile (see peers/*.toml)")
-    p.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--host", default=None,
+                   help="address to listen on (default 127.0.0.1: this machine only; "
+                        "0.0.0.0: every interface, to serve a LAN)")
     p.add_argument("--port", type=int, default=None, help="port to listen on (default: any free)")
-    p.add_argument("--advertise", help="host others should dial, if not --host")
+    p.add_argument("--advertise", help="host others should dial (default: --host, or for "
+                                       "0.0.0.0 this machine's interface addresses)")
     p.add_argument("--role", action="append", dest="roles", help="e.g. crypto-provider (repeatable)")
     p.add_argument("--smpc-party", action="append", dest="smpc_parties", metavar="PEER",
                    help="a peer this peer lets hold SMPC shares of its data (repeatable)")
@@ -166,6 +169,12 @@ async def run_peer(args) -> int:
             for s in peer._summaries.values():
                 print(f"  publishes {s.id} {tuple(s.shape)} {' '.join('#' + t for t in s.tags)}",
                       flush=True)
+            if len(peer.addresses) > 1:
+                print(f"  also at: {' '.join(peer.addresses[1:])}", flush=True)
+            if is_loopback(cfg.host):
+                print(f"  local only: listening on {cfg.host}, so peers on other machines "
+                      f"cannot reach it; to serve your network, start it with --host 0.0.0.0 "
+                      f"(or --host THIS-MACHINE'S-LAN-ADDRESS)", flush=True)
             print(f"  join:  --join {peer.key_id}@{peer.address}", flush=True)
             await trio.sleep_forever()
     print("peer stopped", flush=True)

@@ -249,14 +249,16 @@ class Transport:
         return await maybe_thread(len(data), lambda d: wire.decode(d, adopt=True), data)
 
     async def stream(self, target: Target, path: str, frames, *, digest: str,
-                     open_timeout: float = 10.0) -> None:
+                     open_timeout: float = 10.0, headers: dict[str, str] | None = None) -> None:
         """POST `path` with a body streamed from the async iterator `frames` (each item
         sent as it comes); returns once the body has ended and the reply is 200,
         raises the remote error or PeerUnavailable otherwise. The request is signed
-        with the fixed `digest` the route expects."""
+        with the fixed `digest` the route expects; `headers` are added to it."""
         url = f"{'http' if self.insecure else 'https'}://{target.address}{path}"
+        extra = headers or {}
         headers = sign_request(self.identity, self.name, target.key_id, "POST", path,
                                digest=digest, now=time.time()) | self.headers
+        headers.update(extra)
         headers["content-type"] = "application/cbor"
         headers["host"] = target.address
         headers["transfer-encoding"] = "chunked"  # tells httpcore there is a body (not sent in h2)
@@ -290,6 +292,54 @@ class Transport:
             await self._release(pool)
         if resp.status_code != 200:
             raise remote_error(data, resp.status_code)
+
+    async def receive_stream(self, target: Target, path: str, on_data, started, *, digest: str,
+                             open_timeout: float = 10.0,
+                             headers: dict[str, str] | None = None) -> None:
+        """POST `path` with an empty body and hand each chunk of the reply's body to
+        `await on_data(chunk)` as it comes, until the reply ends. `started()` is called
+        once the reply's headers say 200 (within `open_timeout`); another status
+        raises the remote error, a broken connection PeerUnavailable. Rides the same
+        connection as :meth:`stream` to `target`."""
+        url = f"{'http' if self.insecure else 'https'}://{target.address}{path}"
+        extra = headers or {}
+        headers = sign_request(self.identity, self.name, target.key_id, "POST", path,
+                               digest=digest, now=time.time()) | self.headers
+        headers.update(extra)
+        headers["content-type"] = "application/cbor"
+        headers["host"] = target.address   # no body headers: END_STREAM rides the HEADERS
+        timeouts = httpx.Timeout(open_timeout, read=None, write=open_timeout).as_dict()
+        pool = self._pool(target, "push")
+        self._busy[id(pool)] = self._busy.get(id(pool), 0) + 1
+        resp = None
+        try:
+            request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(b""),
+                                    extensions={"timeout": timeouts})
+            try:
+                with trio.fail_after(open_timeout):
+                    resp = await pool.handle_async_request(request)
+                if resp.status_code != 200:
+                    raise remote_error(await _read_reply(resp), resp.status_code)
+                started()
+                async for chunk in resp.aiter_raw():
+                    self.bytes_received += len(chunk)
+                    await on_data(chunk)
+            except trio.TooSlowError:
+                self._retire(target, pool)
+                raise PeerUnavailable(f"peer at {target.address} did not open the stream back "
+                                      f"within {open_timeout:g} s") from None
+            except _BROKEN as e:
+                self._retire(target, pool)
+                raise PeerUnavailable(f"peer at {target.address} broke the stream back: "
+                                      f"{type(e).__name__}") from None
+            finally:
+                if resp is not None:
+                    with trio.move_on_after(1) as scope:
+                        scope.shield = True
+                        with contextlib.suppress(Exception):
+                            await resp.aclose()
+        finally:
+            await self._release(pool)
 
     def retire(self, target: Target, lane: str = "rpc") -> None:
         """The next request (or stream, lane "push") to `target` takes a new connection, if

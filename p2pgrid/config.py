@@ -21,9 +21,11 @@ def default_home() -> Path:
 class PeerConfig:
     name: str
     data_dir: Path | str | None = None   # default: $P2PGRID_HOME/<name>
-    host: str = "127.0.0.1"              # where the HTTP/2 server listens
+    host: str = "127.0.0.1"              # where the HTTP/2 server listens (0.0.0.0: everywhere)
     port: int = 0                        # 0: any free port
-    advertise: str | None = None         # host others should dial (default: host)
+    advertise: str | None = None         # host others should dial (default: host, or for a
+                                         # wildcard host the addresses of our interfaces)
+    listen: bool = True                  # False: a client that only dials out (no server)
     insecure: bool = False               # cleartext h2c instead of pinned TLS
     join: tuple[str, ...] = ()           # seeds: "host:port" or "KEYID@host:port"
     mdns: bool = True
@@ -45,6 +47,14 @@ class PeerConfig:
     min_rows: int = 10                   # default records an aggregate must span
     result_ttl: float = 3600.0           # unfetched results expire after this
     request_timeout: float = 120.0
+    # what one caller's remote program may cost (p2pgrid.budget.Limits has the defaults)
+    program_memory: int | None = None        # bytes held at once by the whole program
+    program_flops: float | None = None       # floating-point operations per program
+    program_seconds: float | None = None     # wall clock of the real run
+    programs_running: int | None = None      # programs one caller may have running at once
+    program_limits: dict = field(default_factory=dict, repr=False)  # caller or "*" -> overrides
+    program_workers: int = 2                 # worker processes that run programs at once
+    program_inline_flops: float = 2e7        # smaller programs run in a thread, without a worker
     # Network membership (p2pgrid.membership). With the network's public key (64 hex
     # digits), only peers and users certified by it are heard; without, names are
     # trusted on first use.
@@ -91,6 +101,33 @@ def _check_keys(path, where: str, keys, known) -> None:
             hint = f"; did you mean {near[0]!r}?" if near else \
                 f" (known: {', '.join(sorted(known))})"
             raise ProfileError(f"{path}: unknown key {key!r} in {where}{hint}")
+
+
+WILDCARDS = ("0.0.0.0", "::", "")
+
+
+def interface_ipv4s() -> list[str]:
+    """This host's IPv4 addresses, loopback last (only where there is nothing else)."""
+    import ifaddr  # a zeroconf dependency
+
+    ips = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+           if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
+    return list(dict.fromkeys(ips)) or ["127.0.0.1"]
+
+
+def advertised_addresses(config: PeerConfig, port: int) -> list[str]:
+    """Where others should dial a peer listening on `port`: never a wildcard address."""
+    if config.advertise:
+        hosts = [config.advertise]
+    elif config.host in WILDCARDS:
+        hosts = interface_ipv4s()
+    else:
+        hosts = [config.host]
+    return [f"[{h}]:{port}" if ":" in h else f"{h}:{port}" for h in hosts]
+
+
+def is_loopback(host: str) -> bool:
+    return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
 def load_profile(path: Path | str, **overrides) -> PeerConfig:

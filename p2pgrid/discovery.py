@@ -48,11 +48,9 @@ def _advertised_addresses(interfaces: list[str] | None) -> list[str]:
         ips = [i for i in interfaces if _is_ipv4(i) and i != "0.0.0.0"]
         if ips:
             return ips
-    import ifaddr  # a zeroconf dependency
+    from .config import interface_ipv4s
 
-    ips = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
-           if isinstance(ip.ip, str) and not ip.ip.startswith("127.")]
-    return ips or ["127.0.0.1"]
+    return interface_ipv4s()
 
 
 def _is_ipv4(s: str) -> bool:
@@ -75,9 +73,10 @@ async def run_discovery(*, name: str, key_id: str, port: int,
                         interfaces: list[str] | None,
                         on_found: Callable[[str, dict], None],
                         on_lost: Callable[[str, dict], None] | None = None,
-                        proto: str = PROTO,
+                        proto: str = PROTO, announce: bool = True,
                         task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Advertise this peer and report others until cancelled.
+    """Advertise this peer (unless `announce` is False: a peer that does not listen)
+    and report others until cancelled.
 
     ``interfaces``: IPv4 addresses to run mDNS on (None: every interface). Reports
     started once registered and browsing. ``on_found(address, txt)`` is called on the
@@ -99,27 +98,31 @@ async def run_discovery(*, name: str, key_id: str, port: int,
         except trio.RunFinishedError:
             pass
 
-    def start() -> tuple[Zeroconf, ServiceInfo, ServiceBrowser]:
+    def start() -> tuple[Zeroconf, ServiceInfo | None, ServiceBrowser]:
         zc = Zeroconf(interfaces=interfaces if interfaces else _all_interfaces(),
                       ip_version=IPVersion.V4Only)
         try:
-            instance = instance_name(name, key_id)
-            info = ServiceInfo(
-                SERVICE_TYPE, f"{instance}.{SERVICE_TYPE}", port=port,
-                properties={"name": name, "key_id": key_id, "port": str(port), "proto": proto},
-                server=f"p2pgrid-{key_id}.local.",
-                parsed_addresses=_advertised_addresses(interfaces))
-            zc.register_service(info, allow_name_change=True)
+            info = None
+            if announce:
+                instance = instance_name(name, key_id)
+                info = ServiceInfo(
+                    SERVICE_TYPE, f"{instance}.{SERVICE_TYPE}", port=port,
+                    properties={"name": name, "key_id": key_id, "port": str(port),
+                                "proto": proto},
+                    server=f"p2pgrid-{key_id}.local.",
+                    parsed_addresses=_advertised_addresses(interfaces))
+                zc.register_service(info, allow_name_change=True)
             browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[handler])
         except BaseException:
             zc.close()
             raise
         return zc, info, browser
 
-    def stop(zc: Zeroconf, info: ServiceInfo, browser: ServiceBrowser) -> None:
+    def stop(zc: Zeroconf, info: ServiceInfo | None, browser: ServiceBrowser) -> None:
         try:
             browser.cancel()
-            zc.unregister_service(info)
+            if info is not None:
+                zc.unregister_service(info)
         finally:
             zc.close()
 
@@ -142,7 +145,8 @@ async def run_discovery(*, name: str, key_id: str, port: int,
             on_found(address, dict(txt))
 
     zc, info, browser = await trio.to_thread.run_sync(start)
-    log.info("mDNS: advertising %s on port %d", info.name, port)
+    if info is not None:
+        log.info("mDNS: advertising %s on port %d", info.name, port)
     try:
         async with trio.open_nursery() as nursery:
             task_status.started()

@@ -50,6 +50,13 @@ class ShapeError(BadRequest):
     code = "shape_error"
 
 
+class ComputeLimitExceeded(P2PError):
+    """A program would cost its host more than the host allows its caller (memory held
+    at once, floating-point operations, wall-clock time); ``details["limit"]`` names
+    the peer's setting."""
+    status, code = 422, "compute_limit"
+
+
 class Unauthenticated(P2PError):
     """Missing, malformed, or wrong signature; unknown key."""
     status, code = 401, "unauthenticated"
@@ -92,6 +99,15 @@ class PeerUnavailable(P2PError):
 class ProtocolError(P2PError):
     """A multi-party protocol broke: a party died, a message came out of order."""
     status, code = 502, "protocol_error"
+
+
+class CheatingDetected(Conflict):
+    """An actively secure SMPC session's MAC check failed: some party deviated.
+
+    Raised on every honest party of the session (the message names the session, never
+    a value); nothing derived from the session's openings is revealed.
+    """
+    status, code = 409, "cheating_detected"
 
 
 class RoundFailed(ProtocolError):

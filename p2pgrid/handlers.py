@@ -31,9 +31,10 @@ from .errors import BadRequest, NotFound, PermissionDenied, ShapeError
 from .governance import policy as governance
 from .messages import (Ack, DeleteObject, DescribeObject, Execute, GetObject, ListObjects,
                        ObjectInfo, ObjectInfos, Ping, Pong, PutObject, Value)
-from .ops import AGGREGATE, OPAQUE, PUBLIC, Level, evaluate
+from .ops import AGGREGATE, OPAQUE, PUBLIC, Level
 from .router import Router
 from .store import ObjectMeta, Rules, normalise_tags
+from .worker import Programs
 
 router = Router()
 
@@ -174,15 +175,12 @@ async def execute(peer, caller, msg: Execute):
     metas = {i: await _meta_for(peer, caller, i, "compute") for i in dict.fromkeys(ids)}
     min_rows = max([m.rules.min_rows for m in metas.values()] or [peer.config.min_rows])
 
-    def run(device):
-        def resolve(oid):
-            m = metas[oid]
-            t = (torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta")
-                 if device == "meta" else peer.store.load(oid))
-            return t, _leaf_level(m)
-        return evaluate(msg.program, resolve, min_rows=min_rows, device=device)
-
-    probe, _ = run("meta")  # shapes and sizes checked before any real work
+    # shapes, sizes and the caller's budget checked before any real work, which then
+    # runs where it can be stopped (p2pgrid.worker)
+    programs = Programs.of(peer)
+    leaves = {i: (m, _leaf_level(m)) for i, m in metas.items()}
+    cost = programs.dry_run(caller, msg.program, leaves, min_rows=min_rows)
+    probe = cost.probe
     # The release decision comes before the real data is touched: a refused download
     # never runs, so neither its result nor its failure can tell anything.
     decision, deriv = await release.gate(peer, caller, msg.program, metas)
@@ -195,7 +193,7 @@ async def execute(peer, caller, msg: Execute):
         raise release.ComputeFailed(release.GENERIC_FAILURE)
     failed = deriv.failed
     try:
-        value, _ = await trio.to_thread.run_sync(run, "cpu")
+        value, _ = await programs.execute(caller, msg.program, leaves, cost, min_rows=min_rows)
         if not isinstance(value, torch.Tensor):
             value = torch.as_tensor(value)
     except (ShapeError, ArithmeticError, RuntimeError, ValueError) as e:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Iterable
@@ -22,6 +23,8 @@ from .messages import (DeleteObject, DescribeObject, Execute, GetObject, ListObj
 from .peer import Peer, open_peer
 from .pointer import Pointer
 from .store import Rules
+
+log = logging.getLogger("p2pgrid.network")
 
 
 class _NetworkCore:
@@ -74,6 +77,9 @@ class _NetworkCore:
         who may download exact aggregates (of the forms p2pgrid.release verifies) over at
         least `min_rows` records; names with `compute` only get DP releases, under their
         privacy budget, once `bounds` (per-column [lo, hi]) are declared. "*" means anyone."""
+        if not self._peer.config.listen:
+            log.warning("%s does not listen: other peers cannot reach what it publishes (use "
+                        "connect(..., listen=True) or `p2pgrid peer` to serve data)", self.name)
         meta = await self._peer.publish(tensor, tags=tags, description=description, compute=compute,
                                         get=get, aggregate=aggregate, min_rows=min_rows,
                                         bounds=bounds, epsilon=epsilon)
@@ -157,16 +163,22 @@ def _with_peer(meta: dict, peer: str) -> dict:
 @asynccontextmanager
 async def connect(name: str, *, join: Iterable[str] = (), data_dir=None, mdns: bool = True,
                   interfaces: Iterable[str] | None = None, insecure: bool = False,
-                  host: str = "127.0.0.1", port: int = 0, wait: float = 10.0,
-                  **options) -> AsyncIterator[Network]:
+                  listen: bool = False, host: str = "127.0.0.1", port: int = 0,
+                  wait: float = 10.0, **options) -> AsyncIterator[Network]:
     """Start your own peer named `name`, join the network, and yield it as a Network.
 
     Peers are found by mDNS (on `interfaces`, default all) and by `join` seeds
     ("host:port" or "KEYID@host:port"). Waits up to `wait` seconds for a first
     other peer to appear when there is any way to find one.
+
+    By default your peer does not listen: it opens no port and only dials out, and
+    every reply comes back on the connections it opened, so it works behind NAT and
+    firewalls (search, compute, federated training, SMPC, model downloads). Pass
+    ``listen=True`` (with `host`, `port`) for a peer others must reach: one that
+    serves data, models or SMPC shares.
     """
     config = PeerConfig(name=name, data_dir=data_dir, host=host, port=port, insecure=insecure,
-                        join=tuple(join), mdns=mdns,
+                        join=tuple(join), mdns=mdns, listen=listen,
                         mdns_interfaces=tuple(interfaces) if interfaces else None, **options)
     async with open_peer(config) as peer:
         net = Network(peer)

@@ -27,12 +27,19 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+import torch.fx.experimental._config as _fx_config
 
-from .errors import BadRequest, ShapeError, UnknownOp
+from .budget import Meter
+from .errors import BadRequest, ComputeLimitExceeded, P2PError, ShapeError, UnknownOp
 
 MAX_NODES = 512
+MAX_DEPTH = 16  # nesting of tuples and slices in one argument
 MAX_CONST_ELEMENTS = 1 << 20
 MAX_RESULT_ELEMENTS = 1 << 28  # 1 GiB of float32; a peer may lower it
+
+# The dry run sizes a boolean-mask selection (and nonzero) as if every element were
+# picked: the largest it can be, which is what a budget needs (torch refuses otherwise).
+_fx_config.meta_nonzero_assume_all_nonzero = True
 
 DTYPES = {name: getattr(torch, name) for name in (
     "float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")}
@@ -319,7 +326,9 @@ def encode_arg(value, node_index: Callable[[Any], int | None]):
     raise BadRequest(f"cannot use {type(value).__name__} in a remote computation")
 
 
-def _decode_arg(arg, values: list, levels: list, device: str, deps: list[int]):
+def _decode_arg(arg, values: list, levels: list, device: str, deps: list[int], depth: int = 0):
+    if depth > MAX_DEPTH:
+        raise BadRequest(f"argument nested more than {MAX_DEPTH} deep")
     if arg is None or isinstance(arg, (bool, int, float, str)):
         return arg
     if isinstance(arg, dict) and len(arg) == 1:
@@ -330,14 +339,14 @@ def _decode_arg(arg, values: list, levels: list, device: str, deps: list[int]):
             deps.append(v)
             return values[v]
         if key == "slice" and isinstance(v, list) and len(v) == 3:
-            parts = [_decode_arg(x, values, levels, device, deps) for x in v]
+            parts = [_decode_arg(x, values, levels, device, deps, depth + 1) for x in v]
             if not all(p is None or isinstance(p, int) and not isinstance(p, bool) for p in parts):
                 raise BadRequest("slice bounds must be integers or null")
             return slice(*parts)
         if key == "ellipsis":
             return Ellipsis
         if key == "tuple" and isinstance(v, list):
-            return tuple(_decode_arg(x, values, levels, device, deps) for x in v)
+            return tuple(_decode_arg(x, values, levels, device, deps, depth + 1) for x in v)
         if key == "dtype" and v in DTYPES:
             return DTYPES[v]
         if key == "tensor" and isinstance(v, torch.Tensor):
@@ -357,17 +366,26 @@ def _describe(arg) -> str:
 
 def evaluate(program: dict, resolve: Callable[[str], tuple[torch.Tensor, Level]], *,
              min_rows: int = 10, device: str = "cpu",
-             max_elements: int = MAX_RESULT_ELEMENTS) -> tuple[Any, Level]:
+             max_elements: int = MAX_RESULT_ELEMENTS, meter: Meter | None = None) -> tuple[Any, Level]:
     """Run `program`; `resolve(obj_id)` gives a leaf's tensor and level.
 
-    Raises UnknownOp for ops outside the whitelist, ShapeError when torch rejects
-    the operands, and BadRequest for malformed programs or oversize results.
+    Each intermediate is dropped after its last use, so a program holds at once only
+    what later nodes still need; `meter` (see :mod:`p2pgrid.budget`) is charged node by
+    node with that memory and each op's work, and refuses the program once over its
+    limits. Raises UnknownOp for ops outside the whitelist, ShapeError when torch
+    rejects the operands, BadRequest for malformed programs or oversize results, and
+    no other exception: whatever a program makes torch or the rules raise is the
+    program's fault, so it is answered as such.
     """
     nodes = program.get("nodes") if isinstance(program, dict) else None
     if not isinstance(nodes, list) or not nodes:
         raise BadRequest("program must be a map with a non-empty list of nodes")
     if len(nodes) > MAX_NODES:
         raise BadRequest(f"program has {len(nodes)} nodes; the limit is {MAX_NODES}")
+    last = _last_uses(nodes)
+    held = _Held()
+    if meter is not None:
+        meter.base(_constant_bytes(nodes))
     values: list[Any] = []
     levels: list[Level] = []
     for i, node in enumerate(nodes):
@@ -378,6 +396,9 @@ def evaluate(program: dict, resolve: Callable[[str], tuple[torch.Tensor, Level]]
             if not isinstance(node.get("obj"), str):
                 raise BadRequest(f"leaf node {i} needs an object id")
             value, level = resolve(node["obj"])
+            live = held.add(i, value, [], [])
+            if meter is not None:
+                meter.node(i, "leaf", [], value, live=live)
             values.append(value)
             levels.append(level)
             continue
@@ -393,23 +414,151 @@ def evaluate(program: dict, resolve: Callable[[str], tuple[torch.Tensor, Level]]
         deps: list[int] = []
         args = [_decode_arg(a, values, levels, device, deps) for a in raw_args]
         kwargs = {k: _decode_arg(v, values, levels, device, deps) for k, v in raw_kwargs.items()}
-        try:
-            out = op.fn(*args, **kwargs)
-        except (RuntimeError, TypeError, ValueError, IndexError) as e:
-            raise ShapeError(f"node {i} ({name}): {_torch_message(e)}", op=name) from None
-        if isinstance(out, torch.Tensor) and out.numel() > max_elements:
+        out = _apply(i, name, op, args, kwargs)
+        if out.numel() > max_elements:
             raise BadRequest(f"node {i} ({name}) would make {out.numel()} elements; "
                              f"the limit is {max_elements}")
-        rule_levels = _levels_for(raw_args, levels)
-        level = op.rule(rule_levels, args, out, dict(kwargs, __min_rows=min_rows))
-        index_levels = [levels[d] for d in deps[1:]] if name == "getitem" else []
-        if any(_is_row(lv) for lv in index_levels) and not _is_row(level):
-            level = OPAQUE  # an index computed from records says something about them
-        elif index_levels and _joined(index_levels).rank > level.rank:
-            level = _joined(index_levels)
+        live = held.add(i, out, deps, values)
+        if meter is not None:
+            meter.node(i, name, args + list(kwargs.values()), out, live=live)
+        level = _level(i, name, op, raw_args, args, kwargs, out, deps, levels, min_rows)
         values.append(out)
         levels.append(level)
+        del args, kwargs
+        for d in set(deps):
+            if last[d] == i:
+                values[d] = None
+                held.drop(d)
     return values[-1], levels[-1]
+
+
+def _apply(i: int, name: str, op: Op, args: list, kwargs: dict) -> torch.Tensor:
+    try:
+        out = op.fn(*args, **kwargs)
+    except MemoryError:
+        raise ComputeLimitExceeded(f"node {i} ({name}) ran out of memory",
+                                   limit="program_memory") from None
+    except (RuntimeError, TypeError, ValueError, IndexError, OverflowError, ArithmeticError,
+            NotImplementedError, AttributeError, KeyError) as e:
+        if "can't allocate memory" in str(e):   # torch's allocator under an address-space cap
+            raise ComputeLimitExceeded(f"node {i} ({name}) ran out of memory",
+                                       limit="program_memory") from None
+        raise ShapeError(f"node {i} ({name}): {_torch_message(e)}", op=name) from None
+    except RecursionError:
+        raise BadRequest(f"node {i} ({name}): arguments nested too deep") from None
+    except Exception as e:  # noqa: BLE001 - anything else torch raises on odd operands
+        raise ShapeError(f"node {i} ({name}): {type(e).__name__}", op=name) from None
+    if not isinstance(out, torch.Tensor):
+        raise ShapeError(f"node {i} ({name}) gives a {type(out).__name__}, not a tensor", op=name)
+    return out
+
+
+def _level(i, name, op, raw_args, args, kwargs, out, deps, levels, min_rows) -> Level:
+    try:
+        rule_levels = _levels_for(raw_args, levels)
+        level = op.rule(rule_levels, args, out, dict(kwargs, __min_rows=min_rows))
+    except P2PError:
+        raise
+    except Exception:  # noqa: BLE001 - operands torch took but the guard cannot follow
+        raise BadRequest(f"node {i} ({name}): the record guard cannot follow these "
+                         f"arguments") from None
+    index_levels = [levels[d] for d in deps[1:]] if name == "getitem" else []
+    if any(_is_row(lv) for lv in index_levels) and not _is_row(level):
+        level = OPAQUE  # an index computed from records says something about them
+    elif index_levels and _joined(index_levels).rank > level.rank:
+        level = _joined(index_levels)
+    return level
+
+
+def _refs(arg, out: list[int], depth: int = 0) -> None:
+    if depth > 4 * MAX_DEPTH:   # deeper than _decode_arg goes (a tuple is a map and a list)
+        return
+    if isinstance(arg, dict):
+        ref = arg.get("$")
+        if isinstance(ref, int) and not isinstance(ref, bool):
+            out.append(ref)
+        for v in arg.values():
+            _refs(v, out, depth + 1)
+    elif isinstance(arg, (list, tuple)):
+        for v in arg:
+            _refs(v, out, depth + 1)
+
+
+def _last_uses(nodes: list) -> list[int]:
+    """For each node, the last node that reads it (itself if none; the result is kept)."""
+    last = list(range(len(nodes)))
+    if nodes:
+        last[-1] = len(nodes)
+    for i, node in enumerate(nodes):
+        if not isinstance(node, dict):
+            continue
+        refs: list[int] = []
+        _refs(node.get("args"), refs)
+        _refs(node.get("kwargs"), refs)
+        for r in refs:
+            if 0 <= r < i:
+                last[r] = max(last[r], i)
+    return last
+
+
+def _constant_bytes(nodes: list) -> int:
+    total = 0
+
+    def walk(arg, depth=0):
+        nonlocal total
+        if depth > MAX_DEPTH:
+            return
+        if isinstance(arg, torch.Tensor):
+            total += arg.numel() * arg.element_size()
+        elif isinstance(arg, dict):
+            for v in arg.values():
+                walk(v, depth + 1)
+        elif isinstance(arg, (list, tuple)):
+            for v in arg:
+                walk(v, depth + 1)
+    for node in nodes:
+        if isinstance(node, dict):
+            walk(node.get("args"))
+            walk(node.get("kwargs"))
+    return total
+
+
+class _Held:
+    """Bytes the values still referenced hold. A view (a slice, a reshape, a transpose)
+    holds its base's storage, so it costs nothing of its own but keeps its base's bytes
+    held until both are dropped."""
+
+    def __init__(self):
+        self.live = 0
+        self._owner: dict[int, int] = {}     # node -> node whose storage it uses
+        self._users: dict[int, int] = {}     # owner node -> nodes using its storage
+        self._bytes: dict[int, int] = {}     # owner node -> bytes
+
+    def add(self, i: int, out, deps: list[int], values: list) -> int:
+        base = out._base if isinstance(out, torch.Tensor) and out._is_view() else out
+        for d in deps:
+            v = values[d]
+            if isinstance(v, torch.Tensor) and (v is base or v._is_view() and v._base is base):
+                owner = self._owner[d]
+                self._owner[i] = owner
+                self._users[owner] += 1
+                return self.live
+        self._owner[i] = i
+        self._users[i] = 1
+        # a view of a constant uses the program's memory, counted with the constants
+        own = 0 if base is not out else out.numel() * out.element_size()
+        self._bytes[i] = own
+        self.live += own
+        return self.live
+
+    def drop(self, i: int) -> None:
+        owner = self._owner.pop(i, None)
+        if owner is None:
+            return
+        self._users[owner] -= 1
+        if not self._users[owner]:
+            del self._users[owner]
+            self.live -= self._bytes.pop(owner)
 
 
 def _levels_for(raw_args, levels) -> list:

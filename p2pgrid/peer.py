@@ -23,15 +23,15 @@ import trio
 from . import calls, membership, push, tls, wire
 from .auth import H_CERT, Caller, Verifier, b64
 from .client import Target, Transport, learn_target, maybe_thread
-from .config import PeerConfig
+from .config import WILDCARDS, PeerConfig, advertised_addresses
 from .addrbook import BookLimits
 from .directory import MAX_OBJECTS, Directory, ObjectSummary, PeerRecord
-from .errors import NotFound, PeerUnavailable, PermissionDenied, Unauthenticated
+from .errors import NotFound, P2PError, PeerUnavailable, PermissionDenied, Unauthenticated
 from .gossip import gossip_loop
 from .identity import Identity
 from .calls import Calls
 from .clock import check_clock
-from .push import Pushers
+from .push import BackLinks, Pushers
 from .router import Router
 from .server import App, serve
 from .store import ObjectMeta, Rules, Store
@@ -83,9 +83,16 @@ class Peer:
         self.clock_offset: float | None = None  # median of the peers' clocks minus ours, once measured
         self.verifier = Verifier(self.identity.key_id)
         self.pushers = Pushers(
-            lambda target, frames: self.transport.stream(target, push.PATH, frames,
-                                                         digest=push.STREAM_DIGEST),
-            _encode_push, retire=lambda target: self.transport.retire(target, "push"))
+            lambda target, frames, link: self.transport.stream(
+                target, push.PATH, frames, digest=push.STREAM_DIGEST,
+                headers={push.LINK_HEADER: link}),
+            _encode_push, retire=lambda target: self.transport.retire(target, "push"),
+            open_back=lambda target, link, on_data, started: self.transport.receive_stream(
+                target, push.PULL_PATH, on_data, started, digest=push.PULL_DIGEST,
+                headers={push.LINK_HEADER: link}),
+            deliver=self._deliver, max_frame=max(config.max_body, push.MIN_FRAME),
+            busy=lambda key_id: self.calls.waits_on(key_id))
+        self.links = BackLinks(_encode_push)   # ways back that peers opened to us
         self.calls = Calls(self)
         self.router = Router()
         self.router.include(core_router)
@@ -93,7 +100,7 @@ class Peer:
         self.router.include(owner_router)
         for r in [*plugins.routers(), *routers]:
             self.router.include(r)
-        self.address: str | None = None
+        self.addresses: list[str] = []   # where others dial us, best first; none: not listening
         self.started_at = time.time()
         self.nursery: trio.Nursery | None = None
         self._seeds: dict[str, str | None] = {}       # address -> expected key id
@@ -107,6 +114,11 @@ class Peer:
 
     def __repr__(self) -> str:
         return f"Peer({self.name!r}, {self.address}, key={self.identity.key_id})"
+
+    @property
+    def address(self) -> str | None:
+        """The first address others may dial us at; None for a peer that does not listen."""
+        return self.addresses[0] if self.addresses else None
 
     @property
     def key_id(self) -> str:
@@ -326,7 +338,7 @@ class Peer:
     def reissue(self) -> PeerRecord:
         """Sign and store a new version of our record (after any change to what it says)."""
         return self.directory.issue(
-            time.time(), name=self.name, addresses=[self.address] if self.address else [],
+            time.time(), name=self.name, addresses=list(self.addresses),
             cert=self.cert, roles=list(self.config.roles),
             objects=list(self._summaries.values()), services=self.services,
             membership=self.own_cert,
@@ -362,13 +374,34 @@ class Peer:
         return await self.transport.request(self.target(rec), msg, timeout=timeout)
 
     async def push(self, to: str | PeerRecord, msg) -> None:
-        """Send `msg` one way (see :mod:`p2pgrid.push`): queued on the stream to that
-        peer, delivered in order, no reply. Breaks are reported to `push_listeners`."""
+        """Send `msg` one way (see :mod:`p2pgrid.push`): on the way back of a link that
+        peer opened to us if there is one, else on our own link to the address of its
+        signed record; delivered in order, no reply. Breaks are reported to
+        `push_listeners`."""
         rec = to if isinstance(to, PeerRecord) else self.record(to)
         if rec.key_id == self.key_id:
             await self.router.dispatch(self, Caller(self.name, self.identity.public_bytes), msg)
             return
-        await self.pushers.push(rec.name, self.target(rec), msg)
+        if await self.links.send(rec.key_id, msg):
+            return
+        # streams are reported by the name the record answers to here: an impostor's
+        # record carrying another peer's name must never break that peer's calls
+        await self.pushers.push(self.directory.label(rec), self.target(rec), msg,
+                                public_key=rec.public_key)
+
+    async def reply(self, key_id: str, msg) -> bool:
+        """Send `msg` to the peer with `key_id` on a link already open between us: the way
+        back of one it opened, else one we opened. Never dials; False if none is open."""
+        return await self.links.send(key_id, msg) or await self.pushers.send_existing(key_id, msg)
+
+    async def _deliver(self, name: str, public_key: bytes, frame: bytes) -> None:
+        """A frame that came back on one of our links, from the peer we pinned it to."""
+        limit = max(self.config.max_body, push.MIN_FRAME)
+        msg = wire.decode(frame, max_size=limit, adopt=True)
+        try:
+            await self.router.dispatch(self, Caller(name, public_key), msg)
+        except P2PError as e:   # nobody to answer, as for a pushed message
+            log.debug("%s from %s on its way back refused: %s", type(msg).__name__, name, e.code)
 
     async def call(self, to: str | PeerRecord, msg, *, timeout: float | None = None):
         """:meth:`request` as a call whatever the message's size (a large one still
@@ -390,7 +423,7 @@ class Peer:
         """Somewhere to gossip with: from --join, mDNS, or a test harness."""
         if "@" in address:
             key_id, address = address.split("@", 1)
-        if address != self.address:
+        if address not in self.addresses:
             self._seeds.setdefault(address, key_id)
 
     def _unknown_seeds(self) -> list[str]:
@@ -450,7 +483,8 @@ class Peer:
         card = wire.dumps({"name": self.name, "public_key": self.identity.public_bytes})
         app = App(self.verifier, self.authorize, lambda c, m: self.router.dispatch(self, c, m),
                   max_body=self.config.max_body, page=self._page, identity_card=card,
-                  push_broken=self._stream_cut)
+                  push_broken=self._stream_cut, pull=self.links.serve,
+                  push_ended=lambda caller, link: self.links.close(caller.key_id, link))
         await serve(app, host=self.config.host, port=self.config.port if port is None else port,
                     certfile=certfile,
                     keyfile=keyfile, task_status=task_status)
@@ -544,14 +578,16 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
             peer.nursery = nursery
             peer.pushers.nursery = nursery
             peer.calls.nursery = nursery
-            binds = await _start_server(nursery, peer)
-            port = int(binds[0].rsplit(":", 1)[1])
-            peer.state_save_port(port)
-            peer.address = f"{config.advertise or config.host}:{port}"
-            from .owner import write_endpoint
-            local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(config.host,
-                                                                                 config.host)
-            write_endpoint(config.data_dir, peer.name, f"{local}:{port}", config.insecure)
+            port = 0
+            if config.listen:
+                binds = await _start_server(nursery, peer)
+                port = int(binds[0].rsplit(":", 1)[1])
+                peer.state_save_port(port)
+                peer.addresses = advertised_addresses(config, port)
+                from .owner import write_endpoint
+                local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(
+                    config.host, config.host)
+                write_endpoint(config.data_dir, peer.name, f"{local}:{port}", config.insecure)
             peer._summaries = {m.id: summary_of(m) for m in await trio.to_thread.run_sync(
                 peer.store.list) if peer.advertises(m)}
             if len(peer._summaries) > MAX_SUMMARIES:
@@ -572,7 +608,7 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
                 from .discovery import run_discovery
                 await nursery.start(lambda task_status: run_discovery(
                     name=peer.name, key_id=peer.key_id, port=port,
-                    interfaces=list(config.mdns_interfaces) if config.mdns_interfaces else None,
+                    interfaces=mdns_interfaces(config), announce=config.listen,
                     on_found=lambda address, info: peer.add_seed(address, info.get("key_id")),
                     task_status=task_status))
             nursery.start_soon(peer._housekeeping)
@@ -611,6 +647,16 @@ async def _unwrapped():
         if exc is group:
             raise
         raise exc from exc.__cause__
+
+
+def mdns_interfaces(config: PeerConfig) -> list[str] | None:
+    """Where mDNS runs: the configured interfaces, else where we listen (a peer on one
+    address announces itself there only, not where nobody can reach it), else all."""
+    if config.mdns_interfaces:
+        return list(config.mdns_interfaces)
+    if config.listen and config.host not in WILDCARDS:
+        return [config.host]
+    return None
 
 
 async def _start_server(nursery: trio.Nursery, peer: Peer) -> list[str]:

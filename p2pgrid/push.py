@@ -14,6 +14,16 @@ Authentication: the open is signed like any request; TLS, pinned to the
 receiver's key, then protects every frame of that stream. (With ``--insecure``
 h2c only the open is authenticated.)
 
+Links: the way back rides the sender's own connection. Beside each push stream
+the sender opens ``POST /pull`` (signed the same way, fixed digest
+:data:`PULL_DIGEST`, both requests naming one link id in :data:`LINK_HEADER`),
+whose *response* body carries frames the other way: call replies and anything
+the receiver pushes to the sender (:class:`BackLinks` on the receiving side).
+So a peer that can only dial out (behind NAT, a firewall, or not listening at
+all) is a full client, and no peer ever dials an address a message names. The
+sender writes no frame before the way back is open, and the receiver ends the
+way back when the push stream of its link ends.
+
 Delivery is not acknowledged. A stream that breaks loses what was queued on it,
 and both ends report it to the peer's push listeners (``peer.push_listeners``),
 so protocols waiting on the other side can fail at once instead of at their
@@ -28,6 +38,7 @@ deadline. Streams close after :data:`IDLE` seconds without a message.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Awaitable, Callable
 
 import trio
@@ -38,12 +49,18 @@ log = logging.getLogger("p2pgrid.push")
 
 PATH = "/push"
 STREAM_DIGEST = "push-stream-v1"  # stands in for the body digest a streamed body cannot have
+PULL_PATH = "/pull"
+PULL_DIGEST = "pull-stream-v1"
+LINK_HEADER = "x-p2p-link"   # pairs a push stream with its way back
+LINKS_PER_CALLER = 4   # ways back one caller may hold open here; its oldest closes beyond
+LINGER = 5.0           # seconds a closing link waits for its way back to end cleanly
 IDLE = 30.0            # seconds without a message before a push stream closes
 QUEUE = 64             # messages queued per destination before push() waits
 HEADER = 4
 MIN_FRAME = 4 << 20    # bytes a stream takes in one frame, even where max_body is smaller
 
-__all__ = ["encode_frame", "FrameReader", "Pushers", "PATH", "STREAM_DIGEST"]
+__all__ = ["encode_frame", "FrameReader", "Pushers", "BackLinks", "PATH", "STREAM_DIGEST",
+           "PULL_PATH", "PULL_DIGEST", "LINK_HEADER"]
 
 
 def encode_frame(body) -> bytes:
@@ -96,48 +113,76 @@ class FrameReader:
 
 
 Listener = Callable[[str, str], None]   # (peer name, why the stream broke)
+Deliver = Callable[[str, bytes, bytes], Awaitable[None]]   # (peer name, its public key, frame)
 
 
 class _Stream:
-    """One destination's queue and the task that writes it into a /push request."""
+    """One destination's link: the queue its push stream writes, and its way back."""
 
-    def __init__(self, name: str, key, target):
-        self.name, self.key, self.target = name, key, target
+    def __init__(self, name: str, key, target, public_key: bytes):
+        self.name, self.key, self.target, self.public_key = name, key, target, public_key
         self.send, self.receive = trio.open_memory_channel(QUEUE)
         self.scope = trio.CancelScope()
+        self.link = os.urandom(12).hex()
+        self.ready = trio.Event()    # the way back is open
+        self.closing = False         # the push stream has ended (idle): the way back ends next
+        self.back_ended = trio.Event()
+        self.last_in = 0.0           # trio time of the last frame that came back
 
 
 class Pushers:
-    """The sending side: a stream per destination, each task in `nursery`.
+    """The sending side: a link per destination, each task in `nursery`.
 
-    `open_stream(target, frames)` is the transport's streamed request; it returns
-    when the body has ended and the receiver answered. `encode(msg)` gives the
-    message's CBOR bytes. `retire(target)` makes the transport's next stream to
-    `target` take a new connection.
+    `open_stream(target, frames, link)` is the transport's streamed request; it
+    returns when the body has ended and the receiver answered.
+    `open_back(target, link, on_data, task_status)` is the transport's streamed
+    reply (the way back): it reports started once the receiver has accepted it and
+    returns when the receiver ends it. `deliver(name, public_key, frame)` dispatches
+    a frame that came back. `encode(msg)` gives the message's CBOR bytes.
+    `retire(target)` makes the transport's next stream to `target` take a new
+    connection. `busy(key_id)` says whether a call to that peer waits for its reply
+    (its link then stays open however idle).
     """
 
     def __init__(self, open_stream: Callable[..., Awaitable[None]],
                  encode: Callable[[object], Awaitable[bytes]], *, idle: float = IDLE,
-                 retire: Callable[[object], None] = lambda target: None):
+                 retire: Callable[[object], None] = lambda target: None,
+                 open_back: Callable[..., Awaitable[None]] | None = None,
+                 deliver: Deliver | None = None, max_frame: int = MIN_FRAME,
+                 busy: Callable[[str], bool] = lambda key_id: False):
         self._open_stream, self._encode, self.idle = open_stream, encode, idle
-        self._retire = retire
+        self._retire, self._open_back, self._deliver = retire, open_back, deliver
+        self._busy, self.max_frame = busy, max_frame
         self._streams: dict[object, _Stream] = {}
         self.listeners: list[Listener] = []
         self.nursery: trio.Nursery | None = None
 
-    async def push(self, name: str, target, msg) -> None:
-        """Queue `msg` for the peer `name` at `target`; waits only while its queue is full."""
+    async def push(self, name: str, target, msg, *, public_key: bytes = b"") -> None:
+        """Queue `msg` for the peer `name` (whose key is `public_key`) at `target`;
+        waits only while its queue is full."""
         key = (target.address, target.key_id)
         stream = self._streams.get(key)
         if stream is None:
             if self.nursery is None:
                 raise PeerUnavailable("this peer is not running")
-            stream = self._streams[key] = _Stream(name, key, target)
+            stream = self._streams[key] = _Stream(name, key, target, public_key)
             self.nursery.start_soon(self._run, stream, target)
         try:
             await stream.send.send(msg)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise PeerUnavailable(f"the push stream to {name} broke") from None
+
+    async def send_existing(self, key_id: str, msg) -> bool:
+        """Queue `msg` on a link already open to the peer with `key_id`; False if none
+        is (nothing is dialled for it)."""
+        for stream in list(self._streams.values()):
+            if stream.key[1] == key_id and not stream.closing:
+                try:
+                    await stream.send.send(msg)
+                    return True
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    continue
+        return False
 
     def drop(self, name: str) -> None:
         """Close the streams to peer `name` now, and let the next take a new connection.
@@ -162,7 +207,13 @@ class Pushers:
         if self._streams.get(stream.key) is stream:
             del self._streams[stream.key]
 
+    def _idle(self, stream: _Stream) -> bool:
+        # idle both ways, and no call waiting on the way back
+        return (trio.current_time() - stream.last_in >= self.idle
+                and not self._busy(stream.key[1]))
+
     async def _frames(self, stream: _Stream):
+        await stream.ready.wait()   # whatever these messages cause can come back
         receive = stream.receive
         while True:
             msg, idle = None, True
@@ -173,11 +224,14 @@ class Pushers:
                     return
                 idle = False
             if idle:
-                break
+                if self._idle(stream):
+                    break
+                continue
             for part in _frame_parts(await self._encode(msg)):
                 yield part
         # idle: new pushes go to a new stream from here on; send what raced in
         self._forget(stream)
+        stream.closing = True
         while True:
             try:
                 msg = receive.receive_nowait()
@@ -186,16 +240,116 @@ class Pushers:
             for part in _frame_parts(await self._encode(msg)):
                 yield part
 
+    async def _back(self, stream: _Stream, target, task_status=trio.TASK_STATUS_IGNORED):
+        reader = FrameReader(self.max_frame)
+
+        async def on_data(chunk) -> None:
+            for frame in reader.feed(chunk):
+                stream.last_in = trio.current_time()
+                await self._deliver(stream.name, stream.public_key, frame)
+
+        def started():
+            stream.last_in = trio.current_time()
+            stream.ready.set()
+            task_status.started()
+
+        await self._open_back(target, stream.link, on_data, started)
+        reader.finish()
+        stream.back_ended.set()
+        if not stream.closing:
+            raise PeerUnavailable(f"{stream.name} ended the stream back")
+
     async def _run(self, stream: _Stream, target) -> None:
         why = None
         try:
             with stream.scope:   # cancelled by drop(), whose caller has reported the break
-                await self._open_stream(target, self._frames(stream))
+                async with trio.open_nursery() as nursery:
+                    # The way back first: the push stream's request never reads until
+                    # its body ends, so the server's settings (the streams it allows
+                    # beyond httpcore's first one) arrive on the way back's reply.
+                    if self._open_back is None:
+                        stream.ready.set()
+                    else:
+                        await nursery.start(self._back, stream, target)
+                    await self._open_stream(target, self._frames(stream), stream.link)
+                    stream.closing = True
+                    # the receiver ends the way back once it has read the last frame
+                    with trio.move_on_after(LINGER):
+                        await stream.back_ended.wait()
+                    nursery.cancel_scope.cancel()
         except Exception as e:  # noqa: BLE001 - reported to the listeners, never raised here
-            why = e.message if isinstance(e, P2PError) else type(e).__name__
+            why = _why(e)
             log.info("push stream to %s broke: %s", stream.name, why)
         finally:
             self._forget(stream)   # the next push opens a new stream
+            stream.closing = True
             stream.receive.close()
         if why is not None:
             self.report(stream.name, why)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, BaseExceptionGroup):
+        return "; ".join(_why(x) for x in e.exceptions)
+    return e.message if isinstance(e, P2PError) else type(e).__name__
+
+
+class _Back:
+    def __init__(self, caller):
+        self.caller = caller
+        self.send, self.receive = trio.open_memory_channel(QUEUE)
+
+
+class BackLinks:
+    """The receiving side of links: for each peer that opened one to us, the way
+    back to it (the response body of its ``/pull``), newest last.
+
+    `send(key_id, msg)` queues a message for that peer there; nothing is ever
+    dialled for it. A caller holds at most :data:`LINKS_PER_CALLER` of them here.
+    """
+
+    def __init__(self, encode: Callable[[object], Awaitable[bytes]]):
+        self._encode = encode
+        self._links: dict[str, dict[str, _Back]] = {}   # key id -> link id -> way back
+
+    def has(self, key_id: str) -> bool:
+        return bool(self._links.get(key_id))
+
+    async def send(self, key_id: str, msg) -> bool:
+        """Queue `msg` on the newest way back to the peer with `key_id`; False if it
+        has none open (or it closed meanwhile)."""
+        for back in reversed(list(self._links.get(key_id, {}).values())):
+            try:
+                await back.send.send(msg)
+                return True
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                continue
+        return False
+
+    def close(self, key_id: str, link: str) -> None:
+        """End the way back of `link` once what is queued on it is written (its push
+        stream ended)."""
+        back = self._links.get(key_id, {}).get(link)
+        if back is not None:
+            back.send.close()
+
+    async def serve(self, caller, link: str, write: Callable[[bytes], Awaitable[None]]) -> None:
+        """Write what is queued for `caller` on `link` with `write` until the link is
+        closed (returns) or cancelled (its request was cut)."""
+        mine = self._links.setdefault(caller.key_id, {})
+        old = mine.pop(link, None)
+        if old is not None:
+            old.send.close()
+        while len(mine) >= LINKS_PER_CALLER:
+            mine.pop(next(iter(mine))).send.close()
+        back = mine[link] = _Back(caller)
+        try:
+            async with back.receive:
+                async for msg in back.receive:
+                    for part in _frame_parts(await self._encode(msg)):
+                        await write(part)
+        finally:
+            if mine.get(link) is back:
+                del mine[link]
+            if not mine and self._links.get(caller.key_id) is mine:
+                del self._links[caller.key_id]

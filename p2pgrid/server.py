@@ -1,7 +1,8 @@
 """The peer's HTTP/2 edge: an ASGI app served by hypercorn's trio worker.
 
 Routes: ``POST /rpc`` carries one signed CBOR message and answers one;
-``POST /push`` opens a stream of one-way messages (see :mod:`p2pgrid.push`);
+``POST /push`` opens a stream of one-way messages (see :mod:`p2pgrid.push`) and
+``POST /pull`` its way back, a reply body of messages for the caller;
 ``GET /`` is the peer's page; ``GET /health`` a liveness probe. Everything
 protocol-specific lives in handlers; this module only moves bytes, checks
 sizes and signatures, and maps typed errors to HTTP statuses.
@@ -21,7 +22,7 @@ import trio
 
 from . import h2tuning, hypercorn_fixes, push, wire
 from .auth import H_DIGEST, Caller, Verifier
-from .errors import P2PError, PayloadTooLarge, Unauthenticated
+from .errors import BadRequest, P2PError, PayloadTooLarge, Unauthenticated
 
 log = logging.getLogger("p2pgrid.server")
 
@@ -30,6 +31,7 @@ OFFLOAD = 1 << 20  # bodies larger than this are encoded/decoded in a worker thr
 
 Dispatch = Callable[[Caller, object], Awaitable[object]]
 Page = Callable[[dict, bytes], Awaitable[tuple[int, str, bytes]]]
+Pull = Callable[[Caller, str, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
 
 
 async def _to_thread_if_big(n: int, fn, *args):
@@ -54,8 +56,12 @@ class App:
 
     def __init__(self, verifier: Verifier, authorize: Callable[[Caller], None],
                  dispatch: Dispatch, *, max_body: int, page: Page | None = None,
-                 identity_card: bytes = b"", push_broken: Callable[[str, str], None] | None = None):
+                 identity_card: bytes = b"", push_broken: Callable[[str, str], None] | None = None,
+                 pull: Pull | None = None,
+                 push_ended: Callable[[Caller, str], None] | None = None):
         self.push_broken = push_broken  # (caller name, why) when an inbound push stream breaks
+        self.pull = pull                # writes what is queued for a caller on its way back
+        self.push_ended = push_ended    # (caller, link id) when a push stream ends cleanly
         self.verifier = verifier
         self.authorize = authorize
         self.dispatch = dispatch
@@ -75,6 +81,8 @@ class App:
                 await self._rpc(scope, headers, receive, send)
             elif path == push.PATH and method == "POST":
                 await self._push(headers, receive, send)
+            elif path == push.PULL_PATH and method == "POST" and self.pull is not None:
+                await self._pull(headers, receive, send)
             elif path == "/health" and method == "GET":
                 await _respond(send, 200, "text/plain", b"ok\n")
             elif path == "/id" and method == "GET":
@@ -107,7 +115,7 @@ class App:
             msg = await _to_thread_if_big(
                 len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
             del body
-            reply = await self.dispatch(caller, msg)
+            reply = await _while_connected(receive, lambda: self.dispatch(caller, msg))
             if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
                 out = wire.encode_parts(reply)
             else:
@@ -149,6 +157,8 @@ class App:
                 if not event.get("more_body", False):
                     break
             reader.finish()
+            if self.push_ended is not None:
+                self.push_ended(caller, headers.get(push.LINK_HEADER, ""))
             await _respond(send, 200, "application/cbor", wire.dumps(None))
         except _ClientGone:
             if caller is not None and self.push_broken is not None:
@@ -160,8 +170,73 @@ class App:
             await _respond(send, e.status, "application/cbor", wire.dumps(e.to_wire()))
 
 
+    async def _pull(self, headers, receive, send):
+        """The way back of a link: a 200 at once, then frames for the caller as its body
+        until the link's push stream ends (or the caller goes)."""
+        try:
+            caller = self.verifier.verify("POST", push.PULL_PATH, headers, push.PULL_DIGEST,
+                                          now=time.time())
+            self.authorize(caller)
+            link = headers.get(push.LINK_HEADER, "")
+            if not 0 < len(link) <= 64:
+                raise BadRequest(f"a stream back needs a link id ({push.LINK_HEADER}) of 1 to 64 "
+                                 f"characters")
+        except P2PError as e:
+            await _respond(send, e.status, "application/cbor", wire.dumps(e.to_wire()))
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/cbor")]})
+
+        async def write(chunk) -> None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+        gone = False
+        async with trio.open_nursery() as nursery:
+            async def watch():   # the request body is empty: what comes next is its end
+                nonlocal gone
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone = True
+                nursery.cancel_scope.cancel()
+            nursery.start_soon(watch)
+            await self.pull(caller, link, write)
+            nursery.cancel_scope.cancel()
+        if gone:
+            if self.push_broken is not None:
+                self.push_broken(caller.name, "its stream back was cut off")
+            raise _ClientGone()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
 class _ClientGone(Exception):
     pass
+
+
+async def _while_connected(receive, work: Callable[[], Awaitable]):
+    """``await work()``, cancelled if the client disconnects first: work that nobody
+    waits for stops (a remote program's worker is killed, say)."""
+    outcome: list = []
+    async with trio.open_nursery() as nursery:
+        async def watch():
+            while (await receive())["type"] != "http.disconnect":
+                pass   # the body was read whole: nothing but a disconnect comes now
+            nursery.cancel_scope.cancel()
+
+        async def run():
+            try:
+                outcome.append((True, await work()))
+            except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
+                outcome.append((False, e))
+            finally:
+                nursery.cancel_scope.cancel()
+        nursery.start_soon(watch)
+        nursery.start_soon(run)
+    if not outcome:
+        raise _ClientGone()
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value
 
 
 async def _read_body(receive, limit: int) -> bytes:

@@ -77,6 +77,22 @@ def _is_time(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def read_blob(f, meta: ObjectMeta) -> torch.Tensor:
+    """A fresh tensor with the values in open blob file `f` of the object `meta` describes."""
+    tdtype, npdtype = _DTYPES[meta.dtype]
+    # read into memory: a memmap would pin the file and share writes to it
+    size = os.fstat(f.fileno()).st_size
+    if size != meta.nbytes:
+        raise P2PError(f"blob of object {meta.id} is {size} bytes, expected {meta.nbytes}")
+    arr = np.fromfile(f, dtype=npdtype, count=math.prod(meta.shape))
+    # torch takes native byte order only; this is a no-op on little-endian hosts.
+    t = torch.from_numpy(arr.astype(npdtype.newbyteorder("="), copy=False).reshape(meta.shape))
+    # Any byte but 0 and 1 in a bool tensor is undefined behaviour in torch.
+    if tdtype is torch.bool and t.numel() and int(t.max()) > 1:
+        raise P2PError(f"blob of bool object {meta.id} holds values other than 0 and 1")
+    return t.view(tdtype)
+
+
 def normalise_tags(tags: Iterable[str] | str) -> tuple[str, ...]:
     """Tags as stored and searched: lowercase, no surrounding space or leading '#',
     no empties, no duplicates, sorted (a tag set has no order worth keeping).
@@ -372,18 +388,12 @@ class Store:
                 f = open(self._blob(id), "rb")
             except FileNotFoundError:
                 raise NotFound(f"object {id} has no blob") from None
-        tdtype, npdtype = _DTYPES[meta.dtype]
-        with f:  # read into memory: a memmap would pin the file and share writes to it
-            size = os.fstat(f.fileno()).st_size
-            if size != meta.nbytes:
-                raise P2PError(f"blob of object {id} is {size} bytes, expected {meta.nbytes}")
-            arr = np.fromfile(f, dtype=npdtype, count=math.prod(meta.shape))
-        # torch takes native byte order only; this is a no-op on little-endian hosts.
-        t = torch.from_numpy(arr.astype(npdtype.newbyteorder("="), copy=False).reshape(meta.shape))
-        # Any byte but 0 and 1 in a bool tensor is undefined behaviour in torch.
-        if tdtype is torch.bool and t.numel() and int(t.max()) > 1:
-            raise P2PError(f"blob of bool object {id} holds values other than 0 and 1")
-        return t.view(tdtype)
+        with f:
+            return read_blob(f, meta)
+
+    def blob_path(self, id: str) -> Path:
+        """The file holding object `id`'s values (for :func:`read_blob` in another process)."""
+        return self._blob(id)
 
     def set_rules(self, id: str, rules: Rules) -> ObjectMeta:
         """Replace object `id`'s rules (NotFound if there is none); returns its new metadata."""

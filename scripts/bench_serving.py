@@ -84,7 +84,7 @@ async def child(role: str, data_dir: str, join: list[str], roles: list[str]) -> 
     # about 70 MB of lazily imported torch modules, paid once per process, not per model
     from p2pgrid.modelgraph import export_model, import_model
     import_model(export_model(GPT(vocab=8, context=4, width=8, depth=1, heads=2)))
-    async with connect(role, join=join, data_dir=data_dir, mdns=False, wait=10.0,
+    async with connect(role, join=join, data_dir=data_dir, mdns=False, wait=10.0, listen=True,
                        roles=tuple(roles), **NET) as net:
         print(json.dumps({"ready": f"{net.me.key_id}@{net.me.address}", **memory()}), flush=True)
         while True:

@@ -100,6 +100,29 @@ async def test_idle_streams_close_and_reopen(tmp_path):
         assert broke == []                           # an idle close is not a break
 
 
+async def test_a_link_carries_messages_both_ways_and_closes_cleanly(tmp_path):
+    # b's messages to a ride the way back of the link a opened: b dials nothing
+    async with open_network(["a", "b"], tmp_path, routers=[notes]) as grid:
+        a, b = grid["a"], grid["b"]
+        broke = []
+        for p in (a, b):
+            p.push_listeners.append(lambda name, why, p=p: broke.append((p.name, name, why)))
+        await a.push("b", Note(0, torch.zeros(1)))
+        await _wait_notes(b, 1)
+        assert b.links.has(a.key_id)
+        for n in range(1, 4):
+            await b.push("a", Note(n, torch.full((2,), float(n))))
+        got = await _wait_notes(a, 3)
+        assert [(who, n) for who, n, _ in got] == [("b", 1), ("b", 2), ("b", 3)]
+        assert not b.pushers._streams                # nothing dialled from b
+        a.pushers.idle = 0.3
+        await a.push("b", Note(4, torch.zeros(1)))   # its next wait is a short one
+        with trio.fail_after(10):                    # idle both ways: the link closes
+            while a.pushers._streams or b.links.has(a.key_id):
+                await trio.sleep(0.05)
+        assert broke == []                           # cleanly, on both sides
+
+
 async def test_a_stopped_peer_is_reported_to_listeners(tmp_path):
     async with open_network(["a", "b"], tmp_path, routers=[notes]) as grid:
         broke = []

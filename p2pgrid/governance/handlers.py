@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import trio
 
@@ -10,6 +11,7 @@ from .. import handlers as core  # a module reference: the two import each other
 from .. import release, wire
 from ..errors import BadRequest, NotFound, PermissionDenied
 from ..router import Router
+from ..worker import Programs
 from . import mechanism
 from .errors import PrivacyBudgetExceeded
 from .messages import (BudgetInfo, BudgetQuery, DecideRequest, ListRequests, PrivateQuery,
@@ -126,6 +128,10 @@ async def private_query(peer, caller, msg: PrivateQuery):
     bounds, _ = declared
     bounds.check(meta.shape)
     plan = mechanism.plan(msg.program, {meta.id: (meta.shape, bounds)})
+    # the program's cost, as for any program (the query runs on float64 data)
+    Programs.of(peer).dry_run(caller, msg.program,
+                            {meta.id: (replace(meta, dtype="float64"), core._leaf_level(meta))},
+                            min_rows=0)
     epsilon = mechanism.check_epsilon(msg.epsilon)
     query = {**plan.describe(), "mechanism": "laplace", "scale": plan.scale(epsilon)}
 

@@ -4,7 +4,9 @@ Beaver multiplication/matmul, truncation, comparison/ReLU/max/argmax.
 Threat model: semi-honest (honest-but-curious) parties, any number n >= 2, of which
 any n-1 may collude; a semi-honest dealer (crypto provider) that colludes with no
 party and never sees data or shares of data. No protection against malicious
-deviation (no MACs): a cheating party can change results undetected.
+deviation (no MACs) in these ops: a cheating party can change results undetected.
+:mod:`.mac` holds the actively secure (MAC-checked, SPDZ2k-style) variants and
+:mod:`.modes` runs one program in either mode (``security="semi-honest" | "active"``).
 
 Each multi-round op is a generator per party (``yield Round``, resume with the
 inbox); see :mod:`.runtime` for the shape and :mod:`.messages` for the wire types,
@@ -14,7 +16,7 @@ and :func:`run_parties` for the in-memory harness.
     res = smpc.run_parties(2, lambda ctx: smpc.relu(ctx, ctx.wrap(my_shares[ctx.party])))
 """
 
-from . import autograd, beaver, compare, truncation
+from . import autograd, beaver, compare, mac, modes, truncation
 from .beaver import div_public, matmul, mean, mul, scale_public
 from .compare import (CMP_RANGE_BITS, CMP_ROUNDS, argmax, ge, ge_zero, gt, is_negative, le,
                       lt, max, max_with_index, relu)
@@ -43,5 +45,6 @@ __all__ = [
     # ops
     "mul", "matmul", "mean", "div_public", "scale_public", "truncate",
     "is_negative", "ge_zero", "ge", "gt", "le", "lt", "relu", "max", "argmax", "max_with_index",
-    "CMP_RANGE_BITS", "CMP_ROUNDS", "autograd", "beaver", "compare", "truncation",
+    "CMP_RANGE_BITS", "CMP_ROUNDS", "autograd", "beaver", "compare", "truncation", "mac",
+    "modes",
 ]

@@ -10,6 +10,8 @@ hospital's data); bob keeps serving.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import trio
 
@@ -50,3 +52,32 @@ async def test_records_claiming_another_owners_data_are_dropped(tmp_path):
                    for p in grid.peers.values())
         # bob still serves and computes
         assert float(await (found["hospital"][0][:, 0].mean()).get()) > 0
+
+
+async def test_an_impostors_broken_stream_never_breaks_the_named_peers_calls(tmp_path):
+    """A record that carries hospital's name under another key, at a dead address: when
+    bob's push stream to it breaks, the break is reported under the impostor's key id,
+    so bob's calls to the real hospital are not failed with it (seen under load as
+    "the stream to hospital broke: the certificate pinned for 127.0.0.1:1 ...")."""
+    async with open_network(["hospital", "bob"], tmp_path) as grid:
+        bob = grid["bob"]
+        with trio.fail_after(20):
+            while not any(r.name == "hospital" for r in bob.directory.peers()):
+                await trio.sleep(0.05)
+        impostor = sybil("hospital")
+        bob.directory.merge([impostor], time.monotonic(), source="test")
+        assert impostor.key_id in bob.directory.digest()
+        broken = []
+        bob.push_listeners.append(lambda name, why: broken.append(name))
+        from p2pgrid.messages import Ping
+        with trio.move_on_after(10):
+            try:
+                await bob.push(impostor, Ping())
+            except Exception:  # noqa: BLE001 - a refused push is fine; its report is the test
+                pass
+            while not broken:
+                await trio.sleep(0.05)
+        assert broken, "the broken stream to the impostor was never reported"
+        assert "hospital" not in broken and impostor.key_id in broken, broken
+        pong = await bob.call("hospital", Ping())   # the real hospital still answers
+        assert pong.name == "hospital"

@@ -91,9 +91,6 @@ def test_remote_mean_and_refused_get_from_a_scientist_listening_on_the_lan(lan):
     _check(_walkthrough(lab, {"LISTEN": lab.address("bob")}))
 
 
-@pytest.mark.xfail(reason="a scientist's peer listens on 127.0.0.1 by default and replies are pushed "
-                          "to it: needs replies on the caller's own connection (issue 17, issue 18 "
-                          "item 2)", strict=False)
 def test_remote_mean_and_refused_get_from_a_scientist_others_cannot_dial(lan):
     lab, _, _ = lan
     _check(_walkthrough(lab))

@@ -1,0 +1,545 @@
+"""Actively secure arithmetic with a trusted dealer: SPDZ2k-style MACs, sans-IO.
+
+Values are fixed-point numbers in Z_2^k (k = 64, as in semi-honest mode). Every
+authenticated value [x] is held by party i as a pair (x_i, m_i) in Z_2^(k+s), s = 64,
+with sum x_i = x (mod 2^k, any lift above) and sum m_i = alpha * (sum x_i) (mod 2^(k+s))
+for a global MAC key alpha, uniform in Z_2^s and additively shared by the dealer.
+
+Why the larger ring: mod 2^k alone, an error e = 2^(k-1) needs a MAC error alpha * e,
+which depends on alpha's lowest bit only, so a cheater passes with probability 1/2.
+With MACs mod 2^(k+s) and errors that matter (e != 0 mod 2^k, so e = 2^v u with v < k
+and u odd), alpha * e mod 2^(k+s) depends on all s bits of alpha: a single forged
+opening passes with probability 2^-s. As in SPDZ2k (Cramer, Damgard, Escudero,
+Scholl, Xing, CRYPTO 2018), openings carry the full (k+s)-bit shares of values masked
+uniformly in Z_2^(k+s) (outputs: x + 2^k rho), and one batched check with random
+coefficients in Z_2^s covers every opening so far; it lets a deviation pass with
+probability at most 2^(-s + log2(s + 1)) < 2^-57 (s = 64).
+
+Every opening is recorded; :func:`mac_check` verifies all of a session's openings at
+once, plus a hash of every broadcast the party received (so an input owner that told
+parties different things is caught too). :func:`reveal` checks everything opened so
+far before opening its outputs, then checks the output opening, and only then returns
+it: a deviation raises :class:`~p2pgrid.errors.CheatingDetected` on every honest party,
+never a wrong result.
+
+The dealer (crypto provider) is trusted, as in semi-honest mode: it knows alpha and
+every mask. Shares are held as numpy object arrays of Python ints (exact 128-bit
+arithmetic; slow: see docs/SMPC.md for the measured cost). Coverage: input, linear
+ops, Beaver mul and matmul, fixed-point truncation with dealt authenticated pairs,
+comparison with zero and ReLU with dealt authenticated chunk tables, reveal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from p2pgrid.errors import BadRequest, CheatingDetected, ProtocolError
+
+from .messages import Round
+from .runtime import collect
+
+__all__ = ["K", "S", "AuthShared", "AuthDealer", "ActiveParty", "open_values", "mac_check",
+           "input_value", "mul", "matmul", "truncate", "ge_zero", "relu", "reveal", "run_active", "encode", "decode"]
+
+K, S = 64, 64
+CMP_BITS = K - 2
+CHUNKS = 16          # 4-bit chunks of the low CMP_BITS bits (the top one has 2 bits)
+MOD = 1 << (K + S)
+MASK_K = (1 << K) - 1
+_NONCE = 16
+
+
+# ---------------------------------------------------------------- ring helpers
+
+def _obj(a) -> np.ndarray:
+    return np.asarray(a, dtype=object)
+
+
+def _rand(shape, bits: int) -> np.ndarray:
+    """Uniform ints below 2^bits (64 or 128) from the OS CSPRNG."""
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    words = np.frombuffer(os.urandom(8 * n * (bits // 64)), dtype=np.uint64).astype(object)
+    out = words[:n] if bits == 64 else words[:n] + (words[n:] << 64)
+    return out.reshape(shape)
+
+
+def _to_wire(a: np.ndarray) -> torch.Tensor:
+    """Low k bits of each element as int64 words (what an opening sends)."""
+    u = (a & MASK_K).astype(np.uint64) if a.size else np.zeros(a.shape, np.uint64)
+    return torch.from_numpy(np.ascontiguousarray(u).view(np.int64).reshape(a.shape).copy())
+
+
+def _from_wire(t: torch.Tensor) -> np.ndarray:
+    return t.numpy().view(np.uint64).astype(object)
+
+
+def _to_wire128(a: np.ndarray) -> torch.Tensor:
+    """Full (k+s)-bit elements as int64 pairs (lo, hi), last dimension 2."""
+    lo, hi = _to_wire(a & MASK_K), _to_wire((a >> K) & MASK_K)
+    return torch.stack([lo, hi], dim=-1)
+
+
+def _from_wire128(t: torch.Tensor) -> np.ndarray:
+    return (_from_wire(t[..., 0].contiguous()) + (_from_wire(t[..., 1].contiguous()) << K)) % MOD
+
+
+def encode(x: torch.Tensor, frac_bits: int = 16) -> np.ndarray:
+    """Fixed point: round(x * 2^f) as exact ints (negative ints stay negative lifts)."""
+    ints = torch.round(x.to(torch.float64) * (1 << frac_bits)).to(torch.int64)
+    return ints.numpy().astype(object) % MOD
+
+
+def decode(opened: np.ndarray, frac_bits: int = 16) -> torch.Tensor:
+    """Opened values in [0, 2^k) read as signed fixed point."""
+    signed = np.vectorize(lambda v: v - (1 << K) if v >> (K - 1) else v, otypes=[object])(
+        _obj(opened) & MASK_K) if _obj(opened).size else _obj(opened)
+    return torch.tensor(signed.astype(np.float64) / (1 << frac_bits), dtype=torch.float64)
+
+
+# ---------------------------------------------------------------- shares
+
+@dataclass
+class AuthShared:
+    """One party's share of an authenticated value: (x_i, m_i) mod 2^(k+s), elementwise."""
+
+    value: np.ndarray
+    mac: np.ndarray
+    scale: int = 16
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    def __repr__(self):
+        return f"AuthShared(shape={list(self.value.shape)}, scale={self.scale})"
+
+
+# ---------------------------------------------------------------- dealer
+
+class AuthDealer:
+    """Trusted dealer of authenticated material for one group and session (in memory).
+
+    Items are dealt in request order; the first party to ask for item j deals it for
+    everyone, the others pick up their part. Parties compare each request (kind,
+    shapes) with what was dealt, so a party that runs another program fails loudly.
+    """
+
+    def __init__(self, n_parties: int):
+        self.n = n_parties
+        self.alpha = int(_rand((), S))
+        self.alpha_shares = self._split(_obj(self.alpha))
+        self._items: list[tuple[tuple, list[dict]]] = []
+        self.bytes_dealt = [0] * n_parties
+
+    def _split(self, v: np.ndarray) -> list[np.ndarray]:
+        v = _obj(v)
+        parts = [_rand(v.shape, K + S) for _ in range(self.n - 1)]
+        last = (v - sum(parts, _obj(np.zeros(v.shape, dtype=np.int64)) % MOD)) % MOD
+        return parts + [_obj(last)]
+
+    def _auth(self, v: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        vs = self._split(v % MOD)
+        ms = self._split((v * self.alpha) % MOD)
+        return list(zip(vs, ms))
+
+    def _deal(self, key: tuple) -> list[dict]:
+        kind = key[0]
+        out: list[dict] = [{} for _ in range(self.n)]
+
+        def put(name, v):
+            for p, (x, m) in enumerate(self._auth(v)):
+                out[p][name] = (x, m)
+
+        if kind == "input":
+            _, owner, shape = key
+            r = _rand(shape, K)
+            put("r", r)
+            out[owner]["r_clear"] = r
+        elif kind == "triple":
+            _, shape = key
+            a, b = _rand(shape, K + S), _rand(shape, K + S)
+            put("a", a), put("b", b), put("c", (a * b) % MOD)
+        elif kind == "mtriple":
+            _, sa, sb = key
+            a, b = _rand(sa, K + S), _rand(sb, K + S)
+            put("a", a), put("b", b), put("c", a.dot(b) % MOD)
+        elif kind == "trunc":
+            _, shape, f = key
+            r = _rand(shape, K)
+            put("r", r + (_rand(shape, S) << K))
+            put("r_hi", r >> f), put("r_msb", r >> (K - 1))
+        elif kind == "cmp":
+            _, shape = key
+            r = _rand(shape, K)
+            put("r", r + (_rand(shape, S) << K))
+            put("r_top", r >> CMP_BITS), put("r_msb", r >> (K - 1))
+            # one-hot tables of r_low's 4-bit chunks (the top chunk has 2 bits)
+            table = _obj(np.zeros(tuple(shape) + (CHUNKS, 16), dtype=np.int64))
+            for j in range(CHUNKS):
+                chunk = (r >> (4 * j)) & _chunk_mask(j)
+                for v in range(16):
+                    table[..., j, v] = (chunk == v).astype(np.int64) if chunk.shape else \
+                        int(chunk == v)
+            put("r_onehot", table)
+        elif kind == "outmask":
+            _, shape = key
+            put("rho", _rand(shape, S) << K)
+        elif kind == "check":
+            seeds = [os.urandom(16) for _ in range(self.n)]
+            nonces = [os.urandom(_NONCE) for _ in range(self.n)]
+            commits = [hashlib.sha256(s + c).digest() for s, c in zip(seeds, nonces)]
+            for p in range(self.n):
+                out[p]["seed"] = (seeds[p], nonces[p], commits)
+        else:
+            raise BadRequest(f"unknown material kind {kind!r}")
+        return out
+
+    def take(self, party: int, index: int, key: tuple) -> dict:
+        while len(self._items) <= index:
+            k = key if len(self._items) == index else None
+            if k is None:
+                raise ProtocolError("parties asked the dealer for material out of order")
+            self._items.append((k, self._deal(k)))
+        dealt_key, parts = self._items[index]
+        if dealt_key != key:
+            raise ProtocolError(f"party {party} asked for {key[0]!r} where the group dealt "
+                                f"{dealt_key[0]!r}: the parties ran different programs")
+        part = parts[party]
+        parts[party] = {}   # each party gets its part once
+        self.bytes_dealt[party] += sum(16 * np.size(v[0]) * 2 for v in part.values()
+                                       if isinstance(v, tuple) and isinstance(v[0], np.ndarray))
+        return part
+
+
+# ---------------------------------------------------------------- party state
+
+@dataclass
+class ActiveParty:
+    """One party's view of an active session: key share, dealer, opening log."""
+
+    party: int
+    n_parties: int
+    dealer: AuthDealer
+    session: str = "session"
+    frac_bits: int = 16
+    alpha: int = 0
+    _taken: int = 0
+    _log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    _transcript: Any = None
+
+    def __post_init__(self):
+        self.alpha = int(self.dealer.alpha_shares[self.party])
+        self._transcript = hashlib.sha256(self.session.encode())
+
+    @property
+    def others(self) -> list[int]:
+        return [p for p in range(self.n_parties) if p != self.party]
+
+    def material(self, *key) -> dict:
+        part = self.dealer.take(self.party, self._taken, tuple(key))
+        self._taken += 1
+        return part
+
+    def auth(self, pair, scale=None) -> AuthShared:
+        return AuthShared(pair[0], pair[1], self.frac_bits if scale is None else scale)
+
+    def cheating(self, what: str) -> CheatingDetected:
+        return CheatingDetected(f"SMPC session {self.session}: {what}; a party deviated "
+                                f"from the protocol, nothing was revealed")
+
+    # linear operations: local, on values and MACs alike
+    def add(self, x: AuthShared, y: AuthShared) -> AuthShared:
+        return AuthShared((x.value + y.value) % MOD, (x.mac + y.mac) % MOD, x.scale)
+
+    def sub(self, x: AuthShared, y: AuthShared) -> AuthShared:
+        return AuthShared((x.value - y.value) % MOD, (x.mac - y.mac) % MOD, x.scale)
+
+    def add_public(self, x: AuthShared, c) -> AuthShared:
+        """x + c: one party adds c to its value share, every party adds alpha_i c to its MAC."""
+        c = _obj(c)
+        value = (x.value + c) % MOD if self.party == 0 else x.value + 0 * c
+        return AuthShared(value % MOD, (x.mac + self.alpha * c) % MOD, x.scale)
+
+    def mul_public(self, x: AuthShared, c) -> AuthShared:
+        c = _obj(c)
+        return AuthShared((x.value * c) % MOD, (x.mac * c) % MOD, x.scale)
+
+    def matmul_public(self, x: AuthShared, c, *, left: bool = False) -> AuthShared:
+        c = _obj(c)
+        if left:
+            return AuthShared(c.dot(x.value) % MOD, c.dot(x.mac) % MOD, x.scale)
+        return AuthShared(x.value.dot(c) % MOD, x.mac.dot(c) % MOD, x.scale)
+
+    def record(self, opened: np.ndarray, share: AuthShared) -> None:
+        self._log.append((opened.reshape(-1), share.value.reshape(-1), share.mac.reshape(-1)))
+
+    def note(self, payload: bytes) -> None:
+        self._transcript.update(len(payload).to_bytes(8, "little") + payload)
+
+
+# ---------------------------------------------------------------- protocols
+
+def open_values(ctx: ActiveParty, tag: str, values: dict[str, AuthShared]):
+    """One round: open several authenticated values in full (k+s bits), recorded for the
+    check. Callers open only values masked by a dealt mask uniform in Z_2^(k+s) (or, for
+    outputs, masked by 2^k rho), so the upper s bits reveal nothing."""
+    inbox = yield Round(tag, broadcast={n: _to_wire128(v.value) for n, v in values.items()})
+    out = {}
+    for name, v in values.items():
+        mine = _to_wire128(v.value)
+        total = v.value
+        for t in collect(ctx, inbox, name, mine):
+            total = total + _from_wire128(t)
+        total = _obj(total % MOD)
+        ctx.record(total, v)
+        ctx.note(_to_wire128(total).numpy().tobytes())
+        out[name] = total
+    return out
+
+
+def input_value(ctx: ActiveParty, owner: int, value: torch.Tensor | None, shape):
+    """`owner` inputs `value`: it learns a dealt authenticated mask r and broadcasts x - r."""
+    shape = tuple(shape)
+    m = ctx.material("input", owner, shape)
+    r = ctx.auth(m["r"])
+    if ctx.party == owner:
+        if value is None or tuple(value.shape) != shape:
+            raise BadRequest("the input owner must pass a value of the announced shape")
+        e = (encode(value, ctx.frac_bits) - m["r_clear"]) % (1 << K)
+        yield Round("a/input", broadcast={"e": _to_wire(e)})
+    else:
+        inbox = yield Round("a/input")
+        (t,) = collect(ctx, inbox, "e", torch.empty(shape, dtype=torch.int64), senders=[owner])
+        e = _from_wire(t)
+    ctx.note(_to_wire(e).numpy().tobytes())
+    return ctx.add_public(r, e)
+
+
+def mul(ctx: ActiveParty, x: AuthShared, y: AuthShared, tag: str = "a/mul"):
+    """Elementwise product with a dealt authenticated triple; one round (no truncation)."""
+    if x.shape != y.shape:
+        raise BadRequest("mul needs operands of one shape")
+    m = ctx.material("triple", x.shape)
+    a, b, c = ctx.auth(m["a"]), ctx.auth(m["b"]), ctx.auth(m["c"])
+    o = yield from open_values(ctx, tag, {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
+    d, e = o["d"], o["e"]
+    z = ctx.add(c, ctx.add(ctx.mul_public(b, d), ctx.mul_public(a, e)))
+    z = ctx.add_public(z, (d * e) % MOD)
+    z.scale = x.scale + y.scale
+    return z
+
+
+def matmul(ctx: ActiveParty, x: AuthShared, y: AuthShared):
+    """x @ y (2-D) with a dealt authenticated matrix triple; one round (no truncation)."""
+    m = ctx.material("mtriple", x.shape, y.shape)
+    a, b, c = ctx.auth(m["a"]), ctx.auth(m["b"]), ctx.auth(m["c"])
+    o = yield from open_values(ctx, "a/matmul", {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
+    d, e = o["d"], o["e"]
+    z = ctx.add(c, ctx.add(ctx.matmul_public(b, d, left=True), ctx.matmul_public(a, e)))
+    z = ctx.add_public(z, d.dot(e) % MOD)
+    z.scale = x.scale + y.scale
+    return z
+
+
+def truncate(ctx: ActiveParty, x: AuthShared, bits: int | None = None):
+    """x / 2^bits with a dealt authenticated pair ([r], [r >> bits], [msb r]); one round.
+
+    Opens c = x + 2^(k-2) + r mod 2^k (uniform: hides x). With u = x + 2^(k-2) in
+    [0, 2^(k-1)) for |x| < 2^(k-2), the wrap of u + r is msb(r) (1 - msb(c)), so
+    u >> bits = (c >> bits) - (r >> bits) + wrap 2^(k-bits) - borrow, borrow in {0, 1}:
+    within one unit of the exact result, never a wrong high part. Stays authenticated.
+    """
+    bits = ctx.frac_bits if bits is None else bits
+    m = ctx.material("trunc", x.shape, bits)
+    r, r_hi, r_msb = ctx.auth(m["r"]), ctx.auth(m["r_hi"]), ctx.auth(m["r_msb"])
+    off = 1 << (K - 2)
+    o = yield from open_values(ctx, "a/trunc", {"c": ctx.add_public(ctx.add(x, r), off)})
+    c = o["c"] % (1 << K)
+    not_msb_c = 1 - (c >> (K - 1))
+    wrap = ctx.mul_public(r_msb, not_msb_c)
+    z = ctx.sub(ctx.add_public(ctx.mul_public(wrap, 1 << (K - bits)), c >> bits), r_hi)
+    z = ctx.add_public(z, -(off >> bits) % MOD)
+    z.scale = x.scale - bits
+    return z
+
+
+def _part(x: AuthShared, index) -> AuthShared:
+    return AuthShared(x.value[index], x.mac[index], x.scale)
+
+
+def _chunk_mask(j: int) -> int:
+    return (1 << min(4, CMP_BITS - 4 * j)) - 1
+
+
+def ge_zero(ctx: ActiveParty, x: AuthShared):
+    """[x >= 0] as an authenticated 0/1 (scale 0), exact for |x| < 2^(k-2); 5 rounds.
+
+    Opens c = u + r with u = x + 2^(k-2) in [0, 2^(k-1)) and r dealt with its top bits
+    and one-hot tables of its low k-2 bits' 4-bit chunks, all authenticated. Then
+    u >> (k-2) = [x >= 0] equals (c >> (k-2)) - (r >> (k-2)) + 4 wrap - [c_low < r_low]:
+    wrap = msb(r) (1 - msb(c)) as in :func:`truncate`. Per chunk, [c_j < r_j] and
+    [c_j = r_j] are sums of table entries (linear, c_j public); a tree over the 16 chunks
+    combines them (lt = lt_hi + eq_hi lt_lo, eq = eq_hi eq_lo: 4 rounds of authenticated
+    products). Every opening is an authenticated one, checked like the rest.
+    """
+    m = ctx.material("cmp", x.shape)
+    r, r_top, r_msb = ctx.auth(m["r"]), ctx.auth(m["r_top"], 0), ctx.auth(m["r_msb"], 0)
+    table = ctx.auth(m["r_onehot"], 0)
+    off = 1 << CMP_BITS
+    o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, r), off)})
+    c = o["c"] % (1 << K)
+    vals = np.arange(16)
+    chunks = np.stack([((c >> (4 * j)) & _chunk_mask(j)).astype(np.int64)
+                       for j in range(CHUNKS)], -1) if np.ndim(c) else \
+        np.array([(int(c) >> (4 * j)) & _chunk_mask(j) for j in range(CHUNKS)])
+    pick_eq = _obj((vals == chunks[..., None]).astype(np.int64))
+    pick_lt = _obj((vals > chunks[..., None]).astype(np.int64))
+
+    def reduce(pick):
+        t = ctx.mul_public(table, pick)
+        return AuthShared(t.value.sum(-1) % MOD, t.mac.sum(-1) % MOD, 0)
+
+    lt, eq = reduce(pick_lt), reduce(pick_eq)          # shape + (CHUNKS,), low chunk first
+    while lt.value.shape[-1] > 1:
+        lo = (..., slice(0, None, 2))
+        hi = (..., slice(1, None, 2))
+        eq_hi = _part(eq, hi)
+        both = AuthShared(np.concatenate([eq_hi.value, eq_hi.value], -1),
+                          np.concatenate([eq_hi.mac, eq_hi.mac], -1), 0)
+        other = AuthShared(np.concatenate([_part(lt, lo).value, _part(eq, lo).value], -1),
+                           np.concatenate([_part(lt, lo).mac, _part(eq, lo).mac], -1), 0)
+        prod = yield from mul(ctx, both, other, "a/cmp/and")
+        half = eq_hi.value.shape[-1]
+        lt = ctx.add(_part(lt, hi), _part(prod, (..., slice(0, half))))
+        eq = _part(prod, (..., slice(half, None)))
+    borrow = _part(lt, (..., 0))
+    wrap = ctx.mul_public(r_msb, 1 - (c >> (K - 1)))
+    bit = ctx.sub(ctx.add(ctx.mul_public(wrap, 4), ctx.add_public(ctx.mul_public(borrow, -1 % MOD),
+                                                                    c >> CMP_BITS)), r_top)
+    bit.scale = 0
+    return bit
+
+
+def relu(ctx: ActiveParty, x: AuthShared):
+    """max(x, 0) = x [x >= 0]; 6 rounds, exact (no truncation: the bit has scale 0)."""
+    bit = yield from ge_zero(ctx, x)
+    out = yield from mul(ctx, x, bit, "a/relu")
+    out.scale = x.scale
+    return out
+
+
+def _commit(data: bytes) -> tuple[bytes, bytes]:
+    nonce = os.urandom(_NONCE)
+    return hashlib.sha256(nonce + data).digest(), nonce
+
+
+def _bytes_tensor(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()
+
+
+def _coefficients(seed: bytes, n: int) -> np.ndarray:
+    stream = hashlib.shake_256(b"p2pgrid-mac-chi" + seed).digest(8 * n)
+    return _obj([int.from_bytes(stream[8 * i:8 * i + 8], "little") for i in range(n)])
+
+
+def mac_check(ctx: ActiveParty):
+    """Batched MAC check of every opening so far; 3 rounds; raises CheatingDetected.
+
+    1. open the dealt seed shares (the dealer committed to each, so nobody can pick its
+       seed after seeing the others') and a hash of every broadcast received;
+    2. chi = PRG(xor of seeds), uniform in Z_2^s; y = sum chi_j x_j (public); commit to
+       sigma_i = sum chi_j m_ij - alpha_i y (mod 2^(k+s));
+    3. open the sigmas; they must sum to 0 mod 2^(k+s).
+    """
+    m = ctx.material("check")
+    seed, nonce, commits = m["seed"]
+    digest = ctx._transcript.digest()
+    inbox = yield Round("a/check/seed", broadcast={"seed": _bytes_tensor(seed + nonce),
+                                                   "transcript": _bytes_tensor(digest)})
+    joint = bytearray(seed)
+    for p in ctx.others:
+        got = inbox.get(p, {})
+        s_n, tr = got.get("seed"), got.get("transcript")
+        if s_n is None or tr is None or s_n.numel() != 16 + _NONCE or tr.numel() != 32:
+            raise ctx.cheating(f"party {p} sent a malformed check message")
+        s_n = bytes(s_n.tolist())
+        if not hmac.compare_digest(hashlib.sha256(s_n).digest(), commits[p]):
+            raise ctx.cheating(f"party {p} opened a seed it was not dealt")
+        if not hmac.compare_digest(bytes(tr.tolist()), digest):
+            raise ctx.cheating(f"party {p} saw other broadcasts than party {ctx.party}")
+        joint = bytearray(a ^ b for a, b in zip(joint, s_n[:16]))
+    if ctx._log:
+        opened = np.concatenate([o for o, _, _ in ctx._log])
+        macs = np.concatenate([mc for _, _, mc in ctx._log])
+        chi = _coefficients(bytes(joint), opened.size)
+        y = int(np.dot(chi, opened)) % MOD
+        m_sh = int(np.dot(chi, macs)) % MOD
+    else:
+        y = m_sh = 0
+    sigma = (m_sh - ctx.alpha * y) % MOD
+    sig = _to_wire128(_obj([sigma]))
+    digest_s, nonce_s = _commit(sig.numpy().tobytes())
+    inbox = yield Round("a/check/commit", broadcast={"c": _bytes_tensor(digest_s)})
+    theirs = {}
+    for p in ctx.others:
+        c = inbox.get(p, {}).get("c")
+        if c is None or c.numel() != 32:
+            raise ctx.cheating(f"party {p} sent a malformed commitment")
+        theirs[p] = bytes(c.tolist())
+    inbox = yield Round("a/check/open", broadcast={"s": sig, "n": _bytes_tensor(nonce_s)})
+    acc = sigma
+    for p in ctx.others:
+        got = inbox.get(p, {})
+        s, n = got.get("s"), got.get("n")
+        if s is None or n is None or tuple(s.shape) != (1, 2) or s.dtype != torch.int64 \
+                or n.numel() != _NONCE:
+            raise ctx.cheating(f"party {p} sent a malformed MAC opening")
+        if not hmac.compare_digest(hashlib.sha256(bytes(n.tolist()) + s.numpy().tobytes())
+                                   .digest(), theirs[p]):
+            raise ctx.cheating(f"party {p} opened another value than it committed to")
+        acc += int(_from_wire128(s)[0])
+    if acc % MOD:
+        raise ctx.cheating("MAC check failed")
+    ctx._log.clear()
+    return True
+
+
+def reveal(ctx: ActiveParty, *xs: AuthShared, decode_out: bool = True):
+    """Open results to every party after checking all earlier openings, then check them."""
+    yield from mac_check(ctx)
+    masked = {}
+    for i, x in enumerate(xs):
+        # 2^k rho hides the upper s bits of the output's lift (carries of the shares)
+        masked[str(i)] = ctx.add(x, ctx.auth(ctx.material("outmask", x.shape)["rho"]))
+    opened = yield from open_values(ctx, "a/reveal", masked)
+    yield from mac_check(ctx)
+    outs = [opened[str(i)] % (1 << K) for i in range(len(xs))]
+    if decode_out:
+        outs = [decode(o, x.scale) for o, x in zip(outs, xs)]
+    return outs
+
+
+def run_active(n_parties: int, program: Callable[[ActiveParty], Any], *, session: str = "test",
+               dealer: AuthDealer | None = None, wrap: Callable | None = None, **kw):
+    """Run `program(ctx)` for every party in the in-memory harness with a fresh dealer.
+
+    `wrap(ctx, generator)` may replace a party's generator (adversary test doubles).
+    """
+    from .harness import run_parties
+    dealer = dealer or AuthDealer(n_parties)
+
+    def party_fn(pctx):
+        ctx = ActiveParty(pctx.party, n_parties, dealer, session)
+        gen = program(ctx)
+        return wrap(ctx, gen) if wrap else gen
+
+    res = run_parties(n_parties, party_fn, **kw)
+    res.dealer_auth_bytes = list(dealer.bytes_dealt)
+    return res

@@ -1,0 +1,118 @@
+"""A party that follows the active SMPC protocol except for one chosen deviation.
+
+Wraps a party's protocol generator (see :func:`protocols.smpc.mac.run_active`'s `wrap`)
+and changes what it sends in the first round whose tag is `target`:
+
+* ``add1``: adds 1 to one element of its opened share;
+* ``flip``: flips one random bit of one element of its opened share;
+* ``replay``: sends the payload it sent in the same round of an earlier session;
+* ``mac``: opens honestly but uses a wrong MAC share for that opening in the check;
+* ``equivocate``: sends party 1 something else than the others (needs >= 3 parties).
+
+Every other party is wrapped by :func:`catching`, so each run returns, per party, its
+output or the exception it raised.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import torch
+
+from protocols.smpc import mac
+from protocols.smpc.messages import Round
+
+DEVIATIONS = ("add1", "flip", "replay", "mac", "equivocate")
+
+
+def _shift(theirs, sent, honest):
+    """`theirs` + (sent - honest) in Z_2^128 (int64 word pairs)."""
+    val = (mac._from_wire128(theirs) + mac._from_wire128(sent) - mac._from_wire128(honest))
+    return mac._to_wire128(val % mac.MOD)
+
+
+def catching(gen):
+    """Run `gen`, returning its exception instead of raising (to see every party's fate)."""
+    try:
+        return (yield from gen)
+    except Exception as exc:   # noqa: BLE001 - the test inspects it
+        return exc
+
+
+class Cheater:
+    def __init__(self, party: int, target: str, deviation: str):
+        if deviation not in DEVIATIONS:
+            raise ValueError(deviation)
+        self.party, self.target, self.deviation = party, target, deviation
+        self.old: dict[str, torch.Tensor] | None = None   # last session's payload (replay)
+        self.deviated = False
+
+    def _tamper(self, payload: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {k: v.clone() for k, v in payload.items()}
+        name = sorted(out)[0]
+        # openings travel as (low, high) int64 words of Z_2^128 elements: change the low
+        # word, the part every later step uses (the high one is masking)
+        flat = out[name].view(-1, 2)[:, 0]
+        i = secrets.randbelow(flat.numel())
+        if self.deviation == "add1":
+            flat[i] += 1
+        elif self.deviation == "flip":
+            flat[i] ^= 1 << secrets.randbelow(64)
+        return out
+
+    def wrap(self, ctx, gen):
+        """The generator this party runs instead of `gen`."""
+        self.deviated = False
+        seen = False
+        inbox = None
+        try:
+            while True:
+                rnd = gen.send(inbox) if inbox is not None else next(gen)
+                if rnd.tag == self.target and not seen:
+                    seen = self.deviated = True
+                    honest = dict(rnd.broadcast)
+                    if self.deviation in ("add1", "flip"):
+                        rnd = Round(rnd.tag, self._tamper(honest), rnd.direct)
+                    elif self.deviation == "replay":
+                        if self.old is not None:
+                            rnd = Round(rnd.tag, self.old, rnd.direct)
+                        else:
+                            self.deviated = False   # first session: only record
+                        self.old = honest
+                    elif self.deviation == "equivocate":
+                        others = [p for p in range(ctx.n_parties) if p != ctx.party]
+                        rnd = Round(rnd.tag, {}, {p: (self._with("add1", honest)
+                                                      if p == others[0] else honest)
+                                                  for p in others})
+                    if self.deviation in ("add1", "flip", "replay") and self.deviated:
+                        # Keep its own view consistent with what it sent, as a careful
+                        # cheater would: only the MAC check can catch it then.
+                        sent = rnd.broadcast
+                        inbox = yield rnd
+                        first = min(inbox)
+                        inbox[first] = {k: (_shift(v, sent[k], honest[k]) if k in honest else v)
+                                        for k, v in inbox[first].items()}
+                        continue
+                    if self.deviation == "mac":
+                        mark = len(ctx._log)
+                        inbox = yield rnd
+                        rnd = gen.send(inbox)
+                        for j in range(mark, len(ctx._log)):
+                            o, v, m = ctx._log[j]
+                            m = m.copy()
+                            m[secrets.randbelow(m.size)] += 1 + secrets.randbelow(1 << 64)
+                            ctx._log[j] = (o, v, m)
+                        inbox = yield rnd
+                        continue
+                inbox = yield rnd
+        except StopIteration as done:
+            return done.value
+        except Exception as exc:   # noqa: BLE001
+            return exc
+
+    def _with(self, deviation, payload):
+        saved, self.deviation = self.deviation, deviation
+        try:
+            return self._tamper(payload)
+        finally:
+            self.deviation = saved

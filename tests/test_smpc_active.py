@@ -1,0 +1,236 @@
+"""Active (MAC-checked) SMPC core: correctness, MAC invariants, agreement with semi-honest."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from p2pgrid.errors import CheatingDetected
+from protocols import smpc
+from protocols.smpc import mac
+from protocols.smpc.testing import run_op
+
+UNIT = 2.0 ** -16
+
+
+def _inputs(ctx, *tensors):
+    out = []
+    for owner, t in enumerate(tensors):
+        owner %= ctx.n_parties
+        out.append((yield from mac.input_value(ctx, owner, t if ctx.party == owner else None,
+                                               t.shape)))
+    return out
+
+
+def _mac_holds(dealer: mac.AuthDealer, shares: list[mac.AuthShared]) -> bool:
+    """sum m_i == alpha * sum x_i mod 2^128 (what every authenticated value must satisfy)."""
+    x = sum(s.value for s in shares) % mac.MOD
+    m = sum(s.mac for s in shares) % mac.MOD
+    return bool(np.all((x * dealer.alpha) % mac.MOD == m))
+
+
+def test_linear_ops_keep_macs_and_values():
+    a, b = torch.randn(5), torch.randn(5)
+    dealer = mac.AuthDealer(3)
+
+    def prog(ctx):
+        xa, xb = yield from _inputs(ctx, a, b)
+        s = ctx.sub(ctx.add(xa, ctx.mul_public(xb, 3)), xa)
+        s = ctx.add_public(s, mac.encode(torch.full((5,), 0.5)))
+        out = yield from mac.reveal(ctx, s)
+        return s, out[0]
+
+    res = mac.run_active(3, prog, dealer=dealer)
+    assert _mac_holds(dealer, [o[0] for o in res.outputs])
+    for _, out in res.outputs:
+        assert torch.allclose(out, 3 * b.double() + 0.5, atol=4 * UNIT)
+
+
+def test_mul_matmul_truncate_match_plaintext_and_keep_macs():
+    x, w = torch.randn(4, 6), torch.randn(6, 3)
+    dealer = mac.AuthDealer(2)
+
+    def prog(ctx):
+        xs, ws = yield from _inputs(ctx, x, w)
+        z = yield from mac.truncate(ctx, (yield from mac.matmul(ctx, xs, ws)))
+        p = yield from mac.truncate(ctx, (yield from mac.mul(ctx, xs, xs)))
+        return z, p, (yield from mac.reveal(ctx, z, p))
+
+    res = mac.run_active(2, prog, dealer=dealer)
+    assert _mac_holds(dealer, [o[0] for o in res.outputs])
+    assert _mac_holds(dealer, [o[1] for o in res.outputs])
+    z, p = res.outputs[0][2]
+    assert torch.allclose(z, x.double() @ w.double(), atol=1e-3)
+    assert torch.allclose(p, x.double() ** 2, atol=1e-3)
+    assert torch.equal(res.outputs[1][2][0], z)
+
+
+def test_truncation_of_negative_and_large_values():
+    v = torch.tensor([-30000.5, -1.0, -UNIT, 0.0, UNIT, 1.0, 29999.25])
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, v)
+        sq = ctx.mul_public(xs, 1 << 16)        # scale 2f, exact
+        sq.scale = 32
+        return (yield from mac.reveal(ctx, (yield from mac.truncate(ctx, sq))))
+
+    out = mac.run_active(2, prog).outputs[0][0]
+    assert torch.allclose(out, v.double(), atol=2 * UNIT)
+
+
+def test_rounds_and_bytes_are_counted():
+    x = torch.randn(2, 3)
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        return (yield from mac.reveal(ctx, (yield from mac.mul(ctx, xs, xs))))
+
+    res = mac.run_active(2, prog)
+    # input 1, mul 1, check 3 + output opening 1 + check 3
+    assert res.stats.rounds == 9
+    assert res.stats.tags.count("a/mul") == 1
+    # each opening sends 16 bytes per element (Z_2^128), twice semi-honest mode
+    assert res.stats.bytes_sent[1] >= 3 * 6 * 16
+
+
+def test_a_party_opening_another_seed_is_caught():
+    """The check's seed shares are committed by the dealer: a party cannot choose its own."""
+    x = torch.randn(3)
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        return (yield from mac.reveal(ctx, xs))
+
+    def wrap(ctx, gen):
+        def g():
+            inbox = None
+            try:
+                while True:
+                    rnd = next(gen) if inbox is None else gen.send(inbox)
+                    if ctx.party == 1 and rnd.tag == "a/check/seed":
+                        b = dict(rnd.broadcast)
+                        b["seed"] = b["seed"].clone()
+                        b["seed"][0] ^= 1
+                        yield smpc.Round(rnd.tag, b)
+                        return None     # the honest party aborts here; so does it
+                    inbox = yield rnd
+            except StopIteration as done:
+                return done.value
+            except CheatingDetected as exc:
+                return exc
+        return g()
+
+    outs = mac.run_active(2, prog, wrap=wrap, session="seedy").outputs
+    assert isinstance(outs[0], CheatingDetected) and "seedy" in str(outs[0])
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.integers(1, 4), st.integers(2, 3),
+       st.integers(0, 2 ** 32 - 1))
+def test_active_equals_semi_honest(n, k, m, parties, seed):
+    """Same program, both modes: raw products are equal exactly, truncated ones within
+    the truncations' one-unit errors."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, k, generator=g) * 4
+    w = torch.randn(k, m, generator=g) * 4
+
+    def prog(ctx):
+        xs, ws = yield from _inputs(ctx, x, w)
+        raw = yield from mac.matmul(ctx, xs, ws)
+        t = yield from mac.truncate(ctx, raw)
+        return (yield from mac.reveal(ctx, raw, t, decode_out=False))
+
+    raw_a, t_a = mac.run_active(parties, prog).outputs[0]
+    semi, _ = run_op(parties, smpc.matmul, x, w, seed=seed)
+    enc = smpc.FixedPoint(16)
+    exact = (enc.encode(x) @ enc.encode(w))
+    got_raw = torch.from_numpy(raw_a.astype(np.uint64).view(np.int64).copy())
+    assert torch.equal(got_raw, exact)
+    assert torch.allclose(mac.decode(t_a), semi, atol=3 * UNIT)
+
+
+def test_wrong_party_program_fails_loudly():
+    x = torch.randn(2)
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        if ctx.party == 0:
+            xs = yield from mac.mul(ctx, xs, xs)
+        else:
+            xs = yield from mac.truncate(ctx, xs)
+        return xs
+
+    with pytest.raises(Exception):
+        mac.run_active(2, prog)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.floats(-2.0 ** 40, 2.0 ** 40, allow_nan=False), min_size=1, max_size=6),
+       st.integers(2, 3))
+def test_relu_and_sign_are_exact(values, parties):
+    x = torch.tensor(values, dtype=torch.float64)
+    enc = mac.encode(x)
+    want = torch.tensor([float((v if v < (1 << 127) else v - mac.MOD)) for v in enc.tolist()],
+                        dtype=torch.float64) / 2 ** 16
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        return (yield from mac.reveal(ctx, (yield from mac.ge_zero(ctx, xs)),
+                                      (yield from mac.relu(ctx, xs))))
+
+    bit, r = mac.run_active(parties, prog).outputs[0]
+    assert torch.equal(bit, (want >= 0).double())
+    assert torch.equal(r, want.clamp(min=0))
+
+
+def _mlp_program(x, w1, w2):
+    def program(ops):
+        xs = yield from ops.input(0, x if ops.party == 0 else None, x.shape)
+        a = yield from ops.input(1, w1 if ops.party == 1 else None, w1.shape)
+        b = yield from ops.input(1, w2 if ops.party == 1 else None, w2.shape)
+        h = yield from ops.relu((yield from ops.matmul(xs, a)))
+        out = yield from ops.matmul(h, b)
+        return (yield from ops.reveal(out, (yield from ops.mul(out, out))))
+    return program
+
+
+@settings(max_examples=6, deadline=None)
+@given(st.integers(0, 2 ** 32 - 1))
+def test_same_program_both_modes_agree(seed):
+    from protocols.smpc.modes import run_program
+    g = torch.Generator().manual_seed(seed)
+    x, w1, w2 = (torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g),
+                 torch.randn(4, 2, generator=g))
+    prog = _mlp_program(x, w1, w2)
+    semi = run_program(2, prog, security="semi-honest")
+    act = run_program(2, prog, security="active")
+    for s_out, a_out in zip(semi.outputs[0], act.outputs[0]):
+        assert torch.allclose(s_out.double(), a_out, atol=1e-3)
+    plain = torch.relu(x.double() @ w1.double()) @ w2.double()
+    assert torch.allclose(act.outputs[0][0], plain, atol=1e-3)
+
+
+def test_security_mode_is_checked():
+    from protocols.smpc.modes import run_program
+    with pytest.raises(Exception, match="security"):
+        run_program(2, lambda ops: None, security="malicious-ish")
+
+
+def test_security_bench_runs_at_a_small_size(capsys):
+    """The benchmark of both modes (scripts/bench_smpc_local.py --security) at a tiny size."""
+    import importlib.util
+    import json
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parent.parent / "scripts" / "bench_smpc_local.py"
+    spec = importlib.util.spec_from_file_location("bench_smpc_local", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--security", "both", "--batch", "2", "--mlp", "6-4-2", "--reps", "1"])
+    out = json.loads(capsys.readouterr().out)
+    ops = out["ops"]
+    for name in ("inference", "relu"):
+        semi, act = ops[f"{name}/semi-honest"], ops[f"{name}/active"]
+        assert act["rounds"] > semi["rounds"]          # the checks' rounds are counted
+        assert min(act["bytes_sent_per_party"]) > 0 and act["dealer_bytes_per_party"][0] > 0
