@@ -87,6 +87,8 @@ class ObjectSummary:
     dtype: str
     owner: str
     level: str = "row"
+    # a table's column names (searchable like tags)
+    columns: list[str] = dataclasses.field(default_factory=list)
 
 
 @message("dir.record")
@@ -173,6 +175,12 @@ def listing_problem(rec: PeerRecord) -> str | None:
             owner = getattr(o, "owner", None)
             return f"lists object {getattr(o, 'id', '?')!r} as owned by {owner!r}, not by {rec.name!r}"
     return None
+
+
+def _column_tags(o: ObjectSummary) -> set[str]:
+    # a table is found by its column names too ("#weight_kg")
+    cols = o.columns if isinstance(o.columns, (list, tuple)) else ()
+    return set(normalize_tags([c for c in cols if isinstance(c, str)]))
 
 
 def normalize_tags(query: str | Iterable[str]) -> list[str]:
@@ -468,7 +476,7 @@ class Directory:
         for rec in self.peers():
             if self.label(rec) != rec.name:
                 continue  # its name is another key's: its objects would claim that owner
-            hits = [o for o in rec.objects if want <= set(normalize_tags(o.tags))]
+            hits = [o for o in rec.objects if want <= set(normalize_tags(o.tags)) | _column_tags(o)]
             if hits:
                 out[self.label(rec)] = hits
         return out

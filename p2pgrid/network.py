@@ -166,7 +166,7 @@ def _tensor(reply) -> torch.Tensor:
 
 def _summary_meta(s) -> dict:
     return {"id": s.id, "tags": list(s.tags), "description": s.description, "shape": list(s.shape),
-            "dtype": s.dtype, "owner": s.owner, "level": s.level}
+            "dtype": s.dtype, "owner": s.owner, "level": s.level, "columns": list(s.columns)}
 
 
 def _with_peer(meta: dict, peer: str) -> dict:

@@ -305,6 +305,29 @@ class Pointer(Expr):
 
     id = property(lambda self: self.meta["id"])
     tags = property(lambda self: list(self.meta.get("tags", [])))
+
+    @property
+    def columns(self) -> list[str]:
+        """A table's column names (its schema), [] for a plain tensor."""
+        cols = self.meta.get("columns") or []
+        return [c for c in cols if isinstance(c, str)] if isinstance(cols, (list, tuple)) else []
+
+    def column(self, name: str) -> int:
+        """The index of column `name` (KeyError naming the columns there are)."""
+        cols = self.columns
+        if name not in cols:
+            have = ", ".join(cols) if cols else "none: this object has no named columns"
+            raise KeyError(f"no column {name!r} in {self.id} (columns: {have})")
+        return cols.index(name)
+
+    def __getitem__(self, index) -> "Expr":
+        # rec["weight_kg"] is rec[:, j], resolved here from the schema: the owner sees
+        # (and its release gate judges) the very program rec[:, j] sends.
+        if isinstance(index, str):
+            index = (slice(None), self.column(index))
+        elif isinstance(index, tuple) and any(isinstance(i, str) for i in index):
+            index = tuple(self.column(i) if isinstance(i, str) else i for i in index)
+        return super().__getitem__(index)
     description = property(lambda self: self.meta.get("description", ""))
     owner = property(lambda self: self.meta.get("owner", self._peer))
 
