@@ -9,6 +9,9 @@
             print(await (rec[:, 0].sum() / rec.shape[0]).get())
 
     trio.run(main)
+
+Without trio (Jupyter, scripts, asyncio programs): ``p2pgrid.connect_sync`` and
+``p2pgrid.connect_asyncio`` (see :mod:`p2pgrid.sync`).
 """
 
 from .config import PeerConfig, load_profile
@@ -21,9 +24,10 @@ from .network import Network, RemotePeer, connect
 from .peer import Peer, open_peer
 from .pointer import Expr, Pointer
 from .store import ObjectMeta, Rules
+from .sync import connect_asyncio, connect_sync
 
 __all__ = [
-    "connect", "open_peer", "Network", "RemotePeer", "Peer", "PeerConfig", "load_profile",
+    "connect", "connect_sync", "connect_asyncio", "open_peer", "Network", "RemotePeer", "Peer", "PeerConfig", "load_profile",
     "Pointer", "Expr", "Rules", "ObjectMeta", "Identity",
     "P2PError", "BadRequest", "MalformedMessage", "UnknownOp", "ShapeError", "Unauthenticated",
     "ReplayDetected", "PermissionDenied", "NotFound", "Conflict", "PayloadTooLarge",

@@ -6,8 +6,10 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -114,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-dir", type=Path, default=None,
                    help="where the demo peers keep state (default: a temporary directory)")
     _network_parser(sub)
-    from . import plugins
-    parser.plugin_runners = plugins.cli_extensions(sub)
+    from . import owner_cli, plugins
+    parser.plugin_runners = {**owner_cli.add_cli(sub), **plugins.cli_extensions(sub)}
     return parser
 
 
@@ -133,6 +135,10 @@ async def _until_signalled(cancel_scope: trio.CancelScope) -> None:
 async def run_peer(args) -> int:
     from .peer import open_peer
 
+    bad = check_join(args.join)
+    if bad:
+        print(f"p2pgrid peer: {bad}", file=sys.stderr)
+        return 2
     overrides = dict(name=args.name, host=args.host, port=args.port, advertise=args.advertise,
                      ttl=args.ttl, gossip_interval=args.gossip_interval,
                      data_dir=args.data_dir, insecure=args.insecure or None,
@@ -153,13 +159,14 @@ async def run_peer(args) -> int:
     with trio.CancelScope() as scope:
         async with open_peer(cfg) as peer, trio.open_nursery() as nursery:
             nursery.start_soon(_until_signalled, scope)
-            scheme = "http" if cfg.insecure else "https"
             print(f"peer {peer.name} up at {peer.address} (key {peer.key_id})", flush=True)
             print(f"  public key: {peer.identity.public_bytes.hex()}", flush=True)
             if peer.membership is not None:
                 print(f"  member of network {peer.membership.network}: certified peers only",
                       flush=True)
-            print(f"  page:  {scheme}://{peer.address}/   data: {cfg.data_dir}", flush=True)
+            # the peer's own https:// address is for peers (an Ed25519 certificate no
+            # browser takes); the console's link, printed by governance, is for browsers
+            print(f"  data:  {cfg.data_dir}", flush=True)
             for s in peer._summaries.values():
                 print(f"  publishes {s.id} {tuple(s.shape)} {' '.join('#' + t for t in s.tags)}",
                       flush=True)
@@ -177,13 +184,45 @@ async def run_peer(args) -> int:
 
 async def _ephemeral(args):
     """A short-lived peer of the user's own, joined to the network (for one command).
-    Plugin subcommands use it too: add the network options with ``add_network_options``."""
+    Plugin subcommands use it too: add the network options with ``add_network_options``.
+
+    It serves no owner console, and keeps its data only where asked (--data-dir) or
+    where the name already has an identity ($P2PGRID_HOME/NAME, so that owners who
+    registered its key recognise it); otherwise it lives in a temporary directory."""
+    from .errors import BadRequest
+
+    bad = check_join(args.join)
+    if bad:
+        raise BadRequest(bad)
+    return _one_shot(args)
+
+
+@asynccontextmanager
+async def _one_shot(args):
+    import shutil
+    import tempfile
+
+    from .config import default_home
     from .network import connect
 
-    name = getattr(args, "name", None) or _user()
-    return connect(name, join=args.join, mdns=args.mdns, interfaces=args.interfaces,
-                   insecure=args.insecure, data_dir=args.data_dir, wait=args.wait,
-                   network_key=getattr(args, "network_key", None), cert=getattr(args, "cert", None))
+    name = getattr(args, "name", None)
+    if not name:
+        name = _user()
+        if not (os.environ.get("USER") or os.environ.get("USERNAME")):
+            print(f"p2pgrid: $USER is not set; your name on the network is {name!r} "
+                  "(give --as NAME)", file=sys.stderr)
+    data_dir, temp = args.data_dir, None
+    if data_dir is None and not (default_home() / name / "identity.key").exists():
+        data_dir = temp = Path(tempfile.mkdtemp(prefix=f"p2pgrid-{name}-"))
+    try:
+        async with connect(name, join=args.join, mdns=args.mdns, interfaces=args.interfaces,
+                           insecure=args.insecure, data_dir=data_dir, wait=args.wait,
+                           network_key=getattr(args, "network_key", None),
+                           cert=getattr(args, "cert", None), console=False) as net:
+            yield net
+    finally:
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 async def run_search(args) -> int:
@@ -191,12 +230,18 @@ async def run_search(args) -> int:
         hits = await net.search(args.query, wait=args.wait)
         d = net.me.directory
         keys = {d.label(r): r.key_id for r in d.peers()}
+        reached = [r for r in d.peers() if r.key_id != net.me.key_id]
         trust = _trust(net.me)
     if args.json:
         print(json.dumps({p: [ptr.meta for ptr in ptrs] for p, ptrs in hits.items()}, indent=2))
         return 0 if hits else 1
     if not hits:
-        print(f"nothing matches {args.query!r}", file=sys.stderr)
+        if not reached:
+            print(f"no peer reached in {args.wait:g}s, so nothing was searched; give --join "
+                  "KEYID@HOST:PORT (as `p2pgrid peer` prints it) or check that mDNS works here",
+                  file=sys.stderr)
+            return 1
+        print(f"nothing matches {args.query!r} on {len(reached)} peer(s)", file=sys.stderr)
         return 1
     print(f"{'PEER':<12} {'KEY':<17} {'ID':<34} {'SHAPE':<14} {'DTYPE':<9} DESCRIPTION / TAGS")
     for peer, ptrs in sorted(hits.items()):
@@ -353,8 +398,10 @@ def run_network(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .owner_cli import fix_argv
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(fix_argv(sys.argv[1:] if argv is None else list(argv)))
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.verbose < 2:
@@ -365,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
         except patchguard.PatchMismatch as e:
             print(f"p2pgrid {args.command}: {e}", file=sys.stderr)
             return 2
+    if args.command == "peer":
+        # the owner's terminal shows each request filed, denial and release
+        logging.getLogger("p2pgrid.access").setLevel(logging.INFO)
     if args.command == "demo":
         from .demo import run_demo
         return trio.run(run_demo, args)
@@ -380,6 +430,62 @@ def main(argv: list[str] | None = None) -> int:
     except MembershipError as e:
         print(f"p2pgrid {args.command}: {e}", file=sys.stderr)
         return 2
+    except BaseException as e:  # noqa: BLE001  (mistakes get one line; bugs a traceback)
+        line = one_line(args, e)
+        if line is None:
+            raise
+        print(f"p2pgrid {args.command}: {line}", file=sys.stderr)
+        return 130 if line == "interrupted" else 2
+
+
+def sole(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (trio's nurseries wrap)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def one_line(args, exc: BaseException) -> str | None:
+    """What went wrong and what to do, in one line, for the mistakes users make;
+    None for anything else (a bug keeps its traceback)."""
+    import errno
+
+    from .config import ProfileError
+    from .errors import Conflict, P2PError
+
+    exc = sole(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, ProfileError):
+        return str(exc)
+    if isinstance(exc, Conflict) and "already open" in exc.message:
+        where = getattr(args, "data_dir", None) or "its data directory"
+        return (f"this peer is already running (its store in {where} is open); stop it "
+                "first, or give another --name or --data-dir")
+    if isinstance(exc, P2PError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        port = getattr(args, "port", None)
+        return (f"port {port} is in use" if port else "the address is in use") + \
+            " (another peer or program listens there); pick another --port or stop that one"
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRNOTAVAIL, errno.EACCES):
+        return f"cannot listen there: {exc.strerror}; check --host and --port"
+    return None
+
+
+_JOIN = re.compile(r"(?:(?P<kid>[^@\s]+)@)?(?P<host>\[[0-9a-fA-F:.]+\]|[^@:\s\[\]]+):(?P<port>\d{1,5})")
+
+
+def check_join(seeds) -> str | None:
+    """Why a --join value is unusable (one line), or None if all are HOST:PORT or
+    KEYID@HOST:PORT with KEYID 16 hex digits."""
+    for s in seeds:
+        m = _JOIN.fullmatch(s)
+        if m is None or not 0 < int(m["port"]) < 65536:
+            return f"--join {s!r}: give HOST:PORT or KEYID@HOST:PORT (as `p2pgrid peer` prints it)"
+        if m["kid"] is not None and not re.fullmatch(r"[0-9a-f]{16}", m["kid"]):
+            return f"--join {s!r}: KEYID is the 16 hex digits a peer prints, before the @"
+    return None
 
 
 if __name__ == "__main__":

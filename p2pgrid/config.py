@@ -77,6 +77,7 @@ class PeerConfig:
     cert: Path | str | None = None          # this peer's certificate (`p2pgrid network invite`)
     revocations: Path | str | None = None   # a revocation list file to read and spread
     publish: tuple[dict, ...] = field(default=(), repr=False)  # datasets from a profile
+    console: bool = True                 # serve the owner's console (one-shot peers do not)
 
     def __post_init__(self):
         if self.data_dir is None:
@@ -100,6 +101,26 @@ class PeerConfig:
 
     def with_(self, **changes) -> "PeerConfig":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+DATASET_KEYS = ("id", "name", "path", "tensor", "generator", "rows", "seed", "month", "part",
+                "shape", "tags", "description", "compute", "get", "aggregate", "min_rows",
+                "bounds", "epsilon")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message says where and what to do."""
+
+
+def _check_keys(path, where: str, keys, known) -> None:
+    import difflib
+
+    for key in keys:
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else \
+                f" (known: {', '.join(sorted(known))})"
+            raise ProfileError(f"{path}: unknown key {key!r} in {where}{hint}")
 
 
 WILDCARDS = ("0.0.0.0", "::", "")
@@ -130,15 +151,37 @@ def is_loopback(host: str) -> bool:
 
 
 def load_profile(path: Path | str, **overrides) -> PeerConfig:
-    """Read a peer profile (TOML): ``[peer]`` keys of PeerConfig, ``[[dataset]]`` to publish."""
-    data = tomllib.loads(Path(path).read_text())
+    """Read a peer profile (TOML): ``[peer]`` keys of PeerConfig, ``[[dataset]]`` to publish.
+
+    Unknown keys are errors naming the nearest known one; a dataset's ``path`` is
+    relative to the profile's folder."""
+    from .datasets import GENERATORS
+
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ProfileError(f"no profile at {path}") from None
+    except OSError as e:
+        raise ProfileError(f"cannot read profile {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ProfileError(f"{path}: not valid TOML: {e}") from None
+    _check_keys(path, "the profile", data, ("peer", "dataset"))
     peer = dict(data.get("peer", {}))
-    known = {f.name for f in fields(PeerConfig)}
-    unknown = set(peer) - known
-    if unknown:
-        raise ValueError(f"{path}: unknown [peer] keys {sorted(unknown)}")
-    peer["publish"] = tuple(data.get("dataset", ()))
+    _check_keys(path, "[peer]", peer, {f.name for f in fields(PeerConfig)} - {"publish"})
+    items = []
+    for n, item in enumerate(data.get("dataset", ()), 1):
+        where = f"[[dataset]] {item.get('id') or n}"
+        _check_keys(path, where, item, DATASET_KEYS)
+        item = dict(item)
+        if item.get("path"):
+            item["path"] = str((path.parent / item["path"]).expanduser())
+        elif item.get("generator", "birth_records") not in GENERATORS:
+            raise ProfileError(f"{path}: {where}: unknown generator {item['generator']!r} "
+                               f"(one of {', '.join(GENERATORS)}; or give path = FILE)")
+        items.append(item)
+    peer["publish"] = tuple(items)
     peer.update({k: v for k, v in overrides.items() if v is not None})
     if "name" not in peer:
-        raise ValueError(f"{path}: [peer] needs a name")
+        raise ProfileError(f"{path}: [peer] needs a name (or give --name)")
     return PeerConfig(**peer)

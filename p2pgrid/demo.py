@@ -39,13 +39,18 @@ async def run_demo(args) -> int:
                  "(HTTP/2 over TLS pinned to each peer's Ed25519 key; gossip directory):")
             for name, peer in grid.peers.items():
                 roles = ",".join(peer.config.roles)
-                _say(f"  {name:<11} https://{peer.address}/  key {peer.key_id}  {roles}")
+                _say(f"  {name:<11} at {peer.address}  key {peer.key_id}  {roles}")
             await grid.wait_searchable("#birth-records")
             await walkthrough(grid.net("bob"))
             await smpc_walkthrough(grid.net("bob"))
             _say("\nDone: the hospital's rows never left the hospital.")
             if args.keep_running:
-                _say("\nPeers keep running; open the pages above. Ctrl-C to stop.")
+                from .governance import of as governance_of
+                for name, peer in grid.peers.items():
+                    url = governance_of(peer).console_url
+                    if url:  # plain HTTP on 127.0.0.1: a browser opens it as is
+                        _say(f"  {name:<11} {url}/")
+                _say("Peers keep running; open the pages above. Ctrl-C to stop.")
                 await trio.sleep_forever()
     return 0
 

@@ -87,6 +87,8 @@ class ObjectSummary:
     dtype: str
     owner: str
     level: str = "row"
+    # a table's column names (searchable like tags)
+    columns: list[str] = dataclasses.field(default_factory=list)
 
 
 @message("dir.record")
@@ -173,6 +175,12 @@ def listing_problem(rec: PeerRecord) -> str | None:
             owner = getattr(o, "owner", None)
             return f"lists object {getattr(o, 'id', '?')!r} as owned by {owner!r}, not by {rec.name!r}"
     return None
+
+
+def _column_tags(o: ObjectSummary) -> set[str]:
+    # a table is found by its column names too ("#weight_kg")
+    cols = o.columns if isinstance(o.columns, (list, tuple)) else ()
+    return set(normalize_tags([c for c in cols if isinstance(c, str)]))
 
 
 def normalize_tags(query: str | Iterable[str]) -> list[str]:
@@ -448,6 +456,13 @@ class Directory:
                        if include_self or r.key_id != self.key_id),
                       key=lambda r: (r.name, r.key_id))
 
+    def _repr_html_(self) -> str:
+        from .display import table
+        return table(["peer", "key id", "addresses", "roles", "objects", "tags"],
+                     [[self.label(r), r.key_id, r.addresses, r.roles, len(r.objects),
+                       " ".join(sorted({"#" + t for o in r.objects for t in o.tags}))]
+                      for r in self.peers()], caption="directory")
+
     def label(self, rec: PeerRecord) -> str:
         """The name a record answers to here: its name if bound to its key, else its key id."""
         return rec.name if self._names.get(rec.name) == rec.public_key else rec.key_id
@@ -461,7 +476,7 @@ class Directory:
         for rec in self.peers():
             if self.label(rec) != rec.name:
                 continue  # its name is another key's: its objects would claim that owner
-            hits = [o for o in rec.objects if want <= set(normalize_tags(o.tags))]
+            hits = [o for o in rec.objects if want <= set(normalize_tags(o.tags)) | _column_tags(o)]
             if hits:
                 out[self.label(rec)] = hits
         return out

@@ -91,3 +91,28 @@ class GetObject:
 @dataclass(frozen=True)
 class DeleteObject:
     id: str
+
+
+@message("rt.publish")
+@dataclass(frozen=True)
+class PublishData:
+    """The owner publishes data on its running peer (``p2pgrid publish``); only a caller
+    holding the peer's own key may send it (see p2pgrid/owner.py)."""
+    tensor: torch.Tensor
+    id: str = ""
+    tags: list[str] = ()
+    description: str = ""
+    columns: list[str] = ()
+    rules: dict | None = None  # Rules.to_dict()
+    bounds: list | None = None
+    epsilon: float | None = None
+
+
+@message("rt.rules")
+@dataclass(frozen=True)
+class SetRules:
+    """The owner changes an object's rules on its running peer. ``edits`` maps a right
+    to names: ["a", "b"] sets the list, ["+a", "-b"] adds and removes."""
+    id: str
+    edits: dict
+    min_rows: int | None = None

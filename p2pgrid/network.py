@@ -17,6 +17,7 @@ import torch
 import trio
 
 from .config import PeerConfig
+from .display import dtype_name, table
 from .errors import NotFound, PeerUnavailable
 from .messages import (DeleteObject, DescribeObject, Execute, GetObject, ListObjects, ObjectInfo,
                        Ping, PutObject, Value)
@@ -25,6 +26,18 @@ from .pointer import Pointer
 from .store import Rules
 
 log = logging.getLogger("p2pgrid.network")
+
+
+class SearchResult(dict):
+    """What :meth:`Network.search` returns: {peer name: [Pointer, ...]}, a dict that
+    displays as a table in a notebook."""
+
+    def _repr_html_(self) -> str:
+        return table(["peer", "id", "shape", "dtype", "tags", "description"],
+                     [[peer, p.id, tuple(p.shape), dtype_name(p.dtype),
+                       " ".join("#" + t for t in p.tags), p.description]
+                      for peer, ptrs in self.items() for p in ptrs],
+                     caption=f"{sum(map(len, self.values()))} object(s) on {len(self)} peer(s)")
 
 
 class _NetworkCore:
@@ -64,8 +77,8 @@ class _NetworkCore:
         while True:
             found = self._peer.directory.search(query)
             if any(found.values()) or time.monotonic() >= deadline:
-                return {peer: [Pointer(self, peer, _summary_meta(s)) for s in items]
-                        for peer, items in found.items() if items}
+                return SearchResult({peer: [Pointer(self, peer, _summary_meta(s)) for s in items]
+                                     for peer, items in found.items() if items})
             await trio.sleep(0.05)
 
     async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
@@ -153,7 +166,7 @@ def _tensor(reply) -> torch.Tensor:
 
 def _summary_meta(s) -> dict:
     return {"id": s.id, "tags": list(s.tags), "description": s.description, "shape": list(s.shape),
-            "dtype": s.dtype, "owner": s.owner, "level": s.level}
+            "dtype": s.dtype, "owner": s.owner, "level": s.level, "columns": list(s.columns)}
 
 
 def _with_peer(meta: dict, peer: str) -> dict:
@@ -188,4 +201,4 @@ async def connect(name: str, *, join: Iterable[str] = (), data_dir=None, mdns: b
         yield net
 
 
-__all__ = ["Network", "RemotePeer", "connect", "NotFound"]
+__all__ = ["Network", "RemotePeer", "SearchResult", "connect", "NotFound"]

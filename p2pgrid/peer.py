@@ -48,6 +48,7 @@ class Peer:
         from . import plugins
         from .calls import router as calls_router
         from .handlers import router as core_router
+        from .owner import router as owner_router
 
         self.config = config
         self.name = config.name
@@ -96,6 +97,7 @@ class Peer:
         self.router = Router()
         self.router.include(core_router)
         self.router.include(calls_router)
+        self.router.include(owner_router)
         for r in [*plugins.routers(), *routers]:
             self.router.include(r)
         self.addresses: list[str] = []   # where others dial us, best first; none: not listening
@@ -103,6 +105,7 @@ class Peer:
         self.nursery: trio.Nursery | None = None
         self._seeds: dict[str, str | None] = {}       # address -> expected key id
         self._learned: dict[str, Target] = {}         # first-contact targets by address
+        self._seeds_warned: set[str] = set()
         self._summaries: dict[str, ObjectSummary] = {}
         self.services: dict = {}            # announced in our directory record (served models...)
         self.extensions: dict[str, object] = {}  # per-plugin state, keyed by plugin name
@@ -129,6 +132,12 @@ class Peer:
         With a network key, the name must be certified for the key instead (see
         :mod:`p2pgrid.membership`); registered users with their key still pass."""
         from .governance import authorize as governed
+        if caller.name == self.name:
+            # our own name is our own key's, whatever first use would bind: the owner's
+            # commands sign with it, and it makes a caller privileged on our objects
+            if bytes(caller.public_key) != self.identity.public_bytes:
+                raise Unauthenticated(f"the name {caller.name!r} is this peer's own")
+            return
         if governed(self, caller):
             return
         if self.membership is not None:
@@ -288,14 +297,15 @@ class Peer:
     async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
                       compute: Iterable[str] = (), get: Iterable[str] = (),
                       aggregate: Iterable[str] = (), min_rows: int | None = None,
-                      id: str | None = None, bounds=None, epsilon: float | None = None
-                      ) -> ObjectMeta:
+                      id: str | None = None, bounds=None, epsilon: float | None = None,
+                      columns: Iterable[str] = ()) -> ObjectMeta:
         """Store a tensor owned by this peer and announce it in the directory.
 
         `aggregate` is an explicit grant of exact aggregates (no longer implied by
         `compute`); names with `compute` only get DP releases, which need `bounds`
         (per-column ``[lo, hi]`` pairs, declared with the data; `epsilon`: the dataset's
-        total budget). A WARNING says so when such names exist and no bounds are given."""
+        total budget). A WARNING says so when such names exist and no bounds are given.
+        `columns`: a table's column names, one per column of a 2-d `tensor`."""
         from .governance import Bounds, of as governance_of
         from .release import warn_unbounded
 
@@ -307,13 +317,26 @@ class Peer:
             declared.check(tuple(tensor.shape))
         meta = ObjectMeta(id=id or "", owner=self.name, shape=tuple(tensor.shape),
                           dtype=str(tensor.dtype).removeprefix("torch."), tags=tuple(tags),
-                          description=description, rules=rules)
+                          description=description, rules=rules, columns=tuple(columns))
         meta = await self.put(tensor, meta)
         gov = governance_of(self)
         if declared is not None:
             await trio.to_thread.run_sync(lambda: gov.store.set_dataset(
                 meta.id, declared, epsilon, by=self.name))
         warn_unbounded(self, meta, gov.store.dataset(meta.id) is not None)
+        return meta
+
+    async def set_rules(self, id: str, change, *, by: str, why: str = "") -> ObjectMeta:
+        """Apply `change` (old Rules -> new Rules) to object `id` now (the next request
+        sees it) and audit it. Only the owner's paths call this."""
+        meta = await self.meta(id)
+        old, new = meta.rules, change(meta.rules)
+        if new == old:
+            return meta
+        meta = await trio.to_thread.run_sync(self.store.set_rules, id, new)
+        self.audit("rules", by, object=id, old=old.to_dict(), new=new.to_dict(),
+                   **({"why": why} if why else {}))
+        log.info("%s: rules of %s changed by %s: %s", self.name, id, by, _rules_text(new))
         return meta
 
     # ------------------------------------------------------------ directory
@@ -436,16 +459,33 @@ class Peer:
             if address in rec.addresses and rec.key_id != self.key_id and (
                     expected is None or rec.key_id == expected):
                 return await self.transport.request(self.target(rec), msg, timeout=self.config.ttl)
-        target = self._learned.get(address)
-        if target is None:
-            target = await learn_target(address, expect_key_id=self._seeds.get(address),
-                                        insecure=self.config.insecure)
-            self._learned[address] = target
         try:
-            return await self.transport.request(target, msg, timeout=self.config.ttl)
-        except Unauthenticated:
-            self._learned.pop(address, None)
+            target = self._learned.get(address)
+            if target is None:
+                target = await learn_target(address, expect_key_id=self._seeds.get(address),
+                                            insecure=self.config.insecure)
+                self._learned[address] = target
+            try:
+                return await self.transport.request(target, msg, timeout=self.config.ttl)
+            except Unauthenticated:
+                self._learned.pop(address, None)
+                raise
+        except (Unauthenticated, PeerUnavailable) as e:
+            self._warn_seed(address, e)
             raise
+
+    def _warn_seed(self, address: str, e) -> None:
+        # A seed (--join, mDNS) that answers with the wrong key or not at all is said
+        # once at the default level: a mistyped --join must not fail silently.
+        if address in self._seeds_warned:
+            return
+        self._seeds_warned.add(address)
+        if isinstance(e, Unauthenticated):
+            log.warning("%s: seed %s is not the peer --join named: %s", self.name, address,
+                        e.message)
+        else:
+            log.warning("%s: seed %s unreachable (%s); still trying", self.name, address,
+                        e.message)
 
     # ------------------------------------------------------------ services
 
@@ -521,6 +561,9 @@ class Peer:
             self._saved_bindings = current
 
 
+def _rules_text(r: Rules) -> str:
+    return "; ".join(f"{right} {','.join(getattr(r, right)) or '-'}"
+                     for right in ("compute", "get", "aggregate")) + f"; min_rows {r.min_rows}"
 
 
 async def _encode_push(msg) -> bytes:
@@ -538,7 +581,7 @@ def directory_limits(config: PeerConfig) -> BookLimits:
 def summary_of(meta: ObjectMeta) -> ObjectSummary:
     return ObjectSummary(id=meta.id, tags=list(meta.tags), description=meta.description,
                          shape=list(meta.shape), dtype=meta.dtype, owner=meta.owner,
-                         level=meta.level)
+                         level=meta.level, columns=list(meta.columns))
 
 
 @asynccontextmanager
@@ -546,7 +589,7 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
     """Run a peer for the duration of the block: server, gossip, mDNS, housekeeping."""
     peer = Peer(config, routers)
     try:
-        async with trio.open_nursery() as nursery:
+        async with _unwrapped(), trio.open_nursery() as nursery:
             peer.nursery = nursery
             peer.pushers.nursery = nursery
             peer.calls.nursery = nursery
@@ -556,6 +599,10 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
                 port = int(binds[0].rsplit(":", 1)[1])
                 peer.state_save_port(port)
                 peer.addresses = advertised_addresses(config, port)
+                from .owner import write_endpoint
+                local = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "[::1]"}.get(
+                    config.host, config.host)
+                write_endpoint(config.data_dir, peer.name, f"{local}:{port}", config.insecure)
             peer._summaries = {m.id: summary_of(m) for m in await trio.to_thread.run_sync(
                 peer.store.list) if peer.advertises(m)}
             if len(peer._summaries) > MAX_SUMMARIES:
@@ -601,6 +648,22 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
         peer.store.close()
 
 
+@asynccontextmanager
+async def _unwrapped():
+    """Re-raise the one exception a nursery wrapped in a group as itself: a script's
+    own error (or KeyboardInterrupt) from inside ``async with connect(...)`` reaches it
+    as it was raised, not inside a (Base)ExceptionGroup."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        exc = group
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if exc is group:
+            raise
+        raise exc from exc.__cause__
+
+
 def mdns_interfaces(config: PeerConfig) -> list[str] | None:
     """Where mDNS runs: the configured interfaces, else where we listen (a peer on one
     address announces itself there only, not where nobody can reach it), else all."""
@@ -623,14 +686,25 @@ async def _start_server(nursery: trio.Nursery, peer: Peer) -> list[str]:
 
 
 async def _publish_profile_item(peer: Peer, item: dict) -> None:
-    from .datasets import build_dataset
+    from .datasets import dataset_with_columns
 
     name = item.get("id") or item.get("name")
-    existing = {m.id for m in await trio.to_thread.run_sync(peer.store.list)}
+    existing = {m.id: m for m in await trio.to_thread.run_sync(peer.store.list)}
     if name in existing:
-        return  # published on an earlier start: restarts keep data, not duplicates
-    tensor = await trio.to_thread.run_sync(build_dataset, item)
+        # Published on an earlier start: restarts keep data, not duplicates. The
+        # profile is the owner's statement of the rules, so its rules win over
+        # stored ones (changed since from the CLI or console), and the log says so.
+        wanted = Rules(compute=tuple(item.get("compute", ())), get=tuple(item.get("get", ())),
+                       aggregate=tuple(item.get("aggregate", ())),
+                       min_rows=peer.config.min_rows if item.get("min_rows") is None
+                       else item["min_rows"])
+        if existing[name].rules != wanted:
+            log.warning("%s: %s: stored rules differ from the profile's; applying the "
+                        "profile's (%s)", peer.name, name, _rules_text(wanted))
+            await peer.set_rules(name, lambda old: wanted, by=peer.name, why="profile")
+        return
+    tensor, columns = await trio.to_thread.run_sync(dataset_with_columns, item)
     await peer.publish(tensor, tags=item.get("tags", ()), description=item.get("description", ""),
                        compute=item.get("compute", ()), get=item.get("get", ()),
                        aggregate=item.get("aggregate", ()), min_rows=item.get("min_rows"), id=name,
-                       bounds=item.get("bounds"), epsilon=item.get("epsilon"))
+                       bounds=item.get("bounds"), epsilon=item.get("epsilon"), columns=columns)

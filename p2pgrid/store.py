@@ -199,6 +199,9 @@ class ObjectMeta:
     # a stored result's derivation (p2pgrid.release.Derivation as JSON), "" otherwise;
     # the owner's peer keeps it to itself (handlers.info leaves it out)
     derivation: str = ""
+    # a table's column names, in the order of the tensor's columns (the schema a
+    # scientist's rec["name"] resolves against); () for a plain tensor
+    columns: tuple[str, ...] = ()
 
     def __post_init__(self):
         # Ids reach logs and URLs, never paths (blob names are hashes of them).
@@ -214,15 +217,21 @@ class ObjectMeta:
                "created and expires must be numbers (expires may be null)")
         _check(_is_int(self.nbytes), "nbytes must be a non-negative integer")
         _check(isinstance(self.derivation, str), "derivation must be a string")
+        _check(isinstance(self.columns, (list, tuple)) and len(self.columns) <= 100_000
+               and all(isinstance(c, str) and 0 < len(c) <= 256 for c in self.columns),
+               "columns must be a list of non-empty names")
+        _check(len(set(self.columns)) == len(self.columns), "column names must be distinct")
         set_ = object.__setattr__
         set_(self, "shape", tuple(self.shape))
+        set_(self, "columns", tuple(self.columns))
         set_(self, "tags", normalise_tags(self.tags))
         set_(self, "created", float(self.created))
         set_(self, "expires", None if self.expires is None else float(self.expires))
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        d.update(shape=list(self.shape), tags=list(self.tags), rules=self.rules.to_dict())
+        d.update(shape=list(self.shape), tags=list(self.tags), rules=self.rules.to_dict(),
+                 columns=list(self.columns))
         return d
 
     @classmethod
@@ -265,18 +274,21 @@ _SCHEMA = ["""
     CREATE INDEX tags_tag ON tags (tag, object_id);
 """, """
     ALTER TABLE objects ADD COLUMN derivation TEXT NOT NULL DEFAULT '';
+""", """
+    ALTER TABLE objects ADD COLUMN columns TEXT NOT NULL DEFAULT '[]';  -- JSON list
 """]
 SCHEMA_VERSION = len(_SCHEMA)
 
 _COLS = ("id, owner, shape, dtype, description, rules, level, created, expires, nbytes, "
-         "derivation, "
+         "derivation, columns, "
          "(SELECT json_group_array(tag) FROM tags WHERE object_id = objects.id)")
 
 
 def _row_to_meta(row) -> ObjectMeta:
-    oid, owner, shape, dtype, desc, rules, level, created, expires, nbytes, deriv, tags = row
+    oid, owner, shape, dtype, desc, rules, level, created, expires, nbytes, deriv, cols, tags = row
     return ObjectMeta(oid, owner, tuple(json.loads(shape)), dtype, json.loads(tags), desc,
-                      Rules.from_dict(json.loads(rules)), level, created, expires, nbytes, deriv)
+                      Rules.from_dict(json.loads(rules)), level, created, expires, nbytes, deriv,
+                      tuple(json.loads(cols)))
 
 
 class Store:
@@ -347,6 +359,8 @@ class Store:
         dtype = str(tensor.dtype).removeprefix("torch.")
         _check(dtype in _DTYPES, f"dtype {dtype} cannot be stored; use one of {', '.join(DTYPES)}")
         _check(tensor.layout == torch.strided, "only dense tensors can be stored")
+        _check(not meta.columns or (tensor.dim() == 2 and tensor.shape[1] == len(meta.columns)),
+               "named columns need a 2-d tensor with one column per name")
         t = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
         t = t.view(_BITS_AS.get(t.dtype, t.dtype))
         arr = t.numpy().astype(_DTYPES[dtype][1], copy=False)  # copies on big-endian hosts only
@@ -372,11 +386,11 @@ class Store:
                 self._within(quota, meta)
                 try:
                     with self._db() as db:  # one transaction: committed, or rolled back on error
-                        db.execute("INSERT INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        db.execute("INSERT INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                    (meta.id, meta.owner, json.dumps(meta.shape), meta.dtype,
                                     meta.description, json.dumps(meta.rules.to_dict()),
                                     meta.level, meta.created, meta.expires, meta.nbytes,
-                                    meta.derivation))
+                                    meta.derivation, json.dumps(list(meta.columns))))
                         db.executemany("INSERT INTO tags VALUES (?, ?)",
                                        [(meta.id, tag) for tag in meta.tags])
                 except sqlite3.OperationalError as e:
@@ -413,6 +427,16 @@ class Store:
     def blob_path(self, id: str) -> Path:
         """The file holding object `id`'s values (for :func:`read_blob` in another process)."""
         return self._blob(id)
+
+    def set_rules(self, id: str, rules: Rules) -> ObjectMeta:
+        """Replace object `id`'s rules (NotFound if there is none); returns its new metadata."""
+        _check(isinstance(rules, Rules), "set_rules needs a Rules")
+        with self._lock:
+            self._meta(id)
+            with self._db() as db:
+                db.execute("UPDATE objects SET rules = ? WHERE id = ?",
+                           (json.dumps(rules.to_dict()), id))
+            return self._meta(id)
 
     def delete(self, id: str) -> bool:
         """Delete object `id`; False if there was none."""

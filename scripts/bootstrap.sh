@@ -12,8 +12,11 @@ fi
 # The console's browser test drives Debian's headless chromium (tests skip it without).
 if { ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; } \
     && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  echo "== installing chromium and chromium-driver (browser tests)" >&2
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+  # --no-install-recommends: chromium's recommends pull avahi, samba, cups and more
+  echo "== installing chromium and chromium-driver for the browser test, with apt-get" \
+       "install --no-install-recommends (set P2PGRID_NO_CHROMIUM=1 to skip)" >&2
+  { [ -z "${P2PGRID_NO_CHROMIUM:-}" ] && apt-get update -qq \
+      && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       chromium chromium-driver; } >&2 || echo "== chromium not installed; browser tests will skip" >&2
 fi
 # The network lab (scripts/lab.py, tests/lab) emulates delay and loss with Debian's vde tools

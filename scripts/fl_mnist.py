@@ -273,6 +273,20 @@ async def run_worker(args) -> None:
     await serve_worker(args.name, args.dir, args.join, publish, host=args.host or "127.0.0.1")
 
 
+MNIST_HINT = ("MNIST (t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz, train-*) comes from "
+              "https://yann.lecun.com/exdb/mnist/ or a mirror such as "
+              "https://ossci-datasets.s3.amazonaws.com/mnist/")
+SMS_HINT = ("the SMS Spam Collection (SMSSpamCollection, label TAB text) comes from "
+            "https://archive.ics.uci.edu/dataset/228/sms+spam+collection")
+
+
+def require_data(path: Path, hint: str) -> None:
+    """Exit with one line saying where to get the data when `path` is missing."""
+    if not Path(path).exists():
+        raise SystemExit(f"{Path(sys.argv[0]).name}: no data at {path}; {hint} "
+                         "(or give --data DIR)")
+
+
 def run_script(args, coordinate, run_worker=None) -> int:
     """Run one process of a script: a data worker, or the coordinator, whose JSON
     summary is printed (and written to ``--json`` when given)."""
@@ -310,7 +324,9 @@ def main(argv=None) -> int:
     p.add_argument("--dir", type=Path)
     p.add_argument("--join")
     p.add_argument("--host", help="address the worker listens on (default 127.0.0.1)")
-    return run_script(p.parse_args(argv), coordinate, run_worker)
+    args = p.parse_args(argv)
+    require_data(args.data / "mnist" / "t10k-images-idx3-ubyte.gz", MNIST_HINT)
+    return run_script(args, coordinate, run_worker)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import trio
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fl_mnist import DEFAULT_DATA, Workers, run_script, serve_worker, wait_for_data  # noqa: E402
+from fl_mnist import DEFAULT_DATA, SMS_HINT, Workers, require_data, run_script, serve_worker, wait_for_data  # noqa: E402
 
 PEERS = ["bob", "anne"]
 _WORD = re.compile(r"[a-z0-9£$']+")
@@ -206,7 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--part", type=int)
     p.add_argument("--dir", type=Path)
     p.add_argument("--join")
-    return run_script(p.parse_args(argv), coordinate, run_worker)
+    args = p.parse_args(argv)
+    require_data(args.data / "sms-spam" / "SMSSpamCollection.tsv", SMS_HINT)
+    return run_script(args, coordinate, run_worker)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,8 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    from fl_mnist import MNIST_HINT, require_data
+    require_data(args.data / "t10k-images-idx3-ubyte.gz", MNIST_HINT)
     x, labels = load_mnist(args.data)
     if len(x) < args.train + args.test:
         raise SystemExit("not enough images")

@@ -153,6 +153,8 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
 
+    from fl_mnist import SMS_HINT, require_data
+    require_data(args.data, SMS_HINT)
     texts = load_corpus(args.data)
     chars = Chars("\n".join(texts))
     cut = int(len(texts) * 0.9)

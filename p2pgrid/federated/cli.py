@@ -32,13 +32,16 @@ def add_cli(subparsers) -> dict:
     m.add_argument("--model", type=Path, help="a model spec file (p2pgrid.federated.save_model)")
     m.add_argument("--mlp", metavar="SIZES", help="a ReLU MLP, e.g. 784,128,64,10")
     t = p.add_argument_group("training")
-    t.add_argument("--rounds", type=int, default=10)
-    t.add_argument("--local-epochs", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    t.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
+    t.add_argument("--local-epochs", type=int, default=1,
+                   help="passes over its own data each peer makes per round (default 1)")
+    t.add_argument("--batch-size", type=int, default=32, help="local batch size (default 32)")
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="each peer's local optimizer (default sgd)")
     t.add_argument("--lr", type=float, default=None, help="learning rate (default: sgd 0.05, adam 0.001)")
     t.add_argument("--momentum", type=float, default=0.0, help="SGD momentum")
-    t.add_argument("--loss", choices=["cross_entropy", "bce_with_logits", "mse"], default="cross_entropy")
+    t.add_argument("--loss", choices=["cross_entropy", "bce_with_logits", "mse"], default="cross_entropy",
+                   help="training loss (default cross_entropy: class labels)")
     t.add_argument("--clip-grad-norm", type=float, default=None, metavar="NORM",
                    help="clip each local step's gradient to this L2 norm (e.g. 5 for an LSTM)")
     t.add_argument("--wait-for", default=None, metavar="PEERS|N",
@@ -51,10 +54,12 @@ def add_cli(subparsers) -> dict:
                         "peer trains, no secure aggregation or client-level DP")
     s.add_argument("--mu", type=float, default=0.01, help="FedProx's proximal weight")
     s.add_argument("--server-lr", type=float, default=0.1, help="FedAdam's eta")
-    s.add_argument("--min-peers", type=int, default=2)
+    s.add_argument("--min-peers", type=int, default=2,
+                   help="fewest peers whose updates a round needs (default 2)")
     s.add_argument("--fraction", type=float, default=1.0, help="share of peers sampled per round")
     s.add_argument("--round-timeout", type=float, default=60.0, help="seconds (default 60)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the initial weights and of local shuffling (not of privacy noise)")
     pr = p.add_argument_group("privacy")
     pr.add_argument("--secure-aggregation", action="store_true",
                     help="the coordinator only ever sees the sum of the updates")
@@ -69,7 +74,8 @@ def add_cli(subparsers) -> dict:
     o.add_argument("--job", help="job name (checkpoints live under it)")
     o.add_argument("--resume", action="store_true", help="continue the job from its checkpoint")
     o.add_argument("--json", action="store_true", help="print the history as JSON")
-    o.add_argument("--no-progress", dest="progress", action="store_false")
+    o.add_argument("--no-progress", dest="progress", action="store_false",
+                   help="no progress bar")
     add_network_options(p)
     return {"fit": run_fit}
 

@@ -167,6 +167,14 @@ class FitResult:
     job: str
     excluded: dict[str, str] = field(default_factory=dict)   # peer -> why it took no part
 
+    def _repr_html_(self) -> str:
+        from ..display import table
+        return table(["round", "peers", "loss", "eval loss", "accuracy", "epsilon", "seconds"],
+                     [[r.round, r.peers, r.loss, r.eval_loss, r.accuracy, r.epsilon, r.seconds]
+                      for r in self.history],
+                     caption=f"federated fit {self.job}"
+                     + (f"; excluded: {self.excluded}" if self.excluded else ""))
+
     @property
     def epsilon(self) -> float | None:
         """Client-level epsilon spent by the whole run (None without ClientDP)."""

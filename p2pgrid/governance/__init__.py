@@ -74,7 +74,7 @@ async def service(peer, task_status=trio.TASK_STATUS_IGNORED):
     try:
         async with trio.open_nursery() as nursery:
             console = gov.store.setting("console", {}) or {}
-            if console.get("enabled", True):
+            if console.get("enabled", True) and peer.config.console:
                 try:
                     gov.console_url = await nursery.start(lambda task_status: serve_console(
                         peer, gov, host=console.get("host", "127.0.0.1"),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -66,11 +67,44 @@ def head(db) -> tuple[int, str]:
     return (row[0], row[1]) if row else (0, GENESIS)
 
 
+_access_log = logging.getLogger("p2pgrid.access")
+
+
+def access_line(e: dict) -> str | None:
+    """One line for the owner's terminal about an access event (a request filed, a
+    denial, a release), or None for the rest. Names and ids only, never values."""
+    action, who = e.get("action"), e.get("caller") or "?"
+    what = e.get("object") or ", ".join(map(str, e.get("objects") or ())) or e.get("message") or "?"
+    if action == "request":
+        right = f"epsilon {e['epsilon']:g}" if e.get("epsilon") is not None else e.get("right", "get")
+        return f"request {e.get('request')} filed by {who} for {right} on {what}"
+    if action in ("denied", "release.denied", "smpc.share.refused"):
+        why = e.get("why") or e.get("right") or ""
+        return f"denied {who} on {what}" + (f": {why}" if why else "")
+    if action == "release":
+        return f"released to {who} from {what}: epsilon {e.get('epsilon'):g} (DP)"
+    if action == "compute" and e.get("fetch") and e.get("release") not in (None, "none"):
+        return f"released to {who} from {what}: {e.get('release')}"
+    if action == "get":
+        return f"released to {who}: {what} (download)"
+    if action == "decision":
+        return f"request {e.get('request')} {e.get('status', 'decided')} by {who}"
+    return None
+
+
 def append(db, entries: Iterable[dict]) -> tuple[int, str]:
-    """Chain `entries` onto the log (inside the caller's write transaction); the new head."""
+    """Chain `entries` onto the log (inside the caller's write transaction); the new head.
+    Access events also go to the ``p2pgrid.access`` logger (the owner's terminal)."""
     seq, prev = head(db)
     rows = []
     for e in entries:
+        if _access_log.isEnabledFor(logging.INFO):
+            try:
+                line = access_line(e)
+            except (TypeError, ValueError):  # an odd entry still gets audited
+                line = None
+            if line:
+                _access_log.info("%s", line)
         seq += 1
         e = dict(e)
         e.setdefault("time", time.time())

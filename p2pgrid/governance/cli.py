@@ -37,7 +37,7 @@ def _data_dir(args) -> Path:
     if args.peer:
         return default_home() / args.peer
     home = default_home()
-    peers = sorted(d for d in home.iterdir() if (d / "objects.db").exists()) \
+    peers = sorted(d for d in home.iterdir() if (d / "store" / "objects.db").exists()) \
         if home.is_dir() else []
     if len(peers) == 1:  # the usual case: one peer on this machine
         return peers[0]
@@ -80,7 +80,8 @@ def add_cli(sub) -> dict:
     us = u.add_subparsers(dest="action", required=True, metavar="ACTION")
     a = us.add_parser("add", help="register NAME (again: change its role or key)")
     a.add_argument("user")
-    a.add_argument("--role", required=True, choices=("owner", "scientist", "guest"))
+    a.add_argument("--role", required=True, choices=("owner", "scientist", "guest"),
+                   help="owner (everything), scientist (search, compute, requests), guest (search)")
     a.add_argument("--key", help="the user's public key (`p2pgrid users key` prints it); write "
                                  "--key=KEY, as a key may begin with '-'; default: bound to the "
                                  "first key that calls with this name")
@@ -89,7 +90,7 @@ def add_cli(sub) -> dict:
     r.add_argument("user")
     _target(r)
     ls = us.add_parser("list", help="list users")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print JSON")
     _target(ls)
     m = us.add_parser("mode", help="open (default), registered (registered users only), or "
                                    "releases (others may search and compute; only registered "
@@ -112,8 +113,8 @@ def add_cli(sub) -> dict:
                               "  p2pgrid requests deny 3f9a1c2b7d10 --why 'too broad' --peer hospital")
     qs = q.add_subparsers(dest="action", required=True, metavar="ACTION")
     ql = qs.add_parser("list", help="pending requests (--all: every request)")
-    ql.add_argument("--all", action="store_true")
-    ql.add_argument("--json", action="store_true")
+    ql.add_argument("--all", action="store_true", help="decided requests too")
+    ql.add_argument("--json", action="store_true", help="print JSON")
     _target(ql)
     for name in ("approve", "deny"):
         d = qs.add_parser(name, help=f"{name} request ID")
@@ -151,7 +152,7 @@ def add_cli(sub) -> dict:
     bb.add_argument("--total", type=float, help="the dataset's total epsilon, all users together")
     _target(bb)
     bsh = bs.add_parser("show", help="datasets, budgets and what is spent")
-    bsh.add_argument("--json", action="store_true")
+    bsh.add_argument("--json", action="store_true", help="print JSON")
     _target(bsh)
 
     au = sub.add_parser("audit", help="show or verify the audit trail (owner)", formatter_class=fmt,
@@ -163,7 +164,7 @@ def add_cli(sub) -> dict:
     au.add_argument("what", nargs="?", choices=("tail", "verify"), default="tail")
     au.add_argument("--verify", action="store_true", help="check the chain (exit 1 if broken)")
     au.add_argument("-n", type=int, default=20, help="entries to show (default 20)")
-    au.add_argument("--json", action="store_true")
+    au.add_argument("--json", action="store_true", help="print JSON")
     _target(au)
 
     w = sub.add_parser("web", help="the peer's console: login link, address, token (owner)",
@@ -179,11 +180,13 @@ def add_cli(sub) -> dict:
     wc = ws.add_parser("config", help="where the console listens (from the next start)")
     wc.add_argument("--host", help="address (default 127.0.0.1; others get TLS)")
     wc.add_argument("--port", type=int, help="port (0: the last one, else any)")
-    wc.add_argument("--off", dest="enabled", action="store_false", default=None)
-    wc.add_argument("--on", dest="enabled", action="store_true")
+    wc.add_argument("--off", dest="enabled", action="store_false", default=None,
+                    help="do not serve the console")
+    wc.add_argument("--on", dest="enabled", action="store_true", help="serve the console")
     _target(wc)
     wt = ws.add_parser("token", help="print the login token (--rotate: make a new one)")
-    wt.add_argument("--rotate", action="store_true")
+    wt.add_argument("--rotate", action="store_true", help="make a new token (the old one "
+                    "stops working when the peer restarts)")
     _target(wt)
 
     return {"users": _runner(_users), "requests": _runner(_requests), "budget": _runner(_budget),

@@ -1,0 +1,20 @@
+"""Ship peers/*.toml as package data (p2pgrid/profiles/), so an installed ``p2pgrid demo``
+finds its profiles; the repository keeps them in peers/. Everything else is in pyproject.toml."""
+
+import shutil
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class build_py_with_profiles(build_py):
+    def run(self):
+        super().run()
+        dest = Path(self.build_lib) / "p2pgrid" / "profiles"
+        dest.mkdir(parents=True, exist_ok=True)
+        for toml in sorted(Path(__file__).resolve().parent.joinpath("peers").glob("*.toml")):
+            shutil.copy2(toml, dest / toml.name)
+
+
+setup(cmdclass={"build_py": build_py_with_profiles})
