@@ -2,14 +2,21 @@
 
 Every ``interval`` (with jitter) a peer re-issues its own record (the heartbeat),
 expires dead peers, and runs one push-pull exchange with ``fanout`` random live peers
-plus any seed address (from mDNS or ``--join``) it has not yet reached::
+plus any seed address (from mDNS or ``--join``) it has not yet reached. Digest first,
+deltas second (see docs/ARCHITECTURE.md, "Anti-entropy that scales")::
 
     initiator                                   responder
-    GossipDigest(sender=own, digest)  ------->  handle_digest: merge sender
-              <-------  GossipReply(records newer than mine, want=[key ids])
+    GossipDigest(sender=own head, root)  ---->  handle_digest: merge sender
+              <----  GossipReply()                  roots equal: done
+              <----  GossipReply(level, summary)    else its bucket hashes
+    GossipDigest(entries of differing buckets) ->
+              <----  GossipReply(records newer than mine, want=[key ids], held)
     merge(records)
     GossipPush(records wanted)        ------->  handle_push: merge
               <-------  GossipAck
+
+A directory of at most FULL_DIGEST records sends its whole digest in the first message
+instead, and the root step is skipped.
 
 The transport is injected: ``send(address, msg) -> reply`` raises
 :class:`~p2pgrid.errors.PeerUnavailable` when the peer does not answer; a ``send``
