@@ -576,8 +576,9 @@ def handle_digest(directory: Directory, msg: GossipDigest, now: float,
         if msg.level > MAX_LEVEL or not isinstance(msg.buckets, list) or any(
                 not isinstance(b, int) or not 0 <= b < (1 << msg.level) for b in msg.buckets):
             raise BadRequest("a ranges digest names buckets of its level")
-        scope = RangeSummary.in_buckets(directory.key_ids(), msg.level, msg.buckets)
-        if any(bucket_of(k, msg.level) not in set(msg.buckets) for k in msg.digest):
+        scope = directory.summary.keys_in(msg.level, set(msg.buckets))
+        buckets = set(msg.buckets)
+        if any(bucket_of(k, msg.level) not in buckets for k in msg.digest):
             raise BadRequest("a ranges digest lists only keys in its buckets")
     elif msg.root:
         if msg.root == directory.summary.root():

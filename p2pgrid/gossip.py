@@ -46,7 +46,6 @@ from . import wire
 from .directory import (FULL_DIGEST, MAX_DIGEST_ENTRIES, MAX_EXCHANGE_BYTES, Directory,
                         GossipDigest, GossipPush, GossipReply, PeerRecord, handle_gossip)
 from .errors import P2PError, PeerUnavailable
-from .summary import bucket_of
 
 __all__ = ["Send", "RoundStats", "Gossiper", "gossip_once", "gossip_loop", "wait_for",
            "MemoryNetwork"]
@@ -188,14 +187,9 @@ class Gossiper:
             except ValueError:
                 raise PeerUnavailable(f"{address} answered with a malformed summary") from None
             self.rng.shuffle(differ)
-            by_bucket: dict[int, list[str]] = {b: [] for b in differ}
-            for k in d.key_ids():
-                got = by_bucket.get(bucket_of(k, reply.level))
-                if got is not None:
-                    got.append(k)
             buckets, keys = [], []
             for b in differ:
-                mine = by_bucket[b]
+                mine = d.summary.keys_in(reply.level, [b])
                 if buckets and len(keys) + len(mine) > MAX_DIGEST_ENTRIES:
                     break
                 buckets.append(b)

@@ -58,17 +58,25 @@ class RangeSummary:
     def __init__(self):
         self._levels = [[0] * (1 << lv) for lv in range(MAX_LEVEL + 1)]
         self._held: dict[str, int] = {}  # key id -> its pair hash now in the summary
+        self._keys: dict[int, set[str]] = {}  # finest bucket -> key ids in it
 
     def set(self, key_id: str, version: int | None) -> None:
         """Make the summary hold (key_id, version); None removes key_id."""
         old = self._held.pop(key_id, None)
         new = None if version is None else _pair_hash(key_id, version)
+        top = bucket_of(key_id, MAX_LEVEL)
         if new is not None:
             self._held[key_id] = new
+            self._keys.setdefault(top, set()).add(key_id)
+        elif old is not None:
+            held = self._keys.get(top)
+            if held is not None:
+                held.discard(key_id)
+                if not held:
+                    del self._keys[top]
         flip = (old or 0) ^ (new or 0)
         if not flip:
             return
-        top = bucket_of(key_id, MAX_LEVEL)
         for lv in range(MAX_LEVEL + 1):
             self._levels[lv][top >> (MAX_LEVEL - lv)] ^= flip
 
@@ -88,6 +96,18 @@ class RangeSummary:
         mine = self.buckets(level)
         n = BUCKET_BYTES
         return [j for j in range(1 << level) if mine[j * n:(j + 1) * n] != remote[j * n:(j + 1) * n]]
+
+    def keys_in(self, level: int, buckets: Iterable[int]) -> list[str]:
+        """The key ids held in `buckets` at `level` (without scanning every key)."""
+        span = 1 << (MAX_LEVEL - level)
+        out: list[str] = []
+        for b in buckets:
+            for fine in range(b * span, (b + 1) * span):
+                out.extend(self._keys.get(fine, ()))
+        return out
+
+    def __len__(self) -> int:
+        return len(self._held)
 
     @staticmethod
     def in_buckets(key_ids: Iterable[str], level: int, buckets: Iterable[int]) -> list[str]:
