@@ -187,9 +187,10 @@ class Gossiper:
             except ValueError:
                 raise PeerUnavailable(f"{address} answered with a malformed summary") from None
             self.rng.shuffle(differ)
+            by_bucket = d.summary.keys_by_bucket(reply.level, differ)
             buckets, keys = [], []
             for b in differ:
-                mine = d.summary.keys_in(reply.level, [b])
+                mine = by_bucket[b]
                 if buckets and len(keys) + len(mine) > MAX_DIGEST_ENTRIES:
                     break
                 buckets.append(b)

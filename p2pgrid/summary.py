@@ -59,6 +59,7 @@ class RangeSummary:
         self._levels = [[0] * (1 << lv) for lv in range(MAX_LEVEL + 1)]
         self._held: dict[str, int] = {}  # key id -> its pair hash now in the summary
         self._keys: dict[int, set[str]] = {}  # finest bucket -> key ids in it
+        self._fine: dict[str, int] = {}  # key id -> its finest bucket
 
     def set(self, key_id: str, version: int | None) -> None:
         """Make the summary hold (key_id, version); None removes key_id."""
@@ -67,8 +68,10 @@ class RangeSummary:
         top = bucket_of(key_id, MAX_LEVEL)
         if new is not None:
             self._held[key_id] = new
+            self._fine[key_id] = top
             self._keys.setdefault(top, set()).add(key_id)
         elif old is not None:
+            self._fine.pop(key_id, None)
             held = self._keys.get(top)
             if held is not None:
                 held.discard(key_id)
@@ -98,12 +101,24 @@ class RangeSummary:
         return [j for j in range(1 << level) if mine[j * n:(j + 1) * n] != remote[j * n:(j + 1) * n]]
 
     def keys_in(self, level: int, buckets: Iterable[int]) -> list[str]:
-        """The key ids held in `buckets` at `level` (without scanning every key)."""
+        """The key ids held in `buckets` at `level`."""
+        return [k for keys in self.keys_by_bucket(level, buckets).values() for k in keys]
+
+    def keys_by_bucket(self, level: int, buckets: Iterable[int]) -> dict[int, list[str]]:
+        """bucket -> the key ids held in it, for each of `buckets` at `level`: from the
+        index of the finest buckets, or by one pass over the keys when that is less."""
+        out: dict[int, list[str]] = {b: [] for b in buckets}
         span = 1 << (MAX_LEVEL - level)
-        out: list[str] = []
-        for b in buckets:
-            for fine in range(b * span, (b + 1) * span):
-                out.extend(self._keys.get(fine, ()))
+        if span * len(out) <= len(self._held):
+            for b, got in out.items():
+                for fine in range(b * span, (b + 1) * span):
+                    got.extend(self._keys.get(fine, ()))
+        else:
+            shift = MAX_LEVEL - level
+            for k, fine in self._fine.items():
+                got = out.get(fine >> shift)
+                if got is not None:
+                    got.append(k)
         return out
 
     def __len__(self) -> int:
