@@ -245,3 +245,29 @@ async def test_handle_push_accepts_heads():
     b.merge([own(a, "a")], now=0.0)
     ack = handle_push(b, carried(GossipPush(records=[own(a, "a").head()])), now=1.0, source="x")
     assert ack.accepted == 1 and b.lookup("a").version == 2
+
+
+def test_range_summary_is_the_digest_whatever_the_order():
+    from p2pgrid.summary import MAX_LEVEL, RangeSummary, bucket_of
+    rnd = random.Random(5)
+    keys = [f"{rnd.getrandbits(64):016x}" for _ in range(300)]
+    x, y = RangeSummary(), RangeSummary()
+    for k in keys:
+        x.set(k, 1)
+    for k in reversed(keys):  # another order, a detour through other versions
+        y.set(k, 7)
+        y.set(k, 1)
+    assert x.root() == y.root() and x.buckets(6) == y.buckets(6)
+    y.set(keys[10], 2)
+    y.set(keys[20], None)
+    assert x.root() != y.root()
+    for level in (0, 3, 6, MAX_LEVEL):
+        differ = x.differing(level, y.buckets(level))
+        assert set(differ) == {bucket_of(keys[10], level), bucket_of(keys[20], level)}
+        # from the index (few buckets) or by one pass (many): the same keys
+        got = x.keys_by_bucket(level, range(1 << level))
+        assert sorted(k for ks in got.values() for k in ks) == sorted(keys)
+        assert all(bucket_of(k, level) == b for b, ks in got.items() for k in ks)
+    y.set(keys[10], 1)
+    y.set(keys[20], 1)
+    assert x.root() == y.root()
