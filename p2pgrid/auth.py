@@ -22,21 +22,31 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 from .errors import ReplayDetected, Unauthenticated
 from .identity import Identity, key_id, verify
 
+log = logging.getLogger("p2pgrid.auth")
+
 H_NAME, H_KEY, H_AUD, H_TS, H_NONCE, H_DIGEST, H_SIG = (
     "x-p2p-name", "x-p2p-key", "x-p2p-aud", "x-p2p-ts", "x-p2p-nonce", "x-p2p-digest", "x-p2p-sig")
 WINDOW = 60.0  # seconds of clock skew and transit we accept
+H_CERT = "x-p2p-cert"  # optional: the caller's network membership certificate (p2pgrid.membership)
+SKEW_LOG_EVERY = 60.0  # seconds between two warnings about one caller's clock
 
 
 def body_digest(body: bytes) -> str:
     return hashlib.sha256(body).hexdigest()
+
+
+def b64(b: bytes) -> str:
+    """Unpadded base64url, as signed headers carry bytes."""
+    return _b64(b)
 
 
 def _b64(b: bytes) -> str:
@@ -64,9 +74,12 @@ def sign_request(identity: Identity, name: str, audience: str, method: str, path
 
 @dataclass(frozen=True)
 class Caller:
-    """An authenticated caller: the name it claims and the key that proved it."""
+    """An authenticated caller: the name it claims and the key that proved it.
+    ``cert``: the membership certificate it sent along (CBOR; checked by the peer
+    against its network key, never trusted here)."""
     name: str
     public_key: bytes
+    cert: bytes = field(default=b"", compare=False, repr=False)
 
     @cached_property   # asked for on every message a stream carries
     def key_id(self) -> str:
@@ -81,6 +94,7 @@ class Verifier:
         self.window = window
         self.max_nonces = max_nonces
         self._nonces: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._skew_warned: OrderedDict[str, float] = OrderedDict()  # key id -> when
 
     def verify(self, method: str, path: str, headers, digest: str, *, now: float) -> Caller:
         """Return the caller, or raise Unauthenticated / ReplayDetected.
@@ -105,14 +119,38 @@ class Verifier:
         if not verify(public, _canonical(method, path, name, aud, ts, nonce, claimed), sig):
             raise Unauthenticated("bad signature")
         if abs(now - t) > self.window:
+            self._warn_skew(name, key_id(public), t - now, now)
+            # clock_offset (ours minus theirs) lets the caller see that its clock is off
             raise ReplayDetected(f"request timestamp is {now - t:+.0f} s off; the window is "
-                                 f"{self.window:.0f} s")
+                                 f"{self.window:.0f} s", clock_offset=round(now - t, 1))
         self._forget(now)
         k = (key_b64, nonce)
         if k in self._nonces:
             raise ReplayDetected("request nonce was already used")
         self._nonces[k] = t
-        return Caller(name, public)
+        cert = b""
+        if H_CERT in headers:
+            try:
+                cert = _unb64(headers[H_CERT])
+            except (ValueError, TypeError):
+                raise Unauthenticated("malformed membership certificate header") from None
+            if len(cert) > 4096:
+                raise Unauthenticated("membership certificate header too long")
+        return Caller(name, public, cert)
+
+    def _warn_skew(self, name: str, kid: str, offset: float, now: float) -> None:
+        # Signed, so the name is the key's own claim; one line per key a minute, so a
+        # skewed peer retrying all day does not flood the log. Bounded like the nonces.
+        last = self._skew_warned.get(kid)
+        if last is not None and now - last < SKEW_LOG_EVERY:
+            return
+        self._skew_warned[kid] = now
+        self._skew_warned.move_to_end(kid)
+        while len(self._skew_warned) > 1024:
+            self._skew_warned.popitem(last=False)
+        log.warning("refusing requests from %r (key %s): its clock is %+.0f s off ours, "
+                    "outside the %.0f s window; one of the two clocks needs fixing (NTP)",
+                    name, kid, offset, self.window)
 
     def _forget(self, now: float) -> None:
         while self._nonces:

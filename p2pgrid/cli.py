@@ -19,6 +19,7 @@ EPILOG = """examples:
   p2pgrid peer --name clinic --join 127.0.0.1:7001
   p2pgrid search '#birth-records' --as bob
   p2pgrid demo
+  p2pgrid network init                       (a network whose members hold certificates)
 """
 
 
@@ -44,6 +45,12 @@ def _common_net(p: argparse.ArgumentParser) -> None:
                         "every peer of the network must use it")
     g.add_argument("--data-dir", type=Path, help="where keys and data live "
                    "(default: $P2PGRID_HOME/NAME, $P2PGRID_HOME defaults to ~/.p2pgrid)")
+    g.add_argument("--network-key", metavar="PUB",
+                   help="the network's public key (printed by `p2pgrid network init`): hear only "
+                        "peers and users holding a certificate it signed; needs --cert. Without "
+                        "it, names are trusted on first use")
+    g.add_argument("--cert", type=Path, metavar="FILE",
+                   help="this peer's membership certificate (from `p2pgrid network invite`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "peer re-announces itself every ttl/3")
     p.add_argument("--gossip-interval", type=float, default=None,
                    help="seconds between gossip rounds (default 1)")
+    p.add_argument("--revocations", type=Path, metavar="FILE",
+                   help="a revocation list file (`p2pgrid network revoke` writes it): read again "
+                        "when it changes, and spread to the other members by gossip")
     _common_net(p)
 
     s = sub.add_parser("search", help="find published data by tag",
@@ -99,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--keep-running", action="store_true", help="keep the peers up afterwards")
     d.add_argument("--data-dir", type=Path, default=None,
                    help="where the demo peers keep state (default: a temporary directory)")
+    _network_parser(sub)
     from . import plugins
     parser.plugin_runners = plugins.cli_extensions(sub)
     return parser
@@ -122,7 +133,8 @@ async def run_peer(args) -> int:
                      ttl=args.ttl, gossip_interval=args.gossip_interval,
                      data_dir=args.data_dir, insecure=args.insecure or None,
                      mdns=None if args.mdns else False,
-                     mdns_interfaces=tuple(args.interfaces) if args.interfaces else None)
+                     mdns_interfaces=tuple(args.interfaces) if args.interfaces else None,
+                     network_key=args.network_key, cert=args.cert, revocations=args.revocations)
     if args.profile:
         cfg = load_profile(args.profile, **overrides)
     elif args.name:
@@ -139,6 +151,10 @@ async def run_peer(args) -> int:
             nursery.start_soon(_until_signalled, scope)
             scheme = "http" if cfg.insecure else "https"
             print(f"peer {peer.name} up at {peer.address} (key {peer.key_id})", flush=True)
+            print(f"  public key: {peer.identity.public_bytes.hex()}", flush=True)
+            if peer.membership is not None:
+                print(f"  member of network {peer.membership.network}: certified peers only",
+                      flush=True)
             print(f"  page:  {scheme}://{peer.address}/   data: {cfg.data_dir}", flush=True)
             for s in peer._summaries.values():
                 print(f"  publishes {s.id} {tuple(s.shape)} {' '.join('#' + t for t in s.tags)}",
@@ -156,25 +172,38 @@ async def _ephemeral(args):
 
     name = getattr(args, "name", None) or _user()
     return connect(name, join=args.join, mdns=args.mdns, interfaces=args.interfaces,
-                   insecure=args.insecure, data_dir=args.data_dir, wait=args.wait)
+                   insecure=args.insecure, data_dir=args.data_dir, wait=args.wait,
+                   network_key=getattr(args, "network_key", None), cert=getattr(args, "cert", None))
 
 
 async def run_search(args) -> int:
     async with await _ephemeral(args) as net:
         hits = await net.search(args.query, wait=args.wait)
+        d = net.me.directory
+        keys = {d.label(r): r.key_id for r in d.peers()}
+        trust = _trust(net.me)
     if args.json:
         print(json.dumps({p: [ptr.meta for ptr in ptrs] for p, ptrs in hits.items()}, indent=2))
         return 0 if hits else 1
     if not hits:
         print(f"nothing matches {args.query!r}", file=sys.stderr)
         return 1
-    print(f"{'PEER':<12} {'ID':<34} {'SHAPE':<14} {'DTYPE':<9} DESCRIPTION / TAGS")
+    print(f"{'PEER':<12} {'KEY':<17} {'ID':<34} {'SHAPE':<14} {'DTYPE':<9} DESCRIPTION / TAGS")
     for peer, ptrs in sorted(hits.items()):
         for p in ptrs:
-            print(f"{peer:<12} {p.id:<34} {str(tuple(p.shape)):<14} "
+            print(f"{peer:<12} {keys.get(peer, ''):<17} {p.id:<34} {str(tuple(p.shape)):<14} "
                   f"{str(p.dtype).removeprefix('torch.'):<9} {p.description}")
-            print(f"{'':<72} {' '.join('#' + t for t in p.tags)}")
+            print(f"{'':<90} {' '.join('#' + t for t in p.tags)}")
+    print(trust)
     return 0
+
+
+def _trust(peer) -> str:
+    """One line saying what the names above are worth."""
+    if peer.membership is not None:
+        return f"(names certified by network {peer.membership.network})"
+    return ("(names trusted on first use: check the KEY fingerprints, pin them with "
+            "--join KEYID@HOST:PORT, or use a network key)")
 
 
 async def run_peers(args) -> int:
@@ -182,14 +211,134 @@ async def run_peers(args) -> int:
         await trio.sleep(min(args.wait, 1.0))
         d = net.me.directory
         recs = [r for r in d.peers() if r.key_id != net.me.key_id]
+        trust = _trust(net.me)
+        member = net.me.membership is not None
     rows = [{"name": d.label(r), "key_id": r.key_id, "addresses": r.addresses, "roles": r.roles,
-             "objects": len(r.objects)} for r in recs]
+             "objects": len(r.objects), "certified": member} for r in recs]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
             print(f"{r['name']:<14} {r['key_id']}  {','.join(r['addresses']):<22} "
                   f"{','.join(r['roles']):<16} {r['objects']} object(s)")
+        print(trust)
+    return 0
+
+
+def _network_parser(sub) -> None:
+    n = sub.add_parser(
+        "network", help="run a network whose members hold certificates (init, invite, revoke)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Whoever runs the network (a hospital consortium, say) keeps a network key "
+                    "and signs a certificate per member, binding its name to its peer key until a "
+                    "date. Peers started with --network-key PUB --cert FILE hear certified peers "
+                    "and users only; a revocation list signed by the same key takes members out "
+                    "and spreads by gossip.",
+        epilog="examples:\n  p2pgrid network init\n"
+               "  p2pgrid network invite hospital 3f9c...e1 --days 365   (key: `p2pgrid peer` "
+               "prints it)\n  p2pgrid peer --name hospital --network-key PUB --cert hospital.cert\n"
+               "  p2pgrid network revoke hospital")
+    nsub = n.add_subparsers(dest="action", required=True, metavar="ACTION")
+    default_key = "$P2PGRID_HOME/network.key"
+
+    def key_option(p):
+        p.add_argument("--key", type=Path, default=None, metavar="FILE",
+                       help=f"the network's private key (default {default_key}); keep it off "
+                            f"the peers, readable by its owner only")
+
+    i = nsub.add_parser("init", help="create the network key and print its public key",
+                        description="Create the network's Ed25519 key (mode 0600) and print the "
+                                    "public key every member starts with (--network-key).")
+    key_option(i)
+    v = nsub.add_parser("invite", help="certify NAME for a peer key",
+                        description="Write a certificate binding NAME to a peer's public key "
+                                    "(printed by `p2pgrid peer` at start, or by `p2pgrid users "
+                                    "key`), valid for --days days. A 16-hex key id works too, but "
+                                    "binds 64 bits of the key only.")
+    v.add_argument("name", help="the member's peer or user name")
+    v.add_argument("peer_key", metavar="PEER_PUBKEY_OR_KEYID",
+                   help="its public key (64 hex digits or base64url; after `--` if it begins "
+                        "with '-'), or its key id")
+    v.add_argument("--days", type=float, default=365.0, help="validity in days (default 365)")
+    v.add_argument("--out", type=Path, default=None, metavar="FILE",
+                   help="where to write the certificate (default NAME.cert; '-' prints it)")
+    key_option(v)
+    r = nsub.add_parser("revoke", help="take NAME or KEYID out of the network",
+                        description="Add NAME (every certificate issued for it so far) or KEYID "
+                                    "(every certificate for that key) to the signed revocation "
+                                    "list. Give the file to a member peer (--revocations FILE): "
+                                    "it spreads to the others by gossip.")
+    r.add_argument("target", metavar="NAME|KEYID", help="a member's name, or a 16-hex key id")
+    r.add_argument("--list", dest="crl", type=Path, default=None, metavar="FILE",
+                   help="the revocation list to update (default $P2PGRID_HOME/network.crl)")
+    key_option(r)
+
+
+def run_network(args) -> int:
+    import time
+
+    from . import membership
+    from .config import default_home
+    from .identity import Identity
+
+    key_path = args.key or default_home() / "network.key"
+    if args.action == "init":
+        if key_path.exists():
+            print(f"p2pgrid network init: {key_path} exists already; its public key is "
+                  f"{Identity.load_or_create(key_path).public_bytes.hex()}", file=sys.stderr)
+            return 1
+        net = Identity.load_or_create(key_path)   # written 0600, atomically
+        print(f"network key written to {key_path} (keep it secret, off the peers)")
+        print(f"network id: {net.key_id}")
+        print(f"public key (give it to every member: --network-key): {net.public_bytes.hex()}")
+        return 0
+    if not key_path.exists():
+        print(f"p2pgrid network {args.action}: no network key at {key_path} "
+              f"(create one with `p2pgrid network init`, or give --key FILE)", file=sys.stderr)
+        return 1
+    net = Identity.load_or_create(key_path)
+    if args.action == "invite":
+        text = args.peer_key.strip()
+        try:
+            peer_key = text.lower() if len(text) == 16 else membership.parse_public_key(text)
+            cert = membership.issue(net, args.name, peer_key, days=args.days, now=time.time())
+        except ValueError as e:
+            print(f"p2pgrid network invite: {e}", file=sys.stderr)
+            return 2
+        until = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(cert.expires_at))
+        if args.out is not None and str(args.out) == "-":
+            print(membership.b64_certificate(cert))
+        else:
+            out = args.out or Path(f"{args.name}.cert")
+            membership.write_certificate(out, cert)
+            print(f"certificate for {args.name!r} (key {cert.key_id}) until {until} written to "
+                  f"{out}; the member starts with --network-key {net.public_bytes.hex()} "
+                  f"--cert {out}")
+        if not cert.public_key:
+            print("note: bound to a key id (64 bits of the key); prefer the full public key",
+                  file=sys.stderr)
+        return 0
+    crl_path = args.crl or default_home() / "network.crl"
+    target = args.target.strip()
+    current = None
+    if crl_path.exists():
+        try:
+            current = membership.read_revocations(crl_path)
+            if not membership.Membership(net.public_bytes).offer(current):
+                raise ValueError("it is not signed by this network key")
+        except (OSError, ValueError) as e:
+            print(f"p2pgrid network revoke: {crl_path}: {e}", file=sys.stderr)
+            return 1
+    is_kid = len(target) == 16 and all(c in "0123456789abcdefABCDEF" for c in target)
+    try:
+        crl = membership.revoke(net, current, now=time.time(),
+                                **({"key_id": target} if is_kid else {"name": target}))
+    except ValueError as e:
+        print(f"p2pgrid network revoke: {e}", file=sys.stderr)
+        return 2
+    membership.write_revocations(crl_path, crl)
+    print(f"revoked {'key' if is_kid else 'name'} {target}: revocation list {crl.serial} written "
+          f"to {crl_path}; give it to a member peer (--revocations {crl_path}) to spread it")
     return 0
 
 
@@ -203,12 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from .demo import run_demo
         return trio.run(run_demo, args)
+    if args.command == "network":
+        return run_network(args)
     runners = {"peer": run_peer, "search": run_search, "peers": run_peers, **parser.plugin_runners}
     runner = runners[args.command]
+    from .membership import MembershipError
     try:
         return trio.run(runner, args)
     except KeyboardInterrupt:
         return 130
+    except MembershipError as e:
+        print(f"p2pgrid {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

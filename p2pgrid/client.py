@@ -157,6 +157,7 @@ class Transport:
     def __init__(self, identity: Identity, name: str, *, insecure: bool = False,
                  timeout: float = 120.0):
         self.identity, self.name, self.insecure, self.timeout = identity, name, insecure, timeout
+        self.headers: dict[str, str] = {}  # sent with every request (a membership certificate)
         self._pools: dict[tuple[str, bytes | None], httpx.AsyncHTTPTransport] = {}
         # A pool whose connection failed is retired, not closed: closing it under
         # other requests still running on it would fail them too, though their
@@ -201,7 +202,7 @@ class Transport:
         timeouts = httpx.Timeout(timeout or self.timeout).as_dict()
         for attempt in (1, 2):
             headers = sign_request(self.identity, self.name, target.key_id, "POST", "/rpc",
-                                   digest=digest, now=time.time())
+                                   digest=digest, now=time.time()) | self.headers
             headers["content-type"] = "application/cbor"
             headers["content-length"] = str(size)
             headers["host"] = target.address  # httpx adds it only when it builds the stream
@@ -255,7 +256,7 @@ class Transport:
         with the fixed `digest` the route expects."""
         url = f"{'http' if self.insecure else 'https'}://{target.address}{path}"
         headers = sign_request(self.identity, self.name, target.key_id, "POST", path,
-                               digest=digest, now=time.time())
+                               digest=digest, now=time.time()) | self.headers
         headers["content-type"] = "application/cbor"
         headers["host"] = target.address
         headers["transfer-encoding"] = "chunked"  # tells httpcore there is a body (not sent in h2)

@@ -45,6 +45,12 @@ class PeerConfig:
     min_rows: int = 10                   # default records an aggregate must span
     result_ttl: float = 3600.0           # unfetched results expire after this
     request_timeout: float = 120.0
+    # Network membership (p2pgrid.membership). With the network's public key (64 hex
+    # digits), only peers and users certified by it are heard; without, names are
+    # trusted on first use.
+    network_key: str | None = None
+    cert: Path | str | None = None          # this peer's certificate (`p2pgrid network invite`)
+    revocations: Path | str | None = None   # a revocation list file to read and spread
     publish: tuple[dict, ...] = field(default=(), repr=False)  # datasets from a profile
 
     def __post_init__(self):

@@ -64,6 +64,7 @@ async def walkthrough(net) -> None:
 
     rec = feb["hospital"][0]
     _say("\n3. a mean computed where the data lives (one round trip; only the number travels)")
+    _say("   the hospital granted bob exact aggregates (aggregate = [\"bob\", ...] in its rules)")
     _say("   avg = await (rec[:, 0].sum() / rec.shape[0]).get()")
     avg = await (rec[:, 0].sum() / rec.shape[0]).get()
     _say(f"   mean birth weight at the hospital in February: {float(avg):.3f} kg")
@@ -78,31 +79,44 @@ async def walkthrough(net) -> None:
     except PermissionDenied as e:
         _say(f"   PermissionDenied: {e}")
 
-    _say("\n5. nor do row-level results, or sums that single out one record")
+    _say("\n5. nor do row-level results, or sums that single out records")
     onehot = torch.zeros(rec.shape[0])
     onehot[0] = 1
     for label, expr in (("(rec[:, 0] * 2).get()", rec[:, 0] * 2),
                         ("(rec[:, 0] * onehot).sum().get()", (rec[:, 0] * onehot).sum()),
-                        ("rec[:5, 0].sum().get()  # too few records", rec[:5, 0].sum())):
+                        ("(rec[:, 0] * (rec[:, 2] > 42)).sum().get()  # a mask from the data",
+                         (rec[:, 0] * (rec[:, 2] > 42)).sum()),
+                        ("rec[:5, 0].sum().get()  # five records", rec[:5, 0].sum())):
         try:
             await expr.get()
             _say(f"   {label}: allowed (!)")
-        except PermissionDenied as e:
+        except PermissionDenied:
             _say(f"   {label}: PermissionDenied")
 
-    _say("\n6. a pooled statistic across peers, from per-peer aggregates")
+    _say("\n6. a pooled statistic across peers: exact where granted, differentially private")
+    _say("   elsewhere (the clinic grants compute only: p.sum().get(epsilon=0.5) is charged to")
+    _say("   bob's default privacy budget there, within the bounds the clinic declared)")
     total_w, total_n = 0.0, 0
     for peer, ptrs in sorted(feb.items()):
         p = ptrs[0]
-        s = float(await p[:, 0].sum().get())
+        try:
+            s, how = float(await p[:, 0].sum().get()), "exact"
+        except PermissionDenied:
+            s, how = float(await p[:, 0].sum().get(epsilon=0.5)), "DP, epsilon=0.5"
         total_w, total_n = total_w + s, total_n + p.shape[0]
-        _say(f"   {peer:<9} sum of weights over {p.shape[0]} births: {s:.1f}")
+        _say(f"   {peer:<9} sum of weights over {p.shape[0]} births: {s:.1f} ({how})")
     _say(f"   pooled February mean weight: {total_w / total_n:.3f} kg over {total_n} births")
 
     _say("\n7. results can stay remote as pointers, and bob can send his own tensors")
     bmi = await (rec[:, 0] / (rec[:, 1] / 100) ** 2)
     _say(f"   BMI-like result kept on hospital: {bmi!r}")
-    _say(f"   its mean, fetched: {float(await bmi.mean().get()):.2f} kg/m^2")
+    try:
+        await bmi.mean().get()
+        _say("   its exact mean: allowed (!)")
+    except PermissionDenied:
+        _say("   its exact mean: PermissionDenied (it combines two columns of each record)")
+    dp = await (rec[:, 0] / (rec[:, 1] / 100).square()).mean().get(epsilon=0.2)
+    _say(f"   its mean as a DP release (epsilon=0.2): {float(dp):.2f} kg/m^2")
     mine = await net.peer("clinic").send(torch.tensor([1.0, 2.0, 3.0]), tags=["bob-scratch"])
     _say(f"   sent to clinic: {mine!r} -> back: {(await (mine * 10).get()).tolist()}")
     await mine.delete()

@@ -100,7 +100,12 @@ class Directory:
 
     def __init__(self, identity: _identity.Identity, *, ttl: float = 30.0,
                  tombstone_ttl: float | None = None, max_ttl: float | None = None,
-                 limits: BookLimits | None = None):
+                 limits: BookLimits | None = None,
+                 admit: Callable[[PeerRecord], str | None] | None = None):
+        # admit(record): why a verified record may not be kept (None: it may), e.g. it
+        # lacks a valid network membership certificate; the peer's policy, not ours
+        self.admit = admit
+        self._refused: set[str] = set()  # key ids whose refusal was logged
         self.identity = identity
         self.key_id = identity.key_id
         self.ttl = float(ttl)
@@ -125,7 +130,8 @@ class Directory:
     # ------------------------------------------------------------ own record
 
     def issue(self, now: float, *, name: str, addresses: list[str], cert: bytes,
-              roles: list[str], objects: list[ObjectSummary], services: dict) -> PeerRecord:
+              roles: list[str], objects: list[ObjectSummary], services: dict,
+              membership: bytes = b"", revocations: bytes = b"") -> PeerRecord:
         """(Re)issue and store our own record with a version above any seen for our key."""
         why = check_name(name)
         if why:
@@ -140,7 +146,7 @@ class Directory:
         version = max(self.own.version if self.own else 0, self._own_version_seen) + 1
         fields = dict(name=name, addresses=list(addresses), cert=bytes(cert), roles=list(roles),
                       objects=list(objects), services=dict(services), issued_at=float(now),
-                      ttl=self.ttl)
+                      ttl=self.ttl, membership=bytes(membership), revocations=bytes(revocations))
         rec = sign_record(self.identity, version=version, **fields)
         if self.own is not None and self.own.content_hash == rec.content_hash:
             # A heartbeat: same content, so its version stays and peers holding it
@@ -207,6 +213,15 @@ class Directory:
             if why is not None or not self._signed(rec):
                 self.rejected += 1
                 log.debug("dropped record for %s: %s", kid, why or "bad signature")
+                continue
+            why = self.admit(rec) if self.admit is not None else None
+            if why is not None:
+                self.rejected += 1
+                if kid not in self._refused and len(self._refused) < 4096:
+                    self._refused.add(kid)
+                    log.warning("refused the record of %r (key %s): %s", rec.name, kid, why)
+                if cur is None:   # not asked for again until a newer version comes
+                    self._tombstone(kid, rec.version, now)
                 continue
             if cur is None and not self._make_room(now):
                 self.book.refused += 1
@@ -404,6 +419,25 @@ class Directory:
             del self._tombstones[kid]
         if dropped:
             log.info("expired %s", ", ".join(f"{r.name} ({r.key_id})" for r in dropped))
+            self._notify("expired", dropped)
+        return dropped
+
+    def drop(self, key_ids: Iterable[str], now: float) -> list[PeerRecord]:
+        """Forget these records now (their membership was revoked or ran out), and the
+        names they held, so that a newly certified key can take them."""
+        dropped = []
+        for kid in key_ids:
+            rec = self._records.get(kid)
+            if rec is None or kid == self.key_id:
+                continue
+            self._drop(kid)
+            self._last_seen.pop(kid, None)
+            self.book.removed(kid)
+            self._tombstone(kid, rec.version, now)
+            if self._names.get(rec.name) == rec.public_key:
+                del self._names[rec.name]
+            dropped.append(rec)
+        if dropped:
             self._notify("expired", dropped)
         return dropped
 

@@ -2,15 +2,19 @@
 
 Rights, for a caller named N on an object:
 - the object's owner and the hosting peer may do anything;
-- ``compute``: N may run programs over it; ``get``: N may download it and any
-  row-level result derived from it; ``aggregate``: N may download results that
-  the evaluator classes as aggregates over at least ``min_rows`` records.
-A result is kept on the host with the strictest rules of its inputs.
+- ``compute``: N may run programs over it; ``get``: N may download it;
+  ``aggregate``: N may download exact aggregates of it of the forms that
+  :mod:`p2pgrid.release` verifies from the program, over at least ``min_rows`` records.
+What leaves as the result of a program (fetched, or a stored result downloaded
+later) is decided by the release gate (``release.gate``) from the program's
+structure, never by the evaluator's ``Level``. A result is kept on the host with
+the strictest rules of its inputs and its derivation (the expanded program).
 
 Governance (``p2pgrid.governance``) has its say first: registered users' roles
 are a ceiling (a guest may not compute), the owner role is privileged, approved
-requests grant ``get``; where roles are in force a result is bound to the user
-who computed it. Every operation is recorded with ``peer.audit``.
+requests grant ``get`` (or the release of one program); where roles are in force a
+result is bound to the user who computed it. Every operation is recorded with
+``peer.audit``.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ import time
 import torch
 import trio
 
-from . import wire
+from . import release, wire
 from .auth import Caller
 from .directory import GossipDigest, GossipPush, handle_gossip
-from .errors import BadRequest, NotFound, PermissionDenied
+from .errors import BadRequest, NotFound, PermissionDenied, ShapeError
 from .governance import policy as governance
 from .messages import (Ack, DeleteObject, DescribeObject, Execute, GetObject, ListObjects,
                        ObjectInfo, ObjectInfos, Ping, Pong, PutObject, Value)
@@ -36,6 +40,7 @@ router = Router()
 
 def info(peer, meta: ObjectMeta) -> dict:
     d = meta.to_dict()
+    d.pop("derivation", None)  # the program behind a result stays with its host
     d["peer"] = peer.name
     return d
 
@@ -50,9 +55,7 @@ def may(peer, caller: Caller, meta: ObjectMeta, right: str) -> bool:
         return verdict
     if _privileged(peer, caller, meta):
         return True
-    if right == "get":
-        return (meta.rules.allows("get", caller.name) or meta.level == "public"
-                or meta.level == "aggregate" and meta.rules.allows("aggregate", caller.name))
+    # a result's label ("public", "aggregate") is no right: release.gate decides results
     return meta.rules.allows(right, caller.name)
 
 
@@ -114,7 +117,22 @@ async def list_objects(peer, caller, msg: ListObjects):
 
 @router.on(GetObject)
 async def get(peer, caller, msg: GetObject):
-    meta = await _meta_for(peer, caller, msg.id, "get")
+    try:
+        meta = await peer.meta(msg.id)
+    except NotFound:
+        raise NotFound(f"no object {msg.id} on {peer.name}") from None
+    if release.stored_derivation(peer, meta) is None:
+        meta = await _meta_for(peer, caller, msg.id, "get")
+    else:
+        # a result: the gate decides from its derivation, for those who may use it at all
+        if not (may(peer, caller, meta, "compute") or may(peer, caller, meta, "get")):
+            peer.audit("denied", caller.name, object=msg.id, right="get")
+            raise PermissionDenied(f"{caller.name} has no right on object {msg.id}",
+                                   id=msg.id, right="get")
+        decision = await release.gate_stored(peer, caller, meta)
+        if not decision.allowed:
+            peer.audit("denied", caller.name, object=msg.id, right="get", why=decision.why)
+            raise PermissionDenied(release.refusal(peer, caller, decision), id=msg.id, right="get")
     value = await peer.load(msg.id)
     peer.audit("get", caller.name, object=msg.id, shape=list(meta.shape))
     return wire.owned(Value(value, info(peer, meta)))  # a fresh tensor: sent by reference
@@ -164,29 +182,47 @@ async def execute(peer, caller, msg: Execute):
             return t, _leaf_level(m)
         return evaluate(msg.program, resolve, min_rows=min_rows, device=device)
 
-    run("meta")  # shapes and sizes checked before any real work
-    value, level = await trio.to_thread.run_sync(run, "cpu")
-    if not isinstance(value, torch.Tensor):
-        value = torch.as_tensor(value)
-    rules = _result_rules(peer, caller, metas)
-    level_name = level.kind
-    peer.audit("compute", caller.name, objects=list(metas), fetch=msg.fetch, level=level_name,
-               shape=list(value.shape))
+    probe, _ = run("meta")  # shapes and sizes checked before any real work
+    # The release decision comes before the real data is touched: a refused download
+    # never runs, so neither its result nor its failure can tell anything.
+    decision, deriv = await release.gate(peer, caller, msg.program, metas)
+    peer.audit("compute", caller.name, objects=list(metas), fetch=msg.fetch,
+               release=decision.basis or "none", shape=list(getattr(probe, "shape", ())))
+    if msg.fetch and not decision.allowed:
+        peer.audit("denied", caller.name, objects=list(metas), right="get", why=decision.why)
+        raise PermissionDenied(release.refusal(peer, caller, decision), level="row")
+    if decision.allowed and deriv.failed:
+        raise release.ComputeFailed(release.GENERIC_FAILURE)
+    failed = deriv.failed
+    try:
+        value, _ = await trio.to_thread.run_sync(run, "cpu")
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(value)
+    except (ShapeError, ArithmeticError, RuntimeError, ValueError) as e:
+        # values can make the real run fail where the dry run passed: whoever may
+        # receive the output may hear why; for anyone else the failure is not reported
+        # at all, as that alone would tell something about the values
+        if decision.allowed:
+            if isinstance(e, ShapeError):
+                raise
+            raise release.ComputeFailed(release.GENERIC_FAILURE) from None
+        value, failed = None, True
+    if not decision.allowed and (value is None or not isinstance(probe, torch.Tensor)
+                                 or value.shape != probe.shape or value.dtype != probe.dtype):
+        # kept remote for a caller who may not see it: what it holds, or whether it
+        # failed, must not show in its shape; a failed one is a placeholder
+        value, failed = torch.zeros(tuple(getattr(probe, "shape", ())),
+                                    dtype=getattr(probe, "dtype", torch.float32)), True
     if msg.fetch:
-        probe = ObjectMeta(owner=peer.name, shape=tuple(value.shape),
-                           dtype=str(value.dtype).removeprefix("torch."), rules=rules,
-                           level=level_name)
-        if not all(_privileged(peer, caller, m) for m in metas.values()) and not may(
-                peer, caller, probe, "get") and not (
-                metas and all(may(peer, caller, m, "get") for m in metas.values())):
-            kind = "row-level " if level_name == "row" else ""
-            raise PermissionDenied(f"{caller.name} may not download this {kind}result; "
-                                   f"it stays on {peer.name}", level=level_name)
         return Value(value, None)
+    rules = _result_rules(peer, caller, metas)
     meta = ObjectMeta(owner=peer.name, shape=tuple(value.shape),
                       dtype=str(value.dtype).removeprefix("torch."), tags=tuple(msg.tags),
                       description=msg.description or f"result for {caller.name}",
-                      rules=rules, level=level_name, expires=time.time() + peer.config.result_ttl)
+                      rules=rules,
+                      level="aggregate" if decision.kind == release.AGGREGATE else "row",
+                      expires=time.time() + peer.config.result_ttl,
+                      derivation=release.Derivation(deriv.nodes, failed).to_json())
     return ObjectInfo(info(peer, await peer.put(value.contiguous(), meta)))
 
 

@@ -67,12 +67,16 @@ class _NetworkCore:
 
     async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
                       compute: Iterable[str] = (), get: Iterable[str] = (),
-                      aggregate: Iterable[str] | None = None, min_rows: int | None = None) -> Pointer:
+                      aggregate: Iterable[str] = (), min_rows: int | None = None,
+                      bounds=None, epsilon: float | None = None) -> Pointer:
         """Publish data on this peer. `compute`: who may run programs on it; `get`: who
-        may download it (and row-level results); `aggregate` (default: `compute`): who
-        may download aggregates over at least `min_rows` records. "*" means anyone."""
+        may download it (and results derived only from what they may get); `aggregate`:
+        who may download exact aggregates (of the forms p2pgrid.release verifies) over at
+        least `min_rows` records; names with `compute` only get DP releases, under their
+        privacy budget, once `bounds` (per-column [lo, hi]) are declared. "*" means anyone."""
         meta = await self._peer.publish(tensor, tags=tags, description=description, compute=compute,
-                                        get=get, aggregate=aggregate, min_rows=min_rows)
+                                        get=get, aggregate=aggregate, min_rows=min_rows,
+                                        bounds=bounds, epsilon=epsilon)
         return Pointer(self, self.name, _with_peer(meta.to_dict(), self.name))
 
     def peer(self, name: str) -> "RemotePeer":
@@ -119,7 +123,7 @@ class RemotePeer:
         rules = None
         if compute is not None or get is not None:
             compute = tuple(compute or ())
-            rules = Rules(compute=compute, get=tuple(get or ()), aggregate=compute).to_dict()
+            rules = Rules(compute=compute, get=tuple(get or ())).to_dict()
         reply: ObjectInfo = await self._net._request(
             self.name, PutObject(tensor, list(tags), description, rules))
         return Pointer(self._net, self.name, reply.meta)

@@ -11,9 +11,8 @@ early errors, and the owner for a dry run that bounds sizes before real work.
 Each value also carries a :class:`Level` saying how much of the underlying
 records it can reveal: ``public`` (constants only), ``aggregate`` (a reduction
 that treats every record alike over at least ``min_rows`` records) or ``row``.
-This is a guard against shipping raw rows by accident, not a privacy proof:
-differencing two aggregates can still isolate a record. Budgets with
-differential privacy are the tool for that.
+It is an explanation only and authorizes nothing: what may leave the owner's
+peer is decided by :mod:`p2pgrid.release` from the program's structure.
 
 >>> import torch
 >>> prog = {"nodes": [{"op": "leaf", "obj": "a"}, {"op": "sum", "args": [{"$": 0}], "kwargs": {}}]}

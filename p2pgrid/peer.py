@@ -13,22 +13,24 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Iterable
 
 import torch
 import trio
 
-from . import calls, push, tls, wire
-from .auth import Caller, Verifier
+from . import calls, membership, push, tls, wire
+from .auth import H_CERT, Caller, Verifier, b64
 from .client import Target, Transport, learn_target, maybe_thread
 from .config import PeerConfig
 from .addrbook import BookLimits
 from .directory import MAX_OBJECTS, Directory, ObjectSummary, PeerRecord
-from .errors import NotFound, PeerUnavailable, Unauthenticated
+from .errors import NotFound, PeerUnavailable, PermissionDenied, Unauthenticated
 from .gossip import gossip_loop
 from .identity import Identity
 from .calls import Calls
+from .clock import check_clock
 from .push import Pushers
 from .router import Router
 from .server import App, serve
@@ -54,8 +56,18 @@ class Peer:
         self.identity = Identity.load_or_create(data / "identity.key")
         self.cert = tls.load_or_create_certificate(self.identity, data / "tls-cert.der")
         self.store = Store(data / "store")
+        self.membership: membership.Membership | None = None
+        self.own_cert = b""  # our membership certificate, CBOR (with a network key)
+        self._revocations_file: tuple[str, float] | None = None  # (path, mtime) last read
+        if config.network_key:
+            self.membership, self.own_cert = membership.open_membership(
+                config, self.identity, now=time.time())
+        elif config.cert:
+            raise membership.MembershipError("a membership certificate needs the network's key "
+                                             "too (--network-key PUB)")
         self.directory = Directory(self.identity, ttl=config.ttl, max_ttl=config.max_record_ttl,
-                                   limits=directory_limits(config))
+                                   limits=directory_limits(config), admit=self._admit)
+        self.directory.add_listener(self._directory_changed)
         self._bindings_path = data / "names.cbor"
         if self._bindings_path.exists():
             try:
@@ -65,6 +77,9 @@ class Peer:
         self._saved_bindings = self.directory.bindings()
         self.transport = Transport(self.identity, self.name, insecure=config.insecure,
                                    timeout=config.request_timeout)
+        if self.own_cert:
+            self.transport.headers[H_CERT] = b64(self.own_cert)
+        self.clock_offset: float | None = None  # median of the peers' clocks minus ours, once measured
         self.verifier = Verifier(self.identity.key_id)
         self.pushers = Pushers(
             lambda target, frames: self.transport.stream(target, push.PATH, frames,
@@ -98,15 +113,109 @@ class Peer:
 
     def authorize(self, caller: Caller) -> None:
         """A caller's name must be the one its key is bound to (first use binds it),
-        unless governance pins it: a user registered here must use the registered key."""
+        unless governance pins it: a user registered here must use the registered key.
+        With a network key, the name must be certified for the key instead (see
+        :mod:`p2pgrid.membership`); registered users with their key still pass."""
         from .governance import authorize as governed
         if governed(self, caller):
+            return
+        if self.membership is not None:
+            self._authorize_member(caller)
             return
         known = self.directory.name_key(caller.name)
         if known is None:
             self.directory.bind_name(caller.name, caller.public_key, time.monotonic())
         elif known != caller.public_key:
             raise Unauthenticated(f"the name {caller.name!r} is bound to another key")
+
+    def _authorize_member(self, caller: Caller) -> None:
+        if caller.public_key == self.identity.public_bytes and caller.name == self.name:
+            return
+        cert = caller.cert or self.membership.known(caller.public_key)
+        if not cert:
+            try:   # its directory record may carry one (older clients send no header)
+                rec = self.directory.lookup(caller.key_id)
+                cert = rec.membership if rec.name == caller.name else b""
+            except NotFound:
+                pass
+        why = self.membership.why_not(caller.name, caller.public_key, cert or None,
+                                      now=time.time())
+        if why is None:
+            self.directory.bind_name(caller.name, caller.public_key, time.monotonic())
+            return
+        msg = (f"{self.name} serves members of network {self.membership.network} only; "
+               f"{caller.name!r} (key {caller.key_id}) is refused: {why}")
+        if not cert or self.membership.certificate(cert) is None:
+            raise Unauthenticated(msg + "; the network's operator issues certificates "
+                                        "(p2pgrid network invite)")
+        raise PermissionDenied(msg)
+
+    def _admit(self, rec: PeerRecord) -> str | None:
+        """Whether the directory may keep `rec` (see Directory's ``admit``): with a network
+        key, only under a valid certificate for its name; a name this peer's governance
+        registered with a key, only for that key."""
+        if self.membership is not None:
+            why = self.membership.why_not(rec.name, rec.public_key, rec.membership or None,
+                                          now=time.time())
+            if why is not None:
+                return why
+        from .governance import policy
+        user = policy.of(self).store.user(rec.name)
+        if user is not None and user.public_key is not None and user.public_key != rec.public_key:
+            return f"the name {rec.name!r} is registered on {self.name} with another key"
+        return None
+
+    def _directory_changed(self, kind: str, records: list[PeerRecord]) -> None:
+        if kind != "accepted" or self.membership is None:
+            return
+        if any(r.revocations and self.membership.offer(r.revocations) for r in records):
+            self._revocations_changed()
+
+    def _revocations_changed(self) -> None:
+        """A newer revocation list: keep it, drop who it revokes, and spread it."""
+        crl = self.membership.revocations
+        log.info("revocation list %d of network %s adopted", crl.serial, self.membership.network)
+        try:
+            membership.write_revocations(self.config.data_dir / "revocations.cbor", crl)
+        except OSError as e:
+            log.warning("could not save the revocation list: %s", e)
+        if self.membership.why_not(self.name, self.identity.public_bytes, self.own_cert,
+                                   now=time.time()) is not None:
+            log.error("this peer's own membership (%s) is revoked: other members will refuse it",
+                      self.name)
+        self.recheck_members()
+        if self.directory.own is not None:
+            self.reissue()
+
+    def recheck_members(self) -> list[PeerRecord]:
+        """Drop the directory records this peer would no longer admit: membership revoked
+        or expired, or a name its owner has since registered with another key."""
+        gone = [r.key_id for r in self.directory.peers(include_self=False)
+                if self._admit(r) is not None]
+        dropped = self.directory.drop(gone, time.monotonic())
+        if dropped:
+            log.warning("dropped %s: membership revoked or expired, or name registered here "
+                        "with another key",
+                        ", ".join(f"{r.name} ({r.key_id})" for r in dropped))
+        return dropped
+
+    def _reload_revocations(self) -> None:
+        """Re-read the revocation list file given in the config when it changes (the
+        operator's `p2pgrid network revoke` rewrites it)."""
+        path = self.config.revocations
+        if self.membership is None or not path:
+            return
+        try:
+            if not Path(path).exists():
+                return
+            stamp = (str(path), Path(path).stat().st_mtime)
+            if stamp == self._revocations_file:
+                return
+            self._revocations_file = stamp
+            if self.membership.offer(membership.read_revocations(path)):
+                self._revocations_changed()
+        except (OSError, ValueError) as e:
+            log.warning("could not read the revocation list %s: %s", path, e)
 
     def audit(self, action: str, caller: str | None = None, **fields) -> None:
         """Record an event (search, compute, get, request, model call...) for the audit trail.
@@ -152,17 +261,34 @@ class Peer:
 
     async def publish(self, tensor: torch.Tensor, *, tags: Iterable[str], description: str = "",
                       compute: Iterable[str] = (), get: Iterable[str] = (),
-                      aggregate: Iterable[str] | None = None, min_rows: int | None = None,
-                      id: str | None = None) -> ObjectMeta:
-        """Store a tensor owned by this peer and announce it in the directory."""
+                      aggregate: Iterable[str] = (), min_rows: int | None = None,
+                      id: str | None = None, bounds=None, epsilon: float | None = None
+                      ) -> ObjectMeta:
+        """Store a tensor owned by this peer and announce it in the directory.
+
+        `aggregate` is an explicit grant of exact aggregates (no longer implied by
+        `compute`); names with `compute` only get DP releases, which need `bounds`
+        (per-column ``[lo, hi]`` pairs, declared with the data; `epsilon`: the dataset's
+        total budget). A WARNING says so when such names exist and no bounds are given."""
+        from .governance import Bounds, of as governance_of
+        from .release import warn_unbounded
+
         compute = tuple(compute)
-        rules = Rules(compute=compute, get=tuple(get),
-                      aggregate=compute if aggregate is None else tuple(aggregate),
+        rules = Rules(compute=compute, get=tuple(get), aggregate=tuple(aggregate or ()),
                       min_rows=self.config.min_rows if min_rows is None else min_rows)
+        declared = Bounds.parse(bounds) if bounds is not None else None
+        if declared is not None:
+            declared.check(tuple(tensor.shape))
         meta = ObjectMeta(id=id or "", owner=self.name, shape=tuple(tensor.shape),
                           dtype=str(tensor.dtype).removeprefix("torch."), tags=tuple(tags),
                           description=description, rules=rules)
-        return await self.put(tensor, meta)
+        meta = await self.put(tensor, meta)
+        gov = governance_of(self)
+        if declared is not None:
+            await trio.to_thread.run_sync(lambda: gov.store.set_dataset(
+                meta.id, declared, epsilon, by=self.name))
+        warn_unbounded(self, meta, gov.store.dataset(meta.id) is not None)
+        return meta
 
     # ------------------------------------------------------------ directory
 
@@ -179,7 +305,9 @@ class Peer:
         return self.directory.issue(
             time.time(), name=self.name, addresses=[self.address] if self.address else [],
             cert=self.cert, roles=list(self.config.roles),
-            objects=list(self._summaries.values()), services=self.services)
+            objects=list(self._summaries.values()), services=self.services,
+            membership=self.own_cert,
+            revocations=self.membership.revocations_bytes() if self.membership else b"")
 
     def record(self, name_or_key: str) -> PeerRecord:
         return self.directory.lookup(name_or_key)
@@ -301,6 +429,9 @@ class Peer:
                 self.reissue()
             self.save_bindings()
             self.state_save_known_peers()
+            self._reload_revocations()
+            self.recheck_members()
+
 
     # ------------------------------------------------------------ what survives a restart
     # Identity, certificate, store and name bindings live in their own files; here
@@ -339,6 +470,8 @@ class Peer:
             tmp.write_bytes(wire.dumps(current))
             tmp.replace(self._bindings_path)
             self._saved_bindings = current
+
+
 
 
 async def _encode_push(msg) -> bytes:
@@ -396,6 +529,12 @@ async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> As
                     on_found=lambda address, info: peer.add_seed(address, info.get("key_id")),
                     task_status=task_status))
             nursery.start_soon(peer._housekeeping)
+            nursery.start_soon(check_clock, peer)
+            if peer.membership is None:
+                log.warning("%s: no network key, so names are trusted on first use (the first "
+                            "key to claim a name owns it here); pin peers with --join "
+                            "KEYID@HOST:PORT or run a network key (p2pgrid network --help)",
+                            peer.name)
             from . import plugins
             for service in plugins.services():
                 await nursery.start(service, peer)
@@ -432,4 +571,5 @@ async def _publish_profile_item(peer: Peer, item: dict) -> None:
     tensor = await trio.to_thread.run_sync(build_dataset, item)
     await peer.publish(tensor, tags=item.get("tags", ()), description=item.get("description", ""),
                        compute=item.get("compute", ()), get=item.get("get", ()),
-                       aggregate=item.get("aggregate"), min_rows=item.get("min_rows"), id=name)
+                       aggregate=item.get("aggregate", ()), min_rows=item.get("min_rows"), id=name,
+                       bounds=item.get("bounds"), epsilon=item.get("epsilon"))

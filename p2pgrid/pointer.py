@@ -273,6 +273,12 @@ class Expr:
             return await private_get(self, epsilon=epsilon, **dp_options)
         return await self._net._execute(self._peer, self.program(), fetch=True)
 
+    async def request_release(self, *, reason: str):
+        """Ask the owner to approve downloading this exact program's result (when the
+        release gate refuses it); returns a request to ``await .wait()``."""
+        from .governance import request_release
+        return await request_release(self, reason=reason)
+
     async def store(self, *, tags=(), description: str = "") -> "Pointer":
         """Compute on the owner and keep the result there; returns its pointer."""
         return await self._net._execute(self._peer, self.program(), fetch=False, tags=tags,

@@ -101,7 +101,8 @@ class RecordHead:
 @dataclass(frozen=True)
 class PeerRecord:
     """A peer's signed self-description: a :class:`RecordHead` plus its content
-    (addresses, certificate, roles, objects, services). ``version`` grows on every
+    (addresses, TLS certificate, roles, objects, services, membership certificate,
+    revocation list). ``version`` grows on every
     re-issue, ``content_version`` only when the content changes."""
 
     name: str
@@ -114,6 +115,8 @@ class PeerRecord:
     version: int
     issued_at: float  # owner's clock, unix seconds; informational only
     ttl: float = 0.0  # the owner re-issues within this many seconds (0: unstated)
+    membership: bytes = b""   # its network membership certificate (p2pgrid.membership), CBOR
+    revocations: bytes = b""  # the newest network revocation list its owner knows, CBOR
     content_version: int = 0  # the version at which the content last changed (0: this one)
     signature: bytes = b""
 

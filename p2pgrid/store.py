@@ -179,6 +179,9 @@ class ObjectMeta:
     created: float = 0.0
     expires: float | None = None
     nbytes: int = 0
+    # a stored result's derivation (p2pgrid.release.Derivation as JSON), "" otherwise;
+    # the owner's peer keeps it to itself (handlers.info leaves it out)
+    derivation: str = ""
 
     def __post_init__(self):
         # Ids reach logs and URLs, never paths (blob names are hashes of them).
@@ -193,6 +196,7 @@ class ObjectMeta:
         _check(_is_time(self.created) and (self.expires is None or _is_time(self.expires)),
                "created and expires must be numbers (expires may be null)")
         _check(_is_int(self.nbytes), "nbytes must be a non-negative integer")
+        _check(isinstance(self.derivation, str), "derivation must be a string")
         set_ = object.__setattr__
         set_(self, "shape", tuple(self.shape))
         set_(self, "tags", normalise_tags(self.tags))
@@ -223,17 +227,20 @@ _SCHEMA = ["""
     CREATE TABLE tags (object_id TEXT NOT NULL REFERENCES objects (id) ON DELETE CASCADE,
         tag TEXT NOT NULL, PRIMARY KEY (object_id, tag)) WITHOUT ROWID;
     CREATE INDEX tags_tag ON tags (tag, object_id);
+""", """
+    ALTER TABLE objects ADD COLUMN derivation TEXT NOT NULL DEFAULT '';
 """]
 SCHEMA_VERSION = len(_SCHEMA)
 
 _COLS = ("id, owner, shape, dtype, description, rules, level, created, expires, nbytes, "
+         "derivation, "
          "(SELECT json_group_array(tag) FROM tags WHERE object_id = objects.id)")
 
 
 def _row_to_meta(row) -> ObjectMeta:
-    oid, owner, shape, dtype, desc, rules, level, created, expires, nbytes, tags = row
+    oid, owner, shape, dtype, desc, rules, level, created, expires, nbytes, deriv, tags = row
     return ObjectMeta(oid, owner, tuple(json.loads(shape)), dtype, json.loads(tags), desc,
-                      Rules.from_dict(json.loads(rules)), level, created, expires, nbytes)
+                      Rules.from_dict(json.loads(rules)), level, created, expires, nbytes, deriv)
 
 
 class Store:
@@ -320,10 +327,11 @@ class Store:
             with self._lock:
                 self._make_room(meta.nbytes)  # again: puts alongside may have used the room
                 with self._db() as db:  # one transaction: committed, or rolled back on error
-                    db.execute("INSERT INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    db.execute("INSERT INTO objects VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                (meta.id, meta.owner, json.dumps(meta.shape), meta.dtype,
                                 meta.description, json.dumps(meta.rules.to_dict()),
-                                meta.level, meta.created, meta.expires, meta.nbytes))
+                                meta.level, meta.created, meta.expires, meta.nbytes,
+                                meta.derivation))
                     db.executemany("INSERT INTO tags VALUES (?, ?)",
                                    [(meta.id, tag) for tag in meta.tags])
         except BaseException:

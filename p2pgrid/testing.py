@@ -12,6 +12,7 @@ peer's directory holds every other peer.
 from __future__ import annotations
 
 import tempfile
+import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator, Iterable
@@ -117,3 +118,20 @@ async def open_network(names: Iterable[str | PeerConfig], tmp_path: Path | str |
                 yield grid
             finally:
                 nursery.cancel_scope.cancel()
+
+
+def member_config(name: str, root: Path | str, network, *, days: float = 1.0,
+                  **options) -> PeerConfig:
+    """A config for peer `name` (data in ``root/name``) certified by the network key
+    `network` (an Identity): its identity is created now so that the certificate can
+    name its key. Pass the result to :func:`open_network` like any config."""
+    from . import membership
+    from .identity import Identity
+
+    data = Path(root) / name
+    ident = Identity.load_or_create(data / "identity.key")
+    cert = membership.issue(network, name, ident.public_bytes, days=days, now=time.time())
+    path = data / "member.cert"
+    membership.write_certificate(path, cert)
+    return PeerConfig(name=name, data_dir=data, network_key=network.public_bytes.hex(),
+                      cert=path, **options)

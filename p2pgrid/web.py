@@ -159,8 +159,13 @@ def _peers_section(peer) -> str:
             f"{' <span class=muted>(this peer)</span>' if r.key_id == peer.key_id else ''}</td>"
             f"<td><code>{esc(r.key_id)}</code></td><td>{esc(', '.join(r.addresses))}</td>"
             f"<td>{esc(', '.join(r.roles))}</td><td>{len(r.objects)}</td></tr>" for r in recs]
+    m = getattr(peer, "membership", None)
+    trust = (f"Names certified by network <code>{esc(m.network)}</code>." if m is not None else
+             "Names are trusted on first use: compare key fingerprints, pin peers with "
+             "<code>--join KEYID@HOST:PORT</code>, or run a network key.")
     return _section("peers", "Peers", len(recs),
-                    _table(["name", "key", "address", "roles", "objects"], rows, "no peers known yet"))
+                    f'<p class="muted" id="trust">{trust}</p>'
+                    + _table(["name", "key", "address", "roles", "objects"], rows, "no peers known yet"))
 
 
 def _models(peer) -> list[tuple[str, str]]:
@@ -291,10 +296,11 @@ def _datasets_section(metas, gov) -> str:
 
 def _users_section(gov) -> str:
     from .governance.roles import format_key
+    from .governance.store import DEFAULT_EPSILON
 
     store = gov.store
     caps = {(b["user"], b["object_id"]): b["epsilon"] for b in store.budgets()}
-    default = store.setting("default_epsilon", 0.0)
+    default = store.setting("default_epsilon", DEFAULT_EPSILON)
     rows = []
     for u in sorted(store.users().values(), key=lambda u: (u.role, u.name)):
         limit = caps.get((u.name, None), default)

@@ -59,7 +59,10 @@ def test_peer_search_and_restart(tmp_path):
                                     "--no-mdns", "--wait", "15"],
                              capture_output=True, text=True, env=_env(tmp_path), cwd=ROOT, timeout=90)
         assert out.returncode == 0, out.stderr
-        assert re.search(r"hospital\s+births-2024-02\s+\(1000, 3\)", out.stdout), out.stdout
+        # the peer's key fingerprint beside its name: names are trusted on first use here
+        assert re.search(rf"hospital\s+{key_id}\s+births-2024-02\s+\(1000, 3\)", out.stdout), out.stdout
+        assert "trusted on first use" in out.stdout
+        assert "WARNING" in banner and "trusted on first use" in banner
         assert "births-2024-03" not in out.stdout  # march does not match #february
     finally:
         code, tail = _stop(proc)

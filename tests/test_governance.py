@@ -24,8 +24,9 @@ def _clip(t: torch.Tensor) -> torch.Tensor:
 async def _setup(grid, *, users=(("bob", "scientist"), ("gail", "guest"), ("olga", "owner")),
                  registered_only=False):
     hospital = grid["hospital"]
+    # exact aggregates are an explicit grant (no longer implied by compute: issue 12)
     ptr = await grid.net("hospital").publish(BIRTHS, tags=["births"], description="synthetic births",
-                                             compute=["*"], get=[])
+                                             compute=["*"], get=[], aggregate=["*"])
     gov = of(hospital)
     for name, role in users:
         gov.store.add_user(name, role, grid[name].identity.public_bytes, by="test")
@@ -148,6 +149,7 @@ async def test_request_approval_grants_get_and_budget(tmp_path):
     async with open_network(["hospital", "bob", "ana"], tmp_path) as grid:
         ptr, gov = await _setup(grid, users=(("bob", "scientist"), ("ana", "scientist")))
         gov.store.set_dataset(ptr.id, BOUNDS, None, by="test")
+        gov.store.set_default_budget(0.0, by="test")  # no default budget: requests grow it
         bob = await _rec(grid, "bob")
         with pytest.raises(p2pgrid.PermissionDenied):
             await bob.get()
@@ -308,7 +310,8 @@ async def test_restart_keeps_pending_requests_and_the_ledger(tmp_path):
 
 async def test_open_peer_without_users_is_unchanged(tmp_path):
     async with open_network(["hospital", "bob", "eve"], tmp_path) as grid:
-        await grid.net("hospital").publish(BIRTHS, tags=["births"], compute=["bob"], get=[])
+        await grid.net("hospital").publish(BIRTHS, tags=["births"], compute=["bob"], get=[],
+                                           aggregate=["bob"])
         await grid.wait_searchable("#births")
         gov = of(grid["hospital"])
         assert not gov.active
@@ -323,3 +326,28 @@ async def test_open_peer_without_users_is_unchanged(tmp_path):
         req = await bob.request_access(reason="rows please")
         with pytest.raises(p2pgrid.PermissionDenied):
             await grid["bob"].request("hospital", DecideRequest(req.id, True, ""))
+
+
+async def test_program_approval_releases_exactly_that_program(tmp_path):
+    async with open_network(["hospital", "bob", "ana"], tmp_path) as grid:
+        await grid.net("hospital").publish(BIRTHS, tags=["births"], compute=["bob", "ana"])
+        await grid.wait_searchable("#births")
+        bob = await _rec(grid, "bob")
+        expr = (bob[:, 1] * (bob[:, 0] > 3)).sum()  # a masked sum: no exact aggregate form
+        with pytest.raises(p2pgrid.PermissionDenied, match="approve this program"):
+            await expr.get()
+        req = await expr.request_release(reason="length of the heavier births")
+        listed = await grid.net("hospital").access_requests("hospital")
+        mine = next(r for r in listed if r["id"] == req.id)
+        assert mine["right"] == "program" and "gt(" in mine["reason"] and bob.id in mine["reason"]
+        await grid.net("hospital").decide_request("hospital", req.id, approve=True)
+        await req.wait(timeout=10)
+        want = (BIRTHS[:, 1] * (BIRTHS[:, 0] > 3)).sum()
+        assert torch.allclose(await expr.get(), want, rtol=1e-5)
+        kept = await expr                       # the same program kept remote, fetched later
+        assert torch.allclose(await kept.get(), want, rtol=1e-5)
+        with pytest.raises(p2pgrid.PermissionDenied):
+            await (bob[:, 1] * (bob[:, 0] > 2)).sum().get()   # another constant: another program
+        ana = await _rec(grid, "ana")
+        with pytest.raises(p2pgrid.PermissionDenied):
+            await (ana[:, 1] * (ana[:, 0] > 3)).sum().get()   # approved for bob only

@@ -13,7 +13,7 @@ from p2pgrid.governance import PrivacyBudgetExceeded
 from p2pgrid.governance.audit import link
 from p2pgrid.governance.mechanism import Bounds
 from p2pgrid.governance.roles import format_key
-from p2pgrid.governance.store import GovernanceStore
+from p2pgrid.governance.store import DEFAULT_EPSILON, GovernanceStore
 from p2pgrid.identity import Identity
 
 
@@ -41,7 +41,7 @@ def test_requests_and_grants_survive_reopening(tmp_path):
     with pytest.raises(NotFound):
         s.decide("nope", approve=True, by="owner")
     s.decide(b["id"], approve=True, by="owner")
-    assert s.remaining("ana")["remaining"] == pytest.approx(0.5)  # default 0 + 0.5 granted
+    assert s.remaining("ana")["remaining"] == pytest.approx(DEFAULT_EPSILON + 0.5)  # default + granted
     s.close()
 
 

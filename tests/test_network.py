@@ -12,7 +12,8 @@ BIRTHS = birth_records(200, seed=3)
 
 
 async def _publish_births(grid, **rules):
-    rules = rules or dict(compute=["bob", "ana"], get=["ana"])
+    # aggregate is an explicit grant (it used to default to compute: issue 12, attack 7)
+    rules = rules or dict(compute=["bob", "ana"], get=["ana"], aggregate=["bob", "ana"])
     ptr = await grid.net("hospital").publish(BIRTHS, tags=["birth-records", "february"],
                                              description="synthetic births", **rules)
     await grid.wait_searchable("#birth-records")
@@ -117,7 +118,7 @@ async def test_killed_peer_expires_and_search_still_answers(tmp_path):
 
 async def test_restart_keeps_identity_and_data(tmp_path):
     async with open_network(["hospital", "bob"], tmp_path) as grid:
-        ptr = await _publish_births(grid, compute=["bob"])
+        ptr = await _publish_births(grid, compute=["bob"], aggregate=["bob"])
         key = grid["hospital"].key_id
         await grid.restart("hospital")
         assert grid["hospital"].key_id == key
@@ -130,7 +131,8 @@ async def test_restart_keeps_identity_and_data(tmp_path):
 async def test_mdns_discovery_on_loopback(tmp_path):
     # no --join seeds: peers find each other by mDNS bound to 127.0.0.1 alone
     async with open_network(["a", "b", "c"], tmp_path, mdns=True, join=False) as grid:
-        await grid.net("a").publish(torch.ones(12, 2), tags=["found-by-mdns"], compute=["c"])
+        await grid.net("a").publish(torch.ones(12, 2), tags=["found-by-mdns"], compute=["c"],
+                                      aggregate=["c"])
         await grid.wait_searchable("#found-by-mdns")
         ptr = (await grid.net("c").search("#found-by-mdns"))["a"][0]
         assert float(await ptr.sum().get()) == 24.0
@@ -138,7 +140,8 @@ async def test_mdns_discovery_on_loopback(tmp_path):
 
 async def test_connect_api(tmp_path):
     async with open_network(["hospital"], tmp_path) as grid:
-        await grid.net("hospital").publish(BIRTHS, tags=["birth-records"], compute=["bob"])
+        await grid.net("hospital").publish(BIRTHS, tags=["birth-records"], compute=["bob"],
+                                           aggregate=["bob"])
         seed = f"{grid['hospital'].key_id}@{grid['hospital'].address}"
         async with p2pgrid.connect("bob", join=[seed], mdns=False, data_dir=tmp_path / "bob") as net:
             hits = await net.search("#birth-records", wait=10)

@@ -245,8 +245,11 @@ async def test_encrypted_training_converges(tmp_path):
         y = x @ torch.tensor([[1.0], [-2.0], [0.5], [0.25]]) + 0.3
         for name, rows in (("hospital", slice(0, 32)), ("clinic", slice(32, 64))):
             owner = grid.net(name)
-            await owner.publish(x[rows], tags=[f"{name}-x"], compute=["company"])
-            await owner.publish(y[rows], tags=[f"{name}-y"], compute=["company"])
+            # aggregates (the loss, the trained model) are an explicit grant (issue 12)
+            await owner.publish(x[rows], tags=[f"{name}-x"], compute=["company"],
+                                aggregate=["company"])
+            await owner.publish(y[rows], tags=[f"{name}-y"], compute=["company"],
+                                aggregate=["company"])
         for tag in ("hospital-x", "hospital-y", "clinic-x", "clinic-y"):
             await grid.wait_searchable("#" + tag)
         net = grid.net("company")

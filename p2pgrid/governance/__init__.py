@@ -19,7 +19,7 @@ import sys
 import trio
 
 from .audit import Verdict
-from .client import AccessRequest, NetworkAPI, private_get, request_access
+from .client import AccessRequest, NetworkAPI, private_get, request_access, request_release
 from .errors import PrivacyBudgetExceeded
 from .handlers import router
 from .mechanism import Bounds, Plan
@@ -28,7 +28,8 @@ from .roles import CAPABILITIES, ROLES
 from .store import GovernanceStore
 
 __all__ = ["AccessRequest", "Bounds", "Gate", "GovernanceStore", "Governance", "PrivacyBudgetExceeded",
-           "Plan", "ROLES", "CAPABILITIES", "Verdict", "of", "request_access", "private_get",
+           "Plan", "ROLES", "CAPABILITIES", "Verdict", "of", "request_access", "request_release",
+           "private_get",
            "router", "service", "NetworkAPI", "add_cli", "authorize", "verdict", "require",
            "result_creator_only", "pooled"]
 

@@ -19,7 +19,7 @@ from ..errors import BadRequest, PeerUnavailable
 from .messages import (BudgetInfo, BudgetQuery, DecideRequest, ListRequests, PrivateQuery,
                        Release, RequestAccess, RequestInfo, RequestInfos, WaitRequest)
 
-__all__ = ["AccessRequest", "request_access", "private_get", "NetworkAPI"]
+__all__ = ["AccessRequest", "request_access", "request_release", "private_get", "NetworkAPI"]
 
 
 class AccessRequest:
@@ -80,6 +80,20 @@ async def request_access(pointer, *, reason: str, epsilon: float | None = None,
     msg = RequestAccess(pointer.id, reason, None if epsilon is None else float(epsilon))
     reply: RequestInfo = await net._request(pointer.peer, msg)
     return AccessRequest(net, pointer.peer, reply.item)
+
+
+async def request_release(expr, *, reason: str) -> AccessRequest:
+    """Ask the owner of `expr`'s data to approve the release of this exact program's
+    result to you (the gate's rule (d)); once approved, ``await expr.get()`` works for
+    that program, constants and all, and for nothing else."""
+    program = expr.program()
+    leaves = [n["obj"] for n in program["nodes"] if n["op"] == "leaf"]
+    if not leaves:
+        raise BadRequest("the expression reads no stored object")
+    net = expr._net
+    reply: RequestInfo = await net._request(expr.peer, RequestAccess(leaves[0], reason, None,
+                                                                     program))
+    return AccessRequest(net, expr.peer, reply.item)
 
 
 async def private_get(expr, *, epsilon: float, details: bool = False, retries: int = 2):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import trio
 
 from .. import handlers as core  # a module reference: the two import each other
-from .. import wire
+from .. import release, wire
 from ..errors import BadRequest, NotFound, PermissionDenied
 from ..router import Router
 from . import mechanism
@@ -33,6 +33,8 @@ async def request_access(peer, caller, msg: RequestAccess):
     if meta is None or not (meta.tags or core.may(peer, caller, meta, "compute")
                             or core.may(peer, caller, meta, "get")):
         raise NotFound(f"no object {msg.object_id} on {peer.name}")
+    if msg.program is not None:
+        return await _request_release(peer, gov, caller, meta, msg)
     epsilon = None
     if msg.epsilon is not None:
         epsilon = mechanism.check_epsilon(msg.epsilon)
@@ -42,6 +44,27 @@ async def request_access(peer, caller, msg: RequestAccess):
     item = await trio.to_thread.run_sync(lambda: gov.store.create_request(
         user=caller.name, key_id=caller.key_id, object_id=meta.id,
         right="get" if epsilon is None else "budget", epsilon=epsilon, reason=msg.reason))
+    gov.notify()
+    return RequestInfo(_public_request(item))
+
+
+async def _request_release(peer, gov, caller, meta, msg: RequestAccess) -> RequestInfo:
+    """A request that the owner approve one exact program's result for the caller
+    (release rule (d)): filed under the program's hash, with the program for the owner
+    to read. The program must read `meta`'s object and the caller may compute on it."""
+    if msg.epsilon is not None:
+        raise BadRequest("a program release request takes no epsilon")
+    ids = list(dict.fromkeys(core._leaf_ids(msg.program)))
+    metas = {i: await core._meta_for(peer, caller, i, "compute") for i in ids}
+    deriv = release.expand(msg.program, lambda oid: release.stored_derivation(peer, metas[oid])
+                           if oid in metas else None)
+    if meta.id not in deriv.leaves:
+        raise BadRequest(f"the program does not read object {meta.id}")
+    h = deriv.hash()
+    reason = f"{msg.reason.strip()[:1200]}\nprogram {h[:16]}: {release.render(deriv)}"[:2000]
+    item = await trio.to_thread.run_sync(lambda: gov.store.create_request(
+        user=caller.name, key_id=caller.key_id, object_id=release.approval_id(h),
+        right="program", epsilon=None, reason=reason))
     gov.notify()
     return RequestInfo(_public_request(item))
 

@@ -10,10 +10,12 @@ from ..wire import dataclass, message
 @message("gov.request")
 @dataclass(frozen=True)
 class RequestAccess:
-    """Ask the owner for ``get`` on an object, or (with epsilon) for privacy budget."""
+    """Ask the owner for ``get`` on an object, or (with epsilon) for privacy budget, or
+    (with program) for the release of that exact program's result to you."""
     object_id: str
     reason: str
     epsilon: float | None = None
+    program: dict | None = None
 
 
 @message("gov.request.info")

@@ -46,6 +46,9 @@ __all__ = ["GovernanceStore", "User", "STATUSES"]
 STATUSES = ("pending", "approved", "denied")
 TOTAL = "*"            # budgets.object_id of a user's total across datasets
 SLACK = 1e-9           # float rounding allowed when charging the last bit of a budget
+# The total epsilon, per peer, of a user with no budget of their own: names that may
+# compute but hold no `aggregate` grant get DP releases (never exact aggregates) out of it.
+DEFAULT_EPSILON = 1.0
 MAX_PENDING = 50       # open requests per user
 FRESH = 0.2            # seconds a snapshot of users and settings is trusted without asking SQLite
 
@@ -330,8 +333,9 @@ class GovernanceStore:
 
     def create_request(self, *, user: str, key_id: str, object_id: str, right: str,
                        epsilon: float | None, reason: str) -> dict:
-        if right not in ("get", "budget"):
-            raise BadRequest("a request is for 'get' or for privacy budget (give epsilon)")
+        if right not in ("get", "budget", "program"):
+            raise BadRequest("a request is for 'get', for privacy budget (give epsilon), or for "
+                             "the release of a program")
         if not isinstance(reason, str) or not reason.strip() or len(reason) > 2000:
             raise BadRequest("give a reason of 1 to 2000 characters")
         now = time.time()
@@ -384,7 +388,11 @@ class GovernanceStore:
             status = "approved" if approve else "denied"
             db.execute("UPDATE requests SET status = ?, why = ?, decided = ?, decided_by = ? "
                        "WHERE id = ?", (status, why, now, by, rid))
-            if approve and req["epsilon"] is None:
+            if approve and req["right"] == "program":
+                # object_id names the program (release.approval_id): its result may leave
+                db.execute("INSERT OR REPLACE INTO grants VALUES (?, ?, ?, ?, ?)",
+                           (req["user"], req["object_id"], "release", rid, now))
+            elif approve and req["epsilon"] is None:
                 db.execute("INSERT OR REPLACE INTO grants VALUES (?, ?, ?, ?, ?)",
                            (req["user"], req["object_id"], "get", rid, now))
             elif approve:
@@ -439,7 +447,7 @@ class GovernanceStore:
 
     def set_default_budget(self, epsilon: float, *, by: str) -> None:
         """The total epsilon of registered users with no budget of their own, and the
-        total that all unregistered callers share (default 0)."""
+        total that all unregistered callers share (default DEFAULT_EPSILON)."""
         self.set_setting("default_epsilon", _check_limit(epsilon), by=by)
 
     def set_guest_budget(self, epsilon: float | None, *, by: str) -> None:
@@ -463,7 +471,7 @@ class GovernanceStore:
                          (user, TOTAL)).fetchone()
         if row:
             return row[0]
-        return self._setting_in(db, "default_epsilon", 0.0)
+        return self._setting_in(db, "default_epsilon", DEFAULT_EPSILON)
 
     @staticmethod
     def _setting_in(db, key: str, default):
@@ -484,7 +492,7 @@ class GovernanceStore:
                                     ).fetchone()[0]
             limit = self._setting_in(db, "guest_epsilon", None)
             if limit is None:
-                limit = self._setting_in(db, "default_epsilon", 0.0)
+                limit = self._setting_in(db, "default_epsilon", DEFAULT_EPSILON)
             out = {"unregistered": entry(float(limit), spent_pool)}
         else:
             spent_user = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE user = ?",

@@ -189,9 +189,9 @@ async def share_object(peer, caller, msg: ShareObject):
                    dealer=group.dealer)
         raise
     reveal = list(meta.rules.get)
-    if meta.level == "public":
-        reveal.append("*")
-    elif meta.level == "aggregate":
+    # a result's level is set by the release gate (p2pgrid.release), which labels only
+    # verified exact aggregates "aggregate"; "public" is no right any more (issue 12)
+    if meta.level == "aggregate" and meta.derivation:
         reveal += list(meta.rules.aggregate)
     rules = ShareRules(owner=meta.owner, compute=meta.rules.compute, reveal=reveal,
                        aggregate=meta.rules.aggregate, min_rows=meta.rules.min_rows,

@@ -23,7 +23,7 @@ async def test_records_claiming_another_owners_data_are_dropped(tmp_path):
     async with open_network(["hospital", "bob", "mallory"], tmp_path) as grid:
         hospital, bob, mallory = grid["hospital"], grid["bob"], grid["mallory"]
         real = await hospital.publish(torch.rand(500, 5), tags=["birth-records", "february"],
-                                      compute=["bob"])
+                                      compute=["bob"], aggregate=["bob"])
         await grid.wait_searchable("#birth-records #february")
 
         claims_other_owner = sybil("mallory2", objects=[
