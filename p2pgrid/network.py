@@ -176,7 +176,7 @@ def _with_peer(meta: dict, peer: str) -> dict:
 @asynccontextmanager
 async def connect(name: str, *, join: Iterable[str] = (), data_dir=None, mdns: bool = True,
                   interfaces: Iterable[str] | None = None, insecure: bool = False,
-                  listen: bool = False, host: str = "127.0.0.1", port: int = 0,
+                  listen: bool | None = None, host: str | None = None, port: int = 0,
                   wait: float = 10.0, **options) -> AsyncIterator[Network]:
     """Start your own peer named `name`, join the network, and yield it as a Network.
 
@@ -188,8 +188,11 @@ async def connect(name: str, *, join: Iterable[str] = (), data_dir=None, mdns: b
     every reply comes back on the connections it opened, so it works behind NAT and
     firewalls (search, compute, federated training, SMPC, model downloads). Pass
     ``listen=True`` (with `host`, `port`) for a peer others must reach: one that
-    serves data, models or SMPC shares.
+    serves data, models or SMPC shares; giving `host` or `port` implies it.
     """
+    if listen is None:   # a script that names where to listen means to be reached there
+        listen = host is not None or port != 0
+    host = host or "127.0.0.1"
     config = PeerConfig(name=name, data_dir=data_dir, host=host, port=port, insecure=insecure,
                         join=tuple(join), mdns=mdns, listen=listen,
                         mdns_interfaces=tuple(interfaces) if interfaces else None, **options)
