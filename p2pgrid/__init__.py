@@ -17,6 +17,7 @@ Without trio (Jupyter, scripts, asyncio programs): ``p2pgrid.connect_sync`` and
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 # Every public name loads on first use (PEP 562): ``import p2pgrid`` and the CLI's
@@ -55,6 +56,10 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
+    # ``import p2pgrid`` used to load most submodules as a side effect; code that relies on
+    # ``p2pgrid.wire`` and the like after a bare ``import p2pgrid`` keeps working.
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
