@@ -14,6 +14,7 @@ from pathlib import Path
 
 import trio
 
+from . import patchguard
 from .config import PeerConfig, is_loopback, load_profile
 
 EPILOG = """examples:
@@ -405,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if args.verbose < 2:
         logging.getLogger("p2pgrid.hypercorn").setLevel(logging.ERROR)
+    if args.command != "network" and not patchguard.unpatched():
+        try:  # before any peer starts: a bumped library is one line, not a broken peer
+            patchguard.check()
+        except patchguard.PatchMismatch as e:
+            print(f"p2pgrid {args.command}: {e}", file=sys.stderr)
+            return 2
     if args.command == "peer":
         # the owner's terminal shows each request filed, denial and release
         logging.getLogger("p2pgrid.access").setLevel(logging.INFO)

@@ -40,6 +40,8 @@ import struct
 
 import h2.settings
 
+from . import patchguard
+
 WINDOW = 32 * 1024 * 1024        # per stream and per connection
 FRAME = 1 << 20                  # largest DATA frame either side sends (h2 allows up to 2**24-1)
 SMALL = 64 * 1024                # response DATA up to this size waits in h2's buffer for the next flush
@@ -48,8 +50,15 @@ _applied = False
 
 
 def apply() -> None:
+    """Install the patches, once per process, after :func:`p2pgrid.patchguard.check`
+    found every patched library at a supported version and shape (else it raises
+    :class:`p2pgrid.patchguard.PatchMismatch`, or with ``P2PGRID_UNPATCHED=1`` warns and
+    leaves the libraries stock)."""
     global _applied
     if _applied:
+        return
+    if not patchguard.check(what="transport tuning (p2pgrid.h2tuning)"):
+        _applied = True  # stock libraries, as asked: warned once
         return
     _cheap_frame_repr()
     _lean_h2_data()

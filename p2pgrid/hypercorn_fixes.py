@@ -12,7 +12,9 @@ each DATA frame is judged when its turn comes.
 
 And a bug in one connection ends that connection, not the server: trio's
 ``serve_listeners`` lets a handler's exception through, which would end every
-connection and the peer with it.
+connection and the peer with it. Such a failure is logged at ERROR with its
+traceback and counted (:class:`FailureCount`: ``config.p2p_failures``, which
+p2pgrid.server sets to the App's ``connection_failures``), never swallowed.
 
 Connections are counted: a listener whose hypercorn Config carries a
 :class:`p2pgrid.limits.ConnectionTable` (``config.p2p_connections``) admits each
@@ -30,15 +32,36 @@ import h2.events
 import trio
 import h2.exceptions
 
+from . import patchguard
+
 log = logging.getLogger("p2pgrid.server")
 
 _applied = False
+
+
+class FailureCount:
+    """Connections that ended in an unexpected exception (each logged at ERROR with its
+    traceback). The server's App holds one (``app.connection_failures``); the module's
+    ``failures`` counts every server in the process."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.last: str | None = None  # the last exception's type name, for a status line
+
+    def add(self, exc: BaseException) -> None:
+        self.count += 1
+        self.last = type(exc).__name__
+
+
+failures = FailureCount()
 
 
 def apply() -> None:
     global _applied
     if _applied:
         return
+    patchguard.check_required(("hypercorn",), ("H2Protocol._handle_events", "TCPServer.run"),
+                              what="p2pgrid.hypercorn_fixes")
     from hypercorn.protocol import h2 as hh2
     from hypercorn.trio import tcp_server
 
@@ -82,7 +105,12 @@ def apply() -> None:
                         return
                 try:
                     await original_run(self)
-                except Exception:  # Cancelled is not an Exception: shutdown still passes
+                except Exception as e:  # Cancelled is not an Exception: shutdown still passes
+                    # never silent: a broken patch must show as errors, not as dropped connections
+                    failures.add(e)
+                    counter = getattr(self.config, "p2p_failures", None)
+                    if counter is not None:
+                        counter.add(e)
                     log.exception("a connection failed; it is closed, the server goes on")
         finally:
             if conn is not None:

@@ -76,6 +76,8 @@ class App:
         self.pull = pull                # writes what is queued for a caller on its way back
         self.push_ended = push_ended    # (caller, link id) when a push stream ends cleanly
         self.limits = limits
+        # connections that ended in an unexpected error (logged at ERROR with the traceback)
+        self.connection_failures = hypercorn_fixes.FailureCount()
         self.registered = registered  # registered callers do not share the strangers' pool
         self.in_flight = InFlight(limits.requests_per_key, limits.requests_unregistered)
         self.verifier = verifier
@@ -454,6 +456,8 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     config.ssl_handshake_timeout = limits.handshake_timeout
     config.p2p_write_timeout = limits.write_timeout
     config.p2p_connections = ConnectionTable(*limits.connections())
+    failures = getattr(app, "connection_failures", None)
+    config.p2p_failures = failures if failures is not None else hypercorn_fixes.FailureCount()
     config.max_app_queue_size = 64
     config.accesslog = None
     config.include_date_header = False    # per-response clock formatting and header bytes

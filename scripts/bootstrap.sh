@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv and install p2pgrid with its test tools. Idempotent: re-runs only
-# when pyproject.toml changed. torch is pinned to the CPU build: an unpinned torch
+# when pyproject.toml or constraints.txt changed. torch is pinned to the CPU build: an unpinned torch
 # would pull a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,12 +28,13 @@ if { ! command -v wirefilter >/dev/null || ! command -v tc >/dev/null; } \
       iproute2 vdeplug vde-wirefilter; } >&2 || echo "== vde tools not installed; delayed lab links will fail" >&2
 fi
 stamp=.venv/.p2pgrid-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== installing dependencies (first run takes a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip >&2
   .venv/bin/python -m pip install -q "torch==2.13.0" >&2 \
     || .venv/bin/python -m pip install -q "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu >&2
-  .venv/bin/python -m pip install -q -e ".[test]" >&2
+  # constraints.txt: the exact versions CI tests (the patched transport libraries above all)
+  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]" >&2
   echo "$want" > "$stamp"
 fi
