@@ -1,12 +1,15 @@
 """The peer directory: signed peer records, reconciled by push-pull anti-entropy (sans-IO).
 
 Each peer signs a :class:`PeerRecord` (addresses, TLS certificate, roles, published
-objects, services) and re-issues it with a higher ``version`` on every heartbeat. A
-:class:`Directory` keeps the newest verified record per key and answers the three
-questions gossip needs: what do I have (:meth:`Directory.digest`), what does the other
-side lack (:meth:`Directory.newer_than`), what does it have that I lack
-(:meth:`Directory.wanted`). No sockets, no trio, no clock: every method that needs the
-time takes ``now``; the I/O loop lives in :mod:`p2pgrid.gossip`.
+objects, services) and re-issues it with a higher ``version`` on every heartbeat. The
+signature covers a small head (:class:`RecordHead`: version, times, ``content_version``
+and a hash of the content), so a heartbeat that changes nothing else travels as a head
+alone. A :class:`Directory` keeps the newest verified record per key and answers the
+questions gossip needs: what do I have (:meth:`Directory.digest`, summarised by
+:attr:`Directory.summary`, see :mod:`p2pgrid.summary`), what does the other side lack
+(:meth:`Directory.delta`, most needed first under a byte cap), what does it have that I
+lack (:meth:`Directory.wanted`). No sockets, no trio, no clock: every method that needs
+the time takes ``now``; the I/O loop lives in :mod:`p2pgrid.gossip`.
 
 Liveness is judged by *receive* time, never by the owner's clock: a record is live
 while a newer version of it arrived less than ``ttl`` ago. When a record expires we
@@ -43,155 +46,38 @@ contested name. Each such claim is recorded once in ``Directory.conflicts`` and 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
 
 import cbor2
 
 from . import identity as _identity
 from .addrbook import AddrBook, BookLimits
 from .errors import BadRequest, Conflict, NotFound
+from .records import (HEAD_BYTES, HEAD_FIELDS, MAX_NAME, MAX_OBJECTS, ObjectSummary, PeerRecord,
+                      RecordHead, check_name, listing_problem, normalize_tags, sign_record)
+from .summary import MAX_LEVEL, RangeSummary, bucket_of, level_for
 from .wire import message
 
 __all__ = [
     "ObjectSummary", "PeerRecord", "sign_record", "NameConflict", "Directory",
-    "GossipDigest", "GossipReply", "GossipPush", "GossipAck",
+    "RecordHead", "GossipDigest", "GossipReply", "GossipPush", "GossipAck", "HEAD_FIELDS",
+    "MAX_EXCHANGE_BYTES", "FULL_DIGEST", "MAX_DIGEST_ENTRIES",
     "handle_digest", "handle_push", "handle_gossip", "normalize_tags", "check_name",
     "listing_problem", "MAX_OBJECTS",
 ]
 
 log = logging.getLogger("p2pgrid.directory")
 
-_SIGNING_DOMAIN = "p2pgrid.dir.record/1"  # so a record signature is never valid for anything else
-_KEY_ID_SHAPE = re.compile(r"[0-9a-f]{16}")
-MAX_NAME = 64
-MAX_OBJECTS = 2000  # objects one record may list
-
-
-# ---------------------------------------------------------------- records
-
-@message("dir.object")
-@dataclass(frozen=True)
-class ObjectSummary:
-    """What the directory knows of a published object: enough to find it, never its values."""
-
-    id: str
-    tags: list[str]
-    description: str
-    shape: list[int]
-    dtype: str
-    owner: str
-    level: str = "row"
-    # a table's column names (searchable like tags)
-    columns: list[str] = dataclasses.field(default_factory=list)
-
-
-@message("dir.record")
-@dataclass(frozen=True)
-class PeerRecord:
-    """A peer's signed self-description. ``version`` grows on every re-issue."""
-
-    name: str
-    public_key: bytes
-    addresses: list[str]  # "host:port", best first
-    cert: bytes  # the peer's TLS certificate, DER; opaque here
-    roles: list[str]
-    objects: list[ObjectSummary]
-    services: dict  # free-form, CBOR-able
-    version: int
-    issued_at: float  # owner's clock, unix seconds; informational only
-    ttl: float = 0.0  # the owner re-issues within this many seconds (0: unstated)
-    membership: bytes = b""   # its network membership certificate (p2pgrid.membership), CBOR
-    revocations: bytes = b""  # the newest network revocation list its owner knows, CBOR
-    signature: bytes = b""
-
-    @cached_property
-    def key_id(self) -> str:
-        return _identity.key_id(self.public_key)
-
-    def signing_bytes(self) -> bytes:
-        """Canonical CBOR of every field but the signature, under a domain tag."""
-        body = {}
-        for f in dataclasses.fields(self):
-            if f.name == "signature":
-                continue
-            value = getattr(self, f.name)
-            if f.name == "objects":
-                value = [_summary_plain(o) for o in value]
-            body[f.name] = value
-        return cbor2.dumps([_SIGNING_DOMAIN, body], canonical=True)
-
-    def verify(self) -> bool:
-        """True iff the signature is this record's public key's signature of its fields."""
-        try:
-            data = self.signing_bytes()
-        except (TypeError, ValueError, cbor2.CBOREncodeError):
-            return False
-        return _identity.verify(self.public_key, data, self.signature)
-
-
-def _summary_plain(o: ObjectSummary) -> dict:
-    return {f.name: getattr(o, f.name) for f in dataclasses.fields(ObjectSummary)}
-
-
-def sign_record(ident: _identity.Identity, **fields) -> PeerRecord:
-    """Build a PeerRecord from `fields` (public_key defaults to ident's) and sign it."""
-    fields.pop("signature", None)
-    pub = fields.setdefault("public_key", ident.public_bytes)
-    if bytes(pub) != ident.public_bytes:
-        raise ValueError("public_key does not belong to the signing identity")
-    unsigned = PeerRecord(**fields)
-    return dataclasses.replace(unsigned, signature=ident.sign(unsigned.signing_bytes()))
-
-
-def check_name(name) -> str | None:
-    """Why `name` is not a usable peer name, or None if it is."""
-    if not isinstance(name, str) or not name:
-        return "a peer name must be a non-empty string"
-    if len(name) > MAX_NAME:
-        return f"a peer name has at most {MAX_NAME} characters"
-    if not name.isprintable() or any(c.isspace() for c in name) or "#" in name:
-        return "a peer name has no spaces, control characters or '#'"
-    if _KEY_ID_SHAPE.fullmatch(name):
-        return "a peer name must not look like a key id (16 hex digits)"
-    return None
-
-
-def listing_problem(rec: PeerRecord) -> str | None:
-    """Why `rec`'s listing is not its owner's own, or None if it is.
-
-    A record lists only objects published by the peer that signs it: each object's
-    ``owner`` must be the record's name. Objects others stored on a peer (``PutObject``)
-    are theirs, not the host's, and are not listed in the host's record at all."""
-    if len(rec.objects) > MAX_OBJECTS:
-        return f"lists {len(rec.objects)} objects (at most {MAX_OBJECTS})"
-    for o in rec.objects:
-        if not isinstance(o, ObjectSummary) or o.owner != rec.name:
-            owner = getattr(o, "owner", None)
-            return f"lists object {getattr(o, 'id', '?')!r} as owned by {owner!r}, not by {rec.name!r}"
-    return None
+_VERIFY_CACHE = 8192  # heads whose signature check we remember
 
 
 def _column_tags(o: ObjectSummary) -> set[str]:
     # a table is found by its column names too ("#weight_kg")
     cols = o.columns if isinstance(o.columns, (list, tuple)) else ()
     return set(normalize_tags([c for c in cols if isinstance(c, str)]))
-
-
-def normalize_tags(query: str | Iterable[str]) -> list[str]:
-    """'#February, #birth-records' -> ['february', 'birth-records']."""
-    parts = re.split(r"[\s,]+", query) if isinstance(query, str) else list(query)
-    out = []
-    for p in parts:
-        t = str(p).strip().lstrip("#").lower()
-        if t and t not in out:
-            out.append(t)
-    return out
 
 
 @dataclass(frozen=True)
@@ -222,11 +108,11 @@ class Directory:
                  tombstone_ttl: float | None = None, max_ttl: float | None = None,
                  limits: BookLimits | None = None,
                  admit: Callable[[PeerRecord], str | None] | None = None):
-        self.identity = identity
         # admit(record): why a verified record may not be kept (None: it may), e.g. it
         # lacks a valid network membership certificate; the peer's policy, not ours
         self.admit = admit
         self._refused: set[str] = set()  # key ids whose refusal was logged
+        self.identity = identity
         self.key_id = identity.key_id
         self.ttl = float(ttl)
         self.max_ttl = 4 * self.ttl if max_ttl is None else max(float(max_ttl), self.ttl)
@@ -242,6 +128,10 @@ class Directory:
         self._conflict_seen: set[tuple[str, str]] = set()
         self._own_version_seen = 0  # highest version of our own key seen from others
         self._listeners: list[Listener] = []
+        self.summary = RangeSummary()  # of digest(): what an exchange compares first
+        self._need_content: set[str] = set()  # heads whose content we lack: digest says 0
+        self._checked: dict[tuple, bool] = {}  # head -> signature valid (verify once)
+        self.verified = 0  # signature checks done (tests and benchmarks count them)
 
     # ------------------------------------------------------------ own record
 
@@ -260,12 +150,17 @@ class Directory:
         if foreign:
             raise ValueError(f"a record lists only its owner's objects; not {foreign[:3]}")
         version = max(self.own.version if self.own else 0, self._own_version_seen) + 1
-        rec = sign_record(self.identity, name=name, addresses=list(addresses), cert=bytes(cert),
-                          roles=list(roles), objects=list(objects), services=dict(services),
-                          version=version, issued_at=float(now), ttl=self.ttl,
-                          membership=bytes(membership), revocations=bytes(revocations))
+        fields = dict(name=name, addresses=list(addresses), cert=bytes(cert), roles=list(roles),
+                      objects=list(objects), services=dict(services), issued_at=float(now),
+                      ttl=self.ttl, membership=bytes(membership), revocations=bytes(revocations))
+        rec = sign_record(self.identity, version=version, **fields)
+        if self.own is not None and self.own.content_hash == rec.content_hash:
+            # A heartbeat: same content, so its version stays and peers holding it
+            # get the new head alone.
+            rec = sign_record(self.identity, version=version,
+                              content_version=self.own.content_version, **fields)
         self.own = rec
-        self._records[rec.key_id] = rec
+        self._put(rec.key_id, rec)
         self._tombstones.pop(rec.key_id, None)
         self._names.setdefault(name, rec.public_key)
         self._notify("issued", [rec])
@@ -286,7 +181,7 @@ class Directory:
         """
         accepted = []
         for rec in records:
-            if not isinstance(rec, PeerRecord):
+            if not isinstance(rec, (PeerRecord, RecordHead)):
                 self.rejected += 1
                 continue
             try:
@@ -294,11 +189,14 @@ class Directory:
             except TypeError:
                 self.rejected += 1
                 continue
+            if not isinstance(rec.version, int) or isinstance(rec.version, bool):
+                self.rejected += 1
+                continue
             if kid == self.key_id:
                 # Our own key, relayed back. Never stored; but if it is ahead of us (we
                 # restarted and lost our counter), our next issue must outrank it.
                 top = max(self.own.version if self.own else 0, self._own_version_seen)
-                if isinstance(rec.version, int) and rec.version > top and rec.verify():
+                if rec.version > top and self._signed(rec):
                     self._own_version_seen = rec.version
                 continue
             cur = self._records.get(kid)
@@ -307,10 +205,18 @@ class Directory:
             tomb = self._tombstones.get(kid)
             if tomb is not None and rec.version <= tomb[0]:
                 continue
-            if cur is None and not self.book.may_introduce(source, now):
+            if isinstance(rec, RecordHead):
+                # A head alone: usable only with the content we hold for this key.
+                if cur is None:
+                    continue
+                if cur.content_hash != rec.content_hash:
+                    self._want_content(kid)
+                    continue
+                rec = cur.with_head(rec)
+            elif cur is None and not self.book.may_introduce(source, now):
                 continue
             why = check_name(rec.name) or listing_problem(rec)
-            if why is not None or not rec.verify():
+            if why is not None or not self._signed(rec):
                 self.rejected += 1
                 log.debug("dropped record for %s: %s", kid, why or "bad signature")
                 continue
@@ -326,7 +232,8 @@ class Directory:
             if cur is None and not self._make_room(now):
                 self.book.refused += 1
                 continue
-            self._records[kid] = rec
+            self._need_content.discard(kid)
+            self._put(kid, rec)
             self._last_seen[kid] = now
             self._tombstones.pop(kid, None)
             if cur is None:
@@ -337,6 +244,45 @@ class Directory:
             self._notify("accepted", accepted)
         return accepted
 
+    def _signed(self, rec: PeerRecord | RecordHead) -> bool:
+        """Whether `rec`'s signature is valid, checked once per distinct head: a version
+        offered again (valid or not) by every partner is not verified again. The cache
+        key is every signed field and the signature, so a forged copy of a head cannot
+        stand in for the real one."""
+        try:
+            head = rec.head() if isinstance(rec, PeerRecord) else rec
+            key = head.cache_key()
+            hash(key)
+        except (TypeError, ValueError, cbor2.CBOREncodeError):
+            return False
+        ok = self._checked.get(key)
+        if ok is None:
+            ok = head.verify()
+            self.verified += 1
+            self._checked[key] = ok
+            if len(self._checked) > _VERIFY_CACHE:
+                for k in list(self._checked)[:len(self._checked) // 4]:  # oldest first
+                    del self._checked[k]
+        return ok
+
+    def _put(self, kid: str, rec: PeerRecord) -> None:
+        self._records[kid] = rec
+        self.summary.set(kid, 0 if kid in self._need_content else rec.version)
+
+    def _drop(self, kid: str) -> PeerRecord:
+        rec = self._records.pop(kid)
+        self._need_content.discard(kid)
+        self.summary.set(kid, None)
+        return rec
+
+    def _want_content(self, kid: str) -> None:
+        # The head names content we do not hold (its owner changed it without moving
+        # content_version): our digest says 0 for this key until a whole record comes,
+        # so partners send the whole record rather than the head again.
+        if kid not in self._need_content and kid in self._records:
+            self._need_content.add(kid)
+            self.summary.set(kid, 0)
+
     def _make_room(self, now: float) -> bool:
         """Evict one record if the table is full; False if nothing may be evicted."""
         if len(self._records) < self.book.limits.max_records:
@@ -344,7 +290,7 @@ class Directory:
         victim = self.book.victim(self._last_seen, now, keep=self.key_id)
         if victim is None:
             return False
-        rec = self._records.pop(victim)
+        rec = self._drop(victim)
         self._last_seen.pop(victim, None)
         self.book.removed(victim)
         self.book.evicted += 1
@@ -366,20 +312,73 @@ class Directory:
         stated = rec.ttl if isinstance(rec.ttl, (int, float)) and not math.isnan(rec.ttl) else 0.0
         return min(max(self.ttl, float(stated)), self.max_ttl)
 
-    def digest(self) -> dict[str, int]:
-        """key id -> version, for every record held (ours included)."""
-        return {kid: r.version for kid, r in self._records.items()}
+    def digest(self, key_ids: Iterable[str] | None = None) -> dict[str, int]:
+        """key id -> version, for every record held (ours included), or for those of
+        `key_ids` held. A key whose newest head came without content we hold says 0."""
+        keys = self._records if key_ids is None else [k for k in key_ids if k in self._records]
+        need = self._need_content
+        return {kid: 0 if kid in need else self._records[kid].version for kid in keys}
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def key_ids(self) -> list[str]:
+        return list(self._records)
 
     def newer_than(self, remote_digest: dict[str, int]) -> list[PeerRecord]:
         """Records the remote side lacks or holds an older version of."""
         return [r for kid, r in self._records.items()
                 if remote_digest.get(kid, -1) < r.version]
 
-    def wanted(self, remote_digest: dict[str, int]) -> list[str]:
+    def delta(self, remote_digest: dict[str, int], now: float, *,
+              key_ids: Iterable[str] | None = None, max_bytes: int = 0,
+              max_new: int | None = None) -> tuple[list[PeerRecord | RecordHead], bool]:
+        """What the remote side lacks, most needed first, within `max_bytes` (0: no cap).
+
+        Among our records (or those of `key_ids`) newer than `remote_digest`'s: a head
+        alone where the remote holds a version at or above the record's
+        ``content_version`` (it has that content), else the whole record. Order:
+        records of peers we protect (verified contact), then updates of keys the remote
+        listed, then keys it lacks, newest received first; at most `max_new` keys it
+        lacks (its per-source limit would refuse more). Returns (items, cut): `cut` is
+        True when something was left for a later exchange."""
+        keys = self._records if key_ids is None else [k for k in key_ids if k in self._records]
+        protected = self.book.protected(now)
+        picks = []
+        for kid in keys:
+            rec = self._records[kid]
+            theirs = remote_digest.get(kid, -1)
+            if not isinstance(theirs, int) or theirs >= rec.version:
+                continue
+            picks.append((kid not in protected, theirs < 0,
+                          -self._last_seen.get(kid, now), kid, theirs))
+        picks.sort()
+        max_new = self.book.limits.new_per_source if max_new is None else max_new
+        out, used, new, cut = [], 0, 0, False
+        for _, lacks, _, kid, theirs in picks:
+            rec = self._records[kid]
+            if lacks:
+                new += 1
+                if new > max_new:
+                    cut = True
+                    break
+            head_only = theirs >= max(1, rec.content_version) and rec.content_version <= rec.version
+            item = rec.head() if head_only else rec
+            size = HEAD_BYTES if head_only else rec.wire_size
+            if max_bytes and out and used + size > max_bytes:
+                cut = True
+                continue  # a smaller head or record later may still fit
+            out.append(item)
+            used += size
+        return out, cut
+
+    def wanted(self, remote_digest: dict[str, int], *, with_held: bool = False):
         """Key ids the remote side holds a newer version of (never our own key): every
         update of a key we hold, and at most one round's worth (``new_per_source``) of
-        keys we do not, so a digest listing a million keys costs one round's worth."""
-        out, new = [], 0
+        keys we do not, so a digest listing a million keys costs one round's worth.
+        With `with_held`, (key ids, the version we hold of each: -1 none, 0 a head
+        whose content we lack), for :meth:`for_push` on the other side."""
+        out, held, new = [], [], 0
         for kid, version in remote_digest.items():
             if kid == self.key_id or not isinstance(version, int):
                 continue
@@ -391,7 +390,19 @@ class Directory:
                     if new > self.book.limits.new_per_source:
                         continue
                 out.append(kid)
-        return out
+                held.append(-1 if cur is None else 0 if kid in self._need_content else have)
+        return (out, held) if with_held else out
+
+    def for_push(self, key_ids: Iterable[str], held: Iterable[int], now: float,
+                 max_bytes: int = 0) -> tuple[list[PeerRecord | RecordHead], bool]:
+        """The records a partner asked for (`key_ids`, with the versions it `held` of
+        each, -1 for none), as heads where it holds their content, within `max_bytes`."""
+        keys = list(key_ids)
+        held = list(held)
+        remote = {k: (held[i] if i < len(held) and isinstance(held[i], int) else -1)
+                  for i, k in enumerate(keys)}
+        return self.delta(remote, now, key_ids=keys, max_bytes=max_bytes,
+                          max_new=len(keys))
 
     def records_for(self, key_ids: Iterable[str]) -> list[PeerRecord]:
         return [self._records[k] for k in key_ids if k in self._records]
@@ -405,7 +416,7 @@ class Directory:
                 if now - seen > self.lifetime(self._records[kid]) and kid != self.key_id]
         dropped = []
         for kid in dead:
-            rec = self._records.pop(kid)
+            rec = self._drop(kid)
             del self._last_seen[kid]
             self.book.removed(kid)
             self._tombstone(kid, rec.version, now)
@@ -425,7 +436,7 @@ class Directory:
             rec = self._records.get(kid)
             if rec is None or kid == self.key_id:
                 continue
-            del self._records[kid]
+            self._drop(kid)
             self._last_seen.pop(kid, None)
             self.book.removed(kid)
             self._tombstone(kid, rec.version, now)
@@ -547,19 +558,36 @@ def _sender_key(rec) -> str | None:
 @message("dir.gossip.digest")
 @dataclass(frozen=True)
 class GossipDigest:
-    """Initiator -> responder: who I am, and key id -> version of all I hold."""
+    """Initiator -> responder: who I am (my record's head, or the whole record), and
+    what I hold.
 
-    sender: PeerRecord
+    Three forms. *Complete*: ``digest`` is key id -> version of all I hold (small
+    directories). *Root*: ``digest`` empty, ``root`` the hash of all I hold
+    (:class:`~p2pgrid.summary.RangeSummary`); equal roots end the exchange. *Ranges*:
+    ``digest`` holds only my entries in ``buckets`` at ``level`` (those whose hash
+    differed from the responder's summary)."""
+
+    sender: PeerRecord | RecordHead
     digest: dict[str, int]
+    root: bytes = b""
+    level: int = -1
+    buckets: list[int] = ()
 
 
 @message("dir.gossip.reply")
 @dataclass(frozen=True)
 class GossipReply:
-    """Responder -> initiator: records newer than the initiator's, and key ids it wants."""
+    """Responder -> initiator: records (whole, or heads where the initiator holds
+    their content) newer than the initiator's, most needed first under a byte cap,
+    and the key ids it wants with the version it ``held`` of each (-1: none). Or,
+    answering a root that differs, its bucket hashes at ``level`` (``summary``)."""
 
-    records: list[PeerRecord]
+    records: list[PeerRecord | RecordHead]
     want: list[str]
+    held: list[int] = ()
+    level: int = -1
+    summary: bytes = b""
+    more: bool = False  # records were left out for the byte cap
 
 
 @message("dir.gossip.push")
@@ -567,7 +595,7 @@ class GossipReply:
 class GossipPush:
     """Initiator -> responder: the records the responder asked for."""
 
-    records: list[PeerRecord]
+    records: list[PeerRecord | RecordHead]
 
 
 @message("dir.gossip.ack")
@@ -576,15 +604,38 @@ class GossipAck:
     accepted: int
 
 
+MAX_EXCHANGE_BYTES = 64 * 1024  # records in one reply or push (a joiner catches up over rounds)
+FULL_DIGEST = 64  # a directory this small sends its whole digest at once
+MAX_DIGEST_ENTRIES = 1024  # entries in a ranges digest (the initiator picks buckets up to it)
+
+
 def handle_digest(directory: Directory, msg: GossipDigest, now: float,
                   source: str | None = None) -> GossipReply:
-    """Responder side of an exchange: learn the sender, answer with the difference.
-    `source` defaults to the sender's key id (the transport checks it is the caller's)."""
-    if not isinstance(msg.digest, dict) or len(msg.digest) > 2 * directory.book.limits.max_records:
-        raise BadRequest(f"a gossip digest lists at most {2 * directory.book.limits.max_records} "
-                         f"records")
+    """Responder side of an exchange: learn the sender, answer with the difference
+    (see :class:`GossipDigest`). `source` defaults to the sender's key id (the
+    transport checks it is the caller's)."""
+    limit = 2 * directory.book.limits.max_records
+    if not isinstance(msg.digest, dict) or len(msg.digest) > limit:
+        raise BadRequest(f"a gossip digest lists at most {limit} records")
     directory.merge([msg.sender], now, source=source or _sender_key(msg.sender))
-    return GossipReply(records=directory.newer_than(msg.digest), want=directory.wanted(msg.digest))
+    scope = None
+    if msg.level >= 0:
+        if msg.level > MAX_LEVEL or not isinstance(msg.buckets, list) or any(
+                not isinstance(b, int) or not 0 <= b < (1 << msg.level) for b in msg.buckets):
+            raise BadRequest("a ranges digest names buckets of its level")
+        scope = directory.summary.keys_in(msg.level, set(msg.buckets))
+        buckets = set(msg.buckets)
+        if any(bucket_of(k, msg.level) not in buckets for k in msg.digest):
+            raise BadRequest("a ranges digest lists only keys in its buckets")
+    elif msg.root:
+        if msg.root == directory.summary.root():
+            return GossipReply(records=[], want=[])
+        level = level_for(len(directory))
+        return GossipReply(records=[], want=[], level=level,
+                           summary=directory.summary.buckets(level))
+    records, cut = directory.delta(msg.digest, now, key_ids=scope, max_bytes=MAX_EXCHANGE_BYTES)
+    want, held = directory.wanted(msg.digest, with_held=True)
+    return GossipReply(records=records, want=want, held=held, more=cut)
 
 
 def handle_push(directory: Directory, msg: GossipPush, now: float,

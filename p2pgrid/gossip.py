@@ -2,14 +2,21 @@
 
 Every ``interval`` (with jitter) a peer re-issues its own record (the heartbeat),
 expires dead peers, and runs one push-pull exchange with ``fanout`` random live peers
-plus any seed address (from mDNS or ``--join``) it has not yet reached::
+plus any seed address (from mDNS or ``--join``) it has not yet reached. Digest first,
+deltas second (see docs/ARCHITECTURE.md, "Anti-entropy that scales")::
 
     initiator                                   responder
-    GossipDigest(sender=own, digest)  ------->  handle_digest: merge sender
-              <-------  GossipReply(records newer than mine, want=[key ids])
+    GossipDigest(sender=own head, root)  ---->  handle_digest: merge sender
+              <----  GossipReply()                  roots equal: done
+              <----  GossipReply(level, summary)    else its bucket hashes
+    GossipDigest(entries of differing buckets) ->
+              <----  GossipReply(records newer than mine, want=[key ids], held)
     merge(records)
     GossipPush(records wanted)        ------->  handle_push: merge
               <-------  GossipAck
+
+A directory of at most FULL_DIGEST records sends its whole digest in the first message
+instead, and the root step is skipped.
 
 The transport is injected: ``send(address, msg) -> reply`` raises
 :class:`~p2pgrid.errors.PeerUnavailable` when the peer does not answer; a ``send``
@@ -36,8 +43,8 @@ from dataclasses import dataclass
 import trio
 
 from . import wire
-from .directory import (Directory, GossipDigest, GossipPush, GossipReply, PeerRecord,
-                        handle_gossip)
+from .directory import (FULL_DIGEST, MAX_DIGEST_ENTRIES, MAX_EXCHANGE_BYTES, Directory,
+                        GossipDigest, GossipPush, GossipReply, PeerRecord, handle_gossip)
 from .errors import P2PError, PeerUnavailable
 
 __all__ = ["Send", "RoundStats", "Gossiper", "gossip_once", "gossip_loop", "wait_for",
@@ -157,22 +164,55 @@ class Gossiper:
     async def exchange(self, address: str, own: PeerRecord, stats: RoundStats,
                        key_id: str | None = None) -> None:
         """One push-pull exchange with the peer at `address` (pinned to `key_id`
-        when the transport can). Success protects `key_id` (see :mod:`p2pgrid.addrbook`)."""
-        msg = GossipDigest(sender=own, digest=self.directory.digest())
+        when the transport can). Success protects `key_id` (see :mod:`p2pgrid.addrbook`).
+
+        Digest first: a small directory sends its whole digest; a larger one sends the
+        root of its :class:`~p2pgrid.summary.RangeSummary`, and if the responder's
+        differs, the entries of the buckets that differ (at most MAX_DIGEST_ENTRIES,
+        buckets drawn at random so that successive exchanges cover them all). Deltas
+        second, each way under MAX_EXCHANGE_BYTES, heads alone where the other side
+        holds the content."""
+        d = self.directory
+        head = own.head()
+        if len(d) <= FULL_DIGEST:
+            msg = GossipDigest(sender=head, digest=d.digest())
+        else:
+            msg = GossipDigest(sender=head, digest={}, root=d.summary.root())
         reply = await self._call(address, msg, key_id)
         if not isinstance(reply, GossipReply):
             raise PeerUnavailable(f"{address} answered a digest with {type(reply).__name__}")
+        if reply.summary:
+            try:
+                differ = d.summary.differing(reply.level, reply.summary)
+            except ValueError:
+                raise PeerUnavailable(f"{address} answered with a malformed summary") from None
+            self.rng.shuffle(differ)
+            by_bucket = d.summary.keys_by_bucket(reply.level, differ)
+            buckets, keys = [], []
+            for b in differ:
+                mine = by_bucket[b]
+                if buckets and len(keys) + len(mine) > MAX_DIGEST_ENTRIES:
+                    break
+                buckets.append(b)
+                keys += mine
+            if buckets:
+                reply = await self._call(address, GossipDigest(
+                    sender=head, digest=d.digest(keys), root=d.summary.root(), level=reply.level,
+                    buckets=sorted(buckets)), key_id)
+                if not isinstance(reply, GossipReply) or reply.summary:
+                    raise PeerUnavailable(f"{address} answered ranges with a summary")
         source = key_id if key_id is not None else address
-        stats.accepted += len(self.directory.merge(reply.records, self.clock(), source=source))
+        stats.accepted += len(d.merge(reply.records, self.clock(), source=source))
         if reply.want:
-            records = self.directory.records_for(reply.want)
+            records, _ = d.for_push(reply.want, reply.held, self.clock(),
+                                    max_bytes=MAX_EXCHANGE_BYTES)
             if records:
                 await self._call(address, GossipPush(records=records), key_id)
                 stats.pushed += len(records)
         stats.contacted += 1
         self.reached_seeds.add(address)
         if key_id is not None and self._keyed:
-            self.directory.book.good(key_id, self.clock())
+            d.book.good(key_id, self.clock())
 
 
 async def gossip_once(directory: Directory, send: Send, **kwargs) -> RoundStats:
