@@ -14,17 +14,58 @@ Without trio (Jupyter, scripts, asyncio programs): ``p2pgrid.connect_sync`` and
 ``p2pgrid.connect_asyncio`` (see :mod:`p2pgrid.sync`).
 """
 
-from .config import PeerConfig, load_profile
-from .errors import (BadRequest, CheatingDetected, Conflict, InsufficientStorage, MalformedMessage,
-                     NotFound, P2PError, PayloadTooLarge, PeerUnavailable, PermissionDenied,
-                     ProtocolError, RateLimited, ReplayDetected, RequestTimeout, RoundFailed,
-                     ShapeError, Unauthenticated, UnknownOp)
-from .identity import Identity
-from .network import Network, RemotePeer, connect
-from .peer import Peer, open_peer
-from .pointer import Expr, Pointer
-from .store import ObjectMeta, Rules
-from .sync import connect_asyncio, connect_sync
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import TYPE_CHECKING
+
+# Every public name loads on first use (PEP 562): ``import p2pgrid`` and the CLI's
+# parser stay free of torch, numpy, hypercorn and httpx, so ``p2pgrid --help`` answers at once.
+_LAZY = {
+    "PeerConfig": ".config", "load_profile": ".config",
+    **{name: ".errors" for name in (
+        "BadRequest", "CheatingDetected", "Conflict", "InsufficientStorage", "MalformedMessage",
+        "NotFound", "P2PError", "PayloadTooLarge", "PeerUnavailable", "PermissionDenied",
+        "ProtocolError", "RateLimited", "ReplayDetected", "RequestTimeout", "RoundFailed",
+        "ShapeError", "Unauthenticated", "UnknownOp")},
+    "Identity": ".identity",
+    "Network": ".network", "RemotePeer": ".network", "connect": ".network",
+    "Peer": ".peer", "open_peer": ".peer",
+    "Expr": ".pointer", "Pointer": ".pointer",
+    "ObjectMeta": ".store", "Rules": ".store",
+    "connect_asyncio": ".sync", "connect_sync": ".sync",
+}
+
+if TYPE_CHECKING:
+    from .config import PeerConfig, load_profile
+    from .errors import (BadRequest, CheatingDetected, Conflict, InsufficientStorage, MalformedMessage,
+                         NotFound, P2PError, PayloadTooLarge, PeerUnavailable, PermissionDenied,
+                         ProtocolError, RateLimited, ReplayDetected, RequestTimeout, RoundFailed,
+                         ShapeError, Unauthenticated, UnknownOp)
+    from .identity import Identity
+    from .network import Network, RemotePeer, connect
+    from .peer import Peer, open_peer
+    from .pointer import Expr, Pointer
+    from .store import ObjectMeta, Rules
+    from .sync import connect_asyncio, connect_sync
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    # ``import p2pgrid`` used to load most submodules as a side effect; code that relies on
+    # ``p2pgrid.wire`` and the like after a bare ``import p2pgrid`` keeps working.
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "connect", "connect_sync", "connect_asyncio", "open_peer", "Network", "RemotePeer", "Peer", "PeerConfig", "load_profile",

@@ -5,8 +5,10 @@ A plugin module may define:
 - ``async def service(peer, task_status)``: a long-running task the peer's nursery
   owns (call ``task_status.started()`` once ready);
 - ``class NetworkAPI``: a mixin of methods for :class:`p2pgrid.network.Network`;
-- ``def add_cli(subparsers) -> dict[str, Callable]``: add ``p2pgrid`` subcommands (argparse)
-  and return {command name: ``async def run(args) -> int``}.
+- a ``cli`` submodule with ``def add_cli(subparsers) -> dict[str, Callable]``: add ``p2pgrid``
+  subcommands (argparse) and return {command name: ``async def run(args) -> int``}. Building
+  the parser imports only these submodules (and the package's ``__init__``, so keep that
+  free of torch and the network stack): ``p2pgrid --help`` must not load them.
 
 Every peer loads the same list, so every participant runs the same actor.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from pathlib import Path
 from types import ModuleType
 
 PLUGINS = (
@@ -48,7 +51,11 @@ def network_mixins() -> tuple[type, ...]:
 
 def cli_extensions(subparsers) -> dict:
     runners = {}
-    for m in modules():
-        if hasattr(m, "add_cli"):
-            runners.update(m.add_cli(subparsers))
+    for name in PLUGINS:
+        # find_spec of "pkg.cli" would import pkg; look for the file without importing it
+        spec = importlib.util.find_spec(name)
+        if spec is None or not any(Path(d, "cli.py").is_file()
+                                   for d in spec.submodule_search_locations or ()):
+            continue
+        runners.update(importlib.import_module(f"{name}.cli").add_cli(subparsers))
     return runners

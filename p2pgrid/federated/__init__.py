@@ -23,19 +23,25 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-import trio
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .api import NetworkAPI
+import trio
+
 from .cli import add_cli
-from .options import SGD, Adam, ClientDP, FitEvent, FitResult, LocalDP, RoundRecord
+
+if TYPE_CHECKING:
+    from torch import nn
 
 __all__ = ["SGD", "Adam", "ClientDP", "LocalDP", "FedAvg", "FedProx", "FedAdam", "FedMedian", "DPFedAvg",
            "Strategy",
            "FitResult", "RoundRecord", "FitEvent", "PrivacyBudgetExceeded", "NetworkAPI", "router",
            "service", "add_cli", "save_model", "load_model", "state_of"]
 
-_LAZY = {"router": ".owner", "state_of": ".owner", "PrivacyBudgetExceeded": ".ledger",
+# torch-free at import: ``p2pgrid --help`` imports this package for its ``cli`` submodule.
+_LAZY = {"NetworkAPI": ".api",
+         **{n: ".options" for n in ("SGD", "Adam", "ClientDP", "FitEvent", "FitResult", "LocalDP",
+                                    "RoundRecord")},
+         "router": ".owner", "state_of": ".owner", "PrivacyBudgetExceeded": ".ledger",
          "FedAvg": "protocols.fedavg", "FedProx": "protocols.fedavg", "FedAdam": "protocols.fedavg",
          "DPFedAvg": "protocols.fedavg", "Strategy": "protocols.fedavg", "FedMedian": "protocols.fedavg"}
 

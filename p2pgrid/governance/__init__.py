@@ -13,19 +13,14 @@ directory, or the console page (its login link is printed when the peer starts).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 
 import trio
 
-from .audit import Verdict
-from .client import AccessRequest, NetworkAPI, private_get, request_access, request_release
 from .errors import PrivacyBudgetExceeded
-from .handlers import router
-from .mechanism import Bounds, Plan
-from .policy import Gate, Governance, of
 from .roles import CAPABILITIES, ROLES
-from .store import GovernanceStore
 
 __all__ = ["AccessRequest", "Bounds", "Gate", "GovernanceStore", "Governance", "PrivacyBudgetExceeded",
            "Plan", "ROLES", "CAPABILITIES", "Verdict", "of", "request_access", "request_release",
@@ -37,38 +32,59 @@ log = logging.getLogger("p2pgrid.governance")
 FLUSH_INTERVAL = 0.5     # seconds between chaining queued audit entries
 CHECKPOINT_INTERVAL = 60.0
 
+# Loaded on first use: ``p2pgrid --help`` imports this package for its ``cli`` submodule,
+# and must not pay for torch and the network stack.
+_LAZY = {"Verdict": ".audit", "AccessRequest": ".client", "NetworkAPI": ".client",
+         "private_get": ".client", "request_access": ".client", "request_release": ".client",
+         "router": ".handlers", "Bounds": ".mechanism", "Plan": ".mechanism", "Gate": ".policy",
+         "Governance": ".policy", "of": ".policy", "GovernanceStore": ".store"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def authorize(peer, caller) -> bool:
     """For ``Peer.authorize``: True if `caller` is a registered user with its registered
     key; False if the name is not pinned here (the runtime's binding decides);
     Unauthenticated if the name is registered with another key."""
+    from .policy import of
     return of(peer).authorize(caller)
 
 
 def verdict(peer, caller, meta, right: str) -> bool | None:
     """For ``p2pgrid.handlers.may``: True, False, or None (the object's rules decide)."""
+    from .policy import of
     return of(peer).verdict(caller, meta, right)
 
 
 def require(peer, caller, capability: str) -> None:
     """PermissionDenied unless `caller`'s role allows `capability` (for plugins)."""
+    from .policy import of
     of(peer).require(caller, capability)
 
 
 def pooled(peer, caller) -> bool:
     """Whether `caller` shares the allowance of all unregistered callers (budgets, rate
     limits): names are free, so an unvouched name gets no allowance of its own."""
+    from .policy import of
     return of(peer).pooled(caller)
 
 
 def result_creator_only(peer) -> bool:
     """Whether results must be bound to the user who computed them (roles in force)."""
+    from .policy import of
     return of(peer).active
 
 
 async def service(peer, task_status=trio.TASK_STATUS_IGNORED):
     """Open the governance store, serve the console, chain audit entries as they come."""
     from ..web import serve_console
+    from .policy import of
 
     gov = of(peer)
     try:

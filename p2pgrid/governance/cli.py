@@ -16,7 +16,6 @@ from pathlib import Path
 
 from ..config import default_home
 from ..errors import P2PError
-from .store import DEFAULT_EPSILON as _DEFAULT_EPSILON
 
 BY = "owner (cli)"
 
@@ -319,7 +318,8 @@ def _budget(args) -> int:
             total = f", total epsilon {args.total:g}" if args.total is not None else ""
             print(f"{args.dataset}: bounds {bounds.to_list()}{total}")
         else:
-            out = {"default_epsilon": store.setting("default_epsilon", _DEFAULT_EPSILON),
+            from .store import DEFAULT_EPSILON
+            out = {"default_epsilon": store.setting("default_epsilon", DEFAULT_EPSILON),
                    "guest_epsilon": store.setting("guest_epsilon"),
                    "unregistered_spent": store.pooled_spent(),
                    "datasets": store.datasets(), "budgets": store.budgets(),

@@ -17,26 +17,38 @@ handlers), ``owner`` and ``client`` (the two ends), ``encrypted`` (on p2pgrid.sm
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import trio
 
-from . import owner
-from .api import NetworkAPI
-from .catalog import ModelInfo
 from .cli import add_cli
-from .host import HostingPolicy, Terms, router, state
-from .policy import Policy
 
 __all__ = ["Policy", "HostingPolicy", "Terms", "ModelInfo", "NetworkAPI", "router", "service",
            "add_cli"]
 
 log = logging.getLogger("p2pgrid.serving")
 
+# Loaded on first use: ``p2pgrid --help`` imports this package for its ``cli`` submodule,
+# and must not pay for torch and the network stack.
+_LAZY = {"NetworkAPI": ".api", "ModelInfo": ".catalog", "HostingPolicy": ".host", "Terms": ".host",
+         "router": ".host", "state": ".host", "Policy": ".policy"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 async def service(peer, task_status=trio.TASK_STATUS_IGNORED):
     """Announce this peer's hosting consent, serve again what it served before, then
     keep the replicas of its own models placed."""
+    from . import owner
+    from .host import state
+
     s = state(peer)
     s.load_hosting()
     s.announce()
