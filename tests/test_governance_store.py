@@ -215,10 +215,12 @@ def test_owner_commands(tmp_path, capsys, monkeypatch):
     # without --peer: the only peer that has run here, else a list of candidates
     with pytest.raises(SystemExit, match="no peer has run"):
         run("users", "list")
-    (tmp_path / "home" / "hospital" / "objects.db").touch()
+    # a peer that has run keeps its store at DIR/store/objects.db
+    (tmp_path / "home" / "hospital" / "store").mkdir()
+    (tmp_path / "home" / "hospital" / "store" / "objects.db").touch()
     assert "bob" in run("users", "list")[1].out
-    (tmp_path / "home" / "clinic").mkdir()
-    (tmp_path / "home" / "clinic" / "objects.db").touch()
+    (tmp_path / "home" / "clinic" / "store").mkdir(parents=True)
+    (tmp_path / "home" / "clinic" / "store" / "objects.db").touch()
     with pytest.raises(SystemExit, match="peers here: clinic, hospital"):
         run("users", "list")
     assert run("users", "remove", "gail", *peer)[0] == 1

@@ -31,9 +31,9 @@ SENDER = textwrap.dedent("""
 
 def test_a_256_mb_tensor_crosses_1_gbit_links(lab_required):
     with Lab(["store", "bob"], LinkSpec.parse(rate="1gbit")) as lab:
-        # the store's owner lets others store objects (the default is registered users only)
-        lab.run("store", ["p2pgrid", "users", "storage", "anyone", "--peer", "store"], check=True)
         lab.start_peer("store", args=["--host", lab.address("store")])
+        # its owner lets others store objects (the default is registered users only)
+        lab.run("store", ["p2pgrid", "users", "storage", "anyone", "--peer", "store"], check=True)
         r = lab.run("bob", ["python", "-c", SENDER], timeout=400, env={"LISTEN": lab.address("bob")})
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
