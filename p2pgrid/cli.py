@@ -212,8 +212,14 @@ async def _one_shot(args):
             print(f"p2pgrid: $USER is not set; your name on the network is {name!r} "
                   "(give --as NAME)", file=sys.stderr)
     data_dir, temp = args.data_dir, None
-    if data_dir is None and not (default_home() / name / "identity.key").exists():
+    if data_dir is None:
+        # a throwaway store, but your own key: a throwaway key would claim your name on
+        # every peer it reaches (trust on first use) and lock your next script out of it
+        from .identity import Identity
+        key = default_home() / name / "identity.key"
+        Identity.load_or_create(key)
         data_dir = temp = Path(tempfile.mkdtemp(prefix=f"p2pgrid-{name}-"))
+        shutil.copy2(key, temp / "identity.key")
     try:
         async with connect(name, join=args.join, mdns=args.mdns, interfaces=args.interfaces,
                            insecure=args.insecure, data_dir=data_dir, wait=args.wait,

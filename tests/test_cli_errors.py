@@ -81,7 +81,8 @@ def test_search_reaching_nobody_says_so(tmp_path):
                         "KEYID@HOST:PORT (as `p2pgrid peer` prints it) or check that mDNS "
                         "works here")
     assert "owner login" not in out.stderr  # a one-shot peer serves no console
-    assert not (tmp_path / "home" / "bob").exists()  # nor leaves its data behind
+    # nor leaves its data behind: only bob's key stays, so his name stays his on every peer
+    assert [p.name for p in (tmp_path / "home" / "bob").iterdir()] == ["identity.key"]
 
 
 def test_user_unset_is_said(tmp_path):
