@@ -171,17 +171,37 @@ class AddrBook:
     def choose(self, candidates: Sequence[_Keyed], fanout: int, now: float,
                rng: random.Random) -> list:
         """`fanout` distinct candidates: a share drawn from the protected ones, the rest
-        uniformly from all, preferring those whose last exchange did not fail."""
+        uniformly from all, preferring those whose last exchange did not fail.
+
+        Costs O(fanout) draws, not a pass over `candidates`, when it is large and has a
+        ``get(key_id)`` (:class:`~p2pgrid.directory.Partners`): a peer of a 10,000-peer
+        network picks its partners every round."""
         if fanout <= 0 or not candidates:
             return []
         protected = self.protected(now)
-        prot = [c for c in candidates if c.key_id in protected]
+        get = getattr(candidates, "get", None)
+        if get is not None:
+            prot = [c for c in (get(k) for k in sorted(protected)) if c is not None]
+        else:
+            prot = [c for c in candidates if c.key_id in protected]
         # fanout * share slots, the fraction drawn at random (a fanout of 1 still explores)
         want = fanout * self.limits.protected_share
         k = int(want) + (rng.random() < want - int(want))
         k = min(len(prot), k)
         picked = rng.sample(prot, k)
         chosen = {c.key_id for c in picked}
+        n = len(candidates)
+        if n > 8 * (fanout + len(chosen)):
+            # Uniform draws, rejecting those already chosen or whose last exchange
+            # failed: uniform over the rest, as the pass below. Few tries are enough
+            # unless most candidates failed; then the pass decides.
+            for _ in range(8 * fanout):
+                if len(picked) >= fanout:
+                    return picked
+                c = candidates[rng.randrange(n)]
+                if c.key_id not in chosen and c.key_id not in self._failed:
+                    picked.append(c)
+                    chosen.add(c.key_id)
         rest = [c for c in candidates if c.key_id not in chosen]
         fresh = [c for c in rest if c.key_id not in self._failed]
         for pool in (fresh, [c for c in rest if c.key_id in self._failed]):

@@ -46,9 +46,10 @@ contested name. Each such claim is recorded once in ``Directory.conflicts`` and 
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import cbor2
@@ -72,6 +73,11 @@ __all__ = [
 log = logging.getLogger("p2pgrid.directory")
 
 _VERIFY_CACHE = 8192  # heads whose signature check we remember
+# Heartbeat heads a peer should receive per second, whatever the network's size. Every
+# peer must hear each other peer within ttl, so at N peers re-signing every ttl/3 a peer
+# receives 3N/ttl heads a second: a fixed ttl makes that grow linearly with N. The ttl a
+# record states grows with the directory instead (see Directory.record_ttl).
+HEARTBEAT_HEADS_PER_S = 16.0
 
 
 def _column_tags(o: ObjectSummary) -> set[str]:
@@ -93,6 +99,25 @@ class NameConflict:
 
 # ---------------------------------------------------------------- the directory
 
+class Partners(Sequence):
+    """A live view of a directory's gossip partners (see :meth:`Directory.partners`):
+    index i is a record, ``get(key_id)`` the record if it is a partner."""
+
+    def __init__(self, directory: Directory):
+        self._d = directory
+
+    def __len__(self) -> int:
+        return len(self._d._pool)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._d._records[k] for k in self._d._pool[i]]
+        return self._d._records[self._d._pool[i]]
+
+    def get(self, key_id: str) -> PeerRecord | None:
+        return self._d._records.get(key_id) if key_id in self._d._pool_at else None
+
+
 Listener = Callable[[str, list[PeerRecord]], None]
 
 
@@ -107,6 +132,7 @@ class Directory:
     def __init__(self, identity: _identity.Identity, *, ttl: float = 30.0,
                  tombstone_ttl: float | None = None, max_ttl: float | None = None,
                  limits: BookLimits | None = None,
+                 heads_per_s: float = HEARTBEAT_HEADS_PER_S,
                  admit: Callable[[PeerRecord], str | None] | None = None):
         # admit(record): why a verified record may not be kept (None: it may), e.g. it
         # lacks a valid network membership certificate; the peer's policy, not ours
@@ -115,8 +141,10 @@ class Directory:
         self.identity = identity
         self.key_id = identity.key_id
         self.ttl = float(ttl)
+        # our cap on a record's stated ttl; 4 * record_ttl() lifts it in a large network
         self.max_ttl = 4 * self.ttl if max_ttl is None else max(float(max_ttl), self.ttl)
         self.tombstone_ttl = 4 * self.ttl if tombstone_ttl is None else float(tombstone_ttl)
+        self.heads_per_s = float(heads_per_s)
         self.book = AddrBook(limits)
         self.own: PeerRecord | None = None
         self.conflicts: list[NameConflict] = []
@@ -131,6 +159,11 @@ class Directory:
         self.summary = RangeSummary()  # of digest(): what an exchange compares first
         self._need_content: set[str] = set()  # heads whose content we lack: digest says 0
         self._checked: dict[tuple, bool] = {}  # head -> signature valid (verify once)
+        # Per-round work must not grow with the directory: records expire off a heap of
+        # deadlines (lazily pruned), and partners are drawn from an indexable pool.
+        self._deadlines: list[tuple[float, str, float]] = []  # (expires at, key id, seen)
+        self._pool: list[str] = []  # key ids of gossip partners: not ours, with addresses
+        self._pool_at: dict[str, int] = {}
         self.verified = 0  # signature checks done (tests and benchmarks count them)
 
     # ------------------------------------------------------------ own record
@@ -152,7 +185,8 @@ class Directory:
         version = max(self.own.version if self.own else 0, self._own_version_seen) + 1
         fields = dict(name=name, addresses=list(addresses), cert=bytes(cert), roles=list(roles),
                       objects=list(objects), services=dict(services), issued_at=float(now),
-                      ttl=self.ttl, membership=bytes(membership), revocations=bytes(revocations))
+                      ttl=self.record_ttl(), membership=bytes(membership),
+                      revocations=bytes(revocations))
         rec = sign_record(self.identity, version=version, **fields)
         if self.own is not None and self.own.content_hash == rec.content_hash:
             # A heartbeat: same content, so its version stays and peers holding it
@@ -235,6 +269,7 @@ class Directory:
             self._need_content.discard(kid)
             self._put(kid, rec)
             self._last_seen[kid] = now
+            heapq.heappush(self._deadlines, (now + self.lifetime(rec), kid, now))
             self._tombstones.pop(kid, None)
             if cur is None:
                 self.book.added(kid, source)
@@ -268,12 +303,32 @@ class Directory:
     def _put(self, kid: str, rec: PeerRecord) -> None:
         self._records[kid] = rec
         self.summary.set(kid, 0 if kid in self._need_content else rec.version)
+        self._pool_set(kid, kid != self.key_id and bool(rec.addresses))
 
     def _drop(self, kid: str) -> PeerRecord:
         rec = self._records.pop(kid)
         self._need_content.discard(kid)
         self.summary.set(kid, None)
+        self._pool_set(kid, False)
         return rec
+
+    def _pool_set(self, kid: str, member: bool) -> None:
+        at = self._pool_at.get(kid)
+        if member and at is None:
+            self._pool_at[kid] = len(self._pool)
+            self._pool.append(kid)
+        elif not member and at is not None:
+            last = self._pool.pop()  # swap-remove: O(1), order does not matter
+            if last != kid:
+                self._pool[at] = last
+                self._pool_at[last] = at
+            del self._pool_at[kid]
+
+    def partners(self) -> Partners:
+        """The records gossip may pick partners from (every live record but ours that
+        has an address), as a sequence indexable in O(1), for drawing at random
+        without listing the directory every round."""
+        return Partners(self)
 
     def _want_content(self, kid: str) -> None:
         # The head names content we do not hold (its owner changed it without moving
@@ -300,6 +355,8 @@ class Directory:
         return True
 
     def _tombstone(self, kid: str, version: int, now: float) -> None:
+        # re-inserted, so the dict's order stays the order of `now` (expire sweeps the front)
+        self._tombstones.pop(kid, None)
         self._tombstones[kid] = (version, now)
         excess = len(self._tombstones) - 2 * self.book.limits.max_records
         if excess > 0:  # bounded like the records: the oldest go first
@@ -308,9 +365,20 @@ class Directory:
 
     def lifetime(self, rec: PeerRecord) -> float:
         """How long `rec` stays live after its newest version arrived: its own promise
-        (``ttl``) if longer than ours, but never more than our ``max_ttl``."""
+        (``ttl``) if longer than ours, but never more than our ``max_ttl`` (or four
+        times :meth:`record_ttl`, if longer, in a large network)."""
         stated = rec.ttl if isinstance(rec.ttl, (int, float)) and not math.isnan(rec.ttl) else 0.0
-        return min(max(self.ttl, float(stated)), self.max_ttl)
+        return min(max(self.ttl, float(stated)), max(self.max_ttl, 4 * self.record_ttl()))
+
+    def record_ttl(self) -> float:
+        """The ttl our record states (its owner re-signs it every third of that): our
+        ``ttl``, or longer in a large network, so that every peer re-signing every
+        ttl/3 sends each peer at most ``heads_per_s`` heads a second (3N/ttl); a
+        10,000-peer directory gets about 31 minutes at 16 a second. The price: a
+        silent peer's record lingers that long (a peer that cannot reach it marks it
+        failed at once, and gossip avoids it). Records are honoured for up to 4 times
+        this, so peers whose view of N differs do not expire each other."""
+        return max(self.ttl, 3.0 * len(self._records) / self.heads_per_s)
 
     def digest(self, key_ids: Iterable[str] | None = None) -> dict[str, int]:
         """key id -> version, for every record held (ours included), or for those of
@@ -412,17 +480,35 @@ class Directory:
         # A record promises a heartbeat within its own ttl; honour the longer of that
         # promise and ours (so peers configured differently do not expire each other),
         # up to our own maximum (so no record outlives it by saying ttl=inf).
-        dead = [kid for kid, seen in self._last_seen.items()
-                if now - seen > self.lifetime(self._records[kid]) and kid != self.key_id]
-        dropped = []
-        for kid in dead:
-            rec = self._drop(kid)
+        # Every accepted version pushed a deadline; an entry whose `seen` is no longer
+        # the key's last receive time was superseded. Cost: the entries due, not the table.
+        heap, dropped, keep = self._deadlines, [], []
+        while heap and heap[0][0] < now:
+            entry = heapq.heappop(heap)
+            _, kid, seen = entry
+            if self._last_seen.get(kid) != seen or kid == self.key_id:
+                continue
+            rec = self._records[kid]
+            if now - seen <= self.lifetime(rec):
+                keep.append((seen + self.lifetime(rec), kid, seen))  # its lifetime grew
+                continue
+            self._drop(kid)
             del self._last_seen[kid]
             self.book.removed(kid)
             self._tombstone(kid, rec.version, now)
             dropped.append(rec)
-        for kid in [k for k, (_, t) in self._tombstones.items() if now - t > self.tombstone_ttl]:
-            del self._tombstones[kid]
+        for entry in keep:
+            heapq.heappush(heap, entry)
+        if len(heap) > 4 * len(self._last_seen) + 64:  # superseded entries pile up: rebuild
+            self._deadlines = [(s + self.lifetime(self._records[k]), k, s)
+                               for k, s in self._last_seen.items()]
+            heapq.heapify(self._deadlines)
+        tombs = self._tombstones
+        while tombs:
+            kid = next(iter(tombs))
+            if now - tombs[kid][1] <= self.tombstone_ttl:
+                break
+            del tombs[kid]
         if dropped:
             log.info("expired %s", ", ".join(f"{r.name} ({r.key_id})" for r in dropped))
             self._notify("expired", dropped)

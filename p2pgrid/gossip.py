@@ -107,7 +107,7 @@ class Gossiper:
         When we know no live peer at all (just started, or cut off long enough for
         everyone to expire) every seed counts as not reached, so a partition heals.
         """
-        others = [r for r in self.directory.peers(include_self=False) if r.addresses]
+        others = self.directory.partners()
         picked = self.directory.book.choose(others, self.fanout, self.clock(), self.rng)
         out = [(self.rng.choice(r.addresses), r.key_id) for r in picked]
         if self.seeds is not None:
@@ -116,7 +116,7 @@ class Gossiper:
             for s in self.seeds():
                 if s in mine or s in chosen:
                     continue
-                if others and s in self.reached_seeds:
+                if len(others) and s in self.reached_seeds:
                     continue
                 out.append((s, None))
                 chosen.add(s)

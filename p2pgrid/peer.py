@@ -342,10 +342,13 @@ class Peer:
     # ------------------------------------------------------------ directory
 
     def heartbeat(self) -> PeerRecord:
-        """Our record for a gossip round: re-signed only when a third of the ttl has
-        passed, so unchanged records are not re-spread around the network every round."""
+        """Our record for a gossip round: re-signed only when a third of its ttl has
+        passed, so unchanged records are not re-spread around the network every round
+        (the ttl grows with the network: :meth:`Directory.record_ttl`)."""
         own = self.directory.own
-        if own is None or time.time() - own.issued_at >= self.config.ttl / 3:
+        ttl = self.directory.record_ttl() if own is None else min(own.ttl,
+                                                                  self.directory.record_ttl())
+        if own is None or time.time() - own.issued_at >= ttl / 3:
             return self.reissue()
         return own
 

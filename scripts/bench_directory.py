@@ -38,73 +38,122 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 
 import trio
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from p2pgrid.directory import Directory, ObjectSummary  # noqa: E402
-from p2pgrid.gossip import Gossiper, MemoryNetwork  # noqa: E402
+from p2pgrid.addrbook import AddrBook  # noqa: E402
+from p2pgrid.gossip import Gossiper, MemoryNetwork, RoundStats  # noqa: E402
 from p2pgrid.identity import Identity  # noqa: E402
 
 INTERVAL = 1.0
-TTL = 30.0  # a real peer's default: it re-signs its record every ttl/3 (HEARTBEAT rounds)
-HEARTBEAT = 10
+TTL = 30.0  # the base ttl; a record states Directory.record_ttl(), re-signed every third
 
 
 class Peer:
     def __init__(self, i: int, ident: Identity, net: MemoryNetwork, clock, rng, fanout: int):
         self.name = f"peer{i}"
-        self.address = f"10.0.{i // 256}.{i % 256}:7443"
+        self.address = address_of(i)
         self.cert = rng.randbytes(480)  # about the size of a DER Ed25519 certificate
-        self.objects = [ObjectSummary(f"{self.name}-{k}", [f"topic{(i + k) % 7}", "tabular"],
-                                      "a published table", [1000, 12], "float32", self.name)
-                        for k in range(3)]
+        self.objects = objects_of(i)
         self.directory = Directory(ident, ttl=TTL)
-        self.phase = rng.randrange(HEARTBEAT)  # heartbeats are not synchronised
+        self.phase = rng.randrange(1 << 20)  # heartbeats are not synchronised
         self.beating = True
         self.round = 0
         net.add(self.address, self.directory)
+        self.key_id = ident.key_id
         self.gossiper = Gossiper(self.directory, net.send, fanout=fanout, reissue=self.heartbeat,
                                  clock=clock, rng=random.Random(rng.random()), timeout=5.0)
-
-    @staticmethod
-    def record(i: int, ident: Identity, rng):
-        """The record peer i would issue (for peers that are not simulated)."""
-        d = Directory(ident, ttl=TTL)
-        name = f"peer{i}"
-        return d.issue(time.time(), name=name, addresses=[f"10.0.{i // 256}.{i % 256}:7443"],
-                       cert=rng.randbytes(480), roles=[], objects=[
-                           ObjectSummary(f"{name}-{k}", [f"topic{(i + k) % 7}", "tabular"],
-                                         "a published table", [1000, 12], "float32", name)
-                           for k in range(3)], services={"models": {"clf": {"input": [12]}}})
 
     def reissue(self):
         return self.directory.issue(time.time(), name=self.name, addresses=[self.address],
                                     cert=self.cert, roles=[], objects=self.objects,
-                                    services={"models": {"clf": {"input": [12]}}})
+                                    services=SERVICES)
 
     def heartbeat(self):
-        """As a real peer: re-signed every HEARTBEAT rounds, or at once after a change."""
+        """As a real peer: re-signed every third of its record's ttl (which grows with
+        the directory: Directory.record_ttl), or at once after a change."""
         self.round += 1
         own = self.directory.own
         if own is None or list(own.objects) != list(self.objects) or (
-                self.beating and (self.round + self.phase) % HEARTBEAT == 0):
+                self.beating and (self.round + self.phase) % beat_rounds(own.ttl) == 0):
             return self.reissue()
         return own
 
 
+SERVICES = {"models": {"clf": {"input": [12]}}}
+
+
+def address_of(i: int) -> str:
+    return f"10.{i // 65536}.{i // 256 % 256}.{i % 256}:7443"
+
+
+def objects_of(i: int) -> list[ObjectSummary]:
+    return [ObjectSummary(f"peer{i}-{k}", [f"topic{(i + k) % 7}", "tabular"],
+                          "a published table", [1000, 12], "float32", f"peer{i}")
+            for k in range(3)]
+
+
+def beat_rounds(ttl: float) -> int:
+    return max(1, round(ttl / 3 / INTERVAL))
+
+
+class Light:
+    """A peer of the network that is not simulated in full (--sample): it holds the
+    converged directory (as every full peer does at the start) plus one bit, whether
+    it holds the tracked record's new version, and picks its partners with a real
+    address book over the whole network."""
+
+    __slots__ = ("key_id", "index", "book", "rng", "has", "record", "phase", "ident")
+
+    def __init__(self, index: int, ident: Identity, rng: random.Random):
+        self.index = index
+        self.key_id = ident.key_id
+        self.ident = ident
+        self.book = AddrBook()
+        self.rng = random.Random(rng.random())
+        self.has = False
+        self.phase = rng.randrange(1 << 20)
+        self.record = None  # its newest record, as the bench signed it for it
+
+
+class _Others(Sequence):
+    """Every node of the network but one, indexable (for AddrBook.choose)."""
+
+    def __init__(self, nodes, me: int, by_key: dict):
+        self.nodes, self.me, self.by_key = nodes, me, by_key
+
+    def __len__(self):
+        return len(self.nodes) - 1
+
+    def __getitem__(self, j):
+        return self.nodes[j + (j >= self.me)]
+
+    def get(self, key_id):
+        j = self.by_key.get(key_id)
+        return None if j is None or j == self.me else self.nodes[j]
+
+
 class SampledNetwork(MemoryNetwork):
-    """--sample: only some peers are simulated; a send to any other address reaches a
-    random simulated one (whose directory is the same converged one), unpinned."""
+    """--sample: K peers run in full; every other address is a Light node. While
+    measuring, a send to a light node reaches a random full peer instead (its
+    directory is the same converged one), unpinned; while a change spreads, the
+    exchange with a light node is modelled (``model``)."""
 
     def __init__(self, *, rng, **kw):
         super().__init__(**kw)
         self.rng = rng
         self.live: list[str] = []
+        self.model = None
 
     async def send(self, address, msg, key_id=None):
         if address not in self.directories:
+            if self.model is not None:
+                await trio.lowlevel.checkpoint()
+                return self.model(address, msg)
             address, key_id = self.rng.choice(self.live), None
         return await super().send(address, msg, key_id=key_id)
 
@@ -113,26 +162,61 @@ def _cpu() -> float:
     return time.process_time()  # this process only: other users' load does not count
 
 
+def _records(n: int, idents: list[Identity], now: float) -> list:
+    """Every peer's record as it would issue it, in a directory of n records."""
+    out = []
+    for i in range(n):
+        d = Directory(idents[i], ttl=TTL)
+        d.summary = _NoSummary()  # only the ttl depends on n: see record_ttl
+        d._records = _Sized(n)
+        out.append(d.issue(now, name=f"peer{i}", addresses=[address_of(i)],
+                           cert=random.Random(i).randbytes(480), roles=[],
+                           objects=objects_of(i), services=SERVICES))
+    return out
+
+
+class _Sized(dict):
+    """A dict that says it holds n entries (to issue a record as in an n-peer directory)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def __len__(self):
+        return self.n + super().__len__()
+
+
+class _NoSummary:
+    def set(self, *a):
+        pass
+
+
 async def trial(n: int, idents: list[Identity], fanout: int, seed: int, *,
-                sample: int = 0, steady_rounds: int = 3) -> dict:
+                sample: int = 0, steady_rounds: int = 3, beat_measure: int = 0,
+                timings: dict | None = None) -> dict:
+    timings = {} if timings is None else timings
+    t0 = _cpu()
     rng = random.Random(seed)
     now = [0.0]
     clock = lambda: now[0]  # noqa: E731
-    simulated = sample or n
-    net = (SampledNetwork(clock=clock, roundtrip=True, rng=rng) if sample
-           else MemoryNetwork(clock=clock, roundtrip=True))
-    peers = [Peer(i, idents[i], net, clock, rng, fanout) for i in range(simulated)]
+    full = sample or n
+    net = SampledNetwork(clock=clock, roundtrip=True, rng=rng)
+    records = _records(n, idents, time.time())
+    peers = [Peer(i, idents[i], net, clock, rng, fanout) for i in range(full)]
     net.live = [p.address for p in peers]
-    records = [p.reissue() for p in peers]
-    if sample:  # the rest of the network: records only
-        for i in range(simulated, n):
-            records.append(Peer.record(i, idents[i], rng))
-    for k, p in enumerate(peers):  # start converged (not measured)
-        if k and hasattr(p.directory, "_checked"):
-            p.directory._checked = dict(peers[0].directory._checked)  # setup: verify once here
-        p.directory.merge(records, now[0])
-        if hasattr(p.directory, "verified"):
-            p.directory.verified = 0
+    lights = [Light(i, idents[i], rng) for i in range(full, n)]
+    for li in lights:
+        li.record = records[li.index]
+    checked = {}
+    for p in peers:  # start converged (not measured)
+        p.directory._checked = dict(checked)  # setup: each head verified once, here
+        p.directory.merge(records, now[0])  # its own is skipped but counted: next is v2
+        p.reissue()  # as a peer of an n-peer directory (its ttl depends on n)
+        checked = checked or p.directory._checked
+    for p in peers:  # each holds every other full peer's own record
+        p.directory.merge([q.directory.own for q in peers], now[0])
+        p.directory.verified = 0
+    timings["setup_cpu_s"] = round(_cpu() - t0, 1)
 
     async def step(group=None):
         async with trio.open_nursery() as nursery:
@@ -140,58 +224,169 @@ async def trial(n: int, idents: list[Identity], fanout: int, seed: int, *,
                 nursery.start_soon(p.gossiper.round)
         now[0] += INTERVAL
 
-    async def measure(rounds: int) -> tuple[float, float]:
-        b0, c0 = net.bytes_sent, _cpu()
+    rounds_done = [0]
+
+    def beat_lights():
+        """Light peers heartbeat too (signing is theirs, not charged to the full peers):
+        each new head is handed to one full peer, as if its owner had gossiped it there."""
+        signed, cpu0 = [], _cpu()
+        for li in lights:
+            if (rounds_done[0] + li.phase) % beat_rounds(li.record.ttl) == 0:
+                d = Directory(li.ident, ttl=TTL)
+                d.summary = _NoSummary()
+                d._records = _Sized(n)
+                d.own = li.record  # a heartbeat: same content, so a new head only
+                li.record = d.issue(time.time(), name=li.record.name,
+                                    addresses=li.record.addresses, cert=li.record.cert,
+                                    roles=[], objects=li.record.objects, services=SERVICES)
+                signed.append(li.record)
+        sign_cpu = _cpu() - cpu0
+        for rec in signed:
+            rng.choice(peers).directory.merge([rec.head()], now[0], source=rec.key_id)
+        return sign_cpu
+
+    async def measure(rounds: int, beating: bool) -> tuple[float, float]:
+        b0, c0, excluded = net.bytes_sent, _cpu(), 0.0
         for _ in range(rounds):
+            if beating:
+                excluded += beat_lights()
             await step()
-        return ((net.bytes_sent - b0) / rounds / simulated,
-                1000 * (_cpu() - c0) / rounds / simulated)
+            rounds_done[0] += 1
+        return ((net.bytes_sent - b0) / rounds / full,
+                1000 * (_cpu() - c0 - excluded) / rounds / full)
 
     out = {}
     # 1. nothing changes: nobody re-signs
     for p in peers:
         p.beating = False
     await step()  # the records issued above settle
-    out["steady_bytes"], out["steady_cpu_ms"] = await measure(steady_rounds)
-    # 2. heartbeats: every peer re-signs every HEARTBEAT rounds, as real peers do
+    t0 = _cpu()
+    out["steady_bytes"], out["steady_cpu_ms"] = await measure(steady_rounds, False)
+    timings["steady_cpu_s"] = round(_cpu() - t0, 1)
+    # 2. heartbeats: every peer re-signs every third of its ttl, as real peers do
+    t0 = _cpu()
     for p in peers:
         p.beating = True
-    out["hb_bytes"], out["hb_cpu_ms"] = await measure(max(steady_rounds, 2))
-    # 3. a new tag, until every simulated peer finds it
+    out["record_ttl_s"] = peers[0].directory.own.ttl
+    await measure(min(5, beat_rounds(out["record_ttl_s"])), True)  # heads start flowing
+    out["hb_bytes"], out["hb_cpu_ms"] = await measure(
+        beat_measure or max(steady_rounds, min(10, beat_rounds(out["record_ttl_s"]))), True)
+    timings["heartbeat_cpu_s"] = round(_cpu() - t0, 1)
+    for p in peers:
+        p.beating = False
+    # 3. a new tag, until every peer of the whole network finds it
+    t0 = _cpu()
     publisher = rng.choice(peers)
     tag = f"fresh{seed}"
     publisher.objects = publisher.objects + [
         ObjectSummary(f"{publisher.name}-new", [tag], "", [10], "int64", publisher.name)]
+    pub_key = publisher.directory.key_id
+    publisher.reissue()  # the change, issued at once (its round then sends it)
+    new_version = [publisher.directory.own.version]
+
+    def full_has(p) -> bool:
+        rec = p.directory._records.get(pub_key)
+        return rec is not None and rec.version >= new_version[0]
+
+    by_address = {li.record.addresses[0]: li for li in lights}
+    full_by_key = {p.directory.key_id: p for p in peers}
+    newly: list = []
+
+    def meet(p, li):
+        """A full peer and a light one exchange: the new version goes whichever way."""
+        if li.has and not full_has(p):
+            p.directory.merge([publisher.directory.own], now[0], source=li.key_id)
+        elif full_has(p) and not li.has:
+            newly.append(li)
+
+    def model(address, msg):
+        from p2pgrid.directory import GossipReply
+        p = full_by_key[msg.sender.key_id]
+        meet(p, by_address[address])
+        return GossipReply(records=[], want=[])
+
+    # light nodes and full peers, one list: light ones pick partners from all of it
+    everyone = [*peers, *lights]
+    index_of = {id(x): i for i, x in enumerate(everyone)}
+    by_key = {x.key_id: i for i, x in enumerate(everyone)}
+
+    def light_round():
+        for li in lights:
+            view = _Others(everyone, index_of[id(li)], by_key)
+            for other in li.book.choose(view, fanout, now[0], li.rng):
+                li.book.good(other.key_id, now[0])
+                if isinstance(other, Light):
+                    if li.has != other.has:
+                        newly.append(other if li.has else li)
+                else:
+                    meet(other, li)
+
+    if lights:
+        for _ in range(8):  # light books fill their protected sets as after a while
+            light_round()
+            now[0] += INTERVAL
 
     def everyone_finds_it():
-        return all(publisher.name in p.directory.search("#" + tag) for p in peers)
+        return (all(publisher.name in p.directory.search("#" + tag) for p in peers)
+                and all(li.has for li in lights))
 
     rounds = 0
-    b0, c0 = net.bytes_sent, _cpu()
+    b0 = net.bytes_sent
+    net.model = model if lights else None
     while not everyone_finds_it():
         await step()
+        light_round()  # from the state at the start of the round (conservative)
+        for li in newly:
+            li.has = True
+        newly.clear()
         rounds += 1
         if rounds > 20 * math.ceil(math.log2(n)) + 20:
             raise RuntimeError(f"N={n}: tag not everywhere after {rounds} rounds")
+    net.model = None
     out["spread_rounds"] = rounds
-    out["spread_bytes"] = (net.bytes_sent - b0) / rounds / simulated
-    # 4. a new peer joins with one seed: rounds until it holds the whole directory
-    joiner = Peer(n, Identity.generate(), net, clock, rng, fanout)
+    out["spread_bytes"] = (net.bytes_sent - b0) / rounds / full
+    timings["spread_cpu_s"] = round(_cpu() - t0, 1)
+    # 4. a new peer joins with one seed: rounds until it holds the whole directory.
+    # Its partners are full peers (a send to a light one reaches a full one: both hold
+    # the converged directory); light peers that learnt its record call it as often
+    # as a full peer would, through a full peer's directory.
+    t0 = _cpu()
+    joiner = Peer(n, idents[n], net, clock, rng, fanout)
+    joiner.beating = False
     seed_addr = rng.choice(peers).address
     joiner.gossiper.seeds = lambda: [seed_addr]
     joiner.reissue()
     net.live.append(joiner.address)
-    everyone = peers + [joiner]
+    everyone_full = peers + [joiner]
+    knows = bytearray(len(lights))  # light peers that hold the joiner's record
+    light_at = {li.key_id: k for k, li in enumerate(lights)}
+    jkey = joiner.directory.key_id
     join_rounds = 0
-    while len(joiner.directory.digest()) < n + 1:
-        await step(everyone)
+    while len(joiner.directory) < n + 1:
+        await step(everyone_full)
+        calls = []
+        for k, li in enumerate(lights):
+            if knows[k]:
+                if li.rng.random() < fanout / n:
+                    calls.append(rng.choice(peers))
+            else:  # learns it from a partner that holds it, as a tag spreads
+                for other in li.book.choose(_Others(everyone, index_of[id(li)], by_key), fanout,
+                                            now[0], li.rng):
+                    if (isinstance(other, Light) and knows[light_at[other.key_id]]) or (
+                            isinstance(other, Peer) and jkey in other.directory._records):
+                        knows[k] = 1
+        async with trio.open_nursery() as nursery:
+            for p in calls:
+                nursery.start_soon(p.gossiper._exchange_within, joiner.address,
+                                   p.directory.own, RoundStats(), jkey)
         join_rounds += 1
         if join_rounds > 400:
             break
     out["join_rounds"] = join_rounds
-    out["join_held"] = len(joiner.directory.digest())
+    out["join_held"] = len(joiner.directory)
+    timings["join_cpu_s"] = round(_cpu() - t0, 1)
     assert all(p.directory.rejected == 0 for p in peers)
-    out["verified_per_peer"] = sum(getattr(p.directory, "verified", 0) for p in peers) / simulated
+    out["verified_per_peer"] = sum(p.directory.verified for p in peers) / full
     return out
 
 
@@ -216,40 +411,54 @@ def epidemic_rounds(n: int, fanout: int, rng: random.Random) -> int:
     return rounds
 
 
-async def main(sizes: list[int], trials: int, fanout: int, sample: int = 0) -> dict:
+async def main(sizes: list[int], trials: int, fanout: int, sample: int = 0,
+               steady_rounds: int = 3) -> dict:
+    t0 = _cpu()
     idents = [Identity.generate() for _ in range(max(sizes) + 1)]
-    out = {"interval_s": INTERVAL, "fanout": fanout, "heartbeat_rounds": HEARTBEAT,
+    out = {"interval_s": INTERVAL, "fanout": fanout, "base_ttl_s": TTL,
            "transport": "in-memory, wire encode/decode, signatures checked",
-           "cpu": "process CPU time of this process / simulated peers / rounds",
-           "cpus": os.cpu_count(), "results": {}}
+           "cpu": "process CPU time / peers exercised (the full ones) / rounds; setup, "
+                  "light peers' signing and the spread model not counted",
+           "cpus": os.cpu_count(), "load_before": os.getloadavg(), "results": {}}
+    setup = _cpu() - t0
     for n in sizes:
         k = trials if n <= 100 else 1
         s = sample if sample and sample < n else 0
-        runs = [await trial(n, idents, fanout, seed=1000 * n + t, sample=s) for t in range(k)]
+        runs, timings = [], []
+        for t in range(k):
+            timings.append({})
+            runs.append(await trial(n, idents, fanout, seed=1000 * n + t, sample=s,
+                                    steady_rounds=steady_rounds, timings=timings[-1]))
 
         def med(key, nd=2):
             return round(statistics.median(r[key] for r in runs), nd)
 
         out["results"][str(n)] = {
-            "trials": k, "simulated_peers": s or n, "log2_n": round(math.log2(n), 2),
+            "trials": k, "full_peers": s or n, "log2_n": round(math.log2(n), 2),
+            "record_ttl_s": med("record_ttl_s", 1),
             "steady_kib_per_peer_round": round(med("steady_bytes") / 1024, 2),
             "steady_cpu_ms_per_peer_round": med("steady_cpu_ms"),
             "heartbeat_kib_per_peer_round": round(med("hb_bytes") / 1024, 2),
             "heartbeat_cpu_ms_per_peer_round": med("hb_cpu_ms"),
             "spread_rounds": [r["spread_rounds"] for r in runs],
-            "spread_kib_per_peer_round": round(med("spread_bytes") / 1024, 2),
             "join_rounds": [r["join_rounds"] for r in runs],
             "join_held": [r["join_held"] for r in runs],
             "verified_per_peer": med("verified_per_peer", 1),
             "model_spread_rounds": sorted(epidemic_rounds(n, fanout, random.Random(t))
                                           for t in range(5)),
+            "bench_cpu_s": timings, "load_after": os.getloadavg(),
         }
-        if s:
+        if not s:
+            out["results"][str(n)]["spread_kib_per_peer_round"] = round(
+                med("spread_bytes") / 1024, 2)
+        else:
             out["results"][str(n)]["note"] = (
-                f"only {s} peers simulated, each holding all {n} records: steady, heartbeat "
-                f"and join figures are per simulated peer; spread_rounds among {s} peers says "
-                f"nothing about {n} (see model_spread_rounds)")
+                f"{s} full peers, each holding all {n} records, the other {n - s} light "
+                "(see Light): bytes and CPU are the full peers' own exchanges; spread "
+                f"rounds are the whole network's ({n}); join: the joiner's exchanges run "
+                "in full")
         print(json.dumps({n: out["results"][str(n)]}), file=sys.stderr, flush=True)
+    out["idents_cpu_s"] = round(setup, 1)
     return out
 
 
@@ -360,8 +569,12 @@ if __name__ == "__main__":
     ap.add_argument("--procs", type=int, default=1,
                     help="processes to spread the real peers over (http2 mode)")
     ap.add_argument("--sample", type=int, default=0,
-                    help="memory mode: simulate only this many peers of each size (the rest "
-                         "are records whose sends reach a simulated peer); for 10,000")
+                    help="memory mode: run only K peers of each larger size in full (their "
+                         "exchanges measured); the rest are light: they hold the converged "
+                         "directory and one bit of the spreading change, and pick "
+                         "partners with real address books (spread rounds: all N)")
+    ap.add_argument("--steady-rounds", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="cProfile the bench (to stderr)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-seed", help=argparse.SUPPRESS)
@@ -382,6 +595,15 @@ if __name__ == "__main__":
         logging.basicConfig(level=logging.ERROR)
         result = trio.run(main_http2, args.sizes, args.interval, args.fanout, args.procs)
     else:
-        result = trio.run(main, args.sizes, args.trials, args.fanout, args.sample)
+        if args.profile:
+            import cProfile
+            import pstats
+            prof = cProfile.Profile()
+            result = prof.runcall(trio.run, main, args.sizes, args.trials, args.fanout,
+                                  args.sample, args.steady_rounds)
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(25)
+        else:
+            result = trio.run(main, args.sizes, args.trials, args.fanout, args.sample,
+                              args.steady_rounds)
     result["total_s"] = round(time.perf_counter() - t, 1)
     print(json.dumps(result))
