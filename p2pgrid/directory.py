@@ -162,6 +162,7 @@ class Directory:
         # Per-round work must not grow with the directory: records expire off a heap of
         # deadlines (lazily pruned), and partners are drawn from an indexable pool.
         self._deadlines: list[tuple[float, str, float]] = []  # (expires at, key id, seen)
+        self._accepts: list[tuple[float, int]] = []  # (now, versions accepted): recent ones
         self._pool: list[str] = []  # key ids of gossip partners: not ours, with addresses
         self._pool_at: dict[str, int] = {}
         self.verified = 0  # signature checks done (tests and benchmarks count them)
@@ -276,8 +277,17 @@ class Directory:
             self._bind(rec.name, rec.public_key, now)
             accepted.append(rec)
         if accepted:
+            self._accepts.append((now, len(accepted)))
+            if len(self._accepts) > 256:
+                del self._accepts[:128]
             self._notify("accepted", accepted)
         return accepted
+
+    def recent_changes(self, now: float) -> int:
+        """Versions accepted over the last few gossip rounds (``3 * window``): about how
+        many keys a partner's digest differs from ours in, while changes spread."""
+        since = now - 3 * self.book.limits.window
+        return sum(k for t, k in self._accepts if t > since)
 
     def _signed(self, rec: PeerRecord | RecordHead) -> bool:
         """Whether `rec`'s signature is valid, checked once per distinct head: a version
@@ -368,7 +378,15 @@ class Directory:
         (``ttl``) if longer than ours, but never more than our ``max_ttl`` (or four
         times :meth:`record_ttl`, if longer, in a large network)."""
         stated = rec.ttl if isinstance(rec.ttl, (int, float)) and not math.isnan(rec.ttl) else 0.0
-        return min(max(self.ttl, float(stated)), max(self.max_ttl, 4 * self.record_ttl()))
+        return min(max(self.ttl, float(stated)), self.max_lifetime())
+
+    def max_lifetime(self) -> float:
+        """The longest any record stays live here after its newest version arrived:
+        ``max_ttl``, or 4 * :meth:`record_ttl` in a large network. Records themselves
+        raise it (more records, longer ttl), but only up to 4 * 3 * ``max_records`` /
+        ``heads_per_s`` (7,500 s at 10,000 records): a flood of records stating
+        ``ttl=inf`` still expires."""
+        return max(self.max_ttl, 4 * self.record_ttl())
 
     def record_ttl(self) -> float:
         """The ttl our record states (its owner re-signs it every third of that): our
@@ -716,7 +734,7 @@ def handle_digest(directory: Directory, msg: GossipDigest, now: float,
     elif msg.root:
         if msg.root == directory.summary.root():
             return GossipReply(records=[], want=[])
-        level = level_for(len(directory))
+        level = level_for(len(directory), directory.recent_changes(now))
         return GossipReply(records=[], want=[], level=level,
                            summary=directory.summary.buckets(level))
     records, cut = directory.delta(msg.digest, now, key_ids=scope, max_bytes=MAX_EXCHANGE_BYTES)

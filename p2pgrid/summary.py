@@ -40,11 +40,23 @@ def bucket_of(key_id: str, level: int) -> int:
     return (top >> (12 - MAX_LEVEL)) >> (MAX_LEVEL - level)
 
 
-def level_for(count: int) -> int:
-    """The level whose buckets hold about PER_BUCKET of `count` keys."""
+ENTRY_BYTES = 22  # a digest entry on the wire (16-character key id, version)
+
+
+def level_for(count: int, differences: int = 0) -> int:
+    """The level whose buckets hold about PER_BUCKET of `count` keys, or finer when
+    about `differences` keys are expected to differ: B buckets cost 4B bytes and the
+    entries of the differing ones about ENTRY_BYTES * count * differences / B, least
+    at B = sqrt(ENTRY_BYTES / BUCKET_BYTES * count * differences). (While heartbeats
+    flow, a coarse level makes most buckets differ and the entries cost more than the
+    whole digest.)"""
     if count <= PER_BUCKET:
         return 0
-    return min(MAX_LEVEL, math.ceil(math.log2(count / PER_BUCKET)))
+    level = math.ceil(math.log2(count / PER_BUCKET))
+    if differences > 0:
+        best = math.sqrt(ENTRY_BYTES / BUCKET_BYTES * count * differences)
+        level = max(level, round(math.log2(best)))
+    return min(MAX_LEVEL, level)
 
 
 def _pair_hash(key_id: str, version: int) -> int:

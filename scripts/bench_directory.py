@@ -57,7 +57,7 @@ class Peer:
     def __init__(self, i: int, ident: Identity, net: MemoryNetwork, clock, rng, fanout: int):
         self.name = f"peer{i}"
         self.address = address_of(i)
-        self.cert = rng.randbytes(480)  # about the size of a DER Ed25519 certificate
+        self.cert = random.Random(i).randbytes(480)  # about a DER Ed25519 certificate
         self.objects = objects_of(i)
         self.directory = Directory(ident, ttl=TTL)
         self.phase = rng.randrange(1 << 20)  # heartbeats are not synchronised
@@ -175,6 +175,24 @@ def _records(n: int, idents: list[Identity], now: float) -> list:
     return out
 
 
+def _clone(src: Directory, dst: Directory) -> None:
+    """Make `dst` hold what `src` holds (bench setup: copying is 100 times cheaper than
+    merging N records into each of K directories). Reaches into the internals."""
+    from p2pgrid.addrbook import _Source
+    from p2pgrid.summary import RangeSummary
+    for attr in ("_records", "_last_seen", "_pool_at", "_names", "_checked", "_tombstones"):
+        setattr(dst, attr, dict(getattr(src, attr)))
+    dst._pool, dst._deadlines = list(src._pool), list(src._deadlines)
+    sm, ss = RangeSummary(), src.summary
+    sm._levels = [list(level) for level in ss._levels]
+    sm._held, sm._fine = dict(ss._held), dict(ss._fine)
+    sm._keys = {b: set(keys) for b, keys in ss._keys.items()}
+    dst.summary = sm
+    dst.book._source_of = dict(src.book._source_of)
+    dst.book._sources = {k: _Source(v.window_start, v.introduced, set(v.held))
+                         for k, v in src.book._sources.items()}
+
+
 class _Sized(dict):
     """A dict that says it holds n entries (to issue a record as in an n-peer directory)."""
 
@@ -207,15 +225,20 @@ async def trial(n: int, idents: list[Identity], fanout: int, seed: int, *,
     lights = [Light(i, idents[i], rng) for i in range(full, n)]
     for li in lights:
         li.record = records[li.index]
-    checked = {}
-    for p in peers:  # start converged (not measured)
-        p.directory._checked = dict(checked)  # setup: each head verified once, here
-        p.directory.merge(records, now[0])  # its own is skipped but counted: next is v2
-        p.reissue()  # as a peer of an n-peer directory (its ttl depends on n)
-        checked = checked or p.directory._checked
-    for p in peers:  # each holds every other full peer's own record
-        p.directory.merge([q.directory.own for q in peers], now[0])
-        p.directory.verified = 0
+    # Start converged (not measured): one directory merges every record (each
+    # signature verified once, here), and every full peer starts as a copy of it
+    # holding its own record as its own.
+    template = Directory(Identity.generate(), ttl=TTL)
+    template.merge(records, now[0])
+    for k, p in enumerate(peers):
+        _clone(template, p.directory)
+        d, kid = p.directory, p.directory.key_id
+        d._drop(kid)
+        d._last_seen.pop(kid)
+        d.book.removed(kid)
+        d.own = records[k]
+        d._put(kid, records[k])
+        d.verified = 0
     timings["setup_cpu_s"] = round(_cpu() - t0, 1)
 
     async def step(group=None):
@@ -473,25 +496,37 @@ async def _all_known(grid, n: int) -> None:
         await trio.sleep(0.1)
 
 
+def _traffic(grid) -> int:
+    """Gossip message bytes both ways, counted once at the side that started each call."""
+    return sum(p.transport.bytes_sent + p.transport.bytes_received for p in grid.peers.values())
+
+
 async def child_group(names: list[str], n: int, seed: str, interval: float, fanout: int,
-                      root) -> None:
-    """--procs: peers of one child process. Prints 'ready' once they know all n peers,
-    then the wall time at which all of them find the tag; ends when stdin closes."""
+                      root, ttl: float) -> None:
+    """--procs: peers of one child process. Prints 'ready' once they know all n peers;
+    then answers stdin lines: 'mark' -> its CPU time and traffic so far, 'tag' -> the
+    wall time at which all of its peers find the tag. Ends when stdin closes."""
     from p2pgrid.testing import open_network
 
     configs = _configs(names, root, fanout, join=(seed,))
-    async with open_network(configs, root, gossip_interval=interval, ttl=60.0,
+    async with open_network(configs, root, gossip_interval=interval, ttl=ttl,
                             timeout=600) as grid:
         await _all_known(grid, n)
         print("ready", flush=True)
-        await grid.wait_searchable("#fresh-tag", timeout=600)
-        print(json.dumps({"found": time.time(),
-                          "bytes": sum(p.transport.bytes_sent for p in grid.peers.values())}),
-              flush=True)
-        await trio.to_thread.run_sync(sys.stdin.read)
+        while True:
+            line = await trio.to_thread.run_sync(sys.stdin.readline)
+            if not line:
+                return
+            if line.strip() == "mark":
+                print(json.dumps({"cpu": time.process_time(), "bytes": _traffic(grid)}),
+                      flush=True)
+            elif line.strip() == "tag":
+                await grid.wait_searchable("#fresh-tag", timeout=600)
+                print(json.dumps({"found": time.time()}), flush=True)
 
 
-async def real_trial(n: int, interval: float, fanout: int, root, procs: int = 1) -> dict:
+async def real_trial(n: int, interval: float, fanout: int, root, procs: int = 1,
+                     ttl: float = 60.0, window: float = 20.0) -> dict:
     import subprocess
 
     import torch
@@ -502,16 +537,23 @@ async def real_trial(n: int, interval: float, fanout: int, root, procs: int = 1)
     root = root / f"n{n}"
     t0 = time.perf_counter()
     children: list[subprocess.Popen] = []
+
+    async def ask(word: str) -> list[dict]:
+        for c in children:
+            c.stdin.write(word + "\n")
+            c.stdin.flush()
+        return [json.loads(await trio.to_thread.run_sync(c.stdout.readline)) for c in children]
+
     try:
         async with open_network(_configs(groups[0], root, fanout), root, gossip_interval=interval,
-                                ttl=60.0, timeout=600) as grid:
+                                ttl=ttl, timeout=600) as grid:
             first = grid[groups[0][0]]
             seed = f"{first.key_id}@{first.address}"
             for group in groups[1:]:
                 children.append(subprocess.Popen(
                     [sys.executable, os.path.abspath(__file__), "--child", ",".join(group),
                      "--child-n", str(n), "--child-seed", seed, "--interval", str(interval),
-                     "--fanout", str(fanout), "--child-root", str(root)],
+                     "--fanout", str(fanout), "--child-root", str(root), "--ttl", str(ttl)],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
             for c in children:
                 line = await trio.to_thread.run_sync(c.stdout.readline)
@@ -519,16 +561,26 @@ async def real_trial(n: int, interval: float, fanout: int, root, procs: int = 1)
                     raise RuntimeError(f"a child group failed to start: {line!r}")
             await _all_known(grid, n)
             converge_s = time.perf_counter() - t0
-            await trio.sleep(2 * interval)
+            await trio.sleep(3 * interval)  # the last records settle
+            # Steady state: every process's CPU time and the traffic over `window`.
+            marks0 = await ask("mark") + [{"cpu": time.process_time(), "bytes": _traffic(grid)}]
+            w0 = time.perf_counter()
+            await trio.sleep(window)
+            marks1 = await ask("mark") + [{"cpu": time.process_time(), "bytes": _traffic(grid)}]
+            rounds_w = (time.perf_counter() - w0) / interval
+            cpu = sum(b["cpu"] - a["cpu"] for a, b in zip(marks0, marks1))
+            traffic = sum(b["bytes"] - a["bytes"] for a, b in zip(marks0, marks1))
+            record_ttl = first.directory.own.ttl
+            for c in children:
+                c.stdin.write("tag\n")
+                c.stdin.flush()
             publisher = grid[groups[0][len(groups[0]) // 2]]
             t1 = time.time()
             await publisher.publish(torch.zeros(3), tags=["fresh-tag"], compute=["*"])
             await grid.wait_searchable("#fresh-tag", timeout=600)
-            found, sent = [time.time()], sum(p.transport.bytes_sent for p in grid.peers.values())
+            found = [time.time()]
             for c in children:
-                reply = json.loads(await trio.to_thread.run_sync(c.stdout.readline))
-                found.append(reply["found"])
-                sent += reply["bytes"]
+                found.append(json.loads(await trio.to_thread.run_sync(c.stdout.readline))["found"])
             seconds = max(found) - t1
     finally:
         for c in children:
@@ -539,22 +591,28 @@ async def real_trial(n: int, interval: float, fanout: int, root, procs: int = 1)
                 c.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 c.kill()
-    return {"seconds": round(seconds, 2), "rounds": round(seconds / interval, 1),
-            "start_and_converge_s": round(converge_s, 1), "bytes_sent_total": sent,
-            "processes": procs}
+    return {"spread_seconds": round(seconds, 2), "spread_rounds": round(seconds / interval, 1),
+            "kib_per_peer_round": round(traffic / 1024 / n / rounds_w, 2),
+            "cpu_ms_per_peer_round": round(1000 * cpu / n / rounds_w, 2),
+            "window_rounds": round(rounds_w, 1), "record_ttl_s": record_ttl,
+            "start_and_converge_s": round(converge_s, 1), "processes": procs}
 
 
-async def main_http2(sizes: list[int], interval: float, fanout: int, procs: int = 1) -> dict:
+async def main_http2(sizes: list[int], interval: float, fanout: int, procs: int = 1,
+                     ttl: float = 60.0, window: float = 20.0) -> dict:
     import tempfile
     from pathlib import Path
 
     out = {"interval_s": interval, "fanout": fanout, "cpus": os.cpu_count(),
            "transport": f"real peers in {procs} process(es): TLS HTTP/2 on 127.0.0.1",
-           "results": {}}
+           "bytes": "gossip message bodies both ways (no TLS/HTTP/2 framing), over the window",
+           "cpu": "CPU time of every process (all of each peer's work) over the window / N",
+           "ttl_s": ttl, "load_before": os.getloadavg(), "results": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
-            r = await real_trial(n, interval, fanout, Path(tmp), min(procs, n))
+            r = await real_trial(n, interval, fanout, Path(tmp), min(procs, n), ttl, window)
             r["log2_n"] = round(math.log2(n), 2)
+            r["load_after"] = os.getloadavg()
             out["results"][str(n)] = r
     return out
 
@@ -574,6 +632,10 @@ if __name__ == "__main__":
                          "directory and one bit of the spreading change, and pick "
                          "partners with real address books (spread rounds: all N)")
     ap.add_argument("--steady-rounds", type=int, default=3)
+    ap.add_argument("--ttl", type=float, default=60.0,
+                    help="http2 mode: the peers' base ttl (600: no heartbeat in the window)")
+    ap.add_argument("--window", type=float, default=20.0,
+                    help="http2 mode: seconds over which bytes and CPU are measured")
     ap.add_argument("--profile", action="store_true", help="cProfile the bench (to stderr)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-n", type=int, help=argparse.SUPPRESS)
@@ -585,7 +647,7 @@ if __name__ == "__main__":
         from pathlib import Path
         logging.basicConfig(level=logging.ERROR)
         trio.run(child_group, args.child.split(","), args.child_n, args.child_seed,
-                 args.interval, args.fanout, Path(args.child_root))
+                 args.interval, args.fanout, Path(args.child_root), args.ttl)
         sys.exit(0)
     if args.procs < 1:
         ap.error("--procs must be at least 1")
@@ -593,7 +655,8 @@ if __name__ == "__main__":
     if args.transport == "http2":
         import logging
         logging.basicConfig(level=logging.ERROR)
-        result = trio.run(main_http2, args.sizes, args.interval, args.fanout, args.procs)
+        result = trio.run(main_http2, args.sizes, args.interval, args.fanout, args.procs,
+                          args.ttl, args.window)
     else:
         if args.profile:
             import cProfile

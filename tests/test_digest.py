@@ -271,3 +271,60 @@ def test_range_summary_is_the_digest_whatever_the_order():
     y.set(keys[10], 1)
     y.set(keys[20], 1)
     assert x.root() == y.root()
+
+
+def test_record_ttl_grows_with_the_directory_so_heartbeat_heads_per_peer_stay_bounded():
+    d = Directory(KEYS[0], ttl=30.0)
+    assert own(d, "a").ttl == 30.0  # a small network: our own ttl
+    d.merge([record(o, f"p{i}") for i, o in enumerate(OTHERS)], now=0.0)
+    n = len(d)
+    for heads_per_s in (0.5, 2.0):
+        d.heads_per_s = heads_per_s
+        rec = own(d, "a")
+        # every peer re-signs every ttl/3: each peer receives 3N/ttl heads a second
+        assert rec.ttl == 3 * n / heads_per_s > 30.0 and 3 * n / rec.ttl == heads_per_s
+        assert rec.content_version == 1  # the ttl is in the head: no content travels
+        # a record stating that longer ttl is honoured here, and nothing beyond the cap
+        assert d.lifetime(dataclasses.replace(rec, ttl=rec.ttl)) == rec.ttl
+        assert d.lifetime(dataclasses.replace(rec, ttl=float("inf"))) == 4 * rec.ttl
+        assert d.max_lifetime() == 4 * rec.ttl
+
+
+def test_expiry_follows_the_newest_version_and_skips_superseded_deadlines():
+    d = Directory(KEYS[0], ttl=10.0)
+    own(d, "a")
+    d.merge([record(KEYS[1], "b", 1), record(KEYS[2], "c", 1)], now=0.0)
+    for t in range(1, 30):  # b heartbeats every second; c falls silent
+        d.merge([record(KEYS[1], "b", t + 1)], now=float(t))
+    # many deadlines were pushed for b; only the last one counts
+    assert [r.name for r in d.expire(10.5)] == ["c"]
+    assert d.expire(29.0) == [] and "b" in {r.name for r in d.peers()}
+    assert [r.name for r in d.expire(39.5)] == ["b"]
+    assert len(d._deadlines) <= 4 * len(d) + 64  # superseded entries do not pile up
+    assert d.expire(1e6) == [] and len(d) == 1
+
+
+def test_partners_are_drawn_without_listing_the_directory():
+    """A round's partner choice costs O(fanout) draws on a large directory: uniform
+    over the others with addresses, never ourselves, failed ones avoided."""
+    d = Directory(KEYS[0])
+    own(d, "a")
+    recs = [record(o, f"p{i}") for i, o in enumerate(OTHERS)]
+    recs[0] = record(OTHERS[0], "p0", addresses=[])
+    d.merge(recs, now=0.0)
+    pool = d.partners()
+    assert len(pool) == len(OTHERS) - 1 and pool.get(KEYS[0].key_id) is None
+    assert pool.get(OTHERS[0].key_id) is None and pool.get(OTHERS[1].key_id) is not None
+    failed = {o.key_id for o in OTHERS[1:40]}
+    for k in failed:
+        d.book.failed(k, 0.0)
+    rng, seen = random.Random(3), set()
+    for _ in range(300):
+        picked = d.book.choose(pool, 2, 0.0, rng)
+        keys = {r.key_id for r in picked}
+        assert len(keys) == 2 and not keys & failed
+        seen |= keys
+    assert seen == {o.key_id for o in OTHERS[40:]}  # every other one drawn
+    d.drop([o.key_id for o in OTHERS[40:]], now=1.0)  # the pool follows the directory
+    assert len(pool) == 39 and {r.key_id for r in pool[:]} == failed
+    assert len(d.book.choose(pool, 2, 0.0, rng)) == 2  # only failed ones left: still two

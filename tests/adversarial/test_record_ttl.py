@@ -3,7 +3,8 @@
 A record may state its own ttl; expiry used ``max(self.ttl, rec.ttl)``, so 300 Sybil
 records stating ``ttl=inf`` stayed live forever after one push, and nothing bounded how
 many records a peer keeps or how many one gossip partner brings. After: a record's
-ttl is honoured only up to our own maximum (``max_record_ttl``, 4 x ttl by default),
+ttl is honoured only up to our own maximum (``max_record_ttl``, 4 x ttl by default, or
+4 x the ttl our own record states in a large directory: Directory.max_lifetime),
 the directory holds at most ``max_records`` (evicting the flooding source's records
 first, never the peers it reached itself), and one partner introduces at most
 ``gossip_new_per_source`` new keys per round. Records are pushed through bob's real
@@ -33,8 +34,11 @@ async def test_infinite_ttl_is_clamped_to_our_maximum(tmp_path):
         assert ack.accepted == len(sybils)  # validly signed: accepted, for now
         keys = {r.key_id for r in sybils}
         assert keys <= set(bob.directory.digest())
-        # Long after their last word (one push), past 4 x our ttl: gone.
-        later = time.monotonic() + 4 * TTL + 1.0
+        # Long after their last word (one push), past our maximum lifetime (4 x our
+        # ttl, or 4 x the record ttl a directory of this size states, if longer): gone.
+        cap = bob.directory.max_lifetime()
+        assert cap <= 4 * 3 * bob.directory.book.limits.max_records / bob.directory.heads_per_s
+        later = time.monotonic() + cap + 1.0
         bob.directory.expire(later)
         assert not keys & set(bob.directory.digest())
         # a relay of the same versions does not bring them back
