@@ -1,30 +1,43 @@
-"""How long until a newly published tag is searchable from every peer?
+"""What the directory's gossip costs each peer, and how fast a change reaches everyone.
 
-N peers gossip over the in-memory transport (every request and reply goes through
-wire.encode/wire.decode, every record is signature-checked), all heartbeating every
-round as real peers do. Starting from a converged directory, one peer publishes an
-object with a new tag; we count rounds until every peer's ``search`` finds it.
+In-memory mode (default): peers gossip over the in-memory transport (every request and
+reply goes through wire.encode/wire.decode, every record is signature-checked) on a
+simulated clock (one round = INTERVAL). They start converged. Per size N:
 
-Reported per N:
-  rounds           synchronous gossip rounds (each peer runs one round per step)
-  latency_s        rounds * interval: expected wall time on a real network at the
-                   default interval of 1 s, ignoring network latency
-  sim_s            wall time this process took to simulate those rounds (all N peers'
-                   CPU work in one process: encode, decode, verify, merge)
-  cpu_ms_per_peer_round  sim_s per round / N: one peer's gossip CPU per round
-  kib_per_round    gossip bytes on the wire per round, all peers together
+  steady_*       bytes and CPU per peer per round while nothing changes (no heartbeat)
+  heartbeat_*    the same while every peer re-signs its record every third of its ttl,
+                 which grows with N (Directory.record_ttl): about 16 new heads a second
+                 network-wide once N > 160, whatever N
+  spread_rounds  rounds until every peer of the N finds a newly published tag
+  join_rounds    rounds until a new peer with one seed holds all N records
 
-With ``--transport http2`` the peers are real ones instead (p2pgrid.open_peer, all in
-this process): TLS HTTP/2 on 127.0.0.1, signed requests, heartbeats every ttl/3. Then
-``seconds`` is wall time from publish until every peer finds the tag, and
-``rounds`` = seconds / interval. By default one process holds all N peers, and one
-trio loop on one core cannot keep 100 peers' gossip on time at a 1 s interval;
-``--procs K`` spreads the peers over K processes (this one and K-1 children that join
-it), which uses every core. Either way all peers share this machine's cores, so at large
-N the figure includes CPU contention a real deployment would not have.
+Bytes: every message on the wire, both ways, / peers exercised / rounds. CPU: this
+process's CPU time (time.process_time: other users' load does not count) / peers
+exercised / rounds; the bench's setup is not counted.
 
-Usage: python scripts/bench_directory.py [--sizes 10 50 100] [--trials 3] [--fanout 2]
-                                         [--transport memory|http2] [--interval S] [--procs K]
+``--sample K`` (for N of 1,000 and 10,000): only K peers run in full, each holding all
+N records; the other N-K are *light* (:class:`Light`): the converged directory plus
+one bit (whether they hold the spreading change), and a real AddrBook choosing their
+partners over the whole network. Bytes and CPU are the K full peers' exchanges (a
+send to a light peer reaches a random full one, whose directory is the same); light
+peers' heartbeats are signed outside the measurement and each new head handed to one
+full peer. spread_rounds is the whole network's: full peers exchange in full among
+themselves, and an exchange that involves a light peer carries the change whichever
+way, from the state at the start of the round (conservative). The joiner runs in full;
+light peers that learnt its record call it as often as a full peer would.
+
+With ``--transport http2`` the peers are real ones instead (p2pgrid.open_peer):
+TLS HTTP/2 on 127.0.0.1, signed requests, heartbeats every record ttl/3.
+``--procs K`` spreads them over K processes (this one and K-1 children that join it).
+Once converged, every process's CPU time and the gossip bytes (message bodies both
+ways) are measured over ``--window`` seconds; then a tag is published and
+``spread_seconds`` is the wall time until every peer finds it (rounds = seconds /
+interval). All peers share this machine's cores, so the wall figures include
+contention a real deployment would not have. ``--ttl 600`` keeps heartbeats out of
+the window.
+
+Usage: python scripts/bench_directory.py [--sizes 100 1000] [--trials 1] [--sample K]
+           [--profile] | --transport http2 --procs 2 --sizes 100 [--ttl 60] [--window 20]
 """
 
 from __future__ import annotations
