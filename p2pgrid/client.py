@@ -16,6 +16,7 @@ declared size instead of being joined from chunks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import ssl
@@ -28,7 +29,7 @@ import httpx
 import numpy as np
 import trio
 
-from . import h2tuning, tls, wire
+from . import tls, transport, wire
 from .auth import sign_request
 from .errors import P2PError, PeerUnavailable, Unauthenticated, error_from_wire
 from .identity import Identity, key_id
@@ -166,7 +167,7 @@ class Transport:
         self._retired: dict[int, httpx.AsyncHTTPTransport] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
-        h2tuning.apply()
+        self._tuned = transport.tuned()  # the peer's own connection classes, or stock httpx
 
     def _pool(self, target: Target, lane: str = "rpc") -> httpx.AsyncHTTPTransport:
         # Push streams get a connection of their own ("push" lane): a request that shares
@@ -175,8 +176,12 @@ class Transport:
         k = (target.address, target.cert, lane)
         pool = self._pools.get(k)
         if pool is None:
+            if self._tuned:
+                from .transport.httpcore import PeerHTTPTransport as kind
+            else:
+                kind = functools.partial(httpx.AsyncHTTPTransport, http1=False, http2=True)
             if self.insecure:
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True)
+                pool = kind()
             else:
                 if target.cert is None:
                     raise Unauthenticated(f"no pinned certificate for {target.address}")
@@ -185,7 +190,7 @@ class Transport:
                 except ValueError:  # a signed record may still carry garbage for a certificate
                     raise Unauthenticated(f"the certificate pinned for {target.address} is "
                                           f"unusable") from None
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True, verify=verify)
+                pool = kind(verify=verify)
             self._pools[k] = pool
         return pool
 
@@ -209,7 +214,7 @@ class Transport:
             pool = self._pool(target)
             self._busy[id(pool)] = self._busy.get(id(pool), 0) + 1
             try:
-                # the body in one piece (bytes or a view): h2tuning frames it as views
+                # the body in one piece (bytes or a view): TunedHTTP2Connection frames it as views
                 request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(body),
                                         extensions={"timeout": timeouts})
                 try:
