@@ -167,7 +167,8 @@ class Transport:
         self._retired: dict[int, httpx.AsyncHTTPTransport] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
-        self._tuned = transport.tuned()  # the peer's own connection classes, or stock httpx
+        self._tuned = transport.tuned()  # speed changes on the peer's connections, or stock speed
+        transport.require_safety()
 
     def _pool(self, target: Target, lane: str = "rpc") -> httpx.AsyncHTTPTransport:
         # Push streams get a connection of their own ("push" lane): a request that shares
@@ -176,10 +177,9 @@ class Transport:
         k = (target.address, target.cert, lane)
         pool = self._pools.get(k)
         if pool is None:
-            if self._tuned:
-                from .transport.httpcore import PeerHTTPTransport as kind
-            else:
-                kind = functools.partial(httpx.AsyncHTTPTransport, http1=False, http2=True)
+            from .transport.httpcore import PeerHTTPTransport
+
+            kind = functools.partial(PeerHTTPTransport, tuned=self._tuned)
             if self.insecure:
                 pool = kind()
             else:

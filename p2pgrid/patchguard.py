@@ -13,9 +13,11 @@ naming the library, the version found and the versions supported.
 ``P2PGRID_UNPATCHED=1`` turns that refusal into a warning and leaves the speed changes
 off (stock classes): correct, only slower. The server's hypercorn fixes
 (:class:`p2pgrid.transport.hypercorn.SafeTCPServer`) still apply
-(:func:`check_required` with :data:`SAFETY_PATHS`): stock hypercorn lets one client's
-DATA frame on a closed stream end a connection, and the connection table and failure
-counting live there; so the symbols they use must still be there with that shape.
+and the client's httpcore fixes (:class:`p2pgrid.transport.httpcore.SafeHTTP2Connection`)
+still apply (:func:`check_required` with :data:`SAFETY_PATHS`): stock hypercorn lets one
+client's DATA frame on a closed stream end a connection (and the connection table and
+failure counting live there), and stock httpcore can hang a streamed body; so the
+symbols they use must still be there with that shape.
 Nothing is patched: the check guards our subclasses, which only the peer's own
 objects use.
 """
@@ -116,6 +118,11 @@ SYMBOLS: dict[str, list[tuple[str, str, str | None]]] = {
         ("httpcore._async.http2", "AsyncHTTP2Connection._write_outgoing_data", '(self, request)'),
         ("httpcore._async.http2", "AsyncHTTP2Connection._wait_for_outgoing_flow", '(self, request, stream_id)'),
         ("httpcore._async.http2", "AsyncHTTP2Connection._send_end_stream", '(self, request, stream_id)'),
+        ("httpcore._async.http2", "AsyncHTTP2Connection._receive_events", '(self, request, stream_id=None)'),
+        ("httpcore._async.http2", "AsyncHTTP2Connection._read_incoming_data", '(self, request)'),
+        ("httpcore._async.http2", "AsyncHTTP2Connection._receive_remote_settings_change", '(self, event)'),
+        ("httpcore._async.http2", "RemoteProtocolError", None),
+        ("httpcore._async.http2", "HTTPConnectionState", None),
         ("httpcore._async.http2", "has_body_headers", '(request)'),
         ("httpcore._async.http2", "ConnectionNotAvailable", None),
         ("httpcore._synchronization", "AsyncSemaphore.__init__", '(self, bound)'),
@@ -136,13 +143,18 @@ SYMBOLS: dict[str, list[tuple[str, str, str | None]]] = {
     ],
 }
 
-
-# What the server's safety fixes (SafeH2Protocol, PeerProtocolWrapper, SafeTCPServer,
-# serve) use of hypercorn: required even with P2PGRID_UNPATCHED=1.
-SAFETY_PATHS = tuple(path for _, path, _ in SYMBOLS["hypercorn"] if path not in (
+# What the fixes (SafeH2Protocol, PeerProtocolWrapper, SafeTCPServer, serve;
+# SafeHTTP2Connection, PeerHTTPConnection, PeerConnectionPool, PeerHTTPTransport) use
+# of hypercorn and httpcore: required even with P2PGRID_UNPATCHED=1.
+SAFETY_PATHS = tuple(path for lib in ("hypercorn", "httpcore") for _, path, _ in SYMBOLS[lib]
+                     if path not in (
     "H2Protocol.initiate", "H2Protocol.stream_send", "H2Protocol._window_updated",
     "H2Protocol.send_task", "H2Protocol.handle", "H2Protocol._send_data", "H2Protocol._flush",
-    "TCPServer.protocol_send", "TCPServer._idle_timeout", "TCPServer._initiate_server_close"))
+    "TCPServer.protocol_send", "TCPServer._idle_timeout", "TCPServer._initiate_server_close",
+    "AsyncHTTP2Connection.READ_NUM_BYTES", "AsyncHTTP2Connection._send_connection_init",
+    "AsyncHTTP2Connection._send_request_body", "AsyncHTTP2Connection._send_stream_data",
+    "AsyncHTTP2Connection._send_end_stream", "has_body_headers",
+    "TrioStream.start_tls", "TrioStream.get_extra_info", "TrioBackend.connect_tcp"))
 
 
 class PatchMismatch(RuntimeError):
@@ -240,8 +252,8 @@ def check_required(libraries, paths, what: str) -> None:
         return
     broken = problems(libraries, paths=paths, versions=False)
     if broken:
-        raise PatchMismatch(f"{broken[0]}; {what} cannot be applied and stock hypercorn is not "
-                            f"safe to serve with: install constraints.txt's versions")
+        raise PatchMismatch(f"{broken[0]}; {what} cannot be applied and the stock libraries "
+                            f"are not safe to run with: install constraints.txt's versions")
     off = problems(libraries, paths=())
     if off:
         log.warning("%s=1: %s applied over an unsupported version (%s)", ENV, what, off[0])

@@ -233,6 +233,68 @@ async def _after_a_cancelled_first_request(client: str) -> _Outcome:
     return second
 
 
+@pytest.mark.parametrize("client", [
+    pytest.param(STOCK, marks=pytest.mark.xfail(strict=True, raises=trio.TooSlowError, reason=(
+        "httpcore 1.0.9: a body's sender waiting for flow control takes the read lock after "
+        "another reader consumed its WINDOW_UPDATE, then reads on for data the server sends "
+        "only after the body: both wait (no upstream issue found)"))),
+    "peer"])
+def test_a_streamed_body_beyond_the_window_while_another_response_is_read(client):
+    # the shape of the peer's push stream (a long body) beside its pull stream (a
+    # response that waits for what the push stream carries), on one connection
+    assert trio.run(_body_beside_a_waiting_response, client) == (200, b"done")
+
+
+async def _body_beside_a_waiting_response(client: str):
+    uploaded = trio.Event()
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            return
+        if scope["method"] == "GET":  # the way back: answers once the upload is in
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            if scope["path"] != "/warm":
+                await uploaded.wait()
+            await send({"type": "http.response.body", "body": b"done"})
+            return
+        await trio.sleep(0.5)  # a busy server: the client's body fills the window meanwhile
+        while (await receive()).get("more_body"):
+            pass
+        uploaded.set()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    from hypercorn.trio import serve
+
+    transport = (httpx.AsyncHTTPTransport(http1=False, http2=True) if client == STOCK
+                 else PeerHTTPTransport(tuned=False))  # the fix alone, stock speed
+    async with trio.open_nursery() as nursery:
+        (url,) = await nursery.start(partial(serve, app, _config(), mode="asgi"))
+        async with httpx.AsyncClient(transport=transport, timeout=None) as http:
+            await http.get(url + "/warm")  # one connection, SETTINGS exchanged
+            got = {}
+
+            async def read_back():
+                async with http.stream("GET", url) as resp:
+                    got["back"] = resp.status_code, await resp.aread()
+
+            async def body():
+                for _ in range(16):  # 16 x 16 KiB: beyond the 64 KiB window
+                    yield b"x" * 16384
+
+            with trio.move_on_after(5) as scope:  # done in well under a second, or never
+                async with trio.open_nursery() as inner:
+                    inner.start_soon(read_back)
+                    await trio.sleep(0.2)  # the way back is being read
+                    await http.post(url, content=body())
+        nursery.cancel_scope.cancel()
+    if scope.cancelled_caught:
+        raise trio.TooSlowError("the upload and the response beside it both stalled")
+    return got["back"]
+
+
 # ------------------------------------------------------------------ trio
 
 async def test_a_tls_read_returns_every_record_already_received(tmp_path):

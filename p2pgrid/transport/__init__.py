@@ -54,13 +54,13 @@ def tuned() -> bool:
 
 
 def require_safety() -> None:
-    """Check, once, what the server's hypercorn fixes override (see :mod:`.hypercorn`):
-    these apply even with ``P2PGRID_UNPATCHED=1``, since stock hypercorn is not safe to
-    serve with."""
+    """Check, once, what the server's and the client's fixes override (the Safe* classes
+    of :mod:`.hypercorn` and :mod:`.httpcore`): these apply even with
+    ``P2PGRID_UNPATCHED=1``, since the stock libraries are not correct for the peer."""
     global _safe
     if not _safe:
-        patchguard.check_required(("hypercorn",), patchguard.SAFETY_PATHS,
-                                  what="p2pgrid.transport.hypercorn's fixes")
+        patchguard.check_required(("hypercorn", "httpcore"), patchguard.SAFETY_PATHS,
+                                  what="p2pgrid.transport's fixes")
         _safe = True
 
 

@@ -22,6 +22,23 @@ Fixes:
   :class:`FreePermitSemaphore` takes a free permit without a checkpoint. Remove when
   httpcore acquires the initial permits without checkpoints (or with a shield).
 
+- **A body's sender waits for a WINDOW_UPDATE another task already read.** When a
+  request body has used its flow-control window, httpcore 1.0.9's
+  ``_wait_for_outgoing_flow`` calls ``_receive_events``, which takes the read lock
+  and then reads the socket unconditionally. If another task (reading a response on
+  the same connection) held the lock and consumed the WINDOW_UPDATE meanwhile, the
+  sender reads on for data the server will only send after the body: both wait until
+  a timeout. Our push and pull streams share a connection, so with stock httpcore a
+  call on a push stream went unanswered for 120 s (the old xfail of
+  tests/test_patchguard.py). :class:`SafeHTTP2Connection` checks the window again
+  once it holds the lock. No upstream issue found (searched encode/httpcore for
+  "_wait_for_outgoing_flow" and flow-control hangs); report to send. Reproduction:
+  tests/test_transport_upstream.py. Remove when httpcore re-checks the window.
+
+The fixes are in :class:`SafeHTTP2Connection`, used even with ``P2PGRID_UNPATCHED=1``
+(stock httpcore is not correct for our long-lived streams); the speed changes in
+:class:`TunedHTTP2Connection`.
+
 Speed (not bugs; httpcore's general-purpose defaults): our window and frame settings
 (:func:`p2pgrid.transport.h2.settings`; httpcore also sends a 16 MiB WINDOW_UPDATE per
 stream, which our INITIAL_WINDOW_SIZE makes redundant); HEADERS wait for the first DATA
@@ -41,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 
+import h2.events
 import httpx
 import trio
 from httpcore import AsyncConnectionPool
@@ -69,14 +87,12 @@ class FreePermitSemaphore(AsyncSemaphore):
         await super().acquire()
 
 
-class TunedHTTP2Connection(ch2.AsyncHTTP2Connection):
-    """httpcore's HTTP/2 connection with the fixes and speed changes of this module."""
+_STREAM_EVENTS = (h2.events.ResponseReceived, h2.events.DataReceived, h2.events.StreamEnded,
+                  h2.events.StreamReset)
 
-    READ_NUM_BYTES = FRAME + 9  # a whole 1 MB frame per read (httpcore: 64 KiB)
 
-    def __init__(self, origin, stream, keepalive_expiry=None) -> None:
-        super().__init__(origin=origin, stream=stream, keepalive_expiry=keepalive_expiry)
-        self._h2_state = LeanH2Connection(config=self.CONFIG)
+class SafeHTTP2Connection(ch2.AsyncHTTP2Connection):
+    """httpcore's HTTP/2 connection with the fixes of this module, at stock speed."""
 
     # httpcore assigns a fresh AsyncSemaphore to this attribute once per connection
     @property
@@ -87,14 +103,40 @@ class TunedHTTP2Connection(ch2.AsyncHTTP2Connection):
     def _max_streams_semaphore(self, semaphore) -> None:
         self._p2p_semaphore = FreePermitSemaphore(semaphore._bound)
 
-    async def _send_connection_init(self, request) -> None:
-        state = self._h2_state
-        state.local_settings = settings(client=True, max_streams=100, max_header_list=65536,
-                                        ENABLE_PUSH=0)
-        state.max_inbound_frame_size = FRAME
-        plain_headers(state)
-        state.initiate_connection()
-        state.increment_flow_control_window(WINDOW)
+    def _flow(self, stream_id: int) -> int:
+        return min(self._h2_state.local_flow_control_window(stream_id),
+                   self._h2_state.max_outbound_frame_size)
+
+    async def _wait_for_outgoing_flow(self, request, stream_id) -> int:
+        while (flow := self._flow(stream_id)) <= 0:
+            await self._receive_events(request, flow_for=stream_id)
+        return flow
+
+    async def _receive_events(self, request, stream_id=None, *, flow_for=None) -> None:
+        # As httpcore's, except that a sender waiting for flow control (`flow_for`)
+        # checks its window again once it holds the read lock: another task's read may
+        # have brought the WINDOW_UPDATE meanwhile, and reading on would wait for data
+        # the server only sends after our body (see the module docstring).
+        async with self._read_lock:
+            ended = self._connection_terminated
+            if ended is not None:
+                if stream_id and ended.last_stream_id and stream_id > ended.last_stream_id:
+                    self._request_count -= 1
+                    raise ch2.ConnectionNotAvailable()
+                raise ch2.RemoteProtocolError(ended)
+            if flow_for is not None:
+                must_read = self._flow(flow_for) <= 0
+            else:
+                must_read = stream_id is None or not self._events.get(stream_id)
+            if must_read:
+                for event in await self._read_incoming_data(request):
+                    if isinstance(event, h2.events.RemoteSettingsChanged):
+                        await self._receive_remote_settings_change(event)
+                    elif isinstance(event, _STREAM_EVENTS):
+                        if event.stream_id in self._events:
+                            self._events[event.stream_id].append(event)
+                    elif isinstance(event, h2.events.ConnectionTerminated):
+                        self._connection_terminated = event
         await self._write_outgoing_data(request)
 
     def _readable_or_closed(self) -> bool:
@@ -103,7 +145,9 @@ class TunedHTTP2Connection(ch2.AsyncHTTP2Connection):
         except (OSError, ValueError):  # the socket is closed already
             return True
 
-    async def _send_request_headers(self, request, stream_id) -> None:
+    async def _refuse_if_closed(self, stream_id: int) -> None:
+        """Raise ConnectionNotAvailable, writing nothing, if the server closed this idle
+        connection (see the module docstring)."""
         # Only a connection that has carried a stream before qualifies: a fresh one is
         # readable too (the server's SETTINGS), and _request_count also counts requests
         # still waiting for their first stream id, so it cannot tell.
@@ -117,6 +161,33 @@ class TunedHTTP2Connection(ch2.AsyncHTTP2Connection):
             with contextlib.suppress(Exception):
                 await self._network_stream.aclose()
             raise ch2.ConnectionNotAvailable()
+
+    async def _send_request_headers(self, request, stream_id) -> None:
+        await self._refuse_if_closed(stream_id)
+        await super()._send_request_headers(request, stream_id)
+
+
+class TunedHTTP2Connection(SafeHTTP2Connection):
+    """SafeHTTP2Connection with the speed changes of this module."""
+
+    READ_NUM_BYTES = FRAME + 9  # a whole 1 MB frame per read (httpcore: 64 KiB)
+
+    def __init__(self, origin, stream, keepalive_expiry=None) -> None:
+        super().__init__(origin=origin, stream=stream, keepalive_expiry=keepalive_expiry)
+        self._h2_state = LeanH2Connection(config=self.CONFIG)
+
+    async def _send_connection_init(self, request) -> None:
+        state = self._h2_state
+        state.local_settings = settings(client=True, max_streams=100, max_header_list=65536,
+                                        ENABLE_PUSH=0)
+        state.max_inbound_frame_size = FRAME
+        plain_headers(state)
+        state.initiate_connection()
+        state.increment_flow_control_window(WINDOW)
+        await self._write_outgoing_data(request)
+
+    async def _send_request_headers(self, request, stream_id) -> None:
+        await self._refuse_if_closed(stream_id)
         end_stream = not ch2.has_body_headers(request)
         authority = [v for k, v in request.headers if k.lower() == b"host"][0]
         headers = [(b":method", request.method), (b":authority", authority),
@@ -188,7 +259,10 @@ class PeerTrioBackend(TrioBackend):
 
 
 class PeerHTTPConnection(AsyncHTTPConnection):
-    """One pooled connection, HTTP/2 only, on :class:`TunedHTTP2Connection`."""
+    """One pooled connection, HTTP/2 only, on `h2_class` (:class:`TunedHTTP2Connection`
+    or :class:`SafeHTTP2Connection`)."""
+
+    h2_class: type = TunedHTTP2Connection
 
     async def handle_async_request(self, request):
         if self._connection is None:
@@ -196,7 +270,7 @@ class PeerHTTPConnection(AsyncHTTPConnection):
                 async with self._request_lock:
                     if self._connection is None:
                         stream = await self._connect(request)
-                        self._connection = TunedHTTP2Connection(
+                        self._connection = self.h2_class(
                             origin=self._origin, stream=stream,
                             keepalive_expiry=self._keepalive_expiry)
             except BaseException:
@@ -208,19 +282,24 @@ class PeerHTTPConnection(AsyncHTTPConnection):
 class PeerConnectionPool(AsyncConnectionPool):
     """A connection pool whose connections are :class:`PeerHTTPConnection`."""
 
+    h2_class: type = TunedHTTP2Connection
+
     def create_connection(self, origin) -> PeerHTTPConnection:
-        return PeerHTTPConnection(
+        connection = PeerHTTPConnection(
             origin=origin, ssl_context=self._ssl_context, keepalive_expiry=self._keepalive_expiry,
             http1=False, http2=True, retries=self._retries, local_address=self._local_address,
             uds=self._uds, network_backend=self._network_backend,
             socket_options=self._socket_options)
+        connection.h2_class = self.h2_class
+        return connection
 
 
 class PeerHTTPTransport(httpx.AsyncHTTPTransport):
     """httpx's transport (exception mapping, request/response types) over
-    :class:`PeerConnectionPool`: HTTP/2 only, TLS `verify` as httpx takes it."""
+    :class:`PeerConnectionPool`: HTTP/2 only, TLS `verify` as httpx takes it; `tuned`:
+    the speed changes too (else the fixes only, over stock streams)."""
 
-    def __init__(self, *, verify=True) -> None:
+    def __init__(self, *, verify=True, tuned: bool = True) -> None:
         super().__init__(http1=False, http2=True, verify=verify)
         stock = self._pool  # never used: configured by httpx, rebuilt with our classes
         self._pool = PeerConnectionPool(
@@ -228,4 +307,6 @@ class PeerHTTPTransport(httpx.AsyncHTTPTransport):
             max_keepalive_connections=stock._max_keepalive_connections,
             keepalive_expiry=stock._keepalive_expiry, http1=False, http2=True,
             retries=stock._retries, local_address=stock._local_address, uds=stock._uds,
-            network_backend=PeerTrioBackend(), socket_options=stock._socket_options)
+            network_backend=PeerTrioBackend() if tuned else stock._network_backend,
+            socket_options=stock._socket_options)
+        self._pool.h2_class = TunedHTTP2Connection if tuned else SafeHTTP2Connection
