@@ -299,8 +299,8 @@ class PeerHTTPTransport(httpx.AsyncHTTPTransport):
     :class:`PeerConnectionPool`: HTTP/2 only, TLS `verify` as httpx takes it; `tuned`:
     the speed changes too (else the fixes only, over stock streams)."""
 
-    def __init__(self, *, verify=True, tuned: bool = True) -> None:
-        super().__init__(http1=False, http2=True, verify=verify)
+    def __init__(self, *, verify=True, tuned: bool = True, local_address: str | None = None) -> None:
+        super().__init__(http1=False, http2=True, verify=verify, local_address=local_address)
         stock = self._pool  # never used: configured by httpx, rebuilt with our classes
         self._pool = PeerConnectionPool(
             ssl_context=stock._ssl_context, max_connections=stock._max_connections,
