@@ -24,12 +24,17 @@ from protocols.smpc.fixedpoint import FixedPoint
 from protocols.smpc.prg import Prg, new_seed
 import protocols.smpc.autograd as autograd
 from protocols.smpc.messages import RoundMessage
+from protocols.smpc import mac
+from protocols.smpc.mac_program import ACTIVE_OPS
+import protocols.smpc.mac_program as mac_nn
 from protocols.smpc.program import infer, leaf_ids, run_program, signature
+
+from . import active
 
 from .aggregate import kept_aggregate, may_reveal_aggregate
 from .dealer import ROLE
-from .messages import (Abort, Deal, DeleteShares, Predict, ProgramResult, RegisterModel, RunProgram,
-                       ShareInput, ShareObject, SharedInfo, TrainStep)
+from .messages import (Abort, Deal, DealMask, DeleteShares, Predict, ProgramResult, RegisterModel,
+                       RunProgram, ShareInput, ShareObject, SharedInfo, TakeMask, TrainStep)
 from .session import _abort_others, run_session
 from .state import Entry, Group, ModelRecord, ShareRules, SmpcState
 
@@ -62,7 +67,9 @@ def approve_group(peer, group: Group, *, whose: str = "its data") -> None:
     Additive shares are safe only while the parties and the dealer do not collude, which
     no protocol can check: so the peer whose data is shared decides who holds the shares.
     A party must be this peer itself or in its ``smpc_parties``; the dealer must be in its
-    ``crypto_providers`` (see :func:`granted_dealer`)."""
+    ``crypto_providers`` (see :func:`granted_dealer`). A peer whose ``smpc_security`` is
+    "active" refuses semi-honest groups."""
+    require_security(peer, group, whose)
     strangers = [p for p in group.parties if p != peer.name and p not in peer.config.smpc_parties]
     if strangers:
         raise PermissionDenied(
@@ -75,6 +82,14 @@ def approve_group(peer, group: Group, *, whose: str = "its data") -> None:
             dealer=group.dealer)
 
 
+def require_security(peer, group: Group, whose: str = "its data") -> None:
+    """Refuse a semi-honest group if this peer's own config requires active security."""
+    if peer.config.smpc_security == "active" and not group.active:
+        raise PermissionDenied(
+            f"{peer.name} requires smpc_security = \"active\" for {whose}: a semi-honest "
+            "SMPC session is refused (share with security=\"active\")")
+
+
 def check_holders(group: Group, requester: str, owner: str) -> None:
     """Additive sharing is only as safe as the parties' not colluding: a requester may
     not hold a share of data it does not own."""
@@ -84,7 +99,10 @@ def check_holders(group: Group, requester: str, owner: str) -> None:
 
 
 async def deal_input(peer, group: Group, id: str, tensor: torch.Tensor, rules: ShareRules) -> list[int]:
-    """Encode `tensor` and send each party its share (seeds to all but the last party)."""
+    """Encode `tensor` and send each party its share (seeds to all but the last party;
+    for an active group, the same masked value to every party: p2pgrid.smpc.active)."""
+    if group.active:
+        return await active.deal_input(peer, group, id, tensor, rules, gather=gather)
     msgs = await input_messages(group, id, tensor, rules)
     await gather([lambda m=m: peer.request(group.parties[m.party], m) for m in msgs])
     return list(tensor.shape)
@@ -140,8 +158,21 @@ async def gather(fns: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
 @router.on(ShareInput)
 async def share_input(peer, caller, msg: ShareInput):
     state = state_of(peer)
-    state.shares[msg.id] = _input_entry(peer, state, caller, msg, state.share_ttl)
+    entry = _input_entry(peer, state, caller, msg, state.share_ttl)
+    if entry.group.active:
+        await _authenticate(peer, state, entry, msg)
+    state.shares[msg.id] = entry
     return Ack()
+
+
+async def _authenticate(peer, state: SmpcState, entry: Entry, msg: ShareInput) -> None:
+    """An active group's input: [x] = [r] + e with the dealer's mask r (p2pgrid.smpc.active)."""
+    if not msg.mask or msg.share is None:
+        raise BadRequest("an input to an active group carries x - r for a dealer mask")
+    key_id, (r,) = await active.take_masks(peer, state, entry.group, entry.party, msg.mask)
+    entry.auth = await trio.to_thread.run_sync(
+        lambda: active.masked_input(state, entry.group, entry.party, r, msg.share, entry.scale))
+    entry.key_id = key_id
 
 
 def _input_entry(peer, state: SmpcState, caller, msg: ShareInput, ttl: float) -> Entry:
@@ -157,6 +188,8 @@ def _input_entry(peer, state: SmpcState, caller, msg: ShareInput, ttl: float) ->
         n *= d
     if n > MAX_SHARE_ELEMENTS:
         raise BadRequest(f"at most {MAX_SHARE_ELEMENTS} elements per shared tensor")
+    if group.active != bool(msg.mask):
+        raise BadRequest("inputs to active groups (only) are masked by a dealer mask")
     if msg.share is not None:
         if tuple(msg.share.shape) != shape or msg.share.dtype != torch.int64:
             raise ShapeError(f"share has shape {list(msg.share.shape)}, announced {list(shape)}")
@@ -245,6 +278,22 @@ async def abort(peer, caller, msg: Abort):
     if allowed:
         mb.abort(msg.reason if caller.name in msg.reason else f"{caller.name}: {msg.reason}")
     return Ack()
+
+
+@router.on(DealMask)
+async def deal_mask(peer, caller, msg: DealMask):
+    state = state_of(peer)
+    if state.dealer is None:
+        raise PermissionDenied(f"{peer.name} is not a crypto provider")
+    return await state.dealer.deal_mask(caller, msg)
+
+
+@router.on(TakeMask)
+async def take_mask(peer, caller, msg: TakeMask):
+    state = state_of(peer)
+    if state.dealer is None:
+        raise PermissionDenied(f"{peer.name} is not a crypto provider")
+    return state.dealer.take_mask(caller, msg)
 
 
 @router.on(Deal)
@@ -365,6 +414,8 @@ async def run(peer, caller, msg: RunProgram):
         return leaves, rules, sig
 
     state, group, party, (leaves, rules, sig) = await _start(peer, caller, msg, check)
+    if group.active:
+        return await _run_active(peer, caller, msg, state, group, party, leaves, rules, sig)
 
     def protocol(ctx):
         return run_program(ctx, msg.program, {i: ctx.wrap(e.share, e.scale) for i, e in leaves.items()})
@@ -381,6 +432,56 @@ async def run(peer, caller, msg: RunProgram):
         if keep:
             state.shares[keep] = Entry(out.share, out.scale, group, party, r, now + state.share_ttl)
         shares.append(out.share if reveal else None)
+    return ProgramResult([list(o.shape) for o in outs], [o.scale for o in outs], shares,
+                         _stat_values(stats))
+
+
+async def _output_masks(peer, state, group, party, session: str, mask: str, count: int
+                        ) -> list:
+    """This party's shares of the requester's output masks (active groups)."""
+    if not count:
+        return []
+    try:
+        if not mask:
+            raise BadRequest("an active session reveals only through the requester's masks")
+        _, masks = await active.take_masks(peer, state, group, party, mask)
+        if len(masks) != count:
+            raise BadRequest(f"{len(masks)} output masks for {count} revealed outputs")
+    except P2PError as e:
+        await _fail_early(peer, state, group, party, session, e)
+        raise
+    return masks
+
+
+def _active_entry(out, group, party, rules, key_id, ttl) -> Entry:
+    return Entry(active.low_words(out), out.scale, group, party, rules, time.time() + ttl,
+                 auth=out, key_id=key_id)
+
+
+async def _run_active(peer, caller, msg: RunProgram, state, group, party, leaves, rules, sig):
+    """RunProgram on MAC-checked shares: every opening checked before anything is returned."""
+    masks = await _output_masks(peer, state, group, party, msg.session, msg.mask,
+                                sum(bool(r) for r in msg.reveal))
+
+    def protocol(ctx):
+        active.check_keys(ctx, leaves.values())
+        outs = yield from run_program(ctx, msg.program,
+                                      {i: active.leaf(ctx, e) for i, e in leaves.items()},
+                                      ops=ACTIVE_OPS, shared=mac.AuthShared)
+        shown = [o for o, r in zip(outs, msg.reveal) if r]
+        opened = yield from mac.open_masked(ctx, list(zip(shown, masks)))
+        return outs, opened, ctx.key_id
+
+    stats: dict = {}
+    outs, opened, key_id = await _in_nursery(state, lambda: run_session(
+        peer, state, session=msg.session, group=group, party=party, protocol=protocol,
+        signature=sig, requester=caller.name, next_session=msg.next_session,
+        timeout=msg.timeout, stats=stats))
+    shares, shown = [], iter(opened)
+    for out, keep, reveal, r in zip(outs, msg.keep, msg.reveal, rules):
+        if keep:
+            state.shares[keep] = _active_entry(out, group, party, r, key_id, state.share_ttl)
+        shares.append(mac._to_wire(next(shown)) if reveal else None)
     return ProgramResult([list(o.shape) for o in outs], [o.scale for o in outs], shares,
                          _stat_values(stats))
 
@@ -467,6 +568,9 @@ async def train(peer, caller, msg: TrainStep):
         return model, params, leaves, rules, sig
 
     state, group, party, (model, params, leaves, rules, sig) = await _start(peer, caller, msg, check)
+    if group.active:
+        return await _train_active(peer, caller, msg, state, group, party, model, params, leaves,
+                                   rules, sig)
 
     def protocol(ctx):
         x, y = yield from run_program(ctx, msg.program,
@@ -491,6 +595,34 @@ async def train(peer, caller, msg: TrainStep):
     return ProgramResult([[]], [group.frac_bits], [share], _stat_values(stats))
 
 
+async def _train_active(peer, caller, msg: TrainStep, state, group, party, model, params, leaves,
+                        rules, sig):
+    """One SGD step on MAC-checked shares; the parameters change only if the check passes."""
+    show = msg.want_loss and rules.allows("reveal", caller.name)
+    masks = await _output_masks(peer, state, group, party, msg.session, msg.mask, int(show))
+
+    def protocol(ctx):
+        active.check_keys(ctx, [*params.values(), *leaves.values()])
+        x, y = yield from run_program(ctx, msg.program,
+                                      {i: active.leaf(ctx, e) for i, e in leaves.items()},
+                                      ops=ACTIVE_OPS, shared=mac.AuthShared)
+        net = mac_nn.build(model.layers, {i: active.leaf(ctx, e) for i, e in params.items()})
+        loss = yield from mac_nn.train_step(ctx, net, x, y, msg.lr, with_loss=show)
+        opened = yield from mac.open_masked(ctx, [(loss, masks[0])] if show else [])
+        return net, opened, ctx.key_id
+
+    stats: dict = {}
+    net, opened, key_id = await _in_nursery(state, lambda: run_session(
+        peer, state, session=msg.session, group=group, party=party, protocol=protocol,
+        signature=sig, requester=caller.name, next_session=msg.next_session,
+        timeout=msg.timeout, stats=stats))
+    kept = ShareRules(**{**rules.__dict__, "owner": "", "holder": model.owner})
+    for id_, p in zip(model.param_ids(), mac_nn.parameters(net)):
+        state.shares[id_] = _active_entry(p, group, party, kept, key_id, state.share_ttl)
+    share = mac._to_wire(opened[0]) if show else None
+    return ProgramResult([[]], [group.frac_bits], [share], _stat_values(stats))
+
+
 @router.on(Predict)
 async def predict(peer, caller, msg: Predict):
     inline: list[str] = []
@@ -503,7 +635,10 @@ async def predict(peer, caller, msg: Predict):
             raise Conflict(f"shared tensor {inp.id!r} exists already")
         if Group.from_wire(inp.group) != Group.from_wire(msg.group):
             raise BadRequest("the input is shared among another group than the model's")
-        state.shares[inp.id] = _input_entry(peer, state, caller, inp, msg.timeout + 30)
+        entry = _input_entry(peer, state, caller, inp, msg.timeout + 30)
+        if entry.group.active:
+            await _authenticate(peer, state, entry, inp)
+        state.shares[inp.id] = entry
         inline.append(inp.id)
     try:
         return await _predict(peer, caller, msg)
@@ -552,6 +687,9 @@ async def _predict(peer, caller, msg: Predict):
         return model, params, leaves, out_rules, sig
 
     state, group, party, (model, params, leaves, out_rules, sig) = await _start(peer, caller, msg, check)
+    if group.active:
+        return await _predict_active(peer, caller, msg, state, group, party, model, params,
+                                     leaves, out_rules, sig)
 
     def protocol(ctx):
         (x,) = yield from run_program(ctx, msg.program,
@@ -570,3 +708,32 @@ async def _predict(peer, caller, msg: Predict):
                                        time.time() + state.share_ttl)
         return ProgramResult([list(out.shape)], [out.scale], [None], _stat_values(stats))
     return ProgramResult([list(out.shape)], [out.scale], [out.share], _stat_values(stats))
+
+
+async def _predict_active(peer, caller, msg: Predict, state, group, party, model, params, leaves,
+                          out_rules, sig):
+    """Encrypted inference on MAC-checked shares; the output leaves masked, after the check."""
+    masks = await _output_masks(peer, state, group, party, msg.session, msg.mask,
+                                0 if msg.keep else 1)
+
+    def protocol(ctx):
+        active.check_keys(ctx, [*params.values(), *leaves.values()])
+        (x,) = yield from run_program(ctx, msg.program,
+                                      {i: active.leaf(ctx, e) for i, e in leaves.items()},
+                                      ops=ACTIVE_OPS, shared=mac.AuthShared)
+        net = mac_nn.build(model.layers, {i: active.leaf(ctx, e) for i, e in params.items()})
+        out = yield from mac_nn.forward(ctx, net, x, raw_output=not msg.keep)
+        opened = yield from mac.open_masked(ctx, [] if msg.keep else [(out, masks[0])])
+        return out, opened, ctx.key_id
+
+    stats: dict = {}
+    out, opened, key_id = await _in_nursery(state, lambda: run_session(
+        peer, state, session=msg.session, group=group, party=party, protocol=protocol,
+        signature=sig, requester=caller.name, next_session=msg.next_session,
+        timeout=msg.timeout, stats=stats))
+    if msg.keep:
+        state.shares[msg.keep] = _active_entry(out, group, party, out_rules, key_id,
+                                               state.share_ttl)
+        return ProgramResult([list(out.shape)], [out.scale], [None], _stat_values(stats))
+    return ProgramResult([list(out.shape)], [out.scale], [mac._to_wire(opened[0])],
+                         _stat_values(stats))

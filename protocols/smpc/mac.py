@@ -46,7 +46,7 @@ from .messages import Round
 from .runtime import collect
 
 __all__ = ["K", "S", "AuthShared", "AuthDealer", "ActiveParty", "open_values", "mac_check",
-           "input_value", "mul", "matmul", "truncate", "ge_zero", "relu", "reveal", "run_active", "encode", "decode"]
+           "input_value", "open_masked", "mul", "matmul", "truncate", "ge_zero", "relu", "reveal", "run_active", "encode", "decode"]
 
 K, S = 64, 64
 CMP_BITS = K - 2
@@ -72,22 +72,25 @@ def _rand(shape, bits: int) -> np.ndarray:
 
 def _to_wire(a: np.ndarray) -> torch.Tensor:
     """Low k bits of each element as int64 words (what an opening sends)."""
-    u = (a & MASK_K).astype(np.uint64) if a.size else np.zeros(a.shape, np.uint64)
+    a = _obj(a)
+    u = _obj(a & MASK_K).astype(np.uint64) if a.size else np.zeros(a.shape, np.uint64)
     return torch.from_numpy(np.ascontiguousarray(u).view(np.int64).reshape(a.shape).copy())
 
 
 def _from_wire(t: torch.Tensor) -> np.ndarray:
-    return t.numpy().view(np.uint64).astype(object)
+    return _obj(t.numpy().view(np.uint64).astype(object))
 
 
 def _to_wire128(a: np.ndarray) -> torch.Tensor:
     """Full (k+s)-bit elements as int64 pairs (lo, hi), last dimension 2."""
+    a = _obj(a)
     lo, hi = _to_wire(a & MASK_K), _to_wire((a >> K) & MASK_K)
     return torch.stack([lo, hi], dim=-1)
 
 
 def _from_wire128(t: torch.Tensor) -> np.ndarray:
-    return (_from_wire(t[..., 0].contiguous()) + (_from_wire(t[..., 1].contiguous()) << K)) % MOD
+    return _obj((_from_wire(t[..., 0].contiguous()) + (_from_wire(t[..., 1].contiguous()) << K))
+                % MOD)
 
 
 def encode(x: torch.Tensor, frac_bits: int = 16) -> np.ndarray:
@@ -112,6 +115,13 @@ class AuthShared:
     value: np.ndarray
     mac: np.ndarray
     scale: int = 16
+
+    def __post_init__(self):
+        # numpy reduces 0-d object arrays to Python ints: keep arrays, so shapes stay known
+        if not isinstance(self.value, np.ndarray):
+            self.value = _obj(self.value)
+        if not isinstance(self.mac, np.ndarray):
+            self.mac = _obj(self.mac)
 
     @property
     def shape(self):
@@ -229,14 +239,21 @@ class ActiveParty:
     dealer: AuthDealer
     session: str = "session"
     frac_bits: int = 16
-    alpha: int = 0
+    alpha: int | None = None     # this party's share of the MAC key (else from the dealer)
+    planning: bool = False       # a dry run on zeros: checks verify nothing
+    key_id: int = 0
     _taken: int = 0
     _log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     _transcript: Any = None
 
     def __post_init__(self):
-        self.alpha = int(self.dealer.alpha_shares[self.party])
         self._transcript = hashlib.sha256(self.session.encode())
+        if self.alpha is None:
+            if hasattr(self.dealer, "alpha_shares"):      # the in-memory dealer
+                self.alpha = int(self.dealer.alpha_shares[self.party])
+            else:                                         # a network feed: its first item
+                m = self.material("key")
+                self.alpha, self.key_id = m["alpha"], m["key"]
 
     @property
     def others(self) -> list[int]:
@@ -249,6 +266,12 @@ class ActiveParty:
 
     def auth(self, pair, scale=None) -> AuthShared:
         return AuthShared(pair[0], pair[1], self.frac_bits if scale is None else scale)
+
+    def check_shared(self, x, op: str, name: str = "operand") -> AuthShared:
+        if not isinstance(x, AuthShared):
+            raise BadRequest(f"{op}: {name} must be an authenticated share (got "
+                             f"{type(x).__name__})")
+        return x
 
     def cheating(self, what: str) -> CheatingDetected:
         return CheatingDetected(f"SMPC session {self.session}: {what}; a party deviated "
@@ -464,7 +487,7 @@ def mac_check(ctx: ActiveParty):
     inbox = yield Round("a/check/seed", broadcast={"seed": _bytes_tensor(seed + nonce),
                                                    "transcript": _bytes_tensor(digest)})
     joint = bytearray(seed)
-    for p in ctx.others:
+    for p in ([] if ctx.planning else ctx.others):
         got = inbox.get(p, {})
         s_n, tr = got.get("seed"), got.get("transcript")
         if s_n is None or tr is None or s_n.numel() != 16 + _NONCE or tr.numel() != 32:
@@ -488,6 +511,9 @@ def mac_check(ctx: ActiveParty):
     digest_s, nonce_s = _commit(sig.numpy().tobytes())
     inbox = yield Round("a/check/commit", broadcast={"c": _bytes_tensor(digest_s)})
     theirs = {}
+    if ctx.planning:
+        yield Round("a/check/open", broadcast={"s": sig, "n": _bytes_tensor(nonce_s)})
+        return True
     for p in ctx.others:
         c = inbox.get(p, {}).get("c")
         if c is None or c.numel() != 32:
@@ -524,6 +550,24 @@ def reveal(ctx: ActiveParty, *xs: AuthShared, decode_out: bool = True):
     if decode_out:
         outs = [decode(o, x.scale) for o, x in zip(outs, xs)]
     return outs
+
+
+def open_masked(ctx: ActiveParty, pairs: list[tuple[AuthShared, AuthShared]]):
+    """Open x + r for each (x, r), r a mask only the requester knows, then check everything.
+
+    The parties see x + r only (uniform: r is dealt uniformly in Z_2^k), so one batched
+    check after the opening suffices (no check before it: nothing a tampered opening
+    could make x depend on reaches anyone but the requester, and only after the check).
+    The low k bits of each x + r come back; the requester subtracts r. 1 + 3 rounds."""
+    masked = {}
+    for i, (x, r) in enumerate(pairs):
+        if x.shape != r.shape:
+            raise BadRequest(f"output {i} has shape {list(x.shape)}, its mask {list(r.shape)}")
+        rho = ctx.auth(ctx.material("outmask", x.shape)["rho"])
+        masked[str(i)] = ctx.add(ctx.add(x, r), rho)
+    opened = (yield from open_values(ctx, "a/output", masked)) if masked else {}
+    yield from mac_check(ctx)
+    return [opened[str(i)] % (1 << K) for i in range(len(pairs))]
 
 
 def run_active(n_parties: int, program: Callable[[ActiveParty], Any], *, session: str = "test",

@@ -84,7 +84,10 @@ class RoundMessage:
 # ---------------------------------------------------------------- dealer material
 
 REQUEST_KINDS = ("triple", "matmul_triple", "binary_triple", "trunc_pair", "edabit", "dabit", "cmp",
-                 "relu", "linear")
+                 "relu", "linear",
+                 # authenticated material of active sessions (protocols.smpc.mac_material)
+                 "a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_outmask", "a_check",
+                 "a_mask")
 
 
 @message("smpc.request")

@@ -1,0 +1,350 @@
+"""Programs, inference and training on authenticated shares (``security="active"``).
+
+The same program wire form as :mod:`.program` (the same dataflow runner, which takes an
+op table), with :data:`ACTIVE_OPS`: each op on :class:`.mac.AuthShared` values, every
+product truncated with dealt authenticated pairs (never locally), comparisons and ReLU
+with dealt authenticated chunk tables. Local ops (reshape, slicing, sums...) apply the
+same linear map to value and MAC shares, which keeps the MAC relation.
+
+Layers (Linear, ReLU, Flatten), MSE and SGD follow :mod:`.autograd`'s maths without
+its semi-honest fusions: forward ``z = trunc(x W) + b``, ``h = z [z >= 0]``; backward
+``dW = x^T g``, ``g <- trunc(g W^T) [z >= 0]``; the update ``W -= trunc(lr' dW)`` with
+lr' = 2 lr / N encoded with extra bits. Results leave a session only through
+:func:`.mac.open_masked` (a mask only the requester knows, then one MAC check).
+"""
+
+from __future__ import annotations
+
+from numbers import Real
+
+import numpy as np
+import torch
+
+from p2pgrid.errors import BadRequest, ShapeError
+
+from . import mac
+from .mac import AuthShared, MOD
+from .program import OpSpec, OPS
+
+__all__ = ["ACTIVE_OPS", "build", "forward", "train_step", "parameters"]
+
+
+def _like(x: AuthShared, fn) -> AuthShared:
+    return AuthShared(mac._obj(fn(x.value)), mac._obj(fn(x.mac)), x.scale)
+
+
+def _is(v) -> bool:
+    return isinstance(v, AuthShared)
+
+
+def _public(v, scale: int) -> np.ndarray:
+    if isinstance(v, bool) or not isinstance(v, (Real, torch.Tensor)):
+        raise BadRequest(f"cannot combine an authenticated share with {type(v).__name__}")
+    return mac.encode(torch.as_tensor(v, dtype=torch.float64), scale)
+
+
+def _align(ctx, a: AuthShared, b: AuthShared):
+    """Equal scales: the one with fewer fractional bits shifted up (exact)."""
+    if a.scale < b.scale:
+        a = ctx.mul_public(a, 1 << (b.scale - a.scale))
+        a.scale = b.scale
+    elif b.scale < a.scale:
+        b = ctx.mul_public(b, 1 << (a.scale - b.scale))
+        b.scale = a.scale
+    return a, b
+
+
+def _add(ctx, a, b):
+    if _is(a) and _is(b):
+        a, b = _align(ctx, a, b)
+        return ctx.add(a, b)
+    x, c = (a, b) if _is(a) else (b, a)
+    if not _is(x):
+        raise BadRequest("add: no shared operand")
+    return ctx.add_public(x, _public(c, x.scale))
+
+
+def _neg(ctx, a):
+    out = ctx.mul_public(a, (-1) % MOD)
+    out.scale = a.scale
+    return out
+
+
+def _sub(ctx, a, b):
+    if _is(b):
+        return _add(ctx, a, _neg(ctx, b))
+    return _add(ctx, a, -torch.as_tensor(b, dtype=torch.float64) if isinstance(b, torch.Tensor)
+                else -b)
+
+
+def _trunc_to(ctx, z: AuthShared, scale: int):
+    if z.scale > scale:
+        return (yield from mac.truncate(ctx, z, z.scale - scale))
+    return z
+
+
+def _mul(ctx, a, b):
+    f = ctx.frac_bits
+    if _is(a) and _is(b):
+        if a.shape != b.shape:
+            shape = torch.broadcast_shapes(a.shape, b.shape)
+            a = _like(a, lambda v: np.broadcast_to(v, shape).copy())
+            b = _like(b, lambda v: np.broadcast_to(v, shape).copy())
+        z = yield from mac.mul(ctx, a, b)
+        return (yield from _trunc_to(ctx, z, max(a.scale, b.scale)))
+    x, c = (a, b) if _is(a) else (b, a)
+    if isinstance(c, int) and not isinstance(c, bool):
+        out = ctx.mul_public(x, c % MOD)
+        out.scale = x.scale
+        return out
+    enc = _public(c, f)
+    out = ctx.mul_public(x, enc)
+    out.scale = x.scale + f
+    return (yield from _trunc_to(ctx, out, x.scale))
+
+
+def _div(ctx, a, d):
+    if not _is(a) or not isinstance(d, Real) or isinstance(d, bool):
+        raise BadRequest("div: only a shared tensor divided by a public number")
+    return (yield from _mul(ctx, a, 1.0 / float(d)))
+
+
+def _matmul(ctx, a, b):
+    f = ctx.frac_bits
+    if _is(a) and _is(b):
+        if a.value.ndim != 2 or b.value.ndim != 2:
+            raise BadRequest("matmul with security='active' takes 2-d operands")
+        z = yield from mac.matmul(ctx, a, b)
+        return (yield from _trunc_to(ctx, z, max(a.scale, b.scale)))
+    left = not _is(a)
+    x, c = (b, a) if left else (a, b)
+    enc = _public(c, f)
+    out = ctx.matmul_public(x, enc, left=left)
+    out.scale = x.scale + f
+    return (yield from _trunc_to(ctx, out, x.scale))
+
+
+def _ge0(ctx, d):
+    return (yield from mac.ge_zero(ctx, d))
+
+
+def _one_minus(ctx, bit):
+    out = ctx.add_public(_neg(ctx, bit), 1)
+    out.scale = 0
+    return out
+
+
+def _cmp(kind):
+    def run(ctx, a, b):
+        if kind in ("ge", "lt"):
+            bit = yield from _ge0(ctx, _sub(ctx, a, b))
+        else:
+            bit = yield from _ge0(ctx, _sub(ctx, b, a))
+        return bit if kind in ("ge", "le") else _one_minus(ctx, bit)
+    return run
+
+
+def _mod_sum(v, axis, keepdims):
+    return np.sum(v, axis=axis, keepdims=keepdims) % MOD
+
+
+def _sum(ctx, a, dim=None, keepdim=False):
+    axis = tuple(dim) if isinstance(dim, (tuple, list)) else dim
+    return _like(a, lambda v: mac._obj(_mod_sum(v, axis, keepdim)))
+
+
+def _mean(ctx, a, dim=None, keepdim=False):
+    s = _sum(ctx, a, dim, keepdim)
+    count = a.value.size // max(s.value.size, 1)
+    return (yield from _mul(ctx, s, 1.0 / count))
+
+
+def _index(index):
+    if isinstance(index, torch.Tensor):
+        return index.numpy()
+    if isinstance(index, tuple):
+        return tuple(_index(i) for i in index)
+    return index
+
+
+def _flatten(a, start=0, end=-1):
+    shape = a.shape
+    nd = len(shape)
+    start, end = start % max(nd, 1), end % max(nd, 1)
+    new = shape[:start] + (int(np.prod(shape[start:end + 1], dtype=np.int64)),) + shape[end + 1:]
+    return a.reshape(new) if nd else a.reshape(1)
+
+
+def _squeeze(a, dim=None):
+    if dim is None:
+        return np.squeeze(a)
+    return np.squeeze(a, dim) if a.shape[dim] == 1 else a
+
+
+def _local(fn):
+    def run(ctx, a, *args, **kwargs):
+        if not _is(a):
+            raise BadRequest("expected a shared tensor as the first operand")
+        return _like(a, lambda v: fn(v, *args, **kwargs))
+    return run
+
+
+def _join(fn):
+    def run(ctx, xs, dim=0):
+        xs = list(xs)
+        if not xs or not all(_is(x) for x in xs) or len({x.scale for x in xs}) != 1:
+            raise BadRequest("cat/stack: shared operands of one scale")
+        return AuthShared(mac._obj(fn([x.value for x in xs], dim)),
+                          mac._obj(fn([x.mac for x in xs], dim)), xs[0].scale)
+    return run
+
+
+def _unsupported(op):
+    def run(ctx, *a, **k):
+        raise BadRequest(f"{op} is not available with security='active' yet")
+    return run
+
+
+ACTIVE_OPS: dict[str, OpSpec] = {
+    "add": OpSpec(OPS["add"].meta, _add),
+    "sub": OpSpec(OPS["sub"].meta, _sub),
+    "neg": OpSpec(OPS["neg"].meta, _neg),
+    "mul": OpSpec(OPS["mul"].meta, _mul, True),
+    "matmul": OpSpec(OPS["matmul"].meta, _matmul, True),
+    "div": OpSpec(OPS["div"].meta, _div, True),
+    "square": OpSpec(OPS["square"].meta, lambda ctx, a: _mul(ctx, a, a), True),
+    "relu": OpSpec(OPS["relu"].meta, lambda ctx, a: mac.relu(ctx, a), True),
+    "ge": OpSpec(OPS["ge"].meta, _cmp("ge"), True),
+    "gt": OpSpec(OPS["gt"].meta, _cmp("gt"), True),
+    "le": OpSpec(OPS["le"].meta, _cmp("le"), True),
+    "lt": OpSpec(OPS["lt"].meta, _cmp("lt"), True),
+    "max": OpSpec(OPS["max"].meta, _unsupported("max"), True),
+    "argmax": OpSpec(OPS["argmax"].meta, _unsupported("argmax"), True),
+    "sum": OpSpec(OPS["sum"].meta, _sum),
+    "mean": OpSpec(OPS["mean"].meta, _mean, True),
+    "reshape": OpSpec(OPS["reshape"].meta, _local(lambda v, shape: v.reshape(tuple(shape)))),
+    "getitem": OpSpec(OPS["getitem"].meta, _local(lambda v, index: v[_index(index)])),
+    "transpose": OpSpec(OPS["transpose"].meta, _local(lambda v, d0, d1: np.swapaxes(v, d0, d1))),
+    "permute": OpSpec(OPS["permute"].meta, _local(lambda v, dims: np.transpose(v, dims))),
+    "flatten": OpSpec(OPS["flatten"].meta, _local(_flatten)),
+    "unsqueeze": OpSpec(OPS["unsqueeze"].meta, _local(lambda v, dim: np.expand_dims(
+        v, dim if dim >= 0 else dim + v.ndim + 1))),
+    "squeeze": OpSpec(OPS["squeeze"].meta, _local(_squeeze)),
+    "cat": OpSpec(OPS["cat"].meta, _join(lambda vs, dim: np.concatenate(vs, dim))),
+    "stack": OpSpec(OPS["stack"].meta, _join(lambda vs, dim: np.stack(vs, dim))),
+}
+
+
+# ---------------------------------------------------------------- layers
+
+LR_BITS = 12     # extra fractional bits of the encoded learning rate
+
+
+def build(layers: list[dict], params: dict[str, AuthShared]) -> list[list]:
+    """[kind, params...] per layer (mutable: training replaces parameters)."""
+    out = []
+    for layer in layers:
+        if layer["kind"] == "linear":
+            out.append(["linear", params[layer["weight"]],
+                        params[layer["bias"]] if layer.get("bias") else None])
+        else:
+            out.append([layer["kind"]])
+    return out
+
+
+def parameters(net: list[list]) -> list[AuthShared]:
+    return [p for layer in net if layer[0] == "linear" for p in layer[1:] if p is not None]
+
+
+def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
+            raw_output: bool = False):
+    """The model's output; `keep` (a list) receives what the backward pass needs.
+    With `raw_output`, the last product keeps 2f fractional bits (no truncation round)."""
+    h = x
+    last = max((i for i, layer in enumerate(net) if layer[0] == "linear"), default=-1)
+    for i, layer in enumerate(net):
+        kind = layer[0]
+        if kind == "flatten":
+            before = h.shape
+            h = _like(h, lambda v: v.reshape(v.shape[0], -1))
+            if keep is not None:
+                keep.append(("flatten", before))
+        elif kind == "linear":
+            w, b = layer[1], layer[2]
+            if keep is not None:
+                keep.append(("linear", h))
+            z = yield from mac.matmul(ctx, h, w)
+            if not (raw_output and i == last):
+                z = yield from _trunc_to(ctx, z, ctx.frac_bits)
+            if b is not None:
+                bb = _like(b, lambda v: np.broadcast_to(v, z.shape).copy())
+                if z.scale > bb.scale:
+                    bb = ctx.mul_public(bb, 1 << (z.scale - bb.scale))
+                z = ctx.add(z, bb)
+            h = z
+        else:
+            bit = yield from mac.ge_zero(ctx, h)
+            if keep is not None:
+                keep.append(("relu", bit))
+            out = yield from mac.mul(ctx, h, bit, "a/relu")
+            out.scale = h.scale
+            h = out
+    return h
+
+
+def _lr(lr: float) -> int:
+    enc = round(lr * (1 << LR_BITS))
+    if not 0 < enc < 1 << 40:
+        raise BadRequest("the learning rate is out of the fixed-point range")
+    return enc
+
+
+def train_step(ctx, net: list[list], x: AuthShared, y: AuthShared, lr: float, *,
+               with_loss: bool = True):
+    """Forward, MSE, backward, SGD in place on `net`; returns the shared loss (or None)."""
+    if not lr > 0:
+        raise BadRequest("learning rate must be positive")
+    f = ctx.frac_bits
+    saved: list = []
+    pred = yield from forward(ctx, net, x, keep=saved)
+    if pred.shape != y.shape:
+        raise ShapeError(f"mse: pred {list(pred.shape)} vs target {list(y.shape)}")
+    g = ctx.sub(pred, y)                         # scale f; 2/N folded into the rate
+    loss = None
+    if with_loss:
+        sq = yield from mac.mul(ctx, g, g)
+        total = _sum(ctx, sq)
+        total.scale = sq.scale
+        loss = yield from _mul(ctx, total, 1.0 / max(y.value.size, 1))
+        loss = yield from _trunc_to(ctx, loss, f)
+    step = _lr(lr * 2.0 / max(y.value.size, 1))
+    for i in range(len(net) - 1, -1, -1):
+        kind, item = saved[i]
+        if kind == "relu":
+            g = yield from mac.mul(ctx, g, item, "a/relu/back")
+            g.scale = f
+        elif kind == "flatten":
+            g = _like(g, lambda v, s=item: v.reshape(s))
+        else:
+            w, b = net[i][1], net[i][2]
+            ht = _like(item, lambda v: v.T.copy())
+            dw = yield from mac.matmul(ctx, ht, g)                   # scale 2f
+            upd = ctx.mul_public(dw, step)
+            upd.scale = dw.scale + LR_BITS
+            upd = yield from _trunc_to(ctx, upd, f)
+            g_in = None
+            if any(layer[0] == "linear" for layer in net[:i]):
+                g_in = yield from mac.matmul(ctx, g, _like(w, lambda v: v.T.copy()))
+                g_in = yield from _trunc_to(ctx, g_in, f)
+            net[i][1] = ctx.sub(w, upd)
+            net[i][1].scale = f
+            if b is not None:
+                ub = ctx.mul_public(_sum(ctx, g, 0), step)
+                ub.scale = f + LR_BITS
+                ub = yield from _trunc_to(ctx, ub, f)
+                net[i][2] = ctx.sub(b, ub)
+                net[i][2].scale = f
+            if g_in is None:
+                break
+            g = g_in
+    return loss
