@@ -35,7 +35,7 @@ from typing import Any, Callable
 import torch
 import trio
 
-from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError
+from p2pgrid.errors import BadRequest, CheatingDetected, P2PError, PeerUnavailable, ProtocolError
 from protocols.smpc import mac, mac_material
 from protocols.smpc.prg import Prg
 from protocols.smpc.runtime import PartyContext, SmpcConfig
@@ -349,6 +349,10 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
     except Exception as e:  # noqa: BLE001 - reported typed, without values, to everyone
         if isinstance(e, P2PError):
             err = e
+            if group.active and isinstance(e, ProtocolError) and mb.aborted \
+                    and "deviated from the protocol" in mb.aborted:
+                # another party caught the cheater first: fail as it did (an abort either way)
+                err = CheatingDetected(f"SMPC session {session[:8]} aborted: {mb.aborted}")
         else:
             log.warning("smpc session %s failed: %s", session[:8], type(e).__name__)
             err = ProtocolError(f"party {group.parties[party]}: {type(e).__name__} in the protocol")
