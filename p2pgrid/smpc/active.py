@@ -29,6 +29,7 @@ import trio
 
 from p2pgrid.errors import BadRequest, CheatingDetected, PeerUnavailable, ProtocolError
 from protocols.smpc import mac
+from protocols.smpc import ring128 as R
 from protocols.smpc.fixedpoint import FixedPoint
 
 from .messages import DealMask, Dealt, MaskDealt, TakeMask
@@ -71,7 +72,7 @@ async def take_masks(peer, state: SmpcState, group: Group, party: int, id_: str,
         raise ProtocolError(f"the dealer {group.dealer} answered a mask request wrongly")
     key, masks = await trio.to_thread.run_sync(
         lambda: [m.expand() for m in reply.materials])
-    alpha = int(mac._from_wire128(key["alpha"].reshape(1, 2))[0])
+    alpha = R.to_int(R.from_wire(key["alpha"].reshape(1, 2)))
     key_id = int(key["key"][0])
     remember_key(state, group, key_id, alpha)
     out = []
@@ -91,14 +92,14 @@ def masked_input(state: SmpcState, group: Group, party: int, r: mac.AuthShared,
     _, alpha = state.mac_keys[group.key]
     if tuple(e.shape) != tuple(r.shape) or e.dtype != torch.int64:
         raise BadRequest(f"masked input has shape {list(e.shape)}, its mask {list(r.shape)}")
-    ev = mac._from_wire(e)
-    value = (r.value + ev) % mac.MOD if party == 0 else r.value
-    return mac.AuthShared(mac._obj(value), mac._obj((r.mac + alpha * ev) % mac.MOD), scale)
+    ev = R.from_u64(mac._from_wire(e))
+    value = R.add(r.value, ev) if party == 0 else r.value
+    return mac.AuthShared(value, R.add(r.mac, R.mul_int(ev, alpha)), scale)
 
 
 def low_words(x: mac.AuthShared) -> torch.Tensor:
     """The low 64 bits of a party's value share (its shape stands for the tensor's)."""
-    return mac._to_wire(x.value)
+    return mac._to_wire(x.value[0])
 
 
 def unmask(replies, i: int, r: torch.Tensor, scale: int, what: str = "output") -> torch.Tensor:

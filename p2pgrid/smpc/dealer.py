@@ -114,7 +114,7 @@ class DealerService:
                               "parts": [[k, m] for k, m in zip(keys, parts)],
                               "taken": [False] * group.n}
         from protocols.smpc import mac
-        return MaskDealt([mac._to_wire(clear[f"r{i}"]) for i in range(len(msg.shapes))])
+        return MaskDealt([mac._to_wire(clear[f"r{i}"][0]) for i in range(len(msg.shapes))])
 
     def take_mask(self, caller, msg: TakeMask) -> Dealt:
         group = Group.from_wire(msg.group)

@@ -35,14 +35,15 @@ import torch
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 
 from . import mac
+from . import ring128 as R
 from .messages import Material, Request
 from .prg import Prg, new_seed
 
-__all__ = ["MacKey", "deal", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
+__all__ = ["MacKey", "MaterialDealer", "deal", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
            "key_material", "AUTH_KINDS"]
 
 AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_outmask", "a_check",
-              "a_mask")
+              "a_mask", "a_input")
 MAX_ITEM_ELEMENTS = 1 << 24        # 128-bit elements of one item (before the MAC copy)
 
 
@@ -93,6 +94,9 @@ def _auth_names(req: Request) -> list[tuple[str, tuple[int, ...]]]:
         return [("rho", s)]
     if k == "a_mask":
         return [(f"r{i}", _shape(s)) for i, s in enumerate(req.shapes)]
+    if k == "a_input":
+        (s,) = [_shape(x) for x in req.shapes]
+        return [("r", s)]
     return []
 
 
@@ -129,6 +133,8 @@ def to_request(key: tuple) -> Request:
         return Request("a_check", ())
     if kind == "key":
         return Request("a_key", ())
+    if kind == "input":
+        return Request("a_input", (key[2],), int(key[1]))
     raise ProtocolError(f"material {kind!r} is not dealt to network sessions")
 
 
@@ -141,7 +147,7 @@ def _words(b: bytes) -> torch.Tensor:
 def key_material(key: MacKey, n: int) -> list[Material]:
     """Each party's alpha share and the key id (explicit: fixed across sessions)."""
     return [Material("a_key", p, new_seed(), (("alpha", (2,)), ("key", (1,))),
-                     {"alpha": mac._to_wire128(mac._obj([key.shares[p]])).reshape(2),
+                     {"alpha": R.to_wire(R.from_ints([key.shares[p]])).reshape(2),
                       "key": torch.tensor([key.id], dtype=torch.int64)}) for p in range(n)]
 
 
@@ -149,31 +155,28 @@ def _clear_values(req: Request) -> dict[str, np.ndarray]:
     """The values the dealer authenticates for one item (exact ints)."""
     names = dict(_auth_names(req))
     k = req.kind
+    u = np.uint64
     if k == "a_triple":
         s = names["a"]
-        a, b = mac._rand(s, mac.K + mac.S), mac._rand(s, mac.K + mac.S)
-        return {"a": a, "b": b, "c": (a * b) % mac.MOD}
+        a, b = R.rand(s), R.rand(s)
+        return {"a": a, "b": b, "c": R.mul(a, b)}
     if k == "a_mtriple":
-        a, b = mac._rand(names["a"], mac.K + mac.S), mac._rand(names["b"], mac.K + mac.S)
-        return {"a": a, "b": b, "c": a.dot(b) % mac.MOD}
+        a, b = R.rand(names["a"]), R.rand(names["b"])
+        return {"a": a, "b": b, "c": R.matmul(a, b)}
     if k == "a_trunc":
         s, f = names["r"], req.param
         if not 0 < f < mac.K - 1:
             raise BadRequest("truncation bits out of range")
-        r = mac._rand(s, mac.K)
-        return {"r": r + (mac._rand(s, mac.S) << mac.K), "r_hi": r >> f, "r_msb": r >> (mac.K - 1)}
+        r = R.rand(s)          # the low k bits are the mask, the high ones hide carries
+        return {"r": r, "r_hi": R.from_u64(r[0] >> u(f)), "r_msb": R.from_u64(r[0] >> u(mac.K - 1))}
     if k == "a_cmp":
-        s = names["r"]
-        r = mac._rand(s, mac.K)
-        chunks = [((r >> (4 * j)) & mac._chunk_mask(j)) for j in range(mac.CHUNKS)]
-        table = np.stack([np.stack([(c == v) for v in range(16)], -1) for c in chunks], -2) \
-            if s else np.array([[int(int(c) == v) for v in range(16)] for c in chunks])
-        return {"r": r + (mac._rand(s, mac.S) << mac.K), "r_top": r >> mac.CMP_BITS,
-                "r_msb": r >> (mac.K - 1), "r_onehot": mac._obj(table.astype(np.int64))}
+        r = R.rand(names["r"])
+        return {"r": r, "r_top": R.from_u64(r[0] >> u(mac.CMP_BITS)),
+                "r_msb": R.from_u64(r[0] >> u(mac.K - 1)), "r_onehot": mac.onehot_chunks(r[0])}
     if k == "a_outmask":
-        return {"rho": mac._rand(names["rho"], mac.S) << mac.K}
-    if k == "a_mask":
-        return {name: mac._rand(s, mac.K) for name, s in names.items()}
+        return {"rho": R.lshift(R.rand(names["rho"], mac.S), mac.K)}
+    if k in ("a_mask", "a_input"):
+        return {name: R.rand(s, mac.K) for name, s in names.items()}
     raise BadRequest(f"unknown authenticated material kind {k!r}")
 
 
@@ -198,16 +201,48 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[M
     fixes: dict[str, torch.Tensor] = {}
     index = {name: i for i, (name, _) in enumerate(spec)}
     for name, v in values.items():
-        v = mac._obj(v)
-        for part, target in (("v", v % mac.MOD), ("m", (v * key.alpha) % mac.MOD)):
+        shape = R.shape(v)
+        for part, target in (("v", v), ("m", R.mul_int(v, key.alpha))):
             comp = f"{name}.{part}"
-            total = mac._obj(np.zeros(v.shape, dtype=np.int64))
             for p in range(n - 1):
-                total = total + mac._from_wire128(
-                    Prg(seeds[p]).int64(v.shape + (2,), stream=index[comp]))
-            fixes[comp] = mac._to_wire128((target - total) % mac.MOD)
-    return [Material(req.kind, p, seeds[p], tuple(spec), fixes if p == n - 1 else {})
-            for p in range(n)]
+                target = R.sub(target, R.from_wire(
+                    Prg(seeds[p]).int64(shape + (2,), stream=index[comp])))
+            fixes[comp] = R.to_wire(target)
+    out = [Material(req.kind, p, seeds[p], tuple(spec), fixes if p == n - 1 else {})
+           for p in range(n)]
+    if req.kind == "a_input":     # the input owner (harness inputs) learns its mask
+        owner = req.param
+        if not 0 <= owner < n:
+            raise BadRequest("input owner out of range")
+        m = out[owner]
+        out[owner] = Material(m.kind, owner, m.seed, m.spec + (("r_clear", names_shape(req)),),
+                              {**m.corrections, "r_clear": mac._to_wire(values["r"][0])})
+    return out
+
+
+def names_shape(req: Request) -> tuple[int, ...]:
+    return _shape(req.shapes[0])
+
+
+class MaterialDealer:
+    """An in-memory dealer serving :class:`.mac.ActiveParty` with the network's material
+    (seed-compressed Materials, expanded by each party): what the harness and the local
+    benchmark use to measure what active sessions cost, dealer bytes included."""
+
+    def __init__(self, n: int):
+        self.n, self.key = n, MacKey.new(n)
+        self._items: list[tuple[Request, list[Material]]] = []
+        self.bytes_dealt = [0] * n
+
+    def take(self, party: int, index: int, key: tuple) -> dict:
+        req = to_request(key)
+        if index == len(self._items):
+            self._items.append((req, deal(req, self.n, self.key)))
+        if index >= len(self._items) or self._items[index][0] != req:
+            raise ProtocolError("parties asked the dealer for different material")
+        m = self._items[index][1][party]
+        self.bytes_dealt[party] += m.nbytes
+        return NetworkFeed(lambda r: m.expand(), self.n).take(party, index, key)
 
 
 # ---------------------------------------------------------------- the party's side
@@ -233,10 +268,13 @@ class NetworkFeed:
             out["seed"] = (raw[:16], raw[16:], [commits[32 * i:32 * i + 32] for i in range(self.n)])
             return out
         if req.kind == "a_key":
-            out["alpha"] = int(mac._from_wire128(got["alpha"].reshape(1, 2))[0])
+            out["alpha"] = R.to_int(R.from_wire(got["alpha"].reshape(1, 2)))
             out["key"] = int(got["key"][0])
             return out
-        for name in {c.split(".")[0] for c in got}:
+        for comp, t in got.items():
+            if "." not in comp:
+                out[comp] = mac._from_wire(t)          # the input owner's clear mask
+        for name in {c.split(".")[0] for c in got if "." in c}:
             out[name] = (mac._from_wire128(got[f"{name}.v"]), mac._from_wire128(got[f"{name}.m"]))
         return out
 

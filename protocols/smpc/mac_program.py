@@ -23,6 +23,7 @@ import torch
 from p2pgrid.errors import BadRequest, ShapeError
 
 from . import mac
+from . import ring128 as R
 from .mac import AuthShared, MOD
 from .program import OpSpec, OPS
 
@@ -30,7 +31,8 @@ __all__ = ["ACTIVE_OPS", "build", "forward", "train_step", "parameters"]
 
 
 def _like(x: AuthShared, fn) -> AuthShared:
-    return AuthShared(mac._obj(fn(x.value)), mac._obj(fn(x.mac)), x.scale)
+    """A map that only moves elements, on value and MAC shares (on each limb)."""
+    return AuthShared(R.apply(x.value, fn), R.apply(x.mac, fn), x.scale)
 
 
 def _is(v) -> bool:
@@ -112,7 +114,7 @@ def _div(ctx, a, d):
 def _matmul(ctx, a, b):
     f = ctx.frac_bits
     if _is(a) and _is(b):
-        if a.value.ndim != 2 or b.value.ndim != 2:
+        if len(a.shape) != 2 or len(b.shape) != 2:
             raise BadRequest("matmul with security='active' takes 2-d operands")
         z = yield from mac.matmul(ctx, a, b)
         return (yield from _trunc_to(ctx, z, max(a.scale, b.scale)))
@@ -144,18 +146,14 @@ def _cmp(kind):
     return run
 
 
-def _mod_sum(v, axis, keepdims):
-    return np.sum(v, axis=axis, keepdims=keepdims) % MOD
-
-
 def _sum(ctx, a, dim=None, keepdim=False):
     axis = tuple(dim) if isinstance(dim, (tuple, list)) else dim
-    return _like(a, lambda v: mac._obj(_mod_sum(v, axis, keepdim)))
+    return AuthShared(R.sum_(a.value, axis, keepdim), R.sum_(a.mac, axis, keepdim), a.scale)
 
 
 def _mean(ctx, a, dim=None, keepdim=False):
     s = _sum(ctx, a, dim, keepdim)
-    count = a.value.size // max(s.value.size, 1)
+    count = R.numel(a.value) // max(R.numel(s.value), 1)
     return (yield from _mul(ctx, s, 1.0 / count))
 
 
@@ -194,8 +192,9 @@ def _join(fn):
         xs = list(xs)
         if not xs or not all(_is(x) for x in xs) or len({x.scale for x in xs}) != 1:
             raise BadRequest("cat/stack: shared operands of one scale")
-        return AuthShared(mac._obj(fn([x.value for x in xs], dim)),
-                          mac._obj(fn([x.mac for x in xs], dim)), xs[0].scale)
+        def both(attr):
+            return np.stack([fn([getattr(x, attr)[limb] for x in xs], dim) for limb in (0, 1)])
+        return AuthShared(both("value"), both("mac"), xs[0].scale)
     return run
 
 
@@ -315,9 +314,9 @@ def train_step(ctx, net: list[list], x: AuthShared, y: AuthShared, lr: float, *,
         sq = yield from mac.mul(ctx, g, g)
         total = _sum(ctx, sq)
         total.scale = sq.scale
-        loss = yield from _mul(ctx, total, 1.0 / max(y.value.size, 1))
+        loss = yield from _mul(ctx, total, 1.0 / max(R.numel(y.value), 1))
         loss = yield from _trunc_to(ctx, loss, f)
-    step = _lr(lr * 2.0 / max(y.value.size, 1))
+    step = _lr(lr * 2.0 / max(R.numel(y.value), 1))
     for i in range(len(net) - 1, -1, -1):
         kind, item = saved[i]
         if kind == "relu":
