@@ -26,6 +26,7 @@ from . import mac
 from . import ring128 as R
 from .mac import AuthShared, MOD
 from .program import OpSpec, OPS
+from .runtime import parallel
 
 __all__ = ["ACTIVE_OPS", "build", "forward", "train_step", "parameters"]
 
@@ -257,8 +258,11 @@ def parameters(net: list[list]) -> list[AuthShared]:
 
 def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
             raw_output: bool = False):
-    """The model's output; `keep` (a list) receives what the backward pass needs.
-    With `raw_output`, the last product keeps 2f fractional bits (no truncation round)."""
+    """The model's output; `keep` (a list, training) receives what the backward pass needs,
+    one entry per layer. A product followed by a ReLU is not truncated first: the sign
+    test runs on the raw product side by side with its truncation (one round saved per
+    ReLU). With `raw_output`, the last product keeps 2f fractional bits."""
+    f = ctx.frac_bits
     h = x
     last = max((i for i, layer in enumerate(net) if layer[0] == "linear"), default=-1)
     for i, layer in enumerate(net):
@@ -271,10 +275,13 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
         elif kind == "linear":
             w, b = layer[1], layer[2]
             if keep is not None:
-                keep.append(("linear", h))
-            z = yield from mac.matmul(ctx, h, w)
-            if not (raw_output and i == last):
-                z = yield from _trunc_to(ctx, z, ctx.frac_bits)
+                z, saved = yield from mac.linear_forward(ctx, h, w, train=True)
+                keep.append(("linear", saved))
+            else:
+                z = yield from mac.matmul(ctx, h, w)
+            relu_next = i + 1 < len(net) and net[i + 1][0] == "relu"
+            if not (relu_next or (raw_output and i == last)):
+                z = yield from _trunc_to(ctx, z, f)
             if b is not None:
                 bb = _like(b, lambda v: np.broadcast_to(v, z.shape).copy())
                 if z.scale > bb.scale:
@@ -282,7 +289,10 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
                 z = ctx.add(z, bb)
             h = z
         else:
-            bit = yield from mac.ge_zero(ctx, h)
+            if h.scale > f:       # a raw product: truncate it while testing its sign
+                h, bit = yield from parallel(_trunc_to(ctx, h, f), mac.ge_zero(ctx, h))
+            else:
+                bit = yield from mac.ge_zero(ctx, h)
             if keep is not None:
                 keep.append(("relu", bit))
             out = yield from mac.mul(ctx, h, bit, "a/relu")
@@ -298,52 +308,89 @@ def _lr(lr: float) -> int:
     return enc
 
 
-def train_step(ctx, net: list[list], x: AuthShared, y: AuthShared, lr: float, *,
-               with_loss: bool = True):
-    """Forward, MSE, backward, SGD in place on `net`; returns the shared loss (or None)."""
-    if not lr > 0:
-        raise BadRequest("learning rate must be positive")
+def _mse(ctx, g: AuthShared, n: int):
+    """mean(g^2) at f fractional bits: one product, one truncation."""
     f = ctx.frac_bits
-    saved: list = []
-    pred = yield from forward(ctx, net, x, keep=saved)
-    if pred.shape != y.shape:
-        raise ShapeError(f"mse: pred {list(pred.shape)} vs target {list(y.shape)}")
-    g = ctx.sub(pred, y)                         # scale f; 2/N folded into the rate
-    loss = None
-    if with_loss:
-        sq = yield from mac.mul(ctx, g, g)
-        total = _sum(ctx, sq)
-        total.scale = sq.scale
-        loss = yield from _mul(ctx, total, 1.0 / max(R.numel(y.value), 1))
-        loss = yield from _trunc_to(ctx, loss, f)
-    step = _lr(lr * 2.0 / max(R.numel(y.value), 1))
-    for i in range(len(net) - 1, -1, -1):
+    sq = yield from mac.mul(ctx, g, g)
+    total = _sum(ctx, sq)
+    scaled = ctx.mul_public(total, max(1, round((1 << f) / n)))
+    scaled.scale = sq.scale + f
+    return (yield from _trunc_to(ctx, scaled, f))
+
+
+def _down(ctx, net, saved, g: AuthShared, i: int):
+    """The gradient `g` (raw) through the layers below linear layer i, down to the next
+    linear layer: ReLU masks (products with the saved 0/1), reshapes, then one truncation."""
+    j = i - 1
+    while j >= 0 and net[j][0] != "linear":
+        kind, item = saved[j]
+        if kind == "relu":
+            scale = g.scale
+            g = yield from mac.mul(ctx, g, item, "a/relu/back")
+            g.scale = scale
+        else:
+            g = _like(g, lambda v, s=item: v.reshape(s))
+        j -= 1
+    return (yield from _trunc_to(ctx, g, ctx.frac_bits))
+
+
+def _backward(ctx, net, saved, g: AuthShared, step: int):
+    """Backpropagate `g` and apply SGD to every linear layer, in place on `net`."""
+    f = ctx.frac_bits
+    i = len(net) - 1
+    while i >= 0 and net[i][0] != "linear":    # layers after the last linear one
         kind, item = saved[i]
         if kind == "relu":
             g = yield from mac.mul(ctx, g, item, "a/relu/back")
             g.scale = f
-        elif kind == "flatten":
-            g = _like(g, lambda v, s=item: v.reshape(s))
         else:
-            w, b = net[i][1], net[i][2]
-            ht = _like(item, lambda v: v.T.copy())
-            dw = yield from mac.matmul(ctx, ht, g)                   # scale 2f
-            upd = ctx.mul_public(dw, step)
-            upd.scale = dw.scale + LR_BITS
-            upd = yield from _trunc_to(ctx, upd, f)
-            g_in = None
-            if any(layer[0] == "linear" for layer in net[:i]):
-                g_in = yield from mac.matmul(ctx, g, _like(w, lambda v: v.T.copy()))
-                g_in = yield from _trunc_to(ctx, g_in, f)
-            net[i][1] = ctx.sub(w, upd)
-            net[i][1].scale = f
-            if b is not None:
-                ub = ctx.mul_public(_sum(ctx, g, 0), step)
-                ub.scale = f + LR_BITS
-                ub = yield from _trunc_to(ctx, ub, f)
-                net[i][2] = ctx.sub(b, ub)
-                net[i][2].scale = f
-            if g_in is None:
-                break
-            g = g_in
-    return loss
+            g = _like(g, lambda v, s=item: v.reshape(s))
+        i -= 1
+    while i >= 0:
+        w, b = net[i][1], net[i][2]
+        below = any(layer[0] == "linear" for layer in net[:i])
+        dw, gx = yield from mac.linear_backward(ctx, g, saved[i][1], grad_x=below)
+        upd = ctx.mul_public(dw, step)
+        upd.scale = dw.scale + LR_BITS
+        steps = [_trunc_to(ctx, upd, f)]
+        if b is not None:
+            ub = ctx.mul_public(_sum(ctx, g, 0), step)
+            ub.scale = g.scale + LR_BITS
+            steps.append(_trunc_to(ctx, ub, f))
+        if below:
+            steps.append(_down(ctx, net, saved, gx, i))
+        done = yield from parallel(*steps)
+        net[i][1] = ctx.sub(w, done[0])
+        net[i][1].scale = f
+        if b is not None:
+            net[i][2] = ctx.sub(b, done[1])
+            net[i][2].scale = f
+        if not below:
+            break
+        g = done[-1]
+        i -= 1
+        while net[i][0] != "linear":
+            i -= 1
+
+
+def train_step(ctx, net: list[list], x: AuthShared, y: AuthShared, lr: float, *,
+               with_loss: bool = True):
+    """Forward, MSE, backward, SGD in place on `net`; returns the shared loss (or None).
+
+    The gradient of mean((pred - y)^2) is 2 (pred - y) / N: (pred - y) is backpropagated
+    and 2 / N folded into the learning rate (as :func:`.autograd.train_step` does). The
+    loss is computed side by side with the backward pass."""
+    if not lr > 0:
+        raise BadRequest("learning rate must be positive")
+    saved: list = []
+    pred = yield from forward(ctx, net, x, keep=saved)
+    if pred.shape != y.shape:
+        raise ShapeError(f"mse: pred {list(pred.shape)} vs target {list(y.shape)}")
+    g = ctx.sub(pred, y)                         # scale f
+    step = _lr(lr * 2.0 / max(R.numel(y.value), 1))
+    if with_loss:
+        _, loss = yield from parallel(_backward(ctx, net, saved, g, step),
+                                      _mse(ctx, g, R.numel(y.value)))
+        return loss
+    yield from _backward(ctx, net, saved, g, step)
+    return None
