@@ -159,3 +159,14 @@ async def test_smpc_cheating_party_over_the_network(tmp_path):
         object.__setattr__(clinic.config, "smpc_test_cheat", "")
         close_ok = (await (A * A).reveal() - a * a).abs().max()   # the peers keep serving
         assert close_ok < 1e-3
+
+
+def test_cheat_hook_is_not_a_profile_key(tmp_path):
+    """The deviation hook is a test double's switch: no profile can turn it on."""
+    from p2pgrid.config import ProfileError, load_profile
+    profile = tmp_path / "p.toml"
+    profile.write_text('[peer]\nname = "h"\nsmpc_test_cheat = "add1"\n')
+    with pytest.raises(ProfileError, match="smpc_test_cheat"):
+        load_profile(profile)
+    profile.write_text('[peer]\nname = "h"\nsmpc_security = "active"\n')
+    assert load_profile(profile).smpc_security == "active"
