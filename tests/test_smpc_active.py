@@ -230,7 +230,7 @@ def test_security_bench_runs_at_a_small_size(capsys):
     bench.main(["--security", "both", "--batch", "2", "--mlp", "6-4-2", "--reps", "1"])
     out = json.loads(capsys.readouterr().out)
     ops = out["ops"]
-    for name in ("inference", "relu"):
+    for name in ("train", "inference", "relu"):
         semi, act = ops[f"{name}/semi-honest"], ops[f"{name}/active"]
         assert act["rounds"] > semi["rounds"]          # the checks' rounds are counted
         assert min(act["bytes_sent_per_party"]) > 0 and act["dealer_bytes_per_party"][0] > 0
