@@ -174,6 +174,9 @@ class AuthDealer:
         elif kind == "linear":
             for name, v in linear_values(key[1], key[2], key[3]).items():
                 put(name, v)
+        elif kind == "truncmul":
+            for name, v in truncmul_values(key[1], key[2]).items():
+                put(name, v)
         elif kind == "trunc":
             _, shape, f = key
             r = _rand(shape, K + S)       # the low k bits are the mask, the rest hides carries
@@ -441,6 +444,44 @@ def linear_backward(ctx: ActiveParty, g: AuthShared, saved, *, grad_x: bool = Tr
     gx = ctx.add_public(gx, R.matmul(gamma, delta_t))
     gx.scale = g.scale + b.scale
     return dw, gx
+
+
+def truncmul_values(shape, bits: int) -> dict[str, np.ndarray]:
+    """A truncation pair (r, r_lo >> bits, msb r_lo) with a multiplication mask b for a bit
+    and the products r_hi b, r_msb b (see :func:`truncmul`)."""
+    if not 0 < bits < K - 1:
+        raise BadRequest("truncation bits out of range")
+    r, b = R.rand(shape), R.rand(shape)
+    r_hi = R.from_u64(r[0] >> np.uint64(bits))
+    r_msb = R.from_u64(r[0] >> np.uint64(K - 1))
+    return {"r": r, "r_hi": r_hi, "r_msb": r_msb, "b": b, "r_hi_b": R.mul(r_hi, b),
+            "r_msb_b": R.mul(r_msb, b)}
+
+
+def truncmul(ctx: ActiveParty, x: AuthShared, bit: AuthShared, bits: int):
+    """trunc(x, bits) * bit for an authenticated 0/1 `bit`, in one round (the truncation
+    and the product side by side; a ReLU's backward pass on a raw gradient).
+
+    Opens c = x + 2^(k-2) + r (as :func:`truncate`) and e = bit - b. With P = (c >> bits)
+    - (2^(k-2) >> bits) and q = 2^(k-bits) (1 - msb c), trunc(x) = P - [r_hi] + q [r_msb],
+    so trunc(x) bit = P [bit] - e [r_hi] - [r_hi b] + q (e [r_msb] + [r_msb b]): linear in
+    dealt authenticated values once c and e are public."""
+    if x.shape != bit.shape:
+        raise BadRequest("truncmul needs operands of one shape")
+    m = ctx.material("truncmul", x.shape, bits)
+    r, r_hi, r_msb, b, r_hi_b, r_msb_b = (ctx.auth(m[k]) for k in
+                                          ("r", "r_hi", "r_msb", "b", "r_hi_b", "r_msb_b"))
+    off = 1 << (K - 2)
+    o = yield from open_values(ctx, "a/truncmul", {"c": ctx.add_public(ctx.add(x, r), off),
+                                                    "e": ctx.sub(bit, b)})
+    c, e = o["c"][0], o["e"]
+    with np.errstate(over="ignore"):
+        p = R.from_u64((c >> np.uint64(bits)) - np.uint64(off >> bits))
+    q = R.mul_int(R.from_u64(np.uint64(1) - (c >> np.uint64(K - 1))), 1 << (K - bits))
+    z = ctx.sub(ctx.mul_public(bit, p), ctx.add(ctx.mul_public(r_hi, e), r_hi_b))
+    z = ctx.add(z, ctx.mul_public(ctx.add(ctx.mul_public(r_msb, e), r_msb_b), q))
+    z.scale = x.scale - bits
+    return z
 
 
 def _part(x: AuthShared, index) -> AuthShared:

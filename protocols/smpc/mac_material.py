@@ -43,7 +43,7 @@ __all__ = ["MacKey", "MaterialDealer", "deal", "auth_spec", "to_request", "Netwo
            "key_material", "AUTH_KINDS"]
 
 AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_outmask", "a_check",
-              "a_mask", "a_input", "a_linear")
+              "a_mask", "a_input", "a_linear", "a_truncmul")
 MAX_ITEM_ELEMENTS = 1 << 24        # 128-bit elements of one item (before the MAC copy)
 
 
@@ -86,6 +86,9 @@ def _auth_names(req: Request) -> list[tuple[str, tuple[int, ...]]]:
     if k == "a_trunc":
         (s,) = [_shape(x) for x in req.shapes]
         return [("r", s), ("r_hi", s), ("r_msb", s)]
+    if k == "a_truncmul":
+        (s,) = [_shape(x) for x in req.shapes]
+        return [(name, s) for name in ("r", "r_hi", "r_msb", "b", "r_hi_b", "r_msb_b")]
     if k == "a_linear":
         (m, kk), (k2, n) = [_shape(x) for x in req.shapes]
         if k2 != kk:
@@ -137,6 +140,8 @@ def to_request(key: tuple) -> Request:
         return Request("a_trunc", (key[1],), int(key[2]))
     if kind == "linear":
         return Request("a_linear", (key[1], key[2]), int(bool(key[3])))
+    if kind == "truncmul":
+        return Request("a_truncmul", (key[1],), int(key[2]))
     if kind in ("cmp", "outmask"):
         return Request("a_" + kind, (key[1],))
     if kind == "check":
@@ -181,6 +186,8 @@ def _clear_values(req: Request) -> dict[str, np.ndarray]:
         return {"r": r, "r_hi": R.from_u64(r[0] >> u(f)), "r_msb": R.from_u64(r[0] >> u(mac.K - 1))}
     if k == "a_linear":
         return mac.linear_values(names["A"], names["B"], bool(req.param))
+    if k == "a_truncmul":
+        return mac.truncmul_values(names["r"], req.param)
     if k == "a_cmp":
         r = R.rand(names["r"])
         return {"r": r, "r_top": R.from_u64(r[0] >> u(mac.CMP_BITS)),

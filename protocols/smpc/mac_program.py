@@ -320,11 +320,14 @@ def _mse(ctx, g: AuthShared, n: int):
 
 def _down(ctx, net, saved, g: AuthShared, i: int):
     """The gradient `g` (raw) through the layers below linear layer i, down to the next
-    linear layer: ReLU masks (products with the saved 0/1), reshapes, then one truncation."""
+    linear layer: ReLU masks (products with the saved 0/1; the first one fused with the
+    truncation: one round), reshapes, then the truncation if not done yet."""
     j = i - 1
     while j >= 0 and net[j][0] != "linear":
         kind, item = saved[j]
-        if kind == "relu":
+        if kind == "relu" and g.scale > ctx.frac_bits:
+            g = yield from mac.truncmul(ctx, g, item, g.scale - ctx.frac_bits)
+        elif kind == "relu":
             scale = g.scale
             g = yield from mac.mul(ctx, g, item, "a/relu/back")
             g.scale = scale

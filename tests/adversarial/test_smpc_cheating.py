@@ -54,11 +54,27 @@ def _relu(ctx):
     return (yield from mac.reveal(ctx, (yield from mac.relu(ctx, xs))))
 
 
+def _truncmul(ctx):
+    xs, ws = yield from _inputs(ctx)
+    z = yield from mac.matmul(ctx, xs, ws)
+    bit = yield from mac.ge_zero(ctx, z)
+    return (yield from mac.reveal(ctx, (yield from mac.truncmul(ctx, z, bit, 16))))
+
+
+def _layer(ctx):
+    """A training layer's passes: the forward opening and the backward one (g - G)."""
+    xs, ws = yield from _inputs(ctx)
+    z, saved = yield from mac.linear_forward(ctx, xs, ws, train=True)
+    dw, gx = yield from mac.linear_backward(ctx, z, saved)
+    return (yield from mac.reveal(ctx, dw, gx))
+
+
 # round type -> (the round's tag, a small program that has it)
 ROUND_TYPES = {"mul": ("a/mul", _mul), "matmul": ("a/matmul", _matmul),
                "truncation": ("a/trunc", _truncation), "comparison": ("a/cmp", _relu),
                "comparison-and": ("a/cmp/and", _relu), "relu": ("a/relu", _relu),
-               "reveal": ("a/reveal", _mul)}
+               "reveal": ("a/reveal", _mul), "truncmul": ("a/truncmul", _truncmul),
+               "linear": ("a/linear", _layer), "linear-backward": ("a/linear/back", _layer)}
 
 
 def _run(cheater: Cheater, session: str, program):
@@ -99,11 +115,14 @@ def test_smpc_input_equivocation_is_detected():
 
 def test_honest_runs_never_raise():
     for i in range(RUNS):
-        for program, want in ((_truncation, X.double() @ W.double()),
-                              (_relu, X.double().clamp(min=0))):
+        x, w = X.double(), W.double()
+        for program, want in ((_truncation, [x @ w]), (_relu, [x.clamp(min=0)]),
+                              (_truncmul, [(x @ w).clamp(min=0)]),
+                              (_layer, [x.T @ (x @ w), (x @ w) @ w.T])):
             outs = mac.run_active(N, program, session=f"honest-{i}").outputs
             for out in outs:
-                assert (out[0] - want).abs().max() < 1e-3
+                for got, exp in zip(out, want):
+                    assert (got - exp).abs().max() < 1e-3
 
 
 # ---------------------------------------------------------------- over real peers
