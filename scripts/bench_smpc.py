@@ -72,7 +72,8 @@ async def _serve(args) -> None:
     torch.set_num_threads(args.threads)
     roles = ("crypto-provider",) if args.serve == DEALER else ()
     cfg = PeerConfig(name=args.serve, data_dir=Path(args.data_dir) / args.serve, mdns=False,
-                     roles=roles, host=args.host or "127.0.0.1", join=tuple(args.join or ()), gossip_interval=1.0, ttl=60.0)
+                     roles=roles, host=args.host or "127.0.0.1", join=tuple(args.join or ()), gossip_interval=1.0, ttl=60.0,
+                     console=False)   # no owner console (nor its login token in the log)
     async with p2pgrid.open_peer(cfg) as peer:
         print(json.dumps({"key_id": peer.key_id, "address": peer.address}), flush=True)
         await trio.sleep_forever()
@@ -88,7 +89,8 @@ def _spawn(name: str, data_dir: str, join: str | None, threads: int,
         cmd = ["ip", "netns", "exec", ns, *cmd, "--host", ns_address(ns)]
     if join:
         cmd += ["--join", join]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = open(os.path.join(data_dir, f"{name}.log"), "w")   # a failing peer says why there
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     hello = json.loads(proc.stdout.readline())
     return proc, f"{hello['key_id']}@{hello['address']}"
 
