@@ -24,12 +24,9 @@ from protocols.smpc.fixedpoint import FixedPoint
 from protocols.smpc.prg import Prg, new_seed
 import protocols.smpc.autograd as autograd
 from protocols.smpc.messages import RoundMessage
-from protocols.smpc import mac
-from protocols.smpc.mac_program import ACTIVE_OPS
-import protocols.smpc.mac_program as mac_nn
 from protocols.smpc.program import infer, leaf_ids, run_program, signature
 
-from . import active
+from . import active, active_sessions
 
 from .aggregate import kept_aggregate, may_reveal_aggregate
 from .dealer import ROLE
@@ -160,19 +157,10 @@ async def share_input(peer, caller, msg: ShareInput):
     state = state_of(peer)
     entry = _input_entry(peer, state, caller, msg, state.share_ttl)
     if entry.group.active:
-        await _authenticate(peer, state, entry, msg)
+        await active_sessions.authenticate(peer, state, entry, msg)
     state.shares[msg.id] = entry
     return Ack()
 
-
-async def _authenticate(peer, state: SmpcState, entry: Entry, msg: ShareInput) -> None:
-    """An active group's input: [x] = [r] + e with the dealer's mask r (p2pgrid.smpc.active)."""
-    if not msg.mask or msg.share is None:
-        raise BadRequest("an input to an active group carries x - r for a dealer mask")
-    key_id, (r,) = await active.take_masks(peer, state, entry.group, entry.party, msg.mask)
-    entry.auth = await trio.to_thread.run_sync(
-        lambda: active.masked_input(state, entry.group, entry.party, r, msg.share, entry.scale))
-    entry.key_id = key_id
 
 
 def _input_entry(peer, state: SmpcState, caller, msg: ShareInput, ttl: float) -> Entry:
@@ -415,7 +403,8 @@ async def run(peer, caller, msg: RunProgram):
 
     state, group, party, (leaves, rules, sig) = await _start(peer, caller, msg, check)
     if group.active:
-        return await _run_active(peer, caller, msg, state, group, party, leaves, rules, sig)
+        return await active_sessions.run_program(peer, caller, msg, state, group, party, leaves,
+                                                 rules, sig)
 
     def protocol(ctx):
         return run_program(ctx, msg.program, {i: ctx.wrap(e.share, e.scale) for i, e in leaves.items()})
@@ -435,55 +424,6 @@ async def run(peer, caller, msg: RunProgram):
     return ProgramResult([list(o.shape) for o in outs], [o.scale for o in outs], shares,
                          _stat_values(stats))
 
-
-async def _output_masks(peer, state, group, party, session: str, mask: str, count: int
-                        ) -> list:
-    """This party's shares of the requester's output masks (active groups)."""
-    if not count:
-        return []
-    try:
-        if not mask:
-            raise BadRequest("an active session reveals only through the requester's masks")
-        _, masks = await active.take_masks(peer, state, group, party, mask)
-        if len(masks) != count:
-            raise BadRequest(f"{len(masks)} output masks for {count} revealed outputs")
-    except P2PError as e:
-        await _fail_early(peer, state, group, party, session, e)
-        raise
-    return masks
-
-
-def _active_entry(out, group, party, rules, key_id, ttl) -> Entry:
-    return Entry(active.low_words(out), out.scale, group, party, rules, time.time() + ttl,
-                 auth=out, key_id=key_id)
-
-
-async def _run_active(peer, caller, msg: RunProgram, state, group, party, leaves, rules, sig):
-    """RunProgram on MAC-checked shares: every opening checked before anything is returned."""
-    masks = await _output_masks(peer, state, group, party, msg.session, msg.mask,
-                                sum(bool(r) for r in msg.reveal))
-
-    def protocol(ctx):
-        active.check_keys(ctx, leaves.values())
-        outs = yield from run_program(ctx, msg.program,
-                                      {i: active.leaf(ctx, e) for i, e in leaves.items()},
-                                      ops=ACTIVE_OPS, shared=mac.AuthShared)
-        shown = [o for o, r in zip(outs, msg.reveal) if r]
-        opened = yield from mac.open_masked(ctx, list(zip(shown, masks)))
-        return outs, opened, ctx.key_id
-
-    stats: dict = {}
-    outs, opened, key_id = await _in_nursery(state, lambda: run_session(
-        peer, state, session=msg.session, group=group, party=party, protocol=protocol,
-        signature=sig, requester=caller.name, next_session=msg.next_session,
-        timeout=msg.timeout, stats=stats))
-    shares, shown = [], iter(opened)
-    for out, keep, reveal, r in zip(outs, msg.keep, msg.reveal, rules):
-        if keep:
-            state.shares[keep] = _active_entry(out, group, party, r, key_id, state.share_ttl)
-        shares.append(mac._to_wire(next(shown)) if reveal else None)
-    return ProgramResult([list(o.shape) for o in outs], [o.scale for o in outs], shares,
-                         _stat_values(stats))
 
 
 def _stat_values(stats: dict) -> list[float]:
@@ -569,8 +509,8 @@ async def train(peer, caller, msg: TrainStep):
 
     state, group, party, (model, params, leaves, rules, sig) = await _start(peer, caller, msg, check)
     if group.active:
-        return await _train_active(peer, caller, msg, state, group, party, model, params, leaves,
-                                   rules, sig)
+        return await active_sessions.train(peer, caller, msg, state, group, party, model, params,
+                                           leaves, rules, sig)
 
     def protocol(ctx):
         x, y = yield from run_program(ctx, msg.program,
@@ -595,34 +535,6 @@ async def train(peer, caller, msg: TrainStep):
     return ProgramResult([[]], [group.frac_bits], [share], _stat_values(stats))
 
 
-async def _train_active(peer, caller, msg: TrainStep, state, group, party, model, params, leaves,
-                        rules, sig):
-    """One SGD step on MAC-checked shares; the parameters change only if the check passes."""
-    show = msg.want_loss and rules.allows("reveal", caller.name)
-    masks = await _output_masks(peer, state, group, party, msg.session, msg.mask, int(show))
-
-    def protocol(ctx):
-        active.check_keys(ctx, [*params.values(), *leaves.values()])
-        x, y = yield from run_program(ctx, msg.program,
-                                      {i: active.leaf(ctx, e) for i, e in leaves.items()},
-                                      ops=ACTIVE_OPS, shared=mac.AuthShared)
-        net = mac_nn.build(model.layers, {i: active.leaf(ctx, e) for i, e in params.items()})
-        loss = yield from mac_nn.train_step(ctx, net, x, y, msg.lr, with_loss=show)
-        opened = yield from mac.open_masked(ctx, [(loss, masks[0])] if show else [])
-        return net, opened, ctx.key_id
-
-    stats: dict = {}
-    net, opened, key_id = await _in_nursery(state, lambda: run_session(
-        peer, state, session=msg.session, group=group, party=party, protocol=protocol,
-        signature=sig, requester=caller.name, next_session=msg.next_session,
-        timeout=msg.timeout, stats=stats))
-    kept = ShareRules(**{**rules.__dict__, "owner": "", "holder": model.owner})
-    for id_, p in zip(model.param_ids(), mac_nn.parameters(net)):
-        state.shares[id_] = _active_entry(p, group, party, kept, key_id, state.share_ttl)
-    share = mac._to_wire(opened[0]) if show else None
-    return ProgramResult([[]], [group.frac_bits], [share], _stat_values(stats))
-
-
 @router.on(Predict)
 async def predict(peer, caller, msg: Predict):
     inline: list[str] = []
@@ -637,7 +549,7 @@ async def predict(peer, caller, msg: Predict):
             raise BadRequest("the input is shared among another group than the model's")
         entry = _input_entry(peer, state, caller, inp, msg.timeout + 30)
         if entry.group.active:
-            await _authenticate(peer, state, entry, inp)
+            await active_sessions.authenticate(peer, state, entry, inp)
         state.shares[inp.id] = entry
         inline.append(inp.id)
     try:
@@ -688,8 +600,8 @@ async def _predict(peer, caller, msg: Predict):
 
     state, group, party, (model, params, leaves, out_rules, sig) = await _start(peer, caller, msg, check)
     if group.active:
-        return await _predict_active(peer, caller, msg, state, group, party, model, params,
-                                     leaves, out_rules, sig)
+        return await active_sessions.predict(peer, caller, msg, state, group, party, model,
+                                             params, leaves, out_rules, sig)
 
     def protocol(ctx):
         (x,) = yield from run_program(ctx, msg.program,
@@ -708,32 +620,3 @@ async def _predict(peer, caller, msg: Predict):
                                        time.time() + state.share_ttl)
         return ProgramResult([list(out.shape)], [out.scale], [None], _stat_values(stats))
     return ProgramResult([list(out.shape)], [out.scale], [out.share], _stat_values(stats))
-
-
-async def _predict_active(peer, caller, msg: Predict, state, group, party, model, params, leaves,
-                          out_rules, sig):
-    """Encrypted inference on MAC-checked shares; the output leaves masked, after the check."""
-    masks = await _output_masks(peer, state, group, party, msg.session, msg.mask,
-                                0 if msg.keep else 1)
-
-    def protocol(ctx):
-        active.check_keys(ctx, [*params.values(), *leaves.values()])
-        (x,) = yield from run_program(ctx, msg.program,
-                                      {i: active.leaf(ctx, e) for i, e in leaves.items()},
-                                      ops=ACTIVE_OPS, shared=mac.AuthShared)
-        net = mac_nn.build(model.layers, {i: active.leaf(ctx, e) for i, e in params.items()})
-        out = yield from mac_nn.forward(ctx, net, x, raw_output=not msg.keep)
-        opened = yield from mac.open_masked(ctx, [] if msg.keep else [(out, masks[0])])
-        return out, opened, ctx.key_id
-
-    stats: dict = {}
-    out, opened, key_id = await _in_nursery(state, lambda: run_session(
-        peer, state, session=msg.session, group=group, party=party, protocol=protocol,
-        signature=sig, requester=caller.name, next_session=msg.next_session,
-        timeout=msg.timeout, stats=stats))
-    if msg.keep:
-        state.shares[msg.keep] = _active_entry(out, group, party, out_rules, key_id,
-                                               state.share_ttl)
-        return ProgramResult([list(out.shape)], [out.scale], [None], _stat_values(stats))
-    return ProgramResult([list(out.shape)], [out.scale], [mac._to_wire(opened[0])],
-                         _stat_values(stats))

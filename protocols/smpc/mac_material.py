@@ -34,7 +34,7 @@ import torch
 
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 
-from . import mac
+from . import mac, mac_layers
 from . import ring128 as R
 from .messages import Material, Request
 from .prg import Prg, new_seed
@@ -185,9 +185,9 @@ def _clear_values(req: Request) -> dict[str, np.ndarray]:
         r = R.rand(s)          # the low k bits are the mask, the high ones hide carries
         return {"r": r, "r_hi": R.from_u64(r[0] >> u(f)), "r_msb": R.from_u64(r[0] >> u(mac.K - 1))}
     if k == "a_linear":
-        return mac.linear_values(names["A"], names["B"], bool(req.param))
+        return mac_layers.linear_values(names["A"], names["B"], bool(req.param))
     if k == "a_truncmul":
-        return mac.truncmul_values(names["r"], req.param)
+        return mac_layers.truncmul_values(names["r"], req.param)
     if k == "a_cmp":
         r = R.rand(names["r"])
         return {"r": r, "r_top": R.from_u64(r[0] >> u(mac.CMP_BITS)),

@@ -22,7 +22,7 @@ import torch
 
 from p2pgrid.errors import BadRequest, ShapeError
 
-from . import mac
+from . import mac, mac_layers
 from . import ring128 as R
 from .mac import AuthShared, MOD
 from .program import OpSpec, OPS
@@ -275,7 +275,7 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
         elif kind == "linear":
             w, b = layer[1], layer[2]
             if keep is not None:
-                z, saved = yield from mac.linear_forward(ctx, h, w, train=True)
+                z, saved = yield from mac_layers.linear_forward(ctx, h, w, train=True)
                 keep.append(("linear", saved))
             else:
                 z = yield from mac.matmul(ctx, h, w)
@@ -326,7 +326,7 @@ def _down(ctx, net, saved, g: AuthShared, i: int):
     while j >= 0 and net[j][0] != "linear":
         kind, item = saved[j]
         if kind == "relu" and g.scale > ctx.frac_bits:
-            g = yield from mac.truncmul(ctx, g, item, g.scale - ctx.frac_bits)
+            g = yield from mac_layers.truncmul(ctx, g, item, g.scale - ctx.frac_bits)
         elif kind == "relu":
             scale = g.scale
             g = yield from mac.mul(ctx, g, item, "a/relu/back")
@@ -352,7 +352,7 @@ def _backward(ctx, net, saved, g: AuthShared, step: int):
     while i >= 0:
         w, b = net[i][1], net[i][2]
         below = any(layer[0] == "linear" for layer in net[:i])
-        dw, gx = yield from mac.linear_backward(ctx, g, saved[i][1], grad_x=below)
+        dw, gx = yield from mac_layers.linear_backward(ctx, g, saved[i][1], grad_x=below)
         upd = ctx.mul_public(dw, step)
         upd.scale = dw.scale + LR_BITS
         steps = [_trunc_to(ctx, upd, f)]

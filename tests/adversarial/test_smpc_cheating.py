@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from p2pgrid.errors import CheatingDetected
-from protocols.smpc import mac
+from protocols.smpc import mac, mac_layers
 
 from smpc_cheater import Cheater, catching
 
@@ -58,14 +58,14 @@ def _truncmul(ctx):
     xs, ws = yield from _inputs(ctx)
     z = yield from mac.matmul(ctx, xs, ws)
     bit = yield from mac.ge_zero(ctx, z)
-    return (yield from mac.reveal(ctx, (yield from mac.truncmul(ctx, z, bit, 16))))
+    return (yield from mac.reveal(ctx, (yield from mac_layers.truncmul(ctx, z, bit, 16))))
 
 
 def _layer(ctx):
     """A training layer's passes: the forward opening and the backward one (g - G)."""
     xs, ws = yield from _inputs(ctx)
-    z, saved = yield from mac.linear_forward(ctx, xs, ws, train=True)
-    dw, gx = yield from mac.linear_backward(ctx, z, saved)
+    z, saved = yield from mac_layers.linear_forward(ctx, xs, ws, train=True)
+    dw, gx = yield from mac_layers.linear_backward(ctx, z, saved)
     return (yield from mac.reveal(ctx, dw, gx))
 
 
