@@ -22,17 +22,26 @@ import torch
 
 from .display import dtype_name
 from .expr import LazyTensor, Node, dim_kwargs
-from .ops import OPS
+from .ops import OPS, worst_case_nonzero
 
 if TYPE_CHECKING:
     from .network import Network
+
+
+def _dry_run(fn):
+    """`fn` on meta tensors as the owner's dry run runs it: a mask selection sized at its
+    worst case (torch refuses to size it otherwise; the user's own meta tensors keep that)."""
+    def meta(*args, **kwargs):
+        with worst_case_nonzero:
+            return fn(*args, **kwargs)
+    return meta
 
 
 class Expr(LazyTensor):
     """A lazy value on one remote peer: ``Expr(net, peer, node, meta)`` (the graph itself:
     :class:`p2pgrid.expr.LazyTensor`)."""
 
-    _OPS = {name: op.fn for name, op in OPS.items()}
+    _OPS = {name: _dry_run(op.fn) for name, op in OPS.items()}
     _UNARY = frozenset({"exp", "log", "log1p", "sqrt", "square", "sigmoid", "tanh", "relu", "sign",
                         "floor", "ceil", "round", "abs", "neg", "isnan", "isfinite", "logical_not",
                         "numel"})

@@ -86,6 +86,18 @@ def test_shape_errors_read_the_same_on_both_evaluators():
         assert str(plain.value) == str(shared.value) and ":" in str(plain.value)
 
 
+def test_a_mask_selection_is_sized_as_the_owner_sizes_it():
+    """At its worst case (every row picked), as the owner's dry run does; the flag torch
+    needs for that is set only while the expression is checked."""
+    import torch.fx.experimental._config as fx_config
+    a = _pointer()
+    picked = a[a[:, 0] > 0]
+    assert picked.shape == (20, 3) and picked[:, 1].sum().shape == ()
+    assert fx_config.meta_nonzero_assume_all_nonzero is False
+    with pytest.raises(Exception, match="nonzero"):   # the user's own meta tensors: torch's rule
+        torch.ones(3, device="meta")[torch.ones(3, device="meta") > 0]
+
+
 def test_an_op_both_evaluators_have_is_written_once():
     """A method of an op in both whitelists comes from the base class, except where an
     evaluator takes the op's arguments in another form (named here, so a copy is noticed)."""
