@@ -24,8 +24,8 @@ import trio
 
 from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError, ShapeError
 from p2pgrid.ops import encode_arg
-from protocols.smpc.fixedpoint import FixedPoint
-from protocols.smpc.program import OPS
+from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
+from p2pgrid.protocols.smpc.program import OPS
 
 from .messages import Abort, DeleteShares, ProgramResult, RunProgram
 from .session import next_in_chain
