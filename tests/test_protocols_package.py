@@ -10,6 +10,7 @@ import importlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,8 +22,11 @@ MODULES = sorted(m.name for m in pkgutil.walk_packages(p2pgrid.protocols.__path_
 
 @pytest.mark.parametrize("name", MODULES)
 def test_doctests(name):
-    result = doctest.testmod(importlib.import_module(name), verbose=False)
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
+    if ">>>" in Path(module.__file__).read_text():
+        assert result.attempted > 0, f"the examples in {name} were not found"
 
 
 def test_one_name_only():
