@@ -251,6 +251,11 @@ def test_owner_commands(tmp_path, capsys, monkeypatch):
     assert run("requests", "deny", r2["id"], "--why", "again", *peer)[0] == 1
     assert s.has_grant("bob", "births")
     assert s.request(r2["id"])["why"] == "too much"
+    assert "bob" in run("requests", "grants", *peer)[1].out
+    assert run("requests", "revoke", "bob", "births", *peer)[0] == 0
+    assert not s.has_grant("bob", "births")
+    code, out = run("requests", "revoke", "bob", "births", *peer)
+    assert code == 1 and out.err.strip() == "p2pgrid requests: bob holds no get grant on births"
     assert "no pending requests" in run("requests", "list", *peer)[1].out
     assert "too much" in run("requests", "list", "--all", *peer)[1].out
     s.close()
@@ -264,7 +269,8 @@ def test_owner_commands(tmp_path, capsys, monkeypatch):
     assert run("web", "token", "--rotate", *peer)[1].out.strip() != token
     assert run("audit", "--verify", *peer)[0] == 0
     actions = [e["action"] for e in json.loads(run("audit", "tail", "-n", "50", "--json", *peer)[1].out)]
-    assert {"user.add", "user.remove", "setting", "dataset", "budget", "request", "decision"} <= set(actions)
+    assert {"user.add", "user.remove", "setting", "dataset", "budget", "request", "decision",
+            "grant.revoke"} <= set(actions)
 
     with pytest.raises(SystemExit, match="--peer NAME or --data-dir"):
         main(["users", "list"])

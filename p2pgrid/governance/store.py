@@ -220,6 +220,16 @@ class GovernanceStore:
         with self._reader() as db:
             return audit.tail(db, n)
 
+    def audit_page(self, *, before: int | None = None, after: int | None = None, limit: int = 50,
+                   action: str | None = None, caller: str | None = None) -> list[dict]:
+        """Up to `limit` entries, newest first: older than seq `before`, or the oldest ones
+        newer than `after`; only `action` (a name, or a prefix ending in '.') and
+        `caller` if given."""
+        self.flush()
+        with self._reader() as db:
+            return audit.page(db, before=before, after=after, limit=limit, action=action,
+                              caller=caller)
+
     def verify(self, public_key: bytes | None = None, *, incremental: bool = False) -> audit.Verdict:
         """Check the whole chain; `incremental`: only what was added since the last
         intact incremental check (for a page reloaded often; the CLI checks it all)."""
@@ -406,6 +416,17 @@ class GovernanceStore:
     def has_grant(self, user: str, object_id: str, right: str = "get") -> bool:
         return bool(self._read("SELECT 1 FROM grants WHERE user = ? AND object_id = ? AND right = ?",
                                (user, object_id, right)))
+
+    def revoke_grant(self, user: str, object_id: str, right: str = "get", *, by: str) -> bool:
+        """Take back what an approved request granted (``get`` on an object, or the
+        ``release`` of a program); the next request sees it. False if there was none."""
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM grants WHERE user = ? AND object_id = ? AND right = ?",
+                              (user, object_id, right)).rowcount > 0
+            if gone:
+                self._append(db, {"action": "grant.revoke", "caller": by, "user": user,
+                                  "object": object_id, "right": right})
+        return gone
 
     def grants(self, user: str | None = None) -> list[dict]:
         rows = self._read("SELECT user, object_id, right, request_id, granted FROM grants"

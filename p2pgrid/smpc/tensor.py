@@ -25,8 +25,8 @@ import trio
 
 from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError, ShapeError
 from p2pgrid.expr import LazyTensor, Node
-from protocols.smpc.fixedpoint import FixedPoint
-from protocols.smpc.program import OPS
+from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
+from p2pgrid.protocols.smpc.program import OPS
 
 from .messages import Abort, DeleteShares, ProgramResult, RunProgram
 from .session import next_in_chain
@@ -142,7 +142,7 @@ class SharedTensor(LazyTensor):
 
     # ------------------------------------------------------------ the wire form
     def program(self, outputs: Sequence["SharedTensor"] | None = None) -> dict:
-        """The wire form (:mod:`protocols.smpc.program`): nodes in dependency order;
+        """The wire form (:mod:`p2pgrid.protocols.smpc.program`): nodes in dependency order;
         `outputs` (default: this one) are its results."""
         nodes, out = self._wire([self] if outputs is None else list(outputs))
         return {"nodes": nodes, "outputs": out}
