@@ -149,6 +149,7 @@ class ConnectionTable:
               close: Callable[[], None] | None = None) -> Connection | None:
         """Register a new connection, evicting an idle one if a limit is reached;
         None (refuse it) if no room can be made. `close` is called on eviction."""
+        address = address_key(address)   # an IPv6 host's whole /64 is one address
         mine = self._by_address.get(address, {})
         if len(mine) >= self.per_address and not self._evict(mine.values()):
             self.refused += 1

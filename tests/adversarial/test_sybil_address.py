@@ -10,7 +10,9 @@ peer's socket sees it, never a header) take at most ``guest_address_share`` (hal
 each pool together; a stranger at another address is still served.
 
 The attacker's fresh names come from 127.0.0.1, the stranger's from 127.0.0.2 (its client
-socket bound there), to real peers over TLS.
+socket bound there), to real peers over TLS; the peers keep a real peer's default share
+(the test harness's own default gives one address the whole pool, as every peer of a
+test network dials from loopback).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ async def _as(grid, address: str, name: str, send, peer: str = "hospital"):
 
 
 async def test_one_address_spends_only_its_share_of_the_guest_budget(tmp_path):
-    async with open_network(["hospital", "bob"], tmp_path) as grid:
+    async with open_network(["hospital", "bob"], tmp_path, guest_address_share=None) as grid:
         hospital = grid["hospital"]
         meta = await hospital.publish(torch.rand(200, 2) * 60, tags=["births"], compute=["*"])
         gov = governance.of(hospital)
@@ -76,7 +78,7 @@ async def test_one_address_spends_only_its_share_of_the_guest_budget(tmp_path):
 
 
 async def test_one_address_gets_only_its_share_of_a_rate_limit(tmp_path):
-    async with open_network(["hospital", "bob"], tmp_path) as grid:
+    async with open_network(["hospital", "bob"], tmp_path, guest_address_share=None) as grid:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(3, 2)).eval()
         # pooled: two names' worth (10/hour) for all guests; no refill during the test
@@ -102,7 +104,7 @@ async def test_one_address_gets_only_its_share_of_a_rate_limit(tmp_path):
 async def test_one_address_holds_only_its_share_of_open_requests(tmp_path):
     # 4 requests open at once for all unregistered callers: 2 for one address
     cfg = PeerConfig(name="hospital", requests_unregistered=4)
-    async with open_network([cfg], tmp_path) as grid:
+    async with open_network([cfg], tmp_path, guest_address_share=None) as grid:
         hospital = grid["hospital"]
         meta = await hospital.publish(torch.rand(20, 2), tags=["births"], compute=["*"])
         target = hospital.target(hospital.record("hospital"))

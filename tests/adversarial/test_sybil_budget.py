@@ -62,7 +62,7 @@ async def _publish(grid):
 
 
 async def test_fresh_names_share_one_privacy_budget(tmp_path):
-    async with open_network(["hospital", "bob"], tmp_path) as grid:
+    async with open_network(["hospital", "bob"], tmp_path, guest_address_share=None) as grid:
         program = await _publish(grid)
 
         async def spend(t, target, i):
@@ -95,7 +95,7 @@ async def test_fresh_names_share_one_privacy_budget(tmp_path):
 
 
 async def test_fresh_names_share_one_rate_limit(tmp_path):
-    async with open_network(["hospital", "bob"], tmp_path) as grid:
+    async with open_network(["hospital", "bob"], tmp_path, guest_address_share=None) as grid:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(3, 2)).eval()
         await grid.net("hospital").serve_model(model, "clf", policy=Policy(rate_limit="5/min"))
