@@ -30,6 +30,7 @@ True
 from __future__ import annotations
 
 import collections
+import functools
 import ipaddress
 import itertools
 import math
@@ -49,6 +50,7 @@ __all__ = ["EdgeLimits", "ConnectionTable", "Connection", "InFlight", "Throttle"
 GUEST_ADDRESS_SHARE = 0.5
 
 
+@functools.lru_cache(maxsize=4096)   # asked on every request of an unregistered caller
 def address_key(address: str) -> str:
     """What counts as one address for per-address limits: an IPv4 address (an
     IPv4-mapped IPv6 one as IPv4), or an IPv6 address's /64 (one host is commonly given
