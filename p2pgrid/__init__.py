@@ -16,9 +16,9 @@ Without trio (Jupyter, scripts, asyncio programs): ``p2pgrid.connect_sync`` and
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
 
 # Every public name loads on first use (PEP 562): ``import p2pgrid`` and the CLI's
 # parser stay free of torch, numpy, hypercorn and httpx, so ``p2pgrid --help`` answers at once.
@@ -51,20 +51,9 @@ if TYPE_CHECKING:
     from .sync import connect_asyncio, connect_sync
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    # ``import p2pgrid`` used to load most submodules as a side effect; code that relies on
-    # ``p2pgrid.wire`` and the like after a bare ``import p2pgrid`` keeps working.
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+# ``import p2pgrid`` used to load most submodules as a side effect; code that relies on
+# ``p2pgrid.wire`` and the like after a bare ``import p2pgrid`` keeps working.
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY, submodules=True)
 
 
 __all__ = [

@@ -20,13 +20,13 @@ the other names below load on first use.
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..lazy import lazy_exports
 from .cli import add_cli
 
 if TYPE_CHECKING:
@@ -46,13 +46,7 @@ _LAZY = {"NetworkAPI": ".api",
          "DPFedAvg": "protocols.fedavg", "Strategy": "protocols.fedavg", "FedMedian": "protocols.fedavg"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name], __name__)
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 async def service(peer, task_status=trio.TASK_STATUS_IGNORED):

@@ -13,12 +13,12 @@ directory, or the console page (its login link is printed when the peer starts).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 
 import trio
 
+from ..lazy import lazy_exports
 from .errors import PrivacyBudgetExceeded
 from .roles import CAPABILITIES, ROLES
 
@@ -40,12 +40,7 @@ _LAZY = {"Verdict": ".audit", "AccessRequest": ".client", "NetworkAPI": ".client
          "Governance": ".policy", "of": ".policy", "GovernanceStore": ".store"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 def authorize(peer, caller) -> bool:
