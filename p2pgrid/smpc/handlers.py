@@ -514,7 +514,8 @@ async def predict(peer, caller, msg: Predict):
 
 async def _predict(peer, caller, msg: Predict):
     from p2pgrid import governance
-    pooled = governance.pooled(peer, caller)  # unregistered callers share one allowance
+    # unregistered callers share one allowance, and those of one address a share of it
+    pooled = governance.guest(peer, caller)
 
     def check(state, group, party):
         model = _model(state, group, msg.model)
