@@ -16,9 +16,31 @@ Without trio (Jupyter, scripts, asyncio programs): ``p2pgrid.connect_sync`` and
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from .lazy import lazy_exports
+
+
+def _checkout_protocols() -> None:
+    """In a source checkout the protocol logic is the repository's top-level ``protocols/``
+    folder; give it its installed name, ``p2pgrid.protocols`` (a wheel has it in place)."""
+    import importlib.util
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    src = here.parent / "protocols" / "__init__.py"
+    if "p2pgrid.protocols" in sys.modules or (here / "protocols").is_dir() or not src.is_file():
+        return
+    spec = importlib.util.spec_from_file_location("p2pgrid.protocols", src,
+                                                  submodule_search_locations=[str(src.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    globals()["protocols"] = module  # as an import of the subpackage would
+
+
+_checkout_protocols()
 
 # Every public name loads on first use (PEP 562): ``import p2pgrid`` and the CLI's
 # parser stay free of torch, numpy, hypercorn and httpx, so ``p2pgrid --help`` answers at once.

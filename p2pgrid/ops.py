@@ -67,7 +67,7 @@ class _WorstCaseNonzero:
                 _fx_config.meta_nonzero_assume_all_nonzero = self._saved
 
 
-_worst_case_nonzero = _WorstCaseNonzero()
+worst_case_nonzero = _WorstCaseNonzero()
 
 DTYPES = {name: getattr(torch, name) for name in (
     "float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")}
@@ -405,7 +405,7 @@ def evaluate(program: dict, resolve: Callable[[str], tuple[torch.Tensor, Level]]
     no other exception: whatever a program makes torch or the rules raise is the
     program's fault, so it is answered as such.
     """
-    with _worst_case_nonzero if device == "meta" else contextlib.nullcontext():
+    with worst_case_nonzero if device == "meta" else contextlib.nullcontext():
         return _evaluate(program, resolve, min_rows, device, max_elements, meter)
 
 

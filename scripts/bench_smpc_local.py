@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from protocols.smpc import (DealerFeed, LocalDealer, SmpcConfig, matmul, mul, relu,  # noqa: E402
+from p2pgrid.protocols.smpc import (DealerFeed, LocalDealer, SmpcConfig, matmul, mul, relu,  # noqa: E402
                             run_parties)
-from protocols.smpc.testing import share_inputs  # noqa: E402
+from p2pgrid.protocols.smpc.testing import share_inputs  # noqa: E402
 
 
 def _party_fn(op, shares):
@@ -62,16 +62,16 @@ def bench(op, inputs, n: int, reps: int, config: SmpcConfig) -> dict:
 def bench_security(args) -> dict:
     """Both modes on one run: one training step of an MLP (forward, MSE, backward, SGD, the
     loss revealed), an inference of the same MLP (as encrypted models run them over the
-    network: p2pgrid.smpc) and a ReLU (the in-memory ops of protocols.smpc.modes).
+    network: p2pgrid.smpc) and a ReLU (the in-memory ops of p2pgrid.protocols.smpc.modes).
 
     Process CPU time (all parties run in this process, dealing included: it survives a
     loaded machine), rounds, bytes each party sends and the dealer's bytes to each party
     (seed-compressed, as the network dealer sends them)."""
-    from protocols.smpc import autograd, mac, mac_program
-    from protocols.smpc.mac_material import MaterialDealer
-    from protocols.smpc.modes import run_program
-    from protocols.smpc.runtime import input_shares
-    from protocols.smpc.runtime import reveal as sh_reveal
+    from p2pgrid.protocols.smpc import autograd, mac, mac_program
+    from p2pgrid.protocols.smpc.mac_material import MaterialDealer
+    from p2pgrid.protocols.smpc.modes import run_program
+    from p2pgrid.protocols.smpc.runtime import input_shares
+    from p2pgrid.protocols.smpc.runtime import reveal as sh_reveal
     g = torch.Generator().manual_seed(0)
     dims = [int(d) for d in args.mlp.split("-")]
     x = torch.randn(args.batch, dims[0], generator=g)
@@ -145,7 +145,7 @@ def bench_security(args) -> dict:
                    "inference": (inference_active, inference_semi_honest)}[name]
             if mode == "active":
                 return mac.run_active(args.parties, fns[0], dealer=MaterialDealer(args.parties))
-            from protocols.smpc.harness import run_parties
+            from p2pgrid.protocols.smpc.harness import run_parties
             return run_parties(args.parties, fns[1], config=SmpcConfig(truncation="dealer"))
         prog = relu_only
         kw = {"dealer": MaterialDealer(args.parties)} if mode == "active" else {}

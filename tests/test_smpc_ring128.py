@@ -1,10 +1,10 @@
-"""Vectorized Z_2^128 (protocols.smpc.ring128) against exact Python-int arithmetic."""
+"""Vectorized Z_2^128 (p2pgrid.protocols.smpc.ring128) against exact Python-int arithmetic."""
 
 import numpy as np
 import pytest
 import torch
 
-from protocols.smpc import ring128 as R
+from p2pgrid.protocols.smpc import ring128 as R
 
 MOD = 1 << 128
 

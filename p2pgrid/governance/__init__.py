@@ -26,7 +26,7 @@ __all__ = ["AccessRequest", "Bounds", "Gate", "GovernanceStore", "Governance", "
            "Plan", "ROLES", "CAPABILITIES", "Verdict", "of", "request_access", "request_release",
            "private_get",
            "router", "service", "NetworkAPI", "add_cli", "authorize", "verdict", "require",
-           "result_creator_only", "pooled"]
+           "result_creator_only", "pooled", "guest"]
 
 log = logging.getLogger("p2pgrid.governance")
 FLUSH_INTERVAL = 0.5     # seconds between chaining queued audit entries
@@ -68,6 +68,15 @@ def pooled(peer, caller) -> bool:
     limits): names are free, so an unvouched name gets no allowance of its own."""
     from .policy import of
     return of(peer).pooled(caller)
+
+
+def guest(peer, caller):
+    """None if `caller` has an allowance of its own here; else a
+    :class:`p2pgrid.limits.Guest` (true): its address and the share of each pool that
+    the unregistered callers of one address may take together (``pooled=`` of
+    rate limiters and budgets takes it)."""
+    from .policy import of
+    return of(peer).guest(caller)
 
 
 def result_creator_only(peer) -> bool:

@@ -1,7 +1,7 @@
 """Active security over the network: authenticated inputs, masked outputs, MAC keys.
 
 A group with ``security="active"`` computes on MAC-checked shares
-(:mod:`protocols.smpc.mac`): a party that deviates makes every honest party raise
+(:mod:`p2pgrid.protocols.smpc.mac`): a party that deviates makes every honest party raise
 :class:`~p2pgrid.errors.CheatingDetected` (409) and nothing is released. What that
 needs besides the rounds (which :func:`p2pgrid.smpc.session.run_session` runs as in
 semi-honest mode, with authenticated dealer material):
@@ -28,9 +28,9 @@ import torch
 import trio
 
 from p2pgrid.errors import BadRequest, CheatingDetected, PeerUnavailable, ProtocolError
-from protocols.smpc import mac
-from protocols.smpc import ring128 as R
-from protocols.smpc.fixedpoint import FixedPoint
+from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc import ring128 as R
+from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
 
 from .messages import DealMask, Dealt, MaskDealt, TakeMask
 from .state import Group, SmpcState

@@ -2,7 +2,7 @@
 
 :mod:`.handlers` checks a request (rights, shapes, limits) identically in both modes and
 hands an active group's session here: inputs authenticated with the dealer's masks, the
-program, training step or inference run on :class:`protocols.smpc.mac.AuthShared`
+program, training step or inference run on :class:`p2pgrid.protocols.smpc.mac.AuthShared`
 values, outputs opened only masked for the requester after the session's MAC check, and
 nothing kept or updated unless the check passed (see :mod:`.active`).
 """
@@ -14,10 +14,10 @@ import time
 import trio
 
 from p2pgrid.errors import BadRequest, P2PError
-import protocols.smpc.mac_program as mac_nn
-from protocols.smpc import mac
-from protocols.smpc.mac_program import ACTIVE_OPS
-from protocols.smpc.program import run_program as run_dataflow
+import p2pgrid.protocols.smpc.mac_program as mac_nn
+from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc.mac_program import ACTIVE_OPS
+from p2pgrid.protocols.smpc.program import run_program as run_dataflow
 
 from . import active
 from .messages import Predict, ProgramResult, RunProgram, ShareInput, TrainStep

@@ -39,7 +39,7 @@ class Group:
     parties: tuple[str, ...]
     dealer: str
     frac_bits: int = 16
-    security: str = "semi-honest"   # or "active": MAC-checked shares (protocols.smpc.mac)
+    security: str = "semi-honest"   # or "active": MAC-checked shares (p2pgrid.protocols.smpc.mac)
 
     def __post_init__(self):
         if self.security not in SECURITY_MODES:
@@ -187,7 +187,7 @@ class Entry:
     party: int
     rules: ShareRules
     expires: float
-    auth: Any = None        # active groups: protocols.smpc.mac.AuthShared (value and MAC)
+    auth: Any = None        # active groups: p2pgrid.protocols.smpc.mac.AuthShared (value and MAC)
     key_id: int = 0         # the dealer's MAC key the auth shares are under
 
     def __repr__(self) -> str:  # never a share value
