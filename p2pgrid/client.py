@@ -138,6 +138,16 @@ class _Progress:
             return self._at, self._done
 
 
+def _server_address(resp: httpx.Response) -> str:
+    """The IP address the response's connection reached, from its socket."""
+    stream = resp.extensions.get("network_stream")
+    try:
+        peer = stream.get_extra_info("server_addr") if stream is not None else None
+    except (AttributeError, OSError):   # closed already, or not a socket
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 async def _read_reply(resp: httpx.Response):
     """The reply body: bytes, or for a large declared length a view of a buffer that size."""
     declared = resp.headers.get("content-length", "")
@@ -156,8 +166,9 @@ class Transport:
     """Sends messages to peers as `name`, signing with `identity`."""
 
     def __init__(self, identity: Identity, name: str, *, insecure: bool = False,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, local_address: str | None = None):
         self.identity, self.name, self.insecure, self.timeout = identity, name, insecure, timeout
+        self.local_address = local_address   # the IP our connections leave from (None: any)
         self.headers: dict[str, str] = {}  # sent with every request (a membership certificate)
         self._pools: dict[tuple[str, bytes | None], httpx.AsyncHTTPTransport] = {}
         # A pool whose connection failed is retired, not closed: closing it under
@@ -179,7 +190,8 @@ class Transport:
         if pool is None:
             from .transport.httpcore import PeerHTTPTransport
 
-            kind = functools.partial(PeerHTTPTransport, tuned=self._tuned)
+            kind = functools.partial(PeerHTTPTransport, tuned=self._tuned,
+                                     local_address=self.local_address)
             if self.insecure:
                 pool = kind()
             else:
@@ -302,8 +314,9 @@ class Transport:
                              open_timeout: float = 10.0,
                              headers: dict[str, str] | None = None) -> None:
         """POST `path` with an empty body and hand each chunk of the reply's body to
-        `await on_data(chunk)` as it comes, until the reply ends. `started()` is called
-        once the reply's headers say 200 (within `open_timeout`); another status
+        `await on_data(chunk)` as it comes, until the reply ends. `started(address)` is
+        called once the reply's headers say 200 (within `open_timeout`), with the IP
+        address the connection's socket reached ("" if unknown); another status
         raises the remote error, a broken connection PeerUnavailable. Rides the same
         connection as :meth:`stream` to `target`."""
         url = f"{'http' if self.insecure else 'https'}://{target.address}{path}"
@@ -325,7 +338,7 @@ class Transport:
                     resp = await pool.handle_async_request(request)
                 if resp.status_code != 200:
                     raise remote_error(await _read_reply(resp), resp.status_code)
-                started()
+                started(_server_address(resp))
                 async for chunk in resp.aiter_raw():
                     self.bytes_received += len(chunk)
                     await on_data(chunk)
