@@ -237,7 +237,7 @@ async def _after_a_cancelled_first_request(client: str) -> _Outcome:
     pytest.param(STOCK, marks=pytest.mark.xfail(strict=True, raises=trio.TooSlowError, reason=(
         "httpcore 1.0.9: a body's sender waiting for flow control takes the read lock after "
         "another reader consumed its WINDOW_UPDATE, then reads on for data the server sends "
-        "only after the body: both wait (no upstream issue found)"))),
+        "only after the body: both wait (pydantic/httpx2#1133, fix in PR #1163)"))),
     "peer"])
 def test_a_streamed_body_beyond_the_window_while_another_response_is_read(client):
     # the shape of the peer's push stream (a long body) beside its pull stream (a

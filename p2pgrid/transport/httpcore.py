@@ -31,8 +31,9 @@ Fixes:
   a timeout. Our push and pull streams share a connection, so with stock httpcore a
   call on a push stream went unanswered for 120 s (the old xfail of
   tests/test_patchguard.py). :class:`SafeHTTP2Connection` checks the window again
-  once it holds the lock. No upstream issue found (searched encode/httpcore for
-  "_wait_for_outgoing_flow" and flow-control hangs); report to send. Reproduction:
+  once it holds the lock. Upstream: reported against httpcore's successor fork as
+  pydantic/httpx2#1133 (fix proposed in pydantic/httpx2#1163, the same re-check); no
+  issue in encode/httpcore. Reproduction:
   tests/test_transport_upstream.py. Remove when httpcore re-checks the window.
 
 The fixes are in :class:`SafeHTTP2Connection`, used even with ``P2PGRID_UNPATCHED=1``
