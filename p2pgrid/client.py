@@ -16,6 +16,7 @@ declared size instead of being joined from chunks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import ssl
@@ -28,7 +29,7 @@ import httpx
 import numpy as np
 import trio
 
-from . import h2tuning, tls, wire
+from . import tls, transport, wire
 from .auth import sign_request
 from .errors import P2PError, PeerUnavailable, Unauthenticated, error_from_wire
 from .identity import Identity, key_id
@@ -137,6 +138,16 @@ class _Progress:
             return self._at, self._done
 
 
+def _server_address(resp: httpx.Response) -> str:
+    """The IP address the response's connection reached, from its socket."""
+    stream = resp.extensions.get("network_stream")
+    try:
+        peer = stream.get_extra_info("server_addr") if stream is not None else None
+    except (AttributeError, OSError):   # closed already, or not a socket
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 async def _read_reply(resp: httpx.Response):
     """The reply body: bytes, or for a large declared length a view of a buffer that size."""
     declared = resp.headers.get("content-length", "")
@@ -155,8 +166,9 @@ class Transport:
     """Sends messages to peers as `name`, signing with `identity`."""
 
     def __init__(self, identity: Identity, name: str, *, insecure: bool = False,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, local_address: str | None = None):
         self.identity, self.name, self.insecure, self.timeout = identity, name, insecure, timeout
+        self.local_address = local_address   # the IP our connections leave from (None: any)
         self.headers: dict[str, str] = {}  # sent with every request (a membership certificate)
         self._pools: dict[tuple[str, bytes | None], httpx.AsyncHTTPTransport] = {}
         # A pool whose connection failed is retired, not closed: closing it under
@@ -166,7 +178,8 @@ class Transport:
         self._retired: dict[int, httpx.AsyncHTTPTransport] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
-        h2tuning.apply()
+        self._tuned = transport.tuned()  # speed changes on the peer's connections, or stock speed
+        transport.require_safety()
 
     def _pool(self, target: Target, lane: str = "rpc") -> httpx.AsyncHTTPTransport:
         # Push streams get a connection of their own ("push" lane): a request that shares
@@ -175,8 +188,12 @@ class Transport:
         k = (target.address, target.cert, lane)
         pool = self._pools.get(k)
         if pool is None:
+            from .transport.httpcore import PeerHTTPTransport
+
+            kind = functools.partial(PeerHTTPTransport, tuned=self._tuned,
+                                     local_address=self.local_address)
             if self.insecure:
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True)
+                pool = kind()
             else:
                 if target.cert is None:
                     raise Unauthenticated(f"no pinned certificate for {target.address}")
@@ -185,7 +202,7 @@ class Transport:
                 except ValueError:  # a signed record may still carry garbage for a certificate
                     raise Unauthenticated(f"the certificate pinned for {target.address} is "
                                           f"unusable") from None
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True, verify=verify)
+                pool = kind(verify=verify)
             self._pools[k] = pool
         return pool
 
@@ -209,7 +226,7 @@ class Transport:
             pool = self._pool(target)
             self._busy[id(pool)] = self._busy.get(id(pool), 0) + 1
             try:
-                # the body in one piece (bytes or a view): h2tuning frames it as views
+                # the body in one piece (bytes or a view): TunedHTTP2Connection frames it as views
                 request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(body),
                                         extensions={"timeout": timeouts})
                 try:
@@ -297,8 +314,9 @@ class Transport:
                              open_timeout: float = 10.0,
                              headers: dict[str, str] | None = None) -> None:
         """POST `path` with an empty body and hand each chunk of the reply's body to
-        `await on_data(chunk)` as it comes, until the reply ends. `started()` is called
-        once the reply's headers say 200 (within `open_timeout`); another status
+        `await on_data(chunk)` as it comes, until the reply ends. `started(address)` is
+        called once the reply's headers say 200 (within `open_timeout`), with the IP
+        address the connection's socket reached ("" if unknown); another status
         raises the remote error, a broken connection PeerUnavailable. Rides the same
         connection as :meth:`stream` to `target`."""
         url = f"{'http' if self.insecure else 'https'}://{target.address}{path}"
@@ -320,7 +338,7 @@ class Transport:
                     resp = await pool.handle_async_request(request)
                 if resp.status_code != 200:
                     raise remote_error(await _read_reply(resp), resp.status_code)
-                started()
+                started(_server_address(resp))
                 async for chunk in resp.aiter_raw():
                     self.bytes_received += len(chunk)
                     await on_data(chunk)

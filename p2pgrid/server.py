@@ -9,7 +9,8 @@ sizes and signatures, and maps typed errors to HTTP statuses.
 
 What a caller can make the edge hold is bounded (:class:`p2pgrid.limits.EdgeLimits`):
 connections in all and per address, streams per connection, requests open per
-caller key (and for all unregistered keys together); a body that stops arriving
+caller key (and for all unregistered keys together, and those of one client address
+a share of that); a body that stops arriving
 for ``read_timeout`` gets 408; idle connections close after ``idle_timeout``. A
 body is hashed by a small shared pool of threads once its bytes arrive, never by
 a thread of its own started for what its headers declare; and a request whose
@@ -29,14 +30,14 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from . import h2tuning, hypercorn_fixes, push, wire
+from . import push, transport, wire
 from .auth import H_DIGEST, Caller, Verifier
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
-from .limits import ConnectionTable, EdgeLimits, InFlight
+from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
 
 log = logging.getLogger("p2pgrid.server")
 
-CHUNK = h2tuning.FRAME  # response body per ASGI message: one DATA frame each
+CHUNK = transport.FRAME  # response body per ASGI message: one DATA frame each
 OFFLOAD = 1 << 20  # bodies larger than this are encoded/decoded in a worker thread
 HASH_THREADS = 4   # threads hashing large bodies, shared by every connection of the process
 
@@ -77,7 +78,7 @@ class App:
         self.push_ended = push_ended    # (caller, link id) when a push stream ends cleanly
         self.limits = limits
         # connections that ended in an unexpected error (logged at ERROR with the traceback)
-        self.connection_failures = hypercorn_fixes.FailureCount()
+        self.connection_failures = transport.FailureCount()
         self.registered = registered  # registered callers do not share the strangers' pool
         self.in_flight = InFlight(limits.requests_per_key, limits.requests_unregistered)
         self.verifier = verifier
@@ -98,9 +99,9 @@ class App:
             if path == "/rpc" and method == "POST":
                 await self._rpc(scope, headers, receive, send)
             elif path == push.PATH and method == "POST":
-                await self._push(headers, receive, send)
+                await self._push(scope, headers, receive, send)
             elif path == push.PULL_PATH and method == "POST" and self.pull is not None:
-                await self._pull(headers, receive, send)
+                await self._pull(scope, headers, receive, send)
             elif path == "/health" and method == "GET":
                 await _respond(send, 200, "text/plain", b"ok\n")
             elif path == "/id" and method == "GET":
@@ -128,11 +129,17 @@ class App:
             raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
         return timed
 
+    def _verify(self, scope, path: str, headers, digest: str) -> Caller:
+        """The signed caller, with the address of the connection it came on."""
+        return self.verifier.verify("POST", path, headers, digest, now=time.time(),
+                                    address=client_address(scope))
+
     def _admit(self, caller: Caller):
         """Count `caller`'s open request; a context manager (RateLimited over the limits)."""
         registered = self.registered(caller)
-        self.in_flight.enter(caller.public_key, registered=registered)
-        return _Leave(self.in_flight, caller.public_key, registered)
+        guest = None if registered else Guest(caller.address, self.limits.guest_address_share)
+        self.in_flight.enter(caller.public_key, registered=registered, guest=guest)
+        return _Leave(self.in_flight, caller.public_key, registered, guest)
 
     async def _rpc(self, scope, headers, receive, send):
         try:
@@ -142,8 +149,7 @@ class App:
                                       f"{self.max_body}")
             # Check the signature before reading a possibly huge body: the signed
             # digest is compared with the body's once it has arrived.
-            caller = self.verifier.verify("POST", "/rpc", headers, headers.get(H_DIGEST, ""),
-                                          now=time.time())
+            caller = self._verify(scope, "/rpc", headers, headers.get(H_DIGEST, ""))
             self.authorize(caller)
             with self._admit(caller):
                 body, sha = await _read_hashed_body(self._timed(receive), self.max_body,
@@ -173,11 +179,10 @@ class App:
             await _respond(send, 500, "application/cbor", wire.dumps(err.to_wire()))
 
 
-    async def _push(self, headers, receive, send):
+    async def _push(self, scope, headers, receive, send):
         caller = None
         try:
-            caller = self.verifier.verify("POST", push.PATH, headers, push.STREAM_DIGEST,
-                                          now=time.time())
+            caller = self._verify(scope, push.PATH, headers, push.STREAM_DIGEST)
             self.authorize(caller)
             # a call's own body is held to max_body where it is decoded, so that one
             # call over it is refused alone, not with the stream and every call on it
@@ -213,12 +218,11 @@ class App:
             await _respond(send, e.status, "application/cbor", wire.dumps(e.to_wire()))
 
 
-    async def _pull(self, headers, receive, send):
+    async def _pull(self, scope, headers, receive, send):
         """The way back of a link: a 200 at once, then frames for the caller as its body
         until the link's push stream ends (or the caller goes)."""
         try:
-            caller = self.verifier.verify("POST", push.PULL_PATH, headers, push.PULL_DIGEST,
-                                          now=time.time())
+            caller = self._verify(scope, push.PULL_PATH, headers, push.PULL_DIGEST)
             self.authorize(caller)
             link = headers.get(push.LINK_HEADER, "")
             if not 0 < len(link) <= 64:
@@ -255,17 +259,24 @@ class _ClientGone(Exception):
     pass
 
 
-class _Leave:
-    __slots__ = ("_flight", "_key", "_registered")
+def client_address(scope) -> str:
+    """The client's IP address as the server's socket saw it (hypercorn's ASGI
+    ``client``), never from a header; "" where the server gives none."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
-    def __init__(self, flight: InFlight, key: bytes, registered: bool):
-        self._flight, self._key, self._registered = flight, key, registered
+
+class _Leave:
+    __slots__ = ("_flight", "_key", "_registered", "_guest")
+
+    def __init__(self, flight: InFlight, key: bytes, registered: bool, guest: Guest | None):
+        self._flight, self._key, self._registered, self._guest = flight, key, registered, guest
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        self._flight.leave(self._key, registered=self._registered)
+        self._flight.leave(self._key, registered=self._registered, guest=self._guest)
 
 
 async def _while_connected(receive, work: Callable[[], Awaitable]):
@@ -441,23 +452,24 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     """Serve `app` until cancelled; reports the bound "host:port" via task_status.
     `limits` (default: the App's, else EdgeLimits()) bound connections and timeouts."""
     from hypercorn.config import Config
-    from hypercorn.trio import serve as hypercorn_serve
 
-    h2tuning.apply()
-    hypercorn_fixes.apply()
+    from .transport import hypercorn as peer_server
+
+    tuned = transport.tuned()
+    transport.require_safety()
     config = Config()
     config.bind = [f"{host}:{port}"]
-    config.h2_max_inbound_frame_size = h2tuning.FRAME
+    config.h2_max_inbound_frame_size = transport.FRAME
     limits = limits or getattr(app, "limits", None) or EdgeLimits()
     config.h2_max_concurrent_streams = limits.max_streams
-    config.keep_alive_timeout = limits.idle_timeout   # h2tuning's timer: no open stream
+    config.keep_alive_timeout = limits.idle_timeout   # TunedTCPServer's timer: no open stream
     config.keep_alive_max_requests = 1 << 30
     config.read_timeout = None   # per read, it would cut long replies' waits: see App._timed
     config.ssl_handshake_timeout = limits.handshake_timeout
     config.p2p_write_timeout = limits.write_timeout
     config.p2p_connections = ConnectionTable(*limits.connections())
     failures = getattr(app, "connection_failures", None)
-    config.p2p_failures = failures if failures is not None else hypercorn_fixes.FailureCount()
+    config.p2p_failures = failures if failures is not None else transport.FailureCount()
     config.max_app_queue_size = 64
     config.accesslog = None
     config.include_date_header = False    # per-response clock formatting and header bytes
@@ -466,4 +478,4 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     if certfile:
         config.certfile, config.keyfile = certfile, keyfile
         config.alpn_protocols = ["h2"]
-    await hypercorn_serve(app, config, task_status=task_status, mode="asgi")
+    await peer_server.serve(app, config, tuned=tuned, task_status=task_status)
