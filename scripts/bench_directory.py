@@ -23,7 +23,8 @@ send to a light peer reaches a random full one, whose directory is the same); li
 peers' heartbeats are signed outside the measurement and each new head handed to one
 full peer. spread_rounds is the whole network's: full peers exchange in full among
 themselves, and an exchange that involves a light peer carries the change whichever
-way, from the state at the start of the round (conservative). The joiner runs in full;
+way (a light peer passes on only what it held at the start of the round; a full peer,
+what it held after its own exchanges of the round). The joiner runs in full;
 light peers that learnt its record call it as often as a full peer would.
 
 With ``--transport http2`` the peers are real ones instead (p2pgrid.open_peer):
@@ -374,7 +375,7 @@ async def trial(n: int, idents: list[Identity], fanout: int, seed: int, *,
     net.model = model if lights else None
     while not everyone_finds_it():
         await step()
-        light_round()  # from the state at the start of the round (conservative)
+        light_round()  # light bits from the start of the round, full peers' from now
         for li in newly:
             li.has = True
         newly.clear()
