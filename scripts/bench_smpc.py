@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
 import tempfile
@@ -75,13 +76,31 @@ async def _serve(args) -> None:
                      roles=roles, host=args.host or "127.0.0.1", join=tuple(args.join or ()), gossip_interval=1.0, ttl=60.0)
     async with p2pgrid.open_peer(cfg) as peer:
         print(json.dumps({"key_id": peer.key_id, "address": peer.address}), flush=True)
-        await trio.sleep_forever()
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:   # exit cleanly, so that --profile can write its stats
+                return
+
+
+def _serve_main(args) -> None:
+    if not args.profile:
+        trio.run(_serve, args)
+        return
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        trio.run(_serve, args)
+    finally:
+        prof.disable()
+        prof.dump_stats(str(Path(args.profile) / f"{args.serve}.prof"))
 
 
 def _spawn(name: str, data_dir: str, join: str | None, threads: int,
-           lab: str | None = None) -> tuple[subprocess.Popen, str]:
+           lab: str | None = None, profile: str | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", name, "--data-dir", data_dir,
            "--threads", str(threads)]
+    if profile:
+        cmd += ["--profile", profile]
     if lab:
         from p2pgrid.lab import host_ns, ns_address
         ns = host_ns(lab, name)
@@ -141,79 +160,114 @@ async def _measure(args, seed: str) -> dict:
         w = await net.share(torch.randn(784, 128, generator=g) * 0.05, **kw)
         h = await net.share(torch.randn(64, 128, generator=g), **kw)
         out = {}
-        for name, expr in [("add_64x128", h + h), ("mul_64x784", x * y),
-                           ("matmul_64x784_784x128", x @ w), ("relu_64x128", h.relu())]:
-            out[name] = await _timed_program(net, expr, args.reps, args.warmup, chain=name)
-            _log(name, out[name])
+        want = set(args.only.split(","))
+        ops = [("add_64x128", h + h), ("mul_64x784", x * y),
+               ("matmul_64x784_784x128", x @ w), ("relu_64x128", h.relu())]
+        for name, expr in ops:
+            if "ops" in want or (name == "relu_64x128" and "relu" in want):
+                out[name] = await _timed_program(net, expr, args.reps, args.warmup, chain=name)
+                _log(name, out[name])
 
-        # the cost of one round: a chain of 21 dependent 1x1 products against a single one
-        one = await net.share(torch.ones(1), **kw)
-        chain = one
-        for _ in range(CHAIN):
-            chain = chain * one
-        single = await _timed_program(net, one * one, args.reps, args.warmup, chain="single")
-        long = await _timed_program(net, chain, args.reps, args.warmup, chain="chain")
-        out["round_ms"] = round((long["ms"] - single["ms"]) / (long["rounds"] - single["rounds"]), 3)
-        _log("round", out["round_ms"], "ms")
-
-        # training: the MNIST-shaped MLP on shared random data with one-hot targets
-        torch.manual_seed(0)
-        mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-                            nn.Linear(64, 10))
-        model = await net.encrypt_model(mlp, requires_grad=True, **kw)
-        xs = await net.share(torch.randn(256, 784, generator=g), **kw)
-        ys = await net.share(nn.functional.one_hot(torch.randint(0, 10, (256,), generator=g), 10)
-                             .float(), **kw)
-        opt = smpc.SGD(model, lr=0.1)
-        times, party_s, last = [], [], None
-        wire0 = None
-        for i in range(args.warmup + args.reps):
-            if i == args.warmup:
-                wire0 = _wire_bytes(args.lab)
-            rows = slice(64 * (i % 4), 64 * (i % 4) + 64)
-            program = xs[rows].program([xs[rows], ys[rows]])
-            t0 = time.perf_counter()
-            replies = await run_on_parties(
-                net, model.group, lambda s, nxt: TrainStep(s, model.group.to_wire(), model.id,
-                                                           program, opt.lr, "mse", True, nxt),
-                chain="train")
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-                party_s.append(max(r.values[0] for r in replies))
-            last = replies
-        wire = _wire_bytes(args.lab)
-        out["train_step_b64"] = {
-            "s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
-            "party_session_s": round(_median(party_s), 4),
-            "rounds": int(last[0].values[1]),
-            "bytes_sent_per_party": [int(r.values[2]) for r in last],
-            "party_ms_split": _split(last)}
-        if wire:
-            out["train_step_b64"]["wire_bytes_per_step"] = {
-                h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
-        _log("train", out["train_step_b64"])
-
-        # inference: the client shares a batch of 64 (with the call), the parties run the
-        # model, the client reconstructs; and the same on a batch shared beforehand
-        model.requires_grad = False
-        times, predict_only = [], []
-        for i in range(args.warmup + args.reps):
-            batch = torch.randn(64, 784, generator=g)
-            t0 = time.perf_counter()
-            await model.predict(batch)
-            t1 = time.perf_counter()
-            xb = await net.share(batch, **kw)
-            t2 = time.perf_counter()
-            await model.predict(xb)
-            t3 = time.perf_counter()
-            if i >= args.warmup:
-                times.append(t1 - t0)
-                predict_only.append(t3 - t2)
-            await xb.delete()
-        out["inference_b64"] = {"s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
-                                "predict_only_s": round(_median(predict_only), 4)}
-        _log("inference", out["inference_b64"])
+        if "round" in want:
+            # the cost of one round: a chain of 21 dependent 1x1 products against a single one
+            one = await net.share(torch.ones(1), **kw)
+            chain = one
+            for _ in range(CHAIN):
+                chain = chain * one
+            single = await _timed_program(net, one * one, args.reps, args.warmup, chain="single")
+            long = await _timed_program(net, chain, args.reps, args.warmup, chain="chain")
+            out["round_ms"] = round((long["ms"] - single["ms"])
+                                    / (long["rounds"] - single["rounds"]), 3)
+            _log("round", out["round_ms"], "ms")
+        if "train" in want:
+            out["train_step_b64"] = await _train(net, args, kw, g)
+        if "inference" in want:
+            out["inference_b64"] = await _inference(net, args, kw, g)
         return out
+
+
+async def _train(net: Network, args, kw: dict, g) -> dict:
+    """Encrypted training steps of the MNIST-shaped MLP; wall time and each process's CPU."""
+    # the MNIST-shaped MLP on shared random data with one-hot targets
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                        nn.Linear(64, 10))
+    model = await net.encrypt_model(mlp, requires_grad=True, **kw)
+    xs = await net.share(torch.randn(256, 784, generator=g), **kw)
+    ys = await net.share(nn.functional.one_hot(torch.randint(0, 10, (256,), generator=g), 10)
+                         .float(), **kw)
+    opt = smpc.SGD(model, lr=0.1)
+    times, party_s, last = [], [], None
+    wire0 = None
+    for i in range(args.warmup + args.reps):
+        if i == args.warmup:
+            wire0 = _wire_bytes(args.lab)
+            cpu0 = _cpu_now(args.pids)
+        rows = slice(64 * (i % 4), 64 * (i % 4) + 64)
+        program = xs[rows].program([xs[rows], ys[rows]])
+        t0 = time.perf_counter()
+        replies = await run_on_parties(
+            net, model.group, lambda s, nxt: TrainStep(s, model.group.to_wire(), model.id,
+                                                       program, opt.lr, "mse", True, nxt),
+            chain="train")
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            party_s.append(max(r.values[0] for r in replies))
+        last = replies
+    cpu1 = _cpu_now(args.pids)
+    wire = _wire_bytes(args.lab)
+    train = {
+        "s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
+        "party_session_s": round(_median(party_s), 4),
+        "rounds": int(last[0].values[1]),
+        "bytes_sent_per_party": [int(r.values[2]) for r in last],
+        "party_ms_split": _split(last)}
+    if wire:
+        train["wire_bytes_per_step"] = {
+            h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
+    train["cpu_s_per_step"] = {k: round((cpu1[k] - cpu0[k]) / args.reps, 4) for k in cpu1}
+    _log("train", train)
+    return train
+
+
+async def _inference(net: Network, args, kw: dict, g) -> dict:
+    """Encrypted inference of a batch of 64, the input shared with the call."""
+    torch.manual_seed(1)
+    mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
+                        nn.Linear(64, 10))
+    model = await net.encrypt_model(mlp, **kw)
+    times, predict_only = [], []
+    for i in range(args.warmup + args.reps):
+        batch = torch.randn(64, 784, generator=g)
+        t0 = time.perf_counter()
+        await model.predict(batch)
+        t1 = time.perf_counter()
+        xb = await net.share(batch, **kw)
+        t2 = time.perf_counter()
+        await model.predict(xb)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            times.append(t1 - t0)
+            predict_only.append(t3 - t2)
+        await xb.delete()
+    res = {"s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
+           "predict_only_s": round(_median(predict_only), 4)}
+    _log("inference", res)
+    return res
+
+
+def _cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each benchmark process has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            out[name] = float("nan")
+    out["client"] = time.process_time()
+    return out
 
 
 def _wire_bytes(lab: str | None) -> dict[str, int] | None:
@@ -242,11 +296,15 @@ def main(argv=None) -> None:
     ap.add_argument("--join", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--host", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--only", default="ops,round,train,inference",
+                    help="what to measure, comma-separated among ops, relu, round, train, inference")
+    ap.add_argument("--profile", default=None,
+                    help="folder: run the party and dealer processes under cProfile, stats there")
     ap.add_argument("--lab", default=None,
                     help="lab id: run the parties in its hosts alice, bob, dealer (scripts/bench_wan.py)")
     args = ap.parse_args(argv)
     if args.serve:
-        trio.run(_serve, args)
+        _serve_main(args)
         return
     root = args.data_dir or tempfile.mkdtemp(prefix="bench-smpc-",
                                              dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -256,11 +314,14 @@ def main(argv=None) -> None:
         if args.lab and not args.host:
             from p2pgrid.lab import host_ns, ns_address
             args.host = ns_address(host_ns(args.lab, "client"))
-        first, seed = _spawn(PARTIES[0], root, None, args.threads, args.lab)
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+        first, seed = _spawn(PARTIES[0], root, None, args.threads, args.lab, args.profile)
         procs.append(first)
         for name in (PARTIES[1], DEALER):
-            p, _ = _spawn(name, root, seed, args.threads, args.lab)
+            p, _ = _spawn(name, root, seed, args.threads, args.lab, args.profile)
             procs.append(p)
+        args.pids = {name: p.pid for name, p in zip((*PARTIES, DEALER), procs)}
         t0 = time.perf_counter()
         ops = trio.run(_measure, args, seed)
         result = {
@@ -275,9 +336,10 @@ def main(argv=None) -> None:
                         "bytes_vs_beaver_bound": 1.5},
             "elapsed_s": round(time.perf_counter() - t0, 1),
         }
-        tb = result["train_step_b64"]["bytes_sent_per_party"]
-        result["train_bytes_vs_beaver_bound"] = round(max(tb) / result[
-            "beaver_bound_bytes_per_party_step"], 3)
+        if "train_step_b64" in result:
+            tb = result["train_step_b64"]["bytes_sent_per_party"]
+            result["train_bytes_vs_beaver_bound"] = round(max(tb) / result[
+                "beaver_bound_bytes_per_party_step"], 3)
         print(json.dumps(result, indent=1))
     finally:
         for p in procs:
