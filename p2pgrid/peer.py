@@ -29,7 +29,7 @@ from .directory import MAX_OBJECTS, Directory, ObjectSummary, PeerRecord
 from .errors import NotFound, P2PError, PeerUnavailable, PermissionDenied, Unauthenticated
 from .gossip import gossip_loop
 from .identity import Identity
-from .calls import Calls
+from .calls import Calls, Nop
 from .clock import check_clock
 from .push import BackLinks, Pushers
 from .router import Router
@@ -91,7 +91,7 @@ class Peer:
                 target, push.PULL_PATH, on_data, started, digest=push.PULL_DIGEST,
                 headers={push.LINK_HEADER: link}),
             deliver=self._deliver, max_frame=max(config.max_body, push.MIN_FRAME),
-            busy=lambda key_id: self.calls.waits_on(key_id))
+            busy=lambda key_id: self.calls.waits_on(key_id), keepalive=Nop())
         self.links = BackLinks(_encode_push)   # ways back that peers opened to us
         self.calls = Calls(self)
         self.router = Router()

@@ -55,6 +55,7 @@ LINK_HEADER = "x-p2p-link"   # pairs a push stream with its way back
 LINKS_PER_CALLER = 4   # ways back one caller may hold open here; its oldest closes beyond
 LINGER = 5.0           # seconds a closing link waits for its way back to end cleanly
 IDLE = 30.0            # seconds without a message before a push stream closes
+GRACE = 15.0           # the receiver waits IDLE + GRACE for a silent push body before a 408
 QUEUE = 64             # messages queued per destination before push() waits
 HEADER = 4
 MIN_FRAME = 4 << 20    # bytes a stream takes in one frame, even where max_body is smaller
@@ -141,7 +142,9 @@ class Pushers:
     a frame that came back. `encode(msg)` gives the message's CBOR bytes.
     `retire(target)` makes the transport's next stream to `target` take a new
     connection. `busy(key_id)` says whether a call to that peer waits for its reply
-    (its link then stays open however idle).
+    (its link then stays open however idle). `keepalive` (a message whose handler does
+    nothing) is written on a stream kept open while its own body has been silent for
+    `idle` seconds, so that the receiver does not cut it.
     """
 
     def __init__(self, open_stream: Callable[..., Awaitable[None]],
@@ -149,8 +152,10 @@ class Pushers:
                  retire: Callable[[object], None] = lambda target: None,
                  open_back: Callable[..., Awaitable[None]] | None = None,
                  deliver: Deliver | None = None, max_frame: int = MIN_FRAME,
-                 busy: Callable[[str], bool] = lambda key_id: False):
+                 busy: Callable[[str], bool] = lambda key_id: False,
+                 keepalive: object | None = None):
         self._open_stream, self._encode, self.idle = open_stream, encode, idle
+        self.keepalive = keepalive
         self._retire, self._open_back, self._deliver = retire, open_back, deliver
         self._busy, self.max_frame = busy, max_frame
         self._streams: dict[object, _Stream] = {}
@@ -226,6 +231,12 @@ class Pushers:
             if idle:
                 if self._idle(stream):
                     break
+                if self.keepalive is not None:
+                    # kept open for its way back (or a waiting call) while this body is
+                    # silent: once both peers hold links, each sends on the way back of the
+                    # other's, and a body silent for IDLE + GRACE is cut by the receiver
+                    for part in _frame_parts(await self._encode(self.keepalive)):
+                        yield part
                 continue
             for part in _frame_parts(await self._encode(msg)):
                 yield part
