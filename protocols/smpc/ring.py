@@ -52,17 +52,20 @@ def msb(x: torch.Tensor) -> torch.Tensor:
     return (x >> (RING_BITS - 1)) & 1
 
 
+_LIMB_OFFSET = (1 << 21) + (1 << 42)   # rounds the low and middle limbs to the nearest
+
+
 def _limbs(x: torch.Tensor) -> list[torch.Tensor]:
-    """Balanced limbs l0 + l1*2^22 + l2*2^43 == x (mod 2^64), as float64."""
-    out = []
-    rest = x
-    for width in _LIMB_WIDTHS[:-1]:
-        half = 1 << (width - 1)
-        low = ((rest + half) & ((1 << width) - 1)) - half
-        out.append(low.to(torch.float64))
-        rest = (rest - low) >> width   # exact: rest - low is divisible by 2^width mod 2^64
-    out.append(rest.to(torch.float64))  # |rest| <= 2^20
-    return out
+    """Balanced limbs l0 + l1*2^22 + l2*2^43 == x (mod 2^64), as float64.
+
+    With y = x + 2^21 + 2^42, the bit fields of y less those offsets: l0 = y[0:22] - 2^21,
+    l1 = y[22:43] - 2^20, l2 = y >> 43 (arithmetic), so |l0| <= 2^21, |l1|, |l2| <= 2^20.
+    """
+    y = x + _LIMB_OFFSET
+    l0 = (y & ((1 << 22) - 1)).to(torch.float64) - float(1 << 21)
+    l1 = ((y >> 22) & ((1 << 21) - 1)).to(torch.float64) - float(1 << 20)
+    l2 = (y >> 43).to(torch.float64)
+    return [l0, l1, l2]
 
 
 def _matmul_limbs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
