@@ -74,9 +74,17 @@ def _emulator() -> str:
     return "veth" if labmod.has_netem() else "vde"
 
 
+def _sysctls(args) -> dict[str, str]:
+    # Linux restarts a connection's congestion window at 10 segments after an idle RTO:
+    # a FedAvg update (436 KB) then needs about 5 round trips each way whatever the
+    # bandwidth. Hosts that keep long-lived connections usually turn that off.
+    return {"net.ipv4.tcp_slow_start_after_idle": "0"} if args.no_slow_start_after_idle else {}
+
+
 def smpc(delay_ms: float, args) -> dict:
     spec = labmod.LinkSpec(delay_ms=delay_ms)
-    with labmod.Lab(["client", "alice", "bob", "dealer"], spec, emulator=_emulator()) as lab:
+    with labmod.Lab(["client", "alice", "bob", "dealer"], spec, emulator=_emulator(),
+                    sysctls=_sysctls(args)) as lab:
         r = lab.run("client", ["python", str(SCRIPTS / "bench_smpc.py"), "--lab", lab.id,
                                "--reps", str(args.reps), "--warmup", str(args.warmup),
                                "--only", args.smpc],
@@ -122,7 +130,7 @@ def smpc(delay_ms: float, args) -> dict:
 def fedavg(delay_ms: float, peers: int, args) -> dict:
     spec = labmod.LinkSpec(delay_ms=delay_ms)
     hosts = ["ai"] + [f"peer{i:02d}" for i in range(peers)]
-    with labmod.Lab(hosts, spec, emulator=_emulator()) as lab:
+    with labmod.Lab(hosts, spec, emulator=_emulator(), sysctls=_sysctls(args)) as lab:
         r = lab.run("ai", ["python", str(SCRIPTS / "bench_fedavg.py"), "--lab", lab.id,
                            "--peers", str(peers), "--rounds", str(args.rounds),
                            "--data", str(args.data)], timeout=args.timeout)
@@ -164,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--smpc", default="ops,round,train,inference",
                     help="SMPC measurements (bench_smpc.py --only), e.g. train")
     ap.add_argument("--no-search", action="store_true", help="skip the search latency")
+    ap.add_argument("--no-slow-start-after-idle", action="store_true",
+                    help="set net.ipv4.tcp_slow_start_after_idle=0 on every lab host")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",
                     help="folder holding mnist/ for FedAvg")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark run")
@@ -178,7 +188,8 @@ def main(argv=None) -> int:
         print(f"bench_wan: no MNIST under {args.data} (--data); FedAvg skipped", file=sys.stderr)
         fl_peers = []
     out = {"benchmark": "wan", "emulator": _emulator(), "cpus": os.cpu_count(),
-           "setting": {"reps": args.reps, "warmup": args.warmup, "fedavg_rounds": args.rounds,
+           "setting": {"tcp_slow_start_after_idle": 0 if args.no_slow_start_after_idle else 1,
+                       "reps": args.reps, "warmup": args.warmup, "fedavg_rounds": args.rounds,
                        "delay": "one-way, on every host's link (RTT = 2 x delay)"},
            "results": []}
     t0 = time.perf_counter()
