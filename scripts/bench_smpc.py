@@ -17,7 +17,11 @@ in this process, measures with real TLS HTTP/2 between all of them:
 - rounds and payload bytes each party sends per op / step (measured on the wire's
   payloads by the parties themselves);
 - ``round_ms``: what one more round costs, from a chain of 21 dependent 1x1 products
-  against a single one.
+  against a single one;
+- ``cpu_s_per_step``: CPU seconds (user + system) each process (alice, bob, dealer,
+  client) spent per measured training step, and net of what it spends when idle
+  (gossip, keepalives: ``idle_cpu_s_per_s``, measured over 3 s before the steps).
+  CPU time survives a loaded machine far better than wall time.
 
 Medians over ``--reps`` after ``--warmup`` runs (the first run of a program plans it
 and fetches its material; later runs get material the dealer made ahead of use).
@@ -60,6 +64,7 @@ from p2pgrid.smpc.tensor import reconstruct_reply, run_on_parties  # noqa: E402
 
 PARTIES = ("alice", "bob")
 CHAIN = 20
+IDLE_S = 3.0   # seconds of idle CPU measured before the training steps
 DEALER = "dealer"
 
 
@@ -197,6 +202,11 @@ async def _train(net: Network, args, kw: dict, g) -> dict:
     ys = await net.share(nn.functional.one_hot(torch.randint(0, 10, (256,), generator=g), 10)
                          .float(), **kw)
     opt = smpc.SGD(model, lr=0.1)
+    # what each process spends doing nothing in particular (gossip, keepalives), so that
+    # the CPU per step can be read net of it
+    idle0, t_idle = _cpu_now(args.pids), time.perf_counter()
+    await trio.sleep(IDLE_S)
+    idle1, t_idle = _cpu_now(args.pids), time.perf_counter() - t_idle
     times, party_s, last = [], [], None
     wire0 = None
     for i in range(args.warmup + args.reps):
@@ -226,6 +236,11 @@ async def _train(net: Network, args, kw: dict, g) -> dict:
         train["wire_bytes_per_step"] = {
             h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
     train["cpu_s_per_step"] = {k: round((cpu1[k] - cpu0[k]) / args.reps, 4) for k in cpu1}
+    idle_rate = {k: (idle1[k] - idle0[k]) / t_idle for k in idle1}
+    train["idle_cpu_s_per_s"] = {k: round(v, 4) for k, v in idle_rate.items()}
+    mean = statistics.fmean(times)
+    train["cpu_s_per_step_net_of_idle"] = {
+        k: round(train["cpu_s_per_step"][k] - idle_rate[k] * mean, 4) for k in idle_rate}
     _log("train", train)
     return train
 

@@ -171,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-smpc", action="store_true")
     ap.add_argument("--smpc", default="ops,round,train,inference",
                     help="SMPC measurements (bench_smpc.py --only), e.g. train")
+    ap.add_argument("--smpc-delays", default=None,
+                    help="run SMPC only at these of the delays (default: all), e.g. 20")
     ap.add_argument("--no-search", action="store_true", help="skip the search latency")
     ap.add_argument("--no-slow-start-after-idle", action="store_true",
                     help="set net.ipv4.tcp_slow_start_after_idle=0 on every lab host")
@@ -183,6 +185,8 @@ def main(argv=None) -> int:
         print(f"bench_wan: {reason}", file=sys.stderr)
         return 2
     delays = [float(d) for d in args.delays.split(",")]
+    if args.smpc_delays is not None:
+        args.smpc_delays = {float(d) for d in args.smpc_delays.split(",")}
     fl_peers = [int(p) for p in args.fedavg_peers.split(",") if int(p) > 0]
     if fl_peers and not (args.data / "mnist").is_dir():
         print(f"bench_wan: no MNIST under {args.data} (--data); FedAvg skipped", file=sys.stderr)
@@ -195,7 +199,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for d in delays:
         row: dict = {"delay_ms": d, "rtt_ms": 2 * d}
-        if not args.skip_smpc:
+        if not args.skip_smpc and (args.smpc_delays is None or d in args.smpc_delays):
             _log(f"== {d:g} ms: SMPC")
             row["smpc"] = smpc(d, args)
             _log(json.dumps({k: v for k, v in row["smpc"].items() if k != "smpc_raw"}))
