@@ -36,6 +36,12 @@ class PeerConfig:
     # them (a role a peer announces for itself counts for nothing). See docs/SECURITY.md.
     smpc_parties: tuple[str, ...] = ()
     crypto_providers: tuple[str, ...] = ()
+    # "active": this peer shares its data only with MAC-checked shares (security="active",
+    # p2pgrid.protocols.smpc.mac), so a cheating party is caught; semi-honest sharing is refused
+    smpc_security: str = "semi-honest"
+    # tests only (tests/adversarial/test_smpc_cheating.py): this peer deviates in active
+    # sessions ("add1": adds 1 to a share it sends). No profile or message can set it.
+    smpc_test_cheat: str = field(default="", repr=False)
     gossip_interval: float = 1.0
     gossip_fanout: int = 2
     ttl: float = 15.0                    # a peer unheard of for this long is dropped
@@ -57,6 +63,10 @@ class PeerConfig:
     write_timeout: float = 60.0          # a reply the client does not take: connection closed
     requests_per_key: int = 32           # requests and push streams open at once per caller key
     requests_unregistered: int = 256     # the same, for all unregistered keys together
+    # The most of each pool that unregistered callers share (requests_unregistered above,
+    # serving rate limits and quotas, the privacy budget) that those from one client
+    # address (an IPv6 /64) may take together: names are free, addresses are not.
+    guest_address_share: float = 0.5
     # Objects others store here (PutObject); the peer itself and its owner role are exempt
     store_quota_count: int = 1000        # objects per caller
     store_quota_bytes: int = 1 << 30     # bytes per caller
@@ -91,6 +101,13 @@ class PeerConfig:
                 raise ValueError(f"{key} lists peer names (no '*': each one is trusted "
                                  "not to collude)")
             object.__setattr__(self, key, names)
+        if self.smpc_security not in ("semi-honest", "active"):
+            raise ValueError("smpc_security is 'semi-honest' or 'active'")
+        if isinstance(self.guest_address_share, bool) or \
+                not isinstance(self.guest_address_share, (int, float)) or \
+                not 0.0 < self.guest_address_share <= 1.0:
+            raise ValueError(f"guest_address_share is a fraction in (0, 1], not "
+                             f"{self.guest_address_share!r}")
         if self.mdns_interfaces is not None:
             object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
 
@@ -168,7 +185,7 @@ def load_profile(path: Path | str, **overrides) -> PeerConfig:
         raise ProfileError(f"{path}: not valid TOML: {e}") from None
     _check_keys(path, "the profile", data, ("peer", "dataset"))
     peer = dict(data.get("peer", {}))
-    _check_keys(path, "[peer]", peer, {f.name for f in fields(PeerConfig)} - {"publish"})
+    _check_keys(path, "[peer]", peer, {f.name for f in fields(PeerConfig)} - {"publish", "smpc_test_cheat"})
     items = []
     for n, item in enumerate(data.get("dataset", ()), 1):
         where = f"[[dataset]] {item.get('id') or n}"

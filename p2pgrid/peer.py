@@ -408,12 +408,14 @@ class Peer:
         back of one it opened, else one we opened. Never dials; False if none is open."""
         return await self.links.send(key_id, msg) or await self.pushers.send_existing(key_id, msg)
 
-    async def _deliver(self, name: str, public_key: bytes, frame: bytes) -> None:
-        """A frame that came back on one of our links, from the peer we pinned it to."""
+    async def _deliver(self, name: str, public_key: bytes, frame: bytes,
+                       address: str = "") -> None:
+        """A frame that came back on one of our links, from the peer we pinned it to
+        (at `address`, the IP our connection to it reached)."""
         limit = max(self.config.max_body, push.MIN_FRAME)
         msg = wire.decode(frame, max_size=limit, adopt=True)
         try:
-            await self.router.dispatch(self, Caller(name, public_key), msg)
+            await self.router.dispatch(self, Caller(name, public_key, address=address), msg)
         except P2PError as e:   # nobody to answer, as for a pushed message
             log.debug("%s from %s on its way back refused: %s", type(msg).__name__, name, e.code)
 

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from p2pgrid.errors import CheatingDetected
-from protocols import smpc
-from protocols.smpc import mac
-from protocols.smpc.testing import run_op
+from p2pgrid.protocols import smpc
+from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc.testing import run_op
 
 UNIT = 2.0 ** -16
 
@@ -26,8 +26,8 @@ def _inputs(ctx, *tensors):
 
 def _mac_holds(dealer: mac.AuthDealer, shares: list[mac.AuthShared]) -> bool:
     """sum m_i == alpha * sum x_i mod 2^128 (what every authenticated value must satisfy)."""
-    x = sum(s.value for s in shares) % mac.MOD
-    m = sum(s.mac for s in shares) % mac.MOD
+    x = sum(mac.ints(s.value) for s in shares) % mac.MOD
+    m = sum(mac.ints(s.mac) for s in shares) % mac.MOD
     return bool(np.all((x * dealer.alpha) % mac.MOD == m))
 
 
@@ -171,7 +171,7 @@ def test_wrong_party_program_fails_loudly():
        st.integers(2, 3))
 def test_relu_and_sign_are_exact(values, parties):
     x = torch.tensor(values, dtype=torch.float64)
-    enc = mac.encode(x)
+    enc = mac.ints(mac.encode(x))
     want = torch.tensor([float((v if v < (1 << 127) else v - mac.MOD)) for v in enc.tolist()],
                         dtype=torch.float64) / 2 ** 16
 
@@ -199,7 +199,7 @@ def _mlp_program(x, w1, w2):
 @settings(max_examples=6, deadline=None)
 @given(st.integers(0, 2 ** 32 - 1))
 def test_same_program_both_modes_agree(seed):
-    from protocols.smpc.modes import run_program
+    from p2pgrid.protocols.smpc.modes import run_program
     g = torch.Generator().manual_seed(seed)
     x, w1, w2 = (torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g),
                  torch.randn(4, 2, generator=g))
@@ -213,7 +213,7 @@ def test_same_program_both_modes_agree(seed):
 
 
 def test_security_mode_is_checked():
-    from protocols.smpc.modes import run_program
+    from p2pgrid.protocols.smpc.modes import run_program
     with pytest.raises(Exception, match="security"):
         run_program(2, lambda ops: None, security="malicious-ish")
 
@@ -230,7 +230,7 @@ def test_security_bench_runs_at_a_small_size(capsys):
     bench.main(["--security", "both", "--batch", "2", "--mlp", "6-4-2", "--reps", "1"])
     out = json.loads(capsys.readouterr().out)
     ops = out["ops"]
-    for name in ("inference", "relu"):
+    for name in ("train", "inference", "relu"):
         semi, act = ops[f"{name}/semi-honest"], ops[f"{name}/active"]
         assert act["rounds"] > semi["rounds"]          # the checks' rounds are counted
         assert min(act["bytes_sent_per_party"]) > 0 and act["dealer_bytes_per_party"][0] > 0

@@ -2,7 +2,7 @@
 
 Round structure (for the network layer)
 ---------------------------------------
-A protocol is a Python generator per party (see :mod:`protocols.smpc.runtime`).
+A protocol is a Python generator per party (see :mod:`p2pgrid.protocols.smpc.runtime`).
 Every round, each party yields one :class:`Round`:
 
 * ``tag``: names the step (``"mul/open"``, ``"cmp/and/s4"``...). All parties of a
@@ -84,7 +84,10 @@ class RoundMessage:
 # ---------------------------------------------------------------- dealer material
 
 REQUEST_KINDS = ("triple", "matmul_triple", "binary_triple", "trunc_pair", "edabit", "dabit", "cmp",
-                 "relu", "linear")
+                 "relu", "linear",
+                 # authenticated material of active sessions (p2pgrid.protocols.smpc.mac_material)
+                 "a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_outmask", "a_check",
+                 "a_mask", "a_input", "a_linear", "a_truncmul")
 
 
 @message("smpc.request")
