@@ -393,8 +393,8 @@ class BackLinks:
             await back.ended.wait()
             async with back.lock:   # the frame being written goes out before the end
                 pass
-            if back.torn:
-                raise PeerUnavailable(f"a write to {caller.name} did not go through")
+            if back.torn:   # its end after a cut frame shows the caller the stream broke
+                log.info("a frame to %s did not go out in time: its way back ends", caller.name)
         finally:
             back.open = False
             if mine.get(link) is back:
