@@ -1,10 +1,12 @@
 """Ship peers/*.toml as package data (p2pgrid/profiles/), so an installed ``p2pgrid demo``
-finds its profiles; the repository keeps them in peers/. Everything else is in pyproject.toml."""
+finds its profiles; the repository keeps them in peers/. The repository's top-level
+protocols/ folder installs as ``p2pgrid.protocols`` (never as a top-level ``protocols``).
+Everything else is in pyproject.toml."""
 
 import shutil
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 
@@ -17,4 +19,9 @@ class build_py_with_profiles(build_py):
             shutil.copy2(toml, dest / toml.name)
 
 
-setup(cmdclass={"build_py": build_py_with_profiles})
+ROOT = Path(__file__).resolve().parent
+PACKAGES = find_packages(str(ROOT), include=["p2pgrid", "p2pgrid.*"]) + [
+    f"p2pgrid.{name}" for name in find_packages(str(ROOT), include=["protocols", "protocols.*"])]
+
+setup(cmdclass={"build_py": build_py_with_profiles}, packages=PACKAGES,
+      package_dir={"p2pgrid.protocols": "protocols"})

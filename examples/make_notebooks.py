@@ -43,7 +43,7 @@ NOTEBOOKS = {
     "federated_digits.ipynb": [
         "# Federated learning on digits\n\nThree hospitals each hold a shard of scikit-learn's "
         "8x8 digits; `ai` trains an MLP with FedAvg without seeing any image.",
-        START + "\nfrom protocols.fedavg import FedAvg\nfrom p2pgrid.datasets import digits\n"
+        START + "\nfrom p2pgrid.protocols.fedavg import FedAvg\nfrom p2pgrid.datasets import digits\n"
         "from p2pgrid.federated import SGD",
         'X, Y = digits()\ngrid = open_network_sync(["ai", "h1", "h2", "h3"], ttl=30.0)\n'
         'for i, name in enumerate(["h1", "h2", "h3"]):\n'

@@ -16,9 +16,31 @@ Without trio (Jupyter, scripts, asyncio programs): ``p2pgrid.connect_sync`` and
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
+import sys
 from typing import TYPE_CHECKING
+
+from .lazy import lazy_exports
+
+
+def _checkout_protocols() -> None:
+    """In a source checkout the protocol logic is the repository's top-level ``protocols/``
+    folder; give it its installed name, ``p2pgrid.protocols`` (a wheel has it in place)."""
+    import importlib.util
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    src = here.parent / "protocols" / "__init__.py"
+    if "p2pgrid.protocols" in sys.modules or (here / "protocols").is_dir() or not src.is_file():
+        return
+    spec = importlib.util.spec_from_file_location("p2pgrid.protocols", src,
+                                                  submodule_search_locations=[str(src.parent)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    globals()["protocols"] = module  # as an import of the subpackage would
+
+
+_checkout_protocols()
 
 # Every public name loads on first use (PEP 562): ``import p2pgrid`` and the CLI's
 # parser stay free of torch, numpy, hypercorn and httpx, so ``p2pgrid --help`` answers at once.
@@ -51,20 +73,9 @@ if TYPE_CHECKING:
     from .sync import connect_asyncio, connect_sync
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    # ``import p2pgrid`` used to load most submodules as a side effect; code that relies on
-    # ``p2pgrid.wire`` and the like after a bare ``import p2pgrid`` keeps working.
-    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+# ``import p2pgrid`` used to load most submodules as a side effect; code that relies on
+# ``p2pgrid.wire`` and the like after a bare ``import p2pgrid`` keeps working.
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY, submodules=True)
 
 
 __all__ = [

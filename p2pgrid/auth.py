@@ -76,10 +76,13 @@ def sign_request(identity: Identity, name: str, audience: str, method: str, path
 class Caller:
     """An authenticated caller: the name it claims and the key that proved it.
     ``cert``: the membership certificate it sent along (CBOR; checked by the peer
-    against its network key, never trusted here)."""
+    against its network key, never trusted here). ``address``: the IP address of the
+    connection it came on, as this peer's socket saw it (never a header the caller
+    writes); "" where there is none (the peer itself, a test's direct dispatch)."""
     name: str
     public_key: bytes
     cert: bytes = field(default=b"", compare=False, repr=False)
+    address: str = field(default="", compare=False)
 
     @cached_property   # asked for on every message a stream carries
     def key_id(self) -> str:
@@ -96,10 +99,13 @@ class Verifier:
         self._nonces: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._skew_warned: OrderedDict[str, float] = OrderedDict()  # key id -> when
 
-    def verify(self, method: str, path: str, headers, digest: str, *, now: float) -> Caller:
+    def verify(self, method: str, path: str, headers, digest: str, *, now: float,
+               address: str = "") -> Caller:
         """Return the caller, or raise Unauthenticated / ReplayDetected.
 
         `digest` is the SHA-256 of the body as received; it must match the signed one.
+        `address`: the client IP of the connection the request came on (the server's
+        socket's peer; see :attr:`Caller.address`).
         """
         try:
             name, key_b64, aud, ts, nonce, claimed, sig_b64 = (
@@ -136,7 +142,7 @@ class Verifier:
                 raise Unauthenticated("malformed membership certificate header") from None
             if len(cert) > 4096:
                 raise Unauthenticated("membership certificate header too long")
-        return Caller(name, public, cert)
+        return Caller(name, public, cert, address)
 
     def _warn_skew(self, name: str, kid: str, offset: float, now: float) -> None:
         # Signed, so the name is the key's own claim; one line per key a minute, so a

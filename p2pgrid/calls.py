@@ -226,8 +226,10 @@ class Calls:
         try:
             caller = stream_caller   # over TLS the stream vouches for its frames
             if msg.headers or self.peer.config.insecure:
+                # the address is the stream's connection's: a call has no socket of its own
                 caller = self.peer.verifier.verify("POST", PATH, msg.headers,
-                                                   body_digest(msg.body), now=time.time())
+                                                   body_digest(msg.body), now=time.time(),
+                                                   address=stream_caller.address)
                 if caller.public_key != stream_caller.public_key:
                     raise Unauthenticated("a call must be signed by the key that opened its "
                                           "stream")

@@ -137,6 +137,16 @@ class _Progress:
             return self._at, self._done
 
 
+def _server_address(resp: httpx.Response) -> str:
+    """The IP address the response's connection reached, from its socket."""
+    stream = resp.extensions.get("network_stream")
+    try:
+        peer = stream.get_extra_info("server_addr") if stream is not None else None
+    except (AttributeError, OSError):   # closed already, or not a socket
+        return ""
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 async def _read_reply(resp: httpx.Response):
     """The reply body: bytes, or for a large declared length a view of a buffer that size."""
     declared = resp.headers.get("content-length", "")
@@ -155,8 +165,9 @@ class Transport:
     """Sends messages to peers as `name`, signing with `identity`."""
 
     def __init__(self, identity: Identity, name: str, *, insecure: bool = False,
-                 timeout: float = 120.0):
+                 timeout: float = 120.0, local_address: str | None = None):
         self.identity, self.name, self.insecure, self.timeout = identity, name, insecure, timeout
+        self.local_address = local_address   # the IP our connections leave from (None: any)
         self.headers: dict[str, str] = {}  # sent with every request (a membership certificate)
         self._pools: dict[tuple[str, bytes | None], httpx.AsyncHTTPTransport] = {}
         # A pool whose connection failed is retired, not closed: closing it under
@@ -176,7 +187,8 @@ class Transport:
         pool = self._pools.get(k)
         if pool is None:
             if self.insecure:
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True)
+                pool = httpx.AsyncHTTPTransport(http1=False, http2=True,
+                                                local_address=self.local_address)
             else:
                 if target.cert is None:
                     raise Unauthenticated(f"no pinned certificate for {target.address}")
@@ -185,7 +197,8 @@ class Transport:
                 except ValueError:  # a signed record may still carry garbage for a certificate
                     raise Unauthenticated(f"the certificate pinned for {target.address} is "
                                           f"unusable") from None
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True, verify=verify)
+                pool = httpx.AsyncHTTPTransport(http1=False, http2=True, verify=verify,
+                                                local_address=self.local_address)
             self._pools[k] = pool
         return pool
 
@@ -297,8 +310,9 @@ class Transport:
                              open_timeout: float = 10.0,
                              headers: dict[str, str] | None = None) -> None:
         """POST `path` with an empty body and hand each chunk of the reply's body to
-        `await on_data(chunk)` as it comes, until the reply ends. `started()` is called
-        once the reply's headers say 200 (within `open_timeout`); another status
+        `await on_data(chunk)` as it comes, until the reply ends. `started(address)` is
+        called once the reply's headers say 200 (within `open_timeout`), with the IP
+        address the connection's socket reached ("" if unknown); another status
         raises the remote error, a broken connection PeerUnavailable. Rides the same
         connection as :meth:`stream` to `target`."""
         url = f"{'http' if self.insecure else 'https'}://{target.address}{path}"
@@ -320,7 +334,7 @@ class Transport:
                     resp = await pool.handle_async_request(request)
                 if resp.status_code != 200:
                     raise remote_error(await _read_reply(resp), resp.status_code)
-                started()
+                started(_server_address(resp))
                 async for chunk in resp.aiter_raw():
                     self.bytes_received += len(chunk)
                     await on_data(chunk)

@@ -57,6 +57,10 @@ class PeerConfig:
     write_timeout: float = 60.0          # a reply the client does not take: connection closed
     requests_per_key: int = 32           # requests and push streams open at once per caller key
     requests_unregistered: int = 256     # the same, for all unregistered keys together
+    # The most of each pool that unregistered callers share (requests_unregistered above,
+    # serving rate limits and quotas, the privacy budget) that those from one client
+    # address (an IPv6 /64) may take together: names are free, addresses are not.
+    guest_address_share: float = 0.5
     # Objects others store here (PutObject); the peer itself and its owner role are exempt
     store_quota_count: int = 1000        # objects per caller
     store_quota_bytes: int = 1 << 30     # bytes per caller
@@ -91,6 +95,11 @@ class PeerConfig:
                 raise ValueError(f"{key} lists peer names (no '*': each one is trusted "
                                  "not to collude)")
             object.__setattr__(self, key, names)
+        if isinstance(self.guest_address_share, bool) or \
+                not isinstance(self.guest_address_share, (int, float)) or \
+                not 0.0 < self.guest_address_share <= 1.0:
+            raise ValueError(f"guest_address_share is a fraction in (0, 1], not "
+                             f"{self.guest_address_share!r}")
         if self.mdns_interfaces is not None:
             object.__setattr__(self, "mdns_interfaces", tuple(self.mdns_interfaces))
 

@@ -6,7 +6,12 @@
   with none idle it is refused. Connections are counted from accept, TLS handshake
   included.
 - :class:`InFlight`: requests and push streams open at once, per caller key and in
-  all for keys not registered here (fresh keys cost nothing to make).
+  all for keys not registered here (fresh keys cost nothing to make), and for those
+  from one client address a share of that (:class:`Guest`).
+- :class:`Guest`: an unregistered caller's place in the pools all such callers share
+  (requests here, rate limits in :mod:`p2pgrid.ratelimit`, the privacy budget in
+  :mod:`p2pgrid.governance`): its address (:func:`address_key`) and the share of each
+  pool that callers from one address may take together.
 - :class:`Throttle`: failures per client address in a sliding window (console logins),
   so that one address's failures never lock out another's.
 
@@ -25,7 +30,10 @@ True
 from __future__ import annotations
 
 import collections
+import functools
+import ipaddress
 import itertools
+import math
 import resource
 import time
 from dataclasses import dataclass
@@ -33,7 +41,61 @@ from typing import Callable
 
 from .errors import RateLimited
 
-__all__ = ["EdgeLimits", "ConnectionTable", "Connection", "InFlight", "Throttle"]
+__all__ = ["EdgeLimits", "ConnectionTable", "Connection", "InFlight", "Throttle", "Guest",
+           "address_key", "GUEST_ADDRESS_SHARE"]
+
+# The most of each pool unregistered callers share that those from one address may take
+# together: half, so that one address (whatever names it makes up) leaves the other half
+# to strangers elsewhere. With the rate pool at two names' worth, that is one name's.
+GUEST_ADDRESS_SHARE = 0.5
+
+
+@functools.lru_cache(maxsize=4096)   # asked on every request of an unregistered caller
+def address_key(address: str) -> str:
+    """What counts as one address for per-address limits: an IPv4 address (an
+    IPv4-mapped IPv6 one as IPv4), or an IPv6 address's /64 (one host is commonly given
+    a whole /64, so its single addresses cost nothing). "" stays "" (no address).
+
+    >>> address_key("10.0.0.7"), address_key("::ffff:10.0.0.7")
+    ('10.0.0.7', '10.0.0.7')
+    >>> address_key("2001:db8:1:2:aaaa::1") == address_key("2001:db8:1:2:bbbb::9")
+    True
+    """
+    if not address:
+        return ""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address   # not an IP (a unix socket's name): itself
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+@dataclass(frozen=True)
+class Guest:
+    """A caller the peer has not registered (its name vouches for nothing): it draws on
+    the pools all such callers share, and with an ``address`` (see :func:`address_key`)
+    its address's callers together take at most ``share`` of each. Always true, so that
+    ``pooled=guest`` reads as ``pooled=True`` where only pooling matters.
+
+    >>> Guest("10.0.0.7").cap(256), Guest("10.0.0.7", 0.1).cap(4), Guest().cap(256)
+    (128.0, 0.4, 256)
+    """
+
+    address: str = ""
+    share: float = GUEST_ADDRESS_SHARE
+
+    def __post_init__(self):
+        object.__setattr__(self, "address", address_key(self.address))
+        if not 0.0 < self.share <= 1.0:
+            raise ValueError(f"a per-address share is in (0, 1], not {self.share!r}")
+
+    def cap(self, pool: float) -> float:
+        """What one address may take of a pool of `pool` (all of it without an address)."""
+        return pool * self.share if self.address else pool
 
 
 @dataclass(frozen=True)
@@ -49,6 +111,7 @@ class EdgeLimits:
     write_timeout: float = 60.0            # a write the client does not take
     requests_per_key: int = 32             # requests and push streams at once, per caller key
     requests_unregistered: int = 256       # the same, all unregistered keys together
+    guest_address_share: float = GUEST_ADDRESS_SHARE  # of that, for those from one address
 
     def connections(self) -> tuple[int, int]:
         """(total, per address): the default total leaves a quarter of the open-file
@@ -88,6 +151,7 @@ class ConnectionTable:
               close: Callable[[], None] | None = None) -> Connection | None:
         """Register a new connection, evicting an idle one if a limit is reached;
         None (refuse it) if no room can be made. `close` is called on eviction."""
+        address = address_key(address)   # an IPv6 host's whole /64 is one address
         mine = self._by_address.get(address, {})
         if len(mine) >= self.per_address and not self._evict(mine.values()):
             self.refused += 1
@@ -123,7 +187,8 @@ class ConnectionTable:
 
 
 class InFlight:
-    """Requests open at once per caller key, and in all for unregistered keys.
+    """Requests open at once per caller key, in all for unregistered keys, and for the
+    unregistered keys of one address a share of that (``guest.cap(unregistered)``).
 
     >>> f = InFlight(per_key=1, unregistered=1)
     >>> f.enter(b"k1", registered=False)
@@ -133,26 +198,48 @@ class InFlight:
     ...
     p2pgrid.errors.RateLimited: this peer is serving as many requests from unregistered callers as it takes (1); retry shortly
     >>> f.leave(b"k1", registered=False); f.enter(b"k3", registered=False)
+
+    Fresh keys from one address fill only that address's share:
+
+    >>> f = InFlight(per_key=8, unregistered=4)
+    >>> for k in (b"s1", b"s2"): f.enter(k, registered=False, guest=Guest("10.0.0.6"))
+    >>> f.enter(b"s3", registered=False, guest=Guest("10.0.0.6"))
+    Traceback (most recent call last):
+    ...
+    p2pgrid.errors.RateLimited: this peer is serving as many requests from unregistered callers at this address as it takes (2); retry shortly
+    >>> f.enter(b"k4", registered=False, guest=Guest("10.0.0.9"))
     """
 
     def __init__(self, per_key: int, unregistered: int):
         self.per_key, self.unregistered = per_key, unregistered
         self._open: dict[bytes, int] = {}
         self._unregistered = 0
+        self._by_address: dict[str, int] = {}   # unregistered requests open per address
 
-    def enter(self, key: bytes, *, registered: bool) -> None:
+    def enter(self, key: bytes, *, registered: bool, guest: Guest | None = None) -> None:
+        """Count one request of `key` (for an unregistered one, of its `guest` address
+        too), or raise RateLimited and count nothing."""
         n = self._open.get(key, 0)
         if n >= self.per_key:
             raise RateLimited(f"this caller already has {n} requests open here (the limit); "
                               f"retry when one is done")
+        address = guest.address if guest is not None and not registered else ""
+        # at least one, so that a small pool still serves every address
+        cap = max(1, math.floor(guest.cap(self.unregistered))) if address else 0
+        if address and self._by_address.get(address, 0) >= cap:
+            raise RateLimited(f"this peer is serving as many requests from unregistered "
+                              f"callers at this address as it takes ({cap}); retry shortly")
         if not registered and self._unregistered >= self.unregistered:
             raise RateLimited(f"this peer is serving as many requests from unregistered "
                               f"callers as it takes ({self.unregistered}); retry shortly")
         self._open[key] = n + 1
         if not registered:
             self._unregistered += 1
+        if address:
+            self._by_address[address] = self._by_address.get(address, 0) + 1
 
-    def leave(self, key: bytes, *, registered: bool) -> None:
+    def leave(self, key: bytes, *, registered: bool, guest: Guest | None = None) -> None:
+        """The request `enter` counted is done (the same arguments)."""
         n = self._open.get(key, 0) - 1
         if n > 0:
             self._open[key] = n
@@ -160,6 +247,13 @@ class InFlight:
             self._open.pop(key, None)
         if not registered:
             self._unregistered = max(0, self._unregistered - 1)
+            address = guest.address if guest is not None else ""
+            if address:
+                left = self._by_address.get(address, 0) - 1
+                if left > 0:
+                    self._by_address[address] = left
+                else:
+                    self._by_address.pop(address, None)
 
 
 class Throttle:

@@ -23,6 +23,8 @@ peer is decided by :mod:`p2pgrid.release` from the program's structure.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -37,9 +39,35 @@ MAX_DEPTH = 16  # nesting of tuples and slices in one argument
 MAX_CONST_ELEMENTS = 1 << 20
 MAX_RESULT_ELEMENTS = 1 << 28  # 1 GiB of float32; a peer may lower it
 
-# The dry run sizes a boolean-mask selection (and nonzero) as if every element were
-# picked: the largest it can be, which is what a budget needs (torch refuses otherwise).
-_fx_config.meta_nonzero_assume_all_nonzero = True
+
+
+class _WorstCaseNonzero:
+    """While a meta dry run is in progress, torch sizes a boolean-mask selection (and
+    nonzero) as if every element were picked: the largest it can be, which is what a
+    budget needs (torch refuses otherwise). Scoped, so a user's own meta tensors in the
+    same process keep torch's behaviour; counted, because dry runs overlap in threads
+    and torch's own ``patch`` would restore the flag under a run still going."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._depth = 0
+        self._saved = False
+
+    def __enter__(self):
+        with self._lock:
+            if self._depth == 0:
+                self._saved = _fx_config.meta_nonzero_assume_all_nonzero
+                _fx_config.meta_nonzero_assume_all_nonzero = True
+            self._depth += 1
+
+    def __exit__(self, *exc):
+        with self._lock:
+            self._depth -= 1
+            if self._depth == 0:
+                _fx_config.meta_nonzero_assume_all_nonzero = self._saved
+
+
+worst_case_nonzero = _WorstCaseNonzero()
 
 DTYPES = {name: getattr(torch, name) for name in (
     "float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")}
@@ -377,6 +405,11 @@ def evaluate(program: dict, resolve: Callable[[str], tuple[torch.Tensor, Level]]
     no other exception: whatever a program makes torch or the rules raise is the
     program's fault, so it is answered as such.
     """
+    with worst_case_nonzero if device == "meta" else contextlib.nullcontext():
+        return _evaluate(program, resolve, min_rows, device, max_elements, meter)
+
+
+def _evaluate(program, resolve, min_rows, device, max_elements, meter):
     nodes = program.get("nodes") if isinstance(program, dict) else None
     if not isinstance(nodes, list) or not nodes:
         raise BadRequest("program must be a map with a non-empty list of nodes")

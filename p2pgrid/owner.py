@@ -97,11 +97,17 @@ async def set_rules(peer, caller, msg: SetRules):
     from .handlers import info
 
     _require_owner(peer, caller, "change rules")
-    if msg.min_rows is not None and (not isinstance(msg.min_rows, int) or msg.min_rows < 0):
-        raise BadRequest("min_rows must be a non-negative integer")
-    meta = await peer.set_rules(msg.id, lambda old: edit_rules(old, msg.edits, msg.min_rows),
-                                by=caller.name)
+    meta = await change_rules(peer, msg.id, msg.edits, msg.min_rows, by=caller.name)
     return ObjectInfo(info(peer, meta))
+
+
+async def change_rules(peer, id: str, edits: dict, min_rows: int | None = None, *, by: str):
+    """Apply `edits` (see :func:`edit_rules`) to object `id` on the running peer now,
+    audited as done `by`: what ``p2pgrid data rules`` and the console's form both do."""
+    if min_rows is not None and (isinstance(min_rows, bool) or not isinstance(min_rows, int)
+                                 or min_rows < 0):
+        raise BadRequest("min_rows must be a non-negative integer")
+    return await peer.set_rules(id, lambda old: edit_rules(old, edits, min_rows), by=by)
 
 
 # ------------------------------------------------------------------ the owner's side

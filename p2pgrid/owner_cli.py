@@ -128,7 +128,7 @@ async def _publish(args) -> int:
 
     from .datasets import load_file
     from .errors import BadRequest
-    from .governance.cli import _parse_bounds
+    from .governance.actions import parse_bounds
     from .messages import PublishData
     from .owner import owner_session
     from .store import Rules
@@ -148,7 +148,7 @@ async def _publish(args) -> int:
     rules_dict = rules.to_dict()
     if args.min_rows is None:
         rules_dict.pop("min_rows")  # the peer's default
-    bounds = _parse_bounds(args.bounds).to_list() if args.bounds else None
+    bounds = parse_bounds(args.bounds).to_list() if args.bounds else None
     msg = PublishData(tensor, id=args.id or args.file.stem, tags=args.tags.replace(",", " ").split(),
                       description=args.description, columns=columns, rules=rules_dict,
                       bounds=bounds, epsilon=args.epsilon)

@@ -419,12 +419,14 @@ class Peer:
             return await self.pushers.send_existing(key_id, msg)
         return False
 
-    async def _deliver(self, name: str, public_key: bytes, frame: bytes) -> None:
-        """A frame that came back on one of our links, from the peer we pinned it to."""
+    async def _deliver(self, name: str, public_key: bytes, frame: bytes,
+                       address: str = "") -> None:
+        """A frame that came back on one of our links, from the peer we pinned it to
+        (at `address`, the IP our connection to it reached)."""
         limit = max(self.config.max_body, push.MIN_FRAME)
         msg = wire.decode(frame, max_size=limit, adopt=True)
         try:
-            await self.router.dispatch(self, _link_caller(name, public_key), msg)
+            await self.router.dispatch(self, _link_caller(name, public_key, address), msg)
         except P2PError as e:   # nobody to answer, as for a pushed message
             log.debug("%s from %s on its way back refused: %s", type(msg).__name__, name, e.code)
 
@@ -578,9 +580,9 @@ def _rules_text(r: Rules) -> str:
 
 
 @functools.lru_cache(maxsize=1024)
-def _link_caller(name: str, public_key: bytes) -> Caller:
+def _link_caller(name: str, public_key: bytes, address: str) -> Caller:
     # one per link rather than one per frame: a Caller hashes its key for key_id once
-    return Caller(name, public_key)
+    return Caller(name, public_key, address=address)
 
 
 async def _encode_push(msg) -> bytes:

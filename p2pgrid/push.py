@@ -113,7 +113,8 @@ class FrameReader:
 
 
 Listener = Callable[[str, str], None]   # (peer name, why the stream broke)
-Deliver = Callable[[str, bytes, bytes], Awaitable[None]]   # (peer name, its public key, frame)
+# (peer name, its public key, frame, the address of the connection it came on)
+Deliver = Callable[[str, bytes, bytes, str], Awaitable[None]]
 
 
 class _Stream:
@@ -128,6 +129,7 @@ class _Stream:
         self.closing = False         # the push stream has ended (idle): the way back ends next
         self.back_ended = trio.Event()
         self.last_in = 0.0           # trio time of the last frame that came back
+        self.address = ""            # the receiver's IP, as our socket to it saw it
 
 
 class Pushers:
@@ -135,10 +137,11 @@ class Pushers:
 
     `open_stream(target, frames, link)` is the transport's streamed request; it
     returns when the body has ended and the receiver answered.
-    `open_back(target, link, on_data, task_status)` is the transport's streamed
-    reply (the way back): it reports started once the receiver has accepted it and
-    returns when the receiver ends it. `deliver(name, public_key, frame)` dispatches
-    a frame that came back. `encode(msg)` gives the message's CBOR bytes.
+    `open_back(target, link, on_data, started)` is the transport's streamed
+    reply (the way back): it calls ``started(address)`` (the receiver's IP, as the
+    connection's socket saw it) once the receiver has accepted it and returns when the
+    receiver ends it. `deliver(name, public_key, frame, address)` dispatches a frame
+    that came back. `encode(msg)` gives the message's CBOR bytes.
     `retire(target)` makes the transport's next stream to `target` take a new
     connection. `busy(key_id)` says whether a call to that peer waits for its reply
     (its link then stays open however idle).
@@ -246,9 +249,10 @@ class Pushers:
         async def on_data(chunk) -> None:
             for frame in reader.feed(chunk):
                 stream.last_in = trio.current_time()
-                await self._deliver(stream.name, stream.public_key, frame)
+                await self._deliver(stream.name, stream.public_key, frame, stream.address)
 
-        def started():
+        def started(address: str = ""):
+            stream.address = address
             stream.last_in = trio.current_time()
             stream.ready.set()
             task_status.started()

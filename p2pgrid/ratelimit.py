@@ -23,6 +23,19 @@ Traceback (most recent call last):
 ...
 p2pgrid.errors.RateLimited: unregistered callers together exceeded 4/min; retry in 15.0 s
 >>> lim.admit("bob")  # a registered caller keeps a limit of its own
+
+Names are free but addresses are not: a pooled caller that comes with its address
+(:class:`p2pgrid.limits.Guest`) is also held, with every other pooled caller from that
+address, to the address's share of the pool (half by default: one name's worth here),
+so that one address cannot use up the pool for strangers elsewhere:
+
+>>> lim = Limiter("2/min", clock=lambda: 0.0, guest_pool=2)
+>>> for name in ("s1", "s2"): lim.admit(name, pooled=Guest("10.0.0.6"))
+>>> lim.admit("s3", pooled=Guest("10.0.0.6"))
+Traceback (most recent call last):
+...
+p2pgrid.errors.RateLimited: unregistered callers from this address together exceeded 2/min; retry in 30.0 s
+>>> lim.admit("s4", pooled=Guest("10.0.0.9"))
 """
 
 from __future__ import annotations
@@ -33,10 +46,12 @@ import time
 from typing import Callable
 
 from .errors import BadRequest, RateLimited
+from .limits import Guest
 
-__all__ = ["Limiter", "parse_rate", "POOL"]
+__all__ = ["Limiter", "parse_rate", "POOL", "Guest"]
 
 POOL = "\0unregistered"  # the shared bucket's key: no peer name can be it
+_AT = "\0at "            # + an address: the bucket of that address's pooled callers
 
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "min": 60.0, "minute": 60.0, "h": 3600.0,
             "hour": 3600.0, "day": 86400.0, "d": 86400.0}
@@ -52,10 +67,10 @@ def parse_rate(text: str) -> tuple[int, float]:
 
 
 class _Bucket:
-    __slots__ = ("tokens", "at")
+    __slots__ = ("tokens", "at", "cap")
 
     def __init__(self, tokens: float, at: float):
-        self.tokens, self.at = tokens, at
+        self.tokens, self.at, self.cap = tokens, at, tokens
 
 
 class Limiter:
@@ -76,65 +91,83 @@ class Limiter:
         self._buckets: dict[str, _Bucket] = {}
         self._usage: dict[str, tuple[int, int]] = {}  # user -> (window, rows)
 
-    def admit(self, user: str, *, pooled: bool = False) -> None:
-        """Take one call token (and one of the pool's, for a pooled caller) or raise
-        RateLimited; nothing is taken when either is empty."""
+    def admit(self, user: str, *, pooled: bool | Guest | None = False) -> None:
+        """Take one call token (and, for a pooled caller, one of the pool's and one of
+        its address's share) or raise RateLimited; nothing is taken when any is empty."""
         if self._rate is None:
             return
         n, period = self._rate
         now = self.clock()
-        mine = self._refill(user, n, period, now)
-        pool = self._refill(POOL, n * self.guest_pool, period, now) if pooled else None
-        if mine.tokens < 1.0:
-            wait = (1.0 - mine.tokens) * period / n
-            raise RateLimited(f"{user} exceeded {self.rate_limit}; retry in {wait:.1f} s",
-                              retry_after=round(wait, 3))
-        if pool is not None and pool.tokens < 1.0:
-            wait = (1.0 - pool.tokens) * period / (n * self.guest_pool)
-            raise RateLimited(f"unregistered callers together exceeded {self._pooled_rate()}; "
-                              f"retry in {wait:.1f} s", retry_after=round(wait, 3), pooled=True)
-        mine.tokens -= 1.0
-        if pool is not None:
-            pool.tokens -= 1.0
+        buckets = [(self._refill(user, n, period, now), n, None)]
+        if pooled:
+            pool = n * self.guest_pool
+            address = pooled.address if isinstance(pooled, Guest) else ""
+            if address:
+                cap = max(1.0, pooled.cap(pool))
+                buckets.append((self._refill(_AT + address, cap, period, now), cap,
+                                "unregistered callers from this address together"))
+            buckets.append((self._refill(POOL, pool, period, now), pool,
+                            "unregistered callers together"))
+        for bucket, cap, who in buckets:
+            if bucket.tokens < 1.0:
+                wait = (1.0 - bucket.tokens) * period / cap
+                if who is None:
+                    raise RateLimited(f"{user} exceeded {self.rate_limit}; retry in {wait:.1f} s",
+                                      retry_after=round(wait, 3))
+                raise RateLimited(f"{who} exceeded {self._rate_of(cap)}; retry in {wait:.1f} s",
+                                  retry_after=round(wait, 3), pooled=True)
+        for bucket, _, _ in buckets:
+            bucket.tokens -= 1.0
         if len(self._buckets) > 100_000:  # forget full buckets: they carry no state
-            self._buckets = {u: v for u, v in self._buckets.items() if v.tokens < n or u == POOL}
+            self._buckets = {k: b for k, b in self._buckets.items() if b.tokens < b.cap}
 
     def _refill(self, key: str, cap: float, period: float, now: float) -> _Bucket:
         b = self._buckets.get(key)
         if b is None:
             b = self._buckets[key] = _Bucket(float(cap), now)
-        b.tokens = min(float(cap), b.tokens + (now - b.at) * cap / period)
+        b.cap = float(cap)
+        b.tokens = min(b.cap, b.tokens + (now - b.at) * cap / period)
         b.at = now
         return b
 
-    def _pooled_rate(self) -> str:
-        n, _ = self._rate
+    def _rate_of(self, count: float) -> str:
         unit = self.rate_limit.split("/", 1)[1].strip()
-        return f"{n * self.guest_pool:g}/{unit}"
+        return f"{count:g}/{unit}"
 
-    def charge(self, user: str, rows: int, *, pooled: bool = False) -> None:
+    def charge(self, user: str, rows: int, *, pooled: bool | Guest | None = False) -> None:
         """Count `rows` against the user's quota for the current window (and, for a pooled
-        caller, against the pool's), or raise RateLimited and count nothing."""
+        caller, against the pool's and its address's share of it), or raise RateLimited
+        and count nothing."""
         if self._quota is None:
             return
         n, period = self._quota
-        window = math.floor(self.clock() / period)
+        now = self.clock()
+        window = math.floor(now / period)
+        wait = (window + 1) * period - now
         used = self._used(user, window)
         if used + rows > n:
-            wait = (window + 1) * period - self.clock()
             raise RateLimited(f"{user} would exceed the quota of {self.quota} input rows "
                               f"({used} used); the window resets in {wait:.0f} s",
                               retry_after=round(wait, 3), used=used)
+        counts = [(user, used)]
         if pooled:
-            shared = self._used(POOL, window)
-            if shared + rows > n * self.guest_pool:
-                wait = (window + 1) * period - self.clock()
-                raise RateLimited(f"unregistered callers together would exceed the quota of "
-                                  f"{n * self.guest_pool:g} input rows ({shared} used); the "
-                                  f"window resets in {wait:.0f} s", retry_after=round(wait, 3),
-                                  used=shared, pooled=True)
-            self._usage[POOL] = (window, shared + rows)
-        self._usage[user] = (window, used + rows)
+            pool = n * self.guest_pool
+            shares = [(POOL, pool, "unregistered callers together")]
+            address = pooled.address if isinstance(pooled, Guest) else ""
+            if address:
+                shares.insert(0, (_AT + address, max(1.0, pooled.cap(pool)),
+                                  "unregistered callers from this address together"))
+            for key, cap, who in shares:
+                shared = self._used(key, window)
+                if shared + rows > cap:
+                    raise RateLimited(f"{who} would exceed the quota of {cap:g} input rows "
+                                      f"({shared} used); the window resets in {wait:.0f} s",
+                                      retry_after=round(wait, 3), used=shared, pooled=True)
+                counts.append((key, shared))
+        for key, before in counts:
+            self._usage[key] = (window, before + rows)
+        if len(self._usage) > 100_000:   # past windows carry no state
+            self._usage = {k: v for k, v in self._usage.items() if v[0] == window}
 
     def _used(self, key: str, window: int) -> int:
         w, used = self._usage.get(key, (window, 0))

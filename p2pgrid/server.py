@@ -9,7 +9,8 @@ sizes and signatures, and maps typed errors to HTTP statuses.
 
 What a caller can make the edge hold is bounded (:class:`p2pgrid.limits.EdgeLimits`):
 connections in all and per address, streams per connection, requests open per
-caller key (and for all unregistered keys together); a body that stops arriving
+caller key (and for all unregistered keys together, and those of one client address
+a share of that); a body that stops arriving
 for ``read_timeout`` gets 408; idle connections close after ``idle_timeout``. A
 body is hashed by a small shared pool of threads once its bytes arrive, never by
 a thread of its own started for what its headers declare; and a request whose
@@ -32,7 +33,7 @@ import trio
 from . import h2tuning, hypercorn_fixes, push, wire
 from .auth import H_DIGEST, Caller, Verifier
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
-from .limits import ConnectionTable, EdgeLimits, InFlight
+from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
 
 log = logging.getLogger("p2pgrid.server")
 
@@ -98,9 +99,9 @@ class App:
             if path == "/rpc" and method == "POST":
                 await self._rpc(scope, headers, receive, send)
             elif path == push.PATH and method == "POST":
-                await self._push(headers, receive, send)
+                await self._push(scope, headers, receive, send)
             elif path == push.PULL_PATH and method == "POST" and self.pull is not None:
-                await self._pull(headers, receive, send)
+                await self._pull(scope, headers, receive, send)
             elif path == "/health" and method == "GET":
                 await _respond(send, 200, "text/plain", b"ok\n")
             elif path == "/id" and method == "GET":
@@ -128,11 +129,17 @@ class App:
             raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
         return timed
 
+    def _verify(self, scope, path: str, headers, digest: str) -> Caller:
+        """The signed caller, with the address of the connection it came on."""
+        return self.verifier.verify("POST", path, headers, digest, now=time.time(),
+                                    address=client_address(scope))
+
     def _admit(self, caller: Caller):
         """Count `caller`'s open request; a context manager (RateLimited over the limits)."""
         registered = self.registered(caller)
-        self.in_flight.enter(caller.public_key, registered=registered)
-        return _Leave(self.in_flight, caller.public_key, registered)
+        guest = None if registered else Guest(caller.address, self.limits.guest_address_share)
+        self.in_flight.enter(caller.public_key, registered=registered, guest=guest)
+        return _Leave(self.in_flight, caller.public_key, registered, guest)
 
     async def _rpc(self, scope, headers, receive, send):
         try:
@@ -142,8 +149,7 @@ class App:
                                       f"{self.max_body}")
             # Check the signature before reading a possibly huge body: the signed
             # digest is compared with the body's once it has arrived.
-            caller = self.verifier.verify("POST", "/rpc", headers, headers.get(H_DIGEST, ""),
-                                          now=time.time())
+            caller = self._verify(scope, "/rpc", headers, headers.get(H_DIGEST, ""))
             self.authorize(caller)
             with self._admit(caller):
                 body, sha = await _read_hashed_body(self._timed(receive), self.max_body,
@@ -173,11 +179,10 @@ class App:
             await _respond(send, 500, "application/cbor", wire.dumps(err.to_wire()))
 
 
-    async def _push(self, headers, receive, send):
+    async def _push(self, scope, headers, receive, send):
         caller = None
         try:
-            caller = self.verifier.verify("POST", push.PATH, headers, push.STREAM_DIGEST,
-                                          now=time.time())
+            caller = self._verify(scope, push.PATH, headers, push.STREAM_DIGEST)
             self.authorize(caller)
             # a call's own body is held to max_body where it is decoded, so that one
             # call over it is refused alone, not with the stream and every call on it
@@ -213,12 +218,11 @@ class App:
             await _respond(send, e.status, "application/cbor", wire.dumps(e.to_wire()))
 
 
-    async def _pull(self, headers, receive, send):
+    async def _pull(self, scope, headers, receive, send):
         """The way back of a link: a 200 at once, then frames for the caller as its body
         until the link's push stream ends (or the caller goes)."""
         try:
-            caller = self.verifier.verify("POST", push.PULL_PATH, headers, push.PULL_DIGEST,
-                                          now=time.time())
+            caller = self._verify(scope, push.PULL_PATH, headers, push.PULL_DIGEST)
             self.authorize(caller)
             link = headers.get(push.LINK_HEADER, "")
             if not 0 < len(link) <= 64:
@@ -255,17 +259,24 @@ class _ClientGone(Exception):
     pass
 
 
-class _Leave:
-    __slots__ = ("_flight", "_key", "_registered")
+def client_address(scope) -> str:
+    """The client's IP address as the server's socket saw it (hypercorn's ASGI
+    ``client``), never from a header; "" where the server gives none."""
+    client = scope.get("client")
+    return str(client[0]) if client else ""
 
-    def __init__(self, flight: InFlight, key: bytes, registered: bool):
-        self._flight, self._key, self._registered = flight, key, registered
+
+class _Leave:
+    __slots__ = ("_flight", "_key", "_registered", "_guest")
+
+    def __init__(self, flight: InFlight, key: bytes, registered: bool, guest: Guest | None):
+        self._flight, self._key, self._registered, self._guest = flight, key, registered, guest
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
-        self._flight.leave(self._key, registered=self._registered)
+        self._flight.leave(self._key, registered=self._registered, guest=self._guest)
 
 
 async def _while_connected(receive, work: Callable[[], Awaitable]):

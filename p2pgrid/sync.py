@@ -233,7 +233,8 @@ def _is_async_object(obj: Any) -> bool:
 @functools.lru_cache(maxsize=None)
 def _is_async_class(cls: type) -> bool:
     """Objects worth proxying: anything of ours with coroutine methods or async protocols."""
-    if not cls.__module__.startswith("p2pgrid") or issubclass(cls, BaseException):
+    if not cls.__module__.startswith("p2pgrid") or cls.__module__.startswith("p2pgrid.protocols") \
+            or issubclass(cls, BaseException):  # the protocol logic is sans-IO: nothing to proxy
         return False
     return any(inspect.iscoroutinefunction(getattr(cls, n, None)) or n in ("__aenter__", "__aiter__")
                for n in dir(cls) if not n.startswith("__") or n in ("__aenter__", "__aiter__"))

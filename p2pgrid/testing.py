@@ -90,13 +90,19 @@ async def open_network(names: Iterable[str | PeerConfig], tmp_path: Path | str |
                        mdns: bool = False, join: bool = True,
                        gossip_interval: float = 0.2, ttl: float = 5.0,
                        insecure: bool = False, routers: Iterable[Router] = (),
-                       timeout: float = 30.0, strangers_store: bool = True
+                       timeout: float = 30.0, strangers_store: bool = True,
+                       guest_address_share: float | None = 1.0
                        ) -> AsyncIterator[Grid]:
     """Start the named peers (or configs), wait for their directories to agree, yield a Grid.
 
     ``strangers_store`` sets each peer's owner setting ``store_objects`` to "anyone", so
     that unregistered users of a test network may send tensors to its peers (a real
     peer's default is registered users only).
+
+    ``guest_address_share`` sets each peer's ``guest_address_share``: every peer of a
+    test network dials from one address (loopback), so by default one address may take
+    all of each pool unregistered callers share, as each user of the network would from
+    an address of its own (a real peer's default is half); None keeps each config's.
 
     Peers find each other by joining the first one (``join=True``) and/or by mDNS
     bound to 127.0.0.1 (``mdns=True``); with ``join=False, mdns=True`` discovery is
@@ -115,6 +121,8 @@ async def open_network(names: Iterable[str | PeerConfig], tmp_path: Path | str |
                                     "mdns": mdns, "mdns_interfaces": ("127.0.0.1",),
                                     "gossip_interval": gossip_interval, "ttl": ttl,
                                     "insecure": insecure,
+                                    "guest_address_share": cfg.guest_address_share
+                                    if guest_address_share is None else guest_address_share,
                                     "join": tuple(cfg.join) + ((seed,) if seed and join else ())})
                 peer = await grid.start(cfg, routers)
                 if strangers_store:

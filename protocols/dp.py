@@ -57,7 +57,7 @@ def clip_update(delta: dict[str, torch.Tensor], clip: float) -> tuple[dict[str, 
 def add_gaussian_noise(sum_update: dict[str, torch.Tensor], clip: float,
                        noise_multiplier: float) -> dict[str, torch.Tensor]:
     """Return `sum_update` + N(0, (noise_multiplier * clip)^2) on every float coordinate,
-    the noise drawn from a :class:`~protocols.private_random.PrivateRandom` (no seed can
+    the noise drawn from a :class:`~p2pgrid.protocols.private_random.PrivateRandom` (no seed can
     reproduce it)."""
     if noise_multiplier < 0 or not math.isfinite(noise_multiplier):
         raise BadRequest(f"noise_multiplier must be >= 0, got {noise_multiplier!r}")

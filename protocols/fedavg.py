@@ -133,7 +133,7 @@ class FedAvg(Strategy):
     round with a generator seeded by (`seed`, round), so a round is reproducible.
     `train_config` is merged into every peer's config; the keys this module sets
     (``local_epochs``, ``batch_size``, ``optimizer``, ``loss``, ``round_timeout``)
-    are what :func:`protocols.local_train.train_locally` takes.
+    are what :func:`p2pgrid.protocols.local_train.train_locally` takes.
     """
 
     def __init__(self, *, min_peers: int = 2, fraction: float = 1.0, round_timeout: float = 60.0,
@@ -358,7 +358,7 @@ class DPFedAvg(FedAvg):
     Each reply's float update is clipped to L2 norm `clip`; the clipped updates are
     summed unweighted (weights would raise the sensitivity), N(0, (z * clip)^2) is
     added, and the sum is divided by the number of sampled peers. The noise comes from
-    the OS CSPRNG (:class:`protocols.private_random.PrivateRandom`), never from a seed. The
+    the OS CSPRNG (:class:`p2pgrid.protocols.private_random.PrivateRandom`), never from a seed. The
     accountant records one Gaussian step per round at sample rate 1: the peers are
     chosen by :meth:`FedAvg.sample` from a public seed and the round names them, so no
     amplification by sampling may be claimed. ``epsilon(delta)`` is the client-level

@@ -5,7 +5,7 @@ whitelists: optimizers (:data:`OPTIMIZERS`) and losses (:data:`LOSSES`) by name,
 each option checked. It supports FedProx's proximal term and per-example DP-SGD
 (Abadi et al. 2016) with Poisson sampling, per-sample gradients from
 ``torch.func`` (``vmap`` over ``grad``), clipping and Gaussian noise, with the
-privacy spent reported by the RDP accountant of :mod:`protocols.dp`.
+privacy spent reported by the RDP accountant of :mod:`p2pgrid.protocols.dp`.
 
 >>> import torch
 >>> torch.manual_seed(0) and None
@@ -215,7 +215,7 @@ def train_locally(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs:
     (Poisson sampling, which the accountant assumes), clips each example's gradient
     to `clip` and adds N(0, (noise_multiplier * clip)^2); metrics then carry
     ``epsilon`` at ``delta``. The sampling and the noise come from the OS CSPRNG
-    (:class:`protocols.private_random.PrivateRandom`); `seed` drives only what privacy does not
+    (:class:`p2pgrid.protocols.private_random.PrivateRandom`); `seed` drives only what privacy does not
     depend on (the shuffling of non-DP epochs, dropout masks), so a seeded DP run is
     not reproducible. DP training refuses BatchNorm (it mixes examples).
     `clip_grad_norm` rescales each step's gradient to at most that L2 norm (over all

@@ -1,6 +1,6 @@
 """Randomness that protects privacy: DP noise and DP sampling from a cryptographic PRG.
 
-Every :class:`PrivateRandom` is AES-128-CTR (:class:`protocols.smpc.prg.Prg`) keyed with
+Every :class:`PrivateRandom` is AES-128-CTR (:class:`p2pgrid.protocols.smpc.prg.Prg`) keyed with
 16 fresh bytes from the OS CSPRNG of the peer that applies it. Nothing a caller, a
 coordinator or a config sets can seed it, and unlike ``torch.Generator`` (a Mersenne
 twister, predictable from its output) its stream cannot be extended from noise someone

@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from protocols.smpc import (DealerFeed, LocalDealer, SmpcConfig, matmul, mul, relu,  # noqa: E402
+from p2pgrid.protocols.smpc import (DealerFeed, LocalDealer, SmpcConfig, matmul, mul, relu,  # noqa: E402
                             run_parties)
-from protocols.smpc.testing import share_inputs  # noqa: E402
+from p2pgrid.protocols.smpc.testing import share_inputs  # noqa: E402
 
 
 def _party_fn(op, shares):
@@ -61,7 +61,7 @@ def bench(op, inputs, n: int, reps: int, config: SmpcConfig) -> dict:
 
 def bench_security(args) -> dict:
     """Both modes on one run: an MLP inference (matmul, ReLU, matmul, reveal) and a ReLU."""
-    from protocols.smpc.modes import run_program
+    from p2pgrid.protocols.smpc.modes import run_program
     g = torch.Generator().manual_seed(0)
     dims = [int(d) for d in args.mlp.split("-")]
     x = torch.randn(args.batch, dims[0], generator=g)

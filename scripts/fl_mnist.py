@@ -176,7 +176,7 @@ async def wait_for_data(net, query: str, names, timeout: float = 60) -> None:
 # ------------------------------------------------------------------ the run
 
 def centralised(model, x, y, x_test, y_test, *, epochs, batch_size, lr, momentum, seed=0):
-    from protocols.local_train import evaluate, train_locally
+    from p2pgrid.protocols.local_train import evaluate, train_locally
     t0 = time.perf_counter()
     opt = {"name": "sgd", "lr": lr, **({"momentum": momentum} if momentum else {})}
     train_locally(model, x, y, epochs=epochs, batch_size=batch_size, optimizer=opt,

@@ -119,7 +119,7 @@ def spam_scores(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 async def coordinate(args) -> dict:
     import p2pgrid
     from p2pgrid.federated import Adam, FedAvg
-    from protocols.local_train import evaluate, train_locally
+    from p2pgrid.protocols.local_train import evaluate, train_locally
 
     torch.set_num_threads(1)
     texts, labels, train, test, tok = dataset(args.data, args.seed)

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 set +e
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=10 \
-  --doctest-modules p2pgrid protocols tests "$@"
+  --doctest-modules p2pgrid tests "$@"
 code=$?
 set -e
 if [ "$code" -eq 5 ]; then

@@ -52,6 +52,18 @@ def test_views_share_their_base():
     assert meter.peak == MB4 + 4   # the leaf, then the sum
 
 
+def test_a_mask_selection_is_sized_at_its_worst_case_only_inside_the_dry_run():
+    import torch.fx.experimental._config as fx_config
+    nodes = [{"op": "leaf", "obj": "x"},
+             {"op": "gt", "args": [{"$": 0}, 0.0]},
+             {"op": "getitem", "args": [{"$": 0}, {"$": 1}]}]
+    out, _ = evaluate({"nodes": nodes}, meta_leaf, device="meta", meter=Meter(Limits()))
+    assert out.shape == (1000 * 1000,)   # every element picked: the most it can cost
+    assert fx_config.meta_nonzero_assume_all_nonzero is False   # a user's meta tensors keep torch's rule
+    with pytest.raises(Exception):
+        torch.empty(3, device="meta").nonzero()
+
+
 def test_constants_count_and_flops_add_up():
     prog = {"nodes": [{"op": "matmul", "args": [{"tensor": torch.ones(100, 50)}, {"tensor": torch.ones(50, 20)}]}]}
     meter = Meter(Limits())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from p2pgrid.errors import BadRequest
-from protocols.dp import (DEFAULT_ORDERS, RDPAccountant, add_gaussian_noise, clip_update, global_norm,
+from p2pgrid.protocols.dp import (DEFAULT_ORDERS, RDPAccountant, add_gaussian_noise, clip_update, global_norm,
                           rdp_sampled_gaussian, rdp_to_epsilon)
 
 
@@ -123,7 +123,7 @@ def test_more_noise_or_less_sampling_means_less_epsilon():
 
 
 def test_rdp_curves_compose_like_steps():
-    from protocols.dp import rdp_curve
+    from p2pgrid.protocols.dp import rdp_curve
     a, b = RDPAccountant(), RDPAccountant()
     a.step(1.1, 0.01, 30)
     b.add_rdp(rdp_curve(1.1, 0.01, 10))
@@ -134,7 +134,7 @@ def test_rdp_curves_compose_like_steps():
 
 
 def test_private_random_samples_have_the_promised_distributions():
-    from protocols.private_random import PrivateRandom
+    from p2pgrid.protocols.private_random import PrivateRandom
     r = PrivateRandom()
     z = r.normal((200_000,), std=3.0)
     assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 3.0) < 0.05

@@ -10,9 +10,9 @@ from torch import nn
 from p2pgrid import wire
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 from p2pgrid.modelgraph import export_model, import_model
-from protocols.fedavg import (DPFedAvg, FedAdam, FedAvg, FedProx, FitIns, FitRes, Strategy, flatten,
+from p2pgrid.protocols.fedavg import (DPFedAvg, FedAdam, FedAvg, FedProx, FitIns, FitRes, Strategy, flatten,
                               unflatten, weighted_metrics)
-from protocols.local_train import evaluate, train_locally
+from p2pgrid.protocols.local_train import evaluate, train_locally
 
 PEERS = ["p1", "p2", "p3", "p4", "p5"]
 

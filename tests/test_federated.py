@@ -17,8 +17,8 @@ from p2pgrid.federated.coordinator import Coordinator, Plan
 from p2pgrid.federated.data import pairs_of
 from p2pgrid.federated.ledger import PrivacyLedger, round_cost
 from p2pgrid.federated.messages import Probe, ProbeRes, Train
-from protocols.dp import RDPAccountant, rdp_curve
-from protocols.fedavg import FitRes
+from p2pgrid.protocols.dp import RDPAccountant, rdp_curve
+from p2pgrid.protocols.fedavg import FitRes
 
 
 def summary(id, *tags, rows=10):

@@ -10,17 +10,18 @@ import trio
 from torch import nn
 
 import p2pgrid
+from p2pgrid.console.views import trained_here, training_runs
 from p2pgrid.datasets import digits
 from p2pgrid.federated import (SGD, ClientDP, FedAdam, FedAvg, FedMedian, LocalDP, PrivacyBudgetExceeded,
                                Strategy, state_of)
 from p2pgrid.federated.data import find_shards
 from p2pgrid.federated.messages import Evaluate, MaskedRes, Train
+from p2pgrid.governance import of
 from p2pgrid.modelgraph import export_model
+from p2pgrid.protocols.dp import RDPAccountant
+from p2pgrid.protocols.fedavg import FitIns, FitRes
+from p2pgrid.protocols.local_train import TrainingStopped
 from p2pgrid.testing import open_network
-from p2pgrid.web import training_runs
-from protocols.dp import RDPAccountant
-from protocols.fedavg import FitIns, FitRes
-from protocols.local_train import TrainingStopped
 
 X, Y = digits()
 TRAIN, TEST = "#digits #train", "#digits #test"
@@ -92,6 +93,10 @@ async def test_fedavg_over_three_peers_learns_and_reports(tmp_path, capsys):
         (job, series), = training_runs(grid["ai"].extensions["federated"])
         assert [round(v, 6) for _, v in series["accuracy"]] == [
             round(h.accuracy, 6) for h in res.history]
+        # each data owner's console lists the training that ran on its data
+        (here,) = trained_here(of(grid["h2"]).store)
+        assert (here["caller"], here["job"], here["rounds"], here["last_round"]) == ("ai", job, 3, 3)
+        assert here["examples"] == 300
         # the coordinator may train on the data, never download it, not even as aggregates
         ptrs = (await grid.net("ai").search(TRAIN))["h1"]
         assert len(ptrs) == 2

@@ -17,10 +17,10 @@ from p2pgrid.governance.store import DEFAULT_EPSILON, GovernanceStore
 from p2pgrid.identity import Identity
 
 
-def _charge(store, user="bob", eps=0.1, rid=None, oid="births"):
+def _charge(store, user="bob", eps=0.1, rid=None, oid="births", pooled=False):
     import os
     return store.charge(user=user, object_id=oid, epsilon=eps, release_id=rid or os.urandom(16).hex(),
-                        query={"kind": "sum"}, value=b"\x00")
+                        query={"kind": "sum"}, value=b"\x00", pooled=pooled)
 
 
 def test_requests_and_grants_survive_reopening(tmp_path):
@@ -69,6 +69,47 @@ def test_budget_limits_and_idempotent_releases(tmp_path):
         _charge(s, user="ana", eps=0.1)
     _charge(s, user="ana", eps=1.0, oid="other")
     assert s.datasets()["births"]["spent"] == pytest.approx(1.3)
+    s.close()
+
+
+def test_one_address_spends_only_its_share_of_the_guests_budget(tmp_path):
+    from p2pgrid.limits import Guest
+    path = tmp_path / "g.db"
+    s = GovernanceStore(path)
+    s.set_guest_budget(1.0, by="owner")
+    here, there = Guest("10.0.0.6", 0.4), Guest("::ffff:10.0.0.9", 0.4)   # 0.4 of 1.0 each
+    for name in ("s1", "s2", "s3", "s4"):       # fresh names, one address: 0.4 in all
+        try:
+            _charge(s, user=name, eps=0.15, pooled=here)
+        except PrivacyBudgetExceeded as e:
+            assert "at this address" in e.message and e.remaining == pytest.approx(0.1)
+    assert s.pooled_spent("10.0.0.6") == pytest.approx(0.3)
+    assert s.remaining("s9", pooled=here)["address"]["left"] == pytest.approx(0.1)
+    _charge(s, user="t1", eps=0.4, pooled=there)            # another address: its own share
+    assert s.pooled_spent("10.0.0.9") == pytest.approx(0.4)
+    _charge(s, user="u1", eps=0.3, pooled=True)             # no address: the pool alone
+    s.close()
+    s = GovernanceStore(path)                                # the shares outlive a restart
+    with pytest.raises(PrivacyBudgetExceeded, match="unregistered users share"):
+        _charge(s, user="t2", eps=0.05, pooled=Guest("10.0.0.7", 0.4))   # the pool: 1.0 spent
+    assert s.pooled_spent() == pytest.approx(1.0)
+    s.close()
+
+
+def test_a_database_from_before_addresses_is_upgraded(tmp_path):
+    path = tmp_path / "g.db"
+    s = GovernanceStore(path)
+    _charge(s, user="old", eps=0.2, pooled=True)
+    s.close()
+    with sqlite3.connect(path) as db:      # as the previous schema left it
+        db.execute("DROP INDEX ledger_pooled")
+        db.execute("ALTER TABLE ledger DROP COLUMN address")
+        db.execute("PRAGMA user_version = 2")
+    s = GovernanceStore(path)
+    assert s.pooled_spent() == pytest.approx(0.2) and s.pooled_spent("10.0.0.6") == 0
+    from p2pgrid.limits import Guest
+    _charge(s, user="new", eps=0.1, pooled=Guest("10.0.0.6"))
+    assert s.pooled_spent("10.0.0.6") == pytest.approx(0.1)
     s.close()
 
 
@@ -251,6 +292,11 @@ def test_owner_commands(tmp_path, capsys, monkeypatch):
     assert run("requests", "deny", r2["id"], "--why", "again", *peer)[0] == 1
     assert s.has_grant("bob", "births")
     assert s.request(r2["id"])["why"] == "too much"
+    assert "bob" in run("requests", "grants", *peer)[1].out
+    assert run("requests", "revoke", "bob", "births", *peer)[0] == 0
+    assert not s.has_grant("bob", "births")
+    code, out = run("requests", "revoke", "bob", "births", *peer)
+    assert code == 1 and out.err.strip() == "p2pgrid requests: bob holds no get grant on births"
     assert "no pending requests" in run("requests", "list", *peer)[1].out
     assert "too much" in run("requests", "list", "--all", *peer)[1].out
     s.close()
@@ -264,7 +310,8 @@ def test_owner_commands(tmp_path, capsys, monkeypatch):
     assert run("web", "token", "--rotate", *peer)[1].out.strip() != token
     assert run("audit", "--verify", *peer)[0] == 0
     actions = [e["action"] for e in json.loads(run("audit", "tail", "-n", "50", "--json", *peer)[1].out)]
-    assert {"user.add", "user.remove", "setting", "dataset", "budget", "request", "decision"} <= set(actions)
+    assert {"user.add", "user.remove", "setting", "dataset", "budget", "request", "decision",
+            "grant.revoke"} <= set(actions)
 
     with pytest.raises(SystemExit, match="--peer NAME or --data-dir"):
         main(["users", "list"])

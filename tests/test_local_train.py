@@ -8,7 +8,7 @@ from torch import nn
 
 from p2pgrid.errors import BadRequest, ShapeError, UnknownOp
 from p2pgrid.modelgraph import export_model, import_model
-from protocols.local_train import _per_sample_grads, evaluate, train_locally
+from p2pgrid.protocols.local_train import _per_sample_grads, evaluate, train_locally
 
 SGD = {"name": "sgd", "lr": 0.1}
 
@@ -192,7 +192,7 @@ def test_imported_cnn_trains_with_batchnorm_without_dp():
 
 
 def test_training_can_be_stopped_and_reports_its_time():
-    from protocols.local_train import TrainingStopped, dp_steps
+    from p2pgrid.protocols.local_train import TrainingStopped, dp_steps
     x, y = blobs(64)
     calls = []
 

@@ -15,6 +15,9 @@ pytest.importorskip("ipykernel")
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
+# long calls whose progress bar must render as a widget (tqdm's notebook mode) in their own cell
+LONG_CALLS = ("federated_fit(", "download_model(", "tqdm(")
+WIDGET = "application/vnd.jupyter.widget-view+json"
 
 
 def test_notebooks_carry_no_outputs():
@@ -33,3 +36,7 @@ def test_notebook_runs(path, monkeypatch):
     client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
                                      resources={"metadata": {"path": str(ROOT)}})
     client.execute()   # raises CellExecutionError naming the failing cell
+    for cell in nb.cells:
+        if cell.cell_type == "code" and any(call in cell.source for call in LONG_CALLS):
+            assert any(WIDGET in out.get("data", {}) for out in cell.outputs), \
+                f"{path.name}: no progress widget under {cell.source.splitlines()[0]!r}"

@@ -18,6 +18,10 @@ def test_wheel_runs_demo_outside_the_repository(tmp_path):
     wheel = next((tmp_path / "dist").glob("p2pgrid-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "p2pgrid/profiles/hospital.toml" in names and "p2pgrid/py.typed" in names
+    assert "p2pgrid/console/templates/owner.html" in names
+    # the repository's protocols/ installs under p2pgrid, never as a top-level package
+    assert "p2pgrid/protocols/__init__.py" in names and "p2pgrid/protocols/smpc/mac.py" in names
+    assert not [n for n in names if n.startswith("protocols/")]
     site = tmp_path / "site"
     inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                            str(site), str(wheel)], capture_output=True, text=True, timeout=300)

@@ -458,3 +458,47 @@ async def test_a_frame_that_does_not_go_out_in_time_ends_its_way_back():
             while links.has("k"):   # serve returned: the way back is gone
                 await trio.sleep(0.01)
         assert await links.send("k", b"next") is False   # nothing open: never queued
+
+
+# ------------------------------------------------------------------ the caller's address
+
+@message("test.where")
+@dataclass(frozen=True)
+class Where:
+    tag: str
+
+
+where = Router()
+
+
+@where.on(Where)
+async def _where(peer, caller, msg: Where):
+    peer.extensions.setdefault("where", {})[msg.tag] = caller.address
+    return Note(0, torch.zeros(1))   # an answer, for the request and the call
+
+
+async def test_every_caller_carries_the_address_of_its_connection(tmp_path):
+    # What per-address limits key on: the client's IP as the callee's socket saw it, on
+    # every way a message arrives (a request, a push stream, a call on one, a link's way
+    # back), never anything the caller writes.
+    async with open_network(["a", "b"], tmp_path, routers=[where]) as grid:
+        a, b = grid["a"], grid["b"]
+        a.transport.local_address = "127.0.0.2"      # a's connections leave from here now
+        for pool in set(a.transport._pools.values()):
+            a.transport._retire(None, pool)
+        a.pushers.drop("b")
+        await a.request("b", Where("request"), via="http")
+        await a.request("b", Where("call"), via="call")
+        rec = a.record("b")                          # on a's own push stream to b
+        await a.pushers.push("b", a.target(rec), Where("push"), public_key=rec.public_key)
+        with trio.fail_after(10):
+            while "push" not in b.extensions.get("where", {}):
+                await trio.sleep(0.02)
+        # on the way back of a's link: b's address, as a's connection reached it
+        assert await b.links.send(a.key_id, Where("way back"))
+        with trio.fail_after(10):
+            while "way back" not in a.extensions.get("where", {}):
+                await trio.sleep(0.02)
+        assert b.extensions["where"] == {"request": "127.0.0.2", "call": "127.0.0.2",
+                                         "push": "127.0.0.2"}
+        assert a.extensions["where"] == {"way back": "127.0.0.1"}

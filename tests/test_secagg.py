@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 from p2pgrid import wire
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
-from protocols.secagg import (DoubleMaskClient, DoubleMaskServer, SecAggClient, SecAggServer,
+from p2pgrid.protocols.secagg import (DoubleMaskClient, DoubleMaskServer, SecAggClient, SecAggServer,
                               decode_fixed, encode_fixed, pair_seed, prg, shamir_combine, shamir_split)
 
 PEERS = ["alice", "bob", "carol", "dave"]

@@ -8,9 +8,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from p2pgrid.errors import CheatingDetected
-from protocols import smpc
-from protocols.smpc import mac
-from protocols.smpc.testing import run_op
+from p2pgrid.protocols import smpc
+from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc.testing import run_op
 
 UNIT = 2.0 ** -16
 
@@ -199,7 +199,7 @@ def _mlp_program(x, w1, w2):
 @settings(max_examples=6, deadline=None)
 @given(st.integers(0, 2 ** 32 - 1))
 def test_same_program_both_modes_agree(seed):
-    from protocols.smpc.modes import run_program
+    from p2pgrid.protocols.smpc.modes import run_program
     g = torch.Generator().manual_seed(seed)
     x, w1, w2 = (torch.randn(3, 5, generator=g), torch.randn(5, 4, generator=g),
                  torch.randn(4, 2, generator=g))
@@ -213,7 +213,7 @@ def test_same_program_both_modes_agree(seed):
 
 
 def test_security_mode_is_checked():
-    from protocols.smpc.modes import run_program
+    from p2pgrid.protocols.smpc.modes import run_program
     with pytest.raises(Exception, match="security"):
         run_program(2, lambda ops: None, security="malicious-ish")
 

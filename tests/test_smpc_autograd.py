@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
-from protocols.smpc import Shared, SmpcConfig, reveal, run_parties
-from protocols.smpc.autograd import Flatten, Linear, ReLU, Sequential, predict, train_step
-from protocols.smpc.testing import share_inputs
+from p2pgrid.protocols.smpc import Shared, SmpcConfig, reveal, run_parties
+from p2pgrid.protocols.smpc.autograd import Flatten, Linear, ReLU, Sequential, predict, train_step
+from p2pgrid.protocols.smpc.testing import share_inputs
 
 STEPS, LR = 4, 0.05
 DEALER = SmpcConfig(truncation="dealer")

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from p2pgrid.errors import BadRequest, ShapeError
-from protocols.smpc import (FixedPoint, Shared, SmpcConfig, div_public, matmul, mean, mul,
+from p2pgrid.protocols.smpc import (FixedPoint, Shared, SmpcConfig, div_public, matmul, mean, mul,
                             truncate)
-from protocols.smpc.testing import run_op
+from p2pgrid.protocols.smpc.testing import run_op
 
 F = 16
 FP = FixedPoint(F)

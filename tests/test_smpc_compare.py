@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from p2pgrid.errors import BadRequest, ShapeError
-from protocols.smpc import (CMP_ROUNDS, argmax, ge, ge_zero, gt, is_negative, le, lt, max,
+from p2pgrid.protocols.smpc import (CMP_ROUNDS, argmax, ge, ge_zero, gt, is_negative, le, lt, max,
                             max_with_index, relu)
-from protocols.smpc.compare import _pack_bits, _unpack_bits
-from protocols.smpc.gates import LEVEL1, LEVEL2, chunks_of, slice_bits, table_lookup, unslice_bits
-from protocols.smpc.testing import run_op
+from p2pgrid.protocols.smpc.compare import _pack_bits, _unpack_bits
+from p2pgrid.protocols.smpc.gates import LEVEL1, LEVEL2, chunks_of, slice_bits, table_lookup, unslice_bits
+from p2pgrid.protocols.smpc.testing import run_op
 
 EDGE_RING = torch.tensor([0, 1, -1, 2, -2, 2 ** 62 - 1, -(2 ** 62), 2 ** 62, -(2 ** 62) - 1,
                           2 ** 63 - 1, -(2 ** 63), 2 ** 31, -(2 ** 31), 2 ** 32 - 1, 12345, -12345],

@@ -5,9 +5,9 @@ import torch
 
 from p2pgrid import wire
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
-from protocols.smpc import (DealerFeed, LocalDealer, Material, MaterialQueue, Prg, Request,
+from p2pgrid.protocols.smpc import (DealerFeed, LocalDealer, Material, MaterialQueue, Prg, Request,
                             RoundMessage, plan_requests, relu, reveal, run_parties, share_float)
-from protocols.smpc.testing import DealerConformance
+from p2pgrid.protocols.smpc.testing import DealerConformance
 
 
 class TestLocalDealer(DealerConformance):

@@ -5,8 +5,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from p2pgrid.errors import BadRequest
-from protocols.smpc import FixedPoint, Prg
-from protocols.smpc.ring import logical_rshift, msb, ring_matmul, ring_matmul_limbs
+from p2pgrid.protocols.smpc import FixedPoint, Prg
+from p2pgrid.protocols.smpc.ring import logical_rshift, msb, ring_matmul, ring_matmul_limbs
 
 I64 = st.integers(min_value=-(2 ** 63), max_value=2 ** 63 - 1)
 

@@ -5,9 +5,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
-from protocols.smpc import (DealerFeed, LocalDealer, Prg, Round, input_shares, mul, parallel,
+from p2pgrid.protocols.smpc import (DealerFeed, LocalDealer, Prg, Round, input_shares, mul, parallel,
                             SmpcConfig, relu, reveal, reveal_to, run_parties, share_float)
-from protocols.smpc.testing import run_op
+from p2pgrid.protocols.smpc.testing import run_op
 
 
 def test_reveal_and_reveal_to():

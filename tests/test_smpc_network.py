@@ -307,7 +307,7 @@ async def test_one_deal_covers_several_sessions(tmp_path):
     from p2pgrid.smpc.messages import Deal, Dealt
     from p2pgrid.smpc.session import next_in_chain, plan_hash
     from p2pgrid.smpc.state import Group
-    from protocols.smpc.messages import Request
+    from p2pgrid.protocols.smpc.messages import Request
 
     async with open_network(_peers(tmp_path, "hospital", "clinic"), tmp_path, **NET) as grid:
         group = Group(("hospital", "clinic"), DEALER, 16).to_wire()

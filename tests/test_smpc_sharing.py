@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from p2pgrid.errors import BadRequest, ShapeError
-from protocols.smpc import (Prg, Shared, cat, reconstruct, reconstruct_float, share, share_float,
+from p2pgrid.protocols.smpc import (Prg, Shared, cat, reconstruct, reconstruct_float, share, share_float,
                             stack)
-from protocols.smpc.testing import open_outputs, run_op
+from p2pgrid.protocols.smpc.testing import open_outputs, run_op
 
 
 @pytest.mark.parametrize("n", [2, 3, 5])

@@ -88,6 +88,41 @@ def test_interrupt_cancels_call_and_peer_stays_usable(grid):
     assert torch.allclose(rec[:, 1].mean().get(), BIRTHS[:, 1].mean(), atol=1e-4)
 
 
+def test_governance_requests_through_the_blocking_api(grid):
+    """A scientist files requests from blocking code and blocks in ``wait()`` while the owner,
+    on another thread (another notebook), approves them from its own blocking handle."""
+    owner, net = grid.net("hospital"), grid.net("bob")
+    rec = net.search("#birth-records")["hospital"][0]
+
+    # a release request: this exact program, which the gate alone does not release
+    heavy = (rec[:, 1] * (rec[:, 0] > 3)).sum()
+    with pytest.raises(p2pgrid.PermissionDenied, match="approve this program"):
+        heavy.get()
+    release = heavy.request_release(reason="length of the heavier births")
+    assert isinstance(release, p2pgrid.sync._Proxy) and release.status == "pending"
+
+    # an access request: ``get`` on the whole object
+    with pytest.raises(p2pgrid.PermissionDenied):
+        rec.get()
+    access = rec.request_access(reason="an audit of the rows")
+    pending = {r["id"]: r["right"] for r in owner.access_requests("hospital")}
+    assert pending == {release.id: "program", access.id: "get"}
+
+    def approve():
+        owner.decide_request("hospital", release.id, approve=True, why="fine")
+        owner.decide_request("hospital", access.id, approve=True, why="audit")
+    decider = threading.Timer(0.5, approve)
+    decider.start()
+    assert access.wait(timeout=60).approved              # blocks until the owner decided
+    decider.join()
+    assert release.refresh().approved and release.why == "fine" and access.why == "audit"
+    assert torch.allclose(heavy.get(), (BIRTHS[:, 1] * (BIRTHS[:, 0] > 3)).sum(), rtol=1e-5)
+    assert torch.equal(rec.get(), BIRTHS)
+    assert owner.access_requests("hospital") == []       # nothing pending any more
+    with pytest.raises(p2pgrid.Conflict):
+        owner.decide_request("hospital", access.id, approve=False)
+
+
 def test_from_asyncio(grid, tmp_path):
     seed = _seed(grid)
 

@@ -15,7 +15,7 @@ from p2pgrid.serving import Policy
 from p2pgrid.smpc.model import layout_of
 from p2pgrid.testing import open_network
 from p2pgrid.torchscript import from_torchscript
-from protocols.fedavg import FedAvg
+from p2pgrid.protocols.fedavg import FedAvg
 
 
 class Net(nn.Module):

@@ -13,20 +13,20 @@ control: the compute right decides who may train on it, an epsilon cap bounds
 what it may spend, and only model updates leave their peer.
 
 This module is imported while ``p2pgrid`` itself initialises (the Network class mixes
-in :class:`NetworkAPI`), and ``protocols.*`` import ``p2pgrid``: so nothing here
-imports ``protocols`` at import time. The handlers (``router``), the strategies and
+in :class:`NetworkAPI`), and ``p2pgrid.protocols.*`` import ``p2pgrid``: so nothing here
+imports ``p2pgrid.protocols`` at import time. The handlers (``router``), the strategies and
 the other names below load on first use.
 """
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
 import trio
 
+from ..lazy import lazy_exports
 from .cli import add_cli
 
 if TYPE_CHECKING:
@@ -42,17 +42,11 @@ _LAZY = {"NetworkAPI": ".api",
          **{n: ".options" for n in ("SGD", "Adam", "ClientDP", "FitEvent", "FitResult", "LocalDP",
                                     "RoundRecord")},
          "router": ".owner", "state_of": ".owner", "PrivacyBudgetExceeded": ".ledger",
-         "FedAvg": "protocols.fedavg", "FedProx": "protocols.fedavg", "FedAdam": "protocols.fedavg",
-         "DPFedAvg": "protocols.fedavg", "Strategy": "protocols.fedavg", "FedMedian": "protocols.fedavg"}
+         **{name: "p2pgrid.protocols.fedavg" for name in (
+             "FedAvg", "FedProx", "FedAdam", "DPFedAvg", "Strategy", "FedMedian")}}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        module = importlib.import_module(_LAZY[name], __name__)
-        value = getattr(module, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 async def service(peer, task_status=trio.TASK_STATUS_IGNORED):

@@ -67,7 +67,7 @@ class NetworkAPI:
         use, and why. `clip_grad_norm` clips each local step's gradient to that L2 norm
         (``torch.nn.utils.clip_grad_norm_``; e.g. 5 for an LSTM).
         """
-        from protocols.fedavg import DPFedAvg, FedAvg
+        from p2pgrid.protocols.fedavg import DPFedAvg, FedAvg
 
         from ..modelgraph import export_model
         from .checkpoint import Checkpoints, check_job

@@ -102,7 +102,7 @@ def _wait_for(value: str | None):
 
 
 def _strategy(args):
-    from protocols.fedavg import FedAdam, FedAvg, FedMedian, FedProx
+    from p2pgrid.protocols.fedavg import FedAdam, FedAvg, FedMedian, FedProx
 
     if args.strategy == "fedmedian":
         return FedMedian(min_peers=args.min_peers, round_timeout=args.round_timeout)

@@ -12,7 +12,7 @@ A round (see :meth:`Coordinator.run_round`):
    ``min_peers`` answered; else the run stops with an error naming each failure.
    With secure aggregation this step is Bonawitz et al.'s four steps (signed key
    advertisement, encrypted key shares, masked updates, unmasking; see
-   :mod:`protocols.secagg`), so only the sum of the updates is ever unmasked;
+   :mod:`p2pgrid.protocols.secagg`), so only the sum of the updates is ever unmasked;
 4. aggregate (strategy), add client-level DP noise if asked, evaluate, checkpoint.
 
 The network is reached only through a :class:`Link`, so the loop can be driven by
@@ -36,10 +36,10 @@ import torch
 import trio
 from torch import nn
 
-from protocols.dp import RDPAccountant, add_gaussian_noise, clip_update
-from protocols.fedavg import FedAvg, FitIns, FitRes, Strategy, flatten, unflatten
-from protocols.local_train import evaluate as evaluate_locally
-from protocols.secagg import DoubleMaskServer
+from p2pgrid.protocols.dp import RDPAccountant, add_gaussian_noise, clip_update
+from p2pgrid.protocols.fedavg import FedAvg, FitIns, FitRes, Strategy, flatten, unflatten
+from p2pgrid.protocols.local_train import evaluate as evaluate_locally
+from p2pgrid.protocols.secagg import DoubleMaskServer
 
 from .. import wire
 from ..errors import (BadRequest, NotFound, P2PError, PeerUnavailable, PermissionDenied, ProtocolError,
@@ -152,7 +152,7 @@ class Plan:
 
     def __post_init__(self):
         if not isinstance(self.strategy, Strategy):
-            raise BadRequest("strategy must be a protocols.fedavg.Strategy (FedAvg, FedProx, "
+            raise BadRequest("strategy must be a p2pgrid.protocols.fedavg.Strategy (FedAvg, FedProx, "
                              "FedAdam, FedMedian, or your own)")
         if (self.secure or self.client_dp is not None) and not isinstance(self.strategy, FedAvg):
             # both see only a (noisy) sum of updates: only a weighted mean can be made of it

@@ -2,7 +2,7 @@
 
 Every round a peer trains on an object is a release of something computed from
 it. The ledger records each release as a Rényi-DP curve (per order of
-:data:`protocols.dp.DEFAULT_ORDERS`) and composes them by addition, so the
+:data:`p2pgrid.protocols.dp.DEFAULT_ORDERS`) and composes them by addition, so the
 epsilon spent can be read at any delta. A round protected both by client-level
 DP (the coordinator's noise on the sum) and by per-example DP-SGD on this peer
 costs the order-wise minimum of the two curves: each alone bounds the release.
@@ -30,8 +30,8 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable
 
-from protocols.dp import DEFAULT_ORDERS, rdp_curve, rdp_to_epsilon
-from protocols.local_train import dp_steps
+from p2pgrid.protocols.dp import DEFAULT_ORDERS, rdp_curve, rdp_to_epsilon
+from p2pgrid.protocols.local_train import dp_steps
 
 from .. import wire
 from ..errors import BadRequest, PermissionDenied, register_error

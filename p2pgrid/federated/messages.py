@@ -1,6 +1,6 @@
 """Wire messages between a coordinator and data owners' peers.
 
-Training itself travels in :class:`protocols.fedavg.FitIns` / ``FitRes`` (inside
+Training itself travels in :class:`p2pgrid.protocols.fedavg.FitIns` / ``FitRes`` (inside
 :class:`Train`); the messages here add the data to use, the model's structure,
 the steps of secure aggregation and evaluation. Models travel as the structure
 half of a :mod:`p2pgrid.modelgraph` spec (modules and op program, no state) plus
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from protocols.fedavg import FitIns
+from p2pgrid.protocols.fedavg import FitIns
 
 from ..wire import message
 

@@ -2,7 +2,7 @@
 
 The objects here are small frozen dataclasses that turn into the plain maps the
 wire carries (:meth:`SGD.to_config`, :meth:`ClientDP.to_config`): a data owner's peer
-checks those maps against its own whitelists (``protocols.local_train``), so nothing
+checks those maps against its own whitelists (``p2pgrid.protocols.local_train``), so nothing
 here is trusted on the receiving side.
 
 >>> SGD(lr=0.05, momentum=0.9).to_config()

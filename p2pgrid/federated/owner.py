@@ -3,7 +3,7 @@
 Every handler first checks that the caller holds the ``compute`` right on each
 object it names (:func:`p2pgrid.handlers.may`) and, for training, that the
 owner's privacy budget allows one more release (:mod:`.ledger`). The training
-loop is this peer's own code (:func:`protocols.local_train.train_locally`), run in
+loop is this peer's own code (:func:`p2pgrid.protocols.local_train.train_locally`), run in
 a worker thread, configured by the message's whitelisted options; the model is
 rebuilt from a checked op graph (:func:`p2pgrid.modelgraph.import_model`). What
 goes back is the parameter update (new minus received weights), clipped when the
@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import trio
 
-from protocols.dp import clip_update
-from protocols.fedavg import FedAvg, FitRes, flatten
-from protocols.local_train import TrainingStopped, evaluate, train_locally
-from protocols.secagg import DoubleMaskClient
+from p2pgrid.protocols.dp import clip_update
+from p2pgrid.protocols.fedavg import FedAvg, FitRes, flatten
+from p2pgrid.protocols.local_train import TrainingStopped, evaluate, train_locally
+from p2pgrid.protocols.secagg import DoubleMaskClient
 
 from ..errors import BadRequest, NotFound, PermissionDenied, ProtocolError, ShapeError, P2PError
 from ..handlers import may

@@ -13,12 +13,12 @@ directory, or the console page (its login link is printed when the peer starts).
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 
 import trio
 
+from ..lazy import lazy_exports
 from .errors import PrivacyBudgetExceeded
 from .roles import CAPABILITIES, ROLES
 
@@ -26,7 +26,7 @@ __all__ = ["AccessRequest", "Bounds", "Gate", "GovernanceStore", "Governance", "
            "Plan", "ROLES", "CAPABILITIES", "Verdict", "of", "request_access", "request_release",
            "private_get",
            "router", "service", "NetworkAPI", "add_cli", "authorize", "verdict", "require",
-           "result_creator_only", "pooled"]
+           "result_creator_only", "pooled", "guest"]
 
 log = logging.getLogger("p2pgrid.governance")
 FLUSH_INTERVAL = 0.5     # seconds between chaining queued audit entries
@@ -40,12 +40,7 @@ _LAZY = {"Verdict": ".audit", "AccessRequest": ".client", "NetworkAPI": ".client
          "Governance": ".policy", "of": ".policy", "GovernanceStore": ".store"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 def authorize(peer, caller) -> bool:
@@ -73,6 +68,15 @@ def pooled(peer, caller) -> bool:
     limits): names are free, so an unvouched name gets no allowance of its own."""
     from .policy import of
     return of(peer).pooled(caller)
+
+
+def guest(peer, caller):
+    """None if `caller` has an allowance of its own here; else a
+    :class:`p2pgrid.limits.Guest` (true): its address and the share of each pool that
+    the unregistered callers of one address may take together (``pooled=`` of
+    rate limiters and budgets takes it)."""
+    from .policy import of
+    return of(peer).guest(caller)
 
 
 def result_creator_only(peer) -> bool:

@@ -120,6 +120,40 @@ def append(db, entries: Iterable[dict]) -> tuple[int, str]:
     return seq, prev
 
 
+def page(db, *, before: int | None = None, after: int | None = None, limit: int = 50,
+         action: str | None = None, caller: str | None = None) -> list[dict]:
+    """Entries newest first, filtered (see ``GovernanceStore.audit_page``)."""
+    where, args = ["1"], []
+    if before is not None:
+        where.append("seq < ?")
+        args.append(int(before))
+    if after is not None:
+        where.append("seq > ?")
+        args.append(int(after))
+    if action:
+        if action.endswith("."):
+            where.append("substr(json_extract(entry, '$.action'), 1, ?) = ?")
+            args += [len(action), action]
+        else:
+            where.append("json_extract(entry, '$.action') = ?")
+            args.append(action)
+    if caller:
+        where.append("json_extract(entry, '$.caller') = ?")
+        args.append(caller)
+    order = "ASC" if after is not None and before is None else "DESC"
+    rows = db.execute(f"SELECT entry, hash FROM audit WHERE {' AND '.join(where)} "
+                      f"ORDER BY seq {order} LIMIT ?", (*args, max(0, int(limit)))).fetchall()
+    out = []
+    for text, h in rows if order == "DESC" else reversed(rows):
+        try:
+            e = json.loads(text)
+        except ValueError:
+            e = {"unreadable": True}
+        e["hash"] = h
+        out.append(e)
+    return out
+
+
 def tail(db, n: int = 20) -> list[dict]:
     """The last `n` entries, newest last."""
     rows = db.execute("SELECT entry, hash FROM audit ORDER BY seq DESC LIMIT ?", (n,)).fetchall()

@@ -20,8 +20,7 @@ from ..errors import P2PError
 BY = "owner (cli)"
 
 
-_MODES = {"open": "open", "registered": "registered users only",
-          "releases": "open, releases to registered users only"}
+from .actions import MODES as _MODES
 
 def _target(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("which peer")
@@ -121,6 +120,15 @@ def add_cli(sub) -> dict:
         d.add_argument("--why", default="", required=name == "deny",
                        help="your reason, shown to the requester")
         _target(d)
+    qg = qs.add_parser("grants", help="what approved requests granted (get, release)")
+    qg.add_argument("--json", action="store_true", help="print JSON")
+    _target(qg)
+    qr = qs.add_parser("revoke", help="take back USER's grant on OBJECT (at once)")
+    qr.add_argument("user", help="who holds the grant")
+    qr.add_argument("object", help="the object id (or program id, for --right release)")
+    qr.add_argument("--right", default="get", choices=("get", "release"),
+                    help="which grant (default: get)")
+    _target(qr)
 
     b = sub.add_parser("budget", help="privacy budgets and dataset bounds (owner)", formatter_class=fmt,
                        description="Differential privacy: declare each dataset's column bounds (private "
@@ -205,7 +213,8 @@ def _runner(fn):
 # ------------------------------------------------------------------ users
 
 def _users(args) -> int:
-    from .roles import format_key, parse_key
+    from . import actions
+    from .roles import format_key
 
     if args.action == "key":
         from ..identity import Identity
@@ -221,20 +230,16 @@ def _users(args) -> int:
     store = _store(args)
     try:
         if args.action == "add":
-            key = parse_key(args.key) if args.key else None
-            user = store.add_user(args.user, args.role, key, by=BY)
-            print(f"{user.name}: {user.role}" + ("" if key else " (key bound on first use)"))
+            user = actions.add_user(store, args.user, args.role, args.key, by=BY)
+            print(f"{user.name}: {user.role}" + ("" if args.key else " (key bound on first use)"))
         elif args.action == "remove":
-            if not store.remove_user(args.user, by=BY):
-                print(f"no user {args.user}", file=sys.stderr)
-                return 1
+            actions.remove_user(store, args.user, by=BY)
             print(f"removed {args.user}")
         elif args.action == "storage":
-            store.set_setting("store_objects", args.who, by=BY)
+            actions.set_storage(store, args.who, by=BY)
             print(f"storing objects: {'anyone (within quotas)' if args.who == 'anyone' else 'registered users only'}")
         elif args.action == "mode":
-            store.set_setting("registered_only", args.mode == "registered", by=BY)
-            store.set_setting("releases_registered_only", args.mode == "releases", by=BY)
+            actions.set_mode(store, args.mode, by=BY)
             print(f"mode: {_MODES[args.mode]}")
         else:
             users = sorted(store.users().values(), key=lambda u: (u.role, u.name))
@@ -243,9 +248,7 @@ def _users(args) -> int:
                                    "key": format_key(u.public_key) if u.public_key else None}
                                   for u in users], indent=2))
             else:
-                mode = ("registered" if store.registered_only else
-                        "releases" if store.releases_registered_only else "open")
-                print(f"mode: {_MODES[mode]}; {len(users)} user(s)")
+                print(f"mode: {_MODES[actions.mode(store)]}; {len(users)} user(s)")
                 for u in users:
                     key = format_key(u.public_key) if u.public_key else "(bound on first use)"
                     print(f"  {u.name:<16} {u.role:<10} {key}")
@@ -274,6 +277,21 @@ def _requests(args) -> int:
                 if r["why"]:
                     print(f"{'':<14}why: {r['why']}")
             return 0
+        if args.action == "grants":
+            grants = store.grants()
+            if args.json:
+                print(json.dumps(grants, indent=2))
+            elif not grants:
+                print("no grants")
+            for g in [] if args.json else grants:
+                print(f"{g['user']:<16} {g['right']:<8} {g['object_id']:<24} {_when(g['granted'])}"
+                      f"  request {g['request_id']}")
+            return 0
+        if args.action == "revoke":
+            from .actions import revoke_grant
+            revoke_grant(store, args.user, args.object, args.right, by=BY)
+            print(f"revoked {args.user}'s {args.right} on {args.object}")
+            return 0
         req = store.decide(args.id, approve=args.action == "approve", why=args.why, by=BY)
         print(f"request {req['id']} of {req['user']} on {req['object_id']}: {req['status']}")
         return 0
@@ -283,38 +301,23 @@ def _requests(args) -> int:
 
 # ------------------------------------------------------------------ budgets
 
-def _parse_bounds(items: list[str]):
-    from ..errors import BadRequest
-    from .mechanism import Bounds
-
-    pairs = []
-    for item in items:
-        lo, sep, hi = item.partition(":")
-        try:
-            pairs.append([float(lo), float(hi)])
-        except ValueError:
-            raise BadRequest(f"a bound is LO:HI, got {item!r}") from None
-        if not sep:
-            raise BadRequest(f"a bound is LO:HI, got {item!r}")
-    return Bounds.parse(pairs)
-
-
 def _budget(args) -> int:
+    from . import actions
+
     store = _store(args)
     try:
         if args.action == "set":
-            store.set_budget(args.user, args.epsilon, args.dataset or "*", by=BY)
+            actions.set_budget(store, args.user, args.epsilon, args.dataset, by=BY)
             where = f" on {args.dataset}" if args.dataset else " in total"
             print(f"{args.user}: epsilon {args.epsilon:g}{where}")
         elif args.action == "default":
-            store.set_default_budget(args.epsilon, by=BY)
+            actions.set_default_budget(store, args.epsilon, by=BY)
             print(f"default total epsilon: {args.epsilon:g}")
         elif args.action == "guests":
-            store.set_guest_budget(args.epsilon, by=BY)
+            actions.set_guest_budget(store, args.epsilon, by=BY)
             print(f"total epsilon of all unregistered callers together: {args.epsilon:g}")
         elif args.action == "bounds":
-            bounds = _parse_bounds(args.bounds)
-            store.set_dataset(args.dataset, bounds, args.total, by=BY)
+            bounds, _ = actions.set_bounds(store, args.dataset, args.bounds, args.total, by=BY)
             total = f", total epsilon {args.total:g}" if args.total is not None else ""
             print(f"{args.dataset}: bounds {bounds.to_list()}{total}")
         else:

@@ -138,3 +138,14 @@ class NetworkAPI:
         applies, and ``remaining``, the tightest."""
         reply: BudgetInfo = await self._request(peer, BudgetQuery(object_id))
         return reply.info
+
+    # Reached from pointers and expressions (p2pgrid.pointer imports no plugin).
+
+    async def _private_get(self, expr, **options):
+        return await private_get(expr, **options)
+
+    async def _request_release(self, expr, *, reason: str) -> AccessRequest:
+        return await request_release(expr, reason=reason)
+
+    async def _request_access(self, pointer, **options) -> AccessRequest:
+        return await request_access(pointer, **options)

@@ -116,7 +116,7 @@ async def private_query(peer, caller, msg: PrivateQuery):
     gov = of(peer)
     gov.require(caller, "compute")
     gov.require_release(caller, "take private releases")
-    pooled = gov.pooled(caller)
+    pooled = gov.guest(caller)   # None, or the pool and its address's share
     ids = list(dict.fromkeys(core._leaf_ids(msg.program)))
     if len(ids) != 1:
         raise BadRequest("a private query reads exactly one dataset")
@@ -180,7 +180,7 @@ def _warn_clipping(peer, object_id: str, data, bounds) -> None:
 async def budget(peer, caller, msg: BudgetQuery):
     gov = of(peer)
     gov.require(caller, "compute")
-    info = gov.store.remaining(caller.name, msg.object_id, pooled=gov.pooled(caller))
+    info = gov.store.remaining(caller.name, msg.object_id, pooled=gov.guest(caller))
     if msg.object_id is not None:
         declared = gov.store.dataset(msg.object_id)
         info["bounds"] = declared[0].to_list() if declared else None

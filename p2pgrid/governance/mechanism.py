@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import torch
 
-from protocols.private_random import PrivateRandom
+from p2pgrid.protocols.private_random import PrivateRandom
 
 from ..errors import BadRequest
 from ..ops import Level, evaluate
@@ -537,7 +537,7 @@ def run(program: dict, p: Plan, clamped: torch.Tensor) -> torch.Tensor:
 def laplace(value: torch.Tensor, sensitivity: float, epsilon: float) -> torch.Tensor:
     """`value` plus Laplace(0, sensitivity / epsilon) noise on every element.
 
-    Drawn from a fresh OS-keyed AES-CTR stream (:class:`protocols.private_random.PrivateRandom`): no seed anyone sets reproduces it (see
+    Drawn from a fresh OS-keyed AES-CTR stream (:class:`p2pgrid.protocols.private_random.PrivateRandom`): no seed anyone sets reproduces it (see
     docs/SECURITY.md). Floating-point
     Laplace sampling has known side channels (Mironov 2012); adequate for research
     and statistics releases, not for a high-stakes adversary with many queries."""

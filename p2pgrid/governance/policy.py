@@ -13,7 +13,8 @@ first use, object rules decide. Registered users get their role's ceiling (see
 
 Names are free, so a name the owner has not vouched for carries no allowance of its
 own: unregistered callers (:meth:`Governance.pooled`) share one privacy budget and one
-pool of each rate limit, whatever names they come under.
+pool of each rate limit, whatever names they come under; addresses are not free, so
+those from one client address take at most a share of each (:meth:`Governance.guest`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import trio
 from .. import wire
 from ..auth import Caller
 from ..errors import PermissionDenied, Unauthenticated
+from ..limits import GUEST_ADDRESS_SHARE, Guest
 from .roles import allows
 from .store import GovernanceStore
 
@@ -94,6 +96,15 @@ class Governance:
             return False
         certified = getattr(self.peer, "certified", None)
         return not (callable(certified) and certified(caller))
+
+    def guest(self, caller: Caller) -> Guest | None:
+        """None for a caller with an allowance of its own (see :meth:`pooled`); else its
+        place in the pools: its connection's address and the share of each pool that
+        the peer's config (``guest_address_share``) lets one address take."""
+        if not self.pooled(caller):
+            return None
+        share = getattr(self.peer.config, "guest_address_share", GUEST_ADDRESS_SHARE)
+        return Guest(caller.address, share)
 
     def require_release(self, caller: Caller, what: str = "take results out") -> None:
         """PermissionDenied for a pooled caller when the owner requires registration

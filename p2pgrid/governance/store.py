@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import BadRequest, Conflict, NotFound, P2PError, RateLimited
+from ..limits import Guest
 from . import audit
 from .errors import PrivacyBudgetExceeded
 from .mechanism import Bounds, check_epsilon
@@ -74,6 +75,10 @@ _SCHEMA = [audit.SCHEMA + """
     CREATE INDEX ledger_object ON ledger (object_id);
 """, """
     ALTER TABLE ledger ADD COLUMN pooled INTEGER NOT NULL DEFAULT 0;
+""", """
+    -- a pooled charge's client address (p2pgrid.limits.address_key): one address's share
+    ALTER TABLE ledger ADD COLUMN address TEXT NOT NULL DEFAULT '';
+    CREATE INDEX ledger_pooled ON ledger (pooled, address);
 """]
 SCHEMA_VERSION = len(_SCHEMA)
 
@@ -219,6 +224,16 @@ class GovernanceStore:
         self.flush()
         with self._reader() as db:
             return audit.tail(db, n)
+
+    def audit_page(self, *, before: int | None = None, after: int | None = None, limit: int = 50,
+                   action: str | None = None, caller: str | None = None) -> list[dict]:
+        """Up to `limit` entries, newest first: older than seq `before`, or the oldest ones
+        newer than `after`; only `action` (a name, or a prefix ending in '.') and
+        `caller` if given."""
+        self.flush()
+        with self._reader() as db:
+            return audit.page(db, before=before, after=after, limit=limit, action=action,
+                              caller=caller)
 
     def verify(self, public_key: bytes | None = None, *, incremental: bool = False) -> audit.Verdict:
         """Check the whole chain; `incremental`: only what was added since the last
@@ -407,6 +422,17 @@ class GovernanceStore:
         return bool(self._read("SELECT 1 FROM grants WHERE user = ? AND object_id = ? AND right = ?",
                                (user, object_id, right)))
 
+    def revoke_grant(self, user: str, object_id: str, right: str = "get", *, by: str) -> bool:
+        """Take back what an approved request granted (``get`` on an object, or the
+        ``release`` of a program); the next request sees it. False if there was none."""
+        with self._tx() as db:
+            gone = db.execute("DELETE FROM grants WHERE user = ? AND object_id = ? AND right = ?",
+                              (user, object_id, right)).rowcount > 0
+            if gone:
+                self._append(db, {"action": "grant.revoke", "caller": by, "user": user,
+                                  "object": object_id, "right": right})
+        return gone
+
     def grants(self, user: str | None = None) -> list[dict]:
         rows = self._read("SELECT user, object_id, right, request_id, granted FROM grants"
                           + (" WHERE user = ?" if user else "") + " ORDER BY granted",
@@ -480,10 +506,12 @@ class GovernanceStore:
         return default if value is None else value
 
     def _limits(self, db, user: str, object_id: str | None,
-                pooled: bool = False) -> dict[str, dict]:
+                pooled: bool | Guest | None = False) -> dict[str, dict]:
         """Every limit that applies to `user` on `object_id`: label -> limit, spent, left.
         A pooled user (unregistered: its name vouches for nothing) spends from the one
-        total all such users share, not from a total of its own."""
+        total all such users share, not from a total of its own; one that came with its
+        address (a :class:`p2pgrid.limits.Guest`) also from that address's share of it,
+        whatever names the address's callers used."""
         def entry(limit, spent):
             return {"limit": limit, "spent": spent, "left": max(0.0, limit - spent)}
 
@@ -494,6 +522,11 @@ class GovernanceStore:
             if limit is None:
                 limit = self._setting_in(db, "default_epsilon", DEFAULT_EPSILON)
             out = {"unregistered": entry(float(limit), spent_pool)}
+            address = _address(pooled)
+            if address:
+                spent_here = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE "
+                                        "pooled = 1 AND address = ?", (address,)).fetchone()[0]
+                out["address"] = entry(pooled.cap(float(limit)), spent_here)
         else:
             spent_user = db.execute("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE user = ?",
                                     (user,)).fetchone()[0]
@@ -513,7 +546,8 @@ class GovernanceStore:
             out["dataset"] = entry(ds[0], spent)
         return out
 
-    def remaining(self, user: str, object_id: str | None = None, *, pooled: bool = False) -> dict:
+    def remaining(self, user: str, object_id: str | None = None, *,
+                  pooled: bool | Guest | None = False) -> dict:
         """The limits that apply to `user` (on `object_id`), and the tightest one left."""
         with self._reader() as db:
             db.execute("BEGIN")  # the limits and what is spent, from one snapshot
@@ -524,11 +558,13 @@ class GovernanceStore:
         return {**limits, "remaining": min(v["left"] for v in limits.values())}
 
     def charge(self, *, user: str, object_id: str, epsilon: float, release_id: str,
-               query: dict, value: bytes, pooled: bool = False) -> tuple[bytes, dict, bool]:
+               query: dict, value: bytes,
+               pooled: bool | Guest | None = False) -> tuple[bytes, dict, bool]:
         """Charge `epsilon` and store the release `value`, atomically; or raise
         PrivacyBudgetExceeded and store nothing. A `release_id` seen before (a retry
         after a lost reply) returns the stored release, charged once. `pooled`: the
-        caller is unregistered and spends from the budget all such callers share.
+        caller is unregistered and spends from the budget all such callers share (a
+        Guest: and from its address's share of it).
         Returns (value, remaining limits, replayed)."""
         epsilon = check_epsilon(epsilon)
         if not isinstance(release_id, str) or not 16 <= len(release_id) <= 64:
@@ -546,16 +582,18 @@ class GovernanceStore:
                 left = min(v["left"] for v in limits.values())
                 label = {"user": f"{user}'s total", "user_dataset": f"{user}'s budget on {object_id}",
                          "dataset": f"the total of dataset {object_id}",
-                         "unregistered": "the total all unregistered users share"}
+                         "unregistered": "the total all unregistered users share",
+                         "address": "the share of it unregistered users at this address may "
+                                    "spend together"}
                 why = "; ".join(f"{label[k]}: {v['left']:.6g} of {v['limit']:.6g} left"
                                 for k, v in short.items())
                 raise PrivacyBudgetExceeded(
                     f"privacy budget exceeded: asked for epsilon={epsilon:g}, {why}",
                     requested=epsilon, remaining=left, **limits)
             db.execute("INSERT INTO ledger (release_id, user, object_id, epsilon, time, query, "
-                       "value, pooled) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       "value, pooled, address) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (release_id, user, object_id, epsilon, time.time(), json.dumps(query), value,
-                        int(bool(pooled))))
+                        int(bool(pooled)), _address(pooled)))
             for v in limits.values():
                 v["spent"] += epsilon
                 v["left"] = max(0.0, v["limit"] - v["spent"])
@@ -575,15 +613,25 @@ class GovernanceStore:
         return self._read(f"SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE {' AND '.join(where)}",
                           args)[0][0]
 
-    def pooled_spent(self) -> float:
-        """Epsilon spent by unregistered callers, all together."""
-        return self._read("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE pooled = 1")[0][0]
+    def pooled_spent(self, address: str | None = None) -> float:
+        """Epsilon spent by unregistered callers, all together (or those at `address`,
+        a :func:`p2pgrid.limits.address_key`)."""
+        if address is None:
+            return self._read("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE pooled = 1"
+                              )[0][0]
+        return self._read("SELECT COALESCE(SUM(epsilon), 0) FROM ledger WHERE pooled = 1 AND "
+                          "address = ?", (address,))[0][0]
 
     def ledger(self, limit: int = 50) -> list[dict]:
         rows = self._read("SELECT release_id, user, object_id, epsilon, time, query FROM ledger "
                           "ORDER BY time DESC LIMIT ?", (limit,))
         return [dict(zip(("release_id", "user", "object_id", "epsilon", "time"), r[:5]),
                      query=json.loads(r[5])) for r in rows]
+
+
+def _address(pooled) -> str:
+    """The address a pooled charge is counted under ("" for none)."""
+    return pooled.address if isinstance(pooled, Guest) else ""
 
 
 def _check_limit(epsilon) -> float:

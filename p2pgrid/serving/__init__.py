@@ -17,11 +17,11 @@ handlers), ``owner`` and ``client`` (the two ends), ``encrypted`` (on p2pgrid.sm
 
 from __future__ import annotations
 
-import importlib
 import logging
 
 import trio
 
+from ..lazy import lazy_exports
 from .cli import add_cli
 
 __all__ = ["Policy", "HostingPolicy", "Terms", "ModelInfo", "NetworkAPI", "router", "service",
@@ -35,12 +35,7 @@ _LAZY = {"NetworkAPI": ".api", "ModelInfo": ".catalog", "HostingPolicy": ".host"
          "router": ".host", "state": ".host", "Policy": ".policy"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _LAZY)
 
 
 async def service(peer, task_status=trio.TASK_STATUS_IGNORED):

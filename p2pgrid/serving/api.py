@@ -112,11 +112,13 @@ class NetworkAPI:
         return await client.run_inference(self._serving(), name, x, owner=owner, timeout=timeout)
 
     async def download_model(self, name: str, *, owner: str | None = None, attempts: int = 6,
-                             on_chunk=None) -> nn.Module:
+                             on_chunk=None, progress: bool = True) -> nn.Module:
         """The model as an nn.Module, built from its package after checking every chunk's,
-        the package's and the model's hash. A broken download resumes on the next call."""
+        the package's and the model's hash. A broken download resumes on the next call.
+        `progress`: a progress bar (tqdm: a widget in Jupyter, text in a terminal)."""
         module, report = await client.download_model(self._serving(), name, owner=owner,
-                                                     attempts=attempts, on_chunk=on_chunk)
+                                                     attempts=attempts, on_chunk=on_chunk,
+                                                     progress=progress)
         self._serving().last_download = report
         return module
 

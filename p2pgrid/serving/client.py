@@ -68,8 +68,10 @@ async def _routed(s: Serving, info: ModelInfo, make_msg, timeout: float | None):
 
 
 async def download_model(s: Serving, name: str, *, owner: str | None = None,
-                         attempts: int = ATTEMPTS, on_chunk=None) -> tuple[nn.Module, TransferReport]:
-    """Fetch a downloadable model's package from its hosts, check it, build it."""
+                         attempts: int = ATTEMPTS, on_chunk=None,
+                         progress: bool = False) -> tuple[nn.Module, TransferReport]:
+    """Fetch a downloadable model's package from its hosts, check it, build it. With
+    `progress`, a tqdm bar of the bytes (a widget in Jupyter, text in a terminal)."""
     info = find(s.peer.directory, name, owner)
     model = f"{info.owner}/{info.name}"
     if not info.allow_download and info.owner != s.peer.name:
@@ -90,9 +92,20 @@ async def download_model(s: Serving, name: str, *, owner: str | None = None,
     def report_host(host: str, ok: bool) -> None:
         s.routes.done(s.routes.start(host, model), ok=ok, measure=False)
 
+    from tqdm.auto import tqdm
+    bar = tqdm(total=digests.size, initial=sum(digests.span(i)[1] for i in part.have), unit="B",
+               unit_scale=True, desc=f"download {model}", disable=not progress, dynamic_ncols=True)
+
+    def counted(i: int):
+        bar.update(digests.span(i)[1])
+        return None if on_chunk is None else on_chunk(i)
+
     t0 = time.perf_counter()
-    report = await download(s.peer, pick, report_host, info.owner, info.name, info.hash, part,
-                            attempts=attempts, on_chunk=on_chunk)
+    try:
+        report = await download(s.peer, pick, report_host, info.owner, info.name, info.hash, part,
+                                attempts=attempts, on_chunk=counted)
+    finally:
+        bar.close()
     await trio.to_thread.run_sync(part.complete)
     module = await s.build(part.path, info.hash)
     part.path.unlink(missing_ok=True)

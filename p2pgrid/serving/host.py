@@ -277,9 +277,10 @@ class Serving:
 
     # ------------------------------------------------------------ inference
 
-    async def infer(self, caller: str, msg: Infer, *, pooled: bool = False):
+    async def infer(self, caller: str, msg: Infer, *, pooled=False):
         """`pooled`: the caller is unregistered here and shares the rate limit and quota
-        of all unregistered callers (see p2pgrid.ratelimit)."""
+        of all unregistered callers (a :class:`p2pgrid.limits.Guest`: and its address's
+        share of them; see p2pgrid.ratelimit)."""
         hm = None
         try:
             hm = self.get(msg.owner, msg.model)
@@ -293,7 +294,7 @@ class Serving:
                         outcome="ok", role=hm.role)
         return Prediction(y, self.peer.name)
 
-    async def _infer(self, hm: HostedModel, caller: str, x, pooled: bool = False):
+    async def _infer(self, hm: HostedModel, caller: str, x, pooled=False):
         policy, owner = hm.terms.policy, caller == hm.owner
         if not hm.terms.allow_remote_inference and not owner:
             raise PermissionDenied(refusal(f"{hm.owner}/{hm.name}", "inference", mpc=bool(hm.mpc),
@@ -346,7 +347,7 @@ def state(peer) -> Serving:
 @router.on(Infer)
 async def on_infer(peer, caller, msg: Infer):
     from .. import governance
-    return await state(peer).infer(caller.name, msg, pooled=governance.pooled(peer, caller))
+    return await state(peer).infer(caller.name, msg, pooled=governance.guest(peer, caller))
 
 
 @router.on(GetManifest)

@@ -12,7 +12,7 @@
         loss = await model.fit_batch(xb, yb, loss="mse", optimizer=opt)
 
 The protocols (fixed point in Z_2^64, Beaver products, truncation, comparison, the
-layers) live sans-IO in :mod:`protocols.smpc`; this package carries their rounds
+layers) live sans-IO in :mod:`p2pgrid.protocols.smpc`; this package carries their rounds
 between peers (one ``peer.request`` per pair of parties per round), runs the
 crypto provider's dealer service, keeps each party's shares, and checks who may
 compute on and reconstruct what. See docs/SMPC.md for the threat model.

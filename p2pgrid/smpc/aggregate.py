@@ -33,7 +33,7 @@ from typing import Any, Mapping
 import torch
 
 from p2pgrid.errors import P2PError
-from protocols.smpc.program import OPS, _args, _nodes, _to_meta
+from p2pgrid.protocols.smpc.program import OPS, _args, _nodes, _to_meta
 
 __all__ = ["record_aggregate", "record_wise", "may_reveal_aggregate", "kept_aggregate"]
 

@@ -12,7 +12,7 @@ and the op sequence, never data or shares of data.
 Ahead of use: after serving a plan for a group, the dealer deals another bundle for
 the same (group, plan) in a worker thread, so the next session with that plan (the
 next training step, the next inference batch) is served from the pool at once. The
-crypto behind it is :class:`protocols.smpc.LocalDealer` (PRG-seed compressed: all but
+crypto behind it is :class:`p2pgrid.protocols.smpc.LocalDealer` (PRG-seed compressed: all but
 one party receive 16-byte seeds).
 """
 
@@ -24,8 +24,8 @@ import time
 import trio
 
 from p2pgrid.errors import BadRequest, Conflict, PermissionDenied, ProtocolError
-from protocols.smpc.dealer import LocalDealer
-from protocols.smpc.messages import Material, Request
+from p2pgrid.protocols.smpc.dealer import LocalDealer
+from p2pgrid.protocols.smpc.messages import Material, Request
 
 from .messages import Deal, Dealt
 from .session import plan_hash

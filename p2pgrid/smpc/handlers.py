@@ -20,11 +20,11 @@ from p2pgrid.handlers import may
 from p2pgrid.messages import Ack
 from p2pgrid.ratelimit import Limiter
 from p2pgrid.router import Router
-from protocols.smpc.fixedpoint import FixedPoint
-from protocols.smpc.prg import Prg, new_seed
-import protocols.smpc.autograd as autograd
-from protocols.smpc.messages import RoundMessage
-from protocols.smpc.program import infer, leaf_ids, run_program, signature
+from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
+from p2pgrid.protocols.smpc.prg import Prg, new_seed
+import p2pgrid.protocols.smpc.autograd as autograd
+from p2pgrid.protocols.smpc.messages import RoundMessage
+from p2pgrid.protocols.smpc.program import infer, leaf_ids, run_program, signature
 
 from .aggregate import kept_aggregate, may_reveal_aggregate
 from .dealer import ROLE
@@ -514,7 +514,8 @@ async def predict(peer, caller, msg: Predict):
 
 async def _predict(peer, caller, msg: Predict):
     from p2pgrid import governance
-    pooled = governance.pooled(peer, caller)  # unregistered callers share one allowance
+    # unregistered callers share one allowance, and those of one address a share of it
+    pooled = governance.guest(peer, caller)
 
     def check(state, group, party):
         model = _model(state, group, msg.model)

@@ -1,7 +1,7 @@
 """Wire messages of the SMPC plugin (registered in :mod:`p2pgrid.wire` as ``smpc.*``).
 
-Round payloads travel as :class:`protocols.smpc.RoundMessage` (``smpc.round``); the
-dealer's answers as :class:`protocols.smpc.Material` inside :class:`Dealt`.
+Round payloads travel as :class:`p2pgrid.protocols.smpc.RoundMessage` (``smpc.round``); the
+dealer's answers as :class:`p2pgrid.protocols.smpc.Material` inside :class:`Dealt`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import field
 import torch
 
 from p2pgrid.wire import dataclass, message
-from protocols.smpc.messages import Material, Request
+from p2pgrid.protocols.smpc.messages import Material, Request
 
 
 @message("smpc.input")

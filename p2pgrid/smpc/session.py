@@ -5,7 +5,7 @@ parties of a :class:`~.state.Group`. Each party runs :func:`run_session` as a ta
 its peer's nursery:
 
 1. **Plan.** The dealer requests of a protocol depend on shapes only, so the party
-   finds them with a dry run of its own part (:func:`protocols.smpc.plan_party`) the
+   finds them with a dry run of its own part (:func:`p2pgrid.protocols.smpc.plan_party`) the
    first time it meets a program signature, and remembers them.
 2. **Material.** It asks the dealer for the whole plan in one request (``Deal``), or
    takes the bundle it prefetched while running an earlier session: the requester
@@ -35,11 +35,11 @@ from typing import Any, Callable
 import trio
 
 from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError
-from protocols.smpc.prg import Prg
-from protocols.smpc.runtime import PartyContext, SmpcConfig
-from protocols.smpc.harness import plan_party
-from protocols.smpc.messages import Material, Request, Round, RoundMessage, payload_nbytes
-from protocols.smpc.preprocessing import Preprocessing
+from p2pgrid.protocols.smpc.prg import Prg
+from p2pgrid.protocols.smpc.runtime import PartyContext, SmpcConfig
+from p2pgrid.protocols.smpc.harness import plan_party
+from p2pgrid.protocols.smpc.messages import Material, Request, Round, RoundMessage, payload_nbytes
+from p2pgrid.protocols.smpc.preprocessing import Preprocessing
 
 from .messages import Abort, Deal, Dealt
 from .state import Group, Mailbox, SmpcState

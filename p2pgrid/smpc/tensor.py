@@ -3,7 +3,8 @@
 A :class:`SharedTensor` names a tensor secret-shared among a group of parties. Ops
 on it (``+ - * @ /``, ``relu``, comparisons, ``sum``/``mean``, reshape, indexing,
 :func:`cat`...) touch no network: they build a program, checked for shapes right
-away on ``meta`` tensors. Then
+away on ``meta`` tensors. The graph is :mod:`p2pgrid.expr`'s, the one plaintext
+pointers build too; this module adds where it runs (the parties) and how. Then
 
 * ``await y`` runs it on the parties and keeps the result shared (a new SharedTensor);
 * ``await y.reveal()`` runs it and reconstructs the result here, for the requester
@@ -17,22 +18,19 @@ from __future__ import annotations
 
 import secrets
 from numbers import Real
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import torch
 import trio
 
 from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError, ShapeError
-from p2pgrid.ops import encode_arg
-from protocols.smpc.fixedpoint import FixedPoint
-from protocols.smpc.program import OPS
+from p2pgrid.expr import LazyTensor, Node
+from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
+from p2pgrid.protocols.smpc.program import OPS
 
 from .messages import Abort, DeleteShares, ProgramResult, RunProgram
 from .session import next_in_chain
 from .state import Group
-
-if TYPE_CHECKING:  # pragma: no cover
-    from p2pgrid.network import Network
 
 __all__ = ["SharedTensor", "cat", "stack", "reveal", "PrivateLoader", "new_id",
            "run_on_parties", "reconstruct_reply"]
@@ -44,21 +42,7 @@ def new_id(prefix: str = "s") -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
 
 
-class _Node:
-    __slots__ = ("op", "args", "kwargs", "leaf")
-
-    def __init__(self, op: str, args: tuple = (), kwargs: dict | None = None, leaf: str | None = None):
-        self.op, self.args, self.kwargs, self.leaf = op, args, kwargs or {}, leaf
-
-
-def _meta(v):
-    if isinstance(v, SharedTensor):
-        return v._meta
-    if isinstance(v, (tuple, list)):
-        return type(v)(_meta(x) for x in v)
-    if isinstance(v, torch.Tensor):
-        return v.to(device="meta", dtype=torch.float64) if v.is_floating_point() else v.to("meta")
-    return v
+_Node = Node   # the name smpc's modules build leaves with: _Node("leaf", leaf=id)
 
 
 def _public_ok(v) -> bool:
@@ -67,228 +51,109 @@ def _public_ok(v) -> bool:
     return isinstance(v, (Real, torch.Tensor))
 
 
-class SharedTensor:
-    """A tensor secret-shared among `parties`, or a lazy expression over such tensors."""
+class SharedTensor(LazyTensor):
+    """A tensor secret-shared among `parties`, or a lazy expression over such tensors
+    (``SharedTensor(net, group, node, meta)``; the graph itself: :class:`p2pgrid.expr.LazyTensor`)."""
 
-    __hash__ = object.__hash__
+    _OPS = {name: spec.meta for name, spec in OPS.items()}
+    _UNARY = frozenset({"relu", "square"})
+    _LEAF_KEY = "id"
+    _KIND = "shared tensor"
+    _HINT = "share it first: await pointer.share(*parties, dealer=...)"
+    _NO_TRUTH = "a shared tensor has no truth value; reveal it or compare it in MPC"
 
-    def __init__(self, net: "Network", group: Group, node: _Node, meta: torch.Tensor):
-        self._net, self._group, self._node, self._meta = net, group, node, meta
+    def _elsewhere(self, other: "SharedTensor", op: str) -> str:
+        return (f"{op}: operands are shared among different groups ({list(self.parties)} / "
+                f"{self.dealer} vs {list(other.parties)} / {other.dealer}); reshare one")
+
+    def _place(self) -> str:
+        return f"among {','.join(self.parties)} (dealer {self.dealer})"
+
+    def _check_constant(self, value, op: str) -> None:
+        if value is None or isinstance(value, (int, float, slice, str)) or value is Ellipsis:
+            return
+        if isinstance(value, torch.Tensor):
+            if value.dtype == torch.bool:
+                raise BadRequest(f"{op}: boolean tensors are not numbers here; convert explicitly")
+            return
+        raise BadRequest(f"{op}: cannot combine a shared tensor with {type(value).__name__}")
+
+    def _constant(self, op: str, value, reflected: bool):
+        if op == "div":
+            if reflected or not isinstance(value, Real) or isinstance(value, bool):
+                raise BadRequest("a shared tensor can only be divided by a public number")
+            return float(value)
+        if not isinstance(value, SharedTensor) and not _public_ok(value):
+            self._check_operand(value, op)  # raises the clear error
+        if isinstance(value, (int, float)):
+            # fixed point: a public integer factor multiplies shares exactly, anything else is encoded
+            value = float(value) if op != "mul" or isinstance(value, float) else value
+        return value
+
+    def _const_meta(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device="meta", dtype=torch.float64) if t.is_floating_point() else t.to("meta")
 
     # ------------------------------------------------------------ introspection
     @property
-    def shape(self) -> torch.Size:
-        return self._meta.shape
+    def group(self) -> Group:
+        """Who holds the shares and who deals."""
+        return self._where
 
     @property
     def parties(self) -> tuple[str, ...]:
-        return self._group.parties
+        return self.group.parties
 
     @property
     def dealer(self) -> str:
-        return self._group.dealer
-
-    @property
-    def group(self) -> Group:
-        return self._group
+        return self.group.dealer
 
     @property
     def id(self) -> str | None:
         """The shared tensor's id on the parties (None for an expression not yet run)."""
         return self._node.leaf
 
-    def dim(self) -> int:
-        return self._meta.dim()
-
-    @property
-    def ndim(self) -> int:
-        return self._meta.dim()
-
-    def size(self, dim: int | None = None):
-        return self._meta.size() if dim is None else self._meta.size(dim)
-
-    def __len__(self) -> int:
-        return self._meta.shape[0]
-
     def __repr__(self) -> str:
         what = f"id={self.id}" if self.id else f"lazy {self._node.op}"
         return (f"<SharedTensor {what} {tuple(self.shape)} among {','.join(self.parties)} "
                 f"(dealer {self.dealer})>")
 
-    def __bool__(self):
-        raise BadRequest("a shared tensor has no truth value; reveal it or compare it in MPC")
+    def _describe(self):
+        return ("shared tensor" if self.id else "shared expression (lazy: .reveal() runs it)",
+                ["parties", "dealer", "id" if self.id else "op", "shape"],
+                [", ".join(self.parties), self.dealer, self.id or self._node.op, tuple(self.shape)])
 
-    # ------------------------------------------------------------ building
-    def _check_operand(self, other, op: str):
-        if isinstance(other, SharedTensor):
-            if other._group != self._group:
-                raise BadRequest(f"{op}: operands are shared among different groups "
-                                 f"({list(self.parties)} / {self.dealer} vs "
-                                 f"{list(other.parties)} / {other.dealer}); reshare one")
-            if other._net is not self._net and other._net._peer is not self._net._peer:
-                raise BadRequest(f"{op}: operands come from different connections")
-            return
-        from p2pgrid.pointer import Expr
-        if isinstance(other, Expr):
-            raise BadRequest(f"{op}: {other!r} is a plaintext value on {other.peer}, not a shared "
-                             "tensor; share it first: await pointer.share(*parties, dealer=...)")
-        if isinstance(other, (list, tuple)):
-            for x in other:
-                self._check_operand(x, op)
-            return
-        if other is None or isinstance(other, (int, float, slice, str)) or other is Ellipsis:
-            return
-        if isinstance(other, torch.Tensor):
-            if other.dtype == torch.bool:
-                raise BadRequest(f"{op}: boolean tensors are not numbers here; convert explicitly")
-            return
-        raise BadRequest(f"{op}: cannot combine a shared tensor with {type(other).__name__}")
-
-    def _op(self, op: str, args: tuple, kwargs: dict | None = None) -> "SharedTensor":
-        kwargs = kwargs or {}
-        for a in list(args) + list(kwargs.values()):
-            self._check_operand(a, op)
-        try:
-            meta = OPS[op].meta(*[_meta(a) for a in args], **{k: _meta(v) for k, v in kwargs.items()})
-        except (RuntimeError, TypeError, ValueError, IndexError) as e:
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ShapeError(f"{op}: {first}") from None
-        return SharedTensor(self._net, self._group, _Node(op, args, kwargs), meta)
-
-    def _bin(self, op: str, other, reverse: bool = False) -> "SharedTensor":
-        if not isinstance(other, SharedTensor) and not _public_ok(other):
-            self._check_operand(other, op)  # raises the clear error
-        if isinstance(other, (int, float)):
-            other = float(other) if op != "mul" or isinstance(other, float) else other
-        args = (other, self) if reverse else (self, other)
-        return self._op(op, args)
-
-    __add__ = lambda s, o: s._bin("add", o)
-    __radd__ = lambda s, o: s._bin("add", o, True)
-    __sub__ = lambda s, o: s._bin("sub", o)
-    __rsub__ = lambda s, o: s._bin("sub", o, True)
-    __mul__ = lambda s, o: s._bin("mul", o)
-    __rmul__ = lambda s, o: s._bin("mul", o, True)
-    __matmul__ = lambda s, o: s._bin("matmul", o)
-    __rmatmul__ = lambda s, o: s._bin("matmul", o, True)
-    __ge__ = lambda s, o: s._bin("ge", o)
-    __gt__ = lambda s, o: s._bin("gt", o)
-    __le__ = lambda s, o: s._bin("le", o)
-    __lt__ = lambda s, o: s._bin("lt", o)
-
-    def __neg__(self) -> "SharedTensor":
-        return self._op("neg", (self,))
-
-    def __truediv__(self, d) -> "SharedTensor":
-        if not isinstance(d, Real) or isinstance(d, bool):
-            raise BadRequest("a shared tensor can only be divided by a public number")
-        return self._op("div", (self, float(d)))
-
+    # ------------------------------------------------------------ ops whose SMPC form differs
     def __getitem__(self, index) -> "SharedTensor":
         if isinstance(index, SharedTensor):
             raise BadRequest("indexing by a shared index needs a protocol (one-hot and mul)")
-        return self._op("getitem", (self, index))
-
-    def relu(self) -> "SharedTensor":
-        return self._op("relu", (self,))
-
-    def square(self) -> "SharedTensor":
-        return self._op("square", (self,))
-
-    def sum(self, dim=None, keepdim: bool = False) -> "SharedTensor":
-        return self._op("sum", (self,), {} if dim is None else {"dim": dim, "keepdim": keepdim})
-
-    def mean(self, dim=None, keepdim: bool = False) -> "SharedTensor":
-        return self._op("mean", (self,), {} if dim is None else {"dim": dim, "keepdim": keepdim})
+        return super().__getitem__(index)
 
     def max(self, dim: int | None = None) -> "SharedTensor":
-        return self._op("max", (self,), {} if dim is None else {"dim": dim})
+        return self._apply("max", **({} if dim is None else {"dim": dim}))
 
     def argmax(self, dim: int = -1, *, one_hot: bool = True) -> "SharedTensor":
-        return self._op("argmax", (self,), {"dim": dim, "one_hot": one_hot})
-
-    def reshape(self, *shape) -> "SharedTensor":
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)):
-            shape = tuple(shape[0])
-        return self._op("reshape", (self, tuple(int(d) for d in shape)))
-
-    view = reshape
+        return self._apply("argmax", dim=dim, one_hot=one_hot)
 
     def flatten(self, start_dim: int = 0, end_dim: int = -1) -> "SharedTensor":
-        return self._op("flatten", (self, start_dim, end_dim))
-
-    def transpose(self, d0: int, d1: int) -> "SharedTensor":
-        return self._op("transpose", (self, d0, d1))
-
-    def t(self) -> "SharedTensor":
-        return self.transpose(0, 1)
-
-    @property
-    def T(self) -> "SharedTensor":
-        if self.ndim != 2:
-            raise ShapeError(".T is for 2-d shared tensors; use transpose/permute")
-        return self.t()
+        return self._apply("flatten", start_dim, end_dim)
 
     def permute(self, *dims) -> "SharedTensor":
-        return self._op("permute", (self, tuple(dims)))
-
-    def unsqueeze(self, dim: int) -> "SharedTensor":
-        return self._op("unsqueeze", (self, dim))
-
-    def squeeze(self, dim: int | None = None) -> "SharedTensor":
-        return self._op("squeeze", (self,) if dim is None else (self, dim))
+        return self._apply("permute", tuple(dims))
 
     # ------------------------------------------------------------ the wire form
     def program(self, outputs: Sequence["SharedTensor"] | None = None) -> dict:
-        """Nodes in dependency order; `outputs` (default: this one) are its results."""
-        outputs = [self] if outputs is None else list(outputs)
-        order: list[_Node] = []
-        index: dict[int, int] = {}
-
-        def visit(v):
-            if isinstance(v, SharedTensor):
-                visit_node(v._node)
-            elif isinstance(v, (tuple, list)):
-                for x in v:
-                    visit(x)
-
-        def visit_node(n: _Node):
-            if id(n) in index:
-                return
-            for a in n.args:
-                visit(a)
-            for v in n.kwargs.values():
-                visit(v)
-            index[id(n)] = len(order)
-            order.append(n)
-
-        for o in outputs:
-            visit_node(o._node)
-
-        def ref(v):
-            return index.get(id(v._node)) if isinstance(v, SharedTensor) else None
-
-        def enc(v):
-            if isinstance(v, list):
-                return {"tuple": [enc(x) for x in v]}
-            return encode_arg(v, ref)
-
-        nodes = []
-        for n in order:
-            if n.leaf is not None:
-                nodes.append({"op": "leaf", "id": n.leaf})
-            else:
-                nodes.append({"op": n.op, "args": [enc(a) for a in n.args],
-                              "kwargs": {k: enc(v) for k, v in n.kwargs.items()}})
-        return {"nodes": nodes, "outputs": [index[id(o._node)] for o in outputs]}
+        """The wire form (:mod:`p2pgrid.protocols.smpc.program`): nodes in dependency order;
+        `outputs` (default: this one) are its results."""
+        nodes, out = self._wire([self] if outputs is None else list(outputs))
+        return {"nodes": nodes, "outputs": out}
 
     # ------------------------------------------------------------ running
     async def _run(self, *, keep: str = "", reveal: bool, truncation: str = "auto",
                    timeout: float = DEFAULT_TIMEOUT):
         program = self.program()
         replies = await run_on_parties(
-            self._net, self._group,
-            lambda s, nxt: RunProgram(s, self._group.to_wire(), program, [keep], [reveal], nxt,
+            self._net, self.group,
+            lambda s, nxt: RunProgram(s, self.group.to_wire(), program, [keep], [reveal], nxt,
                                       truncation, timeout), timeout=timeout)
         return replies
 
@@ -299,10 +164,7 @@ class SharedTensor:
             return self
         id_ = new_id()
         await self._run(keep=id_, reveal=False, truncation=truncation, timeout=timeout)
-        return SharedTensor(self._net, self._group, _Node("leaf", leaf=id_), self._meta)
-
-    def __await__(self):
-        return self.store().__await__()
+        return SharedTensor(self._net, self.group, Node("leaf", leaf=id_), self._meta)
 
     async def reveal(self, *, truncation: str = "auto", timeout: float = DEFAULT_TIMEOUT
                      ) -> torch.Tensor:
@@ -317,7 +179,7 @@ class SharedTensor:
         """Forget the shares on every party (owner or the one who computed it)."""
         if self._node.leaf is None:
             return
-        await run_simple(self._net, self._group, DeleteShares([self._node.leaf]))
+        await run_simple(self._net, self.group, DeleteShares([self._node.leaf]))
 
 
 def reconstruct_reply(replies: list[ProgramResult], i: int) -> torch.Tensor:
@@ -431,8 +293,8 @@ async def reveal(*tensors: SharedTensor, truncation: str = "auto",
     program = first.program(list(tensors))
     k = len(tensors)
     replies = await run_on_parties(
-        first._net, first._group,
-        lambda s, nxt: RunProgram(s, first._group.to_wire(), program, [""] * k, [True] * k, nxt,
+        first._net, first.group,
+        lambda s, nxt: RunProgram(s, first.group.to_wire(), program, [""] * k, [True] * k, nxt,
                                   truncation, timeout), timeout=timeout)
     return [reconstruct_reply(replies, i) for i in range(k)]
 

@@ -12,7 +12,7 @@ Each multi-round op is a generator per party (``yield Round``, resume with the
 inbox); see :mod:`.runtime` for the shape and :mod:`.messages` for the wire types,
 and :func:`run_parties` for the in-memory harness.
 
-    from protocols import smpc
+    from p2pgrid.protocols import smpc
     res = smpc.run_parties(2, lambda ctx: smpc.relu(ctx, ctx.wrap(my_shares[ctx.party])))
 """
 

@@ -1,13 +1,13 @@
 """The dealer: correlated randomness for the online phase, behind an interface.
 
 The protocols only ever see a :class:`Dealer` (or, party-side, a
-:class:`~protocols.smpc.preprocessing.Preprocessing` feed), never a concrete
+:class:`~p2pgrid.protocols.smpc.preprocessing.Preprocessing` feed), never a concrete
 implementation; :class:`LocalDealer` serves tests and in-process runs, a remote
 crypto-provider peer would implement the same interface.
 
-Every method returns one :class:`~protocols.smpc.messages.Material` per party.
+Every method returns one :class:`~p2pgrid.protocols.smpc.messages.Material` per party.
 Components a party can draw at random are expanded from its 16-byte seed
-(AES-CTR, :mod:`protocols.smpc.prg`); components fixed by a relation (c = a*b,
+(AES-CTR, :mod:`p2pgrid.protocols.smpc.prg`); components fixed by a relation (c = a*b,
 bits of r, r >> f...) are drawn from the seed for parties 0..n-2, and the last
 party gets an explicit *correction* tensor instead so the relation holds. Arithmetic
 components are shared additively mod 2^64, boolean ones (``binary_triple``, the

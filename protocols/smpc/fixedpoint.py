@@ -3,7 +3,7 @@
 A real x is encoded as round(x * 2^f) read as a signed 64-bit integer, so the
 representable range is |x| < 2^(63-f) (2^47 for the default f = 16), with
 resolution 2^-f. Products of two encodings carry 2f fractional bits and must be
-truncated by f (see :mod:`protocols.smpc.truncation`). Encoding refuses values
+truncated by f (see :mod:`p2pgrid.protocols.smpc.truncation`). Encoding refuses values
 outside the range rather than wrapping them silently.
 
 >>> fp = FixedPoint(16)

@@ -7,7 +7,7 @@ per party (a broadcast to n-1 parties counts n-1 times, as point-to-point links
 would carry it), plus the bytes each party received from the dealer.
 
 >>> import torch
->>> from protocols.smpc import beaver, share_float, reconstruct_float
+>>> from p2pgrid.protocols.smpc import beaver, share_float, reconstruct_float
 >>> xs = share_float(torch.tensor([1.5, -2.0]), 2, Prg(bytes(16)))
 >>> ys = share_float(torch.tensor([2.0, 0.25]), 2, Prg(bytes(range(16))))
 >>> res = run_parties(2, lambda ctx: beaver.mul(ctx, ctx.wrap(xs[ctx.party]),

@@ -2,7 +2,7 @@
 
 Round structure (for the network layer)
 ---------------------------------------
-A protocol is a Python generator per party (see :mod:`protocols.smpc.runtime`).
+A protocol is a Python generator per party (see :mod:`p2pgrid.protocols.smpc.runtime`).
 Every round, each party yields one :class:`Round`:
 
 * ``tag``: names the step (``"mul/open"``, ``"cmp/and/s4"``...). All parties of a

@@ -17,7 +17,7 @@ Every multi-round op is a generator function ``op(ctx, ...)`` run by each party:
 Protocols compose with ``yield from``; :func:`parallel` runs several side by side so
 their rounds share messages. No protocol touches sockets, clocks or global state:
 a :class:`PartyContext` carries the party index, the dealer feed, the config and the
-party's own PRG. :func:`protocols.smpc.harness.run_parties` drives n parties in memory.
+party's own PRG. :func:`p2pgrid.protocols.smpc.harness.run_parties` drives n parties in memory.
 """
 
 from __future__ import annotations

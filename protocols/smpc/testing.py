@@ -5,7 +5,7 @@ every party through :func:`~.harness.run_parties`, and reconstructs the outputs,
 a test reads like plaintext code:
 
 >>> import torch
->>> from protocols.smpc import relu
+>>> from p2pgrid.protocols.smpc import relu
 >>> out, stats = run_op(2, relu, torch.tensor([-1.0, 2.5]), seed=0)
 >>> out.tolist(), stats.rounds
 ([0.0, 2.5], 4)

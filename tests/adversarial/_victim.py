@@ -1,8 +1,9 @@
 """A real ``p2pgrid peer`` process to attack, and the tools of the attacks.
 
-The peer runs as a subprocess (``python -m p2pgrid.cli peer``), optionally under a low
-RLIMIT_NOFILE so that a flood fits a test; its output goes to a file (a pipe nobody
-reads would fill and stall the peer). The legitimate caller is a real client
+The peer runs as a subprocess (``python -m p2pgrid.cli peer``), fenced by rlimits so
+that a flood fits a test (RLIMIT_NOFILE) and an attack that works cannot take the test
+machine down with it (RLIMIT_AS, RLIMIT_CPU); what it spends is read from /proc. Its
+output goes to a file (a pipe nobody reads would fill and stall the peer). The legitimate caller is a real client
 (:class:`p2pgrid.client.Transport`, TLS pinned to the victim's certificate); the
 attacker speaks raw TLS and HTTP/2 from another loopback address (all of 127/8 is
 local on Linux), so per-address limits can tell them apart as they would on a network.
@@ -51,6 +52,11 @@ class Victim:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def seed(self) -> str:
+        """What ``--join`` / ``connect(join=[...])`` takes to reach it."""
+        return f"{self.key_id}@{self.address}"
+
     def output(self) -> str:
         return self.log.read_text(errors="replace")
 
@@ -64,7 +70,8 @@ class Victim:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def stop(self) -> None:
+    def stop(self) -> str:
+        """SIGTERM (then SIGKILL); returns what it printed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -72,36 +79,47 @@ class Victim:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        return self.output()
 
 
 def start(tmp_path: Path, *, name: str = "victim", nofile: int | None = None,
-          peer: dict | None = None, extra: str = "", wrap: list[str] = ()) -> Victim:
+          peer: dict | None = None, extra: str = "", wrap: list[str] = (),
+          profile: str | None = None, args: list[str] = (), address_space: int | None = None,
+          cpu_seconds: int = 600) -> Victim:
     """Start a peer process; `peer` adds keys to its profile's [peer] table, `extra`
-    appends raw TOML, `wrap` is a command line the peer's is appended to (e.g. to
-    give it a small disk). Returns once it prints its join line."""
+    appends raw TOML (or `profile` is the whole TOML text), `args` go on its command
+    line, `wrap` is a command line the peer's is appended to (e.g. to give it a small
+    disk); `nofile` and `address_space` cap its file descriptors and memory (its
+    workers' too), RLIMIT_CPU ends it should an attack keep it busy regardless.
+    Returns once it prints its join line."""
     data = tmp_path / f"{name}-data"
-    profile = tmp_path / f"{name}.toml"
-    from dataclasses import fields
+    path = tmp_path / f"{name}.toml"
+    if profile is None:
+        from dataclasses import fields
 
-    from p2pgrid.config import PeerConfig
-    known = {f.name for f in fields(PeerConfig)}
-    lines = ["[peer]", f'name = "{name}"', "mdns = false"]
-    # keys an older p2pgrid lacks are left out, so these tests can show that it fails
-    for k, v in (peer or {}).items():
-        if k not in known:
-            continue
-        lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
-    profile.write_text("\n".join(lines) + "\n" + extra)
+        from p2pgrid.config import PeerConfig
+        known = {f.name for f in fields(PeerConfig)}
+        lines = ["[peer]", f'name = "{name}"', "mdns = false"]
+        # keys an older p2pgrid lacks are left out, so these tests can show that it fails
+        for k, v in (peer or {}).items():
+            if k not in known:
+                continue
+            lines.append(f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"')
+        profile = "\n".join(lines) + "\n" + extra
+    path.write_text(profile)
     log = tmp_path / f"{name}.log"
     env = dict(os.environ, P2PGRID_HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
 
     def limit():
         if nofile is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if address_space is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (address_space, address_space))
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
 
     with open(log, "wb") as out:
         proc = subprocess.Popen([*wrap, sys.executable, "-m", "p2pgrid.cli", "peer", "--profile",
-                                 str(profile), "--data-dir", str(data)],
+                                 str(path), "--no-mdns", "--data-dir", str(data), *args],
                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                 preexec_fn=limit)
     deadline = time.monotonic() + 90
@@ -225,3 +243,55 @@ class H2Attacker:
 
 def ping_body() -> bytes:
     return wire.encode(Ping())
+
+
+# ------------------------------------------------------------------ read from /proc
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return text[text.rindex(")") + 2:].split()   # fields from the 3rd (state) on
+
+
+def cpu(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used; 0 if it is gone."""
+    f = _stat(pid)
+    return 0.0 if f is None or f[0] == "Z" else (int(f[11]) + int(f[12])) / TICK
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            f = _stat(int(entry))
+            if f is not None and int(f[1]) == pid and f[0] != "Z":
+                out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    f = _stat(pid)
+    return f is not None and f[0] != "Z"
+
+
+def rss_peak(pid: int) -> int:
+    """Bytes of the process's resident peak (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def started(pid: int) -> float:
+    """When process `pid` started, in seconds since boot (compare with :func:`uptime`)."""
+    f = _stat(pid)
+    return float("inf") if f is None else int(f[19]) / TICK
+
+
+def uptime() -> float:
+    return float(Path("/proc/uptime").read_text().split()[0])

@@ -1,6 +1,6 @@
 """A party that follows the active SMPC protocol except for one chosen deviation.
 
-Wraps a party's protocol generator (see :func:`protocols.smpc.mac.run_active`'s `wrap`)
+Wraps a party's protocol generator (see :func:`p2pgrid.protocols.smpc.mac.run_active`'s `wrap`)
 and changes what it sends in the first round whose tag is `target`:
 
 * ``add1``: adds 1 to one element of its opened share;
@@ -19,8 +19,8 @@ import secrets
 
 import torch
 
-from protocols.smpc import mac
-from protocols.smpc.messages import Round
+from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc.messages import Round
 
 DEVIATIONS = ("add1", "flip", "replay", "mac", "equivocate")
 

@@ -18,7 +18,7 @@ import p2pgrid
 from p2pgrid.errors import ComputeLimitExceeded, PeerUnavailable
 from p2pgrid.messages import Execute
 
-from _peer_process import alive, children, cpu, start_peer, started, stop, uptime
+from _victim import alive, children, cpu, start, started, uptime
 
 GiB = 1 << 30
 PROFILE = """
@@ -73,7 +73,9 @@ def tree_cpu(pids: list[int]) -> float:
 
 
 async def test_cpu_bomb_stops_when_its_caller_gives_up(tmp_path):
-    proc, seed = start_peer(tmp_path, PROFILE, address_space=8 * GiB)
+    victim = start(tmp_path, name="hospital", profile=PROFILE, address_space=8 * GiB,
+                   args=["--gossip-interval", "0.2"])
+    proc, seed = victim.proc, victim.seed
     try:
         async with p2pgrid.connect("bob", join=[seed], mdns=False, data_dir=tmp_path / "bob") as bob, \
                 p2pgrid.connect("mallory", join=[seed], mdns=False,
@@ -125,4 +127,4 @@ async def test_cpu_bomb_stops_when_its_caller_gives_up(tmp_path):
             assert await legit() == pytest.approx(expected)
             assert proc.poll() is None
     finally:
-        stop(proc)
+        victim.stop()

@@ -19,8 +19,8 @@ from p2pgrid.federated import SGD, ClientDP, FedAvg, LocalDP
 from p2pgrid.federated.data import find_shards
 from p2pgrid.federated.ledger import round_cost
 from p2pgrid.testing import open_network
-import protocols.local_train as local_train
-from protocols.dp import RDPAccountant, rdp_curve
+import p2pgrid.protocols.local_train as local_train
+from p2pgrid.protocols.dp import RDPAccountant, rdp_curve
 
 X, Y = digits()
 TRAIN = "#digits #train"

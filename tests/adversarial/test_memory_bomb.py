@@ -15,7 +15,7 @@ import p2pgrid
 from p2pgrid.errors import ComputeLimitExceeded
 from p2pgrid.messages import Execute
 
-from _peer_process import rss_peak, start_peer, stop
+from _victim import rss_peak, start
 
 GiB = 1 << 30
 PROFILE = """
@@ -57,7 +57,9 @@ def mean_program() -> dict:
 
 
 async def test_memory_bomb_is_refused_before_any_work(tmp_path):
-    proc, seed = start_peer(tmp_path, PROFILE, address_space=4 * GiB)
+    victim = start(tmp_path, name="hospital", profile=PROFILE, address_space=4 * GiB,
+                   args=["--gossip-interval", "0.2"])
+    proc, seed = victim.proc, victim.seed
     try:
         async with p2pgrid.connect("bob", join=[seed], mdns=False, data_dir=tmp_path / "bob") as bob, \
                 p2pgrid.connect("mallory", join=[seed], mdns=False,
@@ -92,4 +94,4 @@ async def test_memory_bomb_is_refused_before_any_work(tmp_path):
             after = await bob._peer.request("hospital", Execute(legit, fetch=True), timeout=60)
             assert float(after.value) == pytest.approx(before)
     finally:
-        stop(proc)
+        victim.stop()

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from p2pgrid.errors import CheatingDetected
-from protocols.smpc import mac
+from p2pgrid.protocols.smpc import mac
 
 from smpc_cheater import Cheater, catching
 

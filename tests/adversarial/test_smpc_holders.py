@@ -17,7 +17,7 @@ from p2pgrid.config import PeerConfig
 from p2pgrid.errors import PermissionDenied
 from p2pgrid.serving.policy import Policy
 from p2pgrid.testing import open_network
-from protocols.smpc.fixedpoint import FixedPoint
+from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
 
 NET = dict(gossip_interval=0.5, ttl=30.0)
 TRUST = dict(crypto_providers=("university",))
