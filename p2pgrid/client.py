@@ -16,6 +16,7 @@ declared size instead of being joined from chunks.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import ssl
@@ -28,7 +29,7 @@ import httpx
 import numpy as np
 import trio
 
-from . import h2tuning, tls, wire
+from . import tls, transport, wire
 from .auth import sign_request
 from .errors import P2PError, PeerUnavailable, Unauthenticated, error_from_wire
 from .identity import Identity, key_id
@@ -177,7 +178,8 @@ class Transport:
         self._retired: dict[int, httpx.AsyncHTTPTransport] = {}
         self.bytes_sent = 0
         self.bytes_received = 0
-        h2tuning.apply()
+        self._tuned = transport.tuned()  # speed changes on the peer's connections, or stock speed
+        transport.require_safety()
 
     def _pool(self, target: Target, lane: str = "rpc") -> httpx.AsyncHTTPTransport:
         # Push streams get a connection of their own ("push" lane): a request that shares
@@ -186,9 +188,12 @@ class Transport:
         k = (target.address, target.cert, lane)
         pool = self._pools.get(k)
         if pool is None:
+            from .transport.httpcore import PeerHTTPTransport
+
+            kind = functools.partial(PeerHTTPTransport, tuned=self._tuned,
+                                     local_address=self.local_address)
             if self.insecure:
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True,
-                                                local_address=self.local_address)
+                pool = kind()
             else:
                 if target.cert is None:
                     raise Unauthenticated(f"no pinned certificate for {target.address}")
@@ -197,8 +202,7 @@ class Transport:
                 except ValueError:  # a signed record may still carry garbage for a certificate
                     raise Unauthenticated(f"the certificate pinned for {target.address} is "
                                           f"unusable") from None
-                pool = httpx.AsyncHTTPTransport(http1=False, http2=True, verify=verify,
-                                                local_address=self.local_address)
+                pool = kind(verify=verify)
             self._pools[k] = pool
         return pool
 
@@ -222,7 +226,7 @@ class Transport:
             pool = self._pool(target)
             self._busy[id(pool)] = self._busy.get(id(pool), 0) + 1
             try:
-                # the body in one piece (bytes or a view): h2tuning frames it as views
+                # the body in one piece (bytes or a view): TunedHTTP2Connection frames it as views
                 request = httpx.Request("POST", url, headers=headers, stream=httpx.ByteStream(body),
                                         extensions={"timeout": timeouts})
                 try:

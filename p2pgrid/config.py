@@ -36,6 +36,12 @@ class PeerConfig:
     # them (a role a peer announces for itself counts for nothing). See docs/SECURITY.md.
     smpc_parties: tuple[str, ...] = ()
     crypto_providers: tuple[str, ...] = ()
+    # "active": this peer shares its data only with MAC-checked shares (security="active",
+    # p2pgrid.protocols.smpc.mac), so a cheating party is caught; semi-honest sharing is refused
+    smpc_security: str = "semi-honest"
+    # tests only (tests/adversarial/test_smpc_cheating.py): this peer deviates in active
+    # sessions ("add1": adds 1 to a share it sends). No profile or message can set it.
+    smpc_test_cheat: str = field(default="", repr=False)
     gossip_interval: float = 1.0
     gossip_fanout: int = 2
     ttl: float = 15.0                    # a peer unheard of for this long is dropped
@@ -95,6 +101,8 @@ class PeerConfig:
                 raise ValueError(f"{key} lists peer names (no '*': each one is trusted "
                                  "not to collude)")
             object.__setattr__(self, key, names)
+        if self.smpc_security not in ("semi-honest", "active"):
+            raise ValueError("smpc_security is 'semi-honest' or 'active'")
         if isinstance(self.guest_address_share, bool) or \
                 not isinstance(self.guest_address_share, (int, float)) or \
                 not 0.0 < self.guest_address_share <= 1.0:
@@ -177,7 +185,7 @@ def load_profile(path: Path | str, **overrides) -> PeerConfig:
         raise ProfileError(f"{path}: not valid TOML: {e}") from None
     _check_keys(path, "the profile", data, ("peer", "dataset"))
     peer = dict(data.get("peer", {}))
-    _check_keys(path, "[peer]", peer, {f.name for f in fields(PeerConfig)} - {"publish"})
+    _check_keys(path, "[peer]", peer, {f.name for f in fields(PeerConfig)} - {"publish", "smpc_test_cheat"})
     items = []
     for n, item in enumerate(data.get("dataset", ()), 1):
         where = f"[[dataset]] {item.get('id') or n}"

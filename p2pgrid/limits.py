@@ -15,7 +15,7 @@
 - :class:`Throttle`: failures per client address in a sliding window (console logins),
   so that one address's failures never lock out another's.
 
-The glue lives in :mod:`p2pgrid.hypercorn_fixes` (connections) and
+The glue lives in :mod:`p2pgrid.transport.hypercorn` (connections) and
 :mod:`p2pgrid.server` (requests); sizes come from :class:`EdgeLimits`.
 
 >>> t = ConnectionTable(total=2, per_address=2)

@@ -30,14 +30,14 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from . import h2tuning, hypercorn_fixes, push, wire
+from . import push, transport, wire
 from .auth import H_DIGEST, Caller, Verifier
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
 from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
 
 log = logging.getLogger("p2pgrid.server")
 
-CHUNK = h2tuning.FRAME  # response body per ASGI message: one DATA frame each
+CHUNK = transport.FRAME  # response body per ASGI message: one DATA frame each
 OFFLOAD = 1 << 20  # bodies larger than this are encoded/decoded in a worker thread
 HASH_THREADS = 4   # threads hashing large bodies, shared by every connection of the process
 
@@ -78,7 +78,7 @@ class App:
         self.push_ended = push_ended    # (caller, link id) when a push stream ends cleanly
         self.limits = limits
         # connections that ended in an unexpected error (logged at ERROR with the traceback)
-        self.connection_failures = hypercorn_fixes.FailureCount()
+        self.connection_failures = transport.FailureCount()
         self.registered = registered  # registered callers do not share the strangers' pool
         self.in_flight = InFlight(limits.requests_per_key, limits.requests_unregistered)
         self.verifier = verifier
@@ -452,23 +452,24 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     """Serve `app` until cancelled; reports the bound "host:port" via task_status.
     `limits` (default: the App's, else EdgeLimits()) bound connections and timeouts."""
     from hypercorn.config import Config
-    from hypercorn.trio import serve as hypercorn_serve
 
-    h2tuning.apply()
-    hypercorn_fixes.apply()
+    from .transport import hypercorn as peer_server
+
+    tuned = transport.tuned()
+    transport.require_safety()
     config = Config()
     config.bind = [f"{host}:{port}"]
-    config.h2_max_inbound_frame_size = h2tuning.FRAME
+    config.h2_max_inbound_frame_size = transport.FRAME
     limits = limits or getattr(app, "limits", None) or EdgeLimits()
     config.h2_max_concurrent_streams = limits.max_streams
-    config.keep_alive_timeout = limits.idle_timeout   # h2tuning's timer: no open stream
+    config.keep_alive_timeout = limits.idle_timeout   # TunedTCPServer's timer: no open stream
     config.keep_alive_max_requests = 1 << 30
     config.read_timeout = None   # per read, it would cut long replies' waits: see App._timed
     config.ssl_handshake_timeout = limits.handshake_timeout
     config.p2p_write_timeout = limits.write_timeout
     config.p2p_connections = ConnectionTable(*limits.connections())
     failures = getattr(app, "connection_failures", None)
-    config.p2p_failures = failures if failures is not None else hypercorn_fixes.FailureCount()
+    config.p2p_failures = failures if failures is not None else transport.FailureCount()
     config.max_app_queue_size = 64
     config.accesslog = None
     config.include_date_header = False    # per-response clock formatting and header bytes
@@ -477,4 +478,4 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     if certfile:
         config.certfile, config.keyfile = certfile, keyfile
         config.alpn_protocols = ["h2"]
-    await hypercorn_serve(app, config, task_status=task_status, mode="asgi")
+    await peer_server.serve(app, config, tuned=tuned, task_status=task_status)

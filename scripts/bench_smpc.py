@@ -55,7 +55,7 @@ from p2pgrid import smpc  # noqa: E402
 from p2pgrid.config import PeerConfig  # noqa: E402
 from p2pgrid.network import Network  # noqa: E402
 from p2pgrid.smpc.messages import RunProgram, TrainStep  # noqa: E402
-from p2pgrid.smpc.tensor import reconstruct_reply, run_on_parties  # noqa: E402
+from p2pgrid.smpc.tensor import output_masks, result_of, run_on_parties  # noqa: E402
 
 PARTIES = ("alice", "bob")
 CHAIN = 20
@@ -72,7 +72,8 @@ async def _serve(args) -> None:
     torch.set_num_threads(args.threads)
     roles = ("crypto-provider",) if args.serve == DEALER else ()
     cfg = PeerConfig(name=args.serve, data_dir=Path(args.data_dir) / args.serve, mdns=False,
-                     roles=roles, host=args.host or "127.0.0.1", join=tuple(args.join or ()), gossip_interval=1.0, ttl=60.0)
+                     roles=roles, host=args.host or "127.0.0.1", join=tuple(args.join or ()), gossip_interval=1.0, ttl=60.0,
+                     console=False)   # no owner console (nor its login token in the log)
     async with p2pgrid.open_peer(cfg) as peer:
         print(json.dumps({"key_id": peer.key_id, "address": peer.address}), flush=True)
         await trio.sleep_forever()
@@ -88,7 +89,8 @@ def _spawn(name: str, data_dir: str, join: str | None, threads: int,
         cmd = ["ip", "netns", "exec", ns, *cmd, "--host", ns_address(ns)]
     if join:
         cmd += ["--join", join]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    log = open(os.path.join(data_dir, f"{name}.log"), "w")   # a failing peer says why there
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
     hello = json.loads(proc.stdout.readline())
     return proc, f"{hello['key_id']}@{hello['address']}"
 
@@ -106,10 +108,12 @@ async def _timed_program(net: Network, expr: smpc.SharedTensor, reps: int, warmu
     wall, party_s, stats = [], [], None
     for i in range(warmup + reps):
         t0 = time.perf_counter()
+        mask, rs = await output_masks(net, group, [expr.shape])     # active groups only
         replies = await run_on_parties(
-            net, group, lambda s, nxt: RunProgram(s, group.to_wire(), program, [""], [True], nxt),
+            net, group, lambda s, nxt: RunProgram(s, group.to_wire(), program, [""], [True], nxt,
+                                                  mask=mask),
             chain=chain)
-        reconstruct_reply(replies, 0)
+        result_of(replies, 0, rs)
         if i >= warmup:
             wall.append(time.perf_counter() - t0)
             party_s.append(max(r.values[0] for r in replies))
@@ -134,86 +138,98 @@ async def _measure(args, seed: str) -> dict:
         net = Network(peer)
         await net.wait_for_peers([*PARTIES, DEALER], timeout=60)
         await trio.sleep(3.0)  # let every peer learn every other
-        kw = dict(parties=PARTIES, dealer=DEALER)
-        g = torch.Generator().manual_seed(0)
-        x = await net.share(torch.randn(64, 784, generator=g), **kw)
-        y = await net.share(torch.randn(64, 784, generator=g), **kw)
-        w = await net.share(torch.randn(784, 128, generator=g) * 0.05, **kw)
-        h = await net.share(torch.randn(64, 128, generator=g), **kw)
+        modes = ["semi-honest", "active"] if args.security == "both" else [args.security]
         out = {}
-        for name, expr in [("add_64x128", h + h), ("mul_64x784", x * y),
-                           ("matmul_64x784_784x128", x @ w), ("relu_64x128", h.relu())]:
-            out[name] = await _timed_program(net, expr, args.reps, args.warmup, chain=name)
-            _log(name, out[name])
+        for mode in modes:
+            out[mode] = await _measure_mode(args, net, mode)
+        return out if args.security == "both" else out[args.security]
 
-        # the cost of one round: a chain of 21 dependent 1x1 products against a single one
-        one = await net.share(torch.ones(1), **kw)
-        chain = one
-        for _ in range(CHAIN):
-            chain = chain * one
-        single = await _timed_program(net, one * one, args.reps, args.warmup, chain="single")
-        long = await _timed_program(net, chain, args.reps, args.warmup, chain="chain")
-        out["round_ms"] = round((long["ms"] - single["ms"]) / (long["rounds"] - single["rounds"]), 3)
-        _log("round", out["round_ms"], "ms")
 
-        # training: the MNIST-shaped MLP on shared random data with one-hot targets
-        torch.manual_seed(0)
-        mlp = nn.Sequential(nn.Linear(784, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(),
-                            nn.Linear(64, 10))
-        model = await net.encrypt_model(mlp, requires_grad=True, **kw)
-        xs = await net.share(torch.randn(256, 784, generator=g), **kw)
-        ys = await net.share(nn.functional.one_hot(torch.randint(0, 10, (256,), generator=g), 10)
-                             .float(), **kw)
-        opt = smpc.SGD(model, lr=0.1)
-        times, party_s, last = [], [], None
-        wire0 = None
-        for i in range(args.warmup + args.reps):
-            if i == args.warmup:
-                wire0 = _wire_bytes(args.lab)
-            rows = slice(64 * (i % 4), 64 * (i % 4) + 64)
-            program = xs[rows].program([xs[rows], ys[rows]])
-            t0 = time.perf_counter()
-            replies = await run_on_parties(
-                net, model.group, lambda s, nxt: TrainStep(s, model.group.to_wire(), model.id,
-                                                           program, opt.lr, "mse", True, nxt),
-                chain="train")
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-                party_s.append(max(r.values[0] for r in replies))
-            last = replies
-        wire = _wire_bytes(args.lab)
-        out["train_step_b64"] = {
-            "s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
-            "party_session_s": round(_median(party_s), 4),
-            "rounds": int(last[0].values[1]),
-            "bytes_sent_per_party": [int(r.values[2]) for r in last],
-            "party_ms_split": _split(last)}
-        if wire:
-            out["train_step_b64"]["wire_bytes_per_step"] = {
-                h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
-        _log("train", out["train_step_b64"])
+async def _measure_mode(args, net: Network, security: str) -> dict:
+    B, (d0, d1, d2, d3) = args.batch, [int(d) for d in args.mlp.split("-")]
+    kw = dict(parties=PARTIES, dealer=DEALER, security=security)
+    g = torch.Generator().manual_seed(0)
+    x = await net.share(torch.randn(B, d0, generator=g), **kw)
+    y = await net.share(torch.randn(B, d0, generator=g), **kw)
+    w = await net.share(torch.randn(d0, d1, generator=g) * 0.05, **kw)
+    h = await net.share(torch.randn(B, d1, generator=g), **kw)
+    out = {}
+    for name, expr in [(f"add_{B}x{d1}", h + h), (f"mul_{B}x{d0}", x * y),
+                       (f"matmul_{B}x{d0}_{d0}x{d1}", x @ w), (f"relu_{B}x{d1}", h.relu())]:
+        out[name] = await _timed_program(net, expr, args.reps, args.warmup, chain=name)
+        _log(name, out[name])
 
-        # inference: the client shares a batch of 64 (with the call), the parties run the
-        # model, the client reconstructs; and the same on a batch shared beforehand
-        model.requires_grad = False
-        times, predict_only = [], []
-        for i in range(args.warmup + args.reps):
-            batch = torch.randn(64, 784, generator=g)
-            t0 = time.perf_counter()
-            await model.predict(batch)
-            t1 = time.perf_counter()
-            xb = await net.share(batch, **kw)
-            t2 = time.perf_counter()
-            await model.predict(xb)
-            t3 = time.perf_counter()
-            if i >= args.warmup:
-                times.append(t1 - t0)
-                predict_only.append(t3 - t2)
-            await xb.delete()
-        out["inference_b64"] = {"s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
-                                "predict_only_s": round(_median(predict_only), 4)}
-        _log("inference", out["inference_b64"])
-        return out
+    # the cost of one round: a chain of 21 dependent 1x1 products against a single one
+    one = await net.share(torch.ones(1), **kw)
+    chain = one
+    for _ in range(CHAIN):
+        chain = chain * one
+    single = await _timed_program(net, one * one, args.reps, args.warmup, chain="single")
+    long = await _timed_program(net, chain, args.reps, args.warmup, chain="chain")
+    out["round_ms"] = round((long["ms"] - single["ms"]) / (long["rounds"] - single["rounds"]), 3)
+    _log("round", out["round_ms"], "ms")
+
+    # training: the MNIST-shaped MLP on shared random data with one-hot targets
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(d0, d1), nn.ReLU(), nn.Linear(d1, d2), nn.ReLU(),
+                        nn.Linear(d2, d3))
+    model = await net.encrypt_model(mlp, requires_grad=True, **kw)
+    xs = await net.share(torch.randn(4 * B, d0, generator=g), **kw)
+    ys = await net.share(nn.functional.one_hot(torch.randint(0, d3, (4 * B,), generator=g),
+                                               d3).float(), **kw)
+    opt = smpc.SGD(model, lr=0.1)
+    times, party_s, last = [], [], None
+    wire0 = None
+    for i in range(args.warmup + args.reps):
+        if i == args.warmup:
+            wire0 = _wire_bytes(args.lab)
+        rows = slice(B * (i % 4), B * (i % 4) + B)
+        program = xs[rows].program([xs[rows], ys[rows]])
+        t0 = time.perf_counter()
+        mask, _ = await output_masks(net, model.group, [[]])
+        replies = await run_on_parties(
+            net, model.group, lambda s, nxt: TrainStep(s, model.group.to_wire(), model.id,
+                                                       program, opt.lr, "mse", True, nxt,
+                                                       mask=mask),
+            chain="train")
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+            party_s.append(max(r.values[0] for r in replies))
+        last = replies
+    wire = _wire_bytes(args.lab)
+    out[f"train_step_b{B}"] = {
+        "s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
+        "party_session_s": round(_median(party_s), 4),
+        "rounds": int(last[0].values[1]),
+        "bytes_sent_per_party": [int(r.values[2]) for r in last],
+        "party_ms_split": _split(last)}
+    if wire:
+        out[f"train_step_b{B}"]["wire_bytes_per_step"] = {
+            h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
+    _log("train", out[f"train_step_b{B}"])
+
+    # inference: the client shares a batch of 64 (with the call), the parties run the
+    # model, the client reconstructs; and the same on a batch shared beforehand
+    model.requires_grad = False
+    times, predict_only = [], []
+    for i in range(args.warmup + args.reps):
+        batch = torch.randn(B, d0, generator=g)
+        t0 = time.perf_counter()
+        await model.predict(batch)
+        t1 = time.perf_counter()
+        xb = await net.share(batch, **kw)
+        t2 = time.perf_counter()
+        await model.predict(xb)
+        t3 = time.perf_counter()
+        if i >= args.warmup:
+            times.append(t1 - t0)
+            predict_only.append(t3 - t2)
+        await xb.delete()
+    out[f"inference_b{B}"] = {"s": round(_median(times), 4),
+                              "mean_s": round(statistics.fmean(times), 4),
+                              "predict_only_s": round(_median(predict_only), 4)}
+    _log("inference", out[f"inference_b{B}"])
+    return out
 
 
 def _wire_bytes(lab: str | None) -> dict[str, int] | None:
@@ -242,6 +258,10 @@ def main(argv=None) -> None:
     ap.add_argument("--join", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--host", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--security", choices=["semi-honest", "active", "both"], default="semi-honest",
+                    help="SMPC security mode; both: the same figures for each, on one run")
+    ap.add_argument("--batch", type=int, default=64, help="batch rows (CI: a small size)")
+    ap.add_argument("--mlp", default="784-128-64-10", help="layer widths of the MLP (4)")
     ap.add_argument("--lab", default=None,
                     help="lab id: run the parties in its hosts alice, bob, dealer (scripts/bench_wan.py)")
     args = ap.parse_args(argv)
@@ -275,9 +295,18 @@ def main(argv=None) -> None:
                         "bytes_vs_beaver_bound": 1.5},
             "elapsed_s": round(time.perf_counter() - t0, 1),
         }
-        tb = result["train_step_b64"]["bytes_sent_per_party"]
-        result["train_bytes_vs_beaver_bound"] = round(max(tb) / result[
-            "beaver_bound_bytes_per_party_step"], 3)
+        if args.security == "both":
+            sh, ac = result["semi-honest"], result["active"]
+            train = f"train_step_b{args.batch}"
+            result["active_vs_semi_honest"] = {
+                "train_step_s": round(ac[train]["s"] / sh[train]["s"], 2),
+                "train_bytes": round(max(ac[train]["bytes_sent_per_party"])
+                                     / max(sh[train]["bytes_sent_per_party"]), 2),
+                "train_extra_rounds": ac[train]["rounds"] - sh[train]["rounds"]}
+        elif args.batch == 64 and args.mlp == "784-128-64-10":
+            tb = result["train_step_b64"]["bytes_sent_per_party"]
+            result["train_bytes_vs_beaver_bound"] = round(max(tb) / result[
+                "beaver_bound_bytes_per_party_step"], 3)
         print(json.dumps(result, indent=1))
     finally:
         for p in procs:

@@ -3,6 +3,7 @@
     python scripts/bench_transport.py                      # TLS and h2c, 1/32/256 MB
     python scripts/bench_transport.py --insecure           # h2c only
     python scripts/bench_transport.py --sizes 1,32 --rounds 5 --pings 2000
+    python scripts/bench_transport.py --tls-only --sizes 256 --rounds 7 --pings 200   # the ratio
 
 The parent process starts a *server peer* in a child process (this script with
 ``--serve``), then runs a *client peer* that joins it by ``KEYID@host:port``
@@ -19,10 +20,18 @@ and, once the directory knows the server, measures:
 - ``download_MBps``: ``GetObject`` of that stored object: a small request whose
   reply, from 1 MiB up, the server holds for the client to fetch with a request
   (see ``p2pgrid.calls``), so the time includes that extra round trip;
-- ``*_cpu_ms_per_MB``: CPU time per MB moved, per process, all threads.
+- ``*_cpu_ms_per_MB``: CPU time per MB moved, per process, all threads;
+- ``raw``: the baselines, the same sizes moved over a plain socket between two
+  processes with blocking ``sendall``/``recv_into`` (``tcp``) and over TLS with the
+  same kind of certificate, pinning and TLS 1.3 as the peers (``tls``: Python's ``ssl``
+  module, the fastest a Python process moves bytes through OpenSSL), each with its CPU
+  time per MB;
+- ``ratio``: p2pgrid's TLS throughput over the raw TLS socket's, upload and download,
+  per size (median over median; the target is >= 0.5).
 
 Measuring starts once both peers are idle (plugins warm up in threads when a
-peer starts). Throughput is the median over ``--rounds`` (MB = 10**6 bytes). Both peers keep
+peer starts). Throughput is the median over ``--rounds`` (MB = 10**6 bytes), and
+``*_MBps_mean`` the mean, the first transfer included. Both peers keep
 their stores under ``--data-dir`` (default: /dev/shm when it exists), so a
 disk's fsync does not hide the transport. One JSON object goes to stdout,
 progress to stderr. ``--profile DIR`` writes cProfile stats of both processes
@@ -38,6 +47,7 @@ import argparse
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -168,6 +178,8 @@ async def _measure(args, seed: str, data_dir: Path, server_pid: int) -> dict:
             key = f"{size_mb:g}MB"
             out.setdefault("upload_MBps", {})[key] = round(statistics.median(ups), 1)
             out.setdefault("download_MBps", {})[key] = round(statistics.median(downs), 1)
+            out.setdefault("upload_MBps_mean", {})[key] = round(statistics.fmean(ups), 1)
+            out.setdefault("download_MBps_mean", {})[key] = round(statistics.fmean(downs), 1)
             # CPU time per MB moved, per process (all threads; sender/receiver
             # work, encoding, hashing, the store): what bounds throughput when the
             # machine is not shared.
@@ -179,6 +191,138 @@ async def _measure(args, seed: str, data_dir: Path, server_pid: int) -> dict:
                  f"cpu ms/MB up {out['upload_cpu_ms_per_MB'][key]}, "
                  f"down {out['download_cpu_ms_per_MB'][key]}")
     return out
+
+
+# ------------------------------------------------------------------ raw socket baselines
+
+_OP = struct.Struct(">cQ")  # b"U" (upload: that many bytes follow, answered b"k") or b"D"
+_CHUNK = 1 << 20            # per sendall/recv_into: Python's ssl writes at most 2 GB a call
+
+
+def _raw_certificate(root: Path) -> bytes:
+    """A throwaway identity's certificate, the kind the peers use, with its PEM files
+    (tls-cert.pem, tls-key.pem) under root/raw-tls for the server process."""
+    from p2pgrid import tls
+    from p2pgrid.identity import Identity
+
+    identity = Identity.generate()
+    cert = tls.make_certificate(identity)
+    tls.server_context_files(identity, cert, root / "raw-tls")
+    return cert
+
+
+def _raw_server_context(root: Path):
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(root / "raw-tls" / "tls-cert.pem", root / "raw-tls" / "tls-key.pem")
+    return context
+
+
+def _recv_exactly(sock, view: memoryview) -> None:
+    at = 0
+    while at < len(view):
+        got = sock.recv_into(view[at:at + _CHUNK])
+        if not got:
+            raise ConnectionError("the other side closed mid-transfer")
+        at += got
+
+
+def _send_all(sock, view: memoryview) -> None:
+    for at in range(0, len(view), _CHUNK):
+        sock.sendall(view[at:at + _CHUNK])
+
+
+def _raw_serve(args) -> None:
+    """Child process: accept one connection, then serve uploads and downloads on it."""
+    import socket
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    context = None
+    if args.raw_serve == "tls":
+        context = _raw_server_context(Path(args.data_dir))
+    print(json.dumps({"port": sock.getsockname()[1]}), flush=True)
+    conn, _ = sock.accept()
+    if context is not None:
+        conn = context.wrap_socket(conn, server_side=True)
+    buf = memoryview(bytearray(int(max(args.sizes) * MB)))
+    head = memoryview(bytearray(_OP.size))
+    while True:
+        try:
+            _recv_exactly(conn, head)
+        except (ConnectionError, OSError):
+            return
+        op, n = _OP.unpack(head)
+        if op == b"U":
+            _recv_exactly(conn, buf[:n])
+            conn.sendall(b"k")
+        else:
+            _send_all(conn, buf[:n])
+
+
+def _raw_run(args, kind: str, root: Path) -> dict:
+    """Upload and download each size over a raw `kind` ("tcp" or "tls") socket to a
+    child process; throughput as for the peers, and CPU per MB of both processes."""
+    import socket
+
+    from p2pgrid import tls
+
+    cert = _raw_certificate(root) if kind == "tls" else None
+    cmd = [sys.executable, os.path.abspath(__file__), "--raw-serve", kind, "--data-dir",
+           str(root), "--sizes", ",".join(f"{x:g}" for x in args.sizes)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    out: dict = {}
+    try:
+        port = json.loads(proc.stdout.readline())["port"]
+        conn = socket.create_connection(("127.0.0.1", port))
+        if kind == "tls":
+            # the client's side exactly as a peer's: pinned to the one certificate
+            conn = tls.client_context(cert).wrap_socket(conn, server_hostname=None)
+        data = memoryview(torch.randint(0, 256, (int(max(args.sizes) * MB),),
+                                        dtype=torch.uint8).numpy())
+        back = memoryview(bytearray(len(data)))
+        ack = memoryview(bytearray(1))
+        for size_mb in args.sizes:
+            n = int(size_mb * MB)
+            ups, downs, cpu_up, cpu_down = [], [], [], []
+            for _ in range(args.rounds):
+                c0, t0 = (_cpu_s(), _cpu_s(proc.pid)), time.perf_counter()
+                conn.sendall(_OP.pack(b"U", n))
+                _send_all(conn, data[:n])
+                _recv_exactly(conn, ack)
+                c1, t1 = (_cpu_s(), _cpu_s(proc.pid)), time.perf_counter()
+                conn.sendall(_OP.pack(b"D", n))
+                _recv_exactly(conn, back[:n])
+                c2, t2 = (_cpu_s(), _cpu_s(proc.pid)), time.perf_counter()
+                ups.append(n / MB / (t1 - t0))
+                downs.append(n / MB / (t2 - t1))
+                cpu_up.append([(c1[i] - c0[i]) * 1e3 / (n / MB) for i in (0, 1)])
+                cpu_down.append([(c2[i] - c1[i]) * 1e3 / (n / MB) for i in (0, 1)])
+            key = f"{size_mb:g}MB"
+            out.setdefault("upload_MBps", {})[key] = round(statistics.median(ups), 1)
+            out.setdefault("download_MBps", {})[key] = round(statistics.median(downs), 1)
+            out.setdefault("upload_MBps_mean", {})[key] = round(statistics.fmean(ups), 1)
+            out.setdefault("download_MBps_mean", {})[key] = round(statistics.fmean(downs), 1)
+            for name, samples in (("upload", cpu_up), ("download", cpu_down)):
+                out.setdefault(f"{name}_cpu_ms_per_MB", {})[key] = {
+                    "client": round(statistics.median(c for c, _ in samples), 2),
+                    "server": round(statistics.median(s for _, s in samples), 2)}
+            _log(f"  raw {kind} {key}: up {[round(x) for x in ups]} MB/s, "
+                 f"down {[round(x) for x in downs]} MB/s")
+        conn.close()
+    finally:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return out
+
+
+def _ratios(tls: dict, raw: dict) -> dict:
+    return {way: {size: round(tls[f"{way}_MBps"][size] / raw[f"{way}_MBps"][size], 3)
+                  for size in raw[f"{way}_MBps"]}
+            for way in ("upload", "download")}
 
 
 def _run_mode(args, insecure: bool, root: Path) -> dict:
@@ -239,8 +383,15 @@ def main(argv=None) -> None:
     ap.add_argument("--tls-only", action="store_true", help="TLS only")
     ap.add_argument("--data-dir", default=None, help="where the peers keep their stores")
     ap.add_argument("--profile", default=None, help="write cProfile stats of both peers here")
+    ap.add_argument("--no-raw", action="store_true", help="skip the raw TCP and TLS baselines")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--raw-serve", choices=("tcp", "tls"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+
+    if args.raw_serve:
+        args.sizes = [float(s) for s in args.sizes.split(",") if s]
+        _raw_serve(args)
+        return
 
     if args.serve:
         with _profiler(args.profile and Path(args.profile) / "server.pstats"):
@@ -258,6 +409,14 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="p2pgrid-bench-", dir=base) as root:
         for insecure in modes:
             result["h2c" if insecure else "tls"] = _run_mode(args, insecure, Path(root))
+        if args.sizes and not args.no_raw:
+            result["raw"] = {}
+            for kind in ("tcp", "tls"):
+                _log(f"[raw {kind}]")
+                result["raw"][kind] = _raw_run(args, kind, Path(root))
+            if "tls" in result:
+                result["ratio"] = _ratios(result["tls"], result["raw"]["tls"])
+                _log(f"  p2pgrid TLS / raw TLS: {result['ratio']}")
     result["elapsed_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(result))
 

@@ -134,8 +134,13 @@ async def test_bad_request(grid, case, status, code):
 async def test_lying_content_length_only_hurts_the_liar(grid):
     raw = Raw(grid["hospital"])
     body = wire.encode(Ping())
-    with pytest.raises(httpx.HTTPError):
-        await raw.post(body, raw.headers(body, **{"content-length": str(1 << 40)}))
+    # the peer answers 413 on the headers, or h2 resets the stream when the body ends
+    # short of its length (which comes first depends on the client's writes)
+    try:
+        status, _ = await raw.post(body, raw.headers(body, **{"content-length": str(1 << 40)}))
+    except httpx.HTTPError:
+        status = None
+    assert status in (None, 400, 413), status
     await _still_serving(grid, await _snapshot(grid["hospital"]))
 
 
@@ -209,11 +214,8 @@ async def test_data_for_a_stream_closed_mid_batch_is_dropped_not_fatal():
     # DATA frame of the same batch is handled; the next DATA frame then met
     # `self.streams[id]` -> KeyError, which ended the connection and the server.
     import h2.events
-    from hypercorn.protocol import h2 as hh2
 
-    from p2pgrid import hypercorn_fixes
-
-    hypercorn_fixes.apply()
+    from p2pgrid.transport.hypercorn import SafeH2Protocol
     acked, bodies = [], []
 
     class Stream:  # answers on its first body chunk, then is gone
@@ -228,7 +230,7 @@ async def test_data_for_a_stream_closed_mid_batch_is_dropped_not_fatal():
         def data_to_send(self):
             return b""
 
-    proto = hh2.H2Protocol.__new__(hh2.H2Protocol)
+    proto = SafeH2Protocol.__new__(SafeH2Protocol)
     proto.streams, proto.connection = {1: Stream()}, Connection()
     await proto._handle_events([
         h2.events.DataReceived(stream_id=1, data=b"a" * 10, flow_controlled_length=10),

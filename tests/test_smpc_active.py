@@ -26,8 +26,8 @@ def _inputs(ctx, *tensors):
 
 def _mac_holds(dealer: mac.AuthDealer, shares: list[mac.AuthShared]) -> bool:
     """sum m_i == alpha * sum x_i mod 2^128 (what every authenticated value must satisfy)."""
-    x = sum(s.value for s in shares) % mac.MOD
-    m = sum(s.mac for s in shares) % mac.MOD
+    x = sum(mac.ints(s.value) for s in shares) % mac.MOD
+    m = sum(mac.ints(s.mac) for s in shares) % mac.MOD
     return bool(np.all((x * dealer.alpha) % mac.MOD == m))
 
 
@@ -171,7 +171,7 @@ def test_wrong_party_program_fails_loudly():
        st.integers(2, 3))
 def test_relu_and_sign_are_exact(values, parties):
     x = torch.tensor(values, dtype=torch.float64)
-    enc = mac.encode(x)
+    enc = mac.ints(mac.encode(x))
     want = torch.tensor([float((v if v < (1 << 127) else v - mac.MOD)) for v in enc.tolist()],
                         dtype=torch.float64) / 2 ** 16
 
@@ -230,7 +230,7 @@ def test_security_bench_runs_at_a_small_size(capsys):
     bench.main(["--security", "both", "--batch", "2", "--mlp", "6-4-2", "--reps", "1"])
     out = json.loads(capsys.readouterr().out)
     ops = out["ops"]
-    for name in ("inference", "relu"):
+    for name in ("train", "inference", "relu"):
         semi, act = ops[f"{name}/semi-honest"], ops[f"{name}/active"]
         assert act["rounds"] > semi["rounds"]          # the checks' rounds are counted
         assert min(act["bytes_sent_per_party"]) > 0 and act["dealer_bytes_per_party"][0] > 0

@@ -1,4 +1,4 @@
-"""The tuned transport (p2pgrid.h2tuning, client, server, wire) over real sockets.
+"""The tuned transport (p2pgrid.transport, client, server, wire) over real sockets.
 
 Bodies of many sizes both ways, large and small requests sharing a connection,
 size limits, certificate pinning; and the wire's fast paths for large arrays
@@ -151,16 +151,14 @@ async def test_a_client_pinned_to_the_wrong_certificate_cannot_talk(tmp_path):
 
 
 async def test_keep_alive_closes_idle_connections_only():
-    # h2tuning keeps one idle timer per connection instead of one per request
+    # TunedTCPServer keeps one idle timer per connection instead of one per request
     from functools import partial
 
     import httpx
     from hypercorn.config import Config
-    from hypercorn.trio import serve
 
-    from p2pgrid import h2tuning
-
-    h2tuning.apply()
+    from p2pgrid.transport.httpcore import PeerHTTPTransport
+    from p2pgrid.transport.hypercorn import serve
     clients = []
 
     async def app(scope, receive, send):
@@ -178,8 +176,10 @@ async def test_keep_alive_closes_idle_connections_only():
     config.bind, config.keep_alive_timeout, config.accesslog = ["127.0.0.1:0"], 0.4, None
     config.graceful_timeout = 0.1
     async with trio.open_nursery() as nursery:
-        (url,) = await nursery.start(partial(serve, app, config, mode="asgi"))
-        async with httpx.AsyncClient(http1=False, http2=True) as client:
+        (url,) = await nursery.start(partial(serve, app, config, tuned=True))
+        # the peer's client notices the closed idle connection (stock httpcore does not:
+        # tests/test_transport_upstream.py)
+        async with httpx.AsyncClient(transport=PeerHTTPTransport()) as client:
             with trio.fail_after(10):
                 assert (await client.get(url + "/slow")).text == "ok"
                 assert (await client.get(url + "/")).text == "ok"

@@ -11,6 +11,10 @@
         opt = p2pgrid.smpc.SGD(model, lr=0.1)
         loss = await model.fit_batch(xb, yb, loss="mse", optimizer=opt)
 
+``security="active"`` on ``share``/``pointer.share``/``encrypt_model`` runs everything on
+MAC-checked shares: a party that deviates makes the computation fail with
+``CheatingDetected`` instead of giving a wrong result (:mod:`.active`, docs/SMPC.md).
+
 The protocols (fixed point in Z_2^64, Beaver products, truncation, comparison, the
 layers) live sans-IO in :mod:`p2pgrid.protocols.smpc`; this package carries their rounds
 between peers (one ``peer.request`` per pair of parties per round), runs the

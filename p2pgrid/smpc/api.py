@@ -23,10 +23,11 @@ from .tensor import SharedTensor, _Node, new_id
 __all__ = ["NetworkAPI", "share_pointer", "make_group"]
 
 
-def make_group(parties: Iterable[str], dealer: str, frac_bits: int = 16) -> Group:
+def make_group(parties: Iterable[str], dealer: str, frac_bits: int = 16,
+               security: str = "semi-honest") -> Group:
     if isinstance(parties, str):
         raise BadRequest("parties is a list of peer names")
-    return Group(tuple(parties), dealer, frac_bits)
+    return Group(tuple(parties), dealer, frac_bits, security)
 
 
 def _leaf(net, group: Group, id_: str, shape) -> SharedTensor:
@@ -35,7 +36,7 @@ def _leaf(net, group: Group, id_: str, shape) -> SharedTensor:
 
 
 async def share_pointer(pointer, parties: Sequence[str], *, dealer: str, frac_bits: int = 16,
-                        timeout: float = 60.0) -> SharedTensor:
+                        timeout: float = 60.0, security: str = "semi-honest") -> SharedTensor:
     """Have the peer holding `pointer`'s object secret-share it among `parties`.
 
     The holder checks that you may compute on the object, splits it, and sends each
@@ -44,9 +45,11 @@ async def share_pointer(pointer, parties: Sequence[str], *, dealer: str, frac_bi
     ``get`` list) and who may reconstruct aggregates (training results). The holder
     refuses (``PermissionDenied``) unless its own config trusts every party and the
     dealer (``smpc_parties``, ``crypto_providers``): the owner decides who holds shares.
+    ``security="active"`` shares with MACs (a cheating party is caught); a holder whose
+    ``smpc_security`` is "active" refuses semi-honest sharing.
     """
     net = pointer._net
-    group = make_group(parties, dealer, frac_bits)
+    group = make_group(parties, dealer, frac_bits, security)
     id_ = new_id()
     reply = await net._peer.request(pointer.peer, ShareObject(pointer.id, id_, group.to_wire()),
                                     timeout=timeout)
@@ -60,16 +63,24 @@ class NetworkAPI:
 
     async def share(self, tensor: torch.Tensor, *, parties: Sequence[str], dealer: str,
                     compute: Iterable[str] | None = None, reveal: Iterable[str] | None = None,
-                    aggregate: Iterable[str] = (), frac_bits: int = 16) -> SharedTensor:
+                    aggregate: Iterable[str] = (), frac_bits: int = 16,
+                    security: str | None = None) -> SharedTensor:
         """Secret-share your own tensor among `parties` (fixed point, `frac_bits` bits).
 
         You own the shares: by default only you may compute on them and reconstruct
         them; widen with `compute=[...]`, `reveal=[...]` ("*": anyone). The parties and
         the dealer you name here are your choice for your own tensor: trust them not to
-        collude (your peer's ``smpc_parties``/``crypto_providers`` are not consulted)."""
+        collude (your peer's ``smpc_parties``/``crypto_providers`` are not consulted).
+        `security`: "semi-honest" or "active" (MAC-checked: a party that deviates makes the
+        computation fail with CheatingDetected instead of giving a wrong result); the
+        default is your peer's ``smpc_security``, which, if "active", also refuses
+        "semi-honest"."""
         if not isinstance(tensor, torch.Tensor):
             raise BadRequest("share() takes a torch tensor")
-        group = make_group(parties, dealer, frac_bits)
+        security = security or self._peer.config.smpc_security
+        group = make_group(parties, dealer, frac_bits, security)
+        from .handlers import require_security
+        require_security(self._peer, group, "its data")
         rules = ShareRules(owner=self.name, compute=tuple(compute or ()),
                            reveal=tuple(reveal or ()), aggregate=tuple(aggregate),
                            holder=self.name)
@@ -80,19 +91,23 @@ class NetworkAPI:
     async def encrypt_model(self, module: nn.Module, *, parties: Sequence[str], dealer: str,
                             requires_grad: bool = False, users: Iterable[str] = (),
                             name: str | None = None, publish: bool = False,
-                            frac_bits: int = 16, limits: dict | None = None) -> EncryptedModel:
+                            frac_bits: int = 16, limits: dict | None = None,
+                            security: str | None = None) -> EncryptedModel:
         """Share a model's parameters among `parties`. `users` may run encrypted inference
         on it; with `publish` (and a `name`) it is announced in your directory record.
         `limits` (``{"rate_limit": "60/min", "quota": "10000/day", "max_batch": 64}``, each
         optional) bound the users' predictions; every party enforces them. The parties and
         dealer are your choice for your own model; a user's peer shares its inputs with
-        them only if its own config trusts them too (see ``EncryptedModel.predict``)."""
-        group = make_group(parties, dealer, frac_bits)
+        them only if its own config trusts them too (see ``EncryptedModel.predict``).
+        `security` as in :meth:`share` (training and inference then run MAC-checked)."""
+        security = security or self._peer.config.smpc_security
+        group = make_group(parties, dealer, frac_bits, security)
         if publish and not name:
             raise BadRequest("a published model needs a name")
 
         async def share(t):
-            return await self.share(t, parties=group.parties, dealer=dealer, frac_bits=frac_bits)
+            return await self.share(t, parties=group.parties, dealer=dealer, frac_bits=frac_bits,
+                                    security=security)
 
         return await encrypt(self, module, group, requires_grad=requires_grad, users=tuple(users),
                              name=name, publish=publish, share=share, limits=limits)
@@ -110,9 +125,9 @@ class NetworkAPI:
         return EncryptedModel.from_description(self, d)
 
     def shared(self, id: str, shape, *, parties: Sequence[str], dealer: str,
-               frac_bits: int = 16) -> SharedTensor:
+               frac_bits: int = 16, security: str = "semi-honest") -> SharedTensor:
         """A handle on shares someone else made and told you the id of."""
-        return _leaf(self, make_group(parties, dealer, frac_bits), id, shape)
+        return _leaf(self, make_group(parties, dealer, frac_bits, security), id, shape)
 
     async def _share_pointer(self, pointer, parties: Sequence[str], **options) -> SharedTensor:
         """What ``Pointer.share`` does (p2pgrid.pointer imports no plugin)."""

@@ -24,10 +24,11 @@ import time
 import trio
 
 from p2pgrid.errors import BadRequest, Conflict, PermissionDenied, ProtocolError
+from p2pgrid.protocols.smpc import mac_material
 from p2pgrid.protocols.smpc.dealer import LocalDealer
 from p2pgrid.protocols.smpc.messages import Material, Request
 
-from .messages import Deal, Dealt
+from .messages import Deal, Dealt, DealMask, MaskDealt, TakeMask
 from .session import plan_hash
 from .state import Group, _Lru
 
@@ -41,10 +42,24 @@ MAX_PLAN_ITEMS = 4096
 MAX_SESSIONS = 32      # sessions one Deal may cover
 
 
-def deal_plan(plan: list[Request], n: int) -> list[list[Material]]:
-    """Material for every item of `plan`, per item one Material per party."""
+MASK_TTL = 120.0
+MASKS_PER_CALLER = 64  # masks dealt and not yet taken by every party, per requester
+
+
+def deal_plan(plan: list[Request], n: int, key: "mac_material.MacKey | None" = None
+              ) -> list[list[Material]]:
+    """Material for every item of `plan`, per item one Material per party. Authenticated
+    kinds (``a_*``, active groups) are dealt under the group's MAC `key`."""
     dealer = LocalDealer()  # fresh key from os.urandom; one per bundle, so threads share nothing
-    return [dealer.deal(req, n) for req in plan]
+    out = []
+    for req in plan:
+        if req.kind in mac_material.AUTH_KINDS:
+            if key is None:
+                raise BadRequest("authenticated material is for active groups only")
+            out.append(mac_material.deal(req, n, key))
+        else:
+            out.append(dealer.deal(req, n))
+    return out
 
 
 class _Bundle:
@@ -65,6 +80,57 @@ class DealerService:
         self._refilling: set = set()
         self.dealt_items = 0
         self.served_from_pool = 0
+        self.mac_keys: dict[str, mac_material.MacKey] = {}   # active group key -> MAC key
+        self.masks: dict[str, dict] = {}                     # mask id -> parts per party
+
+    def mac_key(self, group: Group) -> "mac_material.MacKey | None":
+        """The group's MAC key (made on first use; kept while the dealer runs, so shares
+        kept between sessions stay checkable). None for semi-honest groups."""
+        if not group.active:
+            return None
+        key = self.mac_keys.get(group.key)
+        if key is None:
+            key = self.mac_keys[group.key] = mac_material.MacKey.new(group.n)
+        return key
+
+    async def deal_mask(self, caller, msg: DealMask) -> MaskDealt:
+        """Masks for `caller` (clear) and the parties (authenticated shares, taken later)."""
+        group = Group.from_wire(msg.group)
+        if group.dealer != self.peer.name or not group.active:
+            raise BadRequest("masks are dealt for active groups of this dealer")
+        if msg.id in self.masks:
+            raise Conflict(f"mask {msg.id[:12]} exists")
+        if not 1 <= len(msg.shapes) <= 16:
+            raise BadRequest("1 to 16 masks per request")
+        if sum(1 for m in self.masks.values() if m["owner"] == caller.name) >= MASKS_PER_CALLER:
+            raise Conflict(f"{caller.name} has {MASKS_PER_CALLER} masks not yet taken")
+        req = Request("a_mask", tuple(tuple(s) for s in msg.shapes))
+        key = self.mac_key(group)
+        clear: dict = {}
+        parts = await trio.to_thread.run_sync(
+            lambda: mac_material.deal(req, group.n, key, clear))
+        keys = mac_material.key_material(key, group.n)
+        self.masks[msg.id] = {"owner": caller.name, "group": group, "created": time.monotonic(),
+                              "parts": [[k, m] for k, m in zip(keys, parts)],
+                              "taken": [False] * group.n}
+        from p2pgrid.protocols.smpc import mac
+        return MaskDealt([mac._to_wire(clear[f"r{i}"][0]) for i in range(len(msg.shapes))])
+
+    def take_mask(self, caller, msg: TakeMask) -> Dealt:
+        group = Group.from_wire(msg.group)
+        if not 0 <= msg.party < group.n or group.parties[msg.party] != caller.name:
+            raise PermissionDenied(f"{caller.name} is not party {msg.party} of this group")
+        m = self.masks.get(msg.id)
+        if m is None or m["group"] != group:
+            raise BadRequest(f"no mask {msg.id[:12]} for this group (expired or never dealt)")
+        if m["taken"][msg.party]:
+            raise Conflict(f"party {msg.party} already took mask {msg.id[:12]}")
+        m["taken"][msg.party] = True
+        part = m["parts"][msg.party]
+        m["parts"][msg.party] = None
+        if all(m["taken"]):
+            self.masks.pop(msg.id, None)
+        return Dealt(part)
 
     async def serve(self, caller, msg: Deal) -> Dealt:
         group = Group.from_wire(msg.group)
@@ -129,24 +195,29 @@ class DealerService:
                 self.served_from_pool += 1
         if len(out) < count:
             k = count - len(out)
-            out += await trio.to_thread.run_sync(lambda: [deal_plan(plan, group.n) for _ in range(k)])
+            key = self.mac_key(group)
+            out += await trio.to_thread.run_sync(
+                lambda: [deal_plan(plan, group.n, key) for _ in range(k)])
         self.dealt_items += len(plan) * count
         if pkey not in self._refilling:
             self._refilling.add(pkey)
-            self.nursery.start_soon(self._refill, pkey, plan, group.n)
+            self.nursery.start_soon(self._refill, pkey, plan, group.n, self.mac_key(group))
         return out
 
-    async def _refill(self, pkey, plan, n) -> None:
+    async def _refill(self, pkey, plan, n, key=None) -> None:
         try:
             stock = self.pool.get(pkey) or []
             while len(stock) < POOL_DEPTH:
-                items = await trio.to_thread.run_sync(deal_plan, plan, n)
+                items = await trio.to_thread.run_sync(deal_plan, plan, n, key)
                 stock.append((time.monotonic(), items))
                 self.pool.put(pkey, stock)
         finally:
             self._refilling.discard(pkey)
 
     def sweep(self, now_mono: float) -> None:
+        for id_, m in list(self.masks.items()):
+            if now_mono - m["created"] > MASK_TTL:
+                self.masks.pop(id_, None)
         for key, b in list(self.bundles.items()):
             if now_mono - b.created > BUNDLE_TTL:
                 self.bundles.pop(key, None)

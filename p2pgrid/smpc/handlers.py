@@ -26,10 +26,12 @@ import p2pgrid.protocols.smpc.autograd as autograd
 from p2pgrid.protocols.smpc.messages import RoundMessage
 from p2pgrid.protocols.smpc.program import infer, leaf_ids, run_program, signature
 
+from . import active, active_sessions
+
 from .aggregate import kept_aggregate, may_reveal_aggregate
 from .dealer import ROLE
-from .messages import (Abort, Deal, DeleteShares, Predict, ProgramResult, RegisterModel, RunProgram,
-                       ShareInput, ShareObject, SharedInfo, TrainStep)
+from .messages import (Abort, Deal, DealMask, DeleteShares, Predict, ProgramResult, RegisterModel,
+                       RunProgram, ShareInput, ShareObject, SharedInfo, TakeMask, TrainStep)
 from .session import _abort_others, run_session
 from .state import Entry, Group, ModelRecord, ShareRules, SmpcState
 
@@ -62,7 +64,9 @@ def approve_group(peer, group: Group, *, whose: str = "its data") -> None:
     Additive shares are safe only while the parties and the dealer do not collude, which
     no protocol can check: so the peer whose data is shared decides who holds the shares.
     A party must be this peer itself or in its ``smpc_parties``; the dealer must be in its
-    ``crypto_providers`` (see :func:`granted_dealer`)."""
+    ``crypto_providers`` (see :func:`granted_dealer`). A peer whose ``smpc_security`` is
+    "active" refuses semi-honest groups."""
+    require_security(peer, group, whose)
     strangers = [p for p in group.parties if p != peer.name and p not in peer.config.smpc_parties]
     if strangers:
         raise PermissionDenied(
@@ -75,6 +79,14 @@ def approve_group(peer, group: Group, *, whose: str = "its data") -> None:
             dealer=group.dealer)
 
 
+def require_security(peer, group: Group, whose: str = "its data") -> None:
+    """Refuse a semi-honest group if this peer's own config requires active security."""
+    if peer.config.smpc_security == "active" and not group.active:
+        raise PermissionDenied(
+            f"{peer.name} requires smpc_security = \"active\" for {whose}: a semi-honest "
+            "SMPC session is refused (share with security=\"active\")")
+
+
 def check_holders(group: Group, requester: str, owner: str) -> None:
     """Additive sharing is only as safe as the parties' not colluding: a requester may
     not hold a share of data it does not own."""
@@ -84,7 +96,10 @@ def check_holders(group: Group, requester: str, owner: str) -> None:
 
 
 async def deal_input(peer, group: Group, id: str, tensor: torch.Tensor, rules: ShareRules) -> list[int]:
-    """Encode `tensor` and send each party its share (seeds to all but the last party)."""
+    """Encode `tensor` and send each party its share (seeds to all but the last party;
+    for an active group, the same masked value to every party: p2pgrid.smpc.active)."""
+    if group.active:
+        return await active.deal_input(peer, group, id, tensor, rules, gather=gather)
     msgs = await input_messages(group, id, tensor, rules)
     await gather([lambda m=m: peer.request(group.parties[m.party], m) for m in msgs])
     return list(tensor.shape)
@@ -140,8 +155,12 @@ async def gather(fns: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
 @router.on(ShareInput)
 async def share_input(peer, caller, msg: ShareInput):
     state = state_of(peer)
-    state.shares[msg.id] = _input_entry(peer, state, caller, msg, state.share_ttl)
+    entry = _input_entry(peer, state, caller, msg, state.share_ttl)
+    if entry.group.active:
+        await active_sessions.authenticate(peer, state, entry, msg)
+    state.shares[msg.id] = entry
     return Ack()
+
 
 
 def _input_entry(peer, state: SmpcState, caller, msg: ShareInput, ttl: float) -> Entry:
@@ -157,6 +176,8 @@ def _input_entry(peer, state: SmpcState, caller, msg: ShareInput, ttl: float) ->
         n *= d
     if n > MAX_SHARE_ELEMENTS:
         raise BadRequest(f"at most {MAX_SHARE_ELEMENTS} elements per shared tensor")
+    if group.active != bool(msg.mask):
+        raise BadRequest("inputs to active groups (only) are masked by a dealer mask")
     if msg.share is not None:
         if tuple(msg.share.shape) != shape or msg.share.dtype != torch.int64:
             raise ShapeError(f"share has shape {list(msg.share.shape)}, announced {list(shape)}")
@@ -245,6 +266,22 @@ async def abort(peer, caller, msg: Abort):
     if allowed:
         mb.abort(msg.reason if caller.name in msg.reason else f"{caller.name}: {msg.reason}")
     return Ack()
+
+
+@router.on(DealMask)
+async def deal_mask(peer, caller, msg: DealMask):
+    state = state_of(peer)
+    if state.dealer is None:
+        raise PermissionDenied(f"{peer.name} is not a crypto provider")
+    return await state.dealer.deal_mask(caller, msg)
+
+
+@router.on(TakeMask)
+async def take_mask(peer, caller, msg: TakeMask):
+    state = state_of(peer)
+    if state.dealer is None:
+        raise PermissionDenied(f"{peer.name} is not a crypto provider")
+    return state.dealer.take_mask(caller, msg)
 
 
 @router.on(Deal)
@@ -365,6 +402,9 @@ async def run(peer, caller, msg: RunProgram):
         return leaves, rules, sig
 
     state, group, party, (leaves, rules, sig) = await _start(peer, caller, msg, check)
+    if group.active:
+        return await active_sessions.run_program(peer, caller, msg, state, group, party, leaves,
+                                                 rules, sig)
 
     def protocol(ctx):
         return run_program(ctx, msg.program, {i: ctx.wrap(e.share, e.scale) for i, e in leaves.items()})
@@ -383,6 +423,7 @@ async def run(peer, caller, msg: RunProgram):
         shares.append(out.share if reveal else None)
     return ProgramResult([list(o.shape) for o in outs], [o.scale for o in outs], shares,
                          _stat_values(stats))
+
 
 
 def _stat_values(stats: dict) -> list[float]:
@@ -467,6 +508,9 @@ async def train(peer, caller, msg: TrainStep):
         return model, params, leaves, rules, sig
 
     state, group, party, (model, params, leaves, rules, sig) = await _start(peer, caller, msg, check)
+    if group.active:
+        return await active_sessions.train(peer, caller, msg, state, group, party, model, params,
+                                           leaves, rules, sig)
 
     def protocol(ctx):
         x, y = yield from run_program(ctx, msg.program,
@@ -503,7 +547,10 @@ async def predict(peer, caller, msg: Predict):
             raise Conflict(f"shared tensor {inp.id!r} exists already")
         if Group.from_wire(inp.group) != Group.from_wire(msg.group):
             raise BadRequest("the input is shared among another group than the model's")
-        state.shares[inp.id] = _input_entry(peer, state, caller, inp, msg.timeout + 30)
+        entry = _input_entry(peer, state, caller, inp, msg.timeout + 30)
+        if entry.group.active:
+            await active_sessions.authenticate(peer, state, entry, inp)
+        state.shares[inp.id] = entry
         inline.append(inp.id)
     try:
         return await _predict(peer, caller, msg)
@@ -553,6 +600,9 @@ async def _predict(peer, caller, msg: Predict):
         return model, params, leaves, out_rules, sig
 
     state, group, party, (model, params, leaves, out_rules, sig) = await _start(peer, caller, msg, check)
+    if group.active:
+        return await active_sessions.predict(peer, caller, msg, state, group, party, model,
+                                             params, leaves, out_rules, sig)
 
     def protocol(ctx):
         (x,) = yield from run_program(ctx, msg.program,

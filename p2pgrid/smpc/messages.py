@@ -27,6 +27,9 @@ class ShareInput:
     rules: dict
     share: torch.Tensor | None = None
     seed: bytes | None = None
+    # active groups: `share` is x - r (the same for every party) for the dealer's mask
+    # `mask` (id), whose authenticated shares the party takes from the dealer
+    mask: str = ""
 
 
 @message("smpc.share_object")
@@ -60,6 +63,7 @@ class RunProgram:
     next_session: str = ""
     truncation: str = "auto"
     timeout: float = 60.0
+    mask: str = ""        # active groups: the requester's output masks (one per revealed output)
 
 
 @message("smpc.result")
@@ -130,6 +134,7 @@ class TrainStep:
     want_loss: bool = True
     next_session: str = ""
     timeout: float = 60.0
+    mask: str = ""        # active groups: the requester's mask for the loss
 
 
 @message("smpc.predict")
@@ -147,3 +152,31 @@ class Predict:
     # the caller's input shares sent with the call (this party's), used for this session
     # only: a batch needs no ShareInput request of its own
     inputs: list[ShareInput] | None = None
+    mask: str = ""        # active groups: the requester's mask for the output
+
+
+@message("smpc.deal_mask")
+@dataclass(frozen=True)
+class DealMask:
+    """Ask the dealer for random masks r (one per shape) for `group`: the requester gets
+    each r in the clear, each party its authenticated shares of it (``TakeMask``). An
+    input owner sends x - r; a requester adds r to an output it alone may unmask."""
+    id: str
+    group: dict
+    shapes: list[list[int]]
+
+
+@message("smpc.mask_dealt")
+@dataclass(frozen=True)
+class MaskDealt:
+    masks: list[torch.Tensor]
+
+
+@message("smpc.take_mask")
+@dataclass(frozen=True)
+class TakeMask:
+    """Party `party` takes its shares of mask `id` (answered with a ``Dealt``: its MAC key
+    share, then the masks)."""
+    id: str
+    group: dict
+    party: int

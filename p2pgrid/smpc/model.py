@@ -29,7 +29,8 @@ from p2pgrid.errors import BadRequest, NotFound
 from .handlers import approve_group, input_messages
 from .messages import Predict, RegisterModel, TrainStep
 from .state import Group, ShareRules
-from .tensor import DEFAULT_TIMEOUT, SharedTensor, _Node, new_id, reconstruct_reply, run_on_parties
+from .tensor import (DEFAULT_TIMEOUT, SharedTensor, _Node, new_id, output_masks, result_of,
+                     run_on_parties)
 
 if TYPE_CHECKING:  # pragma: no cover
     from p2pgrid.network import Network
@@ -118,15 +119,16 @@ class EncryptedModel:
         if not isinstance(optimizer, SGD) or optimizer.model is not self:
             raise BadRequest("pass optimizer=p2pgrid.smpc.SGD(this model, lr=...)")
         program = self._inputs(x, y)
+        mask, rs = await output_masks(self._net, self.group, [[]] if want_loss else [])
         replies = await run_on_parties(
             self._net, self.group,
             lambda s, nxt: TrainStep(s, self.group.to_wire(), self.id, program, optimizer.lr,
-                                     loss, want_loss, nxt, timeout), timeout=timeout,
+                                     loss, want_loss, nxt, timeout, mask), timeout=timeout,
             chain=f"train:{self.id}")
         self.steps += 1
         if not want_loss or any(r.shares[0] is None for r in replies):
             return None
-        return float(reconstruct_reply(replies, 0))
+        return float(result_of(replies, 0, rs))
 
     async def predict(self, x: SharedTensor | torch.Tensor, *,
                       timeout: float = DEFAULT_TIMEOUT) -> torch.Tensor:
@@ -143,17 +145,38 @@ class EncryptedModel:
                 approve_group(self._net._peer, self.group, whose="your input")
             id_ = new_id()
             rules = ShareRules(owner=self._net.name, holder=self._net.name)
-            shares = await input_messages(self.group, id_, x.detach().cpu(), rules)
+            if self.group.active:
+                from .active import input_messages as masked_inputs
+                shares = await masked_inputs(self._net._peer, self.group, id_, x.detach().cpu(),
+                                             rules, timeout=timeout)
+            else:
+                shares = await input_messages(self.group, id_, x.detach().cpu(), rules)
             program = {"nodes": [{"op": "leaf", "id": id_}], "outputs": [0]}
             per_party = lambda i, msg: dataclasses.replace(msg, inputs=[shares[i]])  # noqa: E731
         else:
             program = self._inputs(x)
+        mask, rs = await output_masks(self._net, self.group, [self._output_shape(x.shape)])
         replies = await run_on_parties(
             self._net, self.group,
-            lambda s, nxt: Predict(s, self.group.to_wire(), self.id, program, "", nxt, timeout),
+            lambda s, nxt: Predict(s, self.group.to_wire(), self.id, program, "", nxt, timeout,
+                                   mask=mask),
             timeout=timeout, per_party=per_party,
             chain=f"predict:{self.id}:{'input' if per_party else 'shared'}")
-        return reconstruct_reply(replies, 0)
+        return result_of(replies, 0, rs)
+
+    def _output_shape(self, x_shape) -> list[int]:
+        """The model's output shape on a batch of `x_shape` (its last linear layer's width)."""
+        width = None
+        for layer in self.spec:
+            if layer["kind"] == "linear":
+                width = self.shapes[layer["weight"]][1]
+        if width is None:
+            n = 1
+            for d in x_shape[1:]:
+                n *= d
+            flat = any(layer["kind"] == "flatten" for layer in self.spec)
+            return [x_shape[0], n] if flat else list(x_shape)
+        return [x_shape[0], width]
 
     async def forward(self, x: SharedTensor, *, timeout: float = DEFAULT_TIMEOUT) -> SharedTensor:
         """The model's output on a shared batch, kept shared (a new SharedTensor)."""

@@ -32,9 +32,11 @@ import logging
 import time
 from typing import Any, Callable
 
+import torch
 import trio
 
-from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError
+from p2pgrid.errors import BadRequest, CheatingDetected, P2PError, PeerUnavailable, ProtocolError
+from p2pgrid.protocols.smpc import mac, mac_material
 from p2pgrid.protocols.smpc.prg import Prg
 from p2pgrid.protocols.smpc.runtime import PartyContext, SmpcConfig
 from p2pgrid.protocols.smpc.harness import plan_party
@@ -199,16 +201,36 @@ def _advance(gen, inbox):
     return "round", out
 
 
+def _deviate(payload: dict) -> dict:
+    """The test-only deviation (PeerConfig.smpc_test_cheat = "add1"): 1 added to the first
+    element of the first int64 tensor this party sends in an active session's round."""
+    out = dict(payload)
+    for name in sorted(out):
+        t = out[name]
+        if t.dtype == torch.int64 and t.numel():
+            t = t.clone()
+            t.view(-1)[0] += 1
+            out[name] = t
+            break
+    return out
+
+
 async def _exchange(peer, mb: Mailbox, group: Group, party: int, session: str, step: int,
                     rnd: Round, timeout: float, stats: dict) -> dict:
     """Push this party's step payload to every other party, then wait for theirs."""
     got: dict[int, RoundMessage] = {}
+    cheat = group.active and peer.config.smpc_test_cheat == "add1" and not stats.get("cheated")
+    cheat = cheat and any(t.dtype == torch.int64 for t in rnd.broadcast.values())
     try:
         with trio.fail_after(timeout):
             for q in range(group.n):
                 if q == party:
                     continue
-                msg = RoundMessage(session, step, rnd.tag, party, rnd.payload_for(q))
+                payload = rnd.payload_for(q)
+                if cheat:
+                    payload = _deviate(payload)
+                    stats["cheated"] = True
+                msg = RoundMessage(session, step, rnd.tag, party, payload)
                 stats["bytes"] = stats.get("bytes", 0) + payload_nbytes(msg.tensors)
                 name = group.parties[q]
                 try:
@@ -284,11 +306,15 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
     try:
         if mb.aborted is not None:   # another party refused before this one started
             raise ProtocolError(f"session {session[:8]} aborted: {mb.aborted}")
-        plan = state.plans.get(signature)
+        plan = state.plans.get((signature, group.security))
         if plan is None:
-            plan = await trio.to_thread.run_sync(
-                lambda: plan_party(party, group.n, protocol, config=config))
-            state.plans.put(signature, plan)
+            if group.active:
+                plan = await trio.to_thread.run_sync(
+                    lambda: mac_material.plan(party, group.n, protocol, group.frac_bits))
+            else:
+                plan = await trio.to_thread.run_sync(
+                    lambda: plan_party(party, group.n, protocol, config=config))
+            state.plans.put((signature, group.security), plan)
         ph = plan_hash(plan)
         lap("plan")
         expanded = await _materials(peer, state, group, session, party, plan, ph, timeout)
@@ -296,9 +322,14 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
         lap("material")
         if next_session and plan:
             _prefetch_ahead(peer, state, group, session, next_session, party, plan, ph, timeout)
-        ctx = PartyContext(party, group.n, BundleFeed(plan, expanded), config, Prg.from_entropy())
+        if group.active:
+            feed = mac_material.NetworkFeed(BundleFeed(plan, expanded).take, group.n)
+            ctx = mac.ActiveParty(party, group.n, feed, session, group.frac_bits)
+        else:
+            ctx = PartyContext(party, group.n, BundleFeed(plan, expanded), config,
+                               Prg.from_entropy())
         gen = protocol(ctx)
-        if input_elements is not None and input_elements < HEAVY_ELEMENTS:
+        if input_elements is not None and input_elements < HEAVY_ELEMENTS and not group.active:
             kind, out = _advance(gen, None)
         else:
             kind, out = await trio.to_thread.run_sync(_advance, gen, None)
@@ -307,7 +338,7 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
         while kind == "round":
             inbox = await _exchange(peer, mb, group, party, session, step, out, timeout, stats)
             lap("wait")
-            if _inbox_elements(inbox) >= HEAVY_ELEMENTS:
+            if group.active or _inbox_elements(inbox) >= HEAVY_ELEMENTS:
                 kind, out = await trio.to_thread.run_sync(_advance, gen, inbox)
             else:
                 kind, out = _advance(gen, inbox)
@@ -318,6 +349,10 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
     except Exception as e:  # noqa: BLE001 - reported typed, without values, to everyone
         if isinstance(e, P2PError):
             err = e
+            if group.active and isinstance(e, ProtocolError) and mb.aborted \
+                    and "deviated from the protocol" in mb.aborted:
+                # another party caught the cheater first: fail as it did (an abort either way)
+                err = CheatingDetected(f"SMPC session {session[:8]} aborted: {mb.aborted}")
         else:
             log.warning("smpc session %s failed: %s", session[:8], type(e).__name__)
             err = ProtocolError(f"party {group.parties[party]}: {type(e).__name__} in the protocol")

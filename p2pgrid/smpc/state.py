@@ -23,12 +23,13 @@ from typing import Any, Iterable
 import torch
 import trio
 
-from p2pgrid.errors import BadRequest, ProtocolError
+from p2pgrid.errors import BadRequest, PermissionDenied, ProtocolError
 from p2pgrid.ratelimit import Limiter
 
 __all__ = ["Group", "ShareRules", "Entry", "ModelRecord", "Mailbox", "SmpcState"]
 
 MAX_PARTIES = 8
+SECURITY_MODES = ("semi-honest", "active")
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,12 @@ class Group:
     parties: tuple[str, ...]
     dealer: str
     frac_bits: int = 16
+    security: str = "semi-honest"   # or "active": MAC-checked shares (p2pgrid.protocols.smpc.mac)
 
     def __post_init__(self):
+        if self.security not in SECURITY_MODES:
+            raise BadRequest(f"security must be one of {', '.join(SECURITY_MODES)}, not "
+                             f"{self.security!r}")
         object.__setattr__(self, "parties", tuple(self.parties))
         if not 2 <= len(self.parties) <= MAX_PARTIES:
             raise BadRequest(f"SMPC needs 2 to {MAX_PARTIES} parties")
@@ -59,7 +64,12 @@ class Group:
 
     @property
     def key(self) -> str:
-        return ",".join(self.parties) + "|" + self.dealer + f"|{self.frac_bits}"
+        key = ",".join(self.parties) + "|" + self.dealer + f"|{self.frac_bits}"
+        return key + "|active" if self.active else key
+
+    @property
+    def active(self) -> bool:
+        return self.security == "active"
 
     def index(self, name: str) -> int:
         try:
@@ -68,14 +78,18 @@ class Group:
             raise BadRequest(f"{name!r} is not a party of this computation") from None
 
     def to_wire(self) -> dict:
-        return {"parties": list(self.parties), "dealer": self.dealer, "frac_bits": self.frac_bits}
+        d = {"parties": list(self.parties), "dealer": self.dealer, "frac_bits": self.frac_bits}
+        if self.active:
+            d["security"] = self.security
+        return d
 
     @classmethod
     def from_wire(cls, d) -> "Group":
         if not isinstance(d, dict):
             raise BadRequest("group must be a map")
         try:
-            return cls(tuple(d["parties"]), d["dealer"], int(d.get("frac_bits", 16)))
+            return cls(tuple(d["parties"]), d["dealer"], int(d.get("frac_bits", 16)),
+                       str(d.get("security", "semi-honest")))
         except (KeyError, TypeError, ValueError):
             raise BadRequest("group needs parties, dealer and frac_bits") from None
 
@@ -173,6 +187,8 @@ class Entry:
     party: int
     rules: ShareRules
     expires: float
+    auth: Any = None        # active groups: p2pgrid.protocols.smpc.mac.AuthShared (value and MAC)
+    key_id: int = 0         # the dealer's MAC key the auth shares are under
 
     def __repr__(self) -> str:  # never a share value
         return f"Entry(shape={list(self.share.shape)}, party={self.party}, scale={self.scale})"
@@ -268,6 +284,7 @@ class SmpcState:
     material_bytes: _Lru = field(default_factory=lambda: _Lru(64))  # plan hash -> one session's
     next_session: dict[tuple, str] = field(default_factory=dict)  # (group key, chain) -> id
     finished: _Lru = field(default_factory=lambda: _Lru(256))  # session -> "ok" | error text
+    mac_keys: dict = field(default_factory=dict)           # group key -> (key id, alpha share)
     dealer: Any = None                                     # DealerService on crypto providers
     share_ttl: float = 6 * 3600.0
     mailbox_ttl: float = 120.0
@@ -295,6 +312,12 @@ class SmpcState:
         if e is None or e.expires < time.time():
             raise BadRequest(f"this party holds no shared tensor {id!r} (never shared here, "
                              "deleted or expired)")
+        if e.group != group and e.group.parties == group.parties and \
+                e.group.dealer == group.dealer and e.group.security != group.security:
+            raise PermissionDenied(
+                f"shared tensor {id!r} was shared with security={e.group.security!r} (its "
+                f"owner's choice, or its peer's smpc_security); this session runs "
+                f"security={group.security!r}: refused")
         if e.group != group:
             raise BadRequest(f"shared tensor {id!r} belongs to parties {list(e.group.parties)} "
                              f"dealt by {e.group.dealer}, not to this computation's group")

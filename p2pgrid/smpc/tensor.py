@@ -23,7 +23,8 @@ from typing import Any, Sequence
 import torch
 import trio
 
-from p2pgrid.errors import BadRequest, P2PError, PeerUnavailable, ProtocolError, ShapeError
+from p2pgrid.errors import (BadRequest, CheatingDetected, P2PError, PeerUnavailable, ProtocolError,
+                            ShapeError)
 from p2pgrid.expr import LazyTensor, Node
 from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
 from p2pgrid.protocols.smpc.program import OPS
@@ -151,11 +152,12 @@ class SharedTensor(LazyTensor):
     async def _run(self, *, keep: str = "", reveal: bool, truncation: str = "auto",
                    timeout: float = DEFAULT_TIMEOUT):
         program = self.program()
+        mask, rs = await output_masks(self._net, self.group, [self.shape] if reveal else [])
         replies = await run_on_parties(
             self._net, self.group,
             lambda s, nxt: RunProgram(s, self.group.to_wire(), program, [keep], [reveal], nxt,
-                                      truncation, timeout), timeout=timeout)
-        return replies
+                                      truncation, timeout, mask), timeout=timeout)
+        return replies, rs
 
     async def store(self, *, truncation: str = "auto", timeout: float = DEFAULT_TIMEOUT
                     ) -> "SharedTensor":
@@ -170,8 +172,8 @@ class SharedTensor(LazyTensor):
                      ) -> torch.Tensor:
         """Run the expression and reconstruct it here (float64; 0/1 or integers for
         comparisons and argmax). PermissionDenied unless the inputs' rules allow it."""
-        replies = await self._run(reveal=True, truncation=truncation, timeout=timeout)
-        return reconstruct_reply(replies, 0)
+        replies, rs = await self._run(reveal=True, truncation=truncation, timeout=timeout)
+        return result_of(replies, 0, rs)
 
     get = reveal
 
@@ -180,6 +182,22 @@ class SharedTensor(LazyTensor):
         if self._node.leaf is None:
             return
         await run_simple(self._net, self.group, DeleteShares([self._node.leaf]))
+
+
+async def output_masks(net, group: Group, shapes) -> tuple[str, list[torch.Tensor]]:
+    """For an active group: the dealer's masks for outputs this requester reconstructs."""
+    if not group.active or not shapes:
+        return "", []
+    from .active import request_masks
+    return await request_masks(net._peer, group, [list(s) for s in shapes])
+
+
+def result_of(replies: list[ProgramResult], i: int, masks: list[torch.Tensor]) -> torch.Tensor:
+    """Output i: summed shares (semi-honest) or the parties' agreed masked opening (active)."""
+    if not masks:
+        return reconstruct_reply(replies, i)
+    from .active import unmask
+    return unmask(replies, i, masks[i], replies[0].scales[i])
 
 
 def reconstruct_reply(replies: list[ProgramResult], i: int) -> torch.Tensor:
@@ -260,7 +278,8 @@ async def run_on_parties(net, group: Group, make_msg, *, timeout: float = DEFAUL
                 nursery.start_soon(one, i, name, nursery)
     if errors:
         errs = [e for _, e in sorted(errors, key=lambda t: t[0])]
-        errs.sort(key=lambda e: (not isinstance(e, PeerUnavailable), "aborted" in e.message))
+        errs.sort(key=lambda e: (not isinstance(e, CheatingDetected),
+                                 not isinstance(e, PeerUnavailable), "aborted" in e.message))
         raise errs[0]
     if any(r is None for r in replies):
         raise ProtocolError(f"parties did not answer within {timeout + 15:g} s")
@@ -292,11 +311,12 @@ async def reveal(*tensors: SharedTensor, truncation: str = "auto",
         first._check_operand(t, "reveal")
     program = first.program(list(tensors))
     k = len(tensors)
+    mask, rs = await output_masks(first._net, first.group, [t.shape for t in tensors])
     replies = await run_on_parties(
         first._net, first.group,
         lambda s, nxt: RunProgram(s, first.group.to_wire(), program, [""] * k, [True] * k, nxt,
-                                  truncation, timeout), timeout=timeout)
-    return [reconstruct_reply(replies, i) for i in range(k)]
+                                  truncation, timeout, mask), timeout=timeout)
+    return [result_of(replies, i, rs) for i in range(k)]
 
 
 class PrivateLoader:

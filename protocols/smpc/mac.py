@@ -23,8 +23,8 @@ it: a deviation raises :class:`~p2pgrid.errors.CheatingDetected` on every honest
 never a wrong result.
 
 The dealer (crypto provider) is trusted, as in semi-honest mode: it knows alpha and
-every mask. Shares are held as numpy object arrays of Python ints (exact 128-bit
-arithmetic; slow: see docs/SMPC.md for the measured cost). Coverage: input, linear
+every mask. Shares are uint64 limb pairs (:mod:`.ring128`: vectorized exact arithmetic
+mod 2^128, matrix products in float64 BLAS on 16-bit limbs). Coverage: input, linear
 ops, Beaver mul and matmul, fixed-point truncation with dealt authenticated pairs,
 comparison with zero and ReLU with dealt authenticated chunk tables, reveal.
 """
@@ -42,11 +42,12 @@ import torch
 
 from p2pgrid.errors import BadRequest, CheatingDetected, ProtocolError
 
+from . import ring128 as R
 from .messages import Round
 from .runtime import collect
 
 __all__ = ["K", "S", "AuthShared", "AuthDealer", "ActiveParty", "open_values", "mac_check",
-           "input_value", "mul", "matmul", "truncate", "ge_zero", "relu", "reveal", "run_active", "encode", "decode"]
+           "input_value", "open_masked", "mul", "matmul", "truncate", "ge_zero", "relu", "reveal", "run_active", "encode", "decode"]
 
 K, S = 64, 64
 CMP_BITS = K - 2
@@ -63,51 +64,52 @@ def _obj(a) -> np.ndarray:
 
 
 def _rand(shape, bits: int) -> np.ndarray:
-    """Uniform ints below 2^bits (64 or 128) from the OS CSPRNG."""
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    words = np.frombuffer(os.urandom(8 * n * (bits // 64)), dtype=np.uint64).astype(object)
-    out = words[:n] if bits == 64 else words[:n] + (words[n:] << 64)
-    return out.reshape(shape)
+    """Uniform ring elements below 2^bits (64 or 128) from the OS CSPRNG."""
+    return R.rand(shape, bits)
 
 
-def _to_wire(a: np.ndarray) -> torch.Tensor:
-    """Low k bits of each element as int64 words (what an opening sends)."""
-    u = (a & MASK_K).astype(np.uint64) if a.size else np.zeros(a.shape, np.uint64)
-    return torch.from_numpy(np.ascontiguousarray(u).view(np.int64).reshape(a.shape).copy())
+def _to_wire(lo: np.ndarray) -> torch.Tensor:
+    """Low words (a uint64 array) as int64 (what an input or an output sends)."""
+    # np.array (not ascontiguousarray, which makes 0-d arrays 1-d) keeps scalars scalars
+    return torch.from_numpy(np.array(lo, dtype=np.uint64).view(np.int64))
 
 
 def _from_wire(t: torch.Tensor) -> np.ndarray:
-    return t.numpy().view(np.uint64).astype(object)
+    return t.contiguous().numpy().view(np.uint64).copy()
 
 
 def _to_wire128(a: np.ndarray) -> torch.Tensor:
     """Full (k+s)-bit elements as int64 pairs (lo, hi), last dimension 2."""
-    lo, hi = _to_wire(a & MASK_K), _to_wire((a >> K) & MASK_K)
-    return torch.stack([lo, hi], dim=-1)
+    return R.to_wire(a)
 
 
 def _from_wire128(t: torch.Tensor) -> np.ndarray:
-    return (_from_wire(t[..., 0].contiguous()) + (_from_wire(t[..., 1].contiguous()) << K)) % MOD
+    return R.from_wire(t)
+
+
+def ints(a: np.ndarray) -> np.ndarray:
+    """Ring elements as exact Python ints (tests, reports)."""
+    return R.to_ints(a)
 
 
 def encode(x: torch.Tensor, frac_bits: int = 16) -> np.ndarray:
-    """Fixed point: round(x * 2^f) as exact ints (negative ints stay negative lifts)."""
-    ints = torch.round(x.to(torch.float64) * (1 << frac_bits)).to(torch.int64)
-    return ints.numpy().astype(object) % MOD
+    """Fixed point: round(x * 2^f) as ring elements (negatives as their lifts mod 2^128)."""
+    ints_ = torch.round(x.to(torch.float64) * (1 << frac_bits)).to(torch.int64)
+    return R.from_signed(ints_)
 
 
 def decode(opened: np.ndarray, frac_bits: int = 16) -> torch.Tensor:
-    """Opened values in [0, 2^k) read as signed fixed point."""
-    signed = np.vectorize(lambda v: v - (1 << K) if v >> (K - 1) else v, otypes=[object])(
-        _obj(opened) & MASK_K) if _obj(opened).size else _obj(opened)
-    return torch.tensor(signed.astype(np.float64) / (1 << frac_bits), dtype=torch.float64)
+    """Opened low words (uint64, values in [0, 2^k)) read as signed fixed point."""
+    signed = np.asarray(opened, dtype=np.uint64).view(np.int64)
+    return torch.from_numpy(np.asarray(signed.astype(np.float64) / (1 << frac_bits)))
 
 
 # ---------------------------------------------------------------- shares
 
 @dataclass
 class AuthShared:
-    """One party's share of an authenticated value: (x_i, m_i) mod 2^(k+s), elementwise."""
+    """One party's share of an authenticated value: (x_i, m_i) mod 2^(k+s), elementwise
+    (each a :mod:`.ring128` array: shape (2, *shape))."""
 
     value: np.ndarray
     mac: np.ndarray
@@ -115,7 +117,7 @@ class AuthShared:
 
     @property
     def shape(self):
-        return self.value.shape
+        return self.value.shape[1:]
 
     def __repr__(self):
         return f"AuthShared(shape={list(self.value.shape)}, scale={self.scale})"
@@ -133,21 +135,20 @@ class AuthDealer:
 
     def __init__(self, n_parties: int):
         self.n = n_parties
-        self.alpha = int(_rand((), S))
-        self.alpha_shares = self._split(_obj(self.alpha))
+        self.alpha = int.from_bytes(os.urandom(S // 8), "little")
+        self.alpha_shares = [R.to_int(a) for a in self._split(R.from_ints(self.alpha))]
         self._items: list[tuple[tuple, list[dict]]] = []
         self.bytes_dealt = [0] * n_parties
 
     def _split(self, v: np.ndarray) -> list[np.ndarray]:
-        v = _obj(v)
-        parts = [_rand(v.shape, K + S) for _ in range(self.n - 1)]
-        last = (v - sum(parts, _obj(np.zeros(v.shape, dtype=np.int64)) % MOD)) % MOD
-        return parts + [_obj(last)]
+        parts = [_rand(R.shape(v), K + S) for _ in range(self.n - 1)]
+        last = v
+        for p in parts:
+            last = R.sub(last, p)
+        return parts + [last]
 
     def _auth(self, v: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        vs = self._split(v % MOD)
-        ms = self._split((v * self.alpha) % MOD)
-        return list(zip(vs, ms))
+        return list(zip(self._split(v), self._split(R.mul_int(v, self.alpha))))
 
     def _deal(self, key: tuple) -> list[dict]:
         kind = key[0]
@@ -161,36 +162,36 @@ class AuthDealer:
             _, owner, shape = key
             r = _rand(shape, K)
             put("r", r)
-            out[owner]["r_clear"] = r
+            out[owner]["r_clear"] = R.low(r)
         elif kind == "triple":
             _, shape = key
             a, b = _rand(shape, K + S), _rand(shape, K + S)
-            put("a", a), put("b", b), put("c", (a * b) % MOD)
+            put("a", a), put("b", b), put("c", R.mul(a, b))
         elif kind == "mtriple":
             _, sa, sb = key
             a, b = _rand(sa, K + S), _rand(sb, K + S)
-            put("a", a), put("b", b), put("c", a.dot(b) % MOD)
+            put("a", a), put("b", b), put("c", R.matmul(a, b))
+        elif kind in ("linear", "truncmul"):
+            from . import mac_layers    # layer material builds on this module
+            values = mac_layers.linear_values(*key[1:]) if kind == "linear" else \
+                mac_layers.truncmul_values(*key[1:])
+            for name, v in values.items():
+                put(name, v)
         elif kind == "trunc":
             _, shape, f = key
-            r = _rand(shape, K)
-            put("r", r + (_rand(shape, S) << K))
-            put("r_hi", r >> f), put("r_msb", r >> (K - 1))
+            r = _rand(shape, K + S)       # the low k bits are the mask, the rest hides carries
+            put("r", r)
+            put("r_hi", R.from_u64(r[0] >> np.uint64(f))), put("r_msb", R.from_u64(r[0] >> np.uint64(K - 1)))
         elif kind == "cmp":
             _, shape = key
-            r = _rand(shape, K)
-            put("r", r + (_rand(shape, S) << K))
-            put("r_top", r >> CMP_BITS), put("r_msb", r >> (K - 1))
-            # one-hot tables of r_low's 4-bit chunks (the top chunk has 2 bits)
-            table = _obj(np.zeros(tuple(shape) + (CHUNKS, 16), dtype=np.int64))
-            for j in range(CHUNKS):
-                chunk = (r >> (4 * j)) & _chunk_mask(j)
-                for v in range(16):
-                    table[..., j, v] = (chunk == v).astype(np.int64) if chunk.shape else \
-                        int(chunk == v)
-            put("r_onehot", table)
+            r = _rand(shape, K + S)
+            put("r", r)
+            put("r_top", R.from_u64(r[0] >> np.uint64(CMP_BITS)))
+            put("r_msb", R.from_u64(r[0] >> np.uint64(K - 1)))
+            put("r_onehot", onehot_chunks(r[0]))
         elif kind == "outmask":
             _, shape = key
-            put("rho", _rand(shape, S) << K)
+            put("rho", R.lshift(_rand(shape, S), K))
         elif kind == "check":
             seeds = [os.urandom(16) for _ in range(self.n)]
             nonces = [os.urandom(_NONCE) for _ in range(self.n)]
@@ -213,7 +214,7 @@ class AuthDealer:
                                 f"{dealt_key[0]!r}: the parties ran different programs")
         part = parts[party]
         parts[party] = {}   # each party gets its part once
-        self.bytes_dealt[party] += sum(16 * np.size(v[0]) * 2 for v in part.values()
+        self.bytes_dealt[party] += sum(16 * R.numel(v[0]) * 2 for v in part.values()
                                        if isinstance(v, tuple) and isinstance(v[0], np.ndarray))
         return part
 
@@ -229,14 +230,21 @@ class ActiveParty:
     dealer: AuthDealer
     session: str = "session"
     frac_bits: int = 16
-    alpha: int = 0
+    alpha: int | None = None     # this party's share of the MAC key (else from the dealer)
+    planning: bool = False       # a dry run on zeros: checks verify nothing
+    key_id: int = 0
     _taken: int = 0
     _log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
     _transcript: Any = None
 
     def __post_init__(self):
-        self.alpha = int(self.dealer.alpha_shares[self.party])
         self._transcript = hashlib.sha256(self.session.encode())
+        if self.alpha is None:
+            if hasattr(self.dealer, "alpha_shares"):      # the in-memory dealer
+                self.alpha = int(self.dealer.alpha_shares[self.party])
+            else:                                         # a network feed: its first item
+                m = self.material("key")
+                self.alpha, self.key_id = m["alpha"], m["key"]
 
     @property
     def others(self) -> list[int]:
@@ -250,35 +258,46 @@ class ActiveParty:
     def auth(self, pair, scale=None) -> AuthShared:
         return AuthShared(pair[0], pair[1], self.frac_bits if scale is None else scale)
 
+    def check_shared(self, x, op: str, name: str = "operand") -> AuthShared:
+        if not isinstance(x, AuthShared):
+            raise BadRequest(f"{op}: {name} must be an authenticated share (got "
+                             f"{type(x).__name__})")
+        return x
+
     def cheating(self, what: str) -> CheatingDetected:
         return CheatingDetected(f"SMPC session {self.session}: {what}; a party deviated "
                                 f"from the protocol, nothing was revealed")
 
     # linear operations: local, on values and MACs alike
     def add(self, x: AuthShared, y: AuthShared) -> AuthShared:
-        return AuthShared((x.value + y.value) % MOD, (x.mac + y.mac) % MOD, x.scale)
+        return AuthShared(R.add(x.value, y.value), R.add(x.mac, y.mac), x.scale)
 
     def sub(self, x: AuthShared, y: AuthShared) -> AuthShared:
-        return AuthShared((x.value - y.value) % MOD, (x.mac - y.mac) % MOD, x.scale)
+        return AuthShared(R.sub(x.value, y.value), R.sub(x.mac, y.mac), x.scale)
 
     def add_public(self, x: AuthShared, c) -> AuthShared:
-        """x + c: one party adds c to its value share, every party adds alpha_i c to its MAC."""
-        c = _obj(c)
-        value = (x.value + c) % MOD if self.party == 0 else x.value + 0 * c
-        return AuthShared(value % MOD, (x.mac + self.alpha * c) % MOD, x.scale)
+        """x + c (c a ring array or an int): party 0 adds c to its value share, every party
+        adds alpha_i c to its MAC share."""
+        if isinstance(c, (int, np.integer)):
+            c = int(c) % MOD
+            value = R.add(x.value, c) if self.party == 0 else x.value
+            return AuthShared(value, R.add(x.mac, (self.alpha * c) % MOD), x.scale)
+        value = R.add(x.value, c) if self.party == 0 else R.add(x.value, R.zeros(R.shape(c)))
+        return AuthShared(value, R.add(x.mac, R.mul_int(c, self.alpha)), x.scale)
 
     def mul_public(self, x: AuthShared, c) -> AuthShared:
-        c = _obj(c)
-        return AuthShared((x.value * c) % MOD, (x.mac * c) % MOD, x.scale)
+        if isinstance(c, (int, np.integer)):
+            return AuthShared(R.mul_int(x.value, int(c)), R.mul_int(x.mac, int(c)), x.scale)
+        return AuthShared(R.mul(x.value, c), R.mul(x.mac, c), x.scale)
 
     def matmul_public(self, x: AuthShared, c, *, left: bool = False) -> AuthShared:
-        c = _obj(c)
         if left:
-            return AuthShared(c.dot(x.value) % MOD, c.dot(x.mac) % MOD, x.scale)
-        return AuthShared(x.value.dot(c) % MOD, x.mac.dot(c) % MOD, x.scale)
+            return AuthShared(R.matmul(c, x.value), R.matmul(c, x.mac), x.scale)
+        return AuthShared(R.matmul(x.value, c), R.matmul(x.mac, c), x.scale)
 
     def record(self, opened: np.ndarray, share: AuthShared) -> None:
-        self._log.append((opened.reshape(-1), share.value.reshape(-1), share.mac.reshape(-1)))
+        self._log.append((opened.reshape(2, -1), share.value.reshape(2, -1),
+                          share.mac.reshape(2, -1)))
 
     def note(self, payload: bytes) -> None:
         self._transcript.update(len(payload).to_bytes(8, "little") + payload)
@@ -290,16 +309,15 @@ def open_values(ctx: ActiveParty, tag: str, values: dict[str, AuthShared]):
     """One round: open several authenticated values in full (k+s bits), recorded for the
     check. Callers open only values masked by a dealt mask uniform in Z_2^(k+s) (or, for
     outputs, masked by 2^k rho), so the upper s bits reveal nothing."""
-    inbox = yield Round(tag, broadcast={n: _to_wire128(v.value) for n, v in values.items()})
+    sent = {n: _to_wire128(v.value) for n, v in values.items()}
+    inbox = yield Round(tag, broadcast=sent)
     out = {}
     for name, v in values.items():
-        mine = _to_wire128(v.value)
         total = v.value
-        for t in collect(ctx, inbox, name, mine):
-            total = total + _from_wire128(t)
-        total = _obj(total % MOD)
+        for t in collect(ctx, inbox, name, sent[name]):
+            total = R.add(total, _from_wire128(t))
         ctx.record(total, v)
-        ctx.note(_to_wire128(total).numpy().tobytes())
+        ctx.note(np.ascontiguousarray(total).tobytes())
         out[name] = total
     return out
 
@@ -312,14 +330,15 @@ def input_value(ctx: ActiveParty, owner: int, value: torch.Tensor | None, shape)
     if ctx.party == owner:
         if value is None or tuple(value.shape) != shape:
             raise BadRequest("the input owner must pass a value of the announced shape")
-        e = (encode(value, ctx.frac_bits) - m["r_clear"]) % (1 << K)
+        with np.errstate(over="ignore"):
+            e = encode(value, ctx.frac_bits)[0] - m["r_clear"]
         yield Round("a/input", broadcast={"e": _to_wire(e)})
     else:
         inbox = yield Round("a/input")
         (t,) = collect(ctx, inbox, "e", torch.empty(shape, dtype=torch.int64), senders=[owner])
         e = _from_wire(t)
-    ctx.note(_to_wire(e).numpy().tobytes())
-    return ctx.add_public(r, e)
+    ctx.note(np.ascontiguousarray(e).tobytes())
+    return ctx.add_public(r, R.from_u64(e))
 
 
 def mul(ctx: ActiveParty, x: AuthShared, y: AuthShared, tag: str = "a/mul"):
@@ -331,7 +350,7 @@ def mul(ctx: ActiveParty, x: AuthShared, y: AuthShared, tag: str = "a/mul"):
     o = yield from open_values(ctx, tag, {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
     d, e = o["d"], o["e"]
     z = ctx.add(c, ctx.add(ctx.mul_public(b, d), ctx.mul_public(a, e)))
-    z = ctx.add_public(z, (d * e) % MOD)
+    z = ctx.add_public(z, R.mul(d, e))
     z.scale = x.scale + y.scale
     return z
 
@@ -343,7 +362,7 @@ def matmul(ctx: ActiveParty, x: AuthShared, y: AuthShared):
     o = yield from open_values(ctx, "a/matmul", {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
     d, e = o["d"], o["e"]
     z = ctx.add(c, ctx.add(ctx.matmul_public(b, d, left=True), ctx.matmul_public(a, e)))
-    z = ctx.add_public(z, d.dot(e) % MOD)
+    z = ctx.add_public(z, R.matmul(d, e))
     z.scale = x.scale + y.scale
     return z
 
@@ -361,10 +380,11 @@ def truncate(ctx: ActiveParty, x: AuthShared, bits: int | None = None):
     r, r_hi, r_msb = ctx.auth(m["r"]), ctx.auth(m["r_hi"]), ctx.auth(m["r_msb"])
     off = 1 << (K - 2)
     o = yield from open_values(ctx, "a/trunc", {"c": ctx.add_public(ctx.add(x, r), off)})
-    c = o["c"] % (1 << K)
-    not_msb_c = 1 - (c >> (K - 1))
+    c = o["c"][0]                                     # its low k bits
+    not_msb_c = R.from_u64(np.uint64(1) - (c >> np.uint64(K - 1)))
     wrap = ctx.mul_public(r_msb, not_msb_c)
-    z = ctx.sub(ctx.add_public(ctx.mul_public(wrap, 1 << (K - bits)), c >> bits), r_hi)
+    z = ctx.sub(ctx.add_public(ctx.mul_public(wrap, 1 << (K - bits)),
+                               R.from_u64(c >> np.uint64(bits))), r_hi)
     z = ctx.add_public(z, -(off >> bits) % MOD)
     z.scale = x.scale - bits
     return z
@@ -376,6 +396,18 @@ def _part(x: AuthShared, index) -> AuthShared:
 
 def _chunk_mask(j: int) -> int:
     return (1 << min(4, CMP_BITS - 4 * j)) - 1
+
+
+def chunks_of(low: np.ndarray) -> np.ndarray:
+    """The 4-bit chunks of the low CMP_BITS bits (uint64, last axis CHUNKS, low first)."""
+    return np.stack([(low >> np.uint64(4 * j)) & np.uint64(_chunk_mask(j))
+                     for j in range(CHUNKS)], -1)
+
+
+def onehot_chunks(low: np.ndarray) -> np.ndarray:
+    """One-hot tables of the chunks: ring elements of shape low.shape + (CHUNKS, 16)."""
+    return R.from_u64((chunks_of(low)[..., None] == np.arange(16, dtype=np.uint64))
+                      .astype(np.uint64))
 
 
 def ge_zero(ctx: ActiveParty, x: AuthShared):
@@ -394,17 +426,14 @@ def ge_zero(ctx: ActiveParty, x: AuthShared):
     table = ctx.auth(m["r_onehot"], 0)
     off = 1 << CMP_BITS
     o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, r), off)})
-    c = o["c"] % (1 << K)
-    vals = np.arange(16)
-    chunks = np.stack([((c >> (4 * j)) & _chunk_mask(j)).astype(np.int64)
-                       for j in range(CHUNKS)], -1) if np.ndim(c) else \
-        np.array([(int(c) >> (4 * j)) & _chunk_mask(j) for j in range(CHUNKS)])
-    pick_eq = _obj((vals == chunks[..., None]).astype(np.int64))
-    pick_lt = _obj((vals > chunks[..., None]).astype(np.int64))
+    c = o["c"][0]                                     # its low k bits
+    vals = np.arange(16, dtype=np.uint64)
+    chunks = chunks_of(c)
+    pick_eq = (vals == chunks[..., None]).astype(np.uint64)
+    pick_lt = (vals > chunks[..., None]).astype(np.uint64)
 
-    def reduce(pick):
-        t = ctx.mul_public(table, pick)
-        return AuthShared(t.value.sum(-1) % MOD, t.mac.sum(-1) % MOD, 0)
+    def reduce(pick):   # sums of 0/1-selected table entries: exact on each limb
+        return AuthShared(R.sum_(table.value * pick, -1), R.sum_(table.mac * pick, -1), 0)
 
     lt, eq = reduce(pick_lt), reduce(pick_eq)          # shape + (CHUNKS,), low chunk first
     while lt.value.shape[-1] > 1:
@@ -420,9 +449,10 @@ def ge_zero(ctx: ActiveParty, x: AuthShared):
         lt = ctx.add(_part(lt, hi), _part(prod, (..., slice(0, half))))
         eq = _part(prod, (..., slice(half, None)))
     borrow = _part(lt, (..., 0))
-    wrap = ctx.mul_public(r_msb, 1 - (c >> (K - 1)))
-    bit = ctx.sub(ctx.add(ctx.mul_public(wrap, 4), ctx.add_public(ctx.mul_public(borrow, -1 % MOD),
-                                                                    c >> CMP_BITS)), r_top)
+    wrap = ctx.mul_public(r_msb, R.from_u64(np.uint64(1) - (c >> np.uint64(K - 1))))
+    bit = ctx.sub(ctx.add(ctx.mul_public(wrap, 4),
+                          ctx.add_public(ctx.mul_public(borrow, -1 % MOD),
+                                         R.from_u64(c >> np.uint64(CMP_BITS)))), r_top)
     bit.scale = 0
     return bit
 
@@ -445,8 +475,9 @@ def _bytes_tensor(b: bytes) -> torch.Tensor:
 
 
 def _coefficients(seed: bytes, n: int) -> np.ndarray:
+    """n coefficients uniform in Z_2^s (ring elements), from the joint seed."""
     stream = hashlib.shake_256(b"p2pgrid-mac-chi" + seed).digest(8 * n)
-    return _obj([int.from_bytes(stream[8 * i:8 * i + 8], "little") for i in range(n)])
+    return R.from_u64(np.frombuffer(stream, dtype=np.uint64))
 
 
 def mac_check(ctx: ActiveParty):
@@ -464,7 +495,7 @@ def mac_check(ctx: ActiveParty):
     inbox = yield Round("a/check/seed", broadcast={"seed": _bytes_tensor(seed + nonce),
                                                    "transcript": _bytes_tensor(digest)})
     joint = bytearray(seed)
-    for p in ctx.others:
+    for p in ([] if ctx.planning else ctx.others):
         got = inbox.get(p, {})
         s_n, tr = got.get("seed"), got.get("transcript")
         if s_n is None or tr is None or s_n.numel() != 16 + _NONCE or tr.numel() != 32:
@@ -476,18 +507,21 @@ def mac_check(ctx: ActiveParty):
             raise ctx.cheating(f"party {p} saw other broadcasts than party {ctx.party}")
         joint = bytearray(a ^ b for a, b in zip(joint, s_n[:16]))
     if ctx._log:
-        opened = np.concatenate([o for o, _, _ in ctx._log])
-        macs = np.concatenate([mc for _, _, mc in ctx._log])
-        chi = _coefficients(bytes(joint), opened.size)
-        y = int(np.dot(chi, opened)) % MOD
-        m_sh = int(np.dot(chi, macs)) % MOD
+        opened = np.concatenate([o for o, _, _ in ctx._log], 1)
+        macs = np.concatenate([mc for _, _, mc in ctx._log], 1)
+        chi = _coefficients(bytes(joint), opened.shape[1])
+        y = R.to_int(R.sum_(R.mul(chi, opened)))
+        m_sh = R.to_int(R.sum_(R.mul(chi, macs)))
     else:
         y = m_sh = 0
     sigma = (m_sh - ctx.alpha * y) % MOD
-    sig = _to_wire128(_obj([sigma]))
+    sig = _to_wire128(R.from_ints([sigma]))
     digest_s, nonce_s = _commit(sig.numpy().tobytes())
     inbox = yield Round("a/check/commit", broadcast={"c": _bytes_tensor(digest_s)})
     theirs = {}
+    if ctx.planning:
+        yield Round("a/check/open", broadcast={"s": sig, "n": _bytes_tensor(nonce_s)})
+        return True
     for p in ctx.others:
         c = inbox.get(p, {}).get("c")
         if c is None or c.numel() != 32:
@@ -504,7 +538,7 @@ def mac_check(ctx: ActiveParty):
         if not hmac.compare_digest(hashlib.sha256(bytes(n.tolist()) + s.numpy().tobytes())
                                    .digest(), theirs[p]):
             raise ctx.cheating(f"party {p} opened another value than it committed to")
-        acc += int(_from_wire128(s)[0])
+        acc += R.to_int(_from_wire128(s))
     if acc % MOD:
         raise ctx.cheating("MAC check failed")
     ctx._log.clear()
@@ -520,10 +554,28 @@ def reveal(ctx: ActiveParty, *xs: AuthShared, decode_out: bool = True):
         masked[str(i)] = ctx.add(x, ctx.auth(ctx.material("outmask", x.shape)["rho"]))
     opened = yield from open_values(ctx, "a/reveal", masked)
     yield from mac_check(ctx)
-    outs = [opened[str(i)] % (1 << K) for i in range(len(xs))]
+    outs = [opened[str(i)][0] for i in range(len(xs))]      # low k bits
     if decode_out:
         outs = [decode(o, x.scale) for o, x in zip(outs, xs)]
     return outs
+
+
+def open_masked(ctx: ActiveParty, pairs: list[tuple[AuthShared, AuthShared]]):
+    """Open x + r for each (x, r), r a mask only the requester knows, then check everything.
+
+    The parties see x + r only (uniform: r is dealt uniformly in Z_2^k), so one batched
+    check after the opening suffices (no check before it: nothing a tampered opening
+    could make x depend on reaches anyone but the requester, and only after the check).
+    The low k bits of each x + r come back; the requester subtracts r. 1 + 3 rounds."""
+    masked = {}
+    for i, (x, r) in enumerate(pairs):
+        if x.shape != r.shape:
+            raise BadRequest(f"output {i} has shape {list(x.shape)}, its mask {list(r.shape)}")
+        rho = ctx.auth(ctx.material("outmask", x.shape)["rho"])
+        masked[str(i)] = ctx.add(ctx.add(x, r), rho)
+    opened = (yield from open_values(ctx, "a/output", masked)) if masked else {}
+    yield from mac_check(ctx)
+    return [opened[str(i)][0] for i in range(len(pairs))]   # low k bits (uint64)
 
 
 def run_active(n_parties: int, program: Callable[[ActiveParty], Any], *, session: str = "test",

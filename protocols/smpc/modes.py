@@ -6,7 +6,8 @@ every party, where `ops` offers the same fixed-point operations in both modes:
 ``reveal``. In ``"active"`` mode they are the MAC-checked ones of :mod:`.mac` (a
 deviating party makes every honest party raise CheatingDetected); in ``"semi-honest"``
 mode, the plain ones (dealer truncation, so both modes use dealt truncation pairs).
-The network sessions (p2pgrid.smpc) do not take ``security="active"`` yet.
+Network sessions (p2pgrid.smpc) take the same switch per group (``security=`` on
+``net.share``, ``pointer.share``, ``net.encrypt_model``).
 """
 
 from __future__ import annotations

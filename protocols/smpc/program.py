@@ -321,8 +321,13 @@ def signature(program, leaf_shapes: Mapping[str, tuple], extra=()) -> str:
 
 # ---------------------------------------------------------------- running
 
-def run_program(ctx: PartyContext, program, leaves: Mapping[str, Shared]) -> Protocol[list[Shared]]:
-    """This party's protocol for `program`; returns its shares of the outputs, in order."""
+def run_program(ctx: PartyContext, program, leaves: Mapping[str, Shared], *,
+                ops: Mapping[str, OpSpec] | None = None, shared: type = Shared
+                ) -> Protocol[list[Shared]]:
+    """This party's protocol for `program`; returns its shares of the outputs, in order.
+    `ops`: the op table (default :data:`OPS`; actively secure programs pass theirs, and
+    their `shared` type)."""
+    ops = OPS if ops is None else ops
     nodes, outputs = _nodes(program)
     n = len(nodes)
     values: list[Any] = [None] * n
@@ -352,7 +357,7 @@ def run_program(ctx: PartyContext, program, leaves: Mapping[str, Shared]) -> Pro
                     values[i], done[i] = ctx.check_shared(x, "program"), True
                     continue
                 args, kwargs = _args(node, i, lambda j: values[j])
-                out = OPS[node["op"]].run(ctx, *args, **kwargs)
+                out = ops[node["op"]].run(ctx, *args, **kwargs)
                 if hasattr(out, "send") and hasattr(out, "throw"):   # a protocol generator
                     try:
                         running[i] = (out, next(out))
@@ -392,7 +397,7 @@ def run_program(ctx: PartyContext, program, leaves: Mapping[str, Shared]) -> Pro
         start_ready()
     result = []
     for i in outputs:
-        if not isinstance(values[i], Shared):
+        if not isinstance(values[i], shared):
             raise BadRequest(f"program output {i} is not a shared tensor")
         result.append(values[i])
     return result

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import secrets
 
+import numpy as np
 import torch
 
 from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc import ring128 as R
 from p2pgrid.protocols.smpc.messages import Round
 
 DEVIATIONS = ("add1", "flip", "replay", "mac", "equivocate")
@@ -27,8 +29,8 @@ DEVIATIONS = ("add1", "flip", "replay", "mac", "equivocate")
 
 def _shift(theirs, sent, honest):
     """`theirs` + (sent - honest) in Z_2^128 (int64 word pairs)."""
-    val = (mac._from_wire128(theirs) + mac._from_wire128(sent) - mac._from_wire128(honest))
-    return mac._to_wire128(val % mac.MOD)
+    val = R.sub(R.add(R.from_wire(theirs), R.from_wire(sent)), R.from_wire(honest))
+    return R.to_wire(val)
 
 
 def catching(gen):
@@ -99,8 +101,10 @@ class Cheater:
                         rnd = gen.send(inbox)
                         for j in range(mark, len(ctx._log)):
                             o, v, m = ctx._log[j]
-                            m = m.copy()
-                            m[secrets.randbelow(m.size)] += 1 + secrets.randbelow(1 << 64)
+                            m = m.copy()   # 2 limbs x openings: change one low word
+                            with np.errstate(over="ignore"):
+                                m[0, secrets.randbelow(m.shape[1])] += np.uint64(
+                                    1 + secrets.randbelow(1 << 62))
                             ctx._log[j] = (o, v, m)
                         inbox = yield rnd
                         continue

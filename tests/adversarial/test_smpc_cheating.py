@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from p2pgrid.errors import CheatingDetected
-from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc import mac, mac_layers
 
 from smpc_cheater import Cheater, catching
 
@@ -54,11 +54,27 @@ def _relu(ctx):
     return (yield from mac.reveal(ctx, (yield from mac.relu(ctx, xs))))
 
 
+def _truncmul(ctx):
+    xs, ws = yield from _inputs(ctx)
+    z = yield from mac.matmul(ctx, xs, ws)
+    bit = yield from mac.ge_zero(ctx, z)
+    return (yield from mac.reveal(ctx, (yield from mac_layers.truncmul(ctx, z, bit, 16))))
+
+
+def _layer(ctx):
+    """A training layer's passes: the forward opening and the backward one (g - G)."""
+    xs, ws = yield from _inputs(ctx)
+    z, saved = yield from mac_layers.linear_forward(ctx, xs, ws, train=True)
+    dw, gx = yield from mac_layers.linear_backward(ctx, z, saved)
+    return (yield from mac.reveal(ctx, dw, gx))
+
+
 # round type -> (the round's tag, a small program that has it)
 ROUND_TYPES = {"mul": ("a/mul", _mul), "matmul": ("a/matmul", _matmul),
                "truncation": ("a/trunc", _truncation), "comparison": ("a/cmp", _relu),
                "comparison-and": ("a/cmp/and", _relu), "relu": ("a/relu", _relu),
-               "reveal": ("a/reveal", _mul)}
+               "reveal": ("a/reveal", _mul), "truncmul": ("a/truncmul", _truncmul),
+               "linear": ("a/linear", _layer), "linear-backward": ("a/linear/back", _layer)}
 
 
 def _run(cheater: Cheater, session: str, program):
@@ -99,8 +115,77 @@ def test_smpc_input_equivocation_is_detected():
 
 def test_honest_runs_never_raise():
     for i in range(RUNS):
-        for program, want in ((_truncation, X.double() @ W.double()),
-                              (_relu, X.double().clamp(min=0))):
+        x, w = X.double(), W.double()
+        for program, want in ((_truncation, [x @ w]), (_relu, [x.clamp(min=0)]),
+                              (_truncmul, [(x @ w).clamp(min=0)]),
+                              (_layer, [x.T @ (x @ w), (x @ w) @ w.T])):
             outs = mac.run_active(N, program, session=f"honest-{i}").outputs
             for out in outs:
-                assert (out[0] - want).abs().max() < 1e-3
+                for got, exp in zip(out, want):
+                    assert (got - exp).abs().max() < 1e-3
+
+
+# ---------------------------------------------------------------- over real peers
+
+async def test_smpc_cheating_party_over_the_network(tmp_path):
+    """A party whose peer adds 1 to a share it sends (a test-only PeerConfig field, which no
+    profile or message can set) in an active session: the honest parties raise
+    CheatingDetected, the requester gets CheatingDetected, nothing is released or kept:
+    no result, no stored output, the model's parameters unchanged."""
+    from torch import nn
+
+    from p2pgrid import smpc
+    from p2pgrid.config import PeerConfig
+    from p2pgrid.testing import open_network
+
+    dealer, parties = "university", ("hospital", "clinic", "public")
+    cfgs = [PeerConfig(name=n, data_dir=tmp_path / n, smpc_parties=parties,
+                       crypto_providers=(dealer,)) for n in parties]
+    cfgs.append(PeerConfig(name=dealer, roles=("crypto-provider",), data_dir=tmp_path / dealer))
+    cfgs.append(PeerConfig(name="company", data_dir=tmp_path / "company"))
+    async with open_network(cfgs, tmp_path, gossip_interval=0.5, ttl=30.0) as grid:
+        net = grid.net("company")
+        kw = dict(parties=parties, dealer=dealer, security="active")
+        a = torch.randn(3, 4, dtype=torch.float64)
+        A = await net.share(a, **kw)
+        model = nn.Sequential(nn.Linear(4, 2)).double()
+        enc = await net.encrypt_model(model, requires_grad=True, **kw)
+        Y = await net.share(torch.randn(3, 2, dtype=torch.float64), **kw)
+        close_ok = (await (A * A).reveal() - a * a).abs().max()   # honest: fine
+        assert close_ok < 1e-3
+
+        honest = [grid[n].extensions["smpc"] for n in ("hospital", "public")]
+        before = [dict(s.shares) for s in honest]
+        # from now on the clinic's peer deviates (the field is only read, never sent)
+        clinic = grid["clinic"]
+        object.__setattr__(clinic.config, "smpc_test_cheat", "add1")
+
+        attempts = [lambda: (A * A).reveal(), lambda: (A @ A.T).relu().store(),
+                    lambda: enc.fit_batch(A, Y, optimizer=smpc.SGD(enc, lr=0.1)),
+                    lambda: enc.predict(A)]
+        for attempt in attempts:
+            with pytest.raises(CheatingDetected) as err:
+                await attempt()
+            assert err.value.status == 409 and "\n" not in str(err.value)
+        for state, old in zip(honest, before):
+            outcomes = [v for v in state.finished.values() if v != "ok"]
+            assert len(outcomes) == len(attempts)
+            assert all(v.startswith("CheatingDetected") for v in outcomes), outcomes
+            # nothing kept: the same shares as before, the model's parameters untouched
+            assert set(state.shares) == set(old)
+            assert all(state.shares[k] is old[k] for k in old)
+
+        object.__setattr__(clinic.config, "smpc_test_cheat", "")
+        close_ok = (await (A * A).reveal() - a * a).abs().max()   # the peers keep serving
+        assert close_ok < 1e-3
+
+
+def test_cheat_hook_is_not_a_profile_key(tmp_path):
+    """The deviation hook is a test double's switch: no profile can turn it on."""
+    from p2pgrid.config import ProfileError, load_profile
+    profile = tmp_path / "p.toml"
+    profile.write_text('[peer]\nname = "h"\nsmpc_test_cheat = "add1"\n')
+    with pytest.raises(ProfileError, match="smpc_test_cheat"):
+        load_profile(profile)
+    profile.write_text('[peer]\nname = "h"\nsmpc_security = "active"\n')
+    assert load_profile(profile).smpc_security == "active"

@@ -1,0 +1,340 @@
+"""Authenticated dealer material as it travels: requests, seed-compressed Materials, planning.
+
+Active sessions over the network (p2pgrid.smpc, ``security="active"``) take their
+material from the crypto provider's dealer service like semi-honest ones: one
+:class:`~.messages.Request` per item of a plan found by a dry run, answered with one
+:class:`~.messages.Material` per party. Here are the ``a_*`` kinds:
+
+* every value the dealer authenticates travels as two components, ``NAME.v`` (the
+  party's value share) and ``NAME.m`` (its MAC share), elements of Z_2^128 as int64
+  word pairs (last dimension 2). Parties 0..n-2 expand both from their 16-byte seed
+  (AES-CTR, :mod:`.prg`): only the last party receives explicit corrections, as in
+  semi-honest mode;
+* ``a_key`` carries the party's share of the group's MAC key alpha and the key's id.
+  The key is fixed per (dealer, group), so shares kept between sessions stay checkable;
+* ``a_check`` carries the party's check seed, its nonce and the dealer's commitments to
+  every party's seed (see :func:`.mac.mac_check`).
+
+:class:`MacKey` is the dealer's key of one group (alpha from the OS CSPRNG).
+:func:`deal` serves one request; :class:`NetworkFeed` turns a party's expanded
+material back into what :mod:`.mac`'s protocols take; :func:`plan` finds a program's
+requests with a dry run of one party.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
+
+from . import mac, mac_layers
+from . import ring128 as R
+from .messages import Material, Request
+from .prg import Prg, new_seed
+
+__all__ = ["MacKey", "MaterialDealer", "deal", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
+           "key_material", "AUTH_KINDS"]
+
+AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_outmask", "a_check",
+              "a_mask", "a_input", "a_linear", "a_truncmul")
+MAX_ITEM_ELEMENTS = 1 << 24        # 128-bit elements of one item (before the MAC copy)
+
+
+@dataclass
+class MacKey:
+    """A group's MAC key on the dealer: alpha uniform in Z_2^s, its shares, an id."""
+
+    alpha: int
+    shares: list[int]
+    id: int
+
+    @classmethod
+    def new(cls, n: int) -> "MacKey":
+        alpha = int.from_bytes(os.urandom(mac.S // 8), "little")
+        shares = [int.from_bytes(os.urandom((mac.K + mac.S) // 8), "little") for _ in range(n - 1)]
+        shares.append((alpha - sum(shares)) % mac.MOD)
+        return cls(alpha, shares, int.from_bytes(os.urandom(8), "little") >> 1)
+
+
+# ---------------------------------------------------------------- what each kind holds
+
+def _shape(s) -> tuple[int, ...]:
+    out = tuple(int(d) for d in s)
+    if any(d < 0 for d in out):
+        raise ShapeError("negative dimension")
+    return out
+
+
+def _auth_names(req: Request) -> list[tuple[str, tuple[int, ...]]]:
+    """The authenticated values of one item, with their shapes."""
+    k = req.kind
+    if k in ("a_triple",):
+        (s,) = [_shape(x) for x in req.shapes]
+        return [("a", s), ("b", s), ("c", s)]
+    if k == "a_mtriple":
+        sa, sb = [_shape(x) for x in req.shapes]
+        if len(sa) != 2 or len(sb) != 2 or sa[1] != sb[0]:
+            raise ShapeError(f"shapes {list(sa)} and {list(sb)} do not fit a matrix product")
+        return [("a", sa), ("b", sb), ("c", (sa[0], sb[1]))]
+    if k == "a_trunc":
+        (s,) = [_shape(x) for x in req.shapes]
+        return [("r", s), ("r_hi", s), ("r_msb", s)]
+    if k == "a_truncmul":
+        (s,) = [_shape(x) for x in req.shapes]
+        return [(name, s) for name in ("r", "r_hi", "r_msb", "b", "r_hi_b", "r_msb_b")]
+    if k == "a_linear":
+        (m, kk), (k2, n) = [_shape(x) for x in req.shapes]
+        if k2 != kk:
+            raise ShapeError("a layer's shapes do not fit a matrix product")
+        out = [("A", (m, kk)), ("B", (kk, n)), ("C", (m, n))]
+        if req.param:
+            out += [("G", (m, n)), ("D", (kk, n)), ("E", (m, kk))]
+        return out
+    if k == "a_cmp":
+        (s,) = [_shape(x) for x in req.shapes]
+        return [("r", s), ("r_top", s), ("r_msb", s), ("r_onehot", s + (mac.CHUNKS, 16))]
+    if k == "a_outmask":
+        (s,) = [_shape(x) for x in req.shapes]
+        return [("rho", s)]
+    if k == "a_mask":
+        return [(f"r{i}", _shape(s)) for i, s in enumerate(req.shapes)]
+    if k == "a_input":
+        (s,) = [_shape(x) for x in req.shapes]
+        return [("r", s)]
+    return []
+
+
+def auth_spec(req: Request, n: int) -> list[tuple[str, tuple[int, ...]]]:
+    """Every component (name, int64 shape) a party receives for `req`."""
+    if req.kind not in AUTH_KINDS:
+        raise BadRequest(f"unknown authenticated material kind {req.kind!r}")
+    if req.kind == "a_key":
+        return [("alpha", (2,)), ("key", (1,))]
+    if req.kind == "a_check":
+        return [("seed", (4,)), ("commits", (4 * n,))]
+    names = _auth_names(req)
+    total = sum(int(np.prod(s, dtype=np.int64)) for _, s in names)
+    if total > MAX_ITEM_ELEMENTS:
+        raise BadRequest(f"an authenticated item has at most {MAX_ITEM_ELEMENTS} elements")
+    out = []
+    for name, s in names:
+        out += [(f"{name}.v", s + (2,)), (f"{name}.m", s + (2,))]
+    return out
+
+
+def to_request(key: tuple) -> Request:
+    """The network request for one of :class:`.mac.ActiveParty`'s material keys."""
+    kind = key[0]
+    if kind == "triple":
+        return Request("a_triple", (key[1],))
+    if kind == "mtriple":
+        return Request("a_mtriple", (key[1], key[2]))
+    if kind == "trunc":
+        return Request("a_trunc", (key[1],), int(key[2]))
+    if kind == "linear":
+        return Request("a_linear", (key[1], key[2]), int(bool(key[3])))
+    if kind == "truncmul":
+        return Request("a_truncmul", (key[1],), int(key[2]))
+    if kind in ("cmp", "outmask"):
+        return Request("a_" + kind, (key[1],))
+    if kind == "check":
+        return Request("a_check", ())
+    if kind == "key":
+        return Request("a_key", ())
+    if kind == "input":
+        return Request("a_input", (key[2],), int(key[1]))
+    raise ProtocolError(f"material {kind!r} is not dealt to network sessions")
+
+
+# ---------------------------------------------------------------- dealing
+
+def _words(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.int64).clone()
+
+
+def key_material(key: MacKey, n: int) -> list[Material]:
+    """Each party's alpha share and the key id (explicit: fixed across sessions)."""
+    return [Material("a_key", p, new_seed(), (("alpha", (2,)), ("key", (1,))),
+                     {"alpha": R.to_wire(R.from_ints([key.shares[p]])).reshape(2),
+                      "key": torch.tensor([key.id], dtype=torch.int64)}) for p in range(n)]
+
+
+def _clear_values(req: Request) -> dict[str, np.ndarray]:
+    """The values the dealer authenticates for one item (exact ints)."""
+    names = dict(_auth_names(req))
+    k = req.kind
+    u = np.uint64
+    if k == "a_triple":
+        s = names["a"]
+        a, b = R.rand(s), R.rand(s)
+        return {"a": a, "b": b, "c": R.mul(a, b)}
+    if k == "a_mtriple":
+        a, b = R.rand(names["a"]), R.rand(names["b"])
+        return {"a": a, "b": b, "c": R.matmul(a, b)}
+    if k == "a_trunc":
+        s, f = names["r"], req.param
+        if not 0 < f < mac.K - 1:
+            raise BadRequest("truncation bits out of range")
+        r = R.rand(s)          # the low k bits are the mask, the high ones hide carries
+        return {"r": r, "r_hi": R.from_u64(r[0] >> u(f)), "r_msb": R.from_u64(r[0] >> u(mac.K - 1))}
+    if k == "a_linear":
+        return mac_layers.linear_values(names["A"], names["B"], bool(req.param))
+    if k == "a_truncmul":
+        return mac_layers.truncmul_values(names["r"], req.param)
+    if k == "a_cmp":
+        r = R.rand(names["r"])
+        return {"r": r, "r_top": R.from_u64(r[0] >> u(mac.CMP_BITS)),
+                "r_msb": R.from_u64(r[0] >> u(mac.K - 1)), "r_onehot": mac.onehot_chunks(r[0])}
+    if k == "a_outmask":
+        return {"rho": R.lshift(R.rand(names["rho"], mac.S), mac.K)}
+    if k in ("a_mask", "a_input"):
+        return {name: R.rand(s, mac.K) for name, s in names.items()}
+    raise BadRequest(f"unknown authenticated material kind {k!r}")
+
+
+def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[Material]:
+    """One Material per party for `req` under the group's MAC key.
+
+    `clear`, if given, receives the unshared values (the requester's output masks)."""
+    if req.kind == "a_key":
+        return key_material(key, n)
+    spec = auth_spec(req, n)
+    seeds = [new_seed() for _ in range(n)]
+    if req.kind == "a_check":
+        ss = [os.urandom(16) for _ in range(n)]
+        nonces = [os.urandom(mac._NONCE) for _ in range(n)]
+        commits = b"".join(hashlib.sha256(s + c).digest() for s, c in zip(ss, nonces))
+        return [Material(req.kind, p, seeds[p], tuple(spec),
+                         {"seed": _words(ss[p] + nonces[p]), "commits": _words(commits)})
+                for p in range(n)]
+    values = _clear_values(req)
+    if clear is not None:
+        clear.update(values)
+    fixes: dict[str, torch.Tensor] = {}
+    index = {name: i for i, (name, _) in enumerate(spec)}
+    for name, v in values.items():
+        shape = R.shape(v)
+        for part, target in (("v", v), ("m", R.mul_int(v, key.alpha))):
+            comp = f"{name}.{part}"
+            for p in range(n - 1):
+                target = R.sub(target, R.from_wire(
+                    Prg(seeds[p]).int64(shape + (2,), stream=index[comp])))
+            fixes[comp] = R.to_wire(target)
+    out = [Material(req.kind, p, seeds[p], tuple(spec), fixes if p == n - 1 else {})
+           for p in range(n)]
+    if req.kind == "a_input":     # the input owner (harness inputs) learns its mask
+        owner = req.param
+        if not 0 <= owner < n:
+            raise BadRequest("input owner out of range")
+        m = out[owner]
+        out[owner] = Material(m.kind, owner, m.seed, m.spec + (("r_clear", names_shape(req)),),
+                              {**m.corrections, "r_clear": mac._to_wire(values["r"][0])})
+    return out
+
+
+def names_shape(req: Request) -> tuple[int, ...]:
+    return _shape(req.shapes[0])
+
+
+class MaterialDealer:
+    """An in-memory dealer serving :class:`.mac.ActiveParty` with the network's material
+    (seed-compressed Materials, expanded by each party): what the harness and the local
+    benchmark use to measure what active sessions cost, dealer bytes included."""
+
+    def __init__(self, n: int):
+        self.n, self.key = n, MacKey.new(n)
+        self._items: list[tuple[Request, list[Material]]] = []
+        self.bytes_dealt = [0] * n
+
+    def take(self, party: int, index: int, key: tuple) -> dict:
+        req = to_request(key)
+        if index == len(self._items):
+            self._items.append((req, deal(req, self.n, self.key)))
+        if index >= len(self._items) or self._items[index][0] != req:
+            raise ProtocolError("parties asked the dealer for different material")
+        m = self._items[index][1][party]
+        self.bytes_dealt[party] += m.nbytes
+        return NetworkFeed(lambda r: m.expand(), self.n).take(party, index, key)
+
+
+# ---------------------------------------------------------------- the party's side
+
+class NetworkFeed:
+    """A party's material for :class:`.mac.ActiveParty` from expanded network Materials.
+
+    `take_expanded(request)` returns the next expanded item (a dict of int64 tensors) and
+    checks it is the one the plan has next (p2pgrid.smpc.session.BundleFeed does)."""
+
+    def __init__(self, take_expanded: Callable[[Request], dict], n: int):
+        self._take, self.n = take_expanded, n
+
+    def take(self, party: int, index: int, key: tuple) -> dict:
+        req = to_request(key)
+        got = self._take(req)
+        out: dict[str, Any] = {}
+        if req.kind == "a_check":
+            raw = got["seed"].numpy().tobytes()
+            commits = got["commits"].numpy().tobytes()
+            if len(raw) != 16 + mac._NONCE or len(commits) != 32 * self.n:
+                raise ProtocolError("the dealer sent a malformed check item")
+            out["seed"] = (raw[:16], raw[16:], [commits[32 * i:32 * i + 32] for i in range(self.n)])
+            return out
+        if req.kind == "a_key":
+            out["alpha"] = R.to_int(R.from_wire(got["alpha"].reshape(1, 2)))
+            out["key"] = int(got["key"][0])
+            return out
+        for comp, t in got.items():
+            if "." not in comp:
+                out[comp] = mac._from_wire(t)          # the input owner's clear mask
+        for name in {c.split(".")[0] for c in got if "." in c}:
+            out[name] = (mac._from_wire128(got[f"{name}.v"]), mac._from_wire128(got[f"{name}.m"]))
+        return out
+
+
+class _PlanFeed:
+    """Records a dry run's requests and stands in zeros for their material."""
+
+    def __init__(self, n: int):
+        self.log: list[Request] = []
+        self.n = n
+
+    def take(self, party: int, index: int, key: tuple) -> dict:
+        req = to_request(key)
+        self.log.append(req)
+        zeros = {name: torch.zeros(s, dtype=torch.int64) for name, s in auth_spec(req, self.n)}
+        if req.kind == "a_check":
+            return {"seed": (bytes(16), bytes(mac._NONCE), [bytes(32)] * self.n)}
+        return NetworkFeed(lambda r: zeros, self.n).take(party, index, key)
+
+
+def plan(party: int, n: int, program: Callable[["mac.ActiveParty"], Any], frac_bits: int,
+         max_rounds: int = 100_000) -> list[Request]:
+    """The requests `program` makes on `party`, by running that party alone on zeros.
+
+    Every other party "answers" each round with what this party sent it, as
+    :func:`.harness.plan_party` does for semi-honest programs; the MAC checks of the dry
+    run verify nothing (``planning``)."""
+    feed = _PlanFeed(n)
+    ctx = mac.ActiveParty(party, n, feed, "plan", frac_bits, planning=True)
+    gen = program(ctx)
+    if not inspect.isgenerator(gen):
+        return feed.log
+    try:
+        out = next(gen)
+        rounds = 0
+        while True:
+            rounds += 1
+            if rounds > max_rounds:
+                raise ProtocolError(f"more than {max_rounds} rounds")
+            inbox = {q: out.payload_for(q) for q in range(n) if q != party}
+            out = gen.send({q: p for q, p in inbox.items() if p})
+    except StopIteration:
+        pass
+    return feed.log

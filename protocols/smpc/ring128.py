@@ -1,0 +1,236 @@
+"""Vectorized arithmetic in Z_2^128: arrays of two uint64 limbs, no Python ints.
+
+An element array of logical shape S is a numpy ``uint64`` array of shape ``(2, *S)``:
+``a[0]`` the low 64 bits, ``a[1]`` the high 64 bits. Every operation is exact mod
+2^128 and runs in numpy: additions carry with a comparison, products split into 32-bit
+halves, matrix products go through 16-bit limbs in float64 BLAS (each partial product
+< 2^32, each dot product of up to 2^18 terms < 2^53: exact), sums split into 32-bit
+pieces. Local ops that move elements (reshape, slicing, transpose, concatenation) apply
+the same numpy function to each limb (:func:`apply`).
+
+Why not Python ints in object arrays (the first version of :mod:`.mac`): a 784x128
+matrix product cost ~10^6 interpreted multiplications per party; here it is 36 BLAS
+products on float64 in one torch matmul.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+
+__all__ = ["zeros", "from_ints", "to_ints", "from_u64", "from_signed", "rand", "add", "sub", "neg",
+           "mul", "mul_int", "matmul", "sum_", "rshift", "lshift", "low", "apply", "to_wire",
+           "from_wire", "shape", "numel", "to_int", "MASK64"]
+
+MASK64 = (1 << 64) - 1
+_U = np.uint64
+_LO32 = _U(0xFFFFFFFF)
+_MAX_INNER = 1 << 18          # dot-product length that keeps 16-bit limb sums exact in float64
+
+
+def shape(a: np.ndarray) -> tuple[int, ...]:
+    return tuple(a.shape[1:])
+
+
+def numel(a: np.ndarray) -> int:
+    return int(a[0].size)
+
+
+def zeros(s) -> np.ndarray:
+    return np.zeros((2, *tuple(s)), dtype=_U)
+
+
+def from_u64(lo) -> np.ndarray:
+    """Values below 2^64 (uint64 array) as ring elements."""
+    lo = np.asarray(lo, dtype=_U)
+    return np.stack([lo, np.zeros_like(lo)])
+
+
+def from_signed(v) -> np.ndarray:
+    """int64 values (numpy or torch) as their lifts in Z_2^128 (negatives sign-extended)."""
+    v = v.numpy() if isinstance(v, torch.Tensor) else np.asarray(v, dtype=np.int64)
+    lo = v.astype(np.int64).view(_U)
+    hi = np.where(v < 0, _U(MASK64), _U(0)).astype(_U)
+    return np.stack([lo, hi])
+
+
+def from_ints(v) -> np.ndarray:
+    """Python ints (any sign; an object array or a scalar) reduced mod 2^128."""
+    o = np.asarray(v, dtype=object) % (1 << 128)
+    return np.stack([np.asarray(o & MASK64, dtype=object).astype(_U),
+                     np.asarray(o >> 64, dtype=object).astype(_U)])
+
+
+def to_ints(a: np.ndarray) -> np.ndarray:
+    """Exact Python ints (an object array), for tests and reports only."""
+    return a[0].astype(object) + (a[1].astype(object) << 64)
+
+
+def to_int(a: np.ndarray) -> int:
+    """The only element of a one-element array."""
+    return int(a[0].reshape(-1)[0]) + (int(a[1].reshape(-1)[0]) << 64)
+
+
+def rand(s, bits: int = 128) -> np.ndarray:
+    """Uniform below 2^bits (64 or 128) from the OS CSPRNG."""
+    s = tuple(s)
+    n = int(np.prod(s, dtype=np.int64)) if s else 1
+    lo = np.frombuffer(os.urandom(8 * n), dtype=_U).reshape(s)
+    hi = np.frombuffer(os.urandom(8 * n), dtype=_U).reshape(s) if bits > 64 else \
+        np.zeros(s, dtype=_U)
+    return np.stack([lo, hi])
+
+
+def _split(c: int) -> tuple[np.uint64, np.uint64]:
+    c %= 1 << 128
+    return _U(c & MASK64), _U(c >> 64)
+
+
+def add(a, b) -> np.ndarray:
+    if isinstance(b, int):
+        b0, b1 = _split(b)
+    else:
+        b0, b1 = b[0], b[1]
+    with np.errstate(over="ignore"):
+        lo = a[0] + b0
+        hi = a[1] + b1 + (lo < a[0]).astype(_U)
+    return np.stack(np.broadcast_arrays(lo, hi))
+
+
+def sub(a, b) -> np.ndarray:
+    if isinstance(b, int):
+        b0, b1 = _split(b)
+    else:
+        b0, b1 = b[0], b[1]
+    with np.errstate(over="ignore"):
+        lo = a[0] - b0
+        hi = a[1] - b1 - (a[0] < b0).astype(_U)
+    return np.stack(np.broadcast_arrays(lo, hi))
+
+
+def neg(a) -> np.ndarray:
+    return sub(zeros(()), a) if a.ndim == 1 else sub(np.zeros_like(a), a)
+
+
+def _mul64(x, y):
+    """Full 128-bit products of uint64 arrays: (low, high) words."""
+    x0, x1 = x & _LO32, x >> _U(32)
+    y0, y1 = y & _LO32, y >> _U(32)
+    with np.errstate(over="ignore"):
+        p00, p01, p10, p11 = x0 * y0, x0 * y1, x1 * y0, x1 * y1
+        mid = (p00 >> _U(32)) + (p01 & _LO32) + (p10 & _LO32)
+        lo = (p00 & _LO32) | (mid << _U(32))
+        hi = p11 + (p01 >> _U(32)) + (p10 >> _U(32)) + (mid >> _U(32))
+    return lo, hi
+
+
+def mul(a, b) -> np.ndarray:
+    """Elementwise product mod 2^128 (broadcasting)."""
+    if isinstance(b, int):
+        return mul_int(a, b)
+    lo, hi = _mul64(a[0], b[0])
+    with np.errstate(over="ignore"):
+        hi = hi + a[0] * b[1] + a[1] * b[0]
+    return np.stack(np.broadcast_arrays(lo, hi))
+
+
+def mul_int(a, c: int) -> np.ndarray:
+    c0, c1 = _split(int(c))
+    lo, hi = _mul64(a[0], np.full(a[0].shape, c0, dtype=_U))
+    with np.errstate(over="ignore"):
+        hi = hi + a[0] * c1 + a[1] * c0
+    return np.stack([lo, hi])
+
+
+def _limbs16(a) -> torch.Tensor:
+    """The 8 16-bit limbs of each element, low first, as float64: shape (8, *shape)."""
+    parts = [((w >> _U(16 * k)) & _U(0xFFFF)) for w in (a[0], a[1]) for k in range(4)]
+    return torch.from_numpy(np.stack(parts).astype(np.float64))
+
+
+def _shifted(v: np.ndarray, bits: int) -> np.ndarray:
+    """A uint64 array times 2^bits, as a ring element (bits < 128)."""
+    if bits == 0:
+        return from_u64(v)
+    if bits < 64:
+        return np.stack([v << _U(bits), v >> _U(64 - bits)])
+    return np.stack([np.zeros_like(v), v << _U(bits - 64)])
+
+
+def matmul(a, b) -> np.ndarray:
+    """Matrix product mod 2^128 of 2-d ring arrays (float64 BLAS on 16-bit limbs)."""
+    n_inner = a.shape[-1]
+    if n_inner > _MAX_INNER:
+        acc = None
+        for s in range(0, n_inner, _MAX_INNER):
+            part = matmul(a[..., s:s + _MAX_INNER], b[:, s:s + _MAX_INNER])
+            acc = part if acc is None else add(acc, part)
+        return acc
+    m, n = a.shape[1], b.shape[2]
+    # one BLAS call (torch: its thread setting, not numpy's spinning OpenBLAS pool) for
+    # all 64 limb products; the 36 with i + j < 8 matter mod 2^128
+    la = _limbs16(a).reshape(8 * m, n_inner)
+    lb = _limbs16(b).permute(1, 0, 2).reshape(n_inner, 8 * n)
+    prod = (la @ lb).view(8, m, 8, n)
+    acc = zeros((m, n))
+    for s in range(8):
+        total = prod[0, :, s, :].clone()
+        for i in range(1, s + 1):
+            total += prod[i, :, s - i, :]
+        acc = add(acc, _shifted(total.numpy().astype(_U), 16 * s))
+    return acc
+
+
+def sum_(a, axis=None, keepdims: bool = False) -> np.ndarray:
+    """Sum over logical `axis` (None: all), mod 2^128."""
+    if axis is None:
+        axes = tuple(range(1, a.ndim))
+    elif isinstance(axis, (tuple, list)):
+        axes = tuple(x + 1 if x >= 0 else x for x in axis)
+    else:
+        axes = (axis + 1 if axis >= 0 else axis,)
+    pieces = [(a[0] & _LO32), (a[0] >> _U(32)), (a[1] & _LO32), (a[1] >> _U(32))]
+    sums = [np.sum(p[None], axis=axes, keepdims=keepdims, dtype=_U)[0] for p in pieces]
+    acc = from_u64(sums[0])
+    for k in range(1, 4):
+        acc = add(acc, _shifted(sums[k], 32 * k))
+    return acc
+
+
+def rshift(a, n: int) -> np.ndarray:
+    """Logical right shift of the 128-bit value."""
+    if n == 0:
+        return a.copy()
+    if n < 64:
+        return np.stack([(a[0] >> _U(n)) | (a[1] << _U(64 - n)), a[1] >> _U(n)])
+    return np.stack([a[1] >> _U(n - 64), np.zeros_like(a[1])])
+
+
+def lshift(a, n: int) -> np.ndarray:
+    if n == 0:
+        return a.copy()
+    if n < 64:
+        return np.stack([a[0] << _U(n), (a[1] << _U(n)) | (a[0] >> _U(64 - n))])
+    return np.stack([np.zeros_like(a[0]), a[0] << _U(n - 64)])
+
+
+def low(a) -> np.ndarray:
+    """The low 64 bits (a uint64 array of the logical shape)."""
+    return a[0].copy()
+
+
+def apply(a, fn: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A function that only moves elements (reshape, index, transpose...), on both limbs."""
+    return np.stack([np.array(fn(a[0])), np.array(fn(a[1]))])
+
+
+def to_wire(a) -> torch.Tensor:
+    """(…, 2) int64: low then high word (what openings and dealer corrections carry)."""
+    return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, 0, -1)).view(np.int64).copy())
+
+
+def from_wire(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(np.moveaxis(t.contiguous().numpy().view(_U), -1, 0))

@@ -1,0 +1,105 @@
+"""Active security (MAC-checked shares) over real peers: ops, encrypted inference and a
+training step match plaintext; the owner's ``smpc_security = "active"`` is enforced on
+its own peer; the cheating party is in tests/adversarial/test_smpc_cheating.py."""
+
+import pytest
+import torch
+from torch import nn
+
+from p2pgrid import smpc
+from p2pgrid.config import PeerConfig
+from p2pgrid.errors import PermissionDenied
+from p2pgrid.testing import open_network
+
+DEALER = "university"
+NET = dict(gossip_interval=0.5, ttl=30.0)
+ACTIVE = dict(security="active")
+
+
+def peers(tmp_path, *names, **extra):
+    """Parties trusting each other and the dealer; `extra` maps a name to config changes."""
+    out = [PeerConfig(name=n, data_dir=tmp_path / n, smpc_parties=names,
+                      crypto_providers=(DEALER,), **extra.get(n, {})) for n in names]
+    return [*out, PeerConfig(name=DEALER, roles=("crypto-provider",), data_dir=tmp_path / DEALER)]
+
+
+def close(got, want, tol):
+    got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert (got - want).abs().max().item() <= tol
+
+
+async def test_active_ops_match_plaintext(tmp_path):
+    async with open_network(peers(tmp_path, "hospital", "clinic", "company"), tmp_path,
+                            **NET) as grid:
+        net = grid.net("company")
+        g = torch.Generator().manual_seed(1)
+        a = torch.randn(4, 3, generator=g, dtype=torch.float64) * 3
+        b = torch.randn(4, 3, generator=g, dtype=torch.float64)
+        w = torch.randn(3, 2, generator=g, dtype=torch.float64)
+        kw = dict(parties=("hospital", "clinic"), dealer=DEALER, **ACTIVE)
+        A, B, W = [await net.share(t, **kw) for t in (a, b, w)]
+        assert A.group.security == "active"
+        cases = [(A + B, a + b, 1e-4), (A - 1.5, a - 1.5, 1e-4), (A * B, a * b, 1e-3),
+                 (A * 0.25, a * 0.25, 1e-4), (A @ W, a @ w, 1e-3), (A.relu(), a.relu(), 1e-4),
+                 (A >= B, (a >= b).double(), 0), (A.sum(0), a.sum(0), 1e-3),
+                 (A.mean(), a.mean(), 1e-3), (A[1:3, ::2], a[1:3, ::2], 1e-4),
+                 (A.T, a.T, 1e-4), (smpc.cat([A, B], 0), torch.cat([a, b]), 1e-4)]
+        got = await smpc.reveal(*[c[0] for c in cases])
+        for (_, want, tol), value in zip(cases, got):
+            close(value, want, tol)
+        kept = await (A @ W)                      # stays shared, with its MACs
+        close(await (kept.relu() + 1).reveal(), (a @ w).relu() + 1, 1e-3)
+
+
+async def test_active_training_step_and_inference_match_plaintext(tmp_path):
+    async with open_network(peers(tmp_path, "hospital", "clinic", "company"), tmp_path,
+                            **NET) as grid:
+        net = grid.net("company")
+        torch.manual_seed(3)
+        model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+        x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+        kw = dict(parties=("hospital", "clinic"), dealer=DEALER, **ACTIVE)
+        enc = await net.encrypt_model(model, requires_grad=True, **kw)
+        close(await enc.predict(x), model(x).detach(), 2e-3)           # plaintext input
+        X, Y = await net.share(x, **kw), await net.share(y, **kw)
+        close(await enc.predict(X), model(x).detach(), 2e-3)           # shared input
+        loss = await enc.fit_batch(X, Y, optimizer=smpc.SGD(enc, lr=0.1))
+        want = nn.functional.mse_loss(model(x), y)
+        want.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= 0.1 * p.grad
+        assert abs(loss - want.item()) < 2e-3
+        trained = await enc.decrypt()
+        for p, q in zip(trained.parameters(), model.parameters()):
+            close(p.detach(), q.detach(), 2e-3)
+
+
+async def test_owner_requiring_active_refuses_semi_honest(tmp_path):
+    cfg = {"hospital": {"smpc_security": "active"}}
+    async with open_network(peers(tmp_path, "hospital", "clinic", "public", "company", **cfg),
+                            tmp_path, **NET) as grid:
+        hospital, company = grid.net("hospital"), grid.net("company")
+        t = torch.arange(12.0, dtype=torch.float64).reshape(4, 3)
+        await hospital.publish(t, tags=["vitals"], compute=["company"], get=["company"])
+        await grid.wait_searchable("#vitals")
+        remote = (await company.search("#vitals"))["hospital"][0]
+        with pytest.raises(PermissionDenied) as err:
+            await remote.share("clinic", "public", dealer=DEALER)
+        msg = str(err.value)
+        assert "smpc_security" in msg and "active" in msg and "\n" not in msg
+        shared = await remote.share("clinic", "public", dealer=DEALER, **ACTIVE)
+        close(await (shared * 2).reveal(), t * 2, 1e-4)
+        # the hospital's own tensors: shared actively by default, semi-honest refused
+        own = await hospital.share(t, parties=("clinic", "public"), dealer=DEALER,
+                                   reveal=["company"], compute=["company"])
+        assert own.group.security == "active"
+        with pytest.raises(PermissionDenied, match="smpc_security"):
+            await hospital.share(t, parties=("clinic", "public"), dealer=DEALER,
+                                 security="semi-honest")
+        # a semi-honest session on the active shares: every party refuses
+        handle = company.shared(own.id, own.shape, parties=("clinic", "public"), dealer=DEALER)
+        with pytest.raises(PermissionDenied) as err:
+            await (handle + 1).reveal()
+        assert "security" in str(err.value) and "\n" not in str(err.value)
