@@ -435,6 +435,60 @@ async def test_a_refused_call_is_answered_at_once(tmp_path, monkeypatch):
             assert time.monotonic() - t0 < 5
 
 
+# ------------------------------------------------------------------ ways back (sans network)
+
+async def _encode(msg):
+    return msg
+
+
+async def _serving(links, key_id):
+    with trio.fail_after(5):
+        while not links.has(key_id):
+            await trio.sleep(0.01)
+
+
+async def test_frames_written_by_concurrent_senders_stay_whole_and_in_order():
+    from types import SimpleNamespace
+    links, caller, out = push.BackLinks(_encode), SimpleNamespace(key_id="k", name="c"), []
+
+    async def write(part):   # a slow writer: senders overlap
+        await trio.sleep(0.01)
+        out.append(bytes(part))
+
+    big = [bytes([n]) * (1 << 17) for n in range(3)]   # each frame goes out in two parts
+    async with trio.open_nursery() as n:
+        n.start_soon(links.serve, caller, "L", write)
+        await _serving(links, "k")
+        for body in big:
+            n.start_soon(links.send, "k", body)
+            await trio.sleep(0)   # started in this order
+        with trio.fail_after(5):
+            while len(out) < 6:
+                await trio.sleep(0.01)
+        links.close("k", "L")
+    reader = push.FrameReader(1 << 20)
+    assert [f for part in out for f in reader.feed(part)] == big
+
+
+async def test_a_frame_that_does_not_go_out_in_time_ends_its_way_back():
+    # a caller that stops reading must not hold a replying task (or the link) for good
+    from types import SimpleNamespace
+    links = push.BackLinks(_encode, write_timeout=0.3)
+    caller = SimpleNamespace(key_id="k", name="c")
+
+    async def stuck(part):
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(links.serve, caller, "L", stuck)
+        await _serving(links, "k")
+        with trio.fail_after(5):
+            assert await links.send("k", b"reply") is False
+            while links.has("k"):   # serve returned: the way back is gone
+                await trio.sleep(0.01)
+        assert await links.send("k", b"next") is False   # nothing open: never queued
+
+
 # ------------------------------------------------------------------ the caller's address
 
 @message("test.where")
