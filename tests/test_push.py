@@ -123,32 +123,29 @@ async def test_a_link_carries_messages_both_ways_and_closes_cleanly(tmp_path):
         assert broke == []                           # cleanly, on both sides
 
 
-async def test_links_both_ways_stay_open_while_their_ways_back_carry_everything(tmp_path, monkeypatch):
-    # Both peers push at once (an SMPC round), so each opens a link; from then on each sends
-    # on the way back of the other's link and its own push body carries nothing. The
-    # receiver must not time such a body out while the link is in use.
-    monkeypatch.setattr(push, "IDLE", 0.3)
-    monkeypatch.setattr(push, "GRACE", 0.5)
+async def test_a_link_kept_open_by_its_way_back_is_not_cut_for_silence(tmp_path, monkeypatch):
+    # a opened a link to b once; b then sends to a on its way back for longer than the
+    # receiver waits for a silent push body, and a has nothing to send. The link stays open
+    # (traffic comes back on it), so its body must not look dead to b.
+    monkeypatch.setattr(push, "IDLE", 1.0)
+    monkeypatch.setattr(push, "GRACE", 1.0)   # b waits 2 s for a silent body
     cfgs = [p2pgrid.PeerConfig(name=n, data_dir=tmp_path / n, read_timeout=1.0) for n in "ab"]
     async with open_network(cfgs, tmp_path, routers=[notes]) as grid:
         a, b = grid["a"], grid["b"]
         broke = []
         for p in (a, b):
             p.push_listeners.append(lambda name, why, p=p: broke.append((p.name, name, why)))
-            p.pushers.idle = 0.3
-        async with trio.open_nursery() as nursery:   # two links, one from each side
-            nursery.start_soon(a.pushers.push, "b", a.target(a.record("b")), Note(0, torch.zeros(1)))
-            nursery.start_soon(b.pushers.push, "a", b.target(b.record("a")), Note(0, torch.zeros(1)))
-        await _wait_notes(a, 1)
+        await a.push("b", Note(0, torch.zeros(1)))
         await _wait_notes(b, 1)
-        with trio.fail_after(10):
-            while not (a.links.has(b.key_id) and b.links.has(a.key_id)):
-                await trio.sleep(0.05)
-        for n in range(1, 31):                       # 3 s of traffic, well over read_timeout
-            await a.push("b", Note(n, torch.zeros(1)))
+        await b.push("a", Note(0, torch.zeros(1)))   # on a's link, way back
+        await _wait_notes(a, 1)
+        a.pushers.idle = 1.0
+        await a.push("b", Note(1, torch.zeros(1)))   # a's next wait is a short one
+        for n in range(1, 51):                       # 5 s of traffic back, well over 2 s
             await b.push("a", Note(n, torch.zeros(1)))
             await trio.sleep(0.1)
-        assert len(await _wait_notes(a, 31)) == 31 and len(await _wait_notes(b, 31)) == 31
+        assert not b.pushers._streams                # all of it on a's link, way back
+        assert len(await _wait_notes(a, 51)) == 51
         assert broke == []
 
 
