@@ -283,9 +283,8 @@ class Calls:
     async def _reply(self, caller: Caller, answer: CallReply) -> None:
         # on a link open between us, never a new dial; a caller whose link broke has
         # been told so by its own end and no longer waits
-        with trio.move_on_after(self.peer.config.request_timeout):
-            if await self.peer.reply(caller.key_id, answer):
-                return
+        if await self.peer.reply(caller.key_id, answer, timeout=self.peer.config.request_timeout):
+            return
         log.info("could not answer a call from %s: no stream between us is open",
                  caller.name)
 

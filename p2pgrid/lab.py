@@ -299,8 +299,14 @@ class Lab:
     """N hosts on one emulated LAN. Use as a context manager, or ``start()``/``close()``."""
 
     def __init__(self, hosts, link: LinkSpec = LinkSpec(), *, lab_id: str | None = None,
-                 subnet: str = "10.77.0", python: str | None = None, emulator: str = "auto"):
+                 subnet: str = "10.77.0", python: str | None = None, emulator: str = "auto",
+                 sysctls: dict[str, str] | None = None):
         names = list(hosts)
+        # per-namespace kernel settings for every host (net.* sysctls are per namespace)
+        self.sysctls = dict(sysctls or {})
+        for key in self.sysctls:
+            if not re.fullmatch(r"net\.[a-z0-9_.]+", key):
+                raise ValueError(f"sysctl {key!r}: only net.* settings, which stay in the lab")
         if not names:
             raise ValueError("a lab needs at least one host")
         for n in names:
@@ -400,6 +406,8 @@ class Lab:
         _sh(["ip", "-n", ns, "link", "set", "eth0", "multicast", "on", "up"])
         # mDNS sends to 224.0.0.251; with no default route the group needs its own
         _sh(["ip", "-n", ns, "route", "add", "224.0.0.0/4", "dev", "eth0"])
+        for key, value in self.sysctls.items():
+            _sh(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
         self._shape(h)
         if self.kind == "vde":
             self._plug(h)

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ from .directory import MAX_OBJECTS, Directory, ObjectSummary, PeerRecord
 from .errors import NotFound, P2PError, PeerUnavailable, PermissionDenied, Unauthenticated
 from .gossip import gossip_loop
 from .identity import Identity
-from .calls import Calls
+from .calls import Calls, Nop
 from .clock import check_clock
 from .push import BackLinks, Pushers
 from .router import Router
@@ -91,8 +92,9 @@ class Peer:
                 target, push.PULL_PATH, on_data, started, digest=push.PULL_DIGEST,
                 headers={push.LINK_HEADER: link}),
             deliver=self._deliver, max_frame=max(config.max_body, push.MIN_FRAME),
-            busy=lambda key_id: self.calls.waits_on(key_id))
-        self.links = BackLinks(_encode_push)   # ways back that peers opened to us
+            busy=lambda key_id: self.calls.waits_on(key_id), keepalive=Nop())
+        # ways back that peers opened to us; a frame they do not take ends its link
+        self.links = BackLinks(_encode_push, write_timeout=config.write_timeout)
         self.calls = Calls(self)
         self.router = Router()
         self.router.include(core_router)
@@ -391,13 +393,17 @@ class Peer:
         return await self.transport.request(self.target(rec), msg, timeout=timeout)
 
     async def push(self, to: str | PeerRecord, msg) -> None:
-        """Send `msg` one way (see :mod:`p2pgrid.push`): on the way back of a link that
-        peer opened to us if there is one, else on our own link to the address of its
-        signed record; delivered in order, no reply. Breaks are reported to
+        """Send `msg` one way (see :mod:`p2pgrid.push`): on our own link to that peer if
+        one is open, else on the way back of a link it opened to us, else on a new link of
+        ours to the address of its signed record; delivered in order, no reply. Breaks are reported to
         `push_listeners`."""
         rec = to if isinstance(to, PeerRecord) else self.record(to)
         if rec.key_id == self.key_id:
             await self.router.dispatch(self, Caller(self.name, self.identity.public_bytes), msg)
+            return
+        # one route while it lasts: a message sent on another route could overtake
+        # those still queued on ours
+        if await self.pushers.send_existing(rec.key_id, msg):
             return
         if await self.links.send(rec.key_id, msg):
             return
@@ -406,10 +412,15 @@ class Peer:
         await self.pushers.push(self.directory.label(rec), self.target(rec), msg,
                                 public_key=rec.public_key)
 
-    async def reply(self, key_id: str, msg) -> bool:
+    async def reply(self, key_id: str, msg, *, timeout: float) -> bool:
         """Send `msg` to the peer with `key_id` on a link already open between us: the way
-        back of one it opened, else one we opened. Never dials; False if none is open."""
-        return await self.links.send(key_id, msg) or await self.pushers.send_existing(key_id, msg)
+        back of one it opened, else one we opened. Never dials; False if none is open or
+        the message could not be sent within `timeout`."""
+        if await self.links.send(key_id, msg, timeout=timeout):
+            return True
+        with trio.move_on_after(timeout):
+            return await self.pushers.send_existing(key_id, msg)
+        return False
 
     async def _deliver(self, name: str, public_key: bytes, frame: bytes,
                        address: str = "") -> None:
@@ -418,7 +429,7 @@ class Peer:
         limit = max(self.config.max_body, push.MIN_FRAME)
         msg = wire.decode(frame, max_size=limit, adopt=True)
         try:
-            await self.router.dispatch(self, Caller(name, public_key, address=address), msg)
+            await self.router.dispatch(self, _link_caller(name, public_key, address), msg)
         except P2PError as e:   # nobody to answer, as for a pushed message
             log.debug("%s from %s on its way back refused: %s", type(msg).__name__, name, e.code)
 
@@ -569,6 +580,12 @@ class Peer:
 def _rules_text(r: Rules) -> str:
     return "; ".join(f"{right} {','.join(getattr(r, right)) or '-'}"
                      for right in ("compute", "get", "aggregate")) + f"; min_rows {r.min_rows}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _link_caller(name: str, public_key: bytes, address: str) -> Caller:
+    # one per link rather than one per frame: a Caller hashes its key for key_id once
+    return Caller(name, public_key, address=address)
 
 
 async def _encode_push(msg) -> bytes:

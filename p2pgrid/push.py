@@ -55,6 +55,7 @@ LINK_HEADER = "x-p2p-link"   # pairs a push stream with its way back
 LINKS_PER_CALLER = 4   # ways back one caller may hold open here; its oldest closes beyond
 LINGER = 5.0           # seconds a closing link waits for its way back to end cleanly
 IDLE = 30.0            # seconds without a message before a push stream closes
+GRACE = 15.0           # the receiver waits IDLE + GRACE for a silent push body before a 408
 QUEUE = 64             # messages queued per destination before push() waits
 HEADER = 4
 MIN_FRAME = 4 << 20    # bytes a stream takes in one frame, even where max_body is smaller
@@ -144,7 +145,9 @@ class Pushers:
     that came back. `encode(msg)` gives the message's CBOR bytes.
     `retire(target)` makes the transport's next stream to `target` take a new
     connection. `busy(key_id)` says whether a call to that peer waits for its reply
-    (its link then stays open however idle).
+    (its link then stays open however idle). `keepalive` (a message whose handler does
+    nothing) is written on a stream kept open while its own body has been silent for
+    `idle` seconds, so that the receiver does not cut it.
     """
 
     def __init__(self, open_stream: Callable[..., Awaitable[None]],
@@ -152,8 +155,10 @@ class Pushers:
                  retire: Callable[[object], None] = lambda target: None,
                  open_back: Callable[..., Awaitable[None]] | None = None,
                  deliver: Deliver | None = None, max_frame: int = MIN_FRAME,
-                 busy: Callable[[str], bool] = lambda key_id: False):
+                 busy: Callable[[str], bool] = lambda key_id: False,
+                 keepalive: object | None = None):
         self._open_stream, self._encode, self.idle = open_stream, encode, idle
+        self.keepalive = keepalive
         self._retire, self._open_back, self._deliver = retire, open_back, deliver
         self._busy, self.max_frame = busy, max_frame
         self._streams: dict[object, _Stream] = {}
@@ -229,6 +234,12 @@ class Pushers:
             if idle:
                 if self._idle(stream):
                     break
+                if self.keepalive is not None:
+                    # kept open for its way back (or a waiting call) while this body is
+                    # silent: once both peers hold links, each sends on the way back of the
+                    # other's, and a body silent for IDLE + GRACE is cut by the receiver
+                    for part in _frame_parts(await self._encode(self.keepalive)):
+                        yield part
                 continue
             for part in _frame_parts(await self._encode(msg)):
                 yield part
@@ -299,60 +310,108 @@ def _why(e: BaseException) -> str:
 
 
 class _Back:
-    def __init__(self, caller):
+    """One way back: frames are written by the sender's own task, whole and in order
+    (the lock), rather than handed to a writer task: a reply costs no extra task
+    switch."""
+
+    def __init__(self, caller, write: Callable[[bytes], Awaitable[None]]):
         self.caller = caller
-        self.send, self.receive = trio.open_memory_channel(QUEUE)
+        self.write = write
+        self.lock = trio.StrictFIFOLock()
+        self.open = True
+        self.torn = False          # a frame was cut short: the stream must not end cleanly
+        self.ended = trio.Event()  # no more frames: `serve` returns
+
+    def end(self) -> None:
+        self.open = False
+        self.ended.set()
+
+    async def put(self, parts: tuple, timeout: float) -> bool:
+        """Write one frame's `parts`; False if this way back is closed (or closes meanwhile).
+        A frame that is not out within `timeout` (the caller stopped reading) or whose
+        write fails ends this way back: the rest of a stream after a cut frame would be
+        garbage."""
+        writing = False
+        with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+            try:   # the lock keeps frames whole and in order; free, it costs no checkpoint
+                self.lock.acquire_nowait()
+            except trio.WouldBlock:
+                await self.lock.acquire()   # cancellable: nothing is written yet
+            try:
+                if not self.open:
+                    return False
+                scope.shield = True   # never cut a frame in half...
+                writing = True
+                for part in parts:
+                    await self.write(part)
+                return True
+            except Exception as e:  # noqa: BLE001 - the way back is gone; the caller is told
+                log.info("a way back to %s failed: %s", self.caller.name, type(e).__name__)
+            finally:
+                self.lock.release()
+        if writing:   # ...unless it is stuck past the deadline
+            self.torn = True
+            self.end()
+        return False
 
 
 class BackLinks:
     """The receiving side of links: for each peer that opened one to us, the way
     back to it (the response body of its ``/pull``), newest last.
 
-    `send(key_id, msg)` queues a message for that peer there; nothing is ever
+    `send(key_id, msg)` writes a message for that peer there; nothing is ever
     dialled for it. A caller holds at most :data:`LINKS_PER_CALLER` of them here.
     """
 
-    def __init__(self, encode: Callable[[object], Awaitable[bytes]]):
+    def __init__(self, encode: Callable[[object], Awaitable[bytes]], *,
+                 write_timeout: float = 60.0):
         self._encode = encode
+        self.write_timeout = write_timeout
         self._links: dict[str, dict[str, _Back]] = {}   # key id -> link id -> way back
 
     def has(self, key_id: str) -> bool:
         return bool(self._links.get(key_id))
 
-    async def send(self, key_id: str, msg) -> bool:
-        """Queue `msg` on the newest way back to the peer with `key_id`; False if it
-        has none open (or it closed meanwhile)."""
-        for back in reversed(list(self._links.get(key_id, {}).values())):
-            try:
-                await back.send.send(msg)
+    async def send(self, key_id: str, msg, *, timeout: float | None = None) -> bool:
+        """Write `msg` on the newest way back to the peer with `key_id`; False if it
+        has none open (or it closed meanwhile). Waits while another frame is written
+        there or the peer's flow-control window is full, up to `timeout` (default
+        `write_timeout`): a way back whose frame does not go out by then is closed."""
+        backs = self._links.get(key_id)
+        if not backs:
+            return False
+        parts = _frame_parts(await self._encode(msg))
+        timeout = self.write_timeout if timeout is None else timeout
+        for back in reversed(list(backs.values())):
+            if back.open and await back.put(parts, timeout):
                 return True
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                continue
         return False
 
     def close(self, key_id: str, link: str) -> None:
-        """End the way back of `link` once what is queued on it is written (its push
-        stream ended)."""
+        """End the way back of `link` once the frame being written on it is out (its
+        push stream ended)."""
         back = self._links.get(key_id, {}).get(link)
         if back is not None:
-            back.send.close()
+            back.end()
 
     async def serve(self, caller, link: str, write: Callable[[bytes], Awaitable[None]]) -> None:
-        """Write what is queued for `caller` on `link` with `write` until the link is
+        """Let senders write frames for `caller` on `link` with `write` until the link is
         closed (returns) or cancelled (its request was cut)."""
         mine = self._links.setdefault(caller.key_id, {})
         old = mine.pop(link, None)
         if old is not None:
-            old.send.close()
+            old.end()
         while len(mine) >= LINKS_PER_CALLER:
-            mine.pop(next(iter(mine))).send.close()
-        back = mine[link] = _Back(caller)
+            mine.pop(next(iter(mine))).end()
+        back = mine[link] = _Back(caller, write)
         try:
-            async with back.receive:
-                async for msg in back.receive:
-                    for part in _frame_parts(await self._encode(msg)):
-                        await write(part)
+            await back.ended.wait()
+            async with back.lock:   # the frame being written goes out before the end
+                pass
+            if back.torn:   # its end after a cut frame shows the caller the stream broke
+                log.info("a frame to %s did not go out in time: its way back ends", caller.name)
         finally:
+            back.open = False
             if mine.get(link) is back:
                 del mine[link]
             if not mine and self._links.get(caller.key_id) is mine:

@@ -514,9 +514,18 @@ async def gate(peer, caller, program: dict, metas: dict) -> tuple[Decision, Deri
                    else None)
     leaves = await _leaves(peer, caller, deriv, metas)
     approved = _approved(peer, caller)
-    # up to MAX_EXPANDED meta ops: off the event loop
-    decision = await trio.to_thread.run_sync(lambda: decide(deriv, leaves, approved=approved))
-    return decision, deriv
+    return await _decide(deriv, leaves, approved), deriv
+
+
+INLINE_NODES = 64   # derivations up to this size are decided on the event loop
+
+
+async def _decide(deriv: Derivation, leaves: dict, approved) -> Decision:
+    # up to MAX_EXPANDED meta ops: off the event loop, unless the derivation is small
+    # (the thread's round trip then costs more than the decision)
+    if len(deriv.nodes) <= INLINE_NODES:
+        return decide(deriv, leaves, approved=approved)
+    return await trio.to_thread.run_sync(lambda: decide(deriv, leaves, approved=approved))
 
 
 async def gate_stored(peer, caller, meta) -> Decision | None:
@@ -527,7 +536,7 @@ async def gate_stored(peer, caller, meta) -> Decision | None:
         return None
     leaves = await _leaves(peer, caller, deriv, {})
     approved = _approved(peer, caller)
-    decision = await trio.to_thread.run_sync(lambda: decide(deriv, leaves, approved=approved))
+    decision = await _decide(deriv, leaves, approved)
     if decision.allowed and deriv.failed:
         raise ComputeFailed(GENERIC_FAILURE)
     return decision

@@ -189,7 +189,7 @@ class App:
             limit = max(self.max_body, push.MIN_FRAME)
             reader = push.FrameReader(limit)
             # a push stream idles up to push.IDLE between messages before its sender ends it
-            timed = self._timed(receive, max(self.limits.read_timeout, push.IDLE + 15))
+            timed = self._timed(receive, max(self.limits.read_timeout, push.IDLE + push.GRACE))
             with self._admit(caller):
                 while True:
                     event = await timed()

@@ -29,6 +29,8 @@ cost more than the work, and so little work needs no stopping.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import logging
 import os
 import struct
@@ -62,6 +64,26 @@ _BOOT = ("import sys, types; pkg = types.ModuleType('p2pgrid'); pkg.__path__ = [
          "_serve(int(sys.argv[2]), int(sys.argv[3]))")
 
 
+DRY_RUNS = 256              # passed dry runs remembered per peer (see Programs.dry_run)
+DRY_RUN_KEY_MAX = 1 << 20   # bytes: a larger program is dry-run every time, not remembered
+
+
+def _dry_run_key(program, leaves: dict, min_rows: int, limits: Limits) -> bytes | None:
+    """Everything a dry run's outcome depends on, hashed; None for a program too large
+    to be worth remembering (or one the wire cannot encode: its dry run says why)."""
+    try:
+        body = wire.dumps(program)
+    except Exception:  # noqa: BLE001 - evaluate reports a malformed program properly
+        return None
+    if len(body) > DRY_RUN_KEY_MAX:
+        return None
+    h = hashlib.blake2b(body, digest_size=32)
+    shapes = sorted((oid, tuple(m.shape), m.dtype, repr(level)) for oid, (m, level)
+                    in leaves.items())
+    h.update(repr((shapes, min_rows, limits)).encode())
+    return h.digest()
+
+
 @dataclass(frozen=True)
 class Cost:
     """What a program's dry run found: the caller's limits, the metered cost, and the
@@ -92,6 +114,7 @@ class Programs:
         names = [*(getattr(cfg, "program_limits", None) or {}), ""]
         self.memory = max(limits_for(cfg, name).memory for name in names)
         self.threads = max(1, (os.cpu_count() or 2) // self.size)
+        self._dry_runs: collections.OrderedDict[bytes, Cost] = collections.OrderedDict()
 
     @staticmethod
     def of(peer) -> Programs:
@@ -107,15 +130,32 @@ class Programs:
         result's meta tensor included); ComputeLimitExceeded, or the program's own error,
         before any real work.
 
-        `leaves`: object id -> (ObjectMeta, Level) for every leaf it names."""
+        `leaves`: object id -> (ObjectMeta, Level) for every leaf it names.
+
+        The dry run depends on nothing but the program, its leaves' shapes, dtypes and
+        levels, `min_rows` and the limits, so a passed one is remembered under all of
+        them together: the same program asked again (a client polling, say) is not
+        re-evaluated, while another object under the same id, a changed level or
+        ``min_rows``, or a change to the caller's limits misses and is checked anew."""
         limits = limits_for(self.peer.config, caller.name)
+        key = _dry_run_key(program, leaves, min_rows, limits)
+        if key is not None:
+            cost = self._dry_runs.get(key)
+            if cost is not None:
+                self._dry_runs.move_to_end(key)
+                return cost
         meter = Meter(limits)
 
         def meta_leaf(oid):
             m, level = leaves[oid]
             return torch.empty(m.shape, dtype=getattr(torch, m.dtype), device="meta"), level
         probe, level = evaluate(program, meta_leaf, min_rows=min_rows, device="meta", meter=meter)
-        return Cost(limits, meter, probe, level)
+        cost = Cost(limits, meter, probe, level)
+        if key is not None:
+            self._dry_runs[key] = cost
+            while len(self._dry_runs) > DRY_RUNS:
+                self._dry_runs.popitem(last=False)
+        return cost
 
     async def run(self, caller, program: dict, leaves: dict, *, min_rows: int):
         """Dry-run `program` (see :meth:`dry_run`), then run it; (value, Level)."""

@@ -11,6 +11,8 @@ this process, without evaluation. Per round it reports
   split into ``peer_s`` (the slowest peer's whole request: decode, rebuild the model, load
   its data, train, reply) and ``outside_peers_s`` (= wall - peer_s: transfer and the
   coordinator's own work; ``coordinator_cpu_s`` is the latter's CPU time);
+* ``exchanges``: request/response exchanges on the round's critical path (``requests``:
+  how many of each phase: probe, fit, evaluate...; one phase's requests go out at once);
 * ``bytes``: encoded messages the coordinator sent and received, against
   ``2 x model size x peers`` (the model out to each peer, an update back);
 * ``lo_bytes``: bytes that crossed the loopback interface during the round (TLS,
@@ -78,7 +80,12 @@ async def bench(n_peers: int, args) -> dict:
     # in a lab the traffic is on each host's link, not on this host's loopback
     counter = (lambda: None) if args.lab else lo_bytes
 
+    phases: dict[int, dict[str, int]] = {}
+
     def on_event(ev):
+        if ev.kind in ("reply", "failure"):   # one per request the coordinator sent
+            ph = phases.setdefault(ev.round, {})
+            ph[ev.info.get("phase", "?")] = ph.get(ev.info.get("phase", "?"), 0) + 1
         if ev.kind == "round_start":
             marks[ev.round] = counter()
             cpu[ev.round] = time.process_time()
@@ -120,7 +127,11 @@ async def bench(n_peers: int, args) -> dict:
                        "outside_peers_s": round(h.seconds - (h.peer_seconds or 0.0), 4),
                        "coordinator_cpu_s": round(cpu.get(h.round, 0.0), 4),
                        "bytes": h.bytes, "bytes_vs_2x_model_x_peers": round(h.bytes / expected, 4),
-                       "lo_bytes": marks.get(h.round)})
+                       "lo_bytes": marks.get(h.round),
+                       # request/response exchanges on the critical path: the requests of one
+                       # phase go to every peer at once, the phases one after another
+                       "requests": phases.get(h.round, {}),
+                       "exchanges": len(phases.get(h.round, {}))})
     steady = rounds[1:] or rounds
 
     def median(key):
@@ -136,6 +147,7 @@ async def bench(n_peers: int, args) -> dict:
             "median_coordinator_cpu_s": median("coordinator_cpu_s"),
             "median_bytes": median("bytes"), "median_lo_bytes": median("lo_bytes"),
             "median_bytes_vs_2x_model_x_peers": median("bytes_vs_2x_model_x_peers"),
+            "median_exchanges": median("exchanges"),
             "rounds": rounds}
 
 

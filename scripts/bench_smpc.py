@@ -17,7 +17,11 @@ in this process, measures with real TLS HTTP/2 between all of them:
 - rounds and payload bytes each party sends per op / step (measured on the wire's
   payloads by the parties themselves);
 - ``round_ms``: what one more round costs, from a chain of 21 dependent 1x1 products
-  against a single one.
+  against a single one;
+- ``cpu_s_per_step``: CPU seconds (user + system) each process (alice, bob, dealer,
+  client) spent per measured training step, and net of what it spends when idle
+  (gossip, keepalives: ``idle_cpu_s_per_s``, measured over 3 s before the steps).
+  CPU time survives a loaded machine far better than wall time.
 
 Medians over ``--reps`` after ``--warmup`` runs (the first run of a program plans it
 and fetches its material; later runs get material the dealer made ahead of use).
@@ -38,6 +42,7 @@ import argparse
 import json
 import os
 import statistics
+import signal
 import subprocess
 import sys
 import tempfile
@@ -59,6 +64,7 @@ from p2pgrid.smpc.tensor import output_masks, result_of, run_on_parties  # noqa:
 
 PARTIES = ("alice", "bob")
 CHAIN = 20
+IDLE_S = 3.0   # seconds of idle CPU measured before the training steps
 DEALER = "dealer"
 
 
@@ -76,13 +82,31 @@ async def _serve(args) -> None:
                      console=False)   # no owner console (nor its login token in the log)
     async with p2pgrid.open_peer(cfg) as peer:
         print(json.dumps({"key_id": peer.key_id, "address": peer.address}), flush=True)
-        await trio.sleep_forever()
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:   # exit cleanly, so that --profile can write its stats
+                return
+
+
+def _serve_main(args) -> None:
+    if not args.profile:
+        trio.run(_serve, args)
+        return
+    import cProfile
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        trio.run(_serve, args)
+    finally:
+        prof.disable()
+        prof.dump_stats(str(Path(args.profile) / f"{args.serve}.prof"))
 
 
 def _spawn(name: str, data_dir: str, join: str | None, threads: int,
-           lab: str | None = None) -> tuple[subprocess.Popen, str]:
+           lab: str | None = None, profile: str | None = None) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--serve", name, "--data-dir", data_dir,
            "--threads", str(threads)]
+    if profile:
+        cmd += ["--profile", profile]
     if lab:
         from p2pgrid.lab import host_ns, ns_address
         ns = host_ns(lab, name)
@@ -154,35 +178,55 @@ async def _measure_mode(args, net: Network, security: str) -> dict:
     w = await net.share(torch.randn(d0, d1, generator=g) * 0.05, **kw)
     h = await net.share(torch.randn(B, d1, generator=g), **kw)
     out = {}
+    want = set(args.only.split(","))
     for name, expr in [(f"add_{B}x{d1}", h + h), (f"mul_{B}x{d0}", x * y),
                        (f"matmul_{B}x{d0}_{d0}x{d1}", x @ w), (f"relu_{B}x{d1}", h.relu())]:
-        out[name] = await _timed_program(net, expr, args.reps, args.warmup, chain=name)
-        _log(name, out[name])
+        if "ops" in want or (name.startswith("relu") and "relu" in want):
+            out[name] = await _timed_program(net, expr, args.reps, args.warmup, chain=name)
+            _log(name, out[name])
 
-    # the cost of one round: a chain of 21 dependent 1x1 products against a single one
-    one = await net.share(torch.ones(1), **kw)
-    chain = one
-    for _ in range(CHAIN):
-        chain = chain * one
-    single = await _timed_program(net, one * one, args.reps, args.warmup, chain="single")
-    long = await _timed_program(net, chain, args.reps, args.warmup, chain="chain")
-    out["round_ms"] = round((long["ms"] - single["ms"]) / (long["rounds"] - single["rounds"]), 3)
-    _log("round", out["round_ms"], "ms")
+    if "round" in want:
+        # the cost of one round: a chain of 21 dependent 1x1 products against a single one
+        one = await net.share(torch.ones(1), **kw)
+        chain = one
+        for _ in range(CHAIN):
+            chain = chain * one
+        single = await _timed_program(net, one * one, args.reps, args.warmup, chain="single")
+        long = await _timed_program(net, chain, args.reps, args.warmup, chain="chain")
+        out["round_ms"] = round((long["ms"] - single["ms"])
+                                / (long["rounds"] - single["rounds"]), 3)
+        _log("round", out["round_ms"], "ms")
 
-    # training: the MNIST-shaped MLP on shared random data with one-hot targets
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(d0, d1), nn.ReLU(), nn.Linear(d1, d2), nn.ReLU(),
                         nn.Linear(d2, d3))
     model = await net.encrypt_model(mlp, requires_grad=True, **kw)
+    if "train" in want:
+        out[f"train_step_b{B}"] = await _train(args, net, model, kw, g)
+    if "inference" in want:
+        out[f"inference_b{B}"] = await _inference(args, net, model, kw, g)
+    return out
+
+
+async def _train(args, net: Network, model, kw: dict, g) -> dict:
+    """Encrypted training steps of the MLP on shared random data with one-hot targets:
+    wall time, and each process's CPU time per step."""
+    B, d0, d3 = args.batch, *[int(d) for d in args.mlp.split("-")][::3]
     xs = await net.share(torch.randn(4 * B, d0, generator=g), **kw)
     ys = await net.share(nn.functional.one_hot(torch.randint(0, d3, (4 * B,), generator=g),
                                                d3).float(), **kw)
     opt = smpc.SGD(model, lr=0.1)
+    # what each process spends doing nothing in particular (gossip, keepalives), so that
+    # the CPU per step can be read net of it
+    idle0, t_idle = _cpu_now(args.pids), time.perf_counter()
+    await trio.sleep(IDLE_S)
+    idle1, t_idle = _cpu_now(args.pids), time.perf_counter() - t_idle
     times, party_s, last = [], [], None
-    wire0 = None
+    wire0 = cpu0 = None
     for i in range(args.warmup + args.reps):
         if i == args.warmup:
             wire0 = _wire_bytes(args.lab)
+            cpu0 = _cpu_now(args.pids)
         rows = slice(B * (i % 4), B * (i % 4) + B)
         program = xs[rows].program([xs[rows], ys[rows]])
         t0 = time.perf_counter()
@@ -196,20 +240,30 @@ async def _measure_mode(args, net: Network, security: str) -> dict:
             times.append(time.perf_counter() - t0)
             party_s.append(max(r.values[0] for r in replies))
         last = replies
+    cpu1 = _cpu_now(args.pids)
     wire = _wire_bytes(args.lab)
-    out[f"train_step_b{B}"] = {
+    train = {
         "s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
         "party_session_s": round(_median(party_s), 4),
         "rounds": int(last[0].values[1]),
         "bytes_sent_per_party": [int(r.values[2]) for r in last],
         "party_ms_split": _split(last)}
     if wire:
-        out[f"train_step_b{B}"]["wire_bytes_per_step"] = {
-            h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
-    _log("train", out[f"train_step_b{B}"])
+        train["wire_bytes_per_step"] = {h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
+    train["cpu_s_per_step"] = {k: round((cpu1[k] - cpu0[k]) / args.reps, 4) for k in cpu1}
+    idle_rate = {k: (idle1[k] - idle0[k]) / t_idle for k in idle1}
+    train["idle_cpu_s_per_s"] = {k: round(v, 4) for k, v in idle_rate.items()}
+    mean = statistics.fmean(times)
+    train["cpu_s_per_step_net_of_idle"] = {
+        k: round(train["cpu_s_per_step"][k] - idle_rate[k] * mean, 4) for k in idle_rate}
+    _log("train", train)
+    return train
 
-    # inference: the client shares a batch of 64 (with the call), the parties run the
-    # model, the client reconstructs; and the same on a batch shared beforehand
+
+async def _inference(args, net: Network, model, kw: dict, g) -> dict:
+    """Encrypted inference: the client shares a batch (with the call), the parties run the
+    model, the client reconstructs; and the same on a batch shared beforehand."""
+    B, d0 = args.batch, int(args.mlp.split("-")[0])
     model.requires_grad = False
     times, predict_only = [], []
     for i in range(args.warmup + args.reps):
@@ -225,10 +279,23 @@ async def _measure_mode(args, net: Network, security: str) -> dict:
             times.append(t1 - t0)
             predict_only.append(t3 - t2)
         await xb.delete()
-    out[f"inference_b{B}"] = {"s": round(_median(times), 4),
-                              "mean_s": round(statistics.fmean(times), 4),
-                              "predict_only_s": round(_median(predict_only), 4)}
-    _log("inference", out[f"inference_b{B}"])
+    res = {"s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
+           "predict_only_s": round(_median(predict_only), 4)}
+    _log("inference", res)
+    return res
+
+
+def _cpu_now(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each benchmark process has used so far."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for name, pid in pids.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            out[name] = float("nan")
+    out["client"] = time.process_time()
     return out
 
 
@@ -262,11 +329,15 @@ def main(argv=None) -> None:
                     help="SMPC security mode; both: the same figures for each, on one run")
     ap.add_argument("--batch", type=int, default=64, help="batch rows (CI: a small size)")
     ap.add_argument("--mlp", default="784-128-64-10", help="layer widths of the MLP (4)")
+    ap.add_argument("--only", default="ops,round,train,inference",
+                    help="what to measure, comma-separated among ops, relu, round, train, inference")
+    ap.add_argument("--profile", default=None,
+                    help="folder: run the party and dealer processes under cProfile, stats there")
     ap.add_argument("--lab", default=None,
                     help="lab id: run the parties in its hosts alice, bob, dealer (scripts/bench_wan.py)")
     args = ap.parse_args(argv)
     if args.serve:
-        trio.run(_serve, args)
+        _serve_main(args)
         return
     root = args.data_dir or tempfile.mkdtemp(prefix="bench-smpc-",
                                              dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
@@ -276,11 +347,14 @@ def main(argv=None) -> None:
         if args.lab and not args.host:
             from p2pgrid.lab import host_ns, ns_address
             args.host = ns_address(host_ns(args.lab, "client"))
-        first, seed = _spawn(PARTIES[0], root, None, args.threads, args.lab)
+        if args.profile:
+            os.makedirs(args.profile, exist_ok=True)
+        first, seed = _spawn(PARTIES[0], root, None, args.threads, args.lab, args.profile)
         procs.append(first)
         for name in (PARTIES[1], DEALER):
-            p, _ = _spawn(name, root, seed, args.threads, args.lab)
+            p, _ = _spawn(name, root, seed, args.threads, args.lab, args.profile)
             procs.append(p)
+        args.pids = {name: p.pid for name, p in zip((*PARTIES, DEALER), procs)}
         t0 = time.perf_counter()
         ops = trio.run(_measure, args, seed)
         result = {
@@ -295,7 +369,7 @@ def main(argv=None) -> None:
                         "bytes_vs_beaver_bound": 1.5},
             "elapsed_s": round(time.perf_counter() - t0, 1),
         }
-        if args.security == "both":
+        if args.security == "both" and "train" in args.only.split(","):
             sh, ac = result["semi-honest"], result["active"]
             train = f"train_step_b{args.batch}"
             result["active_vs_semi_honest"] = {
@@ -303,7 +377,7 @@ def main(argv=None) -> None:
                 "train_bytes": round(max(ac[train]["bytes_sent_per_party"])
                                      / max(sh[train]["bytes_sent_per_party"]), 2),
                 "train_extra_rounds": ac[train]["rounds"] - sh[train]["rounds"]}
-        elif args.batch == 64 and args.mlp == "784-128-64-10":
+        elif args.batch == 64 and args.mlp == "784-128-64-10" and "train_step_b64" in result:
             tb = result["train_step_b64"]["bytes_sent_per_party"]
             result["train_bytes_vs_beaver_bound"] = round(max(tb) / result[
                 "beaver_bound_bytes_per_party_step"], 3)

@@ -74,46 +74,63 @@ def _emulator() -> str:
     return "veth" if labmod.has_netem() else "vde"
 
 
+def _sysctls(args) -> dict[str, str]:
+    # Linux restarts a connection's congestion window at 10 segments after an idle RTO:
+    # a FedAvg update (436 KB) then needs about 5 round trips each way whatever the
+    # bandwidth. Hosts that keep long-lived connections usually turn that off.
+    return {"net.ipv4.tcp_slow_start_after_idle": "0"} if args.no_slow_start_after_idle else {}
+
+
 def smpc(delay_ms: float, args) -> dict:
     spec = labmod.LinkSpec(delay_ms=delay_ms)
-    with labmod.Lab(["client", "alice", "bob", "dealer"], spec, emulator=_emulator()) as lab:
+    with labmod.Lab(["client", "alice", "bob", "dealer"], spec, emulator=_emulator(),
+                    sysctls=_sysctls(args)) as lab:
         r = lab.run("client", ["python", str(SCRIPTS / "bench_smpc.py"), "--lab", lab.id,
-                               "--reps", str(args.reps), "--warmup", str(args.warmup)],
+                               "--reps", str(args.reps), "--warmup", str(args.warmup),
+                               "--only", args.smpc],
                     timeout=args.timeout, env={"OMP_NUM_THREADS": "1"})
         if r.returncode != 0:
             raise labmod.LabError(f"bench_smpc failed: {r.stderr[-3000:]}")
         out = _last_json(r.stdout)
-        # search: the hospital (its profile) on alice's host, a fresh scientist on the client's
-        lab.start_peer("alice", name="hospital", profile=REPO / "peers" / "hospital.toml",
-                       args=["--host", lab.address("alice")])
-        s = lab.run("client", ["python", "-c", SEARCH], timeout=180,
-                    env={"LISTEN": lab.address("client")})
-        search = _last_json(s.stdout) if s.returncode == 0 else {"error": s.stderr[-500:]}
+        search = {}
+        if not args.no_search:
+            # search: the hospital (its profile) on alice's host, a fresh scientist on the client's
+            lab.start_peer("alice", name="hospital", profile=REPO / "peers" / "hospital.toml",
+                           args=["--host", lab.address("alice")])
+            s = lab.run("client", ["python", "-c", SEARCH], timeout=180,
+                        env={"LISTEN": lab.address("client")})
+            search = _last_json(s.stdout) if s.returncode == 0 else {"error": s.stderr[-500:]}
     rtt = 2 * delay_ms / 1000
-    train, inf, relu = out["train_step_b64"], out["inference_b64"], out["relu_64x128"]
-    wire = train.get("wire_bytes_per_step", {})
-    return {
-        "train_step_b64": {
+    row: dict = {}
+    if "train_step_b64" in out:
+        train = out["train_step_b64"]
+        wire = train.get("wire_bytes_per_step", {})
+        row["train_step_b64"] = {
             "mean_s": train.get("mean_s"), "median_s": train["s"], "rounds": train["rounds"],
             "rounds_x_rtt_s": round(train["rounds"] * rtt, 3),
             "rounds_x_delay_s": round(train["rounds"] * delay_ms / 1000, 3),
+            "cpu_s_per_step": train.get("cpu_s_per_step"),
+            "party_ms_split": train.get("party_ms_split"),
             "payload_bytes_per_party": train["bytes_sent_per_party"],
-            "wire_bytes_per_step": wire, "dealer_wire_bytes_per_step": wire.get("dealer")},
-        "inference_b64": {"mean_s": inf.get("mean_s"), "median_s": inf["s"],
-                          "predict_only_s": inf["predict_only_s"]},
-        "relu_64x128": {"ms": relu["ms"], "rounds": relu["rounds"],
-                        "rounds_x_rtt_ms": round(relu["rounds"] * rtt * 1000, 1),
-                        "bytes_sent_per_party": relu["bytes_sent_per_party"]},
-        "round_ms": out["round_ms"],
-        **search,
-        "smpc_raw": out,
-    }
+            "wire_bytes_per_step": wire, "dealer_wire_bytes_per_step": wire.get("dealer")}
+    if "inference_b64" in out:
+        inf = out["inference_b64"]
+        row["inference_b64"] = {"mean_s": inf.get("mean_s"), "median_s": inf["s"],
+                                "predict_only_s": inf["predict_only_s"]}
+    if "relu_64x128" in out:
+        relu = out["relu_64x128"]
+        row["relu_64x128"] = {"ms": relu["ms"], "rounds": relu["rounds"],
+                              "rounds_x_rtt_ms": round(relu["rounds"] * rtt * 1000, 1),
+                              "bytes_sent_per_party": relu["bytes_sent_per_party"]}
+    if "round_ms" in out:
+        row["round_ms"] = out["round_ms"]
+    return {**row, **search, "smpc_raw": out}
 
 
 def fedavg(delay_ms: float, peers: int, args) -> dict:
     spec = labmod.LinkSpec(delay_ms=delay_ms)
     hosts = ["ai"] + [f"peer{i:02d}" for i in range(peers)]
-    with labmod.Lab(hosts, spec, emulator=_emulator()) as lab:
+    with labmod.Lab(hosts, spec, emulator=_emulator(), sysctls=_sysctls(args)) as lab:
         r = lab.run("ai", ["python", str(SCRIPTS / "bench_fedavg.py"), "--lab", lab.id,
                            "--peers", str(peers), "--rounds", str(args.rounds),
                            "--data", str(args.data)], timeout=args.timeout)
@@ -125,7 +142,8 @@ def fedavg(delay_ms: float, peers: int, args) -> dict:
             "median_outside_peers_s": res["median_outside_peers_s"],
             "overhead_in_rtts": (round(res["median_overhead_s"] / (2 * delay_ms / 1000), 1)
                                  if delay_ms else None),
-            "median_bytes": res["median_bytes"], "rounds": res["rounds"]}
+            "median_bytes": res["median_bytes"], "median_exchanges": res.get("median_exchanges"),
+            "rounds": res["rounds"]}
 
 
 def _beyond_baseline(rows: list[dict]) -> None:
@@ -151,6 +169,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=4, help="FedAvg rounds (the first is left out)")
     ap.add_argument("--fedavg-peers", default="3", help="FedAvg peer counts, e.g. 3,10 (0: skip)")
     ap.add_argument("--skip-smpc", action="store_true")
+    ap.add_argument("--smpc", default="ops,round,train,inference",
+                    help="SMPC measurements (bench_smpc.py --only), e.g. train")
+    ap.add_argument("--smpc-delays", default=None,
+                    help="run SMPC only at these of the delays (default: all), e.g. 20")
+    ap.add_argument("--no-search", action="store_true", help="skip the search latency")
+    ap.add_argument("--no-slow-start-after-idle", action="store_true",
+                    help="set net.ipv4.tcp_slow_start_after_idle=0 on every lab host")
     ap.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data",
                     help="folder holding mnist/ for FedAvg")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per benchmark run")
@@ -160,18 +185,21 @@ def main(argv=None) -> int:
         print(f"bench_wan: {reason}", file=sys.stderr)
         return 2
     delays = [float(d) for d in args.delays.split(",")]
+    if args.smpc_delays is not None:
+        args.smpc_delays = {float(d) for d in args.smpc_delays.split(",")}
     fl_peers = [int(p) for p in args.fedavg_peers.split(",") if int(p) > 0]
     if fl_peers and not (args.data / "mnist").is_dir():
         print(f"bench_wan: no MNIST under {args.data} (--data); FedAvg skipped", file=sys.stderr)
         fl_peers = []
     out = {"benchmark": "wan", "emulator": _emulator(), "cpus": os.cpu_count(),
-           "setting": {"reps": args.reps, "warmup": args.warmup, "fedavg_rounds": args.rounds,
+           "setting": {"tcp_slow_start_after_idle": 0 if args.no_slow_start_after_idle else 1,
+                       "reps": args.reps, "warmup": args.warmup, "fedavg_rounds": args.rounds,
                        "delay": "one-way, on every host's link (RTT = 2 x delay)"},
            "results": []}
     t0 = time.perf_counter()
     for d in delays:
         row: dict = {"delay_ms": d, "rtt_ms": 2 * d}
-        if not args.skip_smpc:
+        if not args.skip_smpc and (args.smpc_delays is None or d in args.smpc_delays):
             _log(f"== {d:g} ms: SMPC")
             row["smpc"] = smpc(d, args)
             _log(json.dumps({k: v for k, v in row["smpc"].items() if k != "smpc_raw"}))

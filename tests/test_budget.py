@@ -146,3 +146,50 @@ async def test_a_caller_that_disconnects_stops_its_program(tmp_path):
                 while worker.process.returncode is None:
                     await trio.sleep(0.05)
             n.cancel_scope.cancel()
+
+
+def test_a_remembered_dry_run_is_checked_anew_when_limits_or_objects_change(tmp_path):
+    # A passed dry run is remembered (a client repeating a program is not re-evaluated),
+    # but only under everything its outcome depends on: limits, leaf shapes and levels.
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    peer = SimpleNamespace(config=PeerConfig(name="h", data_dir=tmp_path, program_memory=10 * MB4),
+                           extensions={})
+    programs = Programs(peer)
+    bob, ana = SimpleNamespace(name="bob", key_id="b"), SimpleNamespace(name="ana", key_id="a")
+    row = Level("row", 0, 1000)
+    leaves = {"x": (SimpleNamespace(shape=(1000, 1000), dtype="float32"), row)}
+    prog = chain(1)
+
+    first = programs.dry_run(bob, prog, leaves, min_rows=1)
+    assert programs.dry_run(bob, chain(1), leaves, min_rows=1) is first   # remembered
+    flops = first.meter.flops
+
+    # the owner lowers the FLOP limit right after: the same program is refused at once
+    peer.config = replace(peer.config, program_flops=1e5)
+    with pytest.raises(ComputeLimitExceeded, match="program_flops"):
+        programs.dry_run(bob, prog, leaves, min_rows=1)
+    # a per-caller override counts too, for that caller only
+    peer.config = replace(peer.config, program_flops=2e10, program_limits={"bob": {"flops": 1e5}})
+    with pytest.raises(ComputeLimitExceeded, match="program_flops"):
+        programs.dry_run(bob, prog, leaves, min_rows=1)
+    assert programs.dry_run(ana, prog, leaves, min_rows=1).meter.flops == flops
+
+    # another object under the same id: its own shape is checked (8 vs 48 MB at once)
+    peer.config = replace(peer.config, program_limits={})
+    programs.dry_run(bob, prog, leaves, min_rows=1)
+    bigger = {"x": (SimpleNamespace(shape=(6000, 1000), dtype="float32"), Level("row", 0, 6000))}
+    with pytest.raises(ComputeLimitExceeded, match="program_memory"):
+        programs.dry_run(bob, prog, bigger, min_rows=1)
+    # a changed level or min_rows is a new dry run, not the remembered one
+    again = programs.dry_run(bob, prog, leaves, min_rows=1)
+    assert programs.dry_run(bob, prog, leaves, min_rows=5) is not again
+    aggregate = {"x": (leaves["x"][0], Level("aggregate"))}
+    assert programs.dry_run(bob, prog, aggregate, min_rows=1) is not again
+    # refusals are not remembered as passes, and the memory stays bounded
+    for n in range(300):
+        programs.dry_run(bob, {"nodes": [{"op": "leaf", "obj": "x"},
+                                         {"op": "add", "args": [{"$": 0}, float(n)]}]},
+                         leaves, min_rows=1)
+    assert len(programs._dry_runs) <= 256

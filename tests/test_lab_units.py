@@ -21,3 +21,12 @@ def test_host_names_are_checked_before_anything_is_created():
     for bad in (["Hospital"], ["a", "a"], ["a-b"], []):
         with pytest.raises(ValueError):
             labmod.Lab(bad)
+
+
+def test_only_network_sysctls_reach_the_hosts():
+    # net.* settings are per namespace; anything else would change the machine itself
+    for key in ("kernel.panic", "vm.swappiness", "net.ipv4.tcp_x; rm -rf /", "net"):
+        with pytest.raises(ValueError, match="only net"):
+            labmod.Lab(["a"], sysctls={key: "1"})
+    lab = labmod.Lab(["a"], sysctls={"net.ipv4.tcp_slow_start_after_idle": "0"})
+    assert lab.sysctls == {"net.ipv4.tcp_slow_start_after_idle": "0"}

@@ -123,6 +123,32 @@ async def test_a_link_carries_messages_both_ways_and_closes_cleanly(tmp_path):
         assert broke == []                           # cleanly, on both sides
 
 
+async def test_a_link_kept_open_by_its_way_back_is_not_cut_for_silence(tmp_path, monkeypatch):
+    # a opened a link to b once; b then sends to a on its way back for longer than the
+    # receiver waits for a silent push body, and a has nothing to send. The link stays open
+    # (traffic comes back on it), so its body must not look dead to b.
+    monkeypatch.setattr(push, "IDLE", 1.0)
+    monkeypatch.setattr(push, "GRACE", 1.0)   # b waits 2 s for a silent body
+    cfgs = [p2pgrid.PeerConfig(name=n, data_dir=tmp_path / n, read_timeout=1.0) for n in "ab"]
+    async with open_network(cfgs, tmp_path, routers=[notes]) as grid:
+        a, b = grid["a"], grid["b"]
+        broke = []
+        for p in (a, b):
+            p.push_listeners.append(lambda name, why, p=p: broke.append((p.name, name, why)))
+        await a.push("b", Note(0, torch.zeros(1)))
+        await _wait_notes(b, 1)
+        await b.push("a", Note(0, torch.zeros(1)))   # on a's link, way back
+        await _wait_notes(a, 1)
+        a.pushers.idle = 1.0
+        await a.push("b", Note(1, torch.zeros(1)))   # a's next wait is a short one
+        for n in range(1, 51):                       # 5 s of traffic back, well over 2 s
+            await b.push("a", Note(n, torch.zeros(1)))
+            await trio.sleep(0.1)
+        assert not b.pushers._streams                # all of it on a's link, way back
+        assert len(await _wait_notes(a, 51)) == 51
+        assert broke == []
+
+
 async def test_a_stopped_peer_is_reported_to_listeners(tmp_path):
     async with open_network(["a", "b"], tmp_path, routers=[notes]) as grid:
         broke = []
@@ -404,6 +430,60 @@ async def test_a_refused_call_is_answered_at_once(tmp_path, monkeypatch):
             with pytest.raises(p2pgrid.RateLimited):
                 await a.call("b", Stall(0.0), timeout=20)
             assert time.monotonic() - t0 < 5
+
+
+# ------------------------------------------------------------------ ways back (sans network)
+
+async def _encode(msg):
+    return msg
+
+
+async def _serving(links, key_id):
+    with trio.fail_after(5):
+        while not links.has(key_id):
+            await trio.sleep(0.01)
+
+
+async def test_frames_written_by_concurrent_senders_stay_whole_and_in_order():
+    from types import SimpleNamespace
+    links, caller, out = push.BackLinks(_encode), SimpleNamespace(key_id="k", name="c"), []
+
+    async def write(part):   # a slow writer: senders overlap
+        await trio.sleep(0.01)
+        out.append(bytes(part))
+
+    big = [bytes([n]) * (1 << 17) for n in range(3)]   # each frame goes out in two parts
+    async with trio.open_nursery() as n:
+        n.start_soon(links.serve, caller, "L", write)
+        await _serving(links, "k")
+        for body in big:
+            n.start_soon(links.send, "k", body)
+            await trio.sleep(0)   # started in this order
+        with trio.fail_after(5):
+            while len(out) < 6:
+                await trio.sleep(0.01)
+        links.close("k", "L")
+    reader = push.FrameReader(1 << 20)
+    assert [f for part in out for f in reader.feed(part)] == big
+
+
+async def test_a_frame_that_does_not_go_out_in_time_ends_its_way_back():
+    # a caller that stops reading must not hold a replying task (or the link) for good
+    from types import SimpleNamespace
+    links = push.BackLinks(_encode, write_timeout=0.3)
+    caller = SimpleNamespace(key_id="k", name="c")
+
+    async def stuck(part):
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(links.serve, caller, "L", stuck)
+        await _serving(links, "k")
+        with trio.fail_after(5):
+            assert await links.send("k", b"reply") is False
+            while links.has("k"):   # serve returned: the way back is gone
+                await trio.sleep(0.01)
+        assert await links.send("k", b"next") is False   # nothing open: never queued
 
 
 # ------------------------------------------------------------------ the caller's address

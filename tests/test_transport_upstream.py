@@ -234,7 +234,9 @@ async def _after_a_cancelled_first_request(client: str) -> _Outcome:
 
 
 @pytest.mark.parametrize("client", [
-    pytest.param(STOCK, marks=pytest.mark.xfail(strict=True, raises=trio.TooSlowError, reason=(
+    # not strict: the stall needs the reader to take the WINDOW_UPDATE first, a race that
+    # a loaded machine sometimes runs the other way
+    pytest.param(STOCK, marks=pytest.mark.xfail(strict=False, raises=trio.TooSlowError, reason=(
         "httpcore 1.0.9: a body's sender waiting for flow control takes the read lock after "
         "another reader consumed its WINDOW_UPDATE, then reads on for data the server sends "
         "only after the body: both wait (pydantic/httpx2#1133, fix in PR #1163)"))),

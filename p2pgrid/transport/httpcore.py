@@ -45,7 +45,8 @@ Speed (not bugs; httpcore's general-purpose defaults): our window and frame sett
 stream, which our INITIAL_WINDOW_SIZE makes redundant); HEADERS wait for the first DATA
 frame and an in-memory body's last DATA frame carries END_STREAM (httpcore writes
 after HEADERS, after every DATA frame and for END_STREAM: three writes and TLS records
-per small request); DATA frames are views of the body (httpcore slices ``data[n:]`` per
+per small request); no write lock taken when there is nothing to write (httpcore
+takes it after every event read); DATA frames are views of the body (httpcore slices ``data[n:]`` per
 frame, copying the rest of the body each time); a whole 1 MB frame per read (httpcore
 reads 64 KiB); TLS streams from :mod:`p2pgrid.transport.trio`; plain header literals.
 
@@ -186,6 +187,13 @@ class TunedHTTP2Connection(SafeHTTP2Connection):
         state.initiate_connection()
         state.increment_flow_control_window(WINDOW)
         await self._write_outgoing_data(request)
+
+    async def _write_outgoing_data(self, request) -> None:
+        # httpcore calls this after every event it reads, mostly with nothing to send;
+        # each call still takes the write lock (a scheduler trip) for an empty write
+        if not self._h2_state._data_to_send and self._write_exception is None:
+            return
+        await super()._write_outgoing_data(request)
 
     async def _send_request_headers(self, request, stream_id) -> None:
         await self._refuse_if_closed(stream_id)
