@@ -282,25 +282,26 @@ class _Leave:
 async def _while_connected(receive, work: Callable[[], Awaitable]):
     """``await work()``, cancelled if the client disconnects first: work that nobody
     waits for stops (a remote program's worker is killed, say)."""
-    outcome: list = []
+    outcome: tuple | None = None
     async with trio.open_nursery() as nursery:
         async def watch():
             while (await receive())["type"] != "http.disconnect":
                 pass   # the body was read whole: nothing but a disconnect comes now
             nursery.cancel_scope.cancel()
 
-        async def run():
-            try:
-                outcome.append((True, await work()))
-            except Exception as e:  # noqa: BLE001 - re-raised below, outside the nursery
-                outcome.append((False, e))
-            finally:
-                nursery.cancel_scope.cancel()
         nursery.start_soon(watch)
-        nursery.start_soon(run)
-    if not outcome:
+        # the work runs in this task (one task spawned per request, not two); its
+        # outcome is kept and re-raised below, outside the nursery, so that an error
+        # reaches the caller as itself and not inside an ExceptionGroup
+        try:
+            outcome = (True, await work())
+        except Exception as e:  # noqa: BLE001 - re-raised below
+            outcome = (False, e)
+        finally:
+            nursery.cancel_scope.cancel()
+    if outcome is None:   # cancelled by the watcher: the client went away
         raise _ClientGone()
-    ok, value = outcome[0]
+    ok, value = outcome
     if not ok:
         raise value
     return value

@@ -138,7 +138,7 @@ async def test_partial_catch_up_under_the_byte_cap():
     n = 120
     b = Directory(KEYS[1])
     own(b, "b")
-    big = b"c" * 2000  # records of about 2.5 KB: 120 of them are 4 caps' worth
+    big = b"c" * 2000  # records of about 2.5 KB: 120 of them are more than 2 caps' worth
     b.merge([record(OTHERS[i], f"o{i}", cert=big) for i in range(n)], now=0.0)
     b.book.good(OTHERS[n - 1].key_id, now=0.0)  # verified contact: sent first
     a = Directory(KEYS[0])

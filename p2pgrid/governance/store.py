@@ -277,7 +277,10 @@ class GovernanceStore:
                 users = {r[0]: User(r[0], r[1], None if r[2] is None else bytes(r[2]), r[3])
                          for r in db.execute("SELECT name, role, public_key, added FROM users")}
                 settings = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM settings")}
-                self._snapshot = (version, users, settings)
+                # asked for every unregistered caller's request (see has_own_budget)
+                budgeted = frozenset(r[0] for r in db.execute(
+                    "SELECT user FROM budgets WHERE object_id = ?", (TOTAL,)))
+                self._snapshot = (version, users, settings, budgeted)
             self._checked = now
             return self._snapshot
 
@@ -310,8 +313,7 @@ class GovernanceStore:
 
     def has_own_budget(self, user: str) -> bool:
         """Whether the owner set `user` a total budget of its own."""
-        return bool(self._read("SELECT 1 FROM budgets WHERE user = ? AND object_id = ?",
-                               (user, TOTAL)))
+        return user in self._fresh()[3]
 
     def add_user(self, name: str, role: str, public_key: bytes | None = None, *, by: str) -> User:
         """Register `name` with `role` (again: change its role, and its key if given)."""
