@@ -370,16 +370,29 @@ class TunedTCPServer(SafeTCPServer):
             await self.protocol.handle(Closed())
         finally:
             self._p2p_reading = False
+            # the idle timer sleeps until its deadline: end it now, or the connection's
+            # task group, and with it the socket, would wait for it
+            with trio.CancelScope(shield=True):
+                await self.idle_task.stop()
 
     async def _idle_timeout(self) -> None:
-        # started once per connection; ends with the connection's reading
+        # started once per connection; _read_data ends it with the connection's reading.
+        # It sleeps until the connection could have been idle long enough, not in a
+        # poll every second: a peer holding a hundred connections woke 100 times a
+        # second for nothing, a quarter of its idle CPU
         timeout = self.config.keep_alive_timeout
         while self._p2p_reading:
             since = self._p2p_idle_since
             now = trio.current_time()
-            if since is not None and (now - since >= timeout or self.context.terminated.is_set()):
+            stopping = self.context.terminated.is_set()
+            if since is not None and (now - since >= timeout or stopping):
                 break
-            await trio.sleep(min(1.0, timeout if since is None else since + timeout - now))
+            delay = timeout if since is None else since + timeout - now
+            if stopping:   # the server stops: close as soon as the open request ends
+                await trio.sleep(min(1.0, delay))
+            else:
+                with trio.move_on_after(delay):
+                    await self.context.terminated.wait()
         else:
             return  # the read loop ended: the connection closes itself
         with trio.CancelScope(shield=True):
