@@ -22,6 +22,9 @@ class build_py_with_profiles(build_py):
 ROOT = Path(__file__).resolve().parent
 PACKAGES = find_packages(str(ROOT), include=["p2pgrid", "p2pgrid.*"]) + [
     f"p2pgrid.{name}" for name in find_packages(str(ROOT), include=["protocols", "protocols.*"])]
+# the console's templates: data, but setuptools warns at every install unless their folder
+# is listed as a package of its own
+PACKAGES.append("p2pgrid.console.templates")
 
 setup(cmdclass={"build_py": build_py_with_profiles}, packages=PACKAGES,
       package_dir={"p2pgrid.protocols": "protocols"})
