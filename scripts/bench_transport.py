@@ -138,7 +138,8 @@ async def _measure(args, seed: str, data_dir: Path, server_pid: int) -> dict:
         async def http(to, msg):
             return await peer.request(to, msg, via="http")
         paths = {"request": ("ping_ms", peer.request), "http": ("http_ms", http)}
-        for key, send in [paths[p] for p in args.paths] if args.pings > 0 else []:
+        timed = [paths[p] for p in args.paths] if args.pings > 0 else []  # --pings 0: transfers only
+        for key, send in timed:
             for _ in range(min(200, args.pings)):  # warm up: connection, caches
                 await send(server, Ping())
             rtts = []
@@ -375,7 +376,8 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", default="1,32,256",
                     help="tensor sizes in MB (10**6 bytes), comma-separated")
     ap.add_argument("--rounds", type=int, default=3, help="transfers per size and direction")
-    ap.add_argument("--pings", type=int, default=1000, help="timed Ping round trips (0: none, transfers only)")
+    ap.add_argument("--pings", type=int, default=1000,
+                    help="timed Ping round trips (0: none, transfers only)")
     ap.add_argument("--paths", default="request,http",
                     help="which round trips to time: request (as peer.request sends a small "
                          "message), http (an HTTP/2 request each), or both (comma-separated)")

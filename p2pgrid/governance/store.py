@@ -33,7 +33,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from ..errors import BadRequest, Conflict, NotFound, P2PError, RateLimited
 from ..limits import Guest
@@ -97,6 +97,14 @@ def _request_dict(row) -> dict:
     return dict(zip(keys, row))
 
 
+class _Snapshot(NamedTuple):
+    """What nearly every request asks for, read once per change of the database."""
+    version: int                 # SQLite's data_version when read
+    users: dict[str, User]
+    settings: dict
+    budgeted: frozenset[str]     # users the owner gave a total budget (has_own_budget)
+
+
 class GovernanceStore:
     def __init__(self, path: Path, *, sign: Callable[[bytes], bytes] | None = None):
         self.path = Path(path)
@@ -107,7 +115,7 @@ class GovernanceStore:
         self._plock = threading.Lock()      # guards _pending only: recording never waits on I/O
         self._pending: list[dict] = []      # audit entries not chained yet (see record)
         self._taken: list[dict] = []        # ... taken by the open transaction
-        self._snapshot: tuple | None = None  # (data_version, users, settings)
+        self._snapshot: _Snapshot | None = None
         self._checked = 0.0                  # when data_version was last read (monotonic)
         self._verified: tuple[int, str] = (0, audit.GENESIS)  # head of the last intact check
         self._conn: sqlite3.Connection | None = sqlite3.connect(
@@ -273,28 +281,27 @@ class GovernanceStore:
             return snap
         with self._reader() as db:
             version = db.execute("PRAGMA data_version").fetchone()[0]
-            if self._snapshot is None or self._snapshot[0] != version:
+            if self._snapshot is None or self._snapshot.version != version:
                 users = {r[0]: User(r[0], r[1], None if r[2] is None else bytes(r[2]), r[3])
                          for r in db.execute("SELECT name, role, public_key, added FROM users")}
                 settings = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM settings")}
-                # asked for every unregistered caller's request (see has_own_budget)
                 budgeted = frozenset(r[0] for r in db.execute(
                     "SELECT user FROM budgets WHERE object_id = ?", (TOTAL,)))
-                self._snapshot = (version, users, settings, budgeted)
+                self._snapshot = _Snapshot(version, users, settings, budgeted)
             self._checked = now
             return self._snapshot
 
     def users(self) -> dict[str, User]:
-        return dict(self._fresh()[1])
+        return dict(self._fresh().users)
 
     def user(self, name: str) -> User | None:
-        return self._fresh()[1].get(name)
+        return self._fresh().users.get(name)
 
     def setting(self, key: str, default=None):
-        return self._fresh()[2].get(key, default)
+        return self._fresh().settings.get(key, default)
 
     def settings(self) -> dict:
-        return dict(self._fresh()[2])
+        return dict(self._fresh().settings)
 
     def set_setting(self, key: str, value, *, by: str) -> None:
         with self._tx() as db:
@@ -313,7 +320,7 @@ class GovernanceStore:
 
     def has_own_budget(self, user: str) -> bool:
         """Whether the owner set `user` a total budget of its own."""
-        return user in self._fresh()[3]
+        return user in self._fresh().budgeted
 
     def add_user(self, name: str, role: str, public_key: bytes | None = None, *, by: str) -> User:
         """Register `name` with `role` (again: change its role, and its key if given)."""
