@@ -101,6 +101,7 @@ SYMBOLS: dict[str, list[tuple[str, str, str | None]]] = {
         ("hypercorn.trio.lifespan", "Lifespan.wait_for_startup", '(self)'),
         ("hypercorn.trio.worker_context", "WorkerContext.__init__", '(self, max_requests)'),
         ("hypercorn.trio.task_group", "TaskGroup", None),
+        ("hypercorn.trio.task_group", "TaskGroup.spawn_app", '(self, app, config, scope, send)'),
         ("hypercorn.config", "Config.create_sockets", '(self)'),
         ("hypercorn.config", "Config.create_ssl_context", '(self)'),
         ("hypercorn.config", "Config.set_statsd_logger_class", '(self, statsd_logger)'),

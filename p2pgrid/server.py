@@ -34,6 +34,7 @@ from . import push, transport, wire
 from .auth import H_DIGEST, Caller, Verifier
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
 from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
+from .transport import DISCONNECT
 
 log = logging.getLogger("p2pgrid.server")
 
@@ -122,8 +123,18 @@ class App:
         """`receive`, but a body that stops arriving for `timeout` (default read_timeout)
         raises RequestTimeout."""
         timeout = self.limits.read_timeout if timeout is None else timeout
+        # hypercorn's `receive` is a trio memory channel's: a message already queued is
+        # taken without arming a timer (a cancel scope per chunk of every request)
+        channel = getattr(receive, "__self__", None)
+        queued = channel.receive_nowait if isinstance(channel, trio.MemoryReceiveChannel) \
+            else None
 
         async def timed():
+            if queued is not None:
+                try:
+                    return queued()
+                except trio.WouldBlock:
+                    pass
             with trio.move_on_after(timeout):
                 return await receive()
             raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
@@ -160,7 +171,7 @@ class App:
                 msg = await _to_thread_if_big(
                     len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
                 del body
-                reply = await _while_connected(receive, lambda: self.dispatch(caller, msg))
+                reply = await _while_connected(scope, lambda: self.dispatch(caller, msg))
                 if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
                     out = wire.encode_parts(reply)
                 else:
@@ -237,18 +248,14 @@ class App:
         async def write(chunk) -> None:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
 
-        gone = False
-        async with trio.open_nursery() as nursery:
-            async def watch():   # the request body is empty: what comes next is its end
-                nonlocal gone
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-                gone = True
-                nursery.cancel_scope.cancel()
-            nursery.start_soon(watch)
-            await self.pull(caller, link, write)
-            nursery.cancel_scope.cancel()
-        if gone:
+        gone = scope["extensions"][DISCONNECT]
+        with trio.CancelScope() as cancel:
+            gone.watch(cancel)
+            try:
+                await self.pull(caller, link, write)
+            finally:
+                gone.unwatch(cancel)
+        if cancel.cancelled_caught:
             if self.push_broken is not None:
                 self.push_broken(caller.name, "its stream back was cut off")
             raise _ClientGone()
@@ -279,32 +286,19 @@ class _Leave:
         self._flight.leave(self._key, registered=self._registered, guest=self._guest)
 
 
-async def _while_connected(receive, work: Callable[[], Awaitable]):
+async def _while_connected(scope, work: Callable[[], Awaitable]):
     """``await work()``, cancelled if the client disconnects first: work that nobody
-    waits for stops (a remote program's worker is killed, say)."""
-    outcome: tuple | None = None
-    async with trio.open_nursery() as nursery:
-        async def watch():
-            while (await receive())["type"] != "http.disconnect":
-                pass   # the body was read whole: nothing but a disconnect comes now
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(watch)
-        # the work runs in this task (one task spawned per request, not two); its
-        # outcome is kept and re-raised below, outside the nursery, so that an error
-        # reaches the caller as itself and not inside an ExceptionGroup
+    waits for stops (a remote program's worker is killed, say). The server cancels it
+    as it queues the disconnect (:class:`p2pgrid.transport.hypercorn.Disconnect`): no
+    watcher task per request, and an error reaches the caller as itself."""
+    gone = scope["extensions"][DISCONNECT]
+    with trio.CancelScope() as cancel:
+        gone.watch(cancel)
         try:
-            outcome = (True, await work())
-        except Exception as e:  # noqa: BLE001 - re-raised below
-            outcome = (False, e)
+            return await work()
         finally:
-            nursery.cancel_scope.cancel()
-    if outcome is None:   # cancelled by the watcher: the client went away
-        raise _ClientGone()
-    ok, value = outcome
-    if not ok:
-        raise value
-    return value
+            gone.unwatch(cancel)
+    raise _ClientGone()
 
 
 async def _read_body(receive, limit: int) -> bytes:

@@ -178,6 +178,28 @@ class _RawPush:
         return r.status_code, (wire.loads(r.content) if r.content else None)
 
 
+async def test_a_stream_back_whose_caller_goes_is_ended_at_once(tmp_path):
+    """The server stops a way back (a pull stream) as soon as its caller's connection
+    goes, from hypercorn's disconnect (transport.hypercorn.Disconnect), not from a
+    watcher task; the peer goes on serving."""
+    async with open_network(["a", "b"], tmp_path, routers=[notes]) as grid:
+        b = grid["b"]
+        broke = []
+        b.push_listeners.append(lambda name, why: broke.append((name, why)))
+        raw = _RawPush(b)
+        headers = sign_request(raw.identity, raw.name, b.key_id, "POST", push.PULL_PATH,
+                               digest=push.PULL_DIGEST, now=time.time())
+        headers[push.LINK_HEADER] = "link-1"
+        async with raw.client.stream("POST", push.PULL_PATH, headers=headers) as r:
+            assert r.status_code == 200          # the way back is open, waiting for frames
+        await raw.client.aclose()                # the caller goes
+        with trio.fail_after(5):
+            while not broke:
+                await trio.sleep(0.02)
+        assert broke == [("mallory", "its stream back was cut off")]
+        assert await grid.net("a").peer("b").ping() < 5
+
+
 @pytest.mark.parametrize("case, status, code", [
     ("unsigned", 401, "unauthenticated"),
     ("stale", 401, "replay"),

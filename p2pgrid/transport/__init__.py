@@ -35,6 +35,9 @@ from .. import patchguard
 
 WINDOW = 32 * 1024 * 1024        # flow-control window, per stream and per connection
 FRAME = 1 << 20                  # largest DATA frame either side sends (h2 allows up to 2**24-1)
+# the ASGI scope extension where the peer's server puts a request's
+# transport.hypercorn.Disconnect (the app registers cancel scopes with it)
+DISCONNECT = "p2pgrid.disconnect"
 SMALL = 64 * 1024                # response DATA up to this size waits in h2's buffer for the next flush
 
 _tuned: bool | None = None
