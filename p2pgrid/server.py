@@ -30,7 +30,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from . import push, transport, wire
+from . import bulk, push, transport, wire
 from .auth import H_DIGEST, Caller, Verifier
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
 from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
@@ -468,6 +468,7 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     config.read_timeout = None   # per read, it would cut long replies' waits: see App._timed
     config.ssl_handshake_timeout = limits.handshake_timeout
     config.p2p_write_timeout = limits.write_timeout
+    config.p2p_read_timeout = limits.read_timeout    # a bulk connection's headers and body
     config.p2p_connections = ConnectionTable(*limits.connections())
     failures = getattr(app, "connection_failures", None)
     config.p2p_failures = failures if failures is not None else transport.FailureCount()
@@ -478,5 +479,5 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     config.errorlog = logging.getLogger("p2pgrid.hypercorn")
     if certfile:
         config.certfile, config.keyfile = certfile, keyfile
-        config.alpn_protocols = ["h2"]
+        config.alpn_protocols = ["h2", bulk.ALPN]  # bulk: large bodies (p2pgrid.bulk)
     await peer_server.serve(app, config, tuned=tuned, task_status=task_status)
