@@ -32,22 +32,23 @@ not take within the write timeout ends the connection, an idle connection closes
 the idle timeout, and the body's buffer and hashing are the App's (made when bytes
 arrive, hashed on its shared pool of threads).
 
-The caller's side reads and writes through :class:`SocketTLS`: a non-blocking
-``ssl.SSLSocket`` whose reads decrypt straight into the reply's buffer
-(``recv_into``), without trio's memory BIOs and the copies they make.
+Both ends read and write through :class:`p2pgrid.transport.trio.SocketTLS`, a
+non-blocking ``ssl.SSLSocket``: the caller decrypts the reply straight into its buffer,
+the server the request body straight into the App's (``recv_into``).
 """
 
 from __future__ import annotations
 
-import select
-import socket
 import ssl
 import struct
 
 import numpy as np
 import trio
 
+from .transport.trio import SocketTLS
+
 ALPN = "p2pgrid-bulk/1"
+RECEIVE_INTO = "p2pgrid.receive_into"  # ASGI scope extension: the body read into a buffer
 MIN_BODY = 4 << 20     # request bodies from this size travel on a bulk connection
 MAX_HEAD = 64 << 10    # bytes of headers a bulk request may carry
 MAX_HEADERS = 64       # and how many
@@ -56,148 +57,6 @@ IDLE_KEPT = 2          # idle bulk connections a caller keeps per peer
 
 _LEN = struct.Struct(">I")
 _REPLY = struct.Struct(">HQ")
-
-
-# ------------------------------------------------------------------ TLS over a socket
-
-class SocketTLS(trio.abc.Stream):
-    """TLS on a non-blocking ``ssl.SSLSocket`` driven by trio's readiness waits.
-
-    OpenSSL reads the socket and decrypts into the caller's buffer itself
-    (:meth:`receive_into`), as a blocking Python TLS socket does; trio's SSLStream
-    instead copies every byte through memory BIOs and a bytes object per record.
-    One task may send and one receive at a time (as any trio stream). A send that is
-    cancelled or fails leaves OpenSSL waiting for the same bytes again, so the stream
-    is then broken (every later call raises BrokenResourceError) and must be closed."""
-
-    def __init__(self, sock: socket.socket, context: ssl.SSLContext, *, server_side: bool = False,
-                 server_hostname: str | None = None) -> None:
-        sock.setblocking(False)
-        self.socket = context.wrap_socket(sock, server_side=server_side,
-                                          do_handshake_on_connect=False,
-                                          server_hostname=server_hostname)
-        self._broken = False
-
-    @classmethod
-    async def connect(cls, host: str, port: int, context: ssl.SSLContext) -> SocketTLS:
-        """Connect over TCP and complete the TLS handshake (the caller sets a deadline)."""
-        tcp = await trio.open_tcp_stream(host, port)
-        try:
-            tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-            fd = tcp.socket.detach()  # the fd moves to a stdlib socket for ssl to own
-        finally:
-            await trio.aclose_forcefully(tcp)
-        stream = cls(socket.socket(fileno=fd), context)
-        try:
-            await stream.do_handshake()
-        except BaseException:
-            await stream.aclose()
-            raise
-        return stream
-
-    def _check(self) -> None:
-        if self._broken:
-            raise trio.BrokenResourceError("the TLS stream broke earlier")
-        if self.socket.fileno() < 0:
-            raise trio.ClosedResourceError("the TLS stream is closed")
-
-    async def _wait(self, err: ssl.SSLError) -> None:
-        if isinstance(err, ssl.SSLWantWriteError):
-            await trio.lowlevel.wait_writable(self.socket)
-        else:
-            await trio.lowlevel.wait_readable(self.socket)
-
-    async def do_handshake(self) -> None:
-        self._check()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        while True:
-            try:
-                self.socket.do_handshake()
-                return
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError) as e:
-                await self._wait(e)
-            except (ssl.SSLError, OSError) as e:
-                self._broken = True
-                raise trio.BrokenResourceError(f"TLS handshake failed: {e}") from e
-
-    def selected_alpn_protocol(self) -> str | None:
-        return self.socket.selected_alpn_protocol()
-
-    async def receive_into(self, view: memoryview) -> int:
-        """Decrypt into `view` what has arrived (waiting for at least one byte); the
-        count, 0 at the end of the stream."""
-        self._check()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        got, waited = 0, False
-        while got < len(view):
-            try:
-                n = self.socket.recv_into(view[got:])
-            except ssl.SSLWantReadError as e:
-                if got:
-                    break  # nothing more decrypted without waiting: hand over what we have
-                waited = True
-                await self._wait(e)
-                continue
-            except ssl.SSLWantWriteError as e:
-                waited = True
-                await self._wait(e)
-                continue
-            except ssl.SSLZeroReturnError:
-                break
-            except (ssl.SSLError, OSError) as e:
-                self._broken = True
-                raise trio.BrokenResourceError(f"TLS read failed: {e}") from e
-            if n == 0:
-                break
-            got += n
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return got
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
-        buf = bytearray(max_bytes or RECEIVE)
-        n = await self.receive_into(memoryview(buf))
-        del buf[n:]
-        return bytes(buf)
-
-    async def send_all(self, data) -> None:
-        self._check()
-        await trio.lowlevel.checkpoint_if_cancelled()
-        view = memoryview(data).cast("B")
-        waited = False
-        try:
-            while view:
-                # retried after a wait with the very same bytes, as OpenSSL requires
-                chunk = view[:RECEIVE]
-                try:
-                    view = view[self.socket.send(chunk):]
-                except (ssl.SSLWantWriteError, ssl.SSLWantReadError) as e:
-                    waited = True
-                    await self._wait(e)
-        except BaseException as e:
-            self._broken = True  # OpenSSL may hold part of `chunk`: nothing else may follow
-            if isinstance(e, (ssl.SSLError, OSError)):
-                raise trio.BrokenResourceError(f"TLS write failed: {e}") from e
-            raise
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await trio.lowlevel.wait_writable(self.socket)
-
-    def is_readable(self) -> bool:
-        """Whether anything (data, a close) has arrived: an idle connection that is
-        readable was almost certainly closed by the peer."""
-        if self.socket.fileno() < 0:
-            return True
-        if self.socket.pending():
-            return True
-        return bool(select.select([self.socket], [], [], 0)[0])
-
-    async def aclose(self) -> None:
-        # no close_notify exchange: the exchanges are framed, an early end is an error
-        self.socket.close()
-        await trio.lowlevel.checkpoint()
 
 
 # ------------------------------------------------------------------ server side
@@ -267,6 +126,23 @@ class _Exchange:
         self.usable = False
         return {"type": "http.disconnect"}
 
+    async def receive_into(self, view) -> int:
+        """Read body bytes straight into `view` (up to what is left of the body), waiting
+        for at least one; 0 if the caller went away."""
+        if self.body_done:
+            return 0
+        view = view[:self.left]
+        try:
+            n = await self.stream.receive_into(view)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            n = 0
+        if not n:
+            self.usable = False
+            return 0
+        self.left -= n
+        self.body_done = self.left == 0
+        return n
+
     async def send(self, message: dict) -> None:
         kind = message["type"]
         if kind == "http.response.start":
@@ -331,7 +207,7 @@ async def serve_connection(stream, app, *, client, server, idle_timeout: float,
                       "http_version": "2", "method": "POST", "scheme": "https",
                       "path": "/rpc", "raw_path": b"/rpc", "query_string": b"",
                       "root_path": "", "headers": headers, "client": client,
-                      "server": server, "extensions": {}}
+                      "server": server, "extensions": {RECEIVE_INTO: ex.receive_into}}
             await app(scope_, ex.receive, ex.send)
             if not ex.complete:
                 return

@@ -129,6 +129,20 @@ class App:
             raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
         return timed
 
+    def _timed_into(self, scope):
+        """The bulk connection's ``receive_into(view)`` (:mod:`p2pgrid.bulk`: the body read
+        straight into our buffer), under the read timeout as `_timed`; None over HTTP/2."""
+        into = scope.get("extensions", {}).get(bulk.RECEIVE_INTO)
+        if into is None:
+            return None
+        timeout = self.limits.read_timeout
+
+        async def timed(view) -> int:
+            with trio.move_on_after(timeout):
+                return await into(view)
+            raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
+        return timed
+
     def _verify(self, scope, path: str, headers, digest: str) -> Caller:
         """The signed caller, with the address of the connection it came on."""
         return self.verifier.verify("POST", path, headers, digest, now=time.time(),
@@ -153,7 +167,8 @@ class App:
             self.authorize(caller)
             with self._admit(caller):
                 body, sha = await _read_hashed_body(self._timed(receive), self.max_body,
-                                                    int(declared) if declared else None)
+                                                    int(declared) if declared else None,
+                                                    self._timed_into(scope))
                 if sha.hexdigest() != headers.get(H_DIGEST):
                     raise Unauthenticated("body does not match its signed digest")
                 # adopt: the body buffer is ours alone, so tensors may keep it instead of a copy
@@ -324,7 +339,7 @@ async def _read_body(receive, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _read_hashed_body(receive, limit: int, declared: int | None):
+async def _read_hashed_body(receive, limit: int, declared: int | None, receive_into=None):
     """The body and its running SHA-256, hashed chunk by chunk as it arrives.
 
     Hashing while the rest is still in flight overlaps with the sender's work,
@@ -333,6 +348,8 @@ async def _read_hashed_body(receive, limit: int, declared: int | None):
     A large body of declared size is copied into one buffer of that size (see
     ``wire.encode_buffer`` for why numpy) instead of joined from a list; the
     buffer is made when the first bytes arrive, not for what headers alone declare.
+    With `receive_into` (a bulk connection's), the rest of the body is read straight into
+    that buffer, hashed a megabyte or more at a time.
     """
     sha = hashlib.sha256()
     if declared is None or declared <= OFFLOAD:
@@ -359,10 +376,31 @@ async def _read_hashed_body(receive, limit: int, declared: int | None):
                 at += len(chunk)
             if not msg.get("more_body", False):
                 break
+            if receive_into is not None and buf is not None:
+                at = await _receive_rest(receive_into, view, at, min(declared, limit), hasher)
+                break
     finally:
         hasher.close()
     await hasher.wait()
     return (view[:at] if view is not None else b""), sha
+
+
+async def _receive_rest(receive_into, view, at: int, end: int, hasher) -> int:
+    """Read the body's bytes from `at` to `end` into `view` with `receive_into`; each
+    megabyte (or the last piece) goes to `hasher` once it is in."""
+    hashed = at
+    while at < end:
+        n = await receive_into(view[at:end])
+        if not n:
+            raise _ClientGone()
+        at += n
+        if at - hashed >= HASH_PIECE or at == end:
+            hasher.add(view[hashed:at])
+            hashed = at
+    return at
+
+
+HASH_PIECE = 1 << 20  # bytes handed to the hashing thread at once (each hand-over costs)
 
 
 class _Hasher:
