@@ -14,7 +14,8 @@ downloads as well as one that can.
 The exchange, one at a time per connection (a connection is reused for the next)::
 
     request:  u32 n, n bytes of headers ("name\\0value\\0" pairs, latin-1), then the body
-              (exactly its ``content-length`` header's bytes)
+              (exactly its ``content-length`` header's bytes), then, if the headers
+              signed the digest "trailer", the 64-byte signature of the real one
     reply:    u16 status, u64 n, then n bytes of body
 
 The headers are those of an HTTP ``POST /rpc``: signed as any request (:mod:`p2pgrid.auth`,
@@ -22,7 +23,10 @@ the body's SHA-256 included). On the server the request is handed to the peer's 
 app as ``POST /rpc`` (:func:`serve_connection`), so the signature, the size limits, the
 per-caller admission and the body's digest are checked by the one implementation HTTP/2
 requests go through (:class:`p2pgrid.server.App`); nothing else can be asked on a bulk
-connection.
+connection. A caller that streams a large message signs the digest "trailer" in its
+headers and the body's real SHA-256 in a signature after the body
+(:func:`p2pgrid.auth.sign_trailer`): it hashes while it sends instead of before, and the
+server checks the body against that signature as it would against the headers'.
 
 What a caller can make the peer hold is bounded as for HTTP/2: the connection is one
 of the peer's (admitted by its :class:`p2pgrid.limits.ConnectionTable`, per address and in
@@ -45,10 +49,13 @@ import struct
 import numpy as np
 import trio
 
+from .auth import H_DIGEST, SIGNATURE_BYTES
+from .auth import TRAILER as TRAILER_DIGEST
 from .transport.trio import SocketTLS
 
 ALPN = "p2pgrid-bulk/1"
 RECEIVE_INTO = "p2pgrid.receive_into"  # ASGI scope extension: the body read into a buffer
+TRAILER = "p2pgrid.trailer"            # ASGI scope extension: the signature after the body
 MIN_BODY = 4 << 20     # request bodies from this size travel on a bulk connection
 MAX_HEAD = 64 << 10    # bytes of headers a bulk request may carry
 MAX_HEADERS = 64       # and how many
@@ -96,8 +103,9 @@ async def _read_exactly(stream, n: int) -> bytes:
 class _Exchange:
     """One request's ASGI receive and send over a bulk connection."""
 
-    def __init__(self, stream, declared: int, write_timeout: float) -> None:
+    def __init__(self, stream, declared: int, trailer: bool, write_timeout: float) -> None:
         self.stream, self.left, self.write_timeout = stream, declared, write_timeout
+        self.trailer = SIGNATURE_BYTES if trailer else 0  # bytes of it still to read
         self.body_done = False
         self.usable = True         # False: the connection must close after this exchange
         self.status = 0
@@ -142,6 +150,19 @@ class _Exchange:
         self.left -= n
         self.body_done = self.left == 0
         return n
+
+    async def read_trailer(self) -> bytes:
+        """The signature that follows the body (:func:`p2pgrid.auth.sign_trailer`); b""
+        if there is none or the caller went away."""
+        if not self.body_done or not self.trailer:
+            return b""
+        try:
+            data = await _read_exactly(self.stream, self.trailer)
+        except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError):
+            self.usable = False
+            return b""
+        self.trailer = 0
+        return data
 
     async def send(self, message: dict) -> None:
         kind = message["type"]
@@ -202,19 +223,22 @@ async def serve_connection(stream, app, *, client, server, idle_timeout: float,
             declared = dict(headers).get(b"content-length", b"")
             if not declared.isdigit():
                 return
-            ex = _Exchange(stream, int(declared), write_timeout)
+            trailer = dict(headers).get(H_DIGEST.encode()) == TRAILER_DIGEST.encode()
+            ex = _Exchange(stream, int(declared), trailer, write_timeout)
             scope_ = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
                       "http_version": "2", "method": "POST", "scheme": "https",
                       "path": "/rpc", "raw_path": b"/rpc", "query_string": b"",
                       "root_path": "", "headers": headers, "client": client,
-                      "server": server, "extensions": {RECEIVE_INTO: ex.receive_into}}
+                      "server": server,
+                      "extensions": {RECEIVE_INTO: ex.receive_into, TRAILER: ex.read_trailer}}
             await app(scope_, ex.receive, ex.send)
             if not ex.complete:
                 return
-            if ex.left:
+            if ex.left or ex.trailer:
                 # answered before its body was read (a bad signature, too large): the
                 # rest of the body is on its way and must be read past; it is bounded
                 # by the declared length the App has already accepted or refused
+                ex.left += ex.trailer
                 with trio.move_on_after(read_timeout) as scope:
                     while ex.left:
                         data = await stream.receive_some(min(ex.left, RECEIVE))
@@ -247,27 +271,31 @@ class Pool:
             raise trio.BrokenResourceError("the peer does not serve bulk connections")
         return stream
 
-    async def exchange(self, head: bytes, parts, *, timeout: float, connect_timeout: float):
-        """Send one request (`head` from :func:`encode_head`, then the body `parts`)
-        and return ``(status, reply)``: the reply's body as a view of a buffer of its
-        own. Raises BrokenResourceError, OSError or TooSlowError when the connection
-        fails (with `retryable` set on the error when nothing can have been handled)."""
+    async def exchange(self, head: bytes, parts, *, timeout: float, connect_timeout: float,
+                       trailer=None):
+        """Send one request (`head` from :func:`encode_head`, then the body `parts`, then
+        ``await trailer()`` if given: the signature of a body whose headers signed the
+        digest :data:`p2pgrid.auth.TRAILER`) and return ``(status, reply)``: the reply's
+        body as a view of a buffer of its own. Raises BrokenResourceError, OSError or
+        TooSlowError when the connection fails. A stale idle connection (closed by the
+        peer) is noticed before use, or when the request's first bytes cannot be
+        written, and the request goes on a fresh one."""
         while self._idle:
             stream = self._idle.pop()
             if stream.is_readable():    # closed by the peer while idle
                 await stream.aclose()
                 continue
             try:
-                return await self._exchange(stream, head, parts, timeout)
+                return await self._exchange(stream, head, parts, trailer, timeout)
             except _NotSent:
-                continue   # a stale connection: the request never left, try another
+                continue   # the request never left: try another
         stream = await self._connect(connect_timeout)
         try:
-            return await self._exchange(stream, head, parts, timeout)
+            return await self._exchange(stream, head, parts, trailer, timeout)
         except _NotSent as e:
             raise trio.BrokenResourceError("the bulk connection broke") from e.__cause__
 
-    async def _exchange(self, stream: SocketTLS, head: bytes, parts, timeout: float):
+    async def _exchange(self, stream: SocketTLS, head: bytes, parts, trailer, timeout: float):
         done = False
         try:
             with trio.fail_after(timeout):
@@ -277,6 +305,8 @@ class Pool:
                     raise _NotSent() from e
                 for part in parts:
                     await stream.send_all(part)
+                if trailer is not None:
+                    await stream.send_all(await trailer())
                 top = memoryview(bytearray(_REPLY.size))
                 await _receive_exactly(stream, top)
                 status, n = _REPLY.unpack(top)

@@ -31,7 +31,7 @@ import numpy as np
 import trio
 
 from . import bulk, push, transport, wire
-from .auth import H_DIGEST, Caller, Verifier
+from .auth import H_DIGEST, TRAILER, Caller, Verifier, verify_trailer
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
 from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
 
@@ -143,6 +143,18 @@ class App:
             raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
         return timed
 
+    async def _check_trailer(self, scope, caller: Caller, headers, digest: str) -> None:
+        """A body whose signed digest follows it (a bulk connection's, see
+        :func:`p2pgrid.auth.sign_trailer`) is the caller's if that signature checks out;
+        any other body that does not match the digest its headers signed is refused."""
+        read = scope.get("extensions", {}).get(bulk.TRAILER)
+        if read is None or headers.get(H_DIGEST) != TRAILER:
+            raise Unauthenticated("body does not match its signed digest")
+        with trio.move_on_after(self.limits.read_timeout):
+            verify_trailer(caller, "POST", "/rpc", headers, digest, await read())
+            return
+        raise RequestTimeout("the body's signed digest did not follow it")
+
     def _verify(self, scope, path: str, headers, digest: str) -> Caller:
         """The signed caller, with the address of the connection it came on."""
         return self.verifier.verify("POST", path, headers, digest, now=time.time(),
@@ -170,7 +182,7 @@ class App:
                                                     int(declared) if declared else None,
                                                     self._timed_into(scope))
                 if sha.hexdigest() != headers.get(H_DIGEST):
-                    raise Unauthenticated("body does not match its signed digest")
+                    await self._check_trailer(scope, caller, headers, sha.hexdigest())
                 # adopt: the body buffer is ours alone, so tensors may keep it instead of a copy
                 msg = await _to_thread_if_big(
                     len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)

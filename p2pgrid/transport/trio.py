@@ -282,7 +282,12 @@ class SocketTLS(trio.abc.Stream):
         return bool(select.select([self.socket], [], [], 0)[0])
 
     async def aclose(self) -> None:
-        # no close_notify exchange: the exchanges are framed, an early end is an error
+        # no close_notify exchange (as trio's https_compatible streams): HTTP/2 and bulk
+        # exchanges are framed, so an early end is an error either way.
+        if self.socket.fileno() >= 0:
+            # tasks waiting on the fd must wake (ClosedResourceError) and trio forget it
+            # before the number can be reused by the next accepted connection
+            trio.lowlevel.notify_closing(self.socket)
         self.socket.close()
         await trio.lowlevel.checkpoint()
 
