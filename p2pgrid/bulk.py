@@ -225,12 +225,14 @@ async def serve_connection(stream, app, *, client, server, idle_timeout: float,
                 return
             trailer = dict(headers).get(H_DIGEST.encode()) == TRAILER_DIGEST.encode()
             ex = _Exchange(stream, int(declared), trailer, write_timeout)
+            extensions = {TRAILER: ex.read_trailer}
+            if hasattr(stream, "receive_into"):   # SocketTLS (not trio's SSLStream: unpatched)
+                extensions[RECEIVE_INTO] = ex.receive_into
             scope_ = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
                       "http_version": "2", "method": "POST", "scheme": "https",
                       "path": "/rpc", "raw_path": b"/rpc", "query_string": b"",
                       "root_path": "", "headers": headers, "client": client,
-                      "server": server,
-                      "extensions": {RECEIVE_INTO: ex.receive_into, TRAILER: ex.read_trailer}}
+                      "server": server, "extensions": extensions}
             await app(scope_, ex.receive, ex.send)
             if not ex.complete:
                 return

@@ -10,14 +10,17 @@ on HTTP/2.
 import hashlib
 import time
 
+import httpx
+
 import pytest
 import torch
 import trio
 
-from p2pgrid import bulk, tls
+from p2pgrid import auth, bulk, tls, wire
 from p2pgrid.auth import sign_request
 from p2pgrid.config import PeerConfig
 from p2pgrid.errors import Unauthenticated
+from p2pgrid.identity import Identity
 from p2pgrid.messages import DeleteObject, GetObject, Ping, PutObject, Value
 from p2pgrid.testing import open_network
 
@@ -101,6 +104,51 @@ async def test_a_body_that_does_not_match_its_digest_is_refused(tmp_path):
         x = torch.ones(bulk.MIN_BODY, dtype=torch.uint8)
         info = await a.request("b", PutObject(x))
         assert torch.equal(await grid["b"].load(info.meta["id"]), x)
+
+
+async def _reply(stream) -> int:
+    top = memoryview(bytearray(10))
+    await bulk._receive_exactly(stream, top)
+    status, n = bulk._REPLY.unpack(top)
+    await bulk._receive_exactly(stream, memoryview(bytearray(n)))
+    return status
+
+
+async def test_a_streamed_body_is_checked_against_the_signature_that_follows_it(tmp_path):
+    async with open_network(["a", "b"], tmp_path) as grid:
+        a = grid["a"]
+        x = torch.randint(0, 256, (bulk.MIN_BODY,), dtype=torch.uint8)
+        body = b"".join(bytes(p) for p in wire.encode_parts(PutObject(x)))
+        digest = hashlib.sha256(body).hexdigest()
+        target, stream = await _connect(a, "b")
+
+        def request(sig_digest: str, payload: bytes, signer=a.identity) -> bytes:
+            headers = sign_request(a.identity, a.name, target.key_id, "POST", "/rpc",
+                                   digest=auth.TRAILER, now=time.time())
+            headers["content-length"] = str(len(payload))
+            trailer = auth.sign_trailer(signer, headers, "POST", "/rpc", sig_digest)
+            return bulk.encode_head(headers) + payload + trailer
+
+        tampered = bytearray(body)
+        tampered[-1] ^= 1
+        await stream.send_all(request(digest, bytes(tampered)))        # body changed in flight
+        assert await _reply(stream) == 401
+        await stream.send_all(request(digest, body, Identity.generate()))  # another's signature
+        assert await _reply(stream) == 401
+        await stream.send_all(request(digest, body))                   # as the transport sends it
+        assert await _reply(stream) == 200
+        await stream.aclose()
+        # over HTTP/2 there is no trailer: headers that sign "trailer" match no body
+        headers = sign_request(a.identity, a.name, target.key_id, "POST", "/rpc",
+                               digest=auth.TRAILER, now=time.time())
+        pool = a.transport._pool(target)
+        headers.update({"content-type": "application/cbor", "host": target.address,
+                        "content-length": "3"})
+        resp = await pool.handle_async_request(httpx.Request(
+            "POST", f"https://{target.address}/rpc", headers=headers,
+            stream=httpx.ByteStream(b"abc")))
+        await resp.aread()
+        assert resp.status_code == 401
 
 
 async def test_a_caller_that_stops_mid_body_is_cut_and_the_peer_serves_on(tmp_path):
