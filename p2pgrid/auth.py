@@ -72,6 +72,31 @@ def sign_request(identity: Identity, name: str, audience: str, method: str, path
             H_NONCE: nonce, H_DIGEST: digest, H_SIG: _b64(sig)}
 
 
+TRAILER = "trailer"   # the digest a bulk request's headers sign when the real one follows its body
+SIGNATURE_BYTES = 64  # an Ed25519 signature
+
+
+def sign_trailer(identity: Identity, headers: dict[str, str], method: str, path: str,
+                 digest: str) -> bytes:
+    """The signature that binds a streamed body to a request whose headers signed the
+    digest :data:`TRAILER`: the same fields (name, audience, timestamp, nonce), the
+    body's real digest. A bulk caller sends it after the body (:mod:`p2pgrid.bulk`), so
+    that hashing runs beside sending instead of before it."""
+    return identity.sign(_canonical(method, path, headers[H_NAME], headers[H_AUD],
+                                    headers[H_TS], headers[H_NONCE], digest))
+
+
+def verify_trailer(caller: Caller, method: str, path: str, headers, digest: str,
+                   signature: bytes) -> None:
+    """Raise Unauthenticated unless `signature` is `caller`'s :func:`sign_trailer` for
+    `digest` (the SHA-256 of the body as received) and request `headers`, which
+    :meth:`Verifier.verify` has accepted with the digest :data:`TRAILER`."""
+    if headers.get(H_DIGEST) != TRAILER or not verify(
+            caller.public_key, _canonical(method, path, headers[H_NAME], headers[H_AUD],
+                                          headers[H_TS], headers[H_NONCE], digest), signature):
+        raise Unauthenticated("body does not match its signed digest")
+
+
 @dataclass(frozen=True)
 class Caller:
     """An authenticated caller: the name it claims and the key that proved it.

@@ -178,6 +178,7 @@ class Calls:
             raise payload
         if status == 303:
             return await peer.transport.request(peer.target(rec), FetchReply(payload.hex()),
+                                                large_reply=True,
                                                 timeout=timeout)
         if status != 200:
             raise remote_error(payload, status)

@@ -139,7 +139,9 @@ async def get(peer, caller, msg: GetObject):
         if not decision.allowed:
             peer.audit("denied", caller.name, object=msg.id, right="get", why=decision.why)
             raise PermissionDenied(release.refusal(peer, caller, decision), id=msg.id, right="get")
-    value = await peer.load(msg.id)
+    # mapped: a value for another peer is only sent, so its bytes can leave straight from
+    # the blob's pages; the peer's own requests get a copy, which they may keep
+    value = await peer.load(msg.id, mapped=caller.public_key != peer.identity.public_bytes)
     peer.audit("get", caller.name, object=msg.id, shape=list(meta.shape))
     return wire.owned(Value(value, info(peer, meta)))  # a fresh tensor: sent by reference
 

@@ -268,8 +268,9 @@ class Peer:
         return Quota(c.store_quota_count, c.store_quota_bytes, c.store_total_count,
                      c.store_total_bytes, host=self.name)
 
-    async def load(self, id: str) -> torch.Tensor:
-        return await trio.to_thread.run_sync(self.store.load, id)
+    async def load(self, id: str, *, mapped: bool = False) -> torch.Tensor:
+        """Object `id`'s values (`mapped`: see :meth:`p2pgrid.store.Store.load`)."""
+        return await trio.to_thread.run_sync(lambda: self.store.load(id, mapped=mapped))
 
     async def meta(self, id: str) -> ObjectMeta:
         return await trio.to_thread.run_sync(self.store.meta, id)

@@ -30,8 +30,8 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from . import push, transport, wire
-from .auth import H_DIGEST, Caller, Verifier
+from . import bulk, push, transport, wire
+from .auth import H_DIGEST, TRAILER, Caller, Verifier, verify_trailer
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
 from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
 from .transport import DISCONNECT
@@ -140,6 +140,32 @@ class App:
             raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
         return timed
 
+    def _timed_into(self, scope):
+        """The bulk connection's ``receive_into(view)`` (:mod:`p2pgrid.bulk`: the body read
+        straight into our buffer), under the read timeout as `_timed`; None over HTTP/2."""
+        into = scope.get("extensions", {}).get(bulk.RECEIVE_INTO)
+        if into is None:
+            return None
+        timeout = self.limits.read_timeout
+
+        async def timed(view) -> int:
+            with trio.move_on_after(timeout):
+                return await into(view)
+            raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
+        return timed
+
+    async def _check_trailer(self, scope, caller: Caller, headers, digest: str) -> None:
+        """A body whose signed digest follows it (a bulk connection's, see
+        :func:`p2pgrid.auth.sign_trailer`) is the caller's if that signature checks out;
+        any other body that does not match the digest its headers signed is refused."""
+        read = scope.get("extensions", {}).get(bulk.TRAILER)
+        if read is None or headers.get(H_DIGEST) != TRAILER:
+            raise Unauthenticated("body does not match its signed digest")
+        with trio.move_on_after(self.limits.read_timeout):
+            verify_trailer(caller, "POST", "/rpc", headers, digest, await read())
+            return
+        raise RequestTimeout("the body's signed digest did not follow it")
+
     def _verify(self, scope, path: str, headers, digest: str) -> Caller:
         """The signed caller, with the address of the connection it came on."""
         return self.verifier.verify("POST", path, headers, digest, now=time.time(),
@@ -164,14 +190,16 @@ class App:
             self.authorize(caller)
             with self._admit(caller):
                 body, sha = await _read_hashed_body(self._timed(receive), self.max_body,
-                                                    int(declared) if declared else None)
+                                                    int(declared) if declared else None,
+                                                    self._timed_into(scope))
                 if sha.hexdigest() != headers.get(H_DIGEST):
-                    raise Unauthenticated("body does not match its signed digest")
+                    await self._check_trailer(scope, caller, headers, sha.hexdigest())
                 # adopt: the body buffer is ours alone, so tensors may keep it instead of a copy
                 msg = await _to_thread_if_big(
                     len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
                 del body
-                reply = await _while_connected(scope, lambda: self.dispatch(caller, msg))
+                reply = await _while_connected(scope, receive,
+                                               lambda: self.dispatch(caller, msg))
                 if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
                     out = wire.encode_parts(reply)
                 else:
@@ -286,18 +314,39 @@ class _Leave:
         self._flight.leave(self._key, registered=self._registered, guest=self._guest)
 
 
-async def _while_connected(scope, work: Callable[[], Awaitable]):
+async def _while_connected(scope, receive, work: Callable[[], Awaitable]):
     """``await work()``, cancelled if the client disconnects first: work that nobody
-    waits for stops (a remote program's worker is killed, say). The server cancels it
-    as it queues the disconnect (:class:`p2pgrid.transport.hypercorn.Disconnect`): no
-    watcher task per request, and an error reaches the caller as itself."""
-    gone = scope["extensions"][DISCONNECT]
+    waits for stops (a remote program's worker is killed, say). The peer's HTTP/2 server
+    cancels it as it queues the disconnect (:class:`p2pgrid.transport.hypercorn.Disconnect`),
+    with no task per request; elsewhere (a bulk connection, :mod:`p2pgrid.bulk`) a task
+    waits for the disconnect on `receive`. Either way an error reaches the caller as
+    itself, not in an ExceptionGroup."""
+    gone = scope["extensions"].get(DISCONNECT)
     with trio.CancelScope() as cancel:
-        gone.watch(cancel)
-        try:
-            return await work()
-        finally:
-            gone.unwatch(cancel)
+        if gone is not None:
+            gone.watch(cancel)
+            try:
+                return await work()
+            finally:
+                gone.unwatch(cancel)
+        outcome = None
+        async with trio.open_nursery() as nursery:
+            async def watch():
+                while (await receive())["type"] != "http.disconnect":
+                    pass   # the body was read whole: nothing but a disconnect comes now
+                cancel.cancel()
+            nursery.start_soon(watch)
+            try:   # kept, and re-raised outside the nursery: no ExceptionGroup
+                outcome = (True, await work())
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                outcome = (False, e)
+            finally:
+                nursery.cancel_scope.cancel()
+        if outcome is not None:
+            ok, value = outcome
+            if not ok:
+                raise value
+            return value
     raise _ClientGone()
 
 
@@ -318,7 +367,7 @@ async def _read_body(receive, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _read_hashed_body(receive, limit: int, declared: int | None):
+async def _read_hashed_body(receive, limit: int, declared: int | None, receive_into=None):
     """The body and its running SHA-256, hashed chunk by chunk as it arrives.
 
     Hashing while the rest is still in flight overlaps with the sender's work,
@@ -327,6 +376,8 @@ async def _read_hashed_body(receive, limit: int, declared: int | None):
     A large body of declared size is copied into one buffer of that size (see
     ``wire.encode_buffer`` for why numpy) instead of joined from a list; the
     buffer is made when the first bytes arrive, not for what headers alone declare.
+    With `receive_into` (a bulk connection's), the rest of the body is read straight into
+    that buffer, hashed a megabyte or more at a time.
     """
     sha = hashlib.sha256()
     if declared is None or declared <= OFFLOAD:
@@ -353,10 +404,31 @@ async def _read_hashed_body(receive, limit: int, declared: int | None):
                 at += len(chunk)
             if not msg.get("more_body", False):
                 break
+            if receive_into is not None and buf is not None:
+                at = await _receive_rest(receive_into, view, at, min(declared, limit), hasher)
+                break
     finally:
         hasher.close()
     await hasher.wait()
     return (view[:at] if view is not None else b""), sha
+
+
+async def _receive_rest(receive_into, view, at: int, end: int, hasher) -> int:
+    """Read the body's bytes from `at` to `end` into `view` with `receive_into`; each
+    megabyte (or the last piece) goes to `hasher` once it is in."""
+    hashed = at
+    while at < end:
+        n = await receive_into(view[at:end])
+        if not n:
+            raise _ClientGone()
+        at += n
+        if at - hashed >= HASH_PIECE or at == end:
+            hasher.add(view[hashed:at])
+            hashed = at
+    return at
+
+
+HASH_PIECE = 1 << 20  # bytes handed to the hashing thread at once (each hand-over costs)
 
 
 class _Hasher:
@@ -462,6 +534,7 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     config.read_timeout = None   # per read, it would cut long replies' waits: see App._timed
     config.ssl_handshake_timeout = limits.handshake_timeout
     config.p2p_write_timeout = limits.write_timeout
+    config.p2p_read_timeout = limits.read_timeout    # a bulk connection's headers and body
     config.p2p_connections = ConnectionTable(*limits.connections())
     failures = getattr(app, "connection_failures", None)
     config.p2p_failures = failures if failures is not None else transport.FailureCount()
@@ -472,5 +545,5 @@ async def serve(app, *, host: str, port: int, certfile: str | None, keyfile: str
     config.errorlog = logging.getLogger("p2pgrid.hypercorn")
     if certfile:
         config.certfile, config.keyfile = certfile, keyfile
-        config.alpn_protocols = ["h2"]
+        config.alpn_protocols = ["h2", bulk.ALPN]  # bulk: large bodies (p2pgrid.bulk)
     await peer_server.serve(app, config, tuned=tuned, task_status=task_status)

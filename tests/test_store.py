@@ -446,3 +446,18 @@ def test_disk_full_is_507_and_leaves_nothing(store, monkeypatch):
         store.put(torch.zeros(4), ObjectMeta(id="x", owner="ann"))
     assert e.value.status == 507
     assert store.list() == [] and list(store.blobs.iterdir()) == []
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.bool, torch.bfloat16])
+def test_a_mapped_load_reads_the_blob_and_never_writes_it(store, dtype):
+    t = (torch.arange(3000) % 2).to(dtype).reshape(30, 100)
+    meta = store.put(t, ObjectMeta(owner="alice"))
+    mapped = store.load(meta.id, mapped=True)
+    assert mapped.dtype == t.dtype and torch.equal(mapped, t)
+    mapped.zero_()                                   # copy-on-write: the blob keeps its values
+    assert torch.equal(store.load(meta.id), t)
+    again = store.load(meta.id, mapped=True)
+    store.delete(meta.id)                            # deleted: a live mapping still reads
+    assert torch.equal(again, t)
+    empty = store.put(torch.zeros(0), ObjectMeta(owner="alice"))
+    assert store.load(empty.id, mapped=True).numel() == 0

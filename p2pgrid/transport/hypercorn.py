@@ -81,6 +81,7 @@ from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
+from .. import bulk
 from . import DISCONNECT, FRAME, SMALL, WINDOW, failures
 from . import trio as tls
 from .h2 import LeanH2Connection, settings
@@ -362,6 +363,9 @@ class SafeTCPServer(TCPServer):
             sock = tls.socket_of(self.stream)
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
+            if alpn == bulk.ALPN:  # a large body's own connection: not HTTP (p2pgrid.bulk)
+                await self._serve_bulk(client, server)
+                return
             async with PeerTaskGroup() as task_group:
                 self._task_group = task_group
                 self.protocol = PeerProtocolWrapper(
@@ -375,6 +379,18 @@ class SafeTCPServer(TCPServer):
             pass
         finally:
             await self._close()
+
+
+    async def _serve_bulk(self, client, server) -> None:
+        def busy(open_request: bool) -> None:   # what the connection table asks of us
+            self._p2p_idle_since = None if open_request else trio.current_time()
+
+        app = partial(self.app, sync_spawn=None, call_soon=None)  # hypercorn's ASGI wrapper
+        await bulk.serve_connection(
+            self.stream, app, client=client, server=server,
+            idle_timeout=self.config.keep_alive_timeout,
+            read_timeout=getattr(self.config, "p2p_read_timeout", None) or 45.0,
+            write_timeout=getattr(self.config, "p2p_write_timeout", None) or inf, busy=busy)
 
 
 class TunedTCPServer(SafeTCPServer):
