@@ -8,6 +8,7 @@ on HTTP/2.
 """
 
 import hashlib
+from functools import partial
 import time
 
 import httpx
@@ -22,7 +23,9 @@ from p2pgrid.config import PeerConfig
 from p2pgrid.errors import Unauthenticated
 from p2pgrid.identity import Identity
 from p2pgrid.messages import DeleteObject, GetObject, Ping, PutObject, Value
+from p2pgrid.router import Router
 from p2pgrid.testing import open_network
+from p2pgrid.wire import dataclass, message
 
 MB = 1 << 20
 
@@ -235,3 +238,50 @@ async def test_a_peer_without_bulk_alpn_is_refused_not_misread(tmp_path):
                     await bulk.SocketTLS.connect(host, int(port), context)
             except trio.BrokenResourceError:
                 raise Unauthenticated("pin refused") from None
+
+
+# ------------------------------------------------------------------ work nobody waits for
+
+_slow = Router()
+_started: list[float] = []
+_stopped: list[str] = []
+
+
+@message("test.bulk_slow")
+@dataclass(frozen=True)
+class _Slow:
+    payload: torch.Tensor
+    seconds: float
+
+
+@_slow.on(_Slow)
+async def _slow_handler(peer, caller, msg: _Slow):
+    _started.append(trio.current_time())
+    try:
+        await trio.sleep(msg.seconds)
+    except trio.Cancelled:
+        _stopped.append("cancelled")
+        raise
+    _stopped.append("finished")
+    return Ping()
+
+
+async def test_work_for_a_bulk_caller_that_goes_stops(tmp_path):
+    """A handler working for a bulk request stops when its caller goes, as over HTTP/2
+    (there the server cancels it as hypercorn queues the disconnect; here a task waits
+    for the caller's connection to close)."""
+    _started.clear(), _stopped.clear()
+    async with open_network(["h", "bob"], tmp_path, routers=[_slow]) as grid:
+        big = torch.ones(bulk.MIN_BODY // 4 + 1024)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(partial(grid["bob"].request, "h", _Slow(big, 60.0), timeout=90))
+            with trio.fail_after(30):
+                while not _started:
+                    await trio.sleep(0.01)
+            assert _pools(grid["bob"])          # it went on a bulk connection
+            n.cancel_scope.cancel()             # the caller gives up: nobody waits now
+        with trio.fail_after(5):
+            while not _stopped:
+                await trio.sleep(0.02)
+        assert _stopped == ["cancelled"]
