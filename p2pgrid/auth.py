@@ -5,6 +5,9 @@ nonce and the body's SHA-256``. The server checks the signature with the key in
 the request, that it is the audience, that the timestamp is within the window,
 and that the nonce is fresh. Whether that key may use that *name* is the
 name registry's business (see :class:`p2pgrid.names.Names`), not this module's.
+A body streamed on a bulk connection (:mod:`p2pgrid.bulk`) may have its headers sign the
+digest :data:`TRAILER` and its real SHA-256 signed after it (:func:`sign_trailer`,
+:func:`verify_trailer`): the same fields, so the caller can hash while it sends.
 
 >>> from p2pgrid.identity import Identity
 >>> alice, server = Identity.generate(), Identity.generate()

@@ -208,6 +208,7 @@ async def serve_connection(stream, app, *, client, server, idle_timeout: float,
     try:
         while True:
             busy(False)
+            first = b""   # stays empty if the connection idles past idle_timeout
             with trio.move_on_after(idle_timeout):
                 first = await stream.receive_some(_LEN.size)
             if not first:  # closed, or idle too long

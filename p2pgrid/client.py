@@ -294,10 +294,19 @@ class Transport:
             hexdigest.append(await trio.to_thread.run_sync(digest))
             hashed.set()
 
+        failure = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(hash_parts)
-            return await self._bulk_request(target, parts, TRAILER, timeout, hashed=hashed,
-                                            hexdigest=hexdigest)
+            try:
+                reply = await self._bulk_request(target, parts, TRAILER, timeout, hashed=hashed,
+                                                 hexdigest=hexdigest)
+            except Exception as e:  # noqa: BLE001 - re-raised below
+                failure = e
+        # outside the nursery, so that callers catch PeerUnavailable (and any remote error)
+        # as itself, not inside an ExceptionGroup
+        if failure is not None:
+            raise failure
+        return reply
 
     async def _bulk_request(self, target: Target, body, digest: str, timeout: float, *,
                             hashed: trio.Event | None = None, hexdigest=()):

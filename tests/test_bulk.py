@@ -8,8 +8,8 @@ on HTTP/2.
 """
 
 import hashlib
-from functools import partial
 import time
+from functools import partial
 
 import httpx
 
@@ -20,7 +20,7 @@ import trio
 from p2pgrid import auth, bulk, tls, wire
 from p2pgrid.auth import sign_request
 from p2pgrid.config import PeerConfig
-from p2pgrid.errors import Unauthenticated
+from p2pgrid.errors import PeerUnavailable, Unauthenticated
 from p2pgrid.identity import Identity
 from p2pgrid.messages import DeleteObject, GetObject, Ping, PutObject, Value
 from p2pgrid.router import Router
@@ -239,6 +239,40 @@ async def test_a_peer_without_bulk_alpn_is_refused_not_misread(tmp_path):
             except trio.BrokenResourceError:
                 raise Unauthenticated("pin refused") from None
 
+
+async def test_odd_layouts_and_dtypes_travel_bulk_intact(tmp_path):
+    async with open_network(["a", "b"], tmp_path) as grid:
+        a = grid["a"]
+        for x in (torch.randn(1200, 1100).t(),                      # not contiguous, 5 MB
+                  torch.rand(5 * MB) > 0.5,                          # bool, 5 MB
+                  torch.randn(5 * MB).to(torch.bfloat16)[::2]):      # strided bfloat16
+            info = await a.request("b", PutObject(x))
+            back = (await a.request("b", GetObject(info.meta["id"]))).value
+            assert back.dtype == x.dtype and torch.equal(back, x)
+        assert _pools(a)
+
+
+async def test_a_stale_idle_bulk_connection_is_replaced(tmp_path):
+    cfg = PeerConfig(name="b", idle_timeout=0.5)
+    async with open_network(["a", cfg], tmp_path) as grid:
+        a = grid["a"]
+        x = torch.ones(bulk.MIN_BODY, dtype=torch.uint8)
+        await a.request("b", PutObject(x))
+        await trio.sleep(1.5)   # the peer closes the idle connection
+        info = await a.request("b", PutObject(x))
+        assert torch.equal(await grid["b"].load(info.meta["id"]), x)
+
+
+async def test_errors_reach_the_caller_as_themselves(tmp_path):
+    async with open_network(["a", "b"], tmp_path) as grid:
+        a, b = grid["a"], grid["b"]
+        x = torch.ones(bulk.MIN_BODY, dtype=torch.uint8)
+        await a.request("b", PutObject(x))   # a bulk connection is open and idle
+        rec = a.record("b")
+        await grid.stop("b")
+        with pytest.raises(PeerUnavailable):  # not an ExceptionGroup around it
+            await a.request(rec, PutObject(x))
+        assert b.name == "b"
 
 # ------------------------------------------------------------------ work nobody waits for
 

@@ -279,7 +279,9 @@ class SocketTLS(trio.abc.Stream):
             return True
         if self.socket.pending():
             return True
-        return bool(select.select([self.socket], [], [], 0)[0])
+        poll = select.poll()   # not select(): a busy peer's descriptors pass 1024
+        poll.register(self.socket, select.POLLIN)
+        return bool(poll.poll(0))
 
     async def aclose(self) -> None:
         # no close_notify exchange (as trio's https_compatible streams): HTTP/2 and bulk
