@@ -14,27 +14,26 @@ downloads as well as one that can.
 The exchange, one at a time per connection (a connection is reused for the next)::
 
     request:  u32 n, n bytes of headers ("name\\0value\\0" pairs, latin-1), then the body
-              (exactly its ``content-length`` header's bytes), then, if the headers
-              signed the digest "trailer", the 64-byte signature of the real one
+              (exactly its ``content-length`` header's bytes)
     reply:    u16 status, u64 n, then n bytes of body
 
-The headers are those of an HTTP ``POST /rpc``: signed as any request (:mod:`p2pgrid.auth`,
-the body's SHA-256 included). On the server the request is handed to the peer's own ASGI
+The headers are those of an HTTP ``POST /rpc``, signed as any request (:mod:`p2pgrid.auth`),
+with the digest :data:`p2pgrid.auth.CHANNEL` in place of the body's SHA-256: the body
+follows the signed headers on the caller's own TLS connection to the server's pinned key,
+which nobody else can write on, so the connection binds it to them and neither side hashes
+it (0.55-0.7 ms per MB each). On the server the request is handed to the peer's own ASGI
 app as ``POST /rpc`` (:func:`serve_connection`), so the signature, the size limits, the
-per-caller admission and the body's digest are checked by the one implementation HTTP/2
-requests go through (:class:`p2pgrid.server.App`); nothing else can be asked on a bulk
-connection. A caller that streams a large message signs the digest "trailer" in its
-headers and the body's real SHA-256 in a signature after the body
-(:func:`p2pgrid.auth.sign_trailer`): it hashes while it sends instead of before, and the
-server checks the body against that signature as it would against the headers'.
+per-caller admission are checked by the one implementation HTTP/2 requests go through
+(:class:`p2pgrid.server.App`), which accepts the digest ``CHANNEL`` only from a bulk
+connection (:data:`CHANNEL_BOUND` in the request's scope); nothing else can be asked on a
+bulk connection.
 
 What a caller can make the peer hold is bounded as for HTTP/2: the connection is one
 of the peer's (admitted by its :class:`p2pgrid.limits.ConnectionTable`, per address and in
 all), headers are at most :data:`MAX_HEAD` bytes and must arrive within the read timeout,
 a body that stops arriving for the read timeout ends the request, a reply the caller does
 not take within the write timeout ends the connection, an idle connection closes after
-the idle timeout, and the body's buffer and hashing are the App's (made when bytes
-arrive, hashed on its shared pool of threads).
+the idle timeout, and the body's buffer is the App's (made when bytes arrive).
 
 Both ends read and write through :class:`p2pgrid.transport.trio.SocketTLS`, a
 non-blocking ``ssl.SSLSocket``: the caller decrypts the reply straight into its buffer,
@@ -49,13 +48,11 @@ import struct
 import numpy as np
 import trio
 
-from .auth import H_DIGEST, SIGNATURE_BYTES
-from .auth import TRAILER as TRAILER_DIGEST
 from .transport.trio import SocketTLS
 
 ALPN = "p2pgrid-bulk/1"
 RECEIVE_INTO = "p2pgrid.receive_into"  # ASGI scope extension: the body read into a buffer
-TRAILER = "p2pgrid.trailer"            # ASGI scope extension: the signature after the body
+CHANNEL_BOUND = "p2pgrid.channel_bound"  # ASGI scope extension: the body is bound by TLS
 MIN_BODY = 4 << 20     # request bodies from this size travel on a bulk connection
 MAX_HEAD = 64 << 10    # bytes of headers a bulk request may carry
 MAX_HEADERS = 64       # and how many
@@ -103,9 +100,8 @@ async def _read_exactly(stream, n: int) -> bytes:
 class _Exchange:
     """One request's ASGI receive and send over a bulk connection."""
 
-    def __init__(self, stream, declared: int, trailer: bool, write_timeout: float) -> None:
+    def __init__(self, stream, declared: int, write_timeout: float) -> None:
         self.stream, self.left, self.write_timeout = stream, declared, write_timeout
-        self.trailer = SIGNATURE_BYTES if trailer else 0  # bytes of it still to read
         self.body_done = False
         self.usable = True         # False: the connection must close after this exchange
         self.status = 0
@@ -150,19 +146,6 @@ class _Exchange:
         self.left -= n
         self.body_done = self.left == 0
         return n
-
-    async def read_trailer(self) -> bytes:
-        """The signature that follows the body (:func:`p2pgrid.auth.sign_trailer`); b""
-        if there is none or the caller went away."""
-        if not self.body_done or not self.trailer:
-            return b""
-        try:
-            data = await _read_exactly(self.stream, self.trailer)
-        except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError):
-            self.usable = False
-            return b""
-        self.trailer = 0
-        return data
 
     async def send(self, message: dict) -> None:
         kind = message["type"]
@@ -224,9 +207,8 @@ async def serve_connection(stream, app, *, client, server, idle_timeout: float,
             declared = dict(headers).get(b"content-length", b"")
             if not declared.isdigit():
                 return
-            trailer = dict(headers).get(H_DIGEST.encode()) == TRAILER_DIGEST.encode()
-            ex = _Exchange(stream, int(declared), trailer, write_timeout)
-            extensions = {TRAILER: ex.read_trailer}
+            ex = _Exchange(stream, int(declared), write_timeout)
+            extensions = {CHANNEL_BOUND: True}
             if hasattr(stream, "receive_into"):   # SocketTLS (not trio's SSLStream: unpatched)
                 extensions[RECEIVE_INTO] = ex.receive_into
             scope_ = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -237,11 +219,10 @@ async def serve_connection(stream, app, *, client, server, idle_timeout: float,
             await app(scope_, ex.receive, ex.send)
             if not ex.complete:
                 return
-            if ex.left or ex.trailer:
+            if ex.left:
                 # answered before its body was read (a bad signature, too large): the
                 # rest of the body is on its way and must be read past; it is bounded
                 # by the declared length the App has already accepted or refused
-                ex.left += ex.trailer
                 with trio.move_on_after(read_timeout) as scope:
                     while ex.left:
                         data = await stream.receive_some(min(ex.left, RECEIVE))
@@ -274,11 +255,9 @@ class Pool:
             raise trio.BrokenResourceError("the peer does not serve bulk connections")
         return stream
 
-    async def exchange(self, head: bytes, parts, *, timeout: float, connect_timeout: float,
-                       trailer=None):
-        """Send one request (`head` from :func:`encode_head`, then the body `parts`, then
-        ``await trailer()`` if given: the signature of a body whose headers signed the
-        digest :data:`p2pgrid.auth.TRAILER`) and return ``(status, reply)``: the reply's
+    async def exchange(self, head: bytes, parts, *, timeout: float, connect_timeout: float):
+        """Send one request (`head` from :func:`encode_head`, then the body `parts`) and
+        return ``(status, reply)``: the reply's
         body as a view of a buffer of its own. Raises BrokenResourceError, OSError or
         TooSlowError when the connection fails. A stale idle connection (closed by the
         peer) is noticed before use, or when the request's first bytes cannot be
@@ -289,16 +268,16 @@ class Pool:
                 await stream.aclose()
                 continue
             try:
-                return await self._exchange(stream, head, parts, trailer, timeout)
+                return await self._exchange(stream, head, parts, timeout)
             except _NotSent:
                 continue   # the request never left: try another
         stream = await self._connect(connect_timeout)
         try:
-            return await self._exchange(stream, head, parts, trailer, timeout)
+            return await self._exchange(stream, head, parts, timeout)
         except _NotSent as e:
             raise trio.BrokenResourceError("the bulk connection broke") from e.__cause__
 
-    async def _exchange(self, stream: SocketTLS, head: bytes, parts, trailer, timeout: float):
+    async def _exchange(self, stream: SocketTLS, head: bytes, parts, timeout: float):
         done = False
         try:
             with trio.fail_after(timeout):
@@ -308,8 +287,6 @@ class Pool:
                     raise _NotSent() from e
                 for part in parts:
                     await stream.send_all(part)
-                if trailer is not None:
-                    await stream.send_all(await trailer())
                 top = memoryview(bytearray(_REPLY.size))
                 await _receive_exactly(stream, top)
                 status, n = _REPLY.unpack(top)

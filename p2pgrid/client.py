@@ -30,7 +30,7 @@ import numpy as np
 import trio
 
 from . import bulk, tls, transport, wire
-from .auth import TRAILER, sign_request, sign_trailer
+from .auth import CHANNEL, sign_request
 from .errors import P2PError, PeerUnavailable, Unauthenticated, error_from_wire
 from .identity import Identity, key_id
 
@@ -213,15 +213,16 @@ class Transport:
         `encoded`: the message's encoding, where the caller has it already. A large
         message, or one whose reply the caller knows to be large (`large_reply`), travels
         on a bulk connection over TLS (:mod:`p2pgrid.bulk`)."""
-        if not self.insecure and encoded is None and wire.payload_bytes(msg) >= bulk.MIN_BODY:
-            return await self._bulk_stream(target, msg, timeout or self.timeout)
+        if not self.insecure:
+            if encoded is not None and (large_reply or len(encoded) >= bulk.MIN_BODY):
+                return await self._bulk_request(target, [encoded], timeout or self.timeout)
+            if encoded is None and (large_reply or wire.payload_bytes(msg) >= bulk.MIN_BODY):
+                return await self._bulk_stream(target, msg, timeout or self.timeout)
         if encoded is None:
             body, digest = await _encode_and_hash(msg)
         else:
             body, digest = encoded, hashlib.sha256(encoded).hexdigest()
         size = len(body)
-        if not self.insecure and (large_reply or size >= bulk.MIN_BODY):
-            return await self._bulk_request(target, body, digest, timeout or self.timeout)
         url = f"{'http' if self.insecure else 'https'}://{target.address}/rpc"
         timeouts = httpx.Timeout(timeout or self.timeout).as_dict()
         for attempt in (1, 2):
@@ -273,47 +274,19 @@ class Transport:
         return await maybe_thread(len(data), lambda d: wire.decode(d, adopt=True), data)
 
     async def _bulk_stream(self, target: Target, msg, timeout: float):
-        """A large message on a bulk connection, sent from its own buffers (no snapshot
-        copy) while a worker thread hashes them: its headers sign the digest
-        :data:`p2pgrid.auth.TRAILER` and the real one follows the body
-        (:func:`p2pgrid.auth.sign_trailer`), so that hashing, 0.5-0.7 ms per MB, runs
-        beside the sending instead of before it. Tensors changed while the message is
-        in flight make the digest and the bytes sent differ, and the peer refuses it."""
-        parts = [memoryview(p).cast("B") for p in
-                 await trio.to_thread.run_sync(wire.encode_parts, msg)]
-        hexdigest: list[str] = []
-        hashed = trio.Event()
+        """A message on a bulk connection, sent from its own buffers (no snapshot copy,
+        no hash: the connection binds the body to the signed headers, see
+        :data:`p2pgrid.auth.CHANNEL`). A tensor changed while the message is in flight
+        arrives changed, as it would have been read a moment later."""
+        encode = wire.encode_parts
+        parts = (await trio.to_thread.run_sync(encode, msg)
+                 if wire.payload_bytes(msg) > OFFLOAD else encode(msg))
+        return await self._bulk_request(target, parts, timeout)
 
-        def digest() -> str:   # hashlib lets go of the GIL for each part
-            sha = hashlib.sha256()
-            for part in parts:
-                sha.update(part)
-            return sha.hexdigest()
-
-        async def hash_parts() -> None:
-            hexdigest.append(await trio.to_thread.run_sync(digest))
-            hashed.set()
-
-        failure = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(hash_parts)
-            try:
-                reply = await self._bulk_request(target, parts, TRAILER, timeout, hashed=hashed,
-                                                 hexdigest=hexdigest)
-            except Exception as e:  # noqa: BLE001 - re-raised below
-                failure = e
-        # outside the nursery, so that callers catch PeerUnavailable (and any remote error)
-        # as itself, not inside an ExceptionGroup
-        if failure is not None:
-            raise failure
-        return reply
-
-    async def _bulk_request(self, target: Target, body, digest: str, timeout: float, *,
-                            hashed: trio.Event | None = None, hexdigest=()):
-        """:meth:`request` on a bulk connection: same signed headers, same reply. `body`:
-        a buffer, or a list of them; with `hashed`, `digest` is TRAILER and the real
-        one is ``hexdigest[0]`` once `hashed` is set."""
-        parts = body if isinstance(body, list) else [body]
+    async def _bulk_request(self, target: Target, parts, timeout: float):
+        """:meth:`request` on a bulk connection: the body `parts` (buffers) after headers
+        signed as any request's, with the digest :data:`p2pgrid.auth.CHANNEL`."""
+        parts = [memoryview(p).cast("B") for p in parts]
         size = sum(len(p) for p in parts)
         if target.cert is None:
             raise Unauthenticated(f"no pinned certificate for {target.address}")
@@ -327,16 +300,11 @@ class Transport:
                                       f"unusable") from None
             pool = self._bulk[k] = bulk.Pool(target.address, context)
         headers = sign_request(self.identity, self.name, target.key_id, "POST", "/rpc",
-                               digest=digest, now=time.time()) | self.headers
+                               digest=CHANNEL, now=time.time()) | self.headers
         headers["content-type"] = "application/cbor"
         headers["content-length"] = str(size)
-        trailer = None
-        if hashed is not None:
-            async def trailer() -> bytes:
-                await hashed.wait()
-                return sign_trailer(self.identity, headers, "POST", "/rpc", hexdigest[0])
         try:
-            status, data = await pool.exchange(bulk.encode_head(headers), parts, trailer=trailer,
+            status, data = await pool.exchange(bulk.encode_head(headers), parts,
                                                timeout=timeout, connect_timeout=min(timeout, 10.0))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
             raise PeerUnavailable(f"peer at {target.address} did not answer: "

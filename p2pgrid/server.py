@@ -31,7 +31,7 @@ import numpy as np
 import trio
 
 from . import bulk, push, transport, wire
-from .auth import H_DIGEST, TRAILER, Caller, Verifier, verify_trailer
+from .auth import CHANNEL, H_DIGEST, Caller, Verifier
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
 from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
 from .transport import DISCONNECT
@@ -154,18 +154,6 @@ class App:
             raise RequestTimeout(f"no part of the request body arrived for {timeout:g} s")
         return timed
 
-    async def _check_trailer(self, scope, caller: Caller, headers, digest: str) -> None:
-        """A body whose signed digest follows it (a bulk connection's, see
-        :func:`p2pgrid.auth.sign_trailer`) is the caller's if that signature checks out;
-        any other body that does not match the digest its headers signed is refused."""
-        read = scope.get("extensions", {}).get(bulk.TRAILER)
-        if read is None or headers.get(H_DIGEST) != TRAILER:
-            raise Unauthenticated("body does not match its signed digest")
-        with trio.move_on_after(self.limits.read_timeout):
-            verify_trailer(caller, "POST", "/rpc", headers, digest, await read())
-            return
-        raise RequestTimeout("the body's signed digest did not follow it")
-
     def _verify(self, scope, path: str, headers, digest: str) -> Caller:
         """The signed caller, with the address of the connection it came on."""
         return self.verifier.verify("POST", path, headers, digest, now=time.time(),
@@ -185,15 +173,21 @@ class App:
                 raise PayloadTooLarge(f"declared body of {declared} bytes exceeds the limit of "
                                       f"{self.max_body}")
             # Check the signature before reading a possibly huge body: the signed
-            # digest is compared with the body's once it has arrived.
-            caller = self._verify(scope, "/rpc", headers, headers.get(H_DIGEST, ""))
+            # digest is compared with the body's once it has arrived, unless the body
+            # is bound to the signed headers by the bulk connection they came on
+            digest = headers.get(H_DIGEST, "")
+            bound = digest == CHANNEL
+            if bound and not scope["extensions"].get(bulk.CHANNEL_BOUND):
+                raise Unauthenticated(f"the digest {CHANNEL!r} is taken only on a bulk "
+                                      f"connection; sign the body's SHA-256")
+            caller = self._verify(scope, "/rpc", headers, digest)
             self.authorize(caller)
             with self._admit(caller):
                 body, sha = await _read_hashed_body(self._timed(receive), self.max_body,
                                                     int(declared) if declared else None,
-                                                    self._timed_into(scope))
-                if sha.hexdigest() != headers.get(H_DIGEST):
-                    await self._check_trailer(scope, caller, headers, sha.hexdigest())
+                                                    self._timed_into(scope), hashed=not bound)
+                if not bound and sha.hexdigest() != digest:
+                    raise Unauthenticated("body does not match its signed digest")
                 # adopt: the body buffer is ours alone, so tensors may keep it instead of a copy
                 msg = await _to_thread_if_big(
                     len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
@@ -367,8 +361,10 @@ async def _read_body(receive, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _read_hashed_body(receive, limit: int, declared: int | None, receive_into=None):
-    """The body and its running SHA-256, hashed chunk by chunk as it arrives.
+async def _read_hashed_body(receive, limit: int, declared: int | None, receive_into=None,
+                            *, hashed: bool = True):
+    """The body and its running SHA-256, hashed chunk by chunk as it arrives (with
+    `hashed` false: the body and None).
 
     Hashing while the rest is still in flight overlaps with the sender's work,
     where hashing afterwards (0.7-1.5 ms per MB on a small VM) would add to the
@@ -379,14 +375,15 @@ async def _read_hashed_body(receive, limit: int, declared: int | None, receive_i
     With `receive_into` (a bulk connection's), the rest of the body is read straight into
     that buffer, hashed a megabyte or more at a time.
     """
-    sha = hashlib.sha256()
+    sha = hashlib.sha256() if hashed else None
     if declared is None or declared <= OFFLOAD:
         body = await _read_body(receive, limit)
-        sha.update(body)
+        if hashed:
+            sha.update(body)
         return body, sha
     buf = view = None
     at = 0
-    hasher = _Hasher(sha)
+    hasher = _Hasher(sha) if hashed else _NoHash()
     try:
         while True:
             msg = await receive()
@@ -493,6 +490,19 @@ class _Hasher:
     async def wait(self) -> None:
         """Until every chunk added before close() is hashed."""
         await self._done.wait()
+
+
+class _NoHash:
+    """A body that is not hashed (bound by its connection: :data:`p2pgrid.auth.CHANNEL`)."""
+
+    def add(self, chunk) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    async def wait(self) -> None:
+        pass
 
 
 async def _respond(send, status: int, ctype: str, body) -> None:
