@@ -257,8 +257,7 @@ class Pool:
 
     async def exchange(self, head: bytes, parts, *, timeout: float, connect_timeout: float):
         """Send one request (`head` from :func:`encode_head`, then the body `parts`) and
-        return ``(status, reply)``: the reply's
-        body as a view of a buffer of its own. Raises BrokenResourceError, OSError or
+        return ``(status, reply)``: the reply's body as a view of a buffer of its own. Raises BrokenResourceError, OSError or
         TooSlowError when the connection fails. A stale idle connection (closed by the
         peer) is noticed before use, or when the request's first bytes cannot be
         written, and the request goes on a fresh one."""

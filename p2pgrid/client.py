@@ -278,9 +278,7 @@ class Transport:
         no hash: the connection binds the body to the signed headers, see
         :data:`p2pgrid.auth.CHANNEL`). A tensor changed while the message is in flight
         arrives changed, as it would have been read a moment later."""
-        encode = wire.encode_parts
-        parts = (await trio.to_thread.run_sync(encode, msg)
-                 if wire.payload_bytes(msg) > OFFLOAD else encode(msg))
+        parts = await maybe_thread(wire.payload_bytes(msg), wire.encode_parts, msg)
         return await self._bulk_request(target, parts, timeout)
 
     async def _bulk_request(self, target: Target, parts, timeout: float):

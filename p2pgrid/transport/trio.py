@@ -182,15 +182,16 @@ class SocketTLS(trio.abc.Stream):
     def selected_alpn_protocol(self) -> str | None:
         return self.socket.selected_alpn_protocol()
 
-    async def receive_into(self, view: memoryview) -> int:
-        """Decrypt into `view` what has arrived (waiting for at least one byte); the
-        count, 0 at the end of the stream."""
+    async def _read(self, limit: int, read) -> int:
+        """Call ``read(got)`` (one non-blocking TLS read; the count it took, 0 at the end
+        of the stream) until `limit` bytes, the end, or, once some arrived, nothing more
+        decrypted without waiting; waits only while nothing has arrived. The count."""
         self._check()
         await trio.lowlevel.checkpoint_if_cancelled()
         got, waited = 0, False
-        while got < len(view):
+        while got < limit:
             try:
-                n = self.socket.recv_into(view[got:])
+                n = read(got)
             except ssl.SSLWantReadError as e:
                 if got:
                     break  # nothing more decrypted without waiting: hand over what we have
@@ -213,38 +214,23 @@ class SocketTLS(trio.abc.Stream):
             await trio.lowlevel.cancel_shielded_checkpoint()
         return got
 
+    async def receive_into(self, view: memoryview) -> int:
+        """Decrypt into `view` what has arrived (waiting for at least one byte); the
+        count, 0 at the end of the stream."""
+        return await self._read(len(view), lambda got: self.socket.recv_into(view[got:]))
+
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         """Every record already decrypted or received, up to `max_bytes` (waiting for
         at least one byte); b"" at the end of the stream."""
-        self._check()
         max_bytes = max_bytes or RECEIVE
-        await trio.lowlevel.checkpoint_if_cancelled()
-        parts, got, waited = [], 0, False
-        while got < max_bytes:
-            try:
-                # at most one record per call; 16 KiB (a record's most) allocates no more
-                data = self.socket.recv(min(max_bytes - got, _RECORD))
-            except ssl.SSLWantReadError as e:
-                if got:
-                    break
-                waited = True
-                await self._wait(e)
-                continue
-            except ssl.SSLWantWriteError as e:
-                waited = True
-                await self._wait(e)
-                continue
-            except ssl.SSLZeroReturnError:
-                break
-            except (ssl.SSLError, OSError) as e:
-                self._broken = True
-                raise trio.BrokenResourceError(f"TLS read failed: {e}") from e
-            if not data:
-                break
-            parts.append(data)
-            got += len(data)
-        if not waited:
-            await trio.lowlevel.cancel_shielded_checkpoint()
+        parts: list[bytes] = []
+
+        def read(got: int) -> int:
+            # at most one record per call; 16 KiB (a record's most) allocates no more
+            parts.append(self.socket.recv(min(max_bytes - got, _RECORD)))
+            return len(parts[-1])
+
+        await self._read(max_bytes, read)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def send_all(self, data) -> None:
