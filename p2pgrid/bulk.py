@@ -45,9 +45,9 @@ from __future__ import annotations
 import ssl
 import struct
 
-import numpy as np
 import trio
 
+from . import buffers
 from .transport.trio import SocketTLS
 
 ALPN = "p2pgrid-bulk/1"
@@ -289,7 +289,7 @@ class Pool:
                 top = memoryview(bytearray(_REPLY.size))
                 await _receive_exactly(stream, top)
                 status, n = _REPLY.unpack(top)
-                buf = np.empty(n, dtype=np.uint8)  # pages are touched as bytes arrive
+                buf = buffers.take(n)  # warm memory a finished reply gave back, if any
                 view = memoryview(buf)
                 await _receive_exactly(stream, view)
             done = True

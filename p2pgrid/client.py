@@ -29,7 +29,7 @@ import httpx
 import numpy as np
 import trio
 
-from . import bulk, tls, transport, wire
+from . import buffers, bulk, tls, transport, wire
 from .auth import CHANNEL, sign_request
 from .errors import P2PError, PeerUnavailable, Unauthenticated, error_from_wire
 from .identity import Identity, key_id
@@ -153,7 +153,7 @@ async def _read_reply(resp: httpx.Response):
     declared = resp.headers.get("content-length", "")
     if not declared.isdigit() or int(declared) <= OFFLOAD or "content-encoding" in resp.headers:
         return await resp.aread()
-    buf, at = np.empty(int(declared), dtype=np.uint8), 0
+    buf, at = buffers.take(int(declared)), 0
     async for chunk in resp.aiter_raw():
         if at + len(chunk) > len(buf):
             raise httpx.RemoteProtocolError("reply is longer than its content-length")

@@ -21,7 +21,7 @@ from typing import AsyncIterator, Iterable
 import torch
 import trio
 
-from . import calls, membership, push, tls, wire
+from . import buffers, calls, membership, push, tls, wire
 from .auth import H_CERT, Caller, Verifier, b64
 from .client import Target, Transport, learn_target, maybe_thread
 from .config import WILDCARDS, PeerConfig, advertised_addresses
@@ -531,6 +531,7 @@ class Peer:
         while True:
             await trio.sleep(max(self.config.gossip_interval * 5, 1.0))
             expired = await trio.to_thread.run_sync(self.store.expire)
+            buffers.POOL.trim()
             if any(self._summaries.pop(i, None) for i in expired):
                 self.reissue()
             self.save_bindings()

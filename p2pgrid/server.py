@@ -30,7 +30,7 @@ from typing import Awaitable, Callable
 import numpy as np
 import trio
 
-from . import bulk, push, transport, wire
+from . import buffers, bulk, push, transport, wire
 from .auth import CHANNEL, H_DIGEST, Caller, Verifier
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
 from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
@@ -394,7 +394,7 @@ async def _read_hashed_body(receive, limit: int, declared: int | None, receive_i
                 raise PayloadTooLarge(f"body exceeds its declared length of {declared} bytes")
             if chunk:
                 if buf is None:
-                    buf = np.empty(declared, dtype=np.uint8)
+                    buf = buffers.take(declared)
                     view = memoryview(buf)
                 buf[at:at + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
                 hasher.add(view[at:at + len(chunk)])

@@ -1,0 +1,119 @@
+"""Warm buffers for large bodies: memory a finished transfer gives back for the next.
+
+Why: a body of hundreds of megabytes received into fresh memory pays for every page
+the first time it is written (the kernel finds, zeroes and maps it; on this project's
+VMs 0.1 to 5 ms per MB, the upper end when huge pages must be compacted first). That,
+not TLS, made large transfers swing between full speed and a third of it. A raw socket
+that receives into the same buffer each time never pays it. So bodies of
+:data:`MIN_SIZE` bytes or more (a bulk request's body on the server, a bulk reply on
+the caller, see :mod:`p2pgrid.bulk`) are received into memory taken from a
+:class:`Pool`, which gets it back when the last array, tensor or memoryview made from it
+is gone, and keeps it for the next body.
+
+What it costs: idle memory, at most :attr:`Pool.keep` bytes per process (default
+:data:`KEEP`), each idle buffer freed after :data:`IDLE_S` seconds unused
+(:meth:`Pool.trim`, called by the peer's housekeeping). The pool is per process, not per
+peer, as an allocator is: memory freed by one peer's transfer is as warm for the next
+peer's in the same process, and a test process with many peers keeps one pool's worth,
+not one each. A buffer reused for another caller holds that caller's old bytes only
+past the end of what was received, which nothing reads: a body's array covers exactly
+the bytes asked for, all of them written before use.
+
+Example::
+
+    >>> pool = Pool(keep=64 << 20)
+    >>> a = pool.take(8 << 20)
+    >>> a.nbytes, pool.idle_bytes
+    (8388608, 0)
+    >>> address = a.ctypes.data
+    >>> del a                         # the last user gone: the memory is idle, warm
+    >>> pool.idle_bytes
+    8388608
+    >>> pool.take(8 << 20).ctypes.data == address
+    True
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import time
+import weakref
+
+import numpy as np
+
+__all__ = ["Pool", "take", "POOL", "MIN_SIZE", "KEEP", "IDLE_S"]
+
+MIN_SIZE = 4 << 20       # smaller bodies come from the allocator (its own caches suffice)
+KEEP = 576 << 20         # idle bytes a process keeps: two 256 MB tensors' bodies and slack
+IDLE_S = 60.0            # an idle buffer unused this long is freed
+_ROUND = 1 << 20         # capacities are whole megabytes, so near sizes share buffers
+
+
+class Pool:
+    """Buffers of :data:`MIN_SIZE` bytes or more, reused once their users are gone."""
+
+    def __init__(self, keep: int = KEEP, idle_s: float = IDLE_S) -> None:
+        self.keep, self.idle_s = keep, idle_s
+        self._idle: list[tuple[float, np.ndarray]] = []   # (when given back, memory)
+        self._lock = threading.Lock()   # buffers come back on whichever thread drops them
+        self._leases: dict[int, type] = {}
+
+    @property
+    def idle_bytes(self) -> int:
+        with self._lock:
+            return sum(m.nbytes for _, m in self._idle)
+
+    def take(self, n: int) -> np.ndarray:
+        """A writable uint8 array of `n` bytes (contents undefined). Its memory goes back
+        to the pool when it and everything made from it are gone."""
+        if n < MIN_SIZE:
+            return np.empty(n, dtype=np.uint8)
+        memory = self._reuse(n)
+        if memory is None:
+            memory = np.empty(-(-n // _ROUND) * _ROUND, dtype=np.uint8)
+        # The array's buffer is exported by a lease object of its own, which every array,
+        # tensor or memoryview made from it keeps alive (numpy does not collapse a view's
+        # base past an object that is not an array); when the lease dies, nothing can
+        # reach the memory any more and it may be handed out again.
+        lease = self._lease_type(memory.nbytes).from_buffer(memory)
+        weakref.finalize(lease, self._give_back, memory).atexit = False
+        return np.frombuffer(lease, dtype=np.uint8, count=n)
+
+    def trim(self, now: float | None = None) -> None:
+        """Free idle buffers unused for :attr:`idle_s` seconds."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._idle = [(t, m) for t, m in self._idle if now - t < self.idle_s]
+
+    def _lease_type(self, size: int) -> type:
+        with self._lock:
+            kind = self._leases.get(size)
+            if kind is None:
+                kind = self._leases[size] = type("Lease", (ctypes.c_ubyte * size,), {})
+            return kind
+
+    def _reuse(self, n: int) -> np.ndarray | None:
+        with self._lock:
+            # the smallest idle buffer that fits, and not more than twice as large
+            fits = [(m.nbytes, i) for i, (_, m) in enumerate(self._idle) if n <= m.nbytes <= 2 * n]
+            if not fits:
+                return None
+            return self._idle.pop(min(fits)[1])[1]
+
+    def _give_back(self, memory: np.ndarray) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._idle.append((now, memory))
+            # over the limit: the oldest go first
+            total = sum(m.nbytes for _, m in self._idle)
+            while total > self.keep and self._idle:
+                total -= self._idle.pop(0)[1].nbytes
+
+
+POOL = Pool()
+
+
+def take(n: int) -> np.ndarray:
+    """:meth:`Pool.take` from the process's pool."""
+    return POOL.take(n)
