@@ -611,6 +611,7 @@ def summary_of(meta: ObjectMeta) -> ObjectSummary:
 @asynccontextmanager
 async def open_peer(config: PeerConfig, *, routers: Iterable[Router] = ()) -> AsyncIterator[Peer]:
     """Run a peer for the duration of the block: server, gossip, mDNS, housekeeping."""
+    buffers.tune_allocator()   # transfers' buffers stay warm (see p2pgrid.buffers)
     peer = Peer(config, routers)
     try:
         async with _unwrapped(), trio.open_nursery() as nursery:

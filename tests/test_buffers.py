@@ -8,9 +8,14 @@ recycles.
 """
 
 import gc
+import platform
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import trio
 
@@ -113,3 +118,33 @@ async def test_transfers_between_peers_keep_their_values_while_buffers_recycle(t
         assert buffers.POOL.idle_bytes > 0, "no transfer gave its memory back"
         for x, value in kept:
             assert torch.equal(value, x)
+
+
+_CHURN = """
+import resource, sys
+from p2pgrid import buffers
+if sys.argv[1] == "tuned":
+    assert buffers.tune_allocator()
+blocks = []
+def churn():
+    # what a transfer does: megabyte blocks made and freed, a few alive at once
+    for size in (1 << 20, (1 << 20) + 9, 3 << 20, 2 << 20):
+        blocks.append(bytearray(size))
+    blocks.clear()
+churn()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(50):
+    churn()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="tunes glibc's malloc only")
+def test_tuned_allocator_keeps_megabyte_blocks_warm():
+    def faults(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", _CHURN, mode], capture_output=True,
+                             text=True, check=True, cwd=Path(__file__).parent.parent)
+        return int(out.stdout)
+    stock, tuned = faults("stock"), faults("tuned")
+    assert stock > 50 * 256, f"glibc's defaults were expected to fault these pages in ({stock})"
+    assert tuned < 100, f"{tuned} page faults for blocks that were freed and made again"
