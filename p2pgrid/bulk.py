@@ -37,7 +37,8 @@ the idle timeout, and the body's buffer is the App's (made when bytes arrive).
 
 Both ends read and write through :class:`p2pgrid.transport.trio.SocketTLS`, a
 non-blocking ``ssl.SSLSocket``: the caller decrypts the reply straight into its buffer,
-the server the request body straight into the App's (``recv_into``).
+the server the request body straight into the App's (``recv_into``); both buffers come
+from :mod:`p2pgrid.buffers`, warm memory an earlier transfer gave back.
 """
 
 from __future__ import annotations

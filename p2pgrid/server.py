@@ -32,6 +32,7 @@ import trio
 
 from . import buffers, bulk, push, transport, wire
 from .auth import CHANNEL, H_DIGEST, Caller, Verifier
+from .client import OFFLOAD, maybe_thread
 from .errors import BadRequest, P2PError, PayloadTooLarge, RequestTimeout, Unauthenticated
 from .limits import ConnectionTable, EdgeLimits, Guest, InFlight
 from .transport import DISCONNECT
@@ -39,18 +40,11 @@ from .transport import DISCONNECT
 log = logging.getLogger("p2pgrid.server")
 
 CHUNK = transport.FRAME  # response body per ASGI message: one DATA frame each
-OFFLOAD = 1 << 20  # bodies larger than this are encoded/decoded in a worker thread
 HASH_THREADS = 4   # threads hashing large bodies, shared by every connection of the process
 
 Dispatch = Callable[[Caller, object], Awaitable[object]]
 Page = Callable[[dict, bytes], Awaitable[tuple[int, str, bytes]]]
 Pull = Callable[[Caller, str, Callable[[bytes], Awaitable[None]]], Awaitable[None]]
-
-
-async def _to_thread_if_big(n: int, fn, *args):
-    if n > OFFLOAD:
-        return await trio.to_thread.run_sync(fn, *args)
-    return fn(*args)
 
 
 async def handle_lifespan(receive, send) -> None:
@@ -189,7 +183,7 @@ class App:
                 if not bound and sha.hexdigest() != digest:
                     raise Unauthenticated("body does not match its signed digest")
                 # adopt: the body buffer is ours alone, so tensors may keep it instead of a copy
-                msg = await _to_thread_if_big(
+                msg = await maybe_thread(
                     len(body), lambda b: wire.decode(b, max_size=self.max_body, adopt=True), body)
                 del body
                 reply = await _while_connected(scope, receive,
@@ -197,7 +191,7 @@ class App:
                 if wire.is_owned(reply):   # no snapshot needed: its tensors are the reply's alone
                     out = wire.encode_parts(reply)
                 else:
-                    out = await _to_thread_if_big(wire.payload_bytes(reply), wire.encode_buffer,
+                    out = await maybe_thread(wire.payload_bytes(reply), wire.encode_buffer,
                                                   reply)
             await _respond(send, 200, "application/cbor", out)
         except P2PError as e:
