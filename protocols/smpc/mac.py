@@ -291,9 +291,15 @@ class ActiveParty:
         return AuthShared(R.mul(x.value, c), R.mul(x.mac, c), x.scale)
 
     def matmul_public(self, x: AuthShared, c, *, left: bool = False) -> AuthShared:
+        """x @ c (or c @ x): value and MAC shares in one ring product, so c's limbs are
+        split once and BLAS gets one larger call."""
         if left:
-            return AuthShared(R.matmul(c, x.value), R.matmul(c, x.mac), x.scale)
-        return AuthShared(R.matmul(x.value, c), R.matmul(x.mac, c), x.scale)
+            both = R.matmul(c, np.concatenate([x.value, x.mac], 2))
+            n = x.value.shape[2]
+            return AuthShared(both[:, :, :n], both[:, :, n:], x.scale)
+        both = R.matmul(np.concatenate([x.value, x.mac], 1), c)
+        m = x.value.shape[1]
+        return AuthShared(both[:, :m], both[:, m:], x.scale)
 
     def record(self, opened: np.ndarray, share: AuthShared) -> None:
         self._log.append((opened.reshape(2, -1), share.value.reshape(2, -1),
@@ -349,8 +355,8 @@ def mul(ctx: ActiveParty, x: AuthShared, y: AuthShared, tag: str = "a/mul"):
     a, b, c = ctx.auth(m["a"]), ctx.auth(m["b"]), ctx.auth(m["c"])
     o = yield from open_values(ctx, tag, {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
     d, e = o["d"], o["e"]
-    z = ctx.add(c, ctx.add(ctx.mul_public(b, d), ctx.mul_public(a, e)))
-    z = ctx.add_public(z, R.mul(d, e))
+    # xy = c + d b + e a + d e = c + d (b + e) + e a: the public d e folded into [b + e]
+    z = ctx.add(c, ctx.add(ctx.mul_public(ctx.add_public(b, e), d), ctx.mul_public(a, e)))
     z.scale = x.scale + y.scale
     return z
 
@@ -361,8 +367,9 @@ def matmul(ctx: ActiveParty, x: AuthShared, y: AuthShared):
     a, b, c = ctx.auth(m["a"]), ctx.auth(m["b"]), ctx.auth(m["c"])
     o = yield from open_values(ctx, "a/matmul", {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
     d, e = o["d"], o["e"]
-    z = ctx.add(c, ctx.add(ctx.matmul_public(b, d, left=True), ctx.matmul_public(a, e)))
-    z = ctx.add_public(z, R.matmul(d, e))
+    # xy = c + d b + a e + d e = c + d (b + e) + a e: the public d e folded into [b + e]
+    z = ctx.add(c, ctx.add(ctx.matmul_public(ctx.add_public(b, e), d, left=True),
+                           ctx.matmul_public(a, e)))
     z.scale = x.scale + y.scale
     return z
 
