@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from p2pgrid.errors import CheatingDetected
 from p2pgrid.protocols import smpc
-from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc import mac, mac_compare
 from p2pgrid.protocols.smpc.testing import run_op
 
 UNIT = 2.0 ** -16
@@ -177,12 +177,38 @@ def test_relu_and_sign_are_exact(values, parties):
 
     def prog(ctx):
         (xs,) = yield from _inputs(ctx, x)
-        return (yield from mac.reveal(ctx, (yield from mac.ge_zero(ctx, xs)),
-                                      (yield from mac.relu(ctx, xs))))
+        bit = yield from mac_compare.ge_zero(ctx, xs)
+        r, bit2 = yield from mac_compare.relu(ctx, xs)
+        return (yield from mac.reveal(ctx, bit, r, bit2))
 
-    bit, r = mac.run_active(parties, prog).outputs[0]
+    bit, r, bit2 = mac.run_active(parties, prog).outputs[0]
     assert torch.equal(bit, (want >= 0).double())
+    assert torch.equal(bit2, bit)
     assert torch.equal(r, want.clamp(min=0))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.floats(-2.0 ** 20, 2.0 ** 20, allow_nan=False), min_size=1, max_size=6),
+       st.integers(0, 16), st.integers(2, 3))
+def test_truncated_relu_matches_truncate_then_relu_and_keeps_macs(values, bits, parties):
+    """relu(z, bits) = trunc(z, bits) [z >= 0] on one opening, within truncation's one
+    unit of the exact result; its outputs satisfy the MAC relation."""
+    x = torch.tensor(values, dtype=torch.float64)
+    dealer = mac.AuthDealer(parties)
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        out, bit = yield from mac_compare.relu(ctx, xs, bits)
+        return out, bit, (yield from mac.reveal(ctx, out, bit))
+
+    res = mac.run_active(parties, prog, dealer=dealer)
+    assert _mac_holds(dealer, [o[0] for o in res.outputs])
+    assert _mac_holds(dealer, [o[1] for o in res.outputs])
+    got, bit = res.outputs[0][2]
+    raw = torch.round(x * 2 ** 16)
+    want = torch.floor(raw / 2 ** bits).clamp(min=0) / 2 ** (16 - bits)
+    assert torch.equal(bit, (raw >= 0).double())
+    assert (got - want).abs().max() <= 2.0 ** -(16 - bits)
 
 
 def _mlp_program(x, w1, w2):

@@ -7,7 +7,8 @@ with dealt authenticated chunk tables. Local ops (reshape, slicing, sums...) app
 same linear map to value and MAC shares, which keeps the MAC relation.
 
 Layers (Linear, ReLU, Flatten), MSE and SGD follow :mod:`.autograd`'s maths without
-its semi-honest fusions: forward ``z = trunc(x W) + b``, ``h = z [z >= 0]``; backward
+its semi-honest fusions: forward ``z = trunc(x W) + b``, ``h = z [z >= 0]`` (the
+truncation, the sign test and the product on one opening: :func:`.mac_compare.relu`); backward
 ``dW = x^T g``, ``g <- trunc(g W^T) [z >= 0]``; the update ``W -= trunc(lr' dW)`` with
 lr' = 2 lr / N encoded with extra bits. Results leave a session only through
 :func:`.mac.open_masked` (a mask only the requester knows, then one MAC check).
@@ -22,7 +23,7 @@ import torch
 
 from p2pgrid.errors import BadRequest, ShapeError
 
-from . import mac, mac_layers
+from . import mac, mac_compare, mac_layers
 from . import ring128 as R
 from .mac import AuthShared, MOD
 from .program import OpSpec, OPS
@@ -128,7 +129,12 @@ def _matmul(ctx, a, b):
 
 
 def _ge0(ctx, d):
-    return (yield from mac.ge_zero(ctx, d))
+    return (yield from mac_compare.ge_zero(ctx, d))
+
+
+def _relu(ctx, a):
+    out, _ = yield from mac_compare.relu(ctx, a)
+    return out
 
 
 def _one_minus(ctx, bit):
@@ -213,7 +219,7 @@ ACTIVE_OPS: dict[str, OpSpec] = {
     "matmul": OpSpec(OPS["matmul"].meta, _matmul, True),
     "div": OpSpec(OPS["div"].meta, _div, True),
     "square": OpSpec(OPS["square"].meta, lambda ctx, a: _mul(ctx, a, a), True),
-    "relu": OpSpec(OPS["relu"].meta, lambda ctx, a: mac.relu(ctx, a), True),
+    "relu": OpSpec(OPS["relu"].meta, lambda ctx, a: _relu(ctx, a), True),
     "ge": OpSpec(OPS["ge"].meta, _cmp("ge"), True),
     "gt": OpSpec(OPS["gt"].meta, _cmp("gt"), True),
     "le": OpSpec(OPS["le"].meta, _cmp("le"), True),
@@ -289,15 +295,11 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
                 z = ctx.add(z, bb)
             h = z
         else:
-            if h.scale > f:       # a raw product: truncate it while testing its sign
-                h, bit = yield from parallel(_trunc_to(ctx, h, f), mac.ge_zero(ctx, h))
-            else:
-                bit = yield from mac.ge_zero(ctx, h)
+            # a raw product (scale > f) is truncated, sign-tested and multiplied by its
+            # bit on one opening (mac_compare.relu: 3 rounds)
+            h, bit = yield from mac_compare.relu(ctx, h, max(h.scale - f, 0))
             if keep is not None:
                 keep.append(("relu", bit))
-            out = yield from mac.mul(ctx, h, bit, "a/relu")
-            out.scale = h.scale
-            h = out
     return h
 
 
