@@ -145,13 +145,12 @@ def mul_int(a, c: int) -> np.ndarray:
     return np.stack([lo, hi])
 
 
-def _limbs16(a) -> torch.Tensor:
-    """The 8 16-bit limbs of each element, low first, as float64: shape (8, *shape).
-
-    A reinterpreting view (little-endian words: low limb first), one reorder and one
-    conversion, instead of 8 shift-and-mask passes."""
+def _limbs16(a, order) -> torch.Tensor:
+    """The 8 16-bit limbs of each element of a 2-d ring array as float64, in one pass:
+    a reinterpreting uint16 view of shape (2 words, rows, cols, 4 limbs) (little-endian:
+    low limb first) transposed by `order` and converted (no shift-and-mask passes)."""
     v = np.ascontiguousarray(a).view(np.uint16).reshape(a.shape + (4,))
-    return torch.from_numpy(np.moveaxis(v, -1, 1).reshape((8,) + a.shape[1:]).astype(np.float64))
+    return torch.from_numpy(np.asarray(v.transpose(order), dtype=np.float64, order="C"))
 
 
 def _shifted(v: np.ndarray, bits: int) -> np.ndarray:
@@ -191,8 +190,8 @@ def matmul(a, b) -> np.ndarray:
     # Limb i of a times limbs j < 8 - i of b: the 36 limb products that matter mod 2^128
     # (not all 64), one BLAS call per limb of a (torch: its thread setting, not numpy's
     # spinning OpenBLAS pool). Each partial sum < 2^(32 + 18 + 3): exact in float64.
-    la = _limbs16(a)
-    lb = _limbs16(b).permute(1, 0, 2).reshape(n_inner, 8 * n)   # limb j: columns j n..
+    la = _limbs16(a, (0, 3, 1, 2)).view(8, m, n_inner)            # limb i: la[i]
+    lb = _limbs16(b, (1, 0, 3, 2)).view(n_inner, 8 * n)           # limb j: columns j n..
     total = torch.zeros(8, m, n, dtype=torch.float64)
     for i in range(8):
         total[i:] += (la[i] @ lb[:, :(8 - i) * n]).view(m, 8 - i, n).permute(1, 0, 2)
