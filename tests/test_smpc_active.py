@@ -260,3 +260,49 @@ def test_security_bench_runs_at_a_small_size(capsys):
         semi, act = ops[f"{name}/semi-honest"], ops[f"{name}/active"]
         assert act["rounds"] > semi["rounds"]          # the checks' rounds are counted
         assert min(act["bytes_sent_per_party"]) > 0 and act["dealer_bytes_per_party"][0] > 0
+
+
+def test_training_steps_match_plaintext_with_a_wide_first_layer():
+    """Two SGD steps of a ReLU MLP: the first weight is kept at f + WIDE_BITS + 16 bits and
+    updated exactly (no truncation), as in semi-honest training; parameters and loss stay
+    within a few units of 2^-16 of float training."""
+    from p2pgrid.protocols.smpc import mac_program
+    from p2pgrid.protocols.smpc.autograd import WIDE_BITS
+    g = torch.Generator().manual_seed(1)
+    dims = [20, 8, 6, 3]
+    x, y = torch.randn(4, dims[0], generator=g), torch.randn(4, dims[-1], generator=g)
+    ws = [torch.randn(a, b, generator=g) * 0.3 for a, b in zip(dims, dims[1:])]
+    bs = [torch.randn(b, generator=g) * 0.1 for b in dims[1:]]
+    layers = []
+    for i in range(3):
+        layers.append({"kind": "linear", "weight": f"w{i}", "bias": f"b{i}"})
+        if i < 2:
+            layers.append({"kind": "relu"})
+
+    def prog(ctx):
+        xs, ys, *flat = yield from _inputs(ctx, x, y, *[t for p in zip(ws, bs) for t in p])
+        params = {f"{k}{i}": flat[2 * i + j] for i in range(3) for j, k in enumerate("wb")}
+        net = mac_program.build(layers, params)
+        for _ in range(2):
+            loss = yield from mac_program.train_step(ctx, net, xs, ys, 0.1)
+        ps = mac_program.parameters(net)
+        return [p.scale for p in ps], (yield from mac.reveal(ctx, loss, *ps))
+
+    scales, got = mac.run_active(2, prog).outputs[0]
+    assert scales[:2] == [2 * 16 + WIDE_BITS, 16 + WIDE_BITS] and scales[2:] == [16] * 4
+    W = [w.double().requires_grad_() for w in ws]
+    B = [b.double().requires_grad_() for b in bs]
+    for _ in range(2):
+        h = x.double()
+        for i in range(3):
+            h = h @ W[i] + B[i]
+            h = h.relu() if i < 2 else h
+        loss = ((h - y.double()) ** 2).mean()
+        loss.backward()
+        with torch.no_grad():
+            for p in W + B:
+                p -= 0.1 * p.grad
+                p.grad = None
+    want = [loss.detach()] + [t.detach() for p in zip(W, B) for t in p]
+    for a, w in zip(got, want):
+        assert (a - w).abs().max() < 1e-3
