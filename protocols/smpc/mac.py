@@ -46,6 +46,7 @@ from p2pgrid.errors import BadRequest, CheatingDetected, ProtocolError
 from . import mac_bits
 from . import ring128 as R
 from .messages import Round
+from .prg import Prg
 from .runtime import collect
 
 __all__ = ["K", "S", "AuthShared", "AuthDealer", "ActiveParty", "open_values", "mac_check",
@@ -413,9 +414,9 @@ def _bytes_tensor(b: bytes) -> torch.Tensor:
 
 
 def _coefficients(seed: bytes, n: int) -> np.ndarray:
-    """n coefficients uniform in Z_2^s (ring elements), from the joint seed."""
-    stream = hashlib.shake_256(b"p2pgrid-mac-chi" + seed).digest(8 * n)
-    return R.from_u64(np.frombuffer(stream, dtype=np.uint64))
+    """n coefficients uniform in Z_2^s (uint64), from the joint seed: AES-CTR keyed by it
+    (:mod:`.prg`, stream 0; the bit openings' coefficients are stream 1)."""
+    return Prg(seed).int64((n,), stream=0).numpy().view(np.uint64)
 
 
 def mac_check(ctx: ActiveParty):
@@ -449,8 +450,8 @@ def mac_check(ctx: ActiveParty):
         opened = np.concatenate([o for o, _, _ in ctx._log], 1)
         macs = np.concatenate([mc for _, _, mc in ctx._log], 1)
         chi = _coefficients(bytes(joint), opened.shape[1])
-        y = R.to_int(R.sum_(R.mul(chi, opened)))
-        m_sh = R.to_int(R.sum_(R.mul(chi, macs)))
+        y = R.to_int(R.sum_(R.mul_u64(opened, chi)))
+        m_sh = R.to_int(R.sum_(R.mul_u64(macs, chi)))
     else:
         y = m_sh = 0
     sigma = (m_sh - ctx.alpha * y) % MOD

@@ -23,7 +23,6 @@ matches all 64 bits of the unknown Delta (2^-64): below 2^-63 per check.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from .messages import Round
+from .prg import Prg
 from .runtime import collect
 
 __all__ = ["PLANES", "AuthBits", "open_bits", "sigma", "key_planes", "mac_planes",
@@ -131,13 +131,13 @@ def _parity(words: np.ndarray) -> np.ndarray:
 
 def sigma(log: list[tuple[torch.Tensor, torch.Tensor, int]], seed: bytes) -> np.ndarray:
     """This party's check words for every recorded bit opening: ROWS uint64, bit t of
-    word r = chi_r . (m_t XOR b Delta_i,t) over all opened positions (chi from `seed`)."""
+    word r = chi_r . (m_t XOR b Delta_i,t) over all opened positions (chi: AES-CTR keyed
+    by the check's joint seed, stream 1)."""
     if not log:
         return np.zeros(ROWS, np.uint64)
     z = np.concatenate([(m.reshape(PLANES, -1) ^ (o.reshape(1, -1) & key_planes(k))).numpy()
                         for o, m, k in log], 1).view(np.uint64)          # (PLANES, words)
-    stream = hashlib.shake_256(b"p2pgrid-mac-chi-bits" + seed).digest(8 * ROWS * z.shape[1])
-    chi = np.frombuffer(stream, dtype=np.uint64).reshape(ROWS, z.shape[1])
+    chi = Prg(seed).int64((ROWS, z.shape[1]), stream=1).numpy().view(np.uint64)
     out = np.zeros(ROWS, np.uint64)
     for r in range(ROWS):
         folded = np.bitwise_xor.reduce(chi[r] & z, axis=1)              # (PLANES,)

@@ -45,7 +45,8 @@ __all__ = ["MacKey", "MaterialDealer", "deal", "auth_spec", "to_request", "Netwo
 AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_relu", "a_outmask",
               "a_check", "a_mask", "a_input", "a_linear", "a_truncmul")
 _CMP_KINDS = ("a_cmp", "a_relu")
-MAX_ITEM_ELEMENTS = 1 << 24        # 128-bit elements of one item (before the MAC copy)
+MAX_ITEM_ELEMENTS = 1 << 24        # 128-bit elements of one item (before the MAC copy;
+                                   # bit words with their MAC planes, two words each)
 
 
 @dataclass
@@ -120,14 +121,16 @@ def auth_spec(req: Request, n: int) -> list[tuple[str, tuple[int, ...]]]:
         return [("alpha", (2,)), ("key", (1,))]
     if req.kind == "a_check":
         return [("seed", (4,)), ("commits", (4 * n,))]
-    names = _auth_names(req)
-    total = sum(int(np.prod(s, dtype=np.int64)) for _, s in names)
+    names, bits = _auth_names(req), _bit_names(req)
+    # bit words count with their MAC planes, two words to a 128-bit element
+    total = sum(int(np.prod(s, dtype=np.int64)) for _, s in names) + sum(
+        int(np.prod(s, dtype=np.int64)) * (1 + mac_bits.PLANES) // 2 for _, s in bits)
     if total > MAX_ITEM_ELEMENTS:
         raise BadRequest(f"an authenticated item has at most {MAX_ITEM_ELEMENTS} elements")
     out = []
     for name, s in names:
         out += [(f"{name}.v", s + (2,)), (f"{name}.m", s + (2,))]
-    for name, s in _bit_names(req):     # authenticated bits: words, MAC planes, a key share
+    for name, s in bits:                # authenticated bits: words, MAC planes, a key share
         out += [(f"{name}.b", s), (f"{name}.bm", (mac_bits.PLANES,) + s)]
     if req.kind in _CMP_KINDS:
         out.append(("delta", (1,)))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = ["zeros", "from_ints", "to_ints", "from_u64", "from_signed", "rand", "add", "sub", "neg",
-           "mul", "mul_int", "matmul", "sum_", "rshift", "lshift", "low", "apply", "to_wire",
+           "mul", "mul_int", "mul_u64", "matmul", "sum_", "rshift", "lshift", "low", "apply", "to_wire",
            "from_wire", "shape", "numel", "to_int", "MASK64"]
 
 MASK64 = (1 << 64) - 1
@@ -137,9 +137,17 @@ def mul(a, b) -> np.ndarray:
     return np.stack(np.broadcast_arrays(lo, hi))
 
 
+def mul_u64(a, c: np.ndarray) -> np.ndarray:
+    """a times uint64 values c (below 2^64: no high word to multiply), elementwise."""
+    lo, hi = _mul64(a[0], c)
+    with np.errstate(over="ignore"):
+        hi = hi + a[1] * c
+    return np.stack(np.broadcast_arrays(lo, hi))
+
+
 def mul_int(a, c: int) -> np.ndarray:
     c0, c1 = _split(int(c))
-    lo, hi = _mul64(a[0], np.full(a[0].shape, c0, dtype=_U))
+    lo, hi = _mul64(a[0], c0)
     with np.errstate(over="ignore"):
         hi = hi + a[0] * c1 + a[1] * c0
     return np.stack([lo, hi])
