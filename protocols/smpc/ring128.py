@@ -89,68 +89,83 @@ def _split(c: int) -> tuple[np.uint64, np.uint64]:
     return _U(c & MASK64), _U(c >> 64)
 
 
+def _out(a, b0) -> np.ndarray:
+    """A fresh result of the broadcast shape: ops write its two words in place, as
+    out[0, ...] and out[1, ...] (views even for 0-d results, where out[0] is a scalar).
+    Stacking two temporaries instead cost about 10x the arithmetic on 10^5 elements."""
+    return np.empty((2,) + np.broadcast_shapes(a.shape[1:], np.shape(b0)), dtype=_U)
+
+
+def _words(b) -> tuple:
+    return _split(b) if isinstance(b, int) else (b[0], b[1])
+
+
 def add(a, b) -> np.ndarray:
-    if isinstance(b, int):
-        b0, b1 = _split(b)
-    else:
-        b0, b1 = b[0], b[1]
+    b0, b1 = _words(b)
+    out = _out(a, b0)
     with np.errstate(over="ignore"):
-        lo = a[0] + b0
-        hi = a[1] + b1 + (lo < a[0]).astype(_U)
-    return np.stack(np.broadcast_arrays(lo, hi))
+        np.add(a[0], b0, out=out[0, ...])
+        np.add(a[1], b1, out=out[1, ...])
+        out[1, ...] += out[0, ...] < a[0]             # the carry
+    return out
 
 
 def sub(a, b) -> np.ndarray:
-    if isinstance(b, int):
-        b0, b1 = _split(b)
-    else:
-        b0, b1 = b[0], b[1]
+    b0, b1 = _words(b)
+    out = _out(a, b0)
     with np.errstate(over="ignore"):
-        lo = a[0] - b0
-        hi = a[1] - b1 - (a[0] < b0).astype(_U)
-    return np.stack(np.broadcast_arrays(lo, hi))
+        np.subtract(a[1], b1, out=out[1, ...])
+        out[1, ...] -= a[0] < b0                      # the borrow
+        np.subtract(a[0], b0, out=out[0, ...])
+    return out
 
 
 def neg(a) -> np.ndarray:
     return sub(zeros(()), a) if a.ndim == 1 else sub(np.zeros_like(a), a)
 
 
-def _mul64(x, y):
-    """Full 128-bit products of uint64 arrays: (low, high) words."""
+def _add_high(x, y, out) -> None:
+    """out += the high words of the full 128-bit products x y (uint64, broadcasting), from
+    32-bit halves (the low words are x y itself, wrapping)."""
     x0, x1 = x & _LO32, x >> _U(32)
     y0, y1 = y & _LO32, y >> _U(32)
+    p01, p10 = x0 * y1, x1 * y0
+    mid = (x0 * y0) >> _U(32)
+    mid += p01 & _LO32
+    mid += p10 & _LO32
+    out += x1 * y1
+    out += p01 >> _U(32)
+    out += p10 >> _U(32)
+    out += mid >> _U(32)
+
+
+def _times(a, b0, b1) -> np.ndarray:
+    """a (b0 + 2^64 b1) mod 2^128 (b1 None: a 64-bit multiplier)."""
+    out = _out(a, b0)
     with np.errstate(over="ignore"):
-        p00, p01, p10, p11 = x0 * y0, x0 * y1, x1 * y0, x1 * y1
-        mid = (p00 >> _U(32)) + (p01 & _LO32) + (p10 & _LO32)
-        lo = (p00 & _LO32) | (mid << _U(32))
-        hi = p11 + (p01 >> _U(32)) + (p10 >> _U(32)) + (mid >> _U(32))
-    return lo, hi
+        np.multiply(a[0], b0, out=out[0, ...])
+        np.multiply(a[1], b0, out=out[1, ...])
+        if b1 is not None:
+            out[1, ...] += a[0] * b1
+        _add_high(a[0], b0, out[1, ...])
+    return out
 
 
 def mul(a, b) -> np.ndarray:
     """Elementwise product mod 2^128 (broadcasting)."""
     if isinstance(b, int):
         return mul_int(a, b)
-    lo, hi = _mul64(a[0], b[0])
-    with np.errstate(over="ignore"):
-        hi = hi + a[0] * b[1] + a[1] * b[0]
-    return np.stack(np.broadcast_arrays(lo, hi))
+    return _times(a, b[0], b[1])
 
 
 def mul_u64(a, c: np.ndarray) -> np.ndarray:
     """a times uint64 values c (below 2^64: no high word to multiply), elementwise."""
-    lo, hi = _mul64(a[0], c)
-    with np.errstate(over="ignore"):
-        hi = hi + a[1] * c
-    return np.stack(np.broadcast_arrays(lo, hi))
+    return _times(a, c, None)
 
 
 def mul_int(a, c: int) -> np.ndarray:
     c0, c1 = _split(int(c))
-    lo, hi = _mul64(a[0], c0)
-    with np.errstate(over="ignore"):
-        hi = hi + a[0] * c1 + a[1] * c0
-    return np.stack([lo, hi])
+    return _times(a, c0, c1)
 
 
 def _limbs16(a, order) -> torch.Tensor:
