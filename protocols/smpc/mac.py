@@ -217,8 +217,11 @@ class AuthDealer:
                                 f"{dealt_key[0]!r}: the parties ran different programs")
         part = parts[party]
         parts[party] = {}   # each party gets its part once
-        self.bytes_dealt[party] += sum(16 * R.numel(v[0]) * 2 for v in part.values()
-                                       if isinstance(v, tuple) and isinstance(v[0], np.ndarray))
+        for v in part.values():      # (value, MAC) pairs: ring arrays, or bit words
+            if isinstance(v, tuple) and isinstance(v[0], np.ndarray):
+                self.bytes_dealt[party] += 16 * R.numel(v[0]) * 2
+            elif isinstance(v, tuple) and isinstance(v[0], torch.Tensor):
+                self.bytes_dealt[party] += 8 * (v[0].numel() + v[1].numel())
         return part
 
 

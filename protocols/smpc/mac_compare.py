@@ -145,76 +145,87 @@ def _weighted(coef: np.ndarray, x: AuthShared) -> AuthShared:
     return AuthShared(R.sum_(R.mul(c, x.value), 0), R.sum_(R.mul(c, x.mac), 0), 0)
 
 
+def _level1(ctx: ActiveParty, m: dict, c: np.ndarray, key: int):
+    """Each chunk's (lt, eq) from the one-hot tables (XORs of table bits, c public), then
+    the 4 first-level gates per element: one round of bit openings. Returns the gates'
+    outputs as authenticated bits, LT (4, W) and EQ (4, W) per group."""
+    u = chunks_of(c.reshape(-1))                                       # (n, 16)
+    tv, tm = m["tables"]
+    codes_v = lt_eq_codes(tv.numpy().view(np.uint16), u)
+    codes_m = lt_eq_codes(tm.numpy().view(np.uint16), u[None])         # every MAC plane
+    inputs = AuthBits(_level1_inputs(_bits(codes_v, 1), _bits(codes_v, 0)),
+                      _level1_inputs(_bits(codes_m, 1), _bits(codes_m, 0)), key)
+    g1v, g1m = m["g1"]
+    masks = AuthBits(g1v[:LEVEL1.n_inputs], g1m[:, :LEVEL1.n_inputs], key)
+    d = (yield from open_bits(ctx, "a/bit/cmp1", {"d": inputs ^ masks}))["d"]
+    lt_v, eq_v = LEVEL1.evaluate(d, g1v, ctx.party == 0)
+    lt_m, eq_m = LEVEL1.evaluate(d, g1m.transpose(0, 1), False,
+                                 one=key_planes(key).view(PLANES, 1, 1))
+    return AuthBits(lt_v, lt_m, key), AuthBits(eq_v, eq_m, key)
+
+
+def _level2(ctx: ActiveParty, m: dict, lt: AuthBits, eq: AuthBits, n: int):
+    """The second-level gate, its inputs opened as bits (one round) and its output
+    expanded in arithmetic: the borrow as k0 + sum_pos k[pos] [m2_pos], public k."""
+    inputs = AuthBits(torch.cat([lt.value, eq.value[1:]]), torch.cat([lt.mac, eq.mac[:, 1:]], 1),
+                      lt.key)
+    g2v, g2m = m["g2"]
+    d = (yield from open_bits(ctx, "a/bit/cmp2", {"d": inputs ^ AuthBits(g2v, g2m, lt.key)}))["d"]
+    d = unslice_bits(d, n).numpy()                                     # (7, n) 0/1
+    k0, k = np.zeros(n, np.int64), np.zeros((_G2, n), np.int64)
+    for rest, sub, pos in _LEVEL2_TERMS:    # d's outside the subset, (1 - 2d)'s inside it
+        term = np.ones(n, np.int64)
+        for i in rest:
+            term = term * d[i]
+        for i in sub:
+            term = term * (1 - 2 * d[i])
+        if pos is None:
+            k0 += term
+        else:
+            k[pos] += term
+    return k0, k
+
+
+def _stacked(m: dict, names, shape) -> AuthShared:
+    """Dealt values side by side along a new first logical axis."""
+    parts = [v if v[0].ndim == len(shape) + 2 else (v[0][:, None], v[1][:, None])
+             for v in (m[nm] for nm in names)]
+    return AuthShared(np.concatenate([p[0] for p in parts], 1),
+                      np.concatenate([p[1] for p in parts], 1), 0)
+
+
 def _compare(ctx: ActiveParty, x: AuthShared, bits: int | None):
     """The rounds both entry points share: returns [x >= 0] and, for a ReLU, the
     product with trunc(x, bits)."""
     shape = x.shape
-    m = ctx.material("cmp", shape) if bits is None else ctx.material("relu", shape, bits)
-    r = ctx.auth(m["r"])
-    off = 1 << CMP_BITS
-    o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, r), off)})
-    c = o["c"][0]                                          # its low k bits
     n = int(np.prod(shape, dtype=np.int64))
-    key = m["delta"]
-    party0 = ctx.party == 0
+    m = ctx.material("cmp", shape) if bits is None else ctx.material("relu", shape, bits)
+    off = 1 << CMP_BITS
+    o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, ctx.auth(m["r"])),
+                                                                   off)})
+    c = o["c"][0]                                          # its low k bits
+    lt, eq = yield from _level1(ctx, m, c, m["delta"])
+    k0, k = yield from _level2(ctx, m, lt, eq, n)
 
-    # level 1: each chunk's (lt, eq) from the one-hot tables, 4 gates per element
-    u = chunks_of(c.reshape(-1))                                       # (n, 16)
-    tv, tm = m["tables"]
-    codes_v = lt_eq_codes(tv.numpy().view(np.uint16), u)
-    codes_m = lt_eq_codes(tm.numpy().view(np.uint16), u[None])
-    in1 = AuthBits(_level1_inputs(_bits(codes_v, 1), _bits(codes_v, 0)),
-                   _level1_inputs(_bits(codes_m, 1), _bits(codes_m, 0)), key)
-    g1v, g1m = m["g1"]
-    mask1 = AuthBits(g1v[:LEVEL1.n_inputs], g1m[:, :LEVEL1.n_inputs], key)
-    d1 = (yield from open_bits(ctx, "a/bit/cmp1", {"d": in1 ^ mask1}))["d"]
-    lt_v, eq_v = LEVEL1.evaluate(d1, g1v, party0)
-    lt_m, eq_m = LEVEL1.evaluate(d1, g1m.transpose(0, 1), False,
-                                 one=key_planes(key).view(PLANES, 1, 1))
-
-    # level 2: opened in binary, evaluated in arithmetic (exclusive monomials: a sum)
-    in2 = AuthBits(torch.cat([lt_v, eq_v[1:]]), torch.cat([lt_m, eq_m[:, 1:]], 1), key)
-    g2v, g2m = m["g2"]
-    d2w = (yield from open_bits(ctx, "a/bit/cmp2", {"d": in2 ^ AuthBits(g2v, g2m, key)}))["d"]
-    d2 = unslice_bits(d2w, n).numpy()                                   # (7, n) 0/1
-    k0 = np.zeros(n, np.int64)
-    kk = np.zeros((_G2, n), np.int64)
-    for rest, sub, pos in _LEVEL2_TERMS:
-        term = np.ones(n, np.int64)
-        for i in rest:
-            term = term * d2[i]
-        for i in sub:
-            term = term * (1 - 2 * d2[i])
-        if pos is None:
-            k0 += term
-        else:
-            kk[pos] += term
+    # [x >= 0] = b0 + sum_j beta_j [R_j], R = (r_msb, r_top, level-2 mask products)
     msb_c = (c >> np.uint64(K - 1)).astype(np.int64).reshape(-1)
-    beta = np.concatenate([(4 * (1 - msb_c))[None], -np.ones((1, n), np.int64), -kk])
+    beta = np.concatenate([(4 * (1 - msb_c))[None], -np.ones((1, n), np.int64), -k])
     beta = beta.reshape((_RIGHT,) + shape)
     b0 = ((c >> np.uint64(CMP_BITS)).astype(np.int64).reshape(-1) - k0).reshape(shape)
-
-    def stacked(*names):
-        vals = [m[nm] for nm in names]
-        parts = [v if v[0].ndim == len(shape) + 2 else (v[0][:, None], v[1][:, None])
-                 for v in vals]
-        return AuthShared(np.concatenate([p[0] for p in parts], 1),
-                          np.concatenate([p[1] for p in parts], 1), 0)
-
-    right = stacked("r_msb", "r_top", "m2")
-    bit = ctx.add_public(_weighted(beta, right), R.from_signed(b0))
+    bit = ctx.add_public(_weighted(beta, _stacked(m, ("r_msb", "r_top", "m2"), shape)),
+                         R.from_signed(b0))
     bit.scale = 0
     if bits is None:
         return bit, None
-    # trunc(x) = P + q [r_msb] - [r_hi]; times the bit = b0 + sum_j beta_j [R_j]
+
+    # trunc(x) = P + q [r_msb] - [r_hi], times the bit: linear in dealt [r_msb R_j], [r_hi R_j]
     with np.errstate(over="ignore"):
         p = R.from_u64((c >> np.uint64(bits)) - np.uint64(off >> bits))
     q = R.mul_int(R.from_u64(np.uint64(1) - (c >> np.uint64(K - 1))), 1 << (K - bits))
-    r_msb, r_hi = ctx.auth(m["r_msb"]), ctx.auth(m["r_hi"])
     xv, xm = m["x"]
     cross = ctx.sub(ctx.mul_public(AuthShared(xv[:, 0], xm[:, 0]), q[:, None]),
-                    AuthShared(xv[:, 1], xm[:, 1]))                     # q [r_msb R] - [r_hi R]
-    t_mask = ctx.sub(ctx.mul_public(r_msb, q), r_hi)                  # q [r_msb] - [r_hi]
+                    AuthShared(xv[:, 1], xm[:, 1]))                # q [r_msb R] - [r_hi R]
+    t_mask = ctx.sub(ctx.mul_public(ctx.auth(m["r_msb"]), q), ctx.auth(m["r_hi"]))
     out = ctx.add(ctx.add(ctx.mul_public(bit, p), ctx.mul_public(t_mask, R.from_signed(b0))),
                   _weighted(beta, cross))
     out.scale = x.scale - bits
