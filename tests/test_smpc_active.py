@@ -306,3 +306,30 @@ def test_training_steps_match_plaintext_with_a_wide_first_layer():
     want = [loss.detach()] + [t.detach() for p in zip(W, B) for t in p]
     for a, w in zip(got, want):
         assert (a - w).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_bit_openings_keep_binary_macs(parties):
+    """Every bit the comparison opens satisfies XOR_i m_i = b Delta on every MAC plane, with
+    Delta = XOR_i Delta_i (what the check's bit part verifies), and the opened words are
+    the same at every party."""
+    from p2pgrid.protocols.smpc.mac_bits import key_planes
+    x = torch.randn(3, 70)
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        yield from mac_compare.relu(ctx, xs)
+        return list(ctx._bit_log)
+
+    logs = mac.run_active(parties, prog).outputs
+    assert len(logs[0]) == 2                               # the two gate levels
+    for entries in zip(*logs):
+        opened = entries[0][0]
+        assert all(torch.equal(e[0], opened) for e in entries)
+        mac_total, key = entries[0][1].clone(), 0
+        for _, m, _ in entries[1:]:
+            mac_total ^= m
+        for _, _, k in entries:
+            key ^= k
+        planes = key_planes(key).view((64,) + (1,) * opened.dim())
+        assert torch.equal(mac_total, opened.unsqueeze(0) & planes)
