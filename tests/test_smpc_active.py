@@ -333,3 +333,15 @@ def test_bit_openings_keep_binary_macs(parties):
             key ^= k
         planes = key_planes(key).view((64,) + (1,) * opened.dim())
         assert torch.equal(mac_total, opened.unsqueeze(0) & planes)
+
+
+def test_relu_of_an_empty_tensor():
+    from p2pgrid.protocols.smpc.modes import run_program
+    x = torch.randn(0, 3)
+
+    def prog(ops):
+        v = yield from ops.input(0, x if ops.party == 0 else None, x.shape)
+        return (yield from ops.reveal((yield from ops.relu(v))))
+
+    (out,) = run_program(2, prog, security="active").outputs[0]
+    assert out.shape == (0, 3)

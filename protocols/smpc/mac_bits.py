@@ -45,8 +45,9 @@ def random_words(shape) -> torch.Tensor:
     """Uniform int64 words from the OS CSPRNG."""
     shape = tuple(int(d) for d in shape)
     n = int(np.prod(shape, dtype=np.int64))
-    return torch.frombuffer(bytearray(os.urandom(8 * n) or b"\0" * 8), dtype=torch.int64,
-                            count=n).reshape(shape).clone()
+    if n == 0:
+        return torch.zeros(shape, dtype=torch.int64)
+    return torch.frombuffer(bytearray(os.urandom(8 * n)), dtype=torch.int64).reshape(shape)
 
 
 def random_key() -> int:
