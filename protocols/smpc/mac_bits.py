@@ -10,8 +10,8 @@ with each item of material that has bits, never opened. Bits are bit-sliced as i
 64 planes (64, ..., W), plane t holding the shares of b Delta_t. XOR, XOR with public
 words and AND with public words act on value words and MAC planes alike; the public
 constant 1 is party 0's all-ones word and, in MACs, every party's Delta_i planes
-(:meth:`AuthBits.one`). That is every operation a masked gate
-(:meth:`.gates.Gate.evaluate`) does.
+(:func:`key_planes`, the `one` of :meth:`.gates.Gate.evaluate`). That is every operation
+a masked gate does.
 
 Openings (:func:`open_bits`) are recorded for :func:`.mac.mac_check`, which checks them
 in the same rounds as the arithmetic ones (:func:`sigma`): for rho = 64 random GF(2)
@@ -55,6 +55,12 @@ def random_key() -> int:
     return int.from_bytes(os.urandom(8), "little")
 
 
+def key_planes(key: int) -> torch.Tensor:
+    """All-ones or zero word per bit of a key share: shape (PLANES, 1)."""
+    bits = [-((key >> t) & 1) for t in range(PLANES)]
+    return torch.tensor(bits, dtype=torch.int64).view(PLANES, 1)
+
+
 def mac_planes(words: torch.Tensor, key: int) -> torch.Tensor:
     """The full MACs of bit-sliced words under `key`: (PLANES, *words.shape)."""
     return words.unsqueeze(0) & key_planes(key).view((PLANES,) + (1,) * words.dim())
@@ -86,12 +92,6 @@ def share_bits(bits: dict[str, torch.Tensor], n: int) -> list[dict]:
     for p, k in enumerate(xor_split(key_word(key), n)):
         out[p]["delta"] = int(k[0]) & MASK64
     return out
-
-
-def key_planes(key: int) -> torch.Tensor:
-    """All-ones or zero word per bit of a key share: shape (PLANES, 1)."""
-    bits = [-((key >> t) & 1) for t in range(PLANES)]
-    return torch.tensor(bits, dtype=torch.int64).view(PLANES, 1)
 
 
 @dataclass
