@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from p2pgrid.errors import CheatingDetected
 from p2pgrid.protocols import smpc
-from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc import mac, mac_compare
 from p2pgrid.protocols.smpc.testing import run_op
 
 UNIT = 2.0 ** -16
@@ -177,12 +177,38 @@ def test_relu_and_sign_are_exact(values, parties):
 
     def prog(ctx):
         (xs,) = yield from _inputs(ctx, x)
-        return (yield from mac.reveal(ctx, (yield from mac.ge_zero(ctx, xs)),
-                                      (yield from mac.relu(ctx, xs))))
+        bit = yield from mac_compare.ge_zero(ctx, xs)
+        r, bit2 = yield from mac_compare.relu(ctx, xs)
+        return (yield from mac.reveal(ctx, bit, r, bit2))
 
-    bit, r = mac.run_active(parties, prog).outputs[0]
+    bit, r, bit2 = mac.run_active(parties, prog).outputs[0]
     assert torch.equal(bit, (want >= 0).double())
+    assert torch.equal(bit2, bit)
     assert torch.equal(r, want.clamp(min=0))
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.floats(-2.0 ** 20, 2.0 ** 20, allow_nan=False), min_size=1, max_size=6),
+       st.integers(0, 16), st.integers(2, 3))
+def test_truncated_relu_matches_truncate_then_relu_and_keeps_macs(values, bits, parties):
+    """relu(z, bits) = trunc(z, bits) [z >= 0] on one opening, within truncation's one
+    unit of the exact result; its outputs satisfy the MAC relation."""
+    x = torch.tensor(values, dtype=torch.float64)
+    dealer = mac.AuthDealer(parties)
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        out, bit = yield from mac_compare.relu(ctx, xs, bits)
+        return out, bit, (yield from mac.reveal(ctx, out, bit))
+
+    res = mac.run_active(parties, prog, dealer=dealer)
+    assert _mac_holds(dealer, [o[0] for o in res.outputs])
+    assert _mac_holds(dealer, [o[1] for o in res.outputs])
+    got, bit = res.outputs[0][2]
+    raw = torch.round(x * 2 ** 16)
+    want = torch.floor(raw / 2 ** bits).clamp(min=0) / 2 ** (16 - bits)
+    assert torch.equal(bit, (raw >= 0).double())
+    assert (got - want).abs().max() <= 2.0 ** -(16 - bits)
 
 
 def _mlp_program(x, w1, w2):
@@ -234,3 +260,88 @@ def test_security_bench_runs_at_a_small_size(capsys):
         semi, act = ops[f"{name}/semi-honest"], ops[f"{name}/active"]
         assert act["rounds"] > semi["rounds"]          # the checks' rounds are counted
         assert min(act["bytes_sent_per_party"]) > 0 and act["dealer_bytes_per_party"][0] > 0
+
+
+def test_training_steps_match_plaintext_with_a_wide_first_layer():
+    """Two SGD steps of a ReLU MLP: the first weight is kept at f + WIDE_BITS + 16 bits and
+    updated exactly (no truncation), as in semi-honest training; parameters and loss stay
+    within a few units of 2^-16 of float training."""
+    from p2pgrid.protocols.smpc import mac_program
+    from p2pgrid.protocols.smpc.autograd import WIDE_BITS
+    g = torch.Generator().manual_seed(1)
+    dims = [20, 8, 6, 3]
+    x, y = torch.randn(4, dims[0], generator=g), torch.randn(4, dims[-1], generator=g)
+    ws = [torch.randn(a, b, generator=g) * 0.3 for a, b in zip(dims, dims[1:])]
+    bs = [torch.randn(b, generator=g) * 0.1 for b in dims[1:]]
+    layers = []
+    for i in range(3):
+        layers.append({"kind": "linear", "weight": f"w{i}", "bias": f"b{i}"})
+        if i < 2:
+            layers.append({"kind": "relu"})
+
+    def prog(ctx):
+        xs, ys, *flat = yield from _inputs(ctx, x, y, *[t for p in zip(ws, bs) for t in p])
+        params = {f"{k}{i}": flat[2 * i + j] for i in range(3) for j, k in enumerate("wb")}
+        net = mac_program.build(layers, params)
+        for _ in range(2):
+            loss = yield from mac_program.train_step(ctx, net, xs, ys, 0.1)
+        ps = mac_program.parameters(net)
+        return [p.scale for p in ps], (yield from mac.reveal(ctx, loss, *ps))
+
+    scales, got = mac.run_active(2, prog).outputs[0]
+    assert scales[:2] == [2 * 16 + WIDE_BITS, 16 + WIDE_BITS] and scales[2:] == [16] * 4
+    W = [w.double().requires_grad_() for w in ws]
+    B = [b.double().requires_grad_() for b in bs]
+    for _ in range(2):
+        h = x.double()
+        for i in range(3):
+            h = h @ W[i] + B[i]
+            h = h.relu() if i < 2 else h
+        loss = ((h - y.double()) ** 2).mean()
+        loss.backward()
+        with torch.no_grad():
+            for p in W + B:
+                p -= 0.1 * p.grad
+                p.grad = None
+    want = [loss.detach()] + [t.detach() for p in zip(W, B) for t in p]
+    for a, w in zip(got, want):
+        assert (a - w).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+def test_bit_openings_keep_binary_macs(parties):
+    """Every bit the comparison opens satisfies XOR_i m_i = b Delta on every MAC plane, with
+    Delta = XOR_i Delta_i (what the check's bit part verifies), and the opened words are
+    the same at every party."""
+    from p2pgrid.protocols.smpc.mac_bits import key_planes
+    x = torch.randn(3, 70)
+
+    def prog(ctx):
+        (xs,) = yield from _inputs(ctx, x)
+        yield from mac_compare.relu(ctx, xs)
+        return list(ctx._bit_log)
+
+    logs = mac.run_active(parties, prog).outputs
+    assert len(logs[0]) == 2                               # the two gate levels
+    for entries in zip(*logs):
+        opened = entries[0][0]
+        assert all(torch.equal(e[0], opened) for e in entries)
+        mac_total, key = entries[0][1].clone(), 0
+        for _, m, _ in entries[1:]:
+            mac_total ^= m
+        for _, _, k in entries:
+            key ^= k
+        planes = key_planes(key).view((64,) + (1,) * opened.dim())
+        assert torch.equal(mac_total, opened.unsqueeze(0) & planes)
+
+
+def test_relu_of_an_empty_tensor():
+    from p2pgrid.protocols.smpc.modes import run_program
+    x = torch.randn(0, 3)
+
+    def prog(ops):
+        v = yield from ops.input(0, x if ops.party == 0 else None, x.shape)
+        return (yield from ops.reveal((yield from ops.relu(v))))
+
+    (out,) = run_program(2, prog, security="active").outputs[0]
+    assert out.shape == (0, 3)

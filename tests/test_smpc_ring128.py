@@ -23,6 +23,7 @@ def test_elementwise_ops_are_exact(shape):
     assert np.all(R.to_ints(R.mul(a, b)) == (ia * ib) % MOD)
     c = 3 ** 70 + 12345
     assert np.all(R.to_ints(R.mul_int(a, c)) == (ia * c) % MOD)
+    assert np.all(R.to_ints(R.mul_u64(a, b[0])) == (ia * b[0].astype(object)) % MOD)
     assert np.all(R.to_ints(R.add(a, -5)) == (ia - 5) % MOD)
     for n in (0, 1, 31, 63, 64, 65, 100, 127):
         assert np.all(R.to_ints(R.rshift(a, n)) == ia >> n)

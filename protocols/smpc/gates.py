@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 __all__ = ["Gate", "LEVEL1", "LEVEL2", "CHUNKS", "deal_cmp", "cmp_spec", "chunks_of",
-           "table_lookup", "lookup_sliced", "slice_bits", "unslice_bits", "n_words"]
+           "table_lookup", "lookup_sliced", "slice_bits", "unslice_bits", "n_words",
+           "lt_eq_codes"]
 
 CHUNKS = 16
 _MASK63 = (1 << 63) - 1
@@ -96,10 +97,17 @@ class Gate:
             rows.append(p)
         return torch.stack(rows, 0)
 
-    def evaluate(self, d: torch.Tensor, lam: torch.Tensor, party0: bool) -> list[torch.Tensor]:
+    def evaluate(self, d: torch.Tensor, lam: torch.Tensor, party0: bool,
+                 one: torch.Tensor | None = None) -> list[torch.Tensor]:
         """XOR shares of the outputs (bit-sliced words), given the opened d (n_inputs, ...)
         and this party's gate bits lam (n_bits, ...). Each monomial prod(d_i ^ m_i) is the
-        XOR over subsets S of (AND of d outside S) AND (shared product of masks in S)."""
+        XOR over subsets S of (AND of d outside S) AND (shared product of masks in S).
+
+        `one` is this party's share of the all-ones word (default: party 0 holds it);
+        authenticated bits (:mod:`.mac_bits`) evaluate their MAC planes with their key
+        share there, since every step is linear in the shares."""
+        if one is None:
+            one = torch.tensor(-1 if party0 else 0, dtype=torch.int64)
         outs = []
         cache: dict[tuple[int, ...], torch.Tensor] = {}
 
@@ -112,8 +120,7 @@ class Gate:
             acc = torch.zeros_like(d[0])
             for rest, pos in terms:
                 if pos is None:
-                    if party0:
-                        acc = acc ^ (coef(rest) if rest else -1)
+                    acc = acc ^ (coef(rest) & one if rest else one)
                     continue
                 acc = acc ^ (coef(rest) & lam[pos] if rest else lam[pos])
             outs.append(acc)
@@ -171,10 +178,16 @@ def _lookup_table() -> np.ndarray:
 _LT_EQ = _lookup_table()
 
 
+def lt_eq_codes(fields: np.ndarray, u_chunks: np.ndarray) -> np.ndarray:
+    """uint8 codes: bit 0 the share of [u = v], bit 1 the share of [u < v], per chunk,
+    from XOR shares of v's one-hot 16-bit fields (any shape) and the public chunks u."""
+    return _LT_EQ[fields.astype(np.int32) >> u_chunks.astype(np.int32)]
+
+
 def _lt_eq(tables: torch.Tensor, u_chunks: torch.Tensor) -> np.ndarray:
     """uint8 codes (..., 16): bit 0 the share of eq, bit 1 the share of lt, per chunk."""
-    fields = tables.contiguous().numpy().view(np.uint16).astype(np.int32)   # (..., 16)
-    return _LT_EQ[fields >> u_chunks.numpy().astype(np.int32)]
+    fields = tables.contiguous().numpy().view(np.uint16)                    # (..., 16)
+    return lt_eq_codes(fields, u_chunks.numpy())
 
 
 def table_lookup(tables: torch.Tensor, u_chunks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

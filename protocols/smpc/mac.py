@@ -26,7 +26,8 @@ The dealer (crypto provider) is trusted, as in semi-honest mode: it knows alpha 
 every mask. Shares are uint64 limb pairs (:mod:`.ring128`: vectorized exact arithmetic
 mod 2^128, matrix products in float64 BLAS on 16-bit limbs). Coverage: input, linear
 ops, Beaver mul and matmul, fixed-point truncation with dealt authenticated pairs,
-comparison with zero and ReLU with dealt authenticated chunk tables, reveal.
+reveal; the comparison and ReLU (:mod:`.mac_compare`) add authenticated bits
+(:mod:`.mac_bits`), whose openings the same check covers.
 """
 
 from __future__ import annotations
@@ -42,16 +43,17 @@ import torch
 
 from p2pgrid.errors import BadRequest, CheatingDetected, ProtocolError
 
+from . import mac_bits
 from . import ring128 as R
 from .messages import Round
+from .prg import Prg
 from .runtime import collect
 
 __all__ = ["K", "S", "AuthShared", "AuthDealer", "ActiveParty", "open_values", "mac_check",
-           "input_value", "open_masked", "mul", "matmul", "truncate", "ge_zero", "relu", "reveal", "run_active", "encode", "decode"]
+           "input_value", "open_masked", "mul", "matmul", "truncate", "reveal", "run_active",
+           "encode", "decode"]
 
 K, S = 64, 64
-CMP_BITS = K - 2
-CHUNKS = 16          # 4-bit chunks of the low CMP_BITS bits (the top one has 2 bits)
 MOD = 1 << (K + S)
 MASK_K = (1 << K) - 1
 _NONCE = 16
@@ -182,13 +184,14 @@ class AuthDealer:
             r = _rand(shape, K + S)       # the low k bits are the mask, the rest hides carries
             put("r", r)
             put("r_hi", R.from_u64(r[0] >> np.uint64(f))), put("r_msb", R.from_u64(r[0] >> np.uint64(K - 1)))
-        elif kind == "cmp":
-            _, shape = key
-            r = _rand(shape, K + S)
-            put("r", r)
-            put("r_top", R.from_u64(r[0] >> np.uint64(CMP_BITS)))
-            put("r_msb", R.from_u64(r[0] >> np.uint64(K - 1)))
-            put("r_onehot", onehot_chunks(r[0]))
+        elif kind in ("cmp", "relu"):
+            from . import mac_compare   # the comparison builds on this module
+            arith, bits = mac_compare.compare_values(key[1],
+                                                     key[2] if kind == "relu" else None)
+            for name, v in arith.items():
+                put(name, v)
+            for p, part in enumerate(mac_bits.share_bits(bits, self.n)):
+                out[p].update(part)
         elif kind == "outmask":
             _, shape = key
             put("rho", R.lshift(_rand(shape, S), K))
@@ -214,8 +217,11 @@ class AuthDealer:
                                 f"{dealt_key[0]!r}: the parties ran different programs")
         part = parts[party]
         parts[party] = {}   # each party gets its part once
-        self.bytes_dealt[party] += sum(16 * R.numel(v[0]) * 2 for v in part.values()
-                                       if isinstance(v, tuple) and isinstance(v[0], np.ndarray))
+        for v in part.values():      # (value, MAC) pairs: ring arrays, or bit words
+            if isinstance(v, tuple) and isinstance(v[0], np.ndarray):
+                self.bytes_dealt[party] += 16 * R.numel(v[0]) * 2
+            elif isinstance(v, tuple) and isinstance(v[0], torch.Tensor):
+                self.bytes_dealt[party] += 8 * (v[0].numel() + v[1].numel())
         return part
 
 
@@ -235,6 +241,7 @@ class ActiveParty:
     key_id: int = 0
     _taken: int = 0
     _log: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+    _bit_log: list[tuple[torch.Tensor, torch.Tensor, int]] = field(default_factory=list)
     _transcript: Any = None
 
     def __post_init__(self):
@@ -291,13 +298,22 @@ class ActiveParty:
         return AuthShared(R.mul(x.value, c), R.mul(x.mac, c), x.scale)
 
     def matmul_public(self, x: AuthShared, c, *, left: bool = False) -> AuthShared:
+        """x @ c (or c @ x): value and MAC shares in one ring product, so c's limbs are
+        split once and BLAS gets one larger call."""
         if left:
-            return AuthShared(R.matmul(c, x.value), R.matmul(c, x.mac), x.scale)
-        return AuthShared(R.matmul(x.value, c), R.matmul(x.mac, c), x.scale)
+            both = R.matmul(c, np.concatenate([x.value, x.mac], 2))
+            n = x.value.shape[2]
+            return AuthShared(both[:, :, :n], both[:, :, n:], x.scale)
+        both = R.matmul(np.concatenate([x.value, x.mac], 1), c)
+        m = x.value.shape[1]
+        return AuthShared(both[:, :m], both[:, m:], x.scale)
 
     def record(self, opened: np.ndarray, share: AuthShared) -> None:
         self._log.append((opened.reshape(2, -1), share.value.reshape(2, -1),
                           share.mac.reshape(2, -1)))
+
+    def record_bits(self, opened: torch.Tensor, share: "mac_bits.AuthBits") -> None:
+        self._bit_log.append((opened, share.mac, share.key))
 
     def note(self, payload: bytes) -> None:
         self._transcript.update(len(payload).to_bytes(8, "little") + payload)
@@ -349,8 +365,8 @@ def mul(ctx: ActiveParty, x: AuthShared, y: AuthShared, tag: str = "a/mul"):
     a, b, c = ctx.auth(m["a"]), ctx.auth(m["b"]), ctx.auth(m["c"])
     o = yield from open_values(ctx, tag, {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
     d, e = o["d"], o["e"]
-    z = ctx.add(c, ctx.add(ctx.mul_public(b, d), ctx.mul_public(a, e)))
-    z = ctx.add_public(z, R.mul(d, e))
+    # xy = c + d b + e a + d e = c + d (b + e) + e a: the public d e folded into [b + e]
+    z = ctx.add(c, ctx.add(ctx.mul_public(ctx.add_public(b, e), d), ctx.mul_public(a, e)))
     z.scale = x.scale + y.scale
     return z
 
@@ -361,8 +377,9 @@ def matmul(ctx: ActiveParty, x: AuthShared, y: AuthShared):
     a, b, c = ctx.auth(m["a"]), ctx.auth(m["b"]), ctx.auth(m["c"])
     o = yield from open_values(ctx, "a/matmul", {"d": ctx.sub(x, a), "e": ctx.sub(y, b)})
     d, e = o["d"], o["e"]
-    z = ctx.add(c, ctx.add(ctx.matmul_public(b, d, left=True), ctx.matmul_public(a, e)))
-    z = ctx.add_public(z, R.matmul(d, e))
+    # xy = c + d b + a e + d e = c + d (b + e) + a e: the public d e folded into [b + e]
+    z = ctx.add(c, ctx.add(ctx.matmul_public(ctx.add_public(b, e), d, left=True),
+                           ctx.matmul_public(a, e)))
     z.scale = x.scale + y.scale
     return z
 
@@ -390,81 +407,6 @@ def truncate(ctx: ActiveParty, x: AuthShared, bits: int | None = None):
     return z
 
 
-def _part(x: AuthShared, index) -> AuthShared:
-    return AuthShared(x.value[index], x.mac[index], x.scale)
-
-
-def _chunk_mask(j: int) -> int:
-    return (1 << min(4, CMP_BITS - 4 * j)) - 1
-
-
-def chunks_of(low: np.ndarray) -> np.ndarray:
-    """The 4-bit chunks of the low CMP_BITS bits (uint64, last axis CHUNKS, low first)."""
-    return np.stack([(low >> np.uint64(4 * j)) & np.uint64(_chunk_mask(j))
-                     for j in range(CHUNKS)], -1)
-
-
-def onehot_chunks(low: np.ndarray) -> np.ndarray:
-    """One-hot tables of the chunks: ring elements of shape low.shape + (CHUNKS, 16)."""
-    return R.from_u64((chunks_of(low)[..., None] == np.arange(16, dtype=np.uint64))
-                      .astype(np.uint64))
-
-
-def ge_zero(ctx: ActiveParty, x: AuthShared):
-    """[x >= 0] as an authenticated 0/1 (scale 0), exact for |x| < 2^(k-2); 5 rounds.
-
-    Opens c = u + r with u = x + 2^(k-2) in [0, 2^(k-1)) and r dealt with its top bits
-    and one-hot tables of its low k-2 bits' 4-bit chunks, all authenticated. Then
-    u >> (k-2) = [x >= 0] equals (c >> (k-2)) - (r >> (k-2)) + 4 wrap - [c_low < r_low]:
-    wrap = msb(r) (1 - msb(c)) as in :func:`truncate`. Per chunk, [c_j < r_j] and
-    [c_j = r_j] are sums of table entries (linear, c_j public); a tree over the 16 chunks
-    combines them (lt = lt_hi + eq_hi lt_lo, eq = eq_hi eq_lo: 4 rounds of authenticated
-    products). Every opening is an authenticated one, checked like the rest.
-    """
-    m = ctx.material("cmp", x.shape)
-    r, r_top, r_msb = ctx.auth(m["r"]), ctx.auth(m["r_top"], 0), ctx.auth(m["r_msb"], 0)
-    table = ctx.auth(m["r_onehot"], 0)
-    off = 1 << CMP_BITS
-    o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, r), off)})
-    c = o["c"][0]                                     # its low k bits
-    vals = np.arange(16, dtype=np.uint64)
-    chunks = chunks_of(c)
-    pick_eq = (vals == chunks[..., None]).astype(np.uint64)
-    pick_lt = (vals > chunks[..., None]).astype(np.uint64)
-
-    def reduce(pick):   # sums of 0/1-selected table entries: exact on each limb
-        return AuthShared(R.sum_(table.value * pick, -1), R.sum_(table.mac * pick, -1), 0)
-
-    lt, eq = reduce(pick_lt), reduce(pick_eq)          # shape + (CHUNKS,), low chunk first
-    while lt.value.shape[-1] > 1:
-        lo = (..., slice(0, None, 2))
-        hi = (..., slice(1, None, 2))
-        eq_hi = _part(eq, hi)
-        both = AuthShared(np.concatenate([eq_hi.value, eq_hi.value], -1),
-                          np.concatenate([eq_hi.mac, eq_hi.mac], -1), 0)
-        other = AuthShared(np.concatenate([_part(lt, lo).value, _part(eq, lo).value], -1),
-                           np.concatenate([_part(lt, lo).mac, _part(eq, lo).mac], -1), 0)
-        prod = yield from mul(ctx, both, other, "a/cmp/and")
-        half = eq_hi.value.shape[-1]
-        lt = ctx.add(_part(lt, hi), _part(prod, (..., slice(0, half))))
-        eq = _part(prod, (..., slice(half, None)))
-    borrow = _part(lt, (..., 0))
-    wrap = ctx.mul_public(r_msb, R.from_u64(np.uint64(1) - (c >> np.uint64(K - 1))))
-    bit = ctx.sub(ctx.add(ctx.mul_public(wrap, 4),
-                          ctx.add_public(ctx.mul_public(borrow, -1 % MOD),
-                                         R.from_u64(c >> np.uint64(CMP_BITS)))), r_top)
-    bit.scale = 0
-    return bit
-
-
-def relu(ctx: ActiveParty, x: AuthShared):
-    """max(x, 0) = x [x >= 0]; 6 rounds, exact (no truncation: the bit has scale 0)."""
-    bit = yield from ge_zero(ctx, x)
-    out = yield from mul(ctx, x, bit, "a/relu")
-    out.scale = x.scale
-    return out
-
-
 def _commit(data: bytes) -> tuple[bytes, bytes]:
     nonce = os.urandom(_NONCE)
     return hashlib.sha256(nonce + data).digest(), nonce
@@ -475,9 +417,9 @@ def _bytes_tensor(b: bytes) -> torch.Tensor:
 
 
 def _coefficients(seed: bytes, n: int) -> np.ndarray:
-    """n coefficients uniform in Z_2^s (ring elements), from the joint seed."""
-    stream = hashlib.shake_256(b"p2pgrid-mac-chi" + seed).digest(8 * n)
-    return R.from_u64(np.frombuffer(stream, dtype=np.uint64))
+    """n coefficients uniform in Z_2^s (uint64), from the joint seed: AES-CTR keyed by it
+    (:mod:`.prg`, stream 0; the bit openings' coefficients are stream 1)."""
+    return Prg(seed).int64((n,), stream=0).numpy().view(np.uint64)
 
 
 def mac_check(ctx: ActiveParty):
@@ -486,8 +428,9 @@ def mac_check(ctx: ActiveParty):
     1. open the dealt seed shares (the dealer committed to each, so nobody can pick its
        seed after seeing the others') and a hash of every broadcast received;
     2. chi = PRG(xor of seeds), uniform in Z_2^s; y = sum chi_j x_j (public); commit to
-       sigma_i = sum chi_j m_ij - alpha_i y (mod 2^(k+s));
-    3. open the sigmas; they must sum to 0 mod 2^(k+s).
+       sigma_i = sum chi_j m_ij - alpha_i y (mod 2^(k+s)), and to the bit openings'
+       check words (:func:`.mac_bits.sigma`, from the same joint seed);
+    3. open them; the sigmas must sum to 0 mod 2^(k+s), the bit words XOR to 0.
     """
     m = ctx.material("check")
     seed, nonce, commits = m["seed"]
@@ -510,38 +453,43 @@ def mac_check(ctx: ActiveParty):
         opened = np.concatenate([o for o, _, _ in ctx._log], 1)
         macs = np.concatenate([mc for _, _, mc in ctx._log], 1)
         chi = _coefficients(bytes(joint), opened.shape[1])
-        y = R.to_int(R.sum_(R.mul(chi, opened)))
-        m_sh = R.to_int(R.sum_(R.mul(chi, macs)))
+        y = R.to_int(R.sum_(R.mul_u64(opened, chi)))
+        m_sh = R.to_int(R.sum_(R.mul_u64(macs, chi)))
     else:
         y = m_sh = 0
     sigma = (m_sh - ctx.alpha * y) % MOD
     sig = _to_wire128(R.from_ints([sigma]))
-    digest_s, nonce_s = _commit(sig.numpy().tobytes())
+    bit_sig = torch.from_numpy(mac_bits.sigma(ctx._bit_log, bytes(joint)).view(np.int64))
+    digest_s, nonce_s = _commit(sig.numpy().tobytes() + bit_sig.numpy().tobytes())
     inbox = yield Round("a/check/commit", broadcast={"c": _bytes_tensor(digest_s)})
     theirs = {}
+    opening = {"s": sig, "b": bit_sig, "n": _bytes_tensor(nonce_s)}
     if ctx.planning:
-        yield Round("a/check/open", broadcast={"s": sig, "n": _bytes_tensor(nonce_s)})
+        yield Round("a/check/open", broadcast=opening)
         return True
     for p in ctx.others:
         c = inbox.get(p, {}).get("c")
         if c is None or c.numel() != 32:
             raise ctx.cheating(f"party {p} sent a malformed commitment")
         theirs[p] = bytes(c.tolist())
-    inbox = yield Round("a/check/open", broadcast={"s": sig, "n": _bytes_tensor(nonce_s)})
-    acc = sigma
+    inbox = yield Round("a/check/open", broadcast=opening)
+    acc, bits_acc = sigma, bit_sig.clone()
     for p in ctx.others:
         got = inbox.get(p, {})
-        s, n = got.get("s"), got.get("n")
-        if s is None or n is None or tuple(s.shape) != (1, 2) or s.dtype != torch.int64 \
-                or n.numel() != _NONCE:
+        s, b, n = got.get("s"), got.get("b"), got.get("n")
+        if s is None or b is None or n is None or tuple(s.shape) != (1, 2) \
+                or s.dtype != torch.int64 or b.shape != bit_sig.shape \
+                or b.dtype != torch.int64 or n.numel() != _NONCE:
             raise ctx.cheating(f"party {p} sent a malformed MAC opening")
-        if not hmac.compare_digest(hashlib.sha256(bytes(n.tolist()) + s.numpy().tobytes())
-                                   .digest(), theirs[p]):
+        if not hmac.compare_digest(hashlib.sha256(bytes(n.tolist()) + s.numpy().tobytes()
+                                                  + b.numpy().tobytes()).digest(), theirs[p]):
             raise ctx.cheating(f"party {p} opened another value than it committed to")
         acc += R.to_int(_from_wire128(s))
-    if acc % MOD:
+        bits_acc ^= b
+    if acc % MOD or bool(bits_acc.any()):
         raise ctx.cheating("MAC check failed")
     ctx._log.clear()
+    ctx._bit_log.clear()
     return True
 
 

@@ -48,8 +48,9 @@ def linear_forward(ctx: ActiveParty, x: AuthShared, w: AuthShared, *, train: boo
     a, b, c = ctx.auth(m["A"]), ctx.auth(m["B"]), ctx.auth(m["C"])
     o = yield from open_values(ctx, "a/linear", {"eps": ctx.sub(x, a), "delta": ctx.sub(w, b)})
     eps, delta = o["eps"], o["delta"]
-    z = ctx.add(c, ctx.add(ctx.matmul_public(b, eps, left=True), ctx.matmul_public(a, delta)))
-    z = ctx.add_public(z, R.matmul(eps, delta))
+    # x w = C + eps B + A delta + eps delta = C + eps (B + delta) + A delta (as mac.matmul)
+    z = ctx.add(c, ctx.add(ctx.matmul_public(ctx.add_public(b, delta), eps, left=True),
+                           ctx.matmul_public(a, delta)))
     z.scale = x.scale + w.scale
     saved = (eps, delta, a, b, ctx.auth(m["G"]), ctx.auth(m["D"]), ctx.auth(m["E"])) \
         if train else None
@@ -63,16 +64,16 @@ def linear_backward(ctx: ActiveParty, g: AuthShared, saved, *, grad_x: bool = Tr
     o = yield from open_values(ctx, "a/linear/back", {"gamma": ctx.sub(g, gm)})
     gamma = o["gamma"]
     eps_t = R.apply(eps, np.transpose)
-    dw = ctx.add(d, ctx.add(ctx.matmul_public(gm, eps_t, left=True),
+    # x^T g = D + eps^T G + A^T gamma + eps^T gamma = D + eps^T (G + gamma) + A^T gamma
+    dw = ctx.add(d, ctx.add(ctx.matmul_public(ctx.add_public(gm, gamma), eps_t, left=True),
                             ctx.matmul_public(_t(a), gamma)))
-    dw = ctx.add_public(dw, R.matmul(eps_t, gamma))
     dw.scale = g.scale + a.scale
     if not grad_x:
         return dw, None
     delta_t = R.apply(delta, np.transpose)
+    # g w^T = E + gamma B^T + G delta^T + gamma delta^T = E + (G + gamma) delta^T + gamma B^T
     gx = ctx.add(e, ctx.add(ctx.matmul_public(_t(b), gamma, left=True),
-                            ctx.matmul_public(gm, delta_t)))
-    gx = ctx.add_public(gx, R.matmul(gamma, delta_t))
+                            ctx.matmul_public(ctx.add_public(gm, gamma), delta_t)))
     gx.scale = g.scale + b.scale
     return dw, gx
 

@@ -34,7 +34,7 @@ import torch
 
 from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 
-from . import mac, mac_layers
+from . import mac, mac_bits, mac_compare, mac_layers
 from . import ring128 as R
 from .messages import Material, Request
 from .prg import Prg, new_seed
@@ -42,9 +42,11 @@ from .prg import Prg, new_seed
 __all__ = ["MacKey", "MaterialDealer", "deal", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
            "key_material", "AUTH_KINDS"]
 
-AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_outmask", "a_check",
-              "a_mask", "a_input", "a_linear", "a_truncmul")
-MAX_ITEM_ELEMENTS = 1 << 24        # 128-bit elements of one item (before the MAC copy)
+AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_relu", "a_outmask",
+              "a_check", "a_mask", "a_input", "a_linear", "a_truncmul")
+_CMP_KINDS = ("a_cmp", "a_relu")
+MAX_ITEM_ELEMENTS = 1 << 24        # 128-bit elements of one item (before the MAC copy;
+                                   # bit words with their MAC planes, two words each)
 
 
 @dataclass
@@ -97,9 +99,9 @@ def _auth_names(req: Request) -> list[tuple[str, tuple[int, ...]]]:
         if req.param:
             out += [("G", (m, n)), ("D", (kk, n)), ("E", (m, kk))]
         return out
-    if k == "a_cmp":
+    if k in _CMP_KINDS:
         (s,) = [_shape(x) for x in req.shapes]
-        return [("r", s), ("r_top", s), ("r_msb", s), ("r_onehot", s + (mac.CHUNKS, 16))]
+        return mac_compare.arith_shapes(s, k == "a_relu")
     if k == "a_outmask":
         (s,) = [_shape(x) for x in req.shapes]
         return [("rho", s)]
@@ -119,14 +121,26 @@ def auth_spec(req: Request, n: int) -> list[tuple[str, tuple[int, ...]]]:
         return [("alpha", (2,)), ("key", (1,))]
     if req.kind == "a_check":
         return [("seed", (4,)), ("commits", (4 * n,))]
-    names = _auth_names(req)
-    total = sum(int(np.prod(s, dtype=np.int64)) for _, s in names)
+    names, bits = _auth_names(req), _bit_names(req)
+    # bit words count with their MAC planes, two words to a 128-bit element
+    total = sum(int(np.prod(s, dtype=np.int64)) for _, s in names) + sum(
+        int(np.prod(s, dtype=np.int64)) * (1 + mac_bits.PLANES) // 2 for _, s in bits)
     if total > MAX_ITEM_ELEMENTS:
         raise BadRequest(f"an authenticated item has at most {MAX_ITEM_ELEMENTS} elements")
     out = []
     for name, s in names:
         out += [(f"{name}.v", s + (2,)), (f"{name}.m", s + (2,))]
+    for name, s in bits:                # authenticated bits: words, MAC planes, a key share
+        out += [(f"{name}.b", s), (f"{name}.bm", (mac_bits.PLANES,) + s)]
+    if req.kind in _CMP_KINDS:
+        out.append(("delta", (1,)))
     return out
+
+
+def _bit_names(req: Request) -> list[tuple[str, tuple[int, ...]]]:
+    if req.kind in _CMP_KINDS:
+        return mac_compare.bit_shapes(_shape(req.shapes[0]))
+    return []
 
 
 def to_request(key: tuple) -> Request:
@@ -144,6 +158,8 @@ def to_request(key: tuple) -> Request:
         return Request("a_truncmul", (key[1],), int(key[2]))
     if kind in ("cmp", "outmask"):
         return Request("a_" + kind, (key[1],))
+    if kind == "relu":
+        return Request("a_relu", (key[1],), int(key[2]))
     if kind == "check":
         return Request("a_check", ())
     if kind == "key":
@@ -188,10 +204,6 @@ def _clear_values(req: Request) -> dict[str, np.ndarray]:
         return mac_layers.linear_values(names["A"], names["B"], bool(req.param))
     if k == "a_truncmul":
         return mac_layers.truncmul_values(names["r"], req.param)
-    if k == "a_cmp":
-        r = R.rand(names["r"])
-        return {"r": r, "r_top": R.from_u64(r[0] >> u(mac.CMP_BITS)),
-                "r_msb": R.from_u64(r[0] >> u(mac.K - 1)), "r_onehot": mac.onehot_chunks(r[0])}
     if k == "a_outmask":
         return {"rho": R.lshift(R.rand(names["rho"], mac.S), mac.K)}
     if k in ("a_mask", "a_input"):
@@ -214,19 +226,37 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[M
         return [Material(req.kind, p, seeds[p], tuple(spec),
                          {"seed": _words(ss[p] + nonces[p]), "commits": _words(commits)})
                 for p in range(n)]
-    values = _clear_values(req)
+    if req.kind in _CMP_KINDS:
+        values, bits = mac_compare.compare_values(names_shape(req),
+                                                  req.param if req.kind == "a_relu" else None)
+    else:
+        values, bits = _clear_values(req), {}
     if clear is not None:
         clear.update(values)
     fixes: dict[str, torch.Tensor] = {}
     index = {name: i for i, (name, _) in enumerate(spec)}
+
+    def others(comp, shape):
+        return [Prg(seeds[p]).int64(shape, stream=index[comp]) for p in range(n - 1)]
+
     for name, v in values.items():
         shape = R.shape(v)
         for part, target in (("v", v), ("m", R.mul_int(v, key.alpha))):
             comp = f"{name}.{part}"
-            for p in range(n - 1):
-                target = R.sub(target, R.from_wire(
-                    Prg(seeds[p]).int64(shape + (2,), stream=index[comp])))
+            for share in others(comp, shape + (2,)):
+                target = R.sub(target, R.from_wire(share))
             fixes[comp] = R.to_wire(target)
+    if bits:                       # XOR shares: the last party's part is the rest
+        delta = mac_bits.random_key()
+        targets = {"delta": mac_bits.key_word(delta)}
+        for name, words in bits.items():
+            targets[f"{name}.b"] = words
+            targets[f"{name}.bm"] = mac_bits.mac_planes(words, delta)
+        for comp, target in targets.items():
+            target = target.clone()
+            for share in others(comp, tuple(target.shape)):
+                target ^= share
+            fixes[comp] = target
     out = [Material(req.kind, p, seeds[p], tuple(spec), fixes if p == n - 1 else {})
            for p in range(n)]
     if req.kind == "a_input":     # the input owner (harness inputs) learns its mask
@@ -291,10 +321,16 @@ class NetworkFeed:
             out["key"] = int(got["key"][0])
             return out
         for comp, t in got.items():
-            if "." not in comp:
+            if comp == "delta":                        # a key share of authenticated bits
+                out[comp] = int(t[0]) & mac_bits.MASK64
+            elif "." not in comp:
                 out[comp] = mac._from_wire(t)          # the input owner's clear mask
-        for name in {c.split(".")[0] for c in got if "." in c}:
-            out[name] = (mac._from_wire128(got[f"{name}.v"]), mac._from_wire128(got[f"{name}.m"]))
+            elif comp.endswith(".v"):
+                name = comp[:-2]
+                out[name] = (mac._from_wire128(t), mac._from_wire128(got[f"{name}.m"]))
+            elif comp.endswith(".b"):
+                name = comp[:-2]
+                out[name] = (t, got[f"{name}.bm"])
         return out
 
 

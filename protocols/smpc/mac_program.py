@@ -6,11 +6,14 @@ product truncated with dealt authenticated pairs (never locally), comparisons an
 with dealt authenticated chunk tables. Local ops (reshape, slicing, sums...) apply the
 same linear map to value and MAC shares, which keeps the MAC relation.
 
-Layers (Linear, ReLU, Flatten), MSE and SGD follow :mod:`.autograd`'s maths without
-its semi-honest fusions: forward ``z = trunc(x W) + b``, ``h = z [z >= 0]``; backward
-``dW = x^T g``, ``g <- trunc(g W^T) [z >= 0]``; the update ``W -= trunc(lr' dW)`` with
-lr' = 2 lr / N encoded with extra bits. Results leave a session only through
-:func:`.mac.open_masked` (a mask only the requester knows, then one MAC check).
+Layers (Linear, ReLU, Flatten), MSE and SGD follow :mod:`.autograd`'s maths: forward
+``z = trunc(x W) + b``, ``h = z [z >= 0]`` (the truncation, the sign test and the
+product on one opening: :func:`.mac_compare.relu`); backward ``dW = x^T g``,
+``g <- trunc(g W^T) [z >= 0]`` (one opening: :func:`.mac_layers.truncmul`); the update
+``W -= trunc(lr' dW)`` with lr' = 2 lr / N encoded with extra bits, except for a first
+Linear below a ReLU, kept wide and updated exactly as in semi-honest training
+(:func:`_wide_first`). Results leave a session only through :func:`.mac.open_masked` (a
+mask only the requester knows, then one MAC check).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ from numbers import Real
 import numpy as np
 import torch
 
-from p2pgrid.errors import BadRequest, ShapeError
+from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 
-from . import mac, mac_layers
+from . import mac, mac_compare, mac_layers
 from . import ring128 as R
+from .autograd import WIDE_BITS
 from .mac import AuthShared, MOD
 from .program import OpSpec, OPS
 from .runtime import parallel
@@ -128,7 +132,12 @@ def _matmul(ctx, a, b):
 
 
 def _ge0(ctx, d):
-    return (yield from mac.ge_zero(ctx, d))
+    return (yield from mac_compare.ge_zero(ctx, d))
+
+
+def _relu(ctx, a):
+    out, _ = yield from mac_compare.relu(ctx, a)
+    return out
 
 
 def _one_minus(ctx, bit):
@@ -213,7 +222,7 @@ ACTIVE_OPS: dict[str, OpSpec] = {
     "matmul": OpSpec(OPS["matmul"].meta, _matmul, True),
     "div": OpSpec(OPS["div"].meta, _div, True),
     "square": OpSpec(OPS["square"].meta, lambda ctx, a: _mul(ctx, a, a), True),
-    "relu": OpSpec(OPS["relu"].meta, lambda ctx, a: mac.relu(ctx, a), True),
+    "relu": OpSpec(OPS["relu"].meta, lambda ctx, a: _relu(ctx, a), True),
     "ge": OpSpec(OPS["ge"].meta, _cmp("ge"), True),
     "gt": OpSpec(OPS["gt"].meta, _cmp("gt"), True),
     "le": OpSpec(OPS["le"].meta, _cmp("le"), True),
@@ -289,15 +298,11 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
                 z = ctx.add(z, bb)
             h = z
         else:
-            if h.scale > f:       # a raw product: truncate it while testing its sign
-                h, bit = yield from parallel(_trunc_to(ctx, h, f), mac.ge_zero(ctx, h))
-            else:
-                bit = yield from mac.ge_zero(ctx, h)
+            # a raw product (scale > f) is truncated, sign-tested and multiplied by its
+            # bit on one opening (mac_compare.relu: 3 rounds)
+            h, bit = yield from mac_compare.relu(ctx, h, max(h.scale - f, 0))
             if keep is not None:
                 keep.append(("relu", bit))
-            out = yield from mac.mul(ctx, h, bit, "a/relu")
-            out.scale = h.scale
-            h = out
     return h
 
 
@@ -318,15 +323,44 @@ def _mse(ctx, g: AuthShared, n: int):
     return (yield from _trunc_to(ctx, scaled, f))
 
 
-def _down(ctx, net, saved, g: AuthShared, i: int):
+def _wide_first(net: list[list]) -> int | None:
+    """Index of the first Linear if a ReLU follows it: as in semi-honest training
+    (:data:`.autograd.WIDE_BITS`), its weight is kept at f + WIDE_BITS + (input scale)
+    fractional bits, so that x^T (lr g) is its exact update: no truncation (no opening
+    of the largest weight matrix, no round), the learning rate folded into the ReLU's
+    backward truncation. Its outputs must then stay below 2^(62 - 2f - WIDE_BITS -
+    input scale), 256 for f = 16."""
+    for i, layer in enumerate(net):
+        if layer[0] == "linear":
+            return i if i + 1 < len(net) and net[i + 1][0] == "relu" else None
+    return None
+
+
+def _rescale(ctx, p: AuthShared, scale: int):
+    """`p` at `scale` fractional bits: a local shift up (exact), or a truncation down."""
+    if p.scale < scale:
+        out = ctx.mul_public(p, 1 << (scale - p.scale))
+        out.scale = scale
+        return out
+    return (yield from _trunc_to(ctx, p, scale))
+
+
+def _down(ctx, net, saved, g: AuthShared, i: int, step: int, wide: int | None):
     """The gradient `g` (raw) through the layers below linear layer i, down to the next
     linear layer: ReLU masks (products with the saved 0/1; the first one fused with the
-    truncation: one round), reshapes, then the truncation if not done yet."""
+    truncation: one round), reshapes, then the truncation if not done yet. Above the
+    wide first layer the ReLU's truncation also applies the learning rate `step` and
+    keeps f + WIDE_BITS fractional bits."""
+    f = ctx.frac_bits
     j = i - 1
     while j >= 0 and net[j][0] != "linear":
         kind, item = saved[j]
-        if kind == "relu" and g.scale > ctx.frac_bits:
-            g = yield from mac_layers.truncmul(ctx, g, item, g.scale - ctx.frac_bits)
+        if kind == "relu" and j - 1 == wide:
+            scaled = ctx.mul_public(g, step)
+            scaled.scale = g.scale + LR_BITS
+            g = yield from mac_layers.truncmul(ctx, scaled, item, scaled.scale - f - WIDE_BITS)
+        elif kind == "relu" and g.scale > f:
+            g = yield from mac_layers.truncmul(ctx, g, item, g.scale - f)
         elif kind == "relu":
             scale = g.scale
             g = yield from mac.mul(ctx, g, item, "a/relu/back")
@@ -334,10 +368,10 @@ def _down(ctx, net, saved, g: AuthShared, i: int):
         else:
             g = _like(g, lambda v, s=item: v.reshape(s))
         j -= 1
-    return (yield from _trunc_to(ctx, g, ctx.frac_bits))
+    return (yield from _trunc_to(ctx, g, f + WIDE_BITS if j == wide else f))
 
 
-def _backward(ctx, net, saved, g: AuthShared, step: int):
+def _backward(ctx, net, saved, g: AuthShared, step: int, wide: int | None = None):
     """Backpropagate `g` and apply SGD to every linear layer, in place on `net`."""
     f = ctx.frac_bits
     i = len(net) - 1
@@ -353,6 +387,14 @@ def _backward(ctx, net, saved, g: AuthShared, step: int):
         w, b = net[i][1], net[i][2]
         below = any(layer[0] == "linear" for layer in net[:i])
         dw, gx = yield from mac_layers.linear_backward(ctx, g, saved[i][1], grad_x=below)
+        if i == wide:        # g is lr g at f + WIDE_BITS: the exact update, no truncation
+            if dw.scale != w.scale or (b is not None and g.scale != b.scale):
+                raise ProtocolError(f"first layer: update scale {dw.scale}, weight scale "
+                                    f"{w.scale}")
+            net[i][1] = ctx.sub(w, dw)
+            if b is not None:
+                net[i][2] = ctx.sub(b, _sum(ctx, g, 0))
+            break
         upd = ctx.mul_public(dw, step)
         upd.scale = dw.scale + LR_BITS
         steps = [_trunc_to(ctx, upd, f)]
@@ -361,7 +403,7 @@ def _backward(ctx, net, saved, g: AuthShared, step: int):
             ub.scale = g.scale + LR_BITS
             steps.append(_trunc_to(ctx, ub, f))
         if below:
-            steps.append(_down(ctx, net, saved, gx, i))
+            steps.append(_down(ctx, net, saved, gx, i, step, wide))
         done = yield from parallel(*steps)
         net[i][1] = ctx.sub(w, done[0])
         net[i][1].scale = f
@@ -385,6 +427,12 @@ def train_step(ctx, net: list[list], x: AuthShared, y: AuthShared, lr: float, *,
     loss is computed side by side with the backward pass."""
     if not lr > 0:
         raise BadRequest("learning rate must be positive")
+    wide = _wide_first(net)
+    if wide is not None:    # keep the first weight at f + WIDE_BITS + (input scale) bits
+        f = ctx.frac_bits
+        net[wide][1] = yield from _rescale(ctx, net[wide][1], f + WIDE_BITS + x.scale)
+        if net[wide][2] is not None:
+            net[wide][2] = yield from _rescale(ctx, net[wide][2], f + WIDE_BITS)
     saved: list = []
     pred = yield from forward(ctx, net, x, keep=saved)
     if pred.shape != y.shape:
@@ -392,8 +440,8 @@ def train_step(ctx, net: list[list], x: AuthShared, y: AuthShared, lr: float, *,
     g = ctx.sub(pred, y)                         # scale f
     step = _lr(lr * 2.0 / max(R.numel(y.value), 1))
     if with_loss:
-        _, loss = yield from parallel(_backward(ctx, net, saved, g, step),
+        _, loss = yield from parallel(_backward(ctx, net, saved, g, step, wide),
                                       _mse(ctx, g, R.numel(y.value)))
         return loss
-    yield from _backward(ctx, net, saved, g, step)
+    yield from _backward(ctx, net, saved, g, step, wide)
     return None

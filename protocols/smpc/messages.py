@@ -86,8 +86,8 @@ class RoundMessage:
 REQUEST_KINDS = ("triple", "matmul_triple", "binary_triple", "trunc_pair", "edabit", "dabit", "cmp",
                  "relu", "linear",
                  # authenticated material of active sessions (p2pgrid.protocols.smpc.mac_material)
-                 "a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_outmask", "a_check",
-                 "a_mask", "a_input", "a_linear", "a_truncmul")
+                 "a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_relu", "a_outmask",
+                 "a_check", "a_mask", "a_input", "a_linear", "a_truncmul")
 
 
 @message("smpc.request")

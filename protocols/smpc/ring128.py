@@ -9,8 +9,8 @@ pieces. Local ops that move elements (reshape, slicing, transpose, concatenation
 the same numpy function to each limb (:func:`apply`).
 
 Why not Python ints in object arrays (the first version of :mod:`.mac`): a 784x128
-matrix product cost ~10^6 interpreted multiplications per party; here it is 36 BLAS
-products on float64 in one torch matmul.
+matrix product cost ~10^6 interpreted multiplications per party; here it is the 36
+16-bit limb products that matter mod 2^128, in 8 float64 BLAS calls.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 __all__ = ["zeros", "from_ints", "to_ints", "from_u64", "from_signed", "rand", "add", "sub", "neg",
-           "mul", "mul_int", "matmul", "sum_", "rshift", "lshift", "low", "apply", "to_wire",
+           "mul", "mul_int", "mul_u64", "matmul", "sum_", "rshift", "lshift", "low", "apply", "to_wire",
            "from_wire", "shape", "numel", "to_int", "MASK64"]
 
 MASK64 = (1 << 64) - 1
@@ -89,66 +89,91 @@ def _split(c: int) -> tuple[np.uint64, np.uint64]:
     return _U(c & MASK64), _U(c >> 64)
 
 
+def _out(a, b0) -> np.ndarray:
+    """A fresh result of the broadcast shape: ops write its two words in place, as
+    out[0, ...] and out[1, ...] (views even for 0-d results, where out[0] is a scalar).
+    Stacking two temporaries instead cost about 10x the arithmetic on 10^5 elements."""
+    return np.empty((2,) + np.broadcast_shapes(a.shape[1:], np.shape(b0)), dtype=_U)
+
+
+def _words(b) -> tuple:
+    return _split(b) if isinstance(b, int) else (b[0], b[1])
+
+
 def add(a, b) -> np.ndarray:
-    if isinstance(b, int):
-        b0, b1 = _split(b)
-    else:
-        b0, b1 = b[0], b[1]
+    b0, b1 = _words(b)
+    out = _out(a, b0)
     with np.errstate(over="ignore"):
-        lo = a[0] + b0
-        hi = a[1] + b1 + (lo < a[0]).astype(_U)
-    return np.stack(np.broadcast_arrays(lo, hi))
+        np.add(a[0], b0, out=out[0, ...])
+        np.add(a[1], b1, out=out[1, ...])
+        out[1, ...] += out[0, ...] < a[0]             # the carry
+    return out
 
 
 def sub(a, b) -> np.ndarray:
-    if isinstance(b, int):
-        b0, b1 = _split(b)
-    else:
-        b0, b1 = b[0], b[1]
+    b0, b1 = _words(b)
+    out = _out(a, b0)
     with np.errstate(over="ignore"):
-        lo = a[0] - b0
-        hi = a[1] - b1 - (a[0] < b0).astype(_U)
-    return np.stack(np.broadcast_arrays(lo, hi))
+        np.subtract(a[1], b1, out=out[1, ...])
+        out[1, ...] -= a[0] < b0                      # the borrow
+        np.subtract(a[0], b0, out=out[0, ...])
+    return out
 
 
 def neg(a) -> np.ndarray:
     return sub(zeros(()), a) if a.ndim == 1 else sub(np.zeros_like(a), a)
 
 
-def _mul64(x, y):
-    """Full 128-bit products of uint64 arrays: (low, high) words."""
+def _add_high(x, y, out) -> None:
+    """out += the high words of the full 128-bit products x y (uint64, broadcasting), from
+    32-bit halves (the low words are x y itself, wrapping)."""
     x0, x1 = x & _LO32, x >> _U(32)
     y0, y1 = y & _LO32, y >> _U(32)
+    p01, p10 = x0 * y1, x1 * y0
+    mid = (x0 * y0) >> _U(32)
+    mid += p01 & _LO32
+    mid += p10 & _LO32
+    out += x1 * y1
+    out += p01 >> _U(32)
+    out += p10 >> _U(32)
+    out += mid >> _U(32)
+
+
+def _times(a, b0, b1) -> np.ndarray:
+    """a (b0 + 2^64 b1) mod 2^128 (b1 None: a 64-bit multiplier)."""
+    out = _out(a, b0)
     with np.errstate(over="ignore"):
-        p00, p01, p10, p11 = x0 * y0, x0 * y1, x1 * y0, x1 * y1
-        mid = (p00 >> _U(32)) + (p01 & _LO32) + (p10 & _LO32)
-        lo = (p00 & _LO32) | (mid << _U(32))
-        hi = p11 + (p01 >> _U(32)) + (p10 >> _U(32)) + (mid >> _U(32))
-    return lo, hi
+        np.multiply(a[0], b0, out=out[0, ...])
+        np.multiply(a[1], b0, out=out[1, ...])
+        if b1 is not None:
+            out[1, ...] += a[0] * b1
+        _add_high(a[0], b0, out[1, ...])
+    return out
 
 
 def mul(a, b) -> np.ndarray:
     """Elementwise product mod 2^128 (broadcasting)."""
     if isinstance(b, int):
         return mul_int(a, b)
-    lo, hi = _mul64(a[0], b[0])
-    with np.errstate(over="ignore"):
-        hi = hi + a[0] * b[1] + a[1] * b[0]
-    return np.stack(np.broadcast_arrays(lo, hi))
+    return _times(a, b[0], b[1])
+
+
+def mul_u64(a, c: np.ndarray) -> np.ndarray:
+    """a times uint64 values c (below 2^64: no high word to multiply), elementwise."""
+    return _times(a, c, None)
 
 
 def mul_int(a, c: int) -> np.ndarray:
     c0, c1 = _split(int(c))
-    lo, hi = _mul64(a[0], np.full(a[0].shape, c0, dtype=_U))
-    with np.errstate(over="ignore"):
-        hi = hi + a[0] * c1 + a[1] * c0
-    return np.stack([lo, hi])
+    return _times(a, c0, c1)
 
 
-def _limbs16(a) -> torch.Tensor:
-    """The 8 16-bit limbs of each element, low first, as float64: shape (8, *shape)."""
-    parts = [((w >> _U(16 * k)) & _U(0xFFFF)) for w in (a[0], a[1]) for k in range(4)]
-    return torch.from_numpy(np.stack(parts).astype(np.float64))
+def _limbs16(a, order) -> torch.Tensor:
+    """The 8 16-bit limbs of each element of a 2-d ring array as float64, in one pass:
+    a reinterpreting uint16 view of shape (2 words, rows, cols, 4 limbs) (little-endian:
+    low limb first) transposed by `order` and converted (no shift-and-mask passes)."""
+    v = np.ascontiguousarray(a).view(np.uint16).reshape(a.shape + (4,))
+    return torch.from_numpy(np.asarray(v.transpose(order), dtype=np.float64, order="C"))
 
 
 def _shifted(v: np.ndarray, bits: int) -> np.ndarray:
@@ -158,6 +183,21 @@ def _shifted(v: np.ndarray, bits: int) -> np.ndarray:
     if bits < 64:
         return np.stack([v << _U(bits), v >> _U(64 - bits)])
     return np.stack([np.zeros_like(v), v << _U(bits - 64)])
+
+
+def _combine16(t: np.ndarray) -> np.ndarray:
+    """sum_s t[s] 2^(16 s) mod 2^128 for uint64 t of shape (8, ...), carrying in place."""
+    lo, hi = t[0].copy(), np.zeros_like(t[0])
+    with np.errstate(over="ignore"):
+        for s in range(1, 8):
+            bits = 16 * s
+            if bits < 64:
+                add = t[s] << _U(bits)
+                lo += add
+                hi += (t[s] >> _U(64 - bits)) + (lo < add).astype(_U)
+            else:
+                hi += t[s] << _U(bits - 64)
+    return np.stack([lo, hi])
 
 
 def matmul(a, b) -> np.ndarray:
@@ -170,18 +210,15 @@ def matmul(a, b) -> np.ndarray:
             acc = part if acc is None else add(acc, part)
         return acc
     m, n = a.shape[1], b.shape[2]
-    # one BLAS call (torch: its thread setting, not numpy's spinning OpenBLAS pool) for
-    # all 64 limb products; the 36 with i + j < 8 matter mod 2^128
-    la = _limbs16(a).reshape(8 * m, n_inner)
-    lb = _limbs16(b).permute(1, 0, 2).reshape(n_inner, 8 * n)
-    prod = (la @ lb).view(8, m, 8, n)
-    acc = zeros((m, n))
-    for s in range(8):
-        total = prod[0, :, s, :].clone()
-        for i in range(1, s + 1):
-            total += prod[i, :, s - i, :]
-        acc = add(acc, _shifted(total.numpy().astype(_U), 16 * s))
-    return acc
+    # Limb i of a times limbs j < 8 - i of b: the 36 limb products that matter mod 2^128
+    # (not all 64), one BLAS call per limb of a (torch: its thread setting, not numpy's
+    # spinning OpenBLAS pool). Each partial sum < 2^(32 + 18 + 3): exact in float64.
+    la = _limbs16(a, (0, 3, 1, 2)).view(8, m, n_inner)            # limb i: la[i]
+    lb = _limbs16(b, (1, 0, 3, 2)).view(n_inner, 8 * n)           # limb j: columns j n..
+    total = torch.zeros(8, m, n, dtype=torch.float64)
+    for i in range(8):
+        total[i:] += (la[i] @ lb[:, :(8 - i) * n]).view(m, 8 - i, n).permute(1, 0, 2)
+    return _combine16(total.numpy().astype(_U))
 
 
 def sum_(a, axis=None, keepdims: bool = False) -> np.ndarray:

@@ -1,7 +1,8 @@
 """Attack: a party deviates from the active (MAC-checked) SMPC protocol.
 
-For each round type (input, mul, matmul, truncation, reveal) and each deviation (add 1 to
-an opened share, flip a bit, replay an old opening, a wrong MAC share, equivocation),
+For each round type (input, mul, matmul, truncation, the comparison's arithmetic opening
+and its two bit openings, reveal...) and each deviation (add 1 to an opened share, flip
+a bit, replay an old opening, a wrong MAC share, equivocation),
 every honest party must fail with CheatingDetected naming the session, every time, and
 never return a result. Semi-honest mode cannot catch this (no MACs), so the old code had
 no way to pass.
@@ -15,7 +16,7 @@ import pytest
 import torch
 
 from p2pgrid.errors import CheatingDetected
-from p2pgrid.protocols.smpc import mac, mac_layers
+from p2pgrid.protocols.smpc import mac, mac_compare, mac_layers
 
 from smpc_cheater import Cheater, catching
 
@@ -51,13 +52,21 @@ def _truncation(ctx):
 
 def _relu(ctx):
     xs, _ = yield from _inputs(ctx)
-    return (yield from mac.reveal(ctx, (yield from mac.relu(ctx, xs))))
+    out, _ = yield from mac_compare.relu(ctx, xs)
+    return (yield from mac.reveal(ctx, out))
+
+
+def _relu_truncated(ctx):
+    """A raw product's ReLU: truncation, sign test and product on one opening."""
+    xs, ws = yield from _inputs(ctx)
+    out, bit = yield from mac_compare.relu(ctx, (yield from mac.matmul(ctx, xs, ws)), 16)
+    return (yield from mac.reveal(ctx, out, bit))
 
 
 def _truncmul(ctx):
     xs, ws = yield from _inputs(ctx)
     z = yield from mac.matmul(ctx, xs, ws)
-    bit = yield from mac.ge_zero(ctx, z)
+    bit = yield from mac_compare.ge_zero(ctx, z)
     return (yield from mac.reveal(ctx, (yield from mac_layers.truncmul(ctx, z, bit, 16))))
 
 
@@ -72,7 +81,11 @@ def _layer(ctx):
 # round type -> (the round's tag, a small program that has it)
 ROUND_TYPES = {"mul": ("a/mul", _mul), "matmul": ("a/matmul", _matmul),
                "truncation": ("a/trunc", _truncation), "comparison": ("a/cmp", _relu),
-               "comparison-and": ("a/cmp/and", _relu), "relu": ("a/relu", _relu),
+               "comparison-bits-1": ("a/bit/cmp1", _relu),
+               "comparison-bits-2": ("a/bit/cmp2", _relu),
+               "relu-truncated": ("a/cmp", _relu_truncated),
+               "relu-truncated-bits-2": ("a/bit/cmp2", _relu_truncated),
+               "sign-bits-1": ("a/bit/cmp1", _truncmul),
                "reveal": ("a/reveal", _mul), "truncmul": ("a/truncmul", _truncmul),
                "linear": ("a/linear", _layer), "linear-backward": ("a/linear/back", _layer)}
 
@@ -117,6 +130,7 @@ def test_honest_runs_never_raise():
     for i in range(RUNS):
         x, w = X.double(), W.double()
         for program, want in ((_truncation, [x @ w]), (_relu, [x.clamp(min=0)]),
+                              (_relu_truncated, [(x @ w).clamp(min=0), (x @ w >= 0).double()]),
                               (_truncmul, [(x @ w).clamp(min=0)]),
                               (_layer, [x.T @ (x @ w), (x @ w) @ w.T])):
             outs = mac.run_active(N, program, session=f"honest-{i}").outputs

@@ -1,0 +1,245 @@
+"""Authenticated comparison with zero and ReLU: one arithmetic opening, two rounds of
+binary gates, an arithmetic result; 3 rounds, about 21 bytes per element (2 parties).
+
+[x >= 0] for |x| < 2^(k-2): open c = u + r (mod 2^(k+s)) with u = x + 2^(k-2) in
+[0, 2^(k-1)) and r dealt; then, as in :func:`.mac.truncate`,
+
+    [x >= 0] = u >> (k-2) = (c >> (k-2)) - [r_top] + 4 (1 - msb c) [r_msb] - [c_low < r_low]
+
+where c_low, r_low are the low k-2 bits. The borrow [c_low < r_low] is the semi-honest
+sign test's circuit (:mod:`.gates`) on authenticated bits (:mod:`.mac_bits`): the dealer
+deals binary-authenticated one-hot tables of r's 16 4-bit chunks, so each chunk's
+[c_j < r_j] and [c_j = r_j] are XORs of table bits (linear, c public); one round of
+masked 4-input gates (:data:`.gates.LEVEL1`) gives each group of 4 chunks its (LT, EQ);
+the second level (:data:`.gates.LEVEL2`) opens its inputs XOR dealt masks and, since its
+monomials are mutually exclusive, its output is their arithmetic sum: each input
+v = d XOR m = d + (1 - 2d) m with d public, so every monomial expands into public
+coefficients times dealt *arithmetic* authenticated products of the masks. No bit
+leaves the binary world except through those dealt products, so no conversion round.
+
+ReLU fuses the product into the same rounds: with P, q public after the opening,
+trunc(x, f) = P + q [r_msb] - [r_hi] (f = 0: x itself, mod 2^k) and the bit is
+b0 + sum_j beta_j [R_j] over dealt R = (r_msb, r_top, mask products), so
+trunc(x) [x >= 0] needs only dealt products [r_msb R_j], [r_hi R_j]: linear once c and
+the gate openings are public. A product followed by a ReLU is thus truncated, sign-tested
+and multiplied on one opening of the raw product.
+
+Every opening is checked by the session's MAC check (arithmetic c, binary gate inputs);
+every dealt value is authenticated (the bits under a fresh per-item key Delta).
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+
+import numpy as np
+import torch
+
+from p2pgrid.errors import BadRequest
+
+from . import ring128 as R
+from .gates import LEVEL1, LEVEL2, lt_eq_codes, n_words, slice_bits, unslice_bits
+from .mac import K, ActiveParty, AuthShared, open_values
+from .mac_bits import PLANES, AuthBits, key_planes, open_bits, random_words
+
+__all__ = ["CMP_BITS", "CHUNKS", "ge_zero", "relu", "compare_values", "arith_shapes",
+           "bit_shapes", "chunks_of"]
+
+CMP_BITS = K - 2
+CHUNKS = 16          # 4-bit chunks of the low CMP_BITS bits (the top one has 2 bits)
+_G2 = LEVEL2.n_bits  # the second level's masks and their products, dealt arithmetic too
+_RIGHT = 2 + _G2     # the bit's dealt terms: r_msb, r_top, level-2 mask products
+
+
+def _chunk_mask(j: int) -> int:
+    return (1 << min(4, CMP_BITS - 4 * j)) - 1
+
+
+def chunks_of(low: np.ndarray) -> np.ndarray:
+    """The 4-bit chunks of the low CMP_BITS bits (uint64, last axis CHUNKS, low first)."""
+    return np.stack([(low >> np.uint64(4 * j)) & np.uint64(_chunk_mask(j))
+                     for j in range(CHUNKS)], -1)
+
+
+# ---------------------------------------------------------------- material
+
+def arith_shapes(shape, relu: bool) -> list[tuple[str, tuple[int, ...]]]:
+    """The arithmetic authenticated values of a comparison item (relu: with the product)."""
+    s = tuple(shape)
+    out = [("r", s), ("r_top", s), ("r_msb", s), ("m2", (_G2,) + s)]
+    if relu:
+        out += [("r_hi", s), ("x", (2, _RIGHT) + s)]
+    return out
+
+
+def bit_shapes(shape) -> list[tuple[str, tuple[int, ...]]]:
+    """The binary authenticated words of a comparison item (MAC planes not counted)."""
+    n = int(np.prod(tuple(shape), dtype=np.int64))
+    w = n_words(n)
+    return [("tables", (n, 4)), ("g1", (LEVEL1.n_bits, 4, w)), ("g2", (LEVEL2.n_inputs, w))]
+
+
+def compare_values(shape, bits: int | None
+                   ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+    """The clear values of one comparison item: arithmetic ones (ring arrays) and binary
+    words (gate masks from the OS CSPRNG). `bits` is None for a sign test, else the
+    truncation of the ReLU's operand."""
+    shape = tuple(shape)
+    if bits is not None and not 0 <= bits < CMP_BITS:
+        raise BadRequest("truncation bits out of range")
+    n = int(np.prod(shape, dtype=np.int64))
+    w = n_words(n)
+    r = R.rand(shape)               # the low k bits mask, the high ones hide carries
+    low = r[0].reshape(-1)
+    onehot = np.uint64(1) << chunks_of(low)                             # (n, 16) fields
+    tables = (onehot.reshape(n, 4, 4) << (np.arange(4, dtype=np.uint64) * np.uint64(16))
+              ).sum(-1, dtype=np.uint64)
+    g2 = LEVEL2.deal(random_words((LEVEL2.n_inputs, w)))           # (_G2, w)
+    m2 = unslice_bits(g2, n).numpy().astype(np.uint64).reshape((_G2,) + shape)
+    arith = {"r": r, "r_top": R.from_u64(r[0] >> np.uint64(CMP_BITS)),
+             "r_msb": R.from_u64(r[0] >> np.uint64(K - 1)), "m2": R.from_u64(m2)}
+    binary = {"tables": torch.from_numpy(tables.view(np.int64)),
+              "g1": LEVEL1.deal(random_words((LEVEL1.n_inputs, 4, w))),
+              "g2": g2[:LEVEL2.n_inputs].clone()}
+    if bits is not None:
+        r_hi = R.from_u64(r[0] >> np.uint64(bits))
+        right = np.concatenate([arith["r_msb"][:, None], arith["r_top"][:, None],
+                                arith["m2"]], 1)
+        arith["r_hi"] = r_hi
+        arith["x"] = np.stack([R.mul(arith["r_msb"][:, None], right),
+                               R.mul(r_hi[:, None], right)], 1)
+    return arith, binary
+
+
+# ---------------------------------------------------------------- the protocol
+
+def _terms(gate):
+    """(public d indices, mask subset, its position or None) of every term of the
+    gate's first output: each monomial expanded over the subsets of its masks."""
+    for mono in gate.outputs[0]:
+        for k in range(len(mono) + 1):
+            for sub in combinations(mono, k):
+                rest = tuple(i for i in mono if i not in sub)
+                yield rest, sub, (gate.position(sub) if sub else None)
+
+
+_LEVEL2_TERMS = tuple(_terms(LEVEL2))
+
+
+def _bits(codes: np.ndarray, bit: int) -> torch.Tensor:
+    """Bit `bit` of per-chunk codes (..., n, CHUNKS), bit-sliced: (..., CHUNKS, W)."""
+    b = torch.from_numpy(((codes >> bit) & 1).astype(np.int64))
+    return slice_bits(b.transpose(-1, -2).contiguous())
+
+
+def _level1_inputs(lt: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
+    """(..., CHUNKS, W) lt and eq -> (..., 8, 4, W): input i of group g is chunk 4 g + i."""
+    def grouped(t):
+        return t.reshape(t.shape[:-2] + (4, 4, t.shape[-1])).transpose(-3, -2)
+    return torch.cat([grouped(lt), grouped(eq)], -3)
+
+
+def _weighted(coef: np.ndarray, x: AuthShared) -> AuthShared:
+    """sum_j coef_j x_j over the first logical axis (coef: int64, public)."""
+    c = R.from_signed(coef)
+    return AuthShared(R.sum_(R.mul(c, x.value), 0), R.sum_(R.mul(c, x.mac), 0), 0)
+
+
+def _level1(ctx: ActiveParty, m: dict, c: np.ndarray, key: int):
+    """Each chunk's (lt, eq) from the one-hot tables (XORs of table bits, c public), then
+    the 4 first-level gates per element: one round of bit openings. Returns the gates'
+    outputs as authenticated bits, LT (4, W) and EQ (4, W) per group."""
+    u = chunks_of(c.reshape(-1))                                       # (n, 16)
+    tv, tm = m["tables"]
+    codes_v = lt_eq_codes(tv.numpy().view(np.uint16), u)
+    codes_m = lt_eq_codes(tm.numpy().view(np.uint16), u[None])         # every MAC plane
+    inputs = AuthBits(_level1_inputs(_bits(codes_v, 1), _bits(codes_v, 0)),
+                      _level1_inputs(_bits(codes_m, 1), _bits(codes_m, 0)), key)
+    g1v, g1m = m["g1"]
+    masks = AuthBits(g1v[:LEVEL1.n_inputs], g1m[:, :LEVEL1.n_inputs], key)
+    d = (yield from open_bits(ctx, "a/bit/cmp1", {"d": inputs ^ masks}))["d"]
+    lt_v, eq_v = LEVEL1.evaluate(d, g1v, ctx.party == 0)
+    lt_m, eq_m = LEVEL1.evaluate(d, g1m.transpose(0, 1), False,
+                                 one=key_planes(key).view(PLANES, 1, 1))
+    return AuthBits(lt_v, lt_m, key), AuthBits(eq_v, eq_m, key)
+
+
+def _level2(ctx: ActiveParty, m: dict, lt: AuthBits, eq: AuthBits, n: int):
+    """The second-level gate, its inputs opened as bits (one round) and its output
+    expanded in arithmetic: the borrow as k0 + sum_pos k[pos] [m2_pos], public k."""
+    inputs = AuthBits(torch.cat([lt.value, eq.value[1:]]), torch.cat([lt.mac, eq.mac[:, 1:]], 1),
+                      lt.key)
+    g2v, g2m = m["g2"]
+    d = (yield from open_bits(ctx, "a/bit/cmp2", {"d": inputs ^ AuthBits(g2v, g2m, lt.key)}))["d"]
+    d = unslice_bits(d, n).numpy()                                     # (7, n) 0/1
+    k0, k = np.zeros(n, np.int64), np.zeros((_G2, n), np.int64)
+    for rest, sub, pos in _LEVEL2_TERMS:    # d's outside the subset, (1 - 2d)'s inside it
+        term = np.ones(n, np.int64)
+        for i in rest:
+            term = term * d[i]
+        for i in sub:
+            term = term * (1 - 2 * d[i])
+        if pos is None:
+            k0 += term
+        else:
+            k[pos] += term
+    return k0, k
+
+
+def _stacked(m: dict, names, shape) -> AuthShared:
+    """Dealt values side by side along a new first logical axis."""
+    parts = [v if v[0].ndim == len(shape) + 2 else (v[0][:, None], v[1][:, None])
+             for v in (m[nm] for nm in names)]
+    return AuthShared(np.concatenate([p[0] for p in parts], 1),
+                      np.concatenate([p[1] for p in parts], 1), 0)
+
+
+def _compare(ctx: ActiveParty, x: AuthShared, bits: int | None):
+    """The rounds both entry points share: returns [x >= 0] and, for a ReLU, the
+    product with trunc(x, bits)."""
+    shape = x.shape
+    n = int(np.prod(shape, dtype=np.int64))
+    m = ctx.material("cmp", shape) if bits is None else ctx.material("relu", shape, bits)
+    off = 1 << CMP_BITS
+    o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, ctx.auth(m["r"])),
+                                                                   off)})
+    c = o["c"][0]                                          # its low k bits
+    lt, eq = yield from _level1(ctx, m, c, m["delta"])
+    k0, k = yield from _level2(ctx, m, lt, eq, n)
+
+    # [x >= 0] = b0 + sum_j beta_j [R_j], R = (r_msb, r_top, level-2 mask products)
+    msb_c = (c >> np.uint64(K - 1)).astype(np.int64).reshape(-1)
+    beta = np.concatenate([(4 * (1 - msb_c))[None], -np.ones((1, n), np.int64), -k])
+    beta = beta.reshape((_RIGHT,) + shape)
+    b0 = ((c >> np.uint64(CMP_BITS)).astype(np.int64).reshape(-1) - k0).reshape(shape)
+    bit = ctx.add_public(_weighted(beta, _stacked(m, ("r_msb", "r_top", "m2"), shape)),
+                         R.from_signed(b0))
+    bit.scale = 0
+    if bits is None:
+        return bit, None
+
+    # trunc(x) = P + q [r_msb] - [r_hi], times the bit: linear in dealt [r_msb R_j], [r_hi R_j]
+    with np.errstate(over="ignore"):
+        p = R.from_u64((c >> np.uint64(bits)) - np.uint64(off >> bits))
+    q = R.mul_int(R.from_u64(np.uint64(1) - (c >> np.uint64(K - 1))), 1 << (K - bits))
+    xv, xm = m["x"]
+    cross = ctx.sub(ctx.mul_public(AuthShared(xv[:, 0], xm[:, 0]), q[:, None]),
+                    AuthShared(xv[:, 1], xm[:, 1]))                # q [r_msb R] - [r_hi R]
+    t_mask = ctx.sub(ctx.mul_public(ctx.auth(m["r_msb"]), q), ctx.auth(m["r_hi"]))
+    out = ctx.add(ctx.add(ctx.mul_public(bit, p), ctx.mul_public(t_mask, R.from_signed(b0))),
+                  _weighted(beta, cross))
+    out.scale = x.scale - bits
+    return bit, out
+
+
+def ge_zero(ctx: ActiveParty, x: AuthShared):
+    """[x >= 0] as an authenticated 0/1 (scale 0), exact for |x| < 2^(k-2); 3 rounds."""
+    bit, _ = yield from _compare(ctx, x, None)
+    return bit
+
+
+def relu(ctx: ActiveParty, x: AuthShared, bits: int = 0):
+    """(trunc(x, bits) [x >= 0], [x >= 0]) in 3 rounds: max(x, 0) for bits = 0, a raw
+    product's truncated ReLU otherwise (the sign of the raw product is the same)."""
+    bit, out = yield from _compare(ctx, x, bits)
+    return out, bit
