@@ -157,3 +157,20 @@ def test_mul_property_local_truncation(values):
     x = torch.round(torch.tensor(values, dtype=torch.float64) * 2 ** 16) / 2 ** 16
     got, _ = run_op(2, mul, x, x.flip(0), config=SmpcConfig(truncation="local"))
     assert (got - x * x.flip(0)).abs().max() <= 1.5 * 2 ** -16
+
+
+def test_plan_signature_ignores_which_rows_a_slice_takes_not_how_many():
+    from p2pgrid.protocols.smpc.program import plan_signature, signature
+
+    def batch(a, b):
+        return {"nodes": [{"op": "leaf", "id": "x"},
+                          {"op": "getitem", "args": [{"$": 0}, {"slice": [a, b, None]}]},
+                          {"op": "leaf", "id": "w"},
+                          {"op": "matmul", "args": [{"$": 1}, {"$": 2}]}],
+                "outputs": [3]}
+
+    leaves = {"x": ((20, 6), 16), "w": ((6, 3), 16)}
+    assert signature(batch(0, 8), leaves) != signature(batch(8, 16), leaves)
+    assert plan_signature(batch(0, 8), leaves) == plan_signature(batch(8, 16), leaves)
+    assert plan_signature(batch(0, 8), leaves) != plan_signature(batch(16, 24), leaves)  # 4 rows
+    assert plan_signature(batch(0, 8), leaves) != plan_signature(batch(0, 8), leaves, ("x",))

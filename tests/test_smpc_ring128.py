@@ -40,6 +40,25 @@ def test_matmul_and_sums_are_exact(m, k, n):
     assert R.to_int(R.sum_(a)) == int(R.to_ints(a).sum()) % MOD
 
 
+@pytest.mark.parametrize("k", [1, 8, 85, 86, 784, 4681, 4682])
+@pytest.mark.parametrize("fill", ["random", "all ones"])
+def test_matmul_is_exact_at_each_limb_width_bound(k, fill):
+    """Each limb width (22, 19, 16 bits) up to the largest inner dimension it is chosen
+    for, and just past it, with every limb at its largest value ("all ones": 2^128 - 1)."""
+    if fill == "random":
+        a, b = R.rand((3, k)), R.rand((k, 4))
+    else:
+        a, b = (np.full((2, *s), np.uint64(2 ** 64 - 1)) for s in ((3, k), (k, 4)))
+    assert np.all(R.to_ints(R.matmul(a, b)) == R.to_ints(a).dot(R.to_ints(b)) % MOD)
+
+
+def test_limb_widths_by_inner_dimension():
+    assert [R._limb_plan(k) for k in (1, 85, 86, 4681, 4682, 1 << 18)] == [
+        (6, 22), (6, 22), (7, 19), (7, 19), (8, 16), (8, 16)]
+    with pytest.raises(ValueError):
+        R._limb_plan(1 << 19)
+
+
 def test_signed_lifts_and_ints():
     v = torch.tensor([0, 1, -1, 2 ** 62, -(2 ** 63)], dtype=torch.int64)
     assert [int(x) for x in R.to_ints(R.from_signed(v))] == [int(x) % MOD for x in v.tolist()]

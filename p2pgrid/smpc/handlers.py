@@ -24,7 +24,7 @@ from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
 from p2pgrid.protocols.smpc.prg import Prg, new_seed
 import p2pgrid.protocols.smpc.autograd as autograd
 from p2pgrid.protocols.smpc.messages import RoundMessage
-from p2pgrid.protocols.smpc.program import infer, leaf_ids, run_program, signature
+from p2pgrid.protocols.smpc.program import infer, leaf_ids, plan_signature, run_program
 
 from . import active, active_sessions
 
@@ -397,8 +397,8 @@ async def run(peer, caller, msg: RunProgram):
         rules = [dataclasses.replace(r, aggregate=kept_aggregate(msg.program, i, leaves, dep,
                                                                  caller.name))
                  for i, (r, dep) in enumerate(zip(rules, deps))]
-        sig = signature(msg.program, {i: (tuple(e.share.shape), e.scale) for i, e in leaves.items()},
-                        (group.n, group.frac_bits, msg.truncation))
+        sig = plan_signature(msg.program, _scaled_shapes(leaves),
+                            (group.n, group.frac_bits, msg.truncation))
         return leaves, rules, sig
 
     state, group, party, (leaves, rules, sig) = await _start(peer, caller, msg, check)
@@ -477,6 +477,10 @@ def _model(state, group, id_) -> ModelRecord:
     return m
 
 
+def _scaled_shapes(leaves: dict[str, Entry]) -> dict[str, tuple]:
+    return {i: (tuple(e.share.shape), e.scale) for i, e in leaves.items()}
+
+
 def _param_shapes(state, model: ModelRecord) -> dict[str, Entry]:
     return {i: state.entry(i, model.group) for i in model.param_ids()}
 
@@ -502,9 +506,9 @@ async def train(peer, caller, msg: TrainStep):
         rules = ShareRules.derived([e.rules for e in params.values()]
                                    + [e.rules for e in leaves.values()], model.owner,
                                    aggregate_rows=rows)
-        sig = signature(msg.program, {i: (tuple(e.share.shape), e.scale) for i, e in leaves.items()},
-                        ("train", group.n, group.frac_bits, msg.lr, msg.want_loss,
-                         repr(model.layers), [tuple(e.share.shape) for e in params.values()]))
+        sig = plan_signature(msg.program, _scaled_shapes(leaves),
+                            ("train", group.n, group.frac_bits, msg.lr, msg.want_loss,
+                             repr(model.layers), [tuple(e.share.shape) for e in params.values()]))
         return model, params, leaves, rules, sig
 
     state, group, party, (model, params, leaves, rules, sig) = await _start(peer, caller, msg, check)
@@ -588,9 +592,9 @@ async def _predict(peer, caller, msg: Predict):
         if not msg.keep and not input_rules.allows("reveal", caller.name):
             raise PermissionDenied(f"{caller.name} may not reconstruct a prediction on data it "
                                    "may not reconstruct")
-        sig = signature(msg.program, {i: (tuple(e.share.shape), e.scale) for i, e in leaves.items()},
-                        ("predict", group.n, group.frac_bits, repr(model.layers),
-                         [tuple(e.share.shape) for e in params.values()]))
+        sig = plan_signature(msg.program, _scaled_shapes(leaves),
+                            ("predict", group.n, group.frac_bits, repr(model.layers),
+                             [tuple(e.share.shape) for e in params.values()]))
         # the model's users may reconstruct its outputs on their own inputs; the model acts
         # row by row with fixed weights, so an output kept shared may be reduced over its
         # records later by holders of the aggregate right, if its input is one row per record

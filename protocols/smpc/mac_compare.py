@@ -128,8 +128,8 @@ _LEVEL2_TERMS = tuple(_terms(LEVEL2))
 
 def _bits(codes: np.ndarray, bit: int) -> torch.Tensor:
     """Bit `bit` of per-chunk codes (..., n, CHUNKS), bit-sliced: (..., CHUNKS, W)."""
-    b = torch.from_numpy(((codes >> bit) & 1).astype(np.int64))
-    return slice_bits(b.transpose(-1, -2).contiguous())
+    b = np.ascontiguousarray(np.swapaxes((codes >> np.uint8(bit)) & np.uint8(1), -1, -2))
+    return slice_bits(torch.from_numpy(b))             # uint8 throughout (64 MAC planes)
 
 
 def _level1_inputs(lt: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:

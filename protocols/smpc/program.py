@@ -35,7 +35,7 @@ from .messages import Round
 from .runtime import PartyContext, Protocol
 from .sharing import Shared, cat, stack
 
-__all__ = ["OPS", "infer", "run_program", "signature", "MAX_NODES", "decode_arg"]
+__all__ = ["OPS", "infer", "run_program", "signature", "plan_signature", "MAX_NODES", "decode_arg"]
 
 MAX_NODES = 1024
 MAX_CONST_ELEMENTS = 1 << 20
@@ -259,6 +259,15 @@ def infer(program, leaf_shapes: Mapping[str, tuple]) -> list[torch.Size]:
 
 
 def _infer(program, leaf_shapes: Mapping[str, tuple]) -> list[torch.Size]:
+    metas, outputs = _metas(program, leaf_shapes)
+    for i in outputs:
+        if not isinstance(metas[i], torch.Tensor):
+            raise BadRequest(f"program output {i} is not a tensor")
+    return [metas[i].shape for i in outputs]
+
+
+def _metas(program, leaf_shapes: Mapping[str, tuple]) -> tuple[list[Any], list[int]]:
+    """Every node's value on meta tensors (shapes only) and the output indices."""
     nodes, outputs = _nodes(program)
     metas: list[Any] = []
     for i, n in enumerate(nodes):
@@ -279,10 +288,7 @@ def _infer(program, leaf_shapes: Mapping[str, tuple]) -> list[torch.Size]:
         if isinstance(metas[-1], torch.Tensor) and metas[-1].numel() > MAX_ELEMENTS:
             raise BadRequest(f"node {i} ({n['op']}) would have {metas[-1].numel()} elements; "
                              f"at most {MAX_ELEMENTS}")
-    for i in outputs:
-        if not isinstance(metas[i], torch.Tensor):
-            raise BadRequest(f"program output {i} is not a tensor")
-    return [metas[i].shape for i in outputs]
+    return metas, outputs
 
 
 def _to_meta(v):
@@ -294,14 +300,31 @@ def _to_meta(v):
 
 
 def signature(program, leaf_shapes: Mapping[str, tuple], extra=()) -> str:
-    """A hash of the program's structure and shapes (not its constants' values, not leaf ids):
-    programs with equal signatures consume the same dealer material."""
+    """A hash of the program's structure and shapes (not its tensor constants' values, not
+    leaf ids): programs with equal signatures consume the same dealer material."""
+    return _signature(program, leaf_shapes, extra, None)
+
+
+def plan_signature(program, leaves: Mapping[str, tuple], extra=()) -> str:
+    """:func:`signature` with slice bounds left out and every node's shape put in:
+    the key of a session's plan (its dealer requests). `leaves` maps leaf ids to
+    (shape, scale). Which rows a slice takes moves no material, only how many it takes
+    (its node's shape) does, so the batches x[0:8], x[8:16], ... of a training loop share
+    one plan: an active plan is a full dry run of the session, as costly as the session."""
+    metas, _ = _metas(program, {i: s for i, (s, _) in leaves.items()})
+    shapes = [list(m.shape) if isinstance(m, torch.Tensor) else None for m in metas]
+    return _signature(program, leaves, (list(extra), shapes), "slice")
+
+
+def _signature(program, leaf_shapes: Mapping[str, tuple], extra, blank: str | None) -> str:
     nodes, outputs = _nodes(program)
     ids: dict[str, int] = {}
 
     def norm(v):
         if isinstance(v, torch.Tensor):
             return ["T", list(v.shape), str(v.dtype)]
+        if blank is not None and isinstance(v, Mapping) and set(v) == {blank}:
+            return blank
         if isinstance(v, Mapping):
             return {str(k): norm(x) for k, x in sorted(v.items())}
         if isinstance(v, (list, tuple)):

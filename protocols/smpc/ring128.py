@@ -3,14 +3,14 @@
 An element array of logical shape S is a numpy ``uint64`` array of shape ``(2, *S)``:
 ``a[0]`` the low 64 bits, ``a[1]`` the high 64 bits. Every operation is exact mod
 2^128 and runs in numpy: additions carry with a comparison, products split into 32-bit
-halves, matrix products go through 16-bit limbs in float64 BLAS (each partial product
-< 2^32, each dot product of up to 2^18 terms < 2^53: exact), sums split into 32-bit
-pieces. Local ops that move elements (reshape, slicing, transpose, concatenation) apply
+halves, matrix products go through 22-, 19- or 16-bit limbs in float64 BLAS, the widest
+whose dot products stay below 2^53 (exact) for the inner dimension, sums split into
+32-bit pieces. Local ops that move elements (reshape, slicing, transpose, concatenation) apply
 the same numpy function to each limb (:func:`apply`).
 
 Why not Python ints in object arrays (the first version of :mod:`.mac`): a 784x128
-matrix product cost ~10^6 interpreted multiplications per party; here it is the 36
-16-bit limb products that matter mod 2^128, in 8 float64 BLAS calls.
+matrix product cost ~10^6 interpreted multiplications per party; here it is the 21 to
+36 limb products that matter mod 2^128, in 6 to 8 float64 BLAS calls.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ __all__ = ["zeros", "from_ints", "to_ints", "from_u64", "from_signed", "rand", "
 MASK64 = (1 << 64) - 1
 _U = np.uint64
 _LO32 = _U(0xFFFFFFFF)
+_EXACT = 1 << 53              # float64 holds every integer below this
 _MAX_INNER = 1 << 18          # dot-product length that keeps 16-bit limb sums exact in float64
 
 
@@ -168,12 +169,33 @@ def mul_int(a, c: int) -> np.ndarray:
     return _times(a, c0, c1)
 
 
-def _limbs16(a, order) -> torch.Tensor:
-    """The 8 16-bit limbs of each element of a 2-d ring array as float64, in one pass:
-    a reinterpreting uint16 view of shape (2 words, rows, cols, 4 limbs) (little-endian:
-    low limb first) transposed by `order` and converted (no shift-and-mask passes)."""
-    v = np.ascontiguousarray(a).view(np.uint16).reshape(a.shape + (4,))
-    return torch.from_numpy(np.asarray(v.transpose(order), dtype=np.float64, order="C"))
+def _limb_plan(n_inner: int) -> tuple[int, int]:
+    """(limbs L, bits b) for a product of inner dimension `n_inner`: the fewest limbs
+    (b = ceil(128 / L) bits each) whose sums stay exact in float64. Output limb s sums the
+    products of limbs i + j = s (at most L pairs), each a dot product of `n_inner` terms
+    below 2^(2b): exact while L n_inner (2^b - 1)^2 < 2^53. L = 6 (22 bits, 21 products)
+    up to 85 terms, L = 7 (19 bits, 28 products) up to 4681, else L = 8 (16 bits, 36)."""
+    for limbs in (6, 7, 8):
+        bits = -(-128 // limbs)
+        if limbs * n_inner * ((1 << bits) - 1) ** 2 < _EXACT:
+            return limbs, bits
+    raise ValueError(f"inner dimension {n_inner}: split it (matmul splits at {_MAX_INNER})")
+
+
+def _limbs(a: np.ndarray, limbs: int, bits: int) -> np.ndarray:
+    """The `limbs` b-bit limbs of a ring array, low first: shape (limbs, *logical shape),
+    uint64 (the last limb holds the 128 - (limbs - 1) b top bits)."""
+    out = np.empty((limbs,) + a.shape[1:], dtype=_U)
+    mask = _U((1 << bits) - 1)
+    for t in range(limbs):
+        lo = t * bits
+        if lo + bits <= 64:
+            np.bitwise_and(a[0] >> _U(lo), mask, out=out[t])
+        elif lo < 64:                                  # straddles the two words
+            np.bitwise_and((a[0] >> _U(lo)) | (a[1] << _U(64 - lo)), mask, out=out[t])
+        else:
+            np.bitwise_and(a[1] >> _U(lo - 64), mask, out=out[t])
+    return out
 
 
 def _shifted(v: np.ndarray, bits: int) -> np.ndarray:
@@ -185,23 +207,24 @@ def _shifted(v: np.ndarray, bits: int) -> np.ndarray:
     return np.stack([np.zeros_like(v), v << _U(bits - 64)])
 
 
-def _combine16(t: np.ndarray) -> np.ndarray:
-    """sum_s t[s] 2^(16 s) mod 2^128 for uint64 t of shape (8, ...), carrying in place."""
+def _combine(t: np.ndarray, bits: int) -> np.ndarray:
+    """sum_s t[s] 2^(bits s) mod 2^128 for uint64 t of shape (L, ...), carrying."""
     lo, hi = t[0].copy(), np.zeros_like(t[0])
     with np.errstate(over="ignore"):
-        for s in range(1, 8):
-            bits = 16 * s
-            if bits < 64:
-                add = t[s] << _U(bits)
+        for s in range(1, len(t)):
+            sh = bits * s
+            if sh < 64:
+                add = t[s] << _U(sh)
                 lo += add
-                hi += (t[s] >> _U(64 - bits)) + (lo < add).astype(_U)
+                hi += (t[s] >> _U(64 - sh)) + (lo < add)
             else:
-                hi += t[s] << _U(bits - 64)
+                hi += t[s] << _U(sh - 64)
     return np.stack([lo, hi])
 
 
 def matmul(a, b) -> np.ndarray:
-    """Matrix product mod 2^128 of 2-d ring arrays (float64 BLAS on 16-bit limbs)."""
+    """Matrix product mod 2^128 of 2-d ring arrays: float64 BLAS on b-bit limbs, b by
+    the inner dimension (:func:`_limb_plan`)."""
     n_inner = a.shape[-1]
     if n_inner > _MAX_INNER:
         acc = None
@@ -210,15 +233,19 @@ def matmul(a, b) -> np.ndarray:
             acc = part if acc is None else add(acc, part)
         return acc
     m, n = a.shape[1], b.shape[2]
-    # Limb i of a times limbs j < 8 - i of b: the 36 limb products that matter mod 2^128
-    # (not all 64), one BLAS call per limb of a (torch: its thread setting, not numpy's
-    # spinning OpenBLAS pool). Each partial sum < 2^(32 + 18 + 3): exact in float64.
-    la = _limbs16(a, (0, 3, 1, 2)).view(8, m, n_inner)            # limb i: la[i]
-    lb = _limbs16(b, (1, 0, 3, 2)).view(n_inner, 8 * n)           # limb j: columns j n..
-    total = torch.zeros(8, m, n, dtype=torch.float64)
-    for i in range(8):
-        total[i:] += (la[i] @ lb[:, :(8 - i) * n]).view(m, 8 - i, n).permute(1, 0, 2)
-    return _combine16(total.numpy().astype(_U))
+    limbs, bits = _limb_plan(n_inner)
+    # Output limb s = sum_{i+j=s} A_i B_j (only s < L matters mod 2^128: L(L+1)/2 limb
+    # products, not L^2) is one BLAS call: the rows of [A_0 .. A_s] (a's limbs side by side,
+    # a prefix of la's rows) times [B_s; ..; B_0] stacked (a suffix of lb, limbs reversed).
+    # Each is a dot product of (s + 1) n_inner terms below 2^(2 bits): exact (_limb_plan).
+    la = torch.from_numpy(np.ascontiguousarray(
+        _limbs(a, limbs, bits).transpose(1, 0, 2), dtype=np.float64)).view(m, limbs * n_inner)
+    lb = torch.from_numpy(np.ascontiguousarray(
+        _limbs(b, limbs, bits)[::-1], dtype=np.float64)).view(limbs * n_inner, n)
+    total = torch.empty(limbs, m, n, dtype=torch.float64)
+    for s in range(limbs):
+        torch.mm(la[:, :(s + 1) * n_inner], lb[(limbs - 1 - s) * n_inner:], out=total[s])
+    return _combine(total.numpy().astype(_U), bits)
 
 
 def sum_(a, axis=None, keepdims: bool = False) -> np.ndarray:
