@@ -10,10 +10,10 @@ the caller, see :mod:`p2pgrid.bulk`) are received into memory taken from a
 :class:`Pool`, which gets it back when the last array, tensor or memoryview made from it
 is gone, and keeps it for the next body.
 
-Below :data:`MIN_SIZE`, the C allocator serves bodies, frames and socket reads, and glibc's
-defaults hand megabyte-sized blocks back to the kernel as soon as they are freed (a block
-above the mmap threshold is unmapped, a heap top over the trim threshold is trimmed), so
-the next one faults its pages in again: about 950 page faults per 1 MB reply on the
+Other blocks come from the C allocator, whose defaults hand megabyte-sized blocks back
+to the kernel as soon as they are freed (glibc: a block above the mmap threshold, 128 KiB
+at first, is unmapped; a heap top over the trim threshold is trimmed), so the next
+transfer faults their pages in again: about 950 page faults per 1 MB reply on the
 caller, 1-1.5 ms of CPU. :func:`tune_allocator` keeps them in the heap instead.
 
 What it costs: idle memory, at most :attr:`Pool.keep` bytes per process (default
@@ -49,13 +49,15 @@ import weakref
 
 import numpy as np
 
-__all__ = ["Pool", "take", "POOL", "MIN_SIZE", "KEEP", "IDLE_S", "tune_allocator", "HEAP_KEPT"]
+__all__ = ["Pool", "take", "POOL", "MIN_SIZE", "KEEP", "IDLE_S", "tune_allocator", "MMAP_FROM",
+           "HEAP_KEPT"]
 
 MIN_SIZE = 4 << 20       # smaller bodies come from the allocator (its own caches suffice)
 KEEP = 576 << 20         # idle bytes a process keeps: two 256 MB tensors' bodies and slack
 IDLE_S = 60.0            # an idle buffer unused this long is freed
 _ROUND = 1 << 20         # capacities are whole megabytes, so near sizes share buffers
-HEAP_KEPT = 32 << 20     # free memory glibc keeps at a heap's top instead of trimming it
+MMAP_FROM = 32 << 20     # blocks from this size are mapped, smaller ones come from the heap
+HEAP_KEPT = 64 << 20     # free memory glibc keeps at a heap's top instead of trimming it
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt parameters (malloc.h)
 
 
@@ -132,15 +134,20 @@ _tuned = False
 
 
 def tune_allocator() -> bool:
-    """Have glibc's malloc keep freed blocks under :data:`MIN_SIZE` in its heap (up to
+    """Have glibc's malloc keep freed blocks under :data:`MMAP_FROM` in its heap (up to
     :data:`HEAP_KEPT` free at a heap's top) rather than return them to the kernel, so that
     the next transfer's buffers are warm. Once per process; False where the C library is
     not glibc (nothing changed).
 
+    These are the values glibc's own dynamic thresholds reach once a 32 MiB block has been
+    freed (its largest mmap threshold, and twice that for trimming); set from the start,
+    they also stop a smaller freed block from lowering the trim threshold to twice its
+    size, which is what made every megabyte-sized transfer fault its pages in again.
+
     Global by necessity: the C allocator is the process's, and the buffers in question
-    are allocated inside httpcore, h2, hypercorn, the ssl module and numpy, not by us.
-    What it costs is bounded: blocks above MIN_SIZE are still mapped and unmapped (the
-    :class:`Pool` takes those), and at most HEAP_KEPT bytes stay free per heap.
+    are allocated inside httpcore, h2, hypercorn, the ssl module, numpy and torch, not by
+    us. What it costs is bounded: at most HEAP_KEPT bytes stay free per heap, as glibc
+    would keep after one 32 MiB block anyway.
     """
     global _tuned
     if _tuned:
@@ -149,7 +156,5 @@ def tune_allocator() -> bool:
         return False
     mallopt = ctypes.CDLL(None).mallopt
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # a fixed mmap threshold also ends glibc's dynamic one, which trimmed at twice the
-    # largest block freed so far
-    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, MIN_SIZE) and mallopt(_M_TRIM_THRESHOLD, HEAP_KEPT))
+    _tuned = bool(mallopt(_M_MMAP_THRESHOLD, MMAP_FROM) and mallopt(_M_TRIM_THRESHOLD, HEAP_KEPT))
     return _tuned

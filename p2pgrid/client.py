@@ -80,7 +80,7 @@ async def _encode_and_hash(msg) -> tuple:
     if len(parts) == 1:
         body = parts[0]
         return body, await trio.to_thread.run_sync(lambda: hashlib.sha256(body).hexdigest())
-    buf = np.empty(sum(len(p) for p in parts), dtype=np.uint8)
+    buf = buffers.take(sum(len(p) for p in parts))
     copied = _Progress()
 
     def copy():

@@ -34,6 +34,7 @@ import cbor2
 import numpy as np
 import torch
 
+from . import buffers
 from .errors import MalformedMessage, PayloadTooLarge
 
 __all__ = ["message", "encode", "encode_buffer", "encode_parts", "decode", "dumps", "dumps_parts", "loads",
@@ -243,14 +244,14 @@ def payload_bytes(msg) -> int:
 def encode_buffer(msg):
     """:func:`encode` into one buffer, built with one copy of each large array.
 
-    Bytes for a message without large arrays; otherwise a memoryview of a fresh
-    uint8 array, which numpy backs with huge pages: several times quicker to
-    fill than a bytes object of hundreds of MB. A snapshot, like encode().
+    Bytes for a message without large arrays; otherwise a memoryview of a uint8
+    array (warm memory from :mod:`p2pgrid.buffers` when large): several times quicker
+    to fill than a bytes object of hundreds of MB. A snapshot, like encode().
     """
     parts = encode_parts(msg)
     if len(parts) == 1:
         return parts[0]
-    buf = np.empty(sum(len(p) for p in parts), dtype=np.uint8)
+    buf = buffers.take(sum(len(p) for p in parts))   # warm memory, see p2pgrid.buffers
     at = 0
     for p in parts:
         buf[at:at + len(p)] = np.frombuffer(p, dtype=np.uint8)

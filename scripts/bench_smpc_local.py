@@ -165,6 +165,8 @@ def bench_security(args) -> dict:
                                      "rounds": res.stats.rounds,
                                      "bytes_sent_per_party": res.stats.bytes_sent,
                                      "dealer_bytes_per_party": dealer}
+            if args.by_tag:   # where the bytes go: all parties' payload per round tag
+                out[f"{name}/{mode}"]["bytes_by_tag"] = res.stats.bytes_by_tag
     if args.security == "both":
         out["active/semi-honest"] = {
             name: {"cpu": round(out[f"{name}/active"]["cpu_ms"] / out[f"{name}/semi-honest"]["cpu_ms"], 2),
@@ -187,6 +189,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--truncation", default="auto", choices=["auto", "local", "dealer"])
+    ap.add_argument("--by-tag", action="store_true",
+                    help="also report the bytes every round tag sent (all parties)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.security:

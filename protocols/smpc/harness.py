@@ -44,6 +44,7 @@ class RunStats:
     bytes_sent: list[int] = field(default_factory=list)     # payload bytes per party
     messages_sent: list[int] = field(default_factory=list)
     dealer_bytes: list[int] = field(default_factory=list)   # seeds + corrections received
+    bytes_by_tag: dict[str, int] = field(default_factory=dict)  # all parties' payload per round tag
 
     def summary(self) -> dict:
         return {"rounds": self.rounds, "bytes_sent_per_party": list(self.bytes_sent),
@@ -133,6 +134,8 @@ def run_parties(n_parties: int, party_fn: Callable[[PartyContext], Any], *,
                 if payload:
                     inboxes[q][p] = payload
                     stats.bytes_sent[p] += payload_nbytes(payload)
+                    stats.bytes_by_tag[rnd.tag] = (stats.bytes_by_tag.get(rnd.tag, 0)
+                                                   + payload_nbytes(payload))
                     stats.messages_sent[p] += 1
         state = [_advance(gens[p], inboxes[p]) for p in range(n_parties)]
     for p, (_, value) in enumerate(state):
