@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 from p2pgrid.errors import CheatingDetected
 from p2pgrid.protocols import smpc
-from p2pgrid.protocols.smpc import mac, mac_compare
+from p2pgrid.protocols.smpc import mac, mac_compare, mac_layers
 from p2pgrid.protocols.smpc.testing import run_op
 
 UNIT = 2.0 ** -16
@@ -209,6 +209,37 @@ def test_truncated_relu_matches_truncate_then_relu_and_keeps_macs(values, bits, 
     want = torch.floor(raw / 2 ** bits).clamp(min=0) / 2 ** (16 - bits)
     assert torch.equal(bit, (raw >= 0).double())
     assert (got - want).abs().max() <= 2.0 ** -(16 - bits)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.floats(-2.0 ** 10, 2.0 ** 10, allow_nan=False), min_size=1, max_size=6),
+       st.integers(1, 20), st.integers(2, 3))
+def test_relu_backward_matches_truncmul_and_keeps_macs(values, bwd, parties):
+    """A training ReLU's backward pass on the pair dealt with its forward item (one
+    opening) gives trunc(g, bwd) [x >= 0], as truncmul (two openings) does, within
+    truncation's one unit, with the MAC relation kept; the bit is the forward's."""
+    x = torch.tensor(values, dtype=torch.float64)
+    g = torch.flip(x, [0]) * 3.0
+    dealer = mac.AuthDealer(parties)
+
+    def prog(ctx):
+        xs, gs = yield from _inputs(ctx, x, g)
+        graw = ctx.mul_public(gs, 1 << bwd)          # g with bwd more fractional bits
+        graw.scale = gs.scale + bwd
+        out, bit, back = yield from mac_compare.relu_train(ctx, xs, 0, bwd)
+        gb = yield from mac_compare.relu_backward(ctx, graw, back)
+        ref = yield from mac_layers.truncmul(ctx, graw, bit, bwd)
+        return gb, (yield from mac.reveal(ctx, out, gb, ref))
+
+    res = mac.run_active(parties, prog, dealer=dealer)
+    assert _mac_holds(dealer, [o[0] for o in res.outputs])
+    out, gb, ref = res.outputs[0][1]
+    mask = (torch.round(x * 2 ** 16) >= 0).double()
+    assert res.outputs[0][0].scale == 16
+    assert torch.equal(out, x.clamp(min=0).mul(2 ** 16).round().div(2 ** 16))
+    want = torch.round(g * 2 ** 16) / 2 ** 16 * mask
+    assert (gb - want).abs().max() <= 2.0 ** -16
+    assert (ref - want).abs().max() <= 2.0 ** -16
 
 
 def _mlp_program(x, w1, w2):

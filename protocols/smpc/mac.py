@@ -187,7 +187,8 @@ class AuthDealer:
         elif kind in ("cmp", "relu"):
             from . import mac_compare   # the comparison builds on this module
             arith, bits = mac_compare.compare_values(key[1],
-                                                     key[2] if kind == "relu" else None)
+                                                     key[2] if kind == "relu" else None,
+                                                     *key[3:])
             for name, v in arith.items():
                 put(name, v)
             for p, part in enumerate(mac_bits.share_bits(bits, self.n)):

@@ -30,6 +30,7 @@ every dealt value is authenticated (the bits under a fresh per-item key Delta).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
 
 import numpy as np
@@ -42,8 +43,8 @@ from .gates import LEVEL1, LEVEL2, lt_eq_codes, n_words, slice_bits, unslice_bit
 from .mac import K, ActiveParty, AuthShared, open_values
 from .mac_bits import PLANES, AuthBits, key_planes, open_bits, random_words
 
-__all__ = ["CMP_BITS", "CHUNKS", "ge_zero", "relu", "compare_values", "arith_shapes",
-           "bit_shapes", "chunks_of"]
+__all__ = ["CMP_BITS", "CHUNKS", "ge_zero", "relu", "relu_train", "relu_backward",
+           "compare_values", "arith_shapes", "bit_shapes", "chunks_of", "ReluBack"]
 
 CMP_BITS = K - 2
 CHUNKS = 16          # 4-bit chunks of the low CMP_BITS bits (the top one has 2 bits)
@@ -63,12 +64,16 @@ def chunks_of(low: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- material
 
-def arith_shapes(shape, relu: bool) -> list[tuple[str, tuple[int, ...]]]:
-    """The arithmetic authenticated values of a comparison item (relu: with the product)."""
+def arith_shapes(shape, relu: bool, bwd: int = 0) -> list[tuple[str, tuple[int, ...]]]:
+    """The arithmetic authenticated values of a comparison item (relu: with the product;
+    bwd: with the backward pass's truncation pair s and its products with the bit's
+    dealt terms, see :func:`relu_backward`)."""
     s = tuple(shape)
     out = [("r", s), ("r_top", s), ("r_msb", s), ("m2", (_G2,) + s)]
     if relu:
         out += [("r_hi", s), ("x", (2, _RIGHT) + s)]
+    if bwd:
+        out += [("s", s), ("s_hi", s), ("s_msb", s), ("y", (2, _RIGHT) + s)]
     return out
 
 
@@ -79,14 +84,17 @@ def bit_shapes(shape) -> list[tuple[str, tuple[int, ...]]]:
     return [("tables", (n, 4)), ("g1", (LEVEL1.n_bits, 4, w)), ("g2", (LEVEL2.n_inputs, w))]
 
 
-def compare_values(shape, bits: int | None
+def compare_values(shape, bits: int | None, bwd: int = 0
                    ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """The clear values of one comparison item: arithmetic ones (ring arrays) and binary
     words (gate masks from the OS CSPRNG). `bits` is None for a sign test, else the
-    truncation of the ReLU's operand."""
+    truncation of the ReLU's operand; `bwd` (a ReLU in training), if not 0, the
+    truncation of its backward pass's gradient."""
     shape = tuple(shape)
     if bits is not None and not 0 <= bits < CMP_BITS:
         raise BadRequest("truncation bits out of range")
+    if bwd and (bits is None or not 0 < bwd < CMP_BITS):
+        raise BadRequest("backward truncation bits out of range")
     n = int(np.prod(shape, dtype=np.int64))
     w = n_words(n)
     r = R.rand(shape)               # the low k bits mask, the high ones hide carries
@@ -108,6 +116,11 @@ def compare_values(shape, bits: int | None
         arith["r_hi"] = r_hi
         arith["x"] = np.stack([R.mul(arith["r_msb"][:, None], right),
                                R.mul(r_hi[:, None], right)], 1)
+        if bwd:         # the backward pass's mask, fresh: trunc(g) [x >= 0] on one opening
+            s = R.rand(shape)
+            s_hi, s_msb = R.from_u64(s[0] >> np.uint64(bwd)), R.from_u64(s[0] >> np.uint64(K - 1))
+            arith.update(s=s, s_hi=s_hi, s_msb=s_msb,
+                         y=np.stack([R.mul(s_msb[:, None], right), R.mul(s_hi[:, None], right)], 1))
     return arith, binary
 
 
@@ -194,12 +207,17 @@ def _stacked(m: dict, names, shape) -> AuthShared:
                       np.concatenate([p[1] for p in parts], 1), 0)
 
 
-def _compare(ctx: ActiveParty, x: AuthShared, bits: int | None):
-    """The rounds both entry points share: returns [x >= 0] and, for a ReLU, the
-    product with trunc(x, bits)."""
+def _compare(ctx: ActiveParty, x: AuthShared, bits: int | None, bwd: int = 0):
+    """The rounds every entry point shares: returns [x >= 0], for a ReLU the product
+    with trunc(x, bits), and with `bwd` what :func:`relu_backward` needs."""
     shape = x.shape
     n = int(np.prod(shape, dtype=np.int64))
-    m = ctx.material("cmp", shape) if bits is None else ctx.material("relu", shape, bits)
+    if bits is None:
+        m = ctx.material("cmp", shape)
+    elif bwd:
+        m = ctx.material("relu", shape, bits, bwd)
+    else:
+        m = ctx.material("relu", shape, bits)
     off = 1 << CMP_BITS
     o = yield from open_values(ctx, "a/cmp", {"c": ctx.add_public(ctx.add(x, ctx.auth(m["r"])),
                                                                    off)})
@@ -216,30 +234,77 @@ def _compare(ctx: ActiveParty, x: AuthShared, bits: int | None):
                          R.from_signed(b0))
     bit.scale = 0
     if bits is None:
-        return bit, None
+        return bit, None, None
 
     # trunc(x) = P + q [r_msb] - [r_hi], times the bit: linear in dealt [r_msb R_j], [r_hi R_j]
+    out = _times_bit(ctx, c, bits, bit, b0, beta, m["r_msb"], m["r_hi"], m["x"])
+    out.scale = x.scale - bits
+    back = ReluBack(bwd, bit, b0, beta, {k: m[k] for k in ("s", "s_hi", "s_msb", "y")}) \
+        if bwd else None
+    return bit, out, back
+
+
+def _times_bit(ctx: ActiveParty, c: np.ndarray, bits: int, bit: AuthShared, b0: np.ndarray,
+               beta: np.ndarray, t_msb, t_hi, cross) -> AuthShared:
+    """trunc(v, bits) [bit] from the opened low word c of v + 2^(k-2) + t, with the bit
+    b0 + sum_j beta_j [R_j] and dealt [t_msb], [t_hi], cross = ([t_msb R_j], [t_hi R_j]):
+    trunc(v) = P + q [t_msb] - [t_hi] with P, q public, so the product is linear."""
+    off = 1 << CMP_BITS
     with np.errstate(over="ignore"):
         p = R.from_u64((c >> np.uint64(bits)) - np.uint64(off >> bits))
     q = R.mul_int(R.from_u64(np.uint64(1) - (c >> np.uint64(K - 1))), 1 << (K - bits))
-    xv, xm = m["x"]
+    xv, xm = cross
     cross = ctx.sub(ctx.mul_public(AuthShared(xv[:, 0], xm[:, 0]), q[:, None]),
-                    AuthShared(xv[:, 1], xm[:, 1]))                # q [r_msb R] - [r_hi R]
-    t_mask = ctx.sub(ctx.mul_public(ctx.auth(m["r_msb"]), q), ctx.auth(m["r_hi"]))
-    out = ctx.add(ctx.add(ctx.mul_public(bit, p), ctx.mul_public(t_mask, R.from_signed(b0))),
-                  _weighted(beta, cross))
-    out.scale = x.scale - bits
-    return bit, out
+                    AuthShared(xv[:, 1], xm[:, 1]))                # q [t_msb R] - [t_hi R]
+    t_mask = ctx.sub(ctx.mul_public(ctx.auth(t_msb), q), ctx.auth(t_hi))
+    return ctx.add(ctx.add(ctx.mul_public(bit, p), ctx.mul_public(t_mask, R.from_signed(b0))),
+                   _weighted(beta, cross))
+
+
+@dataclass
+class ReluBack:
+    """What a training ReLU keeps for its backward pass: the bit as b0 + sum_j beta_j
+    [R_j] (b0, beta public from the forward openings) and the dealt backward pair."""
+
+    bits: int
+    bit: AuthShared
+    b0: np.ndarray
+    beta: np.ndarray
+    m: dict
 
 
 def ge_zero(ctx: ActiveParty, x: AuthShared):
     """[x >= 0] as an authenticated 0/1 (scale 0), exact for |x| < 2^(k-2); 3 rounds."""
-    bit, _ = yield from _compare(ctx, x, None)
+    bit, _, _ = yield from _compare(ctx, x, None)
     return bit
 
 
 def relu(ctx: ActiveParty, x: AuthShared, bits: int = 0):
     """(trunc(x, bits) [x >= 0], [x >= 0]) in 3 rounds: max(x, 0) for bits = 0, a raw
     product's truncated ReLU otherwise (the sign of the raw product is the same)."""
-    bit, out = yield from _compare(ctx, x, bits)
+    bit, out, _ = yield from _compare(ctx, x, bits)
     return out, bit
+
+
+def relu_train(ctx: ActiveParty, x: AuthShared, bits: int, bwd: int):
+    """:func:`relu` in training: (out, bit, back), the item dealt with the backward
+    pass's mask, so that :func:`relu_backward` takes one opening of one element per
+    element (semi-honest's count), not two (:func:`.mac_layers.truncmul`)."""
+    bit, out, back = yield from _compare(ctx, x, bits, bwd)
+    return out, bit, back
+
+
+def relu_backward(ctx: ActiveParty, g: AuthShared, back: ReluBack):
+    """trunc(g, back.bits) [x >= 0] in one round, opening only c = g + 2^(k-2) + s (s
+    dealt uniform in Z_2^(k+s), fresh): the bit is linear in its dealt terms R_j with
+    public coefficients, and the dealer dealt [s_msb R_j], [s_hi R_j] with the forward
+    item. Exact for |g| < 2^(k-2), as :func:`.mac.truncate`."""
+    if g.shape != back.bit.shape:
+        raise BadRequest("relu_backward: the gradient's shape is not the forward's")
+    m = back.m
+    o = yield from open_values(ctx, "a/relu/grad", {"c": ctx.add_public(
+        ctx.add(g, ctx.auth(m["s"])), 1 << CMP_BITS)})
+    out = _times_bit(ctx, o["c"][0], back.bits, back.bit, back.b0, back.beta,
+                     m["s_msb"], m["s_hi"], m["y"])
+    out.scale = g.scale - back.bits
+    return out

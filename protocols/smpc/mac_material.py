@@ -101,7 +101,7 @@ def _auth_names(req: Request) -> list[tuple[str, tuple[int, ...]]]:
         return out
     if k in _CMP_KINDS:
         (s,) = [_shape(x) for x in req.shapes]
-        return mac_compare.arith_shapes(s, k == "a_relu")
+        return mac_compare.arith_shapes(s, k == "a_relu", relu_bits(req)[1])
     if k == "a_outmask":
         (s,) = [_shape(x) for x in req.shapes]
         return [("rho", s)]
@@ -111,6 +111,19 @@ def _auth_names(req: Request) -> list[tuple[str, tuple[int, ...]]]:
         (s,) = [_shape(x) for x in req.shapes]
         return [("r", s)]
     return []
+
+
+def relu_bits(req: Request) -> tuple[int | None, int]:
+    """A comparison item's (forward truncation bits or None for a sign test, backward
+    truncation bits or 0), from its param (forward + 64 backward)."""
+    if req.kind != "a_relu":
+        return None, 0
+    if not 0 <= req.param < 64 * mac_compare.CMP_BITS:
+        raise BadRequest("bad relu material parameter")
+    fwd, bwd = req.param % 64, req.param // 64
+    if fwd >= mac_compare.CMP_BITS:
+        raise BadRequest("truncation bits out of range")
+    return fwd, bwd
 
 
 def auth_spec(req: Request, n: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -158,8 +171,8 @@ def to_request(key: tuple) -> Request:
         return Request("a_truncmul", (key[1],), int(key[2]))
     if kind in ("cmp", "outmask"):
         return Request("a_" + kind, (key[1],))
-    if kind == "relu":
-        return Request("a_relu", (key[1],), int(key[2]))
+    if kind == "relu":      # forward truncation bits, backward ones (0: none) times 64
+        return Request("a_relu", (key[1],), int(key[2]) + 64 * int(key[3] if len(key) > 3 else 0))
     if kind == "check":
         return Request("a_check", ())
     if kind == "key":
@@ -227,8 +240,7 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[M
                          {"seed": _words(ss[p] + nonces[p]), "commits": _words(commits)})
                 for p in range(n)]
     if req.kind in _CMP_KINDS:
-        values, bits = mac_compare.compare_values(names_shape(req),
-                                                  req.param if req.kind == "a_relu" else None)
+        values, bits = mac_compare.compare_values(names_shape(req), *relu_bits(req))
     else:
         values, bits = _clear_values(req), {}
     if clear is not None:

@@ -266,11 +266,13 @@ def parameters(net: list[list]) -> list[AuthShared]:
 
 
 def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
-            raw_output: bool = False):
+            raw_output: bool = False, bwd: dict[int, int] | None = None):
     """The model's output; `keep` (a list, training) receives what the backward pass needs,
     one entry per layer. A product followed by a ReLU is not truncated first: the sign
     test runs on the raw product side by side with its truncation (one round saved per
-    ReLU). With `raw_output`, the last product keeps 2f fractional bits."""
+    ReLU). With `raw_output`, the last product keeps 2f fractional bits. `bwd` (training):
+    ReLU index -> the truncation its backward pass will apply, dealt with its forward
+    item (:func:`.mac_compare.relu_train`)."""
     f = ctx.frac_bits
     h = x
     last = max((i for i, layer in enumerate(net) if layer[0] == "linear"), default=-1)
@@ -300,9 +302,14 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
         else:
             # a raw product (scale > f) is truncated, sign-tested and multiplied by its
             # bit on one opening (mac_compare.relu: 3 rounds)
-            h, bit = yield from mac_compare.relu(ctx, h, max(h.scale - f, 0))
+            back_bits = (bwd or {}).get(i, 0) if keep is not None else 0
+            if back_bits:
+                h, bit, back = yield from mac_compare.relu_train(ctx, h, max(h.scale - f, 0),
+                                                                 back_bits)
+            else:
+                (h, bit), back = (yield from mac_compare.relu(ctx, h, max(h.scale - f, 0))), None
             if keep is not None:
-                keep.append(("relu", bit))
+                keep.append(("relu", (bit, back)))
     return h
 
 
@@ -345,6 +352,36 @@ def _rescale(ctx, p: AuthShared, scale: int):
     return (yield from _trunc_to(ctx, p, scale))
 
 
+def _relu_back(ctx, g: AuthShared, item, bits: int):
+    """trunc(g, bits) times a training ReLU's bit in one round: one opening per element
+    with the backward pair dealt in its forward item (when it was dealt for these bits),
+    else two (:func:`.mac_layers.truncmul`)."""
+    bit, back = item
+    if back is not None and back.bits == bits and back.bit.shape == g.shape:
+        return (yield from mac_compare.relu_backward(ctx, g, back))
+    return (yield from mac_layers.truncmul(ctx, g, bit, bits))
+
+
+def _backward_bits(net: list[list], f: int, wide: int | None) -> dict[int, int]:
+    """ReLU index -> the truncation :func:`_down` will apply to the gradient reaching it
+    (the first ReLU below a Linear with a Linear further below; its gradient comes in at
+    f + that weight's scale fractional bits), as :func:`_down` computes it."""
+    out = {}
+    for i, layer in enumerate(net):
+        if layer[0] != "linear" or not any(x[0] == "linear" for x in net[:i]):
+            continue
+        j = i - 1
+        while j >= 0 and net[j][0] not in ("relu", "linear"):
+            j -= 1
+        if j < 0 or net[j][0] != "relu":
+            continue
+        raw = f + layer[1].scale
+        bits = raw + LR_BITS - f - WIDE_BITS if j - 1 == wide else raw - f
+        if 0 < bits < mac_compare.CMP_BITS:
+            out[j] = bits
+    return out
+
+
 def _down(ctx, net, saved, g: AuthShared, i: int, step: int, wide: int | None):
     """The gradient `g` (raw) through the layers below linear layer i, down to the next
     linear layer: ReLU masks (products with the saved 0/1; the first one fused with the
@@ -358,12 +395,12 @@ def _down(ctx, net, saved, g: AuthShared, i: int, step: int, wide: int | None):
         if kind == "relu" and j - 1 == wide:
             scaled = ctx.mul_public(g, step)
             scaled.scale = g.scale + LR_BITS
-            g = yield from mac_layers.truncmul(ctx, scaled, item, scaled.scale - f - WIDE_BITS)
+            g = yield from _relu_back(ctx, scaled, item, scaled.scale - f - WIDE_BITS)
         elif kind == "relu" and g.scale > f:
-            g = yield from mac_layers.truncmul(ctx, g, item, g.scale - f)
+            g = yield from _relu_back(ctx, g, item, g.scale - f)
         elif kind == "relu":
             scale = g.scale
-            g = yield from mac.mul(ctx, g, item, "a/relu/back")
+            g = yield from mac.mul(ctx, g, item[0], "a/relu/back")
             g.scale = scale
         else:
             g = _like(g, lambda v, s=item: v.reshape(s))
@@ -378,7 +415,7 @@ def _backward(ctx, net, saved, g: AuthShared, step: int, wide: int | None = None
     while i >= 0 and net[i][0] != "linear":    # layers after the last linear one
         kind, item = saved[i]
         if kind == "relu":
-            g = yield from mac.mul(ctx, g, item, "a/relu/back")
+            g = yield from mac.mul(ctx, g, item[0], "a/relu/back")
             g.scale = f
         else:
             g = _like(g, lambda v, s=item: v.reshape(s))
@@ -434,7 +471,8 @@ def train_step(ctx, net: list[list], x: AuthShared, y: AuthShared, lr: float, *,
         if net[wide][2] is not None:
             net[wide][2] = yield from _rescale(ctx, net[wide][2], f + WIDE_BITS)
     saved: list = []
-    pred = yield from forward(ctx, net, x, keep=saved)
+    pred = yield from forward(ctx, net, x, keep=saved,
+                              bwd=_backward_bits(net, ctx.frac_bits, wide))
     if pred.shape != y.shape:
         raise ShapeError(f"mse: pred {list(pred.shape)} vs target {list(y.shape)}")
     g = ctx.sub(pred, y)                         # scale f

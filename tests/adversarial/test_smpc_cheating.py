@@ -70,6 +70,15 @@ def _truncmul(ctx):
     return (yield from mac.reveal(ctx, (yield from mac_layers.truncmul(ctx, z, bit, 16))))
 
 
+def _relu_backward(ctx):
+    """A training ReLU: forward with the backward pair dealt, then trunc(g) [x >= 0] on
+    one opening of the gradient (g: the raw product, scale 2f)."""
+    xs, ws = yield from _inputs(ctx)
+    z = yield from mac.matmul(ctx, xs, ws)
+    _, _, back = yield from mac_compare.relu_train(ctx, z, 16, 16)
+    return (yield from mac.reveal(ctx, (yield from mac_compare.relu_backward(ctx, z, back))))
+
+
 def _layer(ctx):
     """A training layer's passes: the forward opening and the backward one (g - G)."""
     xs, ws = yield from _inputs(ctx)
@@ -87,6 +96,8 @@ ROUND_TYPES = {"mul": ("a/mul", _mul), "matmul": ("a/matmul", _matmul),
                "relu-truncated-bits-2": ("a/bit/cmp2", _relu_truncated),
                "sign-bits-1": ("a/bit/cmp1", _truncmul),
                "reveal": ("a/reveal", _mul), "truncmul": ("a/truncmul", _truncmul),
+               "relu-backward": ("a/relu/grad", _relu_backward),
+               "relu-backward-bits-1": ("a/bit/cmp1", _relu_backward),
                "linear": ("a/linear", _layer), "linear-backward": ("a/linear/back", _layer)}
 
 
@@ -132,6 +143,7 @@ def test_honest_runs_never_raise():
         for program, want in ((_truncation, [x @ w]), (_relu, [x.clamp(min=0)]),
                               (_relu_truncated, [(x @ w).clamp(min=0), (x @ w >= 0).double()]),
                               (_truncmul, [(x @ w).clamp(min=0)]),
+                              (_relu_backward, [(x @ w).clamp(min=0)]),
                               (_layer, [x.T @ (x @ w), (x @ w) @ w.T])):
             outs = mac.run_active(N, program, session=f"honest-{i}").outputs
             for out in outs:
