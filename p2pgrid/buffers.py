@@ -5,9 +5,9 @@ the first time it is written (the kernel finds, zeroes and maps it; on this proj
 VMs 0.1 to 5 ms per MB, the upper end when huge pages must be compacted first). That,
 not TLS, made large transfers swing between full speed and a third of it. A raw socket
 that receives into the same buffer each time never pays it. So bodies of
-:data:`MIN_SIZE` bytes or more (a bulk request's body on the server, a bulk reply on
-the caller, see :mod:`p2pgrid.bulk`) are received into memory taken from a
-:class:`Pool`, which gets it back when the last array, tensor or memoryview made from it
+:data:`MIN_SIZE` bytes or more (a request's body on the server and a reply on the caller,
+over a bulk connection, :mod:`p2pgrid.bulk`, or HTTP/2; an encoded request) are received
+or written into memory taken from a :class:`Pool`, which gets it back when the last array, tensor or memoryview made from it
 is gone, and keeps it for the next body.
 
 Other blocks come from the C allocator, whose defaults hand megabyte-sized blocks back

@@ -15,7 +15,7 @@ import torch
 import trio
 
 from p2pgrid.errors import (BadRequest, Conflict, NotFound, P2PError, PeerUnavailable,
-                            PermissionDenied, ProtocolError, ShapeError)
+                            PermissionDenied, ShapeError)
 from p2pgrid.handlers import may
 from p2pgrid.messages import Ack
 from p2pgrid.ratelimit import Limiter
