@@ -1,12 +1,13 @@
 """Ship peers/*.toml as package data (p2pgrid/profiles/), so an installed ``p2pgrid demo``
 finds its profiles; the repository keeps them in peers/. The repository's top-level
 protocols/ folder installs as ``p2pgrid.protocols`` (never as a top-level ``protocols``).
-Everything else is in pyproject.toml."""
+Builds the optional C kernels of active SMPC (protocols/smpc/_ring128.c). Everything else
+is in pyproject.toml."""
 
 import shutil
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_py import build_py
 
 
@@ -26,5 +27,10 @@ PACKAGES = find_packages(str(ROOT), include=["p2pgrid", "p2pgrid.*"]) + [
 # is listed as a package of its own
 PACKAGES.append("p2pgrid.console.templates")
 
+# Active SMPC's Z_2^128 kernels in C. Optional: without a C compiler the install goes on
+# and ring128.py runs its numpy code (several times slower for active sessions).
+RING128 = Extension("p2pgrid.protocols.smpc._ring128", ["protocols/smpc/_ring128.c"],
+                    extra_compile_args=["-O3"], optional=True)
+
 setup(cmdclass={"build_py": build_py_with_profiles}, packages=PACKAGES,
-      package_dir={"p2pgrid.protocols": "protocols"})
+      package_dir={"p2pgrid.protocols": "protocols"}, ext_modules=[RING128])

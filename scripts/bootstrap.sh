@@ -28,7 +28,8 @@ if { ! command -v wirefilter >/dev/null || ! command -v tc >/dev/null; } \
       iproute2 vdeplug vde-wirefilter; } >&2 || echo "== vde tools not installed; delayed lab links will fail" >&2
 fi
 stamp=.venv/.p2pgrid-installed
-want=$(cat pyproject.toml constraints.txt | sha256sum | cut -d' ' -f1)
+# setup.py and the C kernels it builds (active SMPC) count too: a changed kernel is rebuilt
+want=$(cat pyproject.toml constraints.txt setup.py protocols/smpc/_ring128.c | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "== installing dependencies (first run takes a few minutes)" >&2
   .venv/bin/python -m pip install -q --upgrade pip >&2

@@ -1,4 +1,7 @@
-"""Vectorized Z_2^128 (p2pgrid.protocols.smpc.ring128) against exact Python-int arithmetic."""
+"""Vectorized Z_2^128 (p2pgrid.protocols.smpc.ring128) against exact Python-int arithmetic,
+with the C kernels (where built) and with the numpy code, each on its own."""
+
+import os
 
 import numpy as np
 import pytest
@@ -7,6 +10,21 @@ import torch
 from p2pgrid.protocols.smpc import ring128 as R
 
 MOD = 1 << 128
+_BUILT = R._C
+
+
+@pytest.fixture(autouse=True, params=["c", "numpy"])
+def backend(request, monkeypatch):
+    """Every test of this file runs once on the C kernels and once on numpy alone."""
+    if request.param == "c" and _BUILT is None:
+        pytest.skip("the C kernels are off here (not built, or P2PGRID_RING128=numpy)")
+    monkeypatch.setattr(R, "_C", _BUILT if request.param == "c" else None)
+    return request.param
+
+
+@pytest.mark.skipif(not os.environ.get("CI"), reason="CI builds the kernels; elsewhere optional")
+def test_ci_builds_the_kernels():
+    assert R.KERNELS == "c" and _BUILT is not None
 
 
 def _pair(shape_a, shape_b=None):
@@ -63,3 +81,26 @@ def test_signed_lifts_and_ints():
     v = torch.tensor([0, 1, -1, 2 ** 62, -(2 ** 63)], dtype=torch.int64)
     assert [int(x) for x in R.to_ints(R.from_signed(v))] == [int(x) % MOD for x in v.tolist()]
     assert R.to_int(R.from_ints(-7)) == MOD - 7
+
+
+def test_kernel_cases_numpy_takes_over(backend):
+    """Non-contiguous operands, broadcasting and negative constants: the kernels take what
+    they can, numpy the rest, with the same exact results."""
+    a = R.rand((6, 5))
+    ia = R.to_ints(a)
+    t = a[:, ::2, 1:]                                      # a non-contiguous view
+    it = ia[::2, 1:]
+    row = R.rand((5,))
+    assert np.all(R.to_ints(R.add(t, t)) == (2 * it) % MOD)
+    assert np.all(R.to_ints(R.mul(a, row)) == (ia * R.to_ints(row)) % MOD)   # broadcast
+    assert np.all(R.to_ints(R.sub(a, -(1 << 100))) == (ia + (1 << 100)) % MOD)
+    assert np.all(R.to_ints(R.mul_int(a, -3)) == (-3 * ia) % MOD)
+    assert np.all(R.to_ints(R.mul_u64(t, np.ascontiguousarray(t[0]))) ==
+                  (it * t[0].astype(object)) % MOD)
+    b = R.rand((4, 6))
+    assert np.all(R.to_ints(R.matmul(t.transpose(0, 2, 1), b[:, :3, :])) ==
+                  it.T.dot(R.to_ints(b)[:3]) % MOD)
+    z = R.matmul(R.zeros((2, 0)), R.zeros((0, 3)))
+    assert R.shape(z) == (2, 3) and not z.any()
+    top = np.full((2, 3, 3), np.uint64(2 ** 64 - 1))   # every word at its largest
+    assert np.all(R.to_ints(R.mul(top, top)) == (R.to_ints(top) ** 2) % MOD)

@@ -299,15 +299,9 @@ class ActiveParty:
         return AuthShared(R.mul(x.value, c), R.mul(x.mac, c), x.scale)
 
     def matmul_public(self, x: AuthShared, c, *, left: bool = False) -> AuthShared:
-        """x @ c (or c @ x): value and MAC shares in one ring product, so c's limbs are
-        split once and BLAS gets one larger call."""
-        if left:
-            both = R.matmul(c, np.concatenate([x.value, x.mac], 2))
-            n = x.value.shape[2]
-            return AuthShared(both[:, :, :n], both[:, :, n:], x.scale)
-        both = R.matmul(np.concatenate([x.value, x.mac], 1), c)
-        m = x.value.shape[1]
-        return AuthShared(both[:, :m], both[:, m:], x.scale)
+        """x @ c (or c @ x) on the value and MAC shares (:func:`.ring128.matmul_each`)."""
+        value, mac = R.matmul_each([x.value, x.mac], c, left)
+        return AuthShared(value, mac, x.scale)
 
     def record(self, opened: np.ndarray, share: AuthShared) -> None:
         self._log.append((opened.reshape(2, -1), share.value.reshape(2, -1),
