@@ -376,3 +376,44 @@ def test_relu_of_an_empty_tensor():
 
     (out,) = run_program(2, prog, security="active").outputs[0]
     assert out.shape == (0, 3)
+
+
+@pytest.mark.parametrize("parties", [2, 3])
+@pytest.mark.parametrize("kind,shapes,param", [
+    ("a_linear", ((3, 5), (5, 4)), 1), ("a_mtriple", ((2, 3), (3, 2)), 0),
+    ("a_triple", ((4,),), 0), ("a_trunc", ((6,),), 12), ("a_relu", ((5,),), 12 + 64 * 8),
+    ("a_truncmul", ((3,),), 12)])
+def test_network_material_sums_to_authenticated_values(kind, shapes, param, parties):
+    """The network dealer's seed-compressed Materials, expanded as each party does: every
+    component's shares sum to the dealt value (products of its uniform parts exact) and the
+    MAC shares to alpha times it; uniform values travel as seeds only, the last party's
+    included."""
+    from p2pgrid.protocols.smpc import mac_material as MM, ring128 as R
+    from p2pgrid.protocols.smpc.messages import Request
+    key = MM.MacKey.new(parties)
+    req = Request(kind, shapes, param)
+    clear: dict = {}
+    mats = MM.deal(req, parties, key, clear)
+    expanded = [m.expand() for m in mats]
+    vals = {}
+    for comp in expanded[0]:
+        if not comp.endswith(".v"):
+            continue
+        name = comp[:-2]
+        v = sum(R.to_ints(R.from_wire(e[comp])) for e in expanded) % MOD128
+        m = sum(R.to_ints(R.from_wire(e[f"{name}.m"])) for e in expanded) % MOD128
+        assert np.all(v == R.to_ints(clear[name]) % MOD128), name
+        assert np.all(m == (v * key.alpha) % MOD128), name
+        vals[name] = v
+    uniform = {"a_linear": {"A", "B", "G"}, "a_mtriple": {"a", "b"}, "a_triple": {"a", "b"},
+               "a_trunc": {"r"}, "a_relu": {"r", "s"}, "a_truncmul": {"r", "b"}}[kind]
+    assert {c[:-2] for c in mats[-1].corrections if c.endswith(".v")} == set(vals) - uniform
+    if kind == "a_linear":
+        assert np.all(vals["C"] == vals["A"].dot(vals["B"]) % MOD128)
+        assert np.all(vals["D"] == vals["A"].T.dot(vals["G"]) % MOD128)
+    if kind in ("a_mtriple", "a_triple"):
+        prod = vals["a"].dot(vals["b"]) if kind == "a_mtriple" else vals["a"] * vals["b"]
+        assert np.all(vals["c"] == prod % MOD128)
+
+
+MOD128 = 1 << 128

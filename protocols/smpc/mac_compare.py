@@ -84,12 +84,13 @@ def bit_shapes(shape) -> list[tuple[str, tuple[int, ...]]]:
     return [("tables", (n, 4)), ("g1", (LEVEL1.n_bits, 4, w)), ("g2", (LEVEL2.n_inputs, w))]
 
 
-def compare_values(shape, bits: int | None, bwd: int = 0
+def compare_values(shape, bits: int | None, bwd: int = 0, uniform=R.uniform
                    ) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
     """The clear values of one comparison item: arithmetic ones (ring arrays) and binary
     words (gate masks from the OS CSPRNG). `bits` is None for a sign test, else the
     truncation of the ReLU's operand; `bwd` (a ReLU in training), if not 0, the
-    truncation of its backward pass's gradient."""
+    truncation of its backward pass's gradient. `uniform(name, shape)` draws r and s
+    (:func:`.ring128.uniform`)."""
     shape = tuple(shape)
     if bits is not None and not 0 <= bits < CMP_BITS:
         raise BadRequest("truncation bits out of range")
@@ -97,7 +98,7 @@ def compare_values(shape, bits: int | None, bwd: int = 0
         raise BadRequest("backward truncation bits out of range")
     n = int(np.prod(shape, dtype=np.int64))
     w = n_words(n)
-    r = R.rand(shape)               # the low k bits mask, the high ones hide carries
+    r = uniform("r", shape)         # the low k bits mask, the high ones hide carries
     low = r[0].reshape(-1)
     onehot = np.uint64(1) << chunks_of(low)                             # (n, 16) fields
     tables = (onehot.reshape(n, 4, 4) << (np.arange(4, dtype=np.uint64) * np.uint64(16))
@@ -117,7 +118,7 @@ def compare_values(shape, bits: int | None, bwd: int = 0
         arith["x"] = np.stack([R.mul(arith["r_msb"][:, None], right),
                                R.mul(r_hi[:, None], right)], 1)
         if bwd:         # the backward pass's mask, fresh: trunc(g) [x >= 0] on one opening
-            s = R.rand(shape)
+            s = uniform("s", shape)
             s_hi, s_msb = R.from_u64(s[0] >> np.uint64(bwd)), R.from_u64(s[0] >> np.uint64(K - 1))
             arith.update(s=s, s_hi=s_hi, s_msb=s_msb,
                          y=np.stack([R.mul(s_msb[:, None], right), R.mul(s_hi[:, None], right)], 1))

@@ -21,16 +21,18 @@ from .mac import K, ActiveParty, AuthShared, open_values
 __all__ = ["linear_values", "linear_forward", "linear_backward", "truncmul_values", "truncmul"]
 
 
-def linear_values(xs, ws, train: bool) -> dict[str, np.ndarray]:
+def linear_values(xs, ws, train: bool, uniform=R.uniform) -> dict[str, np.ndarray]:
     """A layer's masks, reused between its passes: A (for x), B (for W), C = A B and, for
-    training, G (for the output gradient), D = A^T G and E = G B^T."""
+    training, G (for the output gradient), D = A^T G and E = G B^T. `uniform(name, shape)`
+    draws the uniform ones (:func:`.ring128.uniform`; the network dealer's from the
+    parties' seeds)."""
     (m, k), (k2, n) = tuple(xs), tuple(ws)
     if k != k2:
         raise BadRequest(f"shapes {list(xs)} and {list(ws)} do not fit a matrix product")
-    a, b = R.rand((m, k)), R.rand((k, n))
+    a, b = uniform("A", (m, k)), uniform("B", (k, n))
     out = {"A": a, "B": b, "C": R.matmul(a, b)}
     if train:
-        g = R.rand((m, n))
+        g = uniform("G", (m, n))
         out.update(G=g, D=R.matmul(R.apply(a, np.transpose), g),
                    E=R.matmul(g, R.apply(b, np.transpose)))
     return out
@@ -78,12 +80,12 @@ def linear_backward(ctx: ActiveParty, g: AuthShared, saved, *, grad_x: bool = Tr
     return dw, gx
 
 
-def truncmul_values(shape, bits: int) -> dict[str, np.ndarray]:
+def truncmul_values(shape, bits: int, uniform=R.uniform) -> dict[str, np.ndarray]:
     """A truncation pair (r, r_lo >> bits, msb r_lo) with a multiplication mask b for a bit
     and the products r_hi b, r_msb b (see :func:`truncmul`)."""
     if not 0 < bits < K - 1:
         raise BadRequest("truncation bits out of range")
-    r, b = R.rand(shape), R.rand(shape)
+    r, b = uniform("r", shape), uniform("b", shape)
     r_hi = R.from_u64(r[0] >> np.uint64(bits))
     r_msb = R.from_u64(r[0] >> np.uint64(K - 1))
     return {"r": r, "r_hi": r_hi, "r_msb": r_msb, "b": b, "r_hi_b": R.mul(r_hi, b),

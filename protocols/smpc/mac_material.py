@@ -195,28 +195,28 @@ def key_material(key: MacKey, n: int) -> list[Material]:
                       "key": torch.tensor([key.id], dtype=torch.int64)}) for p in range(n)]
 
 
-def _clear_values(req: Request) -> dict[str, np.ndarray]:
-    """The values the dealer authenticates for one item (exact ints)."""
+def _clear_values(req: Request, uniform=R.uniform) -> dict[str, np.ndarray]:
+    """The values the dealer authenticates for one item (uniform ones by `uniform`)."""
     names = dict(_auth_names(req))
     k = req.kind
     u = np.uint64
     if k == "a_triple":
         s = names["a"]
-        a, b = R.rand(s), R.rand(s)
+        a, b = uniform("a", s), uniform("b", s)
         return {"a": a, "b": b, "c": R.mul(a, b)}
     if k == "a_mtriple":
-        a, b = R.rand(names["a"]), R.rand(names["b"])
+        a, b = uniform("a", names["a"]), uniform("b", names["b"])
         return {"a": a, "b": b, "c": R.matmul(a, b)}
     if k == "a_trunc":
         s, f = names["r"], req.param
         if not 0 < f < mac.K - 1:
             raise BadRequest("truncation bits out of range")
-        r = R.rand(s)          # the low k bits are the mask, the high ones hide carries
+        r = uniform("r", s)    # the low k bits are the mask, the high ones hide carries
         return {"r": r, "r_hi": R.from_u64(r[0] >> u(f)), "r_msb": R.from_u64(r[0] >> u(mac.K - 1))}
     if k == "a_linear":
-        return mac_layers.linear_values(names["A"], names["B"], bool(req.param))
+        return mac_layers.linear_values(names["A"], names["B"], bool(req.param), uniform)
     if k == "a_truncmul":
-        return mac_layers.truncmul_values(names["r"], req.param)
+        return mac_layers.truncmul_values(names["r"], req.param, uniform)
     if k == "a_outmask":
         return {"rho": R.lshift(R.rand(names["rho"], mac.S), mac.K)}
     if k in ("a_mask", "a_input"):
@@ -239,21 +239,37 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[M
         return [Material(req.kind, p, seeds[p], tuple(spec),
                          {"seed": _words(ss[p] + nonces[p]), "commits": _words(commits)})
                 for p in range(n)]
+    index = {name: i for i, (name, _) in enumerate(spec)}
+    seeded: set[str] = set()
+
+    def from_seeds(name: str, shape) -> np.ndarray:
+        """A uniform value whose every share, the last party's too, is its seed's
+        expansion: no correction to send (uniform to any n - 1 parties, who lack one
+        seed)."""
+        seeded.add(name)
+        comp, total = f"{name}.v", R.zeros(shape)
+        for p in range(n):
+            total = R.add(total, R.from_wire(Prg(seeds[p]).int64(tuple(shape) + (2,),
+                                                                   stream=index[comp])))
+        return total
+
     if req.kind in _CMP_KINDS:
-        values, bits = mac_compare.compare_values(names_shape(req), *relu_bits(req))
+        values, bits = mac_compare.compare_values(names_shape(req), *relu_bits(req),
+                                                  uniform=from_seeds)
     else:
-        values, bits = _clear_values(req), {}
+        values, bits = _clear_values(req, from_seeds), {}
     if clear is not None:
         clear.update(values)
     fixes: dict[str, torch.Tensor] = {}
-    index = {name: i for i, (name, _) in enumerate(spec)}
 
     def others(comp, shape):
         return [Prg(seeds[p]).int64(shape, stream=index[comp]) for p in range(n - 1)]
 
     for name, v in values.items():
         shape = R.shape(v)
-        for part, target in (("v", v), ("m", R.mul_int(v, key.alpha))):
+        parts = (("m", R.mul_int(v, key.alpha)),) if name in seeded else \
+            (("v", v), ("m", R.mul_int(v, key.alpha)))
+        for part, target in parts:
             comp = f"{name}.{part}"
             for share in others(comp, shape + (2,)):
                 target = R.sub(target, R.from_wire(share))

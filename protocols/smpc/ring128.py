@@ -32,7 +32,7 @@ import torch
 
 __all__ = ["zeros", "from_ints", "to_ints", "from_u64", "from_signed", "rand", "add", "sub", "neg",
            "mul", "mul_int", "mul_u64", "matmul", "sum_", "rshift", "lshift", "low", "apply", "to_wire",
-           "from_wire", "shape", "numel", "to_int", "MASK64", "KERNELS", "matmul_each"]
+           "from_wire", "shape", "numel", "to_int", "MASK64", "KERNELS", "matmul_each", "uniform"]
 
 MASK64 = (1 << 64) - 1
 _U = np.uint64
@@ -146,6 +146,13 @@ def rand(s, bits: int = 128) -> np.ndarray:
     hi = np.frombuffer(os.urandom(8 * n), dtype=_U).reshape(s) if bits > 64 else \
         np.zeros(s, dtype=_U)
     return np.stack([lo, hi])
+
+
+def uniform(name: str, s) -> np.ndarray:
+    """Uniform in Z_2^128 from the OS CSPRNG (`name` unused): the default way dealt
+    material draws its uniform values, where the network dealer draws them from the
+    parties' seeds instead (:func:`.mac_material.deal`)."""
+    return rand(s)
 
 
 def _split(c: int) -> tuple[np.uint64, np.uint64]:
