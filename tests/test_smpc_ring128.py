@@ -104,3 +104,25 @@ def test_kernel_cases_numpy_takes_over(backend):
     assert R.shape(z) == (2, 3) and not z.any()
     top = np.full((2, 3, 3), np.uint64(2 ** 64 - 1))   # every word at its largest
     assert np.all(R.to_ints(R.mul(top, top)) == (R.to_ints(top) ** 2) % MOD)
+
+
+@pytest.mark.parametrize("axis", [None, 0, 1, 2, -1, -2, (0, 1), (1, 2), (0, 2), (-1, 0), ()])
+@pytest.mark.parametrize("keepdims", [False, True])
+def test_sums_over_any_axes(axis, keepdims):
+    """Consecutive axes go to the kernels, the others (and none at all) to numpy."""
+    a = R.rand((3, 4, 5))
+    want = R.to_ints(a).sum(axis=axis, keepdims=keepdims) % MOD
+    got = R.sum_(a, axis, keepdims)
+    assert R.shape(got) == np.shape(want)
+    assert np.all(R.to_ints(got) == want)
+
+
+def test_lt_eq_lookup_matches_numpy(backend):
+    """The comparison's table lookup (gates.lt_eq_codes), over MAC planes, on both."""
+    from p2pgrid.protocols.smpc import gates
+    rng = np.random.default_rng()
+    fields = rng.integers(0, 1 << 16, (64, 37, 16), dtype=np.uint16)
+    u = rng.integers(0, 16, (37, 16), dtype=np.uint64)
+    want = gates._LT_EQ[fields.astype(np.int32) >> u.astype(np.int32)]
+    assert np.array_equal(gates.lt_eq_codes(fields, u), want)
+    assert np.array_equal(gates.lt_eq_codes(fields[0], u), want[0])

@@ -1,16 +1,15 @@
-/* Z_2^128 kernels for ring128.py: elementwise add, sub, products and the matrix product,
- * exact mod 2^128 with the compiler's unsigned __int128 (one 64x64->128 multiply and two
- * 64-bit ones per product, where numpy needs about fifteen passes over 32-bit halves and
- * the matrix product 21 to 36 float64 limb products).
+/* Z_2^128 kernels for ring128.py: elementwise sums and products, the matrix product and
+ * sums along an axis, exact mod 2^128 with the compiler's unsigned __int128 (one 64x64->128
+ * multiply and two 64-bit ones per product, where numpy needs about fifteen passes over
+ * 32-bit halves and the matrix product 21 to 36 float64 limb products); and the
+ * comparison's table lookup (gates.lt_eq_codes) in one pass.
  *
- * Arrays are ring128's layout, C-contiguous: n elements as a plane of n low words followed
- * by a plane of n high words (numpy shape (2, *S)). ring128.py calls these through ctypes,
- * which releases the GIL, and checks r128_abi() before using them; it keeps its numpy code
- * for machines where this file was not compiled (setup.py builds it as an optional
- * extension) and as the reference the tests compare against.
- *
- * The module init below exists so that setuptools builds and installs this file as an
- * ordinary extension module; Python never calls into it except through ctypes. */
+ * Ring arrays are ring128's layout: n elements as a plane of n low words followed by a
+ * plane of n high words (numpy shape (2, *S)). Every function takes C-contiguous buffers
+ * (ring128.py makes them so), checks their sizes, writes into `out` and releases the GIL
+ * while it runs. ring128.py keeps its numpy code for machines where this file was not
+ * compiled (setup.py builds it as an optional extension) and as the reference the tests
+ * hold these kernels to. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,9 +21,7 @@ typedef unsigned __int128 u128;
 typedef uint64_t u64;
 typedef int64_t i64;
 
-#define R128_ABI 1
-
-int r128_abi(void) { return R128_ABI; }
+#define R128_ABI 2
 
 static inline u128 ld(const u64 *p, i64 n, i64 i) { return ((u128)p[n + i] << 64) | p[i]; }
 
@@ -33,58 +30,232 @@ static inline void st(u64 *p, i64 n, i64 i, u128 v) {
     p[n + i] = (u64)(v >> 64);
 }
 
-void r128_add(const u64 *a, const u64 *b, u64 *out, i64 n) {
-    for (i64 i = 0; i < n; i++) st(out, n, i, ld(a, n, i) + ld(b, n, i));
+/* Buffers: read-only inputs and one writable output, all C-contiguous. */
+static int get(PyObject *o, Py_buffer *b, int writable) {
+    return PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | (writable ? PyBUF_WRITABLE : 0));
 }
 
-void r128_sub(const u64 *a, const u64 *b, u64 *out, i64 n) {
-    for (i64 i = 0; i < n; i++) st(out, n, i, ld(a, n, i) - ld(b, n, i));
+static PyObject *size_error(void) {
+    PyErr_SetString(PyExc_ValueError, "ring128 kernel: operands of the wrong size");
+    return NULL;
 }
 
-void r128_mul(const u64 *a, const u64 *b, u64 *out, i64 n) {
-    for (i64 i = 0; i < n; i++) st(out, n, i, ld(a, n, i) * ld(b, n, i));
-}
+enum { OP_ADD, OP_SUB, OP_MUL };
 
-/* a times the constant c1 2^64 + c0 */
-void r128_mul_scalar(const u64 *a, u64 c0, u64 c1, u64 *out, i64 n) {
-    u128 c = ((u128)c1 << 64) | c0;
-    for (i64 i = 0; i < n; i++) st(out, n, i, ld(a, n, i) * c);
-}
-
-/* a plus the constant c1 2^64 + c0 */
-void r128_add_scalar(const u64 *a, u64 c0, u64 c1, u64 *out, i64 n) {
-    u128 c = ((u128)c1 << 64) | c0;
-    for (i64 i = 0; i < n; i++) st(out, n, i, ld(a, n, i) + c);
-}
-
-/* a times per-element 64-bit values c (one plane of n words) */
-void r128_mul_u64(const u64 *a, const u64 *c, u64 *out, i64 n) {
-    for (i64 i = 0; i < n; i++) st(out, n, i, ld(a, n, i) * (u128)c[i]);
-}
-
-/* out (m x n) = a (m x k) b (k x n). Returns 0, or -1 when out of memory (the caller
- * falls back to numpy). Row i accumulates in 128-bit words; b is read row by row, so every
- * load is sequential. */
-int r128_matmul(const u64 *a, const u64 *b, u64 *out, i64 m, i64 k, i64 n) {
-    u128 *acc = malloc(sizeof(u128) * (size_t)(n > 0 ? n : 1));
-    if (acc == NULL) return -1;
-    const i64 na = m * k, nb = k * n, no = m * n;
-    for (i64 i = 0; i < m; i++) {
-        memset(acc, 0, sizeof(u128) * (size_t)n);
-        for (i64 t = 0; t < k; t++) {
-            const u128 x = ld(a, na, i * k + t);
-            const u64 *blo = b + t * n, *bhi = b + nb + t * n;
-            for (i64 j = 0; j < n; j++) acc[j] += x * (((u128)bhi[j] << 64) | blo[j]);
-        }
-        for (i64 j = 0; j < n; j++) st(out, no, i * n + j, acc[j]);
+/* out = a op b, elementwise, for ring arrays of one size */
+static PyObject *binary(PyObject *args, int op) {
+    PyObject *oa, *ob, *oo;
+    if (!PyArg_ParseTuple(args, "OOO", &oa, &ob, &oo)) return NULL;
+    Py_buffer a, b, out;
+    if (get(oa, &a, 0)) return NULL;
+    if (get(ob, &b, 0)) { PyBuffer_Release(&a); return NULL; }
+    if (get(oo, &out, 1)) { PyBuffer_Release(&a); PyBuffer_Release(&b); return NULL; }
+    PyObject *res = Py_None;
+    if (a.len != b.len || a.len != out.len || a.len % 16) {
+        res = size_error();
+    } else {
+        const u64 *x = a.buf, *y = b.buf;
+        u64 *z = out.buf;
+        const i64 n = a.len / 16;
+        Py_BEGIN_ALLOW_THREADS
+        if (op == OP_ADD) for (i64 i = 0; i < n; i++) st(z, n, i, ld(x, n, i) + ld(y, n, i));
+        else if (op == OP_SUB) for (i64 i = 0; i < n; i++) st(z, n, i, ld(x, n, i) - ld(y, n, i));
+        else for (i64 i = 0; i < n; i++) st(z, n, i, ld(x, n, i) * ld(y, n, i));
+        Py_END_ALLOW_THREADS
     }
-    free(acc);
-    return 0;
+    PyBuffer_Release(&a); PyBuffer_Release(&b); PyBuffer_Release(&out);
+    if (res == Py_None) Py_INCREF(res);
+    return res;
 }
 
-static struct PyModuleDef r128_module = {
-    PyModuleDef_HEAD_INIT, "_ring128",
-    "Z_2^128 kernels for p2pgrid.protocols.smpc.ring128 (called through ctypes).", -1, NULL,
+static PyObject *py_add(PyObject *self, PyObject *args) { return binary(args, OP_ADD); }
+static PyObject *py_sub(PyObject *self, PyObject *args) { return binary(args, OP_SUB); }
+static PyObject *py_mul(PyObject *self, PyObject *args) { return binary(args, OP_MUL); }
+
+/* out = a op (c1 2^64 + c0), for op add or mul */
+static PyObject *scalar(PyObject *args, int op) {
+    PyObject *oa, *oo;
+    unsigned long long c0, c1;
+    if (!PyArg_ParseTuple(args, "OKKO", &oa, &c0, &c1, &oo)) return NULL;
+    Py_buffer a, out;
+    if (get(oa, &a, 0)) return NULL;
+    if (get(oo, &out, 1)) { PyBuffer_Release(&a); return NULL; }
+    PyObject *res = Py_None;
+    if (a.len != out.len || a.len % 16) {
+        res = size_error();
+    } else {
+        const u64 *x = a.buf;
+        u64 *z = out.buf;
+        const i64 n = a.len / 16;
+        const u128 c = ((u128)c1 << 64) | c0;
+        Py_BEGIN_ALLOW_THREADS
+        if (op == OP_ADD) for (i64 i = 0; i < n; i++) st(z, n, i, ld(x, n, i) + c);
+        else for (i64 i = 0; i < n; i++) st(z, n, i, ld(x, n, i) * c);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&a); PyBuffer_Release(&out);
+    if (res == Py_None) Py_INCREF(res);
+    return res;
+}
+
+static PyObject *py_add_scalar(PyObject *self, PyObject *args) { return scalar(args, OP_ADD); }
+static PyObject *py_mul_scalar(PyObject *self, PyObject *args) { return scalar(args, OP_MUL); }
+
+/* out = a times per-element 64-bit values c (one plane of n words) */
+static PyObject *py_mul_u64(PyObject *self, PyObject *args) {
+    PyObject *oa, *oc, *oo;
+    if (!PyArg_ParseTuple(args, "OOO", &oa, &oc, &oo)) return NULL;
+    Py_buffer a, c, out;
+    if (get(oa, &a, 0)) return NULL;
+    if (get(oc, &c, 0)) { PyBuffer_Release(&a); return NULL; }
+    if (get(oo, &out, 1)) { PyBuffer_Release(&a); PyBuffer_Release(&c); return NULL; }
+    PyObject *res = Py_None;
+    if (a.len != out.len || a.len % 16 || c.len * 2 != a.len) {
+        res = size_error();
+    } else {
+        const u64 *x = a.buf, *y = c.buf;
+        u64 *z = out.buf;
+        const i64 n = a.len / 16;
+        Py_BEGIN_ALLOW_THREADS
+        for (i64 i = 0; i < n; i++) st(z, n, i, ld(x, n, i) * (u128)y[i]);
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&a); PyBuffer_Release(&c); PyBuffer_Release(&out);
+    if (res == Py_None) Py_INCREF(res);
+    return res;
+}
+
+/* out (m x n) = a (m x k) b (k x n). Row i accumulates in 128-bit words; b is read row by
+ * row, so every load is sequential. */
+static PyObject *py_matmul(PyObject *self, PyObject *args) {
+    PyObject *oa, *ob, *oo;
+    long long m, k, n;
+    if (!PyArg_ParseTuple(args, "OOOLLL", &oa, &ob, &oo, &m, &k, &n)) return NULL;
+    if (m < 0 || k < 0 || n < 0) return size_error();
+    Py_buffer a, b, out;
+    if (get(oa, &a, 0)) return NULL;
+    if (get(ob, &b, 0)) { PyBuffer_Release(&a); return NULL; }
+    if (get(oo, &out, 1)) { PyBuffer_Release(&a); PyBuffer_Release(&b); return NULL; }
+    PyObject *res = Py_None;
+    u128 *acc = NULL;
+    if (a.len != 16 * m * k || b.len != 16 * k * n || out.len != 16 * m * n) {
+        res = size_error();
+    } else if ((acc = malloc(sizeof(u128) * (size_t)(n > 0 ? n : 1))) == NULL) {
+        res = PyErr_NoMemory();
+    } else {
+        const u64 *x = a.buf, *y = b.buf;
+        u64 *z = out.buf;
+        const i64 na = m * k, nb = k * n, no = m * n;
+        Py_BEGIN_ALLOW_THREADS
+        for (i64 i = 0; i < m; i++) {
+            memset(acc, 0, sizeof(u128) * (size_t)n);
+            for (i64 t = 0; t < k; t++) {
+                const u128 v = ld(x, na, i * k + t);
+                const u64 *blo = y + t * n, *bhi = y + nb + t * n;
+                for (i64 j = 0; j < n; j++) acc[j] += v * (((u128)bhi[j] << 64) | blo[j]);
+            }
+            for (i64 j = 0; j < n; j++) st(z, no, i * n + j, acc[j]);
+        }
+        Py_END_ALLOW_THREADS
+        free(acc);
+    }
+    PyBuffer_Release(&a); PyBuffer_Release(&b); PyBuffer_Release(&out);
+    if (res == Py_None) Py_INCREF(res);
+    return res;
+}
+
+/* out (outer x inner) = the sum over the middle axis of a (outer x k x inner) */
+static PyObject *py_sum_axis(PyObject *self, PyObject *args) {
+    PyObject *oa, *oo;
+    long long outer, k, inner;
+    if (!PyArg_ParseTuple(args, "OOLLL", &oa, &oo, &outer, &k, &inner)) return NULL;
+    if (outer < 0 || k < 0 || inner < 0) return size_error();
+    Py_buffer a, out;
+    if (get(oa, &a, 0)) return NULL;
+    if (get(oo, &out, 1)) { PyBuffer_Release(&a); return NULL; }
+    PyObject *res = Py_None;
+    if (a.len != 16 * outer * k * inner || out.len != 16 * outer * inner) {
+        res = size_error();
+    } else {
+        const u64 *x = a.buf;
+        u64 *z = out.buf;
+        const i64 na = outer * k * inner, no = outer * inner;
+        Py_BEGIN_ALLOW_THREADS
+        for (i64 o = 0; o < outer; o++) {
+            for (i64 j = 0; j < inner; j++) {
+                u128 s = 0;
+                for (i64 t = 0; t < k; t++) s += ld(x, na, (o * k + t) * inner + j);
+                st(z, no, o * inner + j, s);
+            }
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&a); PyBuffer_Release(&out);
+    if (res == Py_None) Py_INCREF(res);
+    return res;
+}
+
+/* out[p, i] = table[fields[p, i] >> u[i]] for uint16 fields (planes x n), uint8 u (n),
+ * a 65536-entry uint8 table: gates.lt_eq_codes over every MAC plane in one pass */
+static PyObject *py_lt_eq(PyObject *self, PyObject *args) {
+    PyObject *of, *ou, *ot, *oo;
+    if (!PyArg_ParseTuple(args, "OOOO", &of, &ou, &ot, &oo)) return NULL;
+    Py_buffer f, u, t, out;
+    if (get(of, &f, 0)) return NULL;
+    if (get(ou, &u, 0)) { PyBuffer_Release(&f); return NULL; }
+    if (get(ot, &t, 0)) { PyBuffer_Release(&f); PyBuffer_Release(&u); return NULL; }
+    if (get(oo, &out, 1)) {
+        PyBuffer_Release(&f); PyBuffer_Release(&u); PyBuffer_Release(&t);
+        return NULL;
+    }
+    PyObject *res = Py_None;
+    const i64 n = u.len;
+    const int fits = t.len == 65536 && f.len % 2 == 0 && out.len * 2 == f.len
+        && (n > 0 ? (f.len / 2) % n == 0 : f.len == 0);
+    if (!fits) {
+        res = size_error();
+    } else if (n > 0) {
+        const uint16_t *x = f.buf;
+        const uint8_t *sh = u.buf, *tab = t.buf;
+        uint8_t *z = out.buf;
+        const i64 planes = f.len / 2 / n;
+        Py_BEGIN_ALLOW_THREADS
+        for (i64 p = 0; p < planes; p++) {
+            const uint16_t *row = x + p * n;
+            uint8_t *dst = z + p * n;
+            for (i64 i = 0; i < n; i++) dst[i] = tab[(unsigned)row[i] >> (sh[i] & 15)];
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&f); PyBuffer_Release(&u); PyBuffer_Release(&t); PyBuffer_Release(&out);
+    if (res == Py_None) Py_INCREF(res);
+    return res;
+}
+
+static PyMethodDef methods[] = {
+    {"add", py_add, METH_VARARGS, "add(a, b, out): out = a + b mod 2^128"},
+    {"sub", py_sub, METH_VARARGS, "sub(a, b, out): out = a - b mod 2^128"},
+    {"mul", py_mul, METH_VARARGS, "mul(a, b, out): out = a b mod 2^128"},
+    {"add_scalar", py_add_scalar, METH_VARARGS, "add_scalar(a, c0, c1, out)"},
+    {"mul_scalar", py_mul_scalar, METH_VARARGS, "mul_scalar(a, c0, c1, out)"},
+    {"mul_u64", py_mul_u64, METH_VARARGS, "mul_u64(a, c, out): a times uint64 values"},
+    {"matmul", py_matmul, METH_VARARGS, "matmul(a, b, out, m, k, n)"},
+    {"sum_axis", py_sum_axis, METH_VARARGS, "sum_axis(a, out, outer, k, inner)"},
+    {"lt_eq", py_lt_eq, METH_VARARGS, "lt_eq(fields, u, table, out)"},
+    {NULL, NULL, 0, NULL},
 };
 
-PyMODINIT_FUNC PyInit__ring128(void) { return PyModule_Create(&r128_module); }
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_ring128",
+    "Z_2^128 kernels for p2pgrid.protocols.smpc.ring128 (ring arrays: shape (2, *S)).", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__ring128(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", R128_ABI) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

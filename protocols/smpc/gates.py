@@ -37,6 +37,8 @@ from itertools import combinations
 import numpy as np
 import torch
 
+from . import ring128
+
 __all__ = ["Gate", "LEVEL1", "LEVEL2", "CHUNKS", "deal_cmp", "cmp_spec", "chunks_of",
            "table_lookup", "lookup_sliced", "slice_bits", "unslice_bits", "n_words",
            "lt_eq_codes"]
@@ -180,7 +182,14 @@ _LT_EQ = _lookup_table()
 
 def lt_eq_codes(fields: np.ndarray, u_chunks: np.ndarray) -> np.ndarray:
     """uint8 codes: bit 0 the share of [u = v], bit 1 the share of [u < v], per chunk,
-    from XOR shares of v's one-hot 16-bit fields (any shape) and the public chunks u."""
+    from XOR shares of v's one-hot 16-bit fields (any shape) and the public chunks u
+    (broadcast over fields' leading axes, e.g. every MAC plane)."""
+    kernels = ring128.kernels()
+    if kernels is not None and fields.shape[fields.ndim - u_chunks.ndim:] == u_chunks.shape:
+        out = np.empty(fields.shape, np.uint8)
+        kernels.lt_eq(np.ascontiguousarray(fields, np.uint16),
+                         np.ascontiguousarray(u_chunks, np.uint8), _LT_EQ, out)
+        return out
     return _LT_EQ[fields.astype(np.int32) >> u_chunks.astype(np.int32)]
 
 

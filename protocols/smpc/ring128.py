@@ -13,7 +13,7 @@ matrix product cost ~10^6 interpreted multiplications per party; here it is the 
 36 limb products that matter mod 2^128, in 6 to 8 float64 BLAS calls.
 
 Where the optional C kernels were built (``_ring128.c``, setup.py), additions,
-subtractions, products and matrix products of contiguous arrays run there instead: one
+subtractions, products, matrix products and sums along an axis run there instead: one
 pass with 128-bit words instead of a dozen numpy passes, and a matrix product 2 to 6 times
 faster than the limbs. The numpy code stays for machines without a C compiler at install
 time and as the reference the tests hold the kernels to; ``P2PGRID_RING128=numpy`` forces
@@ -22,7 +22,6 @@ it. :data:`KERNELS` says which is in use.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 from typing import Callable
@@ -41,37 +40,34 @@ _EXACT = 1 << 53              # float64 holds every integer below this
 _MAX_INNER = 1 << 18          # dot-product length that keeps 16-bit limb sums exact in float64
 
 
-_ABI = 1                      # r128_abi() of the _ring128.c this file was written for
+_ABI = 2                      # _ring128.ABI of the _ring128.c this file was written for
 
 
 def _load_kernels():
-    """The C kernels through ctypes (ctypes releases the GIL around each call), or None:
-    not built, another ABI, or P2PGRID_RING128=numpy."""
+    """The C kernels (module :mod:`._ring128`), or None: not built, built from another
+    version of _ring128.c, or P2PGRID_RING128=numpy."""
     if os.environ.get("P2PGRID_RING128", "").lower() == "numpy":
         return None
     try:
         from . import _ring128
-        lib = ctypes.CDLL(_ring128.__file__)
-        abi = lib.r128_abi()
-    except (ImportError, OSError):
-        abi = None
+    except ImportError:
+        _ring128 = None
+    abi = getattr(_ring128, "ABI", None)
     if abi != _ABI:
         logging.getLogger("p2pgrid.smpc").info(
             "active SMPC runs on numpy, slower: its C kernels are %s (reinstall p2pgrid "
             "where a C compiler is installed)", "not built" if abi is None else "out of date")
         return None
-    p, n, w = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64
-    for name, args in (("r128_add", (p, p, p, n)), ("r128_sub", (p, p, p, n)),
-                       ("r128_mul", (p, p, p, n)), ("r128_mul_u64", (p, p, p, n)),
-                       ("r128_mul_scalar", (p, w, w, p, n)), ("r128_add_scalar", (p, w, w, p, n)),
-                       ("r128_matmul", (p, p, p, n, n, n))):
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, (ctypes.c_int if name == "r128_matmul" else None)
-    return lib
+    return _ring128
 
 
 _C = _load_kernels()
 KERNELS = "c" if _C is not None else "numpy"
+
+
+def kernels():
+    """The C kernels module, or None (for other SMPC modules' hot loops: gates.lt_eq_codes)."""
+    return _C
 
 
 def _c_op(op: str, a, b) -> np.ndarray | None:
@@ -84,14 +80,13 @@ def _c_op(op: str, a, b) -> np.ndarray | None:
         a = np.ascontiguousarray(a)
         out = np.empty_like(a)
         c = (-b if op == "sub" else b) % (1 << 128)
-        fn = _C.r128_mul_scalar if op == "mul" else _C.r128_add_scalar
-        fn(a.ctypes.data, c & MASK64, c >> 64, out.ctypes.data, a[0].size)
+        (_C.mul_scalar if op == "mul" else _C.add_scalar)(a, c & MASK64, c >> 64, out)
         return out
     if not isinstance(b, np.ndarray) or b.dtype != _U or b.shape != a.shape:
         return None
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     out = np.empty_like(a)
-    getattr(_C, "r128_" + op)(a.ctypes.data, b.ctypes.data, out.ctypes.data, a[0].size)
+    getattr(_C, op)(a, b, out)
     return out
 
 
@@ -242,7 +237,7 @@ def mul_u64(a, c: np.ndarray) -> np.ndarray:
             and isinstance(c, np.ndarray) and c.dtype == _U and c.shape == a.shape[1:]:
         a, c = np.ascontiguousarray(a), np.ascontiguousarray(c)
         out = np.empty_like(a)
-        _C.r128_mul_u64(a.ctypes.data, c.ctypes.data, out.ctypes.data, c.size)
+        _C.mul_u64(a, c, out)
         return out
     return _times(a, c, None)
 
@@ -314,10 +309,9 @@ def matmul(a, b) -> np.ndarray:
     n_inner = a.shape[-1]
     m, n = a.shape[1], b.shape[2]
     if _C is not None and a.dtype == _U and b.dtype == _U:
-        a2, b2 = np.ascontiguousarray(a), np.ascontiguousarray(b)
         out = np.empty((2, m, n), dtype=_U)
-        if _C.r128_matmul(a2.ctypes.data, b2.ctypes.data, out.ctypes.data, m, n_inner, n) == 0:
-            return out
+        _C.matmul(np.ascontiguousarray(a), np.ascontiguousarray(b), out, m, n_inner, n)
+        return out
     if n_inner > _MAX_INNER:
         acc = None
         for s in range(0, n_inner, _MAX_INNER):
@@ -355,8 +349,28 @@ def matmul_each(xs: list, c, left: bool = False) -> list:
     return out
 
 
+def _c_sum(a, axis, keepdims: bool) -> np.ndarray | None:
+    """sum_ by the kernels when the summed axes are consecutive (None otherwise)."""
+    shape = a.shape[1:]
+    nd = len(shape)
+    axes = range(nd) if axis is None else axis if isinstance(axis, (tuple, list)) else (axis,)
+    if _C is None or a.dtype != _U or not nd or not all(-nd <= x < nd for x in axes):
+        return None
+    axes = sorted({x % nd for x in axes})
+    if not axes or axes != list(range(axes[0], axes[-1] + 1)):
+        return None
+    i, j = axes[0], axes[-1] + 1
+    out = np.empty((2,) + shape[:i] + ((1,) * (j - i) if keepdims else ()) + shape[j:], _U)
+    _C.sum_axis(np.ascontiguousarray(a), out, int(np.prod(shape[:i], dtype=np.int64)),
+                int(np.prod(shape[i:j], dtype=np.int64)), int(np.prod(shape[j:], dtype=np.int64)))
+    return out
+
+
 def sum_(a, axis=None, keepdims: bool = False) -> np.ndarray:
     """Sum over logical `axis` (None: all), mod 2^128."""
+    fast = _c_sum(a, axis, keepdims)
+    if fast is not None:
+        return fast
     if axis is None:
         axes = tuple(range(1, a.ndim))
     elif isinstance(axis, (tuple, list)):
