@@ -126,3 +126,23 @@ def test_lt_eq_lookup_matches_numpy(backend):
     want = gates._LT_EQ[fields.astype(np.int32) >> u.astype(np.int32)]
     assert np.array_equal(gates.lt_eq_codes(fields, u), want)
     assert np.array_equal(gates.lt_eq_codes(fields[0], u), want[0])
+    assert np.array_equal(gates.lt_eq_codes(fields, u[None]), want)     # as _level1 calls it
+
+
+def test_bit_check_words_match_numpy(backend):
+    """The bit openings' check words (mac_bits.sigma: a GF(2) product) on both."""
+    import os as _os
+    from p2pgrid.protocols.smpc import mac_bits
+    rng = np.random.default_rng()
+    log = [(torch.from_numpy(rng.integers(-2 ** 63, 2 ** 63 - 1, (3, w), dtype=np.int64)),
+            torch.from_numpy(rng.integers(-2 ** 63, 2 ** 63 - 1, (mac_bits.PLANES, 3, w),
+                                          dtype=np.int64)), int(rng.integers(0, 2 ** 63)))
+           for w in (1, 5)]
+    seed = _os.urandom(16)
+    got = mac_bits.sigma(log, seed)
+    saved, R._C = R._C, None
+    try:
+        want = mac_bits.sigma(log, seed)
+    finally:
+        R._C = saved
+    assert got.dtype == np.uint64 and np.array_equal(got, want) and want.any()

@@ -1,15 +1,15 @@
 /* Z_2^128 kernels for ring128.py: elementwise sums and products, the matrix product and
  * sums along an axis, exact mod 2^128 with the compiler's unsigned __int128 (one 64x64->128
  * multiply and two 64-bit ones per product, where numpy needs about fifteen passes over
- * 32-bit halves and the matrix product 21 to 36 float64 limb products); and the
- * comparison's table lookup (gates.lt_eq_codes) in one pass.
+ * 32-bit halves and the matrix product 21 to 36 float64 limb products).
  *
  * Ring arrays are ring128's layout: n elements as a plane of n low words followed by a
  * plane of n high words (numpy shape (2, *S)). Every function takes C-contiguous buffers
  * (ring128.py makes them so), checks their sizes, writes into `out` and releases the GIL
  * while it runs. ring128.py keeps its numpy code for machines where this file was not
  * compiled (setup.py builds it as an optional extension) and as the reference the tests
- * hold these kernels to. */
+ * hold these kernels to. The comparison's table lookup (gates.lt_eq_codes) and the bit
+ * openings' check words (mac_bits.sigma) are here too: one pass each. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -21,7 +21,7 @@ typedef unsigned __int128 u128;
 typedef uint64_t u64;
 typedef int64_t i64;
 
-#define R128_ABI 2
+#define R128_ABI 3
 
 static inline u128 ld(const u64 *p, i64 n, i64 i) { return ((u128)p[n + i] << 64) | p[i]; }
 
@@ -232,6 +232,41 @@ static PyObject *py_lt_eq(PyObject *self, PyObject *args) {
     return res;
 }
 
+/* out[r] bit p = parity of XOR_w (chi[r, w] AND z[p, w]): the bit openings' check words
+ * (mac_bits.sigma), a product over GF(2) of chi (rows x w) and z (planes x w), planes <= 64 */
+static PyObject *py_gf2_check(PyObject *self, PyObject *args) {
+    PyObject *oc, *oz, *oo;
+    long long rows, planes, w;
+    if (!PyArg_ParseTuple(args, "OOOLLL", &oc, &oz, &oo, &rows, &planes, &w)) return NULL;
+    if (rows < 0 || planes < 0 || planes > 64 || w < 0) return size_error();
+    Py_buffer c, z, out;
+    if (get(oc, &c, 0)) return NULL;
+    if (get(oz, &z, 0)) { PyBuffer_Release(&c); return NULL; }
+    if (get(oo, &out, 1)) { PyBuffer_Release(&c); PyBuffer_Release(&z); return NULL; }
+    PyObject *res = Py_None;
+    if (c.len != 8 * rows * w || z.len != 8 * planes * w || out.len != 8 * rows) {
+        res = size_error();
+    } else {
+        const u64 *chi = c.buf, *zz = z.buf;
+        u64 *o = out.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (i64 r = 0; r < rows; r++) {
+            u64 word = 0;
+            for (i64 p = 0; p < planes; p++) {
+                u64 acc = 0;
+                const u64 *a = chi + r * w, *b = zz + p * w;
+                for (i64 i = 0; i < w; i++) acc ^= a[i] & b[i];
+                word |= (u64)__builtin_parityll(acc) << p;
+            }
+            o[r] = word;
+        }
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&c); PyBuffer_Release(&z); PyBuffer_Release(&out);
+    if (res == Py_None) Py_INCREF(res);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"add", py_add, METH_VARARGS, "add(a, b, out): out = a + b mod 2^128"},
     {"sub", py_sub, METH_VARARGS, "sub(a, b, out): out = a - b mod 2^128"},
@@ -242,6 +277,7 @@ static PyMethodDef methods[] = {
     {"matmul", py_matmul, METH_VARARGS, "matmul(a, b, out, m, k, n)"},
     {"sum_axis", py_sum_axis, METH_VARARGS, "sum_axis(a, out, outer, k, inner)"},
     {"lt_eq", py_lt_eq, METH_VARARGS, "lt_eq(fields, u, table, out)"},
+    {"gf2_check", py_gf2_check, METH_VARARGS, "gf2_check(chi, z, out, rows, planes, w)"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import ring128 as R
 from .messages import Round
 from .prg import Prg
 from .runtime import collect
@@ -139,6 +140,11 @@ def sigma(log: list[tuple[torch.Tensor, torch.Tensor, int]], seed: bytes) -> np.
     z = np.concatenate([(m.reshape(PLANES, -1) ^ (o.reshape(1, -1) & key_planes(k))).numpy()
                         for o, m, k in log], 1).view(np.uint64)          # (PLANES, words)
     chi = Prg(seed).int64((ROWS, z.shape[1]), stream=1).numpy().view(np.uint64)
+    kernels = R.kernels()
+    if kernels is not None:
+        out = np.empty(ROWS, np.uint64)
+        kernels.gf2_check(chi, np.ascontiguousarray(z), out, ROWS, PLANES, z.shape[1])
+        return out
     out = np.zeros(ROWS, np.uint64)
     for r in range(ROWS):
         folded = np.bitwise_xor.reduce(chi[r] & z, axis=1)              # (PLANES,)

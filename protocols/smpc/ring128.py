@@ -40,7 +40,7 @@ _EXACT = 1 << 53              # float64 holds every integer below this
 _MAX_INNER = 1 << 18          # dot-product length that keeps 16-bit limb sums exact in float64
 
 
-_ABI = 2                      # _ring128.ABI of the _ring128.c this file was written for
+_ABI = 3                      # _ring128.ABI of the _ring128.c this file was written for
 
 
 def _load_kernels():
