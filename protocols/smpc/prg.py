@@ -56,7 +56,7 @@ class Prg:
         return cls(new_seed())
 
     def _keystream(self, nbytes: int, stream: int) -> np.ndarray:
-        """AES-CTR(zeros) into uninitialized memory, from one shared page of zeros read in
+        """AES-CTR(zeros) into uninitialized memory, from one shared MiB of zeros read in
         chunks: zero-filling a fresh output and a fresh input cost 4x the AES itself."""
         nonce = stream.to_bytes(8, "little") + bytes(8)
         enc = Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor()
