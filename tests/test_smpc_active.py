@@ -378,22 +378,24 @@ def test_relu_of_an_empty_tensor():
     assert out.shape == (0, 3)
 
 
-@pytest.mark.parametrize("parties", [2, 3])
+@pytest.mark.parametrize("parties,fixed", [(2, None), (3, None), (3, 0), (2, 0)])
 @pytest.mark.parametrize("kind,shapes,param", [
     ("a_linear", ((3, 5), (5, 4)), 1), ("a_mtriple", ((2, 3), (3, 2)), 0),
     ("a_triple", ((4,),), 0), ("a_trunc", ((6,),), 12), ("a_relu", ((5,),), 12 + 64 * 8),
     ("a_truncmul", ((3,),), 12)])
-def test_network_material_sums_to_authenticated_values(kind, shapes, param, parties):
+def test_network_material_sums_to_authenticated_values(kind, shapes, param, parties, fixed):
     """The network dealer's seed-compressed Materials, expanded as each party does: every
     component's shares sum to the dealt value (products of its uniform parts exact) and the
-    MAC shares to alpha times it; uniform values travel as seeds only, the last party's
-    included."""
+    MAC shares to alpha times it; uniform values travel as seeds only, the corrected
+    party's included; only the corrected party (the last, or `fixed`) gets corrections."""
     from p2pgrid.protocols.smpc import mac_material as MM, ring128 as R
     from p2pgrid.protocols.smpc.messages import Request
     key = MM.MacKey.new(parties)
     req = Request(kind, shapes, param)
     clear: dict = {}
-    mats = MM.deal(req, parties, key, clear)
+    mats = MM.deal(req, parties, key, clear, fixed=fixed)
+    corrected = parties - 1 if fixed is None else fixed
+    assert [bool(m.corrections) for m in mats] == [p == corrected for p in range(parties)]
     expanded = [m.expand() for m in mats]
     vals = {}
     for comp in expanded[0]:
@@ -407,13 +409,26 @@ def test_network_material_sums_to_authenticated_values(kind, shapes, param, part
         vals[name] = v
     uniform = {"a_linear": {"A", "B", "G"}, "a_mtriple": {"a", "b"}, "a_triple": {"a", "b"},
                "a_trunc": {"r"}, "a_relu": {"r", "s"}, "a_truncmul": {"r", "b"}}[kind]
-    assert {c[:-2] for c in mats[-1].corrections if c.endswith(".v")} == set(vals) - uniform
+    assert {c[:-2] for c in mats[corrected].corrections if c.endswith(".v")} == set(vals) - uniform
     if kind == "a_linear":
         assert np.all(vals["C"] == vals["A"].dot(vals["B"]) % MOD128)
         assert np.all(vals["D"] == vals["A"].T.dot(vals["G"]) % MOD128)
     if kind in ("a_mtriple", "a_triple"):
         prod = vals["a"].dot(vals["b"]) if kind == "a_mtriple" else vals["a"] * vals["b"]
         assert np.all(vals["c"] == prod % MOD128)
+
+
+
+def test_dealer_spreads_corrections_over_parties():
+    """A training plan's corrections (tens of MB) go to whichever party has had the fewest
+    bytes, not all to the last one; the step still matches what every party computes."""
+    from p2pgrid.protocols.smpc import mac_material as MM
+    from p2pgrid.protocols.smpc.messages import Request
+    key, balance = MM.MacKey.new(2), MM.Balance(2)
+    big, small = Request("a_mtriple", ((8, 64), (64, 32))), Request("a_trunc", ((4,),), 12)
+    got = [[bool(m.corrections) for m in balance.deal(r, 2, key)] for r in (big, small, big)]
+    assert got == [[False, True], [True, False], [True, False]]
+    assert balance.bytes[0] > 0 and balance.bytes[1] > 0
 
 
 MOD128 = 1 << 128

@@ -51,12 +51,13 @@ def deal_plan(plan: list[Request], n: int, key: "mac_material.MacKey | None" = N
     """Material for every item of `plan`, per item one Material per party. Authenticated
     kinds (``a_*``, active groups) are dealt under the group's MAC `key`."""
     dealer = LocalDealer()  # fresh key from os.urandom; one per bundle, so threads share nothing
+    balance = mac_material.Balance(n)   # spreads the authenticated corrections over parties
     out = []
     for req in plan:
         if req.kind in mac_material.AUTH_KINDS:
             if key is None:
                 raise BadRequest("authenticated material is for active groups only")
-            out.append(mac_material.deal(req, n, key))
+            out.append(balance.deal(req, n, key))
         else:
             out.append(dealer.deal(req, n))
     return out

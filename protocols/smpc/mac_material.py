@@ -7,9 +7,11 @@ material from the crypto provider's dealer service like semi-honest ones: one
 
 * every value the dealer authenticates travels as two components, ``NAME.v`` (the
   party's value share) and ``NAME.m`` (its MAC share), elements of Z_2^128 as int64
-  word pairs (last dimension 2). Parties 0..n-2 expand both from their 16-byte seed
-  (AES-CTR, :mod:`.prg`): only the last party receives explicit corrections, as in
-  semi-honest mode;
+  word pairs (last dimension 2). Every party expands both from its 16-byte seed
+  (AES-CTR, :mod:`.prg`) except the one party that receives the item's explicit
+  corrections (as in semi-honest mode, where it is always the last party; here the
+  dealer picks the party with the fewest correction bytes so far, :class:`Balance`, so
+  the tens of MB a training step needs are not all decrypted and decoded by one party);
 * ``a_key`` carries the party's share of the group's MAC key alpha and the key's id.
   The key is fixed per (dealer, group), so shares kept between sessions stay checkable;
 * ``a_check`` carries the party's check seed, its nonce and the dealer's commitments to
@@ -39,7 +41,7 @@ from . import ring128 as R
 from .messages import Material, Request
 from .prg import Prg, new_seed
 
-__all__ = ["MacKey", "MaterialDealer", "deal", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
+__all__ = ["MacKey", "MaterialDealer", "Balance", "deal", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
            "key_material", "AUTH_KINDS"]
 
 AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_relu", "a_outmask",
@@ -224,10 +226,15 @@ def _clear_values(req: Request, uniform=R.uniform) -> dict[str, np.ndarray]:
     raise BadRequest(f"unknown authenticated material kind {k!r}")
 
 
-def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[Material]:
+def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
+         fixed: int | None = None) -> list[Material]:
     """One Material per party for `req` under the group's MAC key.
 
-    `clear`, if given, receives the unshared values (the requester's output masks)."""
+    `clear`, if given, receives the unshared values (the requester's output masks);
+    `fixed` is the party that receives the corrections (default: the last)."""
+    fixed = n - 1 if fixed is None else fixed
+    if not 0 <= fixed < n:
+        raise BadRequest("the corrected party is out of range")
     if req.kind == "a_key":
         return key_material(key, n)
     spec = auth_spec(req, n)
@@ -243,7 +250,7 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[M
     seeded: set[str] = set()
 
     def from_seeds(name: str, shape) -> np.ndarray:
-        """A uniform value whose every share, the last party's too, is its seed's
+        """A uniform value whose every share, the corrected party's too, is its seed's
         expansion: no correction to send (uniform to any n - 1 parties, who lack one
         seed)."""
         seeded.add(name)
@@ -263,7 +270,7 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[M
     fixes: dict[str, torch.Tensor] = {}
 
     def others(comp, shape):
-        return [Prg(seeds[p]).int64(shape, stream=index[comp]) for p in range(n - 1)]
+        return [Prg(seeds[p]).int64(shape, stream=index[comp]) for p in range(n) if p != fixed]
 
     for name, v in values.items():
         shape = R.shape(v)
@@ -274,7 +281,7 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[M
             for share in others(comp, shape + (2,)):
                 target = R.sub(target, R.from_wire(share))
             fixes[comp] = R.to_wire(target)
-    if bits:                       # XOR shares: the last party's part is the rest
+    if bits:                       # XOR shares: the corrected party's part is the rest
         delta = mac_bits.random_key()
         targets = {"delta": mac_bits.key_word(delta)}
         for name, words in bits.items():
@@ -285,7 +292,7 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None) -> list[M
             for share in others(comp, tuple(target.shape)):
                 target ^= share
             fixes[comp] = target
-    out = [Material(req.kind, p, seeds[p], tuple(spec), fixes if p == n - 1 else {})
+    out = [Material(req.kind, p, seeds[p], tuple(spec), fixes if p == fixed else {})
            for p in range(n)]
     if req.kind == "a_input":     # the input owner (harness inputs) learns its mask
         owner = req.param
@@ -301,6 +308,20 @@ def names_shape(req: Request) -> tuple[int, ...]:
     return _shape(req.shapes[0])
 
 
+class Balance:
+    """Which party receives the next item's corrections: the one with the fewest
+    correction bytes so far (the network dealer keeps one per bundle)."""
+
+    def __init__(self, n: int):
+        self.bytes = [0] * n
+
+    def deal(self, req: Request, n: int, key: MacKey) -> list[Material]:
+        fixed = min(range(n), key=lambda p: (self.bytes[p], -p))    # ties: the last party
+        out = deal(req, n, key, fixed=fixed)
+        self.bytes[fixed] += out[fixed].nbytes
+        return out
+
+
 class MaterialDealer:
     """An in-memory dealer serving :class:`.mac.ActiveParty` with the network's material
     (seed-compressed Materials, expanded by each party): what the harness and the local
@@ -310,11 +331,12 @@ class MaterialDealer:
         self.n, self.key = n, MacKey.new(n)
         self._items: list[tuple[Request, list[Material]]] = []
         self.bytes_dealt = [0] * n
+        self._balance = Balance(n)
 
     def take(self, party: int, index: int, key: tuple) -> dict:
         req = to_request(key)
         if index == len(self._items):
-            self._items.append((req, deal(req, self.n, self.key)))
+            self._items.append((req, self._balance.deal(req, self.n, self.key)))
         if index >= len(self._items) or self._items[index][0] != req:
             raise ProtocolError("parties asked the dealer for different material")
         m = self._items[index][1][party]
