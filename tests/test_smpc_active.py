@@ -402,8 +402,8 @@ def test_network_material_sums_to_authenticated_values(kind, shapes, param, part
         if not comp.endswith(".v"):
             continue
         name = comp[:-2]
-        v = sum(R.to_ints(R.from_wire(e[comp])) for e in expanded) % MOD128
-        m = sum(R.to_ints(R.from_wire(e[f"{name}.m"])) for e in expanded) % MOD128
+        v = sum(R.to_ints(MM.ring_component(e[comp])) for e in expanded) % MOD128
+        m = sum(R.to_ints(MM.ring_component(e[f"{name}.m"])) for e in expanded) % MOD128
         assert np.all(v == R.to_ints(clear[name]) % MOD128), name
         assert np.all(m == (v * key.alpha) % MOD128), name
         vals[name] = v

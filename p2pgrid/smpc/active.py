@@ -28,7 +28,7 @@ import torch
 import trio
 
 from p2pgrid.errors import BadRequest, CheatingDetected, PeerUnavailable, ProtocolError
-from p2pgrid.protocols.smpc import mac
+from p2pgrid.protocols.smpc import mac, mac_material
 from p2pgrid.protocols.smpc import ring128 as R
 from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
 
@@ -77,8 +77,8 @@ async def take_masks(peer, state: SmpcState, group: Group, party: int, id_: str,
     remember_key(state, group, key_id, alpha)
     out = []
     for i in range(len(masks) // 2):
-        out.append(mac.AuthShared(mac._from_wire128(masks[f"r{i}.v"]),
-                                  mac._from_wire128(masks[f"r{i}.m"]), 0))
+        out.append(mac.AuthShared(mac_material.ring_component(masks[f"r{i}.v"]),
+                                  mac_material.ring_component(masks[f"r{i}.m"]), 0))
     return key_id, out
 
 

@@ -6,8 +6,10 @@ material from the crypto provider's dealer service like semi-honest ones: one
 :class:`~.messages.Material` per party. Here are the ``a_*`` kinds:
 
 * every value the dealer authenticates travels as two components, ``NAME.v`` (the
-  party's value share) and ``NAME.m`` (its MAC share), elements of Z_2^128 as int64
-  word pairs (last dimension 2). Every party expands both from its 16-byte seed
+  party's value share) and ``NAME.m`` (its MAC share): int64 tensors of shape S + (2,)
+  whose memory is :mod:`.ring128`'s layout of the elements of Z_2^128, all low words
+  then all high words (:func:`ring_component`, :func:`wire_component`: no copy either
+  way, where interleaved word pairs cost a strided copy on both ends). Every party expands both from its 16-byte seed
   (AES-CTR, :mod:`.prg`) except the one party that receives the item's explicit
   corrections (as in semi-honest mode, where it is always the last party; here the
   dealer picks the party with the fewest correction bytes so far, :class:`Balance`, so
@@ -41,7 +43,7 @@ from . import ring128 as R
 from .messages import Material, Request
 from .prg import Prg, new_seed
 
-__all__ = ["MacKey", "MaterialDealer", "Balance", "deal", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
+__all__ = ["MacKey", "MaterialDealer", "Balance", "deal", "ring_component", "wire_component", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
            "key_material", "AUTH_KINDS"]
 
 AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_relu", "a_outmask",
@@ -186,6 +188,18 @@ def to_request(key: tuple) -> Request:
 
 # ---------------------------------------------------------------- dealing
 
+def ring_component(t: torch.Tensor) -> np.ndarray:
+    """A ``.v``/``.m`` component (int64, shape S + (2,)) as the ring array (2, *S) its
+    memory holds: a view, no copy."""
+    t = t.contiguous()
+    return t.numpy().view(np.uint64).reshape((2,) + tuple(t.shape[:-1]))
+
+
+def wire_component(a: np.ndarray) -> torch.Tensor:
+    """A ring array (2, *S) as the component (int64, shape S + (2,)) that carries it."""
+    return torch.from_numpy(np.ascontiguousarray(a).view(np.int64).reshape(a.shape[1:] + (2,)))
+
+
 def _words(b: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(b), dtype=torch.int64).clone()
 
@@ -256,8 +270,8 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
         seeded.add(name)
         comp, total = f"{name}.v", R.zeros(shape)
         for p in range(n):
-            total = R.add(total, R.from_wire(Prg(seeds[p]).int64(tuple(shape) + (2,),
-                                                                   stream=index[comp])))
+            total = R.add(total, ring_component(Prg(seeds[p]).int64(tuple(shape) + (2,),
+                                                                      stream=index[comp])))
         return total
 
     if req.kind in _CMP_KINDS:
@@ -279,8 +293,8 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
         for part, target in parts:
             comp = f"{name}.{part}"
             for share in others(comp, shape + (2,)):
-                target = R.sub(target, R.from_wire(share))
-            fixes[comp] = R.to_wire(target)
+                target = R.sub(target, ring_component(share))
+            fixes[comp] = wire_component(target)
     if bits:                       # XOR shares: the corrected party's part is the rest
         delta = mac_bits.random_key()
         targets = {"delta": mac_bits.key_word(delta)}
@@ -377,7 +391,7 @@ class NetworkFeed:
                 out[comp] = mac._from_wire(t)          # the input owner's clear mask
             elif comp.endswith(".v"):
                 name = comp[:-2]
-                out[name] = (mac._from_wire128(t), mac._from_wire128(got[f"{name}.m"]))
+                out[name] = (ring_component(t), ring_component(got[f"{name}.m"]))
             elif comp.endswith(".b"):
                 name = comp[:-2]
                 out[name] = (t, got[f"{name}.bm"])
