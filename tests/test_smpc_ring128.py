@@ -93,6 +93,13 @@ def test_kernel_cases_numpy_takes_over(backend):
     row = R.rand((5,))
     assert np.all(R.to_ints(R.add(t, t)) == (2 * it) % MOD)
     assert np.all(R.to_ints(R.mul(a, row)) == (ia * R.to_ints(row)) % MOD)   # broadcast
+    one, pairs = R.rand(()), R.rand((3, 2))            # an element against a last axis of 2
+    for op, f in ((R.add, lambda x, y: x + y), (R.sub, lambda x, y: x - y),
+                  (R.mul, lambda x, y: x * y)):
+        assert np.all(R.to_ints(op(pairs, one)) == f(R.to_ints(pairs), R.to_int(one)) % MOD)
+        assert np.all(R.to_ints(op(one, pairs)) == f(R.to_int(one), R.to_ints(pairs)) % MOD)
+    col = R.rand((6, 1))
+    assert np.all(R.to_ints(R.sub(col, row)) == (R.to_ints(col) - R.to_ints(row)) % MOD)
     assert np.all(R.to_ints(R.sub(a, -(1 << 100))) == (ia + (1 << 100)) % MOD)
     assert np.all(R.to_ints(R.mul_int(a, -3)) == (-3 * ia) % MOD)
     assert np.all(R.to_ints(R.mul_u64(t, np.ascontiguousarray(t[0]))) ==

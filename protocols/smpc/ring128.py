@@ -72,8 +72,8 @@ def kernels():
 
 def _c_op(op: str, a, b) -> np.ndarray | None:
     """a op b (add, sub, mul) by the kernels into a fresh array, for a ring array a and an
-    int or a ring array of a's shape (copied first if not contiguous: one pass, where numpy
-    takes several); None when b broadcasts (numpy then does it)."""
+    int or a ring array (operands that broadcast or are not contiguous are copied first:
+    one pass, where numpy takes several); None for other operands (numpy then)."""
     if _C is None or not isinstance(a, np.ndarray) or a.dtype != _U:
         return None
     if isinstance(b, int):
@@ -82,8 +82,15 @@ def _c_op(op: str, a, b) -> np.ndarray | None:
         c = (-b if op == "sub" else b) % (1 << 128)
         (_C.mul_scalar if op == "mul" else _C.add_scalar)(a, c & MASK64, c >> 64, out)
         return out
-    if not isinstance(b, np.ndarray) or b.dtype != _U or b.shape != a.shape:
+    if not isinstance(b, np.ndarray) or b.dtype != _U or b.ndim < 1 or len(b) != 2:
         return None
+    if b.shape != a.shape:           # broadcast the logical shapes (axis 0 holds the words)
+        try:
+            logical = np.broadcast_shapes(a.shape[1:], b.shape[1:])
+        except ValueError:
+            return None
+        a, b = (np.broadcast_to(x.reshape((2,) + (1,) * (len(logical) - x.ndim + 1) + x.shape[1:]),
+                                (2,) + logical) for x in (a, b))
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     out = np.empty_like(a)
     getattr(_C, op)(a, b, out)
