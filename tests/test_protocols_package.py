@@ -25,7 +25,8 @@ def test_doctests(name):
     module = importlib.import_module(name)
     result = doctest.testmod(module, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
-    if ">>>" in Path(module.__file__).read_text():
+    source = Path(module.__file__)      # compiled kernels (_ring128) have no source here
+    if source.suffix == ".py" and ">>>" in source.read_text():
         assert result.attempted > 0, f"the examples in {name} were not found"
 
 
