@@ -426,7 +426,7 @@ def test_dealer_spreads_corrections_over_parties():
     from p2pgrid.protocols.smpc.messages import Request
     key, balance = MM.MacKey.new(2), MM.Balance(2)
     big, small = Request("a_mtriple", ((8, 64), (64, 32))), Request("a_trunc", ((4,),), 12)
-    got = [[bool(m.corrections) for m in balance.deal(r, 2, key)] for r in (big, small, big)]
+    got = [[bool(m.corrections) for m in balance.deal(r, key)] for r in (big, small, big)]
     assert got == [[False, True], [True, False], [True, False]]
     assert balance.bytes[0] > 0 and balance.bytes[1] > 0
 

@@ -57,7 +57,7 @@ def deal_plan(plan: list[Request], n: int, key: "mac_material.MacKey | None" = N
         if req.kind in mac_material.AUTH_KINDS:
             if key is None:
                 raise BadRequest("authenticated material is for active groups only")
-            out.append(balance.deal(req, n, key))
+            out.append(balance.deal(req, key))
         else:
             out.append(dealer.deal(req, n))
     return out

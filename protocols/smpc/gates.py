@@ -185,8 +185,9 @@ def lt_eq_codes(fields: np.ndarray, u_chunks: np.ndarray) -> np.ndarray:
     from XOR shares of v's one-hot 16-bit fields (any shape) and the public chunks u
     (broadcast over fields' leading axes, e.g. every MAC plane)."""
     kernels = ring128.kernels()
-    u = u_chunks.reshape(u_chunks.shape[next((i for i, d in enumerate(u_chunks.shape) if d != 1),
-                                             u_chunks.ndim):])      # leading 1s broadcast
+    u = u_chunks
+    while u.ndim > 1 and u.shape[0] == 1:     # leading 1s broadcast over fields' planes
+        u = u[0]
     if kernels is not None and fields.shape[fields.ndim - u.ndim:] == u.shape:
         out = np.empty(fields.shape, np.uint8)
         kernels.lt_eq(np.ascontiguousarray(fields, np.uint16), np.ascontiguousarray(u, np.uint8),

@@ -9,9 +9,9 @@ material from the crypto provider's dealer service like semi-honest ones: one
   party's value share) and ``NAME.m`` (its MAC share): int64 tensors of shape S + (2,)
   whose memory is :mod:`.ring128`'s layout of the elements of Z_2^128, all low words
   then all high words (:func:`ring_component`, :func:`wire_component`: no copy either
-  way, where interleaved word pairs cost a strided copy on both ends). Every party expands both from its 16-byte seed
-  (AES-CTR, :mod:`.prg`) except the one party that receives the item's explicit
-  corrections (as in semi-honest mode, where it is always the last party; here the
+  way, where interleaved word pairs cost a strided copy on both ends). Every party
+  expands both from its 16-byte seed (AES-CTR, :mod:`.prg`) except the one party that
+  receives the item's explicit corrections (as in semi-honest mode, where it is always the last party; here the
   dealer picks the party with the fewest correction bytes so far, :class:`Balance`, so
   the tens of MB a training step needs are not all decrypted and decoded by one party);
 * ``a_key`` carries the party's share of the group's MAC key alpha and the key's id.
@@ -43,8 +43,9 @@ from . import ring128 as R
 from .messages import Material, Request
 from .prg import Prg, new_seed
 
-__all__ = ["MacKey", "MaterialDealer", "Balance", "deal", "ring_component", "wire_component", "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS",
-           "key_material", "AUTH_KINDS"]
+__all__ = ["MacKey", "MaterialDealer", "Balance", "deal", "ring_component", "wire_component",
+           "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS", "key_material",
+           "AUTH_KINDS"]
 
 AUTH_KINDS = ("a_key", "a_triple", "a_mtriple", "a_trunc", "a_cmp", "a_relu", "a_outmask",
               "a_check", "a_mask", "a_input", "a_linear", "a_truncmul")
@@ -288,8 +289,7 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
 
     for name, v in values.items():
         shape = R.shape(v)
-        parts = (("m", R.mul_int(v, key.alpha)),) if name in seeded else \
-            (("v", v), ("m", R.mul_int(v, key.alpha)))
+        parts = ([] if name in seeded else [("v", v)]) + [("m", R.mul_int(v, key.alpha))]
         for part, target in parts:
             comp = f"{name}.{part}"
             for share in others(comp, shape + (2,)):
@@ -329,7 +329,8 @@ class Balance:
     def __init__(self, n: int):
         self.bytes = [0] * n
 
-    def deal(self, req: Request, n: int, key: MacKey) -> list[Material]:
+    def deal(self, req: Request, key: MacKey) -> list[Material]:
+        n = len(self.bytes)
         fixed = min(range(n), key=lambda p: (self.bytes[p], -p))    # ties: the last party
         out = deal(req, n, key, fixed=fixed)
         self.bytes[fixed] += out[fixed].nbytes
@@ -350,7 +351,7 @@ class MaterialDealer:
     def take(self, party: int, index: int, key: tuple) -> dict:
         req = to_request(key)
         if index == len(self._items):
-            self._items.append((req, self._balance.deal(req, self.n, self.key)))
+            self._items.append((req, self._balance.deal(req, self.key)))
         if index >= len(self._items) or self._items[index][0] != req:
             raise ProtocolError("parties asked the dealer for different material")
         m = self._items[index][1][party]
