@@ -21,7 +21,9 @@ in this process, measures with real TLS HTTP/2 between all of them:
 - ``cpu_s_per_step``: CPU seconds (user + system) each process (alice, bob, dealer,
   client) spent per measured training step, and net of what it spends when idle
   (gossip, keepalives: ``idle_cpu_s_per_s``, measured over 3 s before the steps).
-  CPU time survives a loaded machine far better than wall time.
+  CPU time survives a loaded machine far better than wall time. ``loop_cpu_s_per_step``:
+  the part spent on each process's main thread (its trio loop: transport, handlers),
+  the rest being worker threads (protocol compute, dealing, material expansion);
 
 Medians over ``--reps`` after ``--warmup`` runs (the first run of a program plans it
 and fetches its material; later runs get material the dealer made ahead of use).
@@ -226,7 +228,7 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
     for i in range(args.warmup + args.reps):
         if i == args.warmup:
             wire0 = _wire_bytes(args.lab)
-            cpu0 = _cpu_now(args.pids)
+            cpu0, loop0 = _cpu_now(args.pids), _cpu_now(args.pids, "main")
         rows = slice(B * (i % 4), B * (i % 4) + B)
         program = xs[rows].program([xs[rows], ys[rows]])
         t0 = time.perf_counter()
@@ -240,7 +242,7 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
             times.append(time.perf_counter() - t0)
             party_s.append(max(r.values[0] for r in replies))
         last = replies
-    cpu1 = _cpu_now(args.pids)
+    cpu1, loop1 = _cpu_now(args.pids), _cpu_now(args.pids, "main")
     wire = _wire_bytes(args.lab)
     train = {
         "s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
@@ -252,6 +254,8 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
     if wire:
         train["wire_bytes_per_step"] = {h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
     train["cpu_s_per_step"] = {k: round((cpu1[k] - cpu0[k]) / args.reps, 4) for k in cpu1}
+    train["loop_cpu_s_per_step"] = {k: round((loop1[k] - loop0[k]) / args.reps, 4)
+                                    for k in loop1}
     idle_rate = {k: (idle1[k] - idle0[k]) / t_idle for k in idle1}
     train["idle_cpu_s_per_s"] = {k: round(v, 4) for k, v in idle_rate.items()}
     mean = statistics.fmean(times)
@@ -286,17 +290,19 @@ async def _inference(args, net: Network, model, kw: dict, g) -> dict:
     return res
 
 
-def _cpu_now(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system) each benchmark process has used so far."""
+def _cpu_now(pids: dict[str, int], thread: str = "") -> dict[str, float]:
+    """CPU seconds (user + system) each benchmark process has used so far; with
+    ``thread="main"``, its main thread's only (the trio loop: transport, handlers)."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for name, pid in pids.items():
+        path = f"/proc/{pid}/task/{pid}/stat" if thread == "main" else f"/proc/{pid}/stat"
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
             out[name] = (int(fields[11]) + int(fields[12])) / tick
         except (OSError, IndexError, ValueError):
             out[name] = float("nan")
-    out["client"] = time.process_time()
+    out["client"] = time.thread_time() if thread == "main" else time.process_time()
     return out
 
 
@@ -315,6 +321,22 @@ def _beaver_bound_bytes() -> int:
     for i in range(3):
         total += b * sizes[i] + sizes[i] * sizes[i + 1] + b * sizes[i + 1]  # x, W, grad
     return 8 * total
+
+
+def _own_cores(pids: dict[str, int]) -> None:
+    """Pin each party's threads to a CPU of its own and put the dealer's on SCHED_IDLE.
+    Threads a process starts later inherit this from the thread that starts them (the
+    peer's loop thread)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < len(PARTIES):
+        raise SystemExit(f"--placement own-cores needs {len(PARTIES)} CPUs, this machine "
+                         f"lets this process use {len(cpus)}")
+    for name, pid in pids.items():
+        for tid in (int(t) for t in os.listdir(f"/proc/{pid}/task")):
+            if name == DEALER:
+                os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            else:
+                os.sched_setaffinity(tid, {cpus[PARTIES.index(name)]})
 
 
 def main(argv=None) -> None:
@@ -336,6 +358,10 @@ def main(argv=None) -> None:
                     help="folder: run the party and dealer processes under cProfile, stats there")
     ap.add_argument("--lab", default=None,
                     help="lab id: run the parties in its hosts alice, bob, dealer (scripts/bench_wan.py)")
+    ap.add_argument("--placement", choices=["shared", "own-cores"], default="shared",
+                    help="shared: every process on every CPU (default); own-cores: each party "
+                         "pinned to a CPU of its own and the dealer on idle CPU time only "
+                         "(SCHED_IDLE), a stand-in for every peer on a machine of its own")
     args = ap.parse_args(argv)
     if args.serve:
         _serve_main(args)
@@ -356,6 +382,8 @@ def main(argv=None) -> None:
             p, _ = _spawn(name, root, seed, args.threads, args.lab, args.profile)
             procs.append(p)
         args.pids = {name: p.pid for name, p in zip((*PARTIES, DEALER), procs)}
+        if args.placement == "own-cores":
+            _own_cores(args.pids)
         t0 = time.perf_counter()
         ops = trio.run(_measure, args, seed)
         result = {
@@ -363,6 +391,7 @@ def main(argv=None) -> None:
                         "transport": "TLS HTTP/2 (rounds pushed on streams), "
                         + (f"lab {args.lab} (separate namespaces)" if args.lab else "loopback"), "frac_bits": 16,
                         "torch_threads": args.threads, "reps": args.reps,
+                        "placement": args.placement,
                         "cpus": os.cpu_count()},
             **ops,
             "beaver_bound_bytes_per_party_step": _beaver_bound_bytes(),
