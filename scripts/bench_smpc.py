@@ -62,7 +62,7 @@ from p2pgrid import smpc  # noqa: E402
 from p2pgrid.config import PeerConfig  # noqa: E402
 from p2pgrid.network import Network  # noqa: E402
 from p2pgrid.smpc.messages import RunProgram, TrainStep  # noqa: E402
-from p2pgrid.smpc.tensor import output_masks, result_of, run_on_parties  # noqa: E402
+from p2pgrid.smpc.tensor import MasksAhead, output_masks, result_of, run_on_parties  # noqa: E402
 
 PARTIES = ("alice", "bob")
 CHAIN = 20
@@ -225,6 +225,7 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
     idle1, t_idle = _cpu_now(args.pids), time.perf_counter() - t_idle
     times, party_s, last = [], [], None
     wire0 = cpu0 = None
+    ahead = MasksAhead()   # as EncryptedModel.fit_batch: the next step's loss mask during this one
     for i in range(args.warmup + args.reps):
         if i == args.warmup:
             wire0 = _wire_bytes(args.lab)
@@ -232,12 +233,12 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
         rows = slice(B * (i % 4), B * (i % 4) + B)
         program = xs[rows].program([xs[rows], ys[rows]])
         t0 = time.perf_counter()
-        mask, _ = await output_masks(net, model.group, [[]])
-        replies = await run_on_parties(
+        mask, _ = await ahead.take(net, model.group, [[]])
+        replies = await ahead.beside(net, model.group, [[]], lambda: run_on_parties(
             net, model.group, lambda s, nxt: TrainStep(s, model.group.to_wire(), model.id,
                                                        program, opt.lr, "mse", True, nxt,
                                                        mask=mask),
-            chain="train")
+            chain="train"))
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
             party_s.append(max(r.values[0] for r in replies))

@@ -4,6 +4,7 @@ its own peer; the cheating party is in tests/adversarial/test_smpc_cheating.py."
 
 import pytest
 import torch
+import trio
 from torch import nn
 
 from p2pgrid import smpc
@@ -103,3 +104,85 @@ async def test_owner_requiring_active_refuses_semi_honest(tmp_path):
         with pytest.raises(PermissionDenied) as err:
             await (handle + 1).reveal()
         assert "security" in str(err.value) and "\n" not in str(err.value)
+
+
+async def test_output_masks_taken_beside_the_session_fail_it_cleanly(tmp_path):
+    """Parties take the requester's output masks from the dealer while the session runs
+    (only its last opening uses them). A mask that was never dealt, or one dealt for
+    another number of outputs, fails the session on every party with one line that says
+    why, and nothing changes: the model is the same and the next step runs."""
+    from p2pgrid.errors import BadRequest
+    from p2pgrid.smpc.messages import TrainStep
+    from p2pgrid.smpc.tensor import output_masks, run_on_parties
+
+    async with open_network(peers(tmp_path, "hospital", "clinic", "company"), tmp_path,
+                            **NET) as grid:
+        net = grid.net("company")
+        torch.manual_seed(5)
+        model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)).double()
+        x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        kw = dict(parties=("hospital", "clinic"), dealer=DEALER, **ACTIVE)
+        enc = await net.encrypt_model(model, requires_grad=True, **kw)
+        X, Y = await net.share(x, **kw), await net.share(y, **kw)
+        program = X.program([X, Y])
+
+        async def step(mask):
+            return await run_on_parties(net, enc.group, lambda s, nxt: TrainStep(
+                s, enc.group.to_wire(), enc.id, program, 0.1, "mse", True, nxt, 30.0, mask))
+
+        two, _ = await output_masks(net, enc.group, [[], []])     # dealt for two outputs
+        for mask, why in (("0" * 32, "no mask"), (two, "2 output masks for 1")):
+            with pytest.raises(BadRequest) as err:
+                await step(mask)
+            assert why in str(err.value) and "\n" not in str(err.value), str(err.value)
+        trained = await enc.decrypt()                       # unchanged by the failed steps
+        for p, q in zip(trained.parameters(), model.parameters()):
+            close(p.detach(), q.detach(), 1e-4)
+        loss = await enc.fit_batch(X, Y, optimizer=smpc.SGD(enc, lr=0.1))
+        assert abs(loss - nn.functional.mse_loss(model(x), y).item()) < 2e-3
+
+
+async def test_training_asks_for_the_next_steps_mask_during_this_one(tmp_path):
+    """fit_batch asks the dealer for the next step's loss mask while this step runs, and
+    the next step uses it (no round trip to the dealer before it); one kept too long is
+    left to expire and a fresh one asked for."""
+    from p2pgrid.smpc.tensor import MASK_AHEAD_S
+
+    async with open_network(peers(tmp_path, "hospital", "clinic", "company"), tmp_path,
+                            **NET) as grid:
+        net = grid.net("company")
+        dealer = grid.net(DEALER)._peer.extensions["smpc"].dealer
+        torch.manual_seed(6)
+        model = nn.Sequential(nn.Linear(3, 2)).double()
+        x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+        kw = dict(parties=("hospital", "clinic"), dealer=DEALER, **ACTIVE)
+        enc = await net.encrypt_model(model, requires_grad=True, **kw)
+        X, Y = await net.share(x, **kw), await net.share(y, **kw)
+        opt = smpc.SGD(enc, lr=0.1)
+        ahead = enc._masks["fit"]
+        losses = [await enc.fit_batch(X, Y, optimizer=opt)]
+        with trio.fail_after(10):
+            while ahead._ready is None:        # asked beside the step, which did not wait
+                await trio.sleep(0.01)
+        asked, _, (mid, _) = ahead._ready
+        assert mid in dealer.masks                        # dealt, not yet taken
+        losses.append(await enc.fit_batch(X, Y, optimizer=opt))
+        assert mid not in dealer.masks                    # this step took it
+        with trio.fail_after(10):
+            while ahead._ready is None:
+                await trio.sleep(0.01)
+        old = ahead._ready
+        ahead._ready = (old[0] - MASK_AHEAD_S - 1, *old[1:])
+        losses.append(await enc.fit_batch(X, Y, optimizer=opt))
+        assert old[2][0] in dealer.masks                  # the stale one was not used
+        want = []
+        for _ in range(3):
+            loss = nn.functional.mse_loss(model(x), y)
+            want.append(loss.item())
+            model.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+        for got, exp in zip(losses, want):
+            assert abs(got - exp) < 2e-3, (losses, want)

@@ -29,7 +29,7 @@ from p2pgrid.errors import BadRequest, NotFound
 from .handlers import approve_group, input_messages
 from .messages import Predict, RegisterModel, TrainStep
 from .state import Group, ShareRules
-from .tensor import (DEFAULT_TIMEOUT, SharedTensor, _Node, new_id, output_masks, result_of,
+from .tensor import (DEFAULT_TIMEOUT, MasksAhead, SharedTensor, _Node, new_id, result_of,
                      run_on_parties)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +76,8 @@ class EncryptedModel:
         self._net, self.group, self.id, self.spec = net, group, id, spec
         self.shapes, self.owner, self.requires_grad = shapes, owner, requires_grad
         self.steps = 0
+        # output masks asked for one step ahead (active groups): training, inference
+        self._masks = {"fit": MasksAhead(), "predict": MasksAhead()}
 
     def __repr__(self) -> str:
         kinds = "-".join(layer["kind"] for layer in self.spec)
@@ -119,12 +121,14 @@ class EncryptedModel:
         if not isinstance(optimizer, SGD) or optimizer.model is not self:
             raise BadRequest("pass optimizer=p2pgrid.smpc.SGD(this model, lr=...)")
         program = self._inputs(x, y)
-        mask, rs = await output_masks(self._net, self.group, [[]] if want_loss else [])
-        replies = await run_on_parties(
+        shapes = [[]] if want_loss else []
+        ahead = self._masks["fit"]
+        mask, rs = await ahead.take(self._net, self.group, shapes)
+        replies = await ahead.beside(self._net, self.group, shapes, lambda: run_on_parties(
             self._net, self.group,
             lambda s, nxt: TrainStep(s, self.group.to_wire(), self.id, program, optimizer.lr,
                                      loss, want_loss, nxt, timeout, mask), timeout=timeout,
-            chain=f"train:{self.id}")
+            chain=f"train:{self.id}"))
         self.steps += 1
         if not want_loss or any(r.shares[0] is None for r in replies):
             return None
@@ -155,13 +159,15 @@ class EncryptedModel:
             per_party = lambda i, msg: dataclasses.replace(msg, inputs=[shares[i]])  # noqa: E731
         else:
             program = self._inputs(x)
-        mask, rs = await output_masks(self._net, self.group, [self._output_shape(x.shape)])
-        replies = await run_on_parties(
+        shapes = [self._output_shape(x.shape)]
+        ahead = self._masks["predict"]
+        mask, rs = await ahead.take(self._net, self.group, shapes)
+        replies = await ahead.beside(self._net, self.group, shapes, lambda: run_on_parties(
             self._net, self.group,
             lambda s, nxt: Predict(s, self.group.to_wire(), self.id, program, "", nxt, timeout,
                                    mask=mask),
             timeout=timeout, per_party=per_party,
-            chain=f"predict:{self.id}:{'input' if per_party else 'shared'}")
+            chain=f"predict:{self.id}:{'input' if per_party else 'shared'}"))
         return result_of(replies, 0, rs)
 
     def _output_shape(self, x_shape) -> list[int]:

@@ -17,6 +17,7 @@ the requester sends one request per party per computation.
 from __future__ import annotations
 
 import secrets
+import time
 from numbers import Real
 from typing import Any, Sequence
 
@@ -190,6 +191,51 @@ async def output_masks(net, group: Group, shapes) -> tuple[str, list[torch.Tenso
         return "", []
     from .active import request_masks
     return await request_masks(net._peer, group, [list(s) for s in shapes])
+
+
+MASK_AHEAD_S = 60.0   # a mask asked for ahead is used within this (the dealer keeps it 120 s)
+
+
+class MasksAhead:
+    """A chain's next output masks, asked for from the dealer while the current step runs.
+
+    An active session's outputs leave masked for the requester, with masks it asks the
+    dealer for before the session (:func:`output_masks`). A chain of sessions (training
+    steps, inference batches) asks for the next one's while this one runs
+    (:meth:`beside`), so no step but the first waits for that round trip. A mask asked
+    for ahead and not used within :data:`MASK_AHEAD_S` is left to expire on the dealer.
+
+    >>> ahead = MasksAhead()            # one per chain, e.g. per model and kind of session
+    >>> # mask, rs = await ahead.take(net, group, [[]])
+    >>> # replies = await ahead.beside(net, group, [[]], lambda: run_on_parties(...))
+    """
+
+    def __init__(self):
+        self._ready: tuple[float, tuple, tuple[str, list[torch.Tensor]]] | None = None
+
+    async def take(self, net, group: Group, shapes) -> tuple[str, list[torch.Tensor]]:
+        """Masks for this session: the ones asked for ahead if they fit, else asked now."""
+        key = tuple(tuple(int(d) for d in s) for s in shapes)
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[1] == key and time.monotonic() - ready[0] < MASK_AHEAD_S:
+            return ready[2]
+        return await output_masks(net, group, shapes)
+
+    async def beside(self, net, group: Group, shapes, run):
+        """``await run()`` (this session) while asking for the next one's masks (a task of
+        the peer's, bounded by its own deadline: the session does not wait for it)."""
+        if group.active and shapes:
+            _smpc_state(net).nursery.start_soon(self._ahead, net, group, shapes)
+        return await run()
+
+    async def _ahead(self, net, group: Group, shapes) -> None:
+        key = tuple(tuple(int(d) for d in s) for s in shapes)
+        with trio.move_on_after(MASK_AHEAD_S / 4):
+            try:
+                got = await output_masks(net, group, shapes)
+            except P2PError:
+                return  # the next session asks again, and reports what goes wrong
+            self._ready = (time.monotonic(), key, got)
 
 
 def result_of(replies: list[ProgramResult], i: int, masks: list[torch.Tensor]) -> torch.Tensor:
