@@ -24,6 +24,17 @@ def peers(tmp_path, *names, **extra):
     return [*out, PeerConfig(name=DEALER, roles=("crypto-provider",), data_dir=tmp_path / DEALER)]
 
 
+async def encrypted(grid, model: nn.Module, rows: int):
+    """The company's net, the model encrypted among hospital and clinic for training, a
+    random batch (x, y) of `rows` and its shares (X, Y)."""
+    net = grid.net("company")
+    x = torch.randn(rows, model[0].in_features, dtype=torch.float64)
+    y = torch.randn(rows, model[-1].out_features, dtype=torch.float64)
+    kw = dict(parties=("hospital", "clinic"), dealer=DEALER, **ACTIVE)
+    enc = await net.encrypt_model(model, requires_grad=True, **kw)
+    return net, enc, x, y, await net.share(x, **kw), await net.share(y, **kw)
+
+
 def close(got, want, tol):
     got, want = torch.as_tensor(got, dtype=torch.float64), torch.as_tensor(want, dtype=torch.float64)
     assert got.shape == want.shape, (got.shape, want.shape)
@@ -56,14 +67,10 @@ async def test_active_ops_match_plaintext(tmp_path):
 async def test_active_training_step_and_inference_match_plaintext(tmp_path):
     async with open_network(peers(tmp_path, "hospital", "clinic", "company"), tmp_path,
                             **NET) as grid:
-        net = grid.net("company")
         torch.manual_seed(3)
         model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2)).double()
-        x, y = torch.randn(8, 5, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
-        kw = dict(parties=("hospital", "clinic"), dealer=DEALER, **ACTIVE)
-        enc = await net.encrypt_model(model, requires_grad=True, **kw)
+        net, enc, x, y, X, Y = await encrypted(grid, model, 8)
         close(await enc.predict(x), model(x).detach(), 2e-3)           # plaintext input
-        X, Y = await net.share(x, **kw), await net.share(y, **kw)
         close(await enc.predict(X), model(x).detach(), 2e-3)           # shared input
         loss = await enc.fit_batch(X, Y, optimizer=smpc.SGD(enc, lr=0.1))
         want = nn.functional.mse_loss(model(x), y)
@@ -117,13 +124,9 @@ async def test_output_masks_taken_beside_the_session_fail_it_cleanly(tmp_path):
 
     async with open_network(peers(tmp_path, "hospital", "clinic", "company"), tmp_path,
                             **NET) as grid:
-        net = grid.net("company")
         torch.manual_seed(5)
         model = nn.Sequential(nn.Linear(5, 3), nn.ReLU(), nn.Linear(3, 2)).double()
-        x, y = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
-        kw = dict(parties=("hospital", "clinic"), dealer=DEALER, **ACTIVE)
-        enc = await net.encrypt_model(model, requires_grad=True, **kw)
-        X, Y = await net.share(x, **kw), await net.share(y, **kw)
+        net, enc, x, y, X, Y = await encrypted(grid, model, 4)
         program = X.program([X, Y])
 
         async def step(mask):
@@ -150,14 +153,10 @@ async def test_training_asks_for_the_next_steps_mask_during_this_one(tmp_path):
 
     async with open_network(peers(tmp_path, "hospital", "clinic", "company"), tmp_path,
                             **NET) as grid:
-        net = grid.net("company")
         dealer = grid.net(DEALER)._peer.extensions["smpc"].dealer
         torch.manual_seed(6)
         model = nn.Sequential(nn.Linear(3, 2)).double()
-        x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
-        kw = dict(parties=("hospital", "clinic"), dealer=DEALER, **ACTIVE)
-        enc = await net.encrypt_model(model, requires_grad=True, **kw)
-        X, Y = await net.share(x, **kw), await net.share(y, **kw)
+        _, enc, x, y, X, Y = await encrypted(grid, model, 4)
         opt = smpc.SGD(enc, lr=0.1)
         ahead = enc._masks["fit"]
         losses = [await enc.fit_batch(X, Y, optimizer=opt)]

@@ -204,20 +204,22 @@ class MasksAhead:
     steps, inference batches) asks for the next one's while this one runs
     (:meth:`beside`), so no step but the first waits for that round trip. A mask asked
     for ahead and not used within :data:`MASK_AHEAD_S` is left to expire on the dealer.
-
-    >>> ahead = MasksAhead()            # one per chain, e.g. per model and kind of session
-    >>> # mask, rs = await ahead.take(net, group, [[]])
-    >>> # replies = await ahead.beside(net, group, [[]], lambda: run_on_parties(...))
+    One per chain (:meth:`EncryptedModel.fit_batch` keeps one per model): ``mask, rs =
+    await ahead.take(net, group, shapes)``, then ``await ahead.beside(net, group, shapes,
+    lambda: run_on_parties(...))``.
     """
 
     def __init__(self):
         self._ready: tuple[float, tuple, tuple[str, list[torch.Tensor]]] | None = None
 
+    @staticmethod
+    def _key(shapes) -> tuple:
+        return tuple(tuple(int(d) for d in s) for s in shapes)
+
     async def take(self, net, group: Group, shapes) -> tuple[str, list[torch.Tensor]]:
         """Masks for this session: the ones asked for ahead if they fit, else asked now."""
-        key = tuple(tuple(int(d) for d in s) for s in shapes)
         ready, self._ready = self._ready, None
-        if ready is not None and ready[1] == key and time.monotonic() - ready[0] < MASK_AHEAD_S:
+        if ready is not None and ready[1] == self._key(shapes) and time.monotonic() - ready[0] < MASK_AHEAD_S:
             return ready[2]
         return await output_masks(net, group, shapes)
 
@@ -229,13 +231,12 @@ class MasksAhead:
         return await run()
 
     async def _ahead(self, net, group: Group, shapes) -> None:
-        key = tuple(tuple(int(d) for d in s) for s in shapes)
         with trio.move_on_after(MASK_AHEAD_S / 4):
             try:
                 got = await output_masks(net, group, shapes)
             except P2PError:
                 return  # the next session asks again, and reports what goes wrong
-            self._ready = (time.monotonic(), key, got)
+            self._ready = (time.monotonic(), self._key(shapes), got)
 
 
 def result_of(replies: list[ProgramResult], i: int, masks: list[torch.Tensor]) -> torch.Tensor:
