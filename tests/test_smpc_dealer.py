@@ -122,3 +122,36 @@ def test_material_queue_remote_flow():
         queues[0].take(plan[0])  # nothing buffered
     with pytest.raises(ProtocolError):
         queues[0].put(plan[0], dealer.deal(plan[0], 3)[1])  # another party's material
+
+
+def test_a_seed_expands_its_components_along_one_stream_without_overlap():
+    """expand_seed lays an item's components one after the other along the seed's stream,
+    each from a fresh 16-byte block: every component is its own stretch of keystream
+    (none shares a word with another), and skipping some (a party's corrections) leaves
+    the others as they are."""
+    import itertools
+
+    import numpy as np
+
+    from p2pgrid.protocols.smpc.messages import expand_seed
+
+    spec = (("a", (3,)), ("empty", (0, 4)), ("b", (2, 5)), ("c", (1,)), ("d", (4, 2, 2)))
+    seed = bytes(range(16))
+    whole = expand_seed(seed, spec)
+    stream = Prg(seed).blocks(0, 64).view(np.int64)
+    block = 0
+    for name, shape in spec:
+        n = int(np.prod(shape))
+        assert whole[name].shape == shape and whole[name].dtype == torch.int64
+        assert np.array_equal(whole[name].reshape(-1).numpy(), stream[2 * block:2 * block + n])
+        block += (8 * n + 15) // 16
+    words = np.concatenate([t.reshape(-1).numpy() for t in whole.values()])
+    assert len(set(words.tolist())) == len(words) == 3 + 10 + 1 + 16
+    names = [name for name, _ in spec]
+    for k in range(1, len(names)):
+        for skip in itertools.combinations(names, k):
+            part = expand_seed(seed, spec, skip=set(skip))
+            assert set(part) == set(names) - set(skip)
+            assert all(torch.equal(part[n], whole[n]) for n in part)
+    other = expand_seed(bytes(16), spec)
+    assert not torch.equal(other["a"], whole["a"])

@@ -27,7 +27,7 @@ import torch
 from p2pgrid.errors import BadRequest, ShapeError
 
 from .gates import cmp_spec, deal_cmp
-from .messages import Material, Request
+from .messages import Material, Request, expand_seed
 from .prg import Prg, SEED_BYTES, new_seed
 from .ring import logical_rshift, msb, ring_matmul
 
@@ -209,11 +209,10 @@ class LocalDealer(Dealer):
         seeds = [self._prg.bytes(SEED_BYTES) for _ in range(n)]
         totals: dict[str, torch.Tensor] = {}
         for p in range(n):
-            prg = Prg(seeds[p])
-            for i, (name, shape) in enumerate(spec):
-                if p == n - 1 and name in derived:
-                    continue  # the last party gets this one as a correction
-                t = prg.int64(shape, stream=i)  # same expansion as Material.expand
+            # the same expansion as Material.expand; the last party's derived components
+            # are corrections
+            for name, t in expand_seed(seeds[p], tuple(spec),
+                                       skip=set(derived) if p == n - 1 else ()).items():
                 if name not in totals:
                     totals[name] = t
                 else:

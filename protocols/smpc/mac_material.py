@@ -40,8 +40,8 @@ from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 
 from . import mac, mac_bits, mac_compare, mac_layers
 from . import ring128 as R
-from .messages import Material, Request
-from .prg import Prg, new_seed
+from .messages import Material, Request, expand_seed
+from .prg import new_seed
 
 __all__ = ["MacKey", "MaterialDealer", "Balance", "deal", "ring_component", "wire_component",
            "auth_spec", "to_request", "NetworkFeed", "plan", "MAX_ITEM_ELEMENTS", "key_material",
@@ -261,7 +261,20 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
         return [Material(req.kind, p, seeds[p], tuple(spec),
                          {"seed": _words(ss[p] + nonces[p]), "commits": _words(commits)})
                 for p in range(n)]
-    index = {name: i for i, (name, _) in enumerate(spec)}
+    spec_t = tuple(spec)
+    names = frozenset(name for name, _ in spec_t)
+    expanded: dict[int, dict[str, torch.Tensor]] = {}
+
+    def share(p: int, comp: str) -> torch.Tensor:
+        """Party p's expansion of `comp` (:func:`.messages.expand_seed`): each party's all at
+        once, as the dealer needs nearly all of them, but the corrected party's one at a
+        time (most of its components are corrections)."""
+        if p == fixed:
+            return expand_seed(seeds[p], spec_t, skip=names - {comp})[comp]
+        if p not in expanded:
+            expanded[p] = expand_seed(seeds[p], spec_t)
+        return expanded[p][comp]
+
     seeded: set[str] = set()
 
     def from_seeds(name: str, shape) -> np.ndarray:
@@ -271,8 +284,7 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
         seeded.add(name)
         comp, total = f"{name}.v", R.zeros(shape)
         for p in range(n):
-            total = R.add(total, ring_component(Prg(seeds[p]).int64(tuple(shape) + (2,),
-                                                                      stream=index[comp])))
+            total = R.add(total, ring_component(share(p, comp)))
         return total
 
     if req.kind in _CMP_KINDS:
@@ -284,16 +296,15 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
         clear.update(values)
     fixes: dict[str, torch.Tensor] = {}
 
-    def others(comp, shape):
-        return [Prg(seeds[p]).int64(shape, stream=index[comp]) for p in range(n) if p != fixed]
+    def others(comp):
+        return [share(p, comp) for p in range(n) if p != fixed]
 
     for name, v in values.items():
-        shape = R.shape(v)
         parts = ([] if name in seeded else [("v", v)]) + [("m", R.mul_int(v, key.alpha))]
         for part, target in parts:
             comp = f"{name}.{part}"
-            for share in others(comp, shape + (2,)):
-                target = R.sub(target, ring_component(share))
+            for part_p in others(comp):
+                target = R.sub(target, ring_component(part_p))
             fixes[comp] = wire_component(target)
     if bits:                       # XOR shares: the corrected party's part is the rest
         delta = mac_bits.random_key()
@@ -303,10 +314,10 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
             targets[f"{name}.bm"] = mac_bits.mac_planes(words, delta)
         for comp, target in targets.items():
             target = target.clone()
-            for share in others(comp, tuple(target.shape)):
-                target ^= share
+            for part_p in others(comp):
+                target ^= part_p
             fixes[comp] = target
-    out = [Material(req.kind, p, seeds[p], tuple(spec), fixes if p == fixed else {})
+    out = [Material(req.kind, p, seeds[p], spec_t, fixes if p == fixed else {})
            for p in range(n)]
     if req.kind == "a_input":     # the input owner (harness inputs) learns its mask
         owner = req.param

@@ -24,6 +24,7 @@ session), ``tag``, ``sender`` and the ``tensors``. The dealer's material is a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -34,8 +35,8 @@ from p2pgrid.wire import message
 
 from .prg import Prg
 
-__all__ = ["Round", "Inbox", "RoundMessage", "Request", "Material", "payload_nbytes",
-           "REQUEST_KINDS"]
+__all__ = ["Round", "Inbox", "RoundMessage", "Request", "Material", "expand_seed",
+           "payload_nbytes", "REQUEST_KINDS"]
 
 Payload = Mapping[str, torch.Tensor]
 Inbox = dict[int, dict[str, torch.Tensor]]
@@ -110,16 +111,62 @@ class Request:
         object.__setattr__(self, "shapes", tuple(tuple(int(d) for d in s) for s in self.shapes))
 
 
+Spec = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def expand_seed(seed: bytes, spec: Spec, skip=frozenset()) -> dict[str, torch.Tensor]:
+    """The uniform int64 tensors a seed expands to, for every component of `spec` but
+    those in `skip`.
+
+    The components lie along one AES-CTR stream of the seed, in spec order, each from the
+    16-byte block after the previous one's last: a component's words depend on the spec
+    before it, never on `skip`, so the dealer and every party expand the same ones. Each
+    run of components not skipped is one AES call (a cipher context costs about as much
+    as 100 KB of keystream, and an item has up to a hundred components).
+
+    >>> spec = (("a", (2, 3)), ("b", (5,)))
+    >>> out = expand_seed(bytes(16), spec)
+    >>> out["b"].equal(expand_seed(bytes(16), spec, skip={"a"})["b"]), sorted(out)
+    (True, ['a', 'b'])
+    """
+    prg = Prg(seed)
+    out: dict[str, torch.Tensor] = {}
+    run: list[tuple[str, tuple[int, ...], int, int]] = []   # name, shape, first block, words
+
+    def flush():
+        if not run:
+            return
+        first = run[0][2]
+        buf = prg.blocks(first, run[-1][2] + (8 * run[-1][3] + 15) // 16 - first)
+        for name, shape, block, words in run:
+            out[name] = (torch.frombuffer(buf, dtype=torch.int64, count=words,
+                                          offset=16 * (block - first)).reshape(shape)
+                         if words else torch.zeros(shape, dtype=torch.int64))
+        run.clear()
+
+    block = 0
+    for name, shape in spec:
+        shape = tuple(int(d) for d in shape)
+        words = math.prod(shape)
+        if name in skip:
+            flush()
+        else:
+            run.append((name, shape, block, words))
+        block += (8 * words + 15) // 16
+    flush()
+    return out
+
+
 @message("smpc.material")
 @dataclass(frozen=True)
 class Material:
     """One party's share of one dealt item, compressed.
 
-    ``spec`` lists the named components and their shapes in a fixed order; the
-    party expands component ``i`` as ``Prg(seed).int64(shape, stream=i)`` unless
-    ``corrections`` holds it explicitly. Parties 0..n-2 get a seed only; the last
-    party gets a seed plus the corrections that make the shares sum (or XOR) to a
-    valid item. A seed is 16 bytes, so all but one party receive 16 bytes per item.
+    ``spec`` lists the named components and their shapes in a fixed order; the party
+    expands those that ``corrections`` does not hold from its seed (:func:`expand_seed`).
+    Parties 0..n-2 get a seed only; the last party gets a seed plus the corrections that
+    make the shares sum (or XOR) to a valid item. A seed is 16 bytes, so all but one party
+    receive 16 bytes per item.
     """
 
     kind: str
@@ -129,17 +176,13 @@ class Material:
     corrections: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def expand(self) -> dict[str, torch.Tensor]:
-        prg = Prg(self.seed)
-        out = {}
-        for i, (name, shape) in enumerate(self.spec):
+        for name, shape in self.spec:
             fix = self.corrections.get(name)
-            if fix is not None:
-                if tuple(fix.shape) != tuple(shape) or fix.dtype != torch.int64:
-                    raise ProtocolError(f"dealer correction {name!r} has the wrong shape or dtype")
-                out[name] = fix
-            else:
-                out[name] = prg.int64(shape, stream=i)
-        return out
+            if fix is not None and (tuple(fix.shape) != tuple(shape) or fix.dtype != torch.int64):
+                raise ProtocolError(f"dealer correction {name!r} has the wrong shape or dtype")
+        seeded = expand_seed(self.seed, self.spec, skip=set(self.corrections))
+        return {name: self.corrections[name] if name in self.corrections else seeded[name]
+                for name, _ in self.spec}
 
     @property
     def nbytes(self) -> int:

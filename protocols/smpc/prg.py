@@ -11,8 +11,10 @@ counter-based and fast but its designers do not claim cryptographic security, an
 A :class:`Prg` is keyed by a 16-byte seed. Each call draws from a fresh *stream*
 (the 16-byte CTR nonce holds the stream number in its first 8 bytes and the block
 counter in the last 8), so outputs never overlap. ``int64(shape, stream=i)`` reads
-stream ``i`` directly; that is how a seed expands to named tensors deterministically
-no matter which of them a party actually needs.
+stream ``i`` directly; :meth:`Prg.blocks` reads stream 0 from any block, which is how a
+dealt item's seed expands to its named tensors, laid out one after the other along that
+stream, no matter which of them a party actually needs
+(:func:`p2pgrid.protocols.smpc.messages.expand_seed`).
 
 >>> p = Prg(bytes(16))
 >>> p.int64((2, 3), stream=7).equal(Prg(bytes(16)).int64((2, 3), stream=7))
@@ -55,10 +57,11 @@ class Prg:
     def from_entropy(cls) -> "Prg":
         return cls(new_seed())
 
-    def _keystream(self, nbytes: int, stream: int) -> np.ndarray:
+    def _keystream(self, nbytes: int, stream: int, block: int = 0) -> np.ndarray:
         """AES-CTR(zeros) into uninitialized memory, from one shared MiB of zeros read in
-        chunks: zero-filling a fresh output and a fresh input cost 4x the AES itself."""
-        nonce = stream.to_bytes(8, "little") + bytes(8)
+        chunks: zero-filling a fresh output and a fresh input cost 4x the AES itself.
+        `block`: the first counter block (the stream's 16-byte block number)."""
+        nonce = stream.to_bytes(8, "little") + block.to_bytes(8, "big")
         enc = Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor()
         out = np.empty(nbytes + 16, np.uint8)  # update_into wants up to a block of slack
         view, at = memoryview(out), 0
@@ -84,6 +87,14 @@ class Prg:
         if n == 0:
             return torch.zeros(shape, dtype=torch.int64)
         return torch.frombuffer(buf, dtype=torch.int64, count=n).reshape(shape)
+
+    def blocks(self, first: int, count: int) -> np.ndarray:
+        """Blocks `first` .. `first + count - 1` of stream 0 (16 bytes each, uint8): one
+        AES-CTR call for many tensors laid out along one stream (see
+        :func:`p2pgrid.protocols.smpc.messages.expand_seed`)."""
+        if not (0 <= first and 0 <= count and first + count < 1 << 64):
+            raise ValueError("block range out of the stream")
+        return self._keystream(16 * count, 0, first)[:16 * count]
 
     def bytes(self, n: int) -> bytes:
         """`n` pseudorandom bytes (e.g. child seeds)."""
