@@ -23,7 +23,7 @@ in this process, measures with real TLS HTTP/2 between all of them:
   (gossip, keepalives: ``idle_cpu_s_per_s``, measured over 3 s before the steps).
   CPU time survives a loaded machine far better than wall time. ``loop_cpu_s_per_step``:
   the part spent on each process's main thread (its trio loop: transport, handlers),
-  the rest being worker threads (protocol compute, dealing, material expansion);
+  the rest being worker threads (protocol compute, dealing, material expansion).
 
 Medians over ``--reps`` after ``--warmup`` runs (the first run of a program plans it
 and fetches its material; later runs get material the dealer made ahead of use).
@@ -229,7 +229,7 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
     for i in range(args.warmup + args.reps):
         if i == args.warmup:
             wire0 = _wire_bytes(args.lab)
-            cpu0, loop0 = _cpu_now(args.pids), _cpu_now(args.pids, "main")
+            cpu0, loop0 = _cpu_now(args.pids), _cpu_now(args.pids, main_thread=True)
         rows = slice(B * (i % 4), B * (i % 4) + B)
         program = xs[rows].program([xs[rows], ys[rows]])
         t0 = time.perf_counter()
@@ -243,7 +243,7 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
             times.append(time.perf_counter() - t0)
             party_s.append(max(r.values[0] for r in replies))
         last = replies
-    cpu1, loop1 = _cpu_now(args.pids), _cpu_now(args.pids, "main")
+    cpu1, loop1 = _cpu_now(args.pids), _cpu_now(args.pids, main_thread=True)
     wire = _wire_bytes(args.lab)
     train = {
         "s": round(_median(times), 4), "mean_s": round(statistics.fmean(times), 4),
@@ -254,9 +254,9 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
         "party_ms_split": _split(last)}
     if wire:
         train["wire_bytes_per_step"] = {h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
-    train["cpu_s_per_step"] = {k: round((cpu1[k] - cpu0[k]) / args.reps, 4) for k in cpu1}
-    train["loop_cpu_s_per_step"] = {k: round((loop1[k] - loop0[k]) / args.reps, 4)
-                                    for k in loop1}
+    train["cpu_s_per_step"], train["loop_cpu_s_per_step"] = (
+        {k: round((end[k] - start[k]) / args.reps, 4) for k in end}
+        for start, end in ((cpu0, cpu1), (loop0, loop1)))
     idle_rate = {k: (idle1[k] - idle0[k]) / t_idle for k in idle1}
     train["idle_cpu_s_per_s"] = {k: round(v, 4) for k, v in idle_rate.items()}
     mean = statistics.fmean(times)
@@ -291,19 +291,19 @@ async def _inference(args, net: Network, model, kw: dict, g) -> dict:
     return res
 
 
-def _cpu_now(pids: dict[str, int], thread: str = "") -> dict[str, float]:
+def _cpu_now(pids: dict[str, int], main_thread: bool = False) -> dict[str, float]:
     """CPU seconds (user + system) each benchmark process has used so far; with
-    ``thread="main"``, its main thread's only (the trio loop: transport, handlers)."""
+    `main_thread`, its main thread's only (the trio loop: transport, handlers)."""
     tick = os.sysconf("SC_CLK_TCK")
     out = {}
     for name, pid in pids.items():
-        path = f"/proc/{pid}/task/{pid}/stat" if thread == "main" else f"/proc/{pid}/stat"
+        path = f"/proc/{pid}/task/{pid}/stat" if main_thread else f"/proc/{pid}/stat"
         try:
             fields = Path(path).read_text().rsplit(")", 1)[1].split()
             out[name] = (int(fields[11]) + int(fields[12])) / tick
         except (OSError, IndexError, ValueError):
             out[name] = float("nan")
-    out["client"] = time.thread_time() if thread == "main" else time.process_time()
+    out["client"] = time.thread_time() if main_thread else time.process_time()
     return out
 
 

@@ -107,15 +107,19 @@ class OutputMasks:
         return self._masks
 
 
-async def _session_with_masks(peer, state, group, party, session: str, masks: OutputMasks,
-                              run):
-    """The session (`run`) in the peer's nursery, its output masks taken beside it."""
+async def _session_with_masks(peer, caller, msg, state, group, party, sig, masks: OutputMasks,
+                              protocol, stats: dict):
+    """`msg`'s session of `protocol` in the peer's nursery, its output masks taken beside it."""
     try:
         masks.check()
     except P2PError as e:
-        await _h()._fail_early(peer, state, group, party, session, e)
+        await _h()._fail_early(peer, state, group, party, msg.session, e)
         raise
-    return await _h()._in_nursery(state, lambda: masks.beside(peer, state, group, party, run))
+    return await _h()._in_nursery(state, lambda: masks.beside(
+        peer, state, group, party, lambda: run_session(
+            peer, state, session=msg.session, group=group, party=party, protocol=protocol,
+            signature=sig, requester=caller.name, next_session=msg.next_session,
+            timeout=msg.timeout, stats=stats)))
 
 
 def active_entry(out, group, party, rules, key_id, ttl) -> Entry:
@@ -138,10 +142,7 @@ async def run_program(peer, caller, msg: RunProgram, state, group, party, leaves
 
     stats: dict = {}
     outs, opened, key_id = await _session_with_masks(
-        peer, state, group, party, msg.session, masks, lambda: run_session(
-            peer, state, session=msg.session, group=group, party=party, protocol=protocol,
-            signature=sig, requester=caller.name, next_session=msg.next_session,
-            timeout=msg.timeout, stats=stats))
+        peer, caller, msg, state, group, party, sig, masks, protocol, stats)
     shares, shown = [], iter(opened)
     for out, keep, reveal, r in zip(outs, msg.keep, msg.reveal, rules):
         if keep:
@@ -169,10 +170,7 @@ async def train(peer, caller, msg: TrainStep, state, group, party, model, params
 
     stats: dict = {}
     net, opened, key_id = await _session_with_masks(
-        peer, state, group, party, msg.session, masks, lambda: run_session(
-            peer, state, session=msg.session, group=group, party=party, protocol=protocol,
-            signature=sig, requester=caller.name, next_session=msg.next_session,
-            timeout=msg.timeout, stats=stats))
+        peer, caller, msg, state, group, party, sig, masks, protocol, stats)
     kept = ShareRules(**{**rules.__dict__, "owner": "", "holder": model.owner})
     for id_, p in zip(model.param_ids(), mac_nn.parameters(net)):
         state.shares[id_] = active_entry(p, group, party, kept, key_id, state.share_ttl)
@@ -197,10 +195,7 @@ async def predict(peer, caller, msg: Predict, state, group, party, model, params
 
     stats: dict = {}
     out, opened, key_id = await _session_with_masks(
-        peer, state, group, party, msg.session, masks, lambda: run_session(
-            peer, state, session=msg.session, group=group, party=party, protocol=protocol,
-            signature=sig, requester=caller.name, next_session=msg.next_session,
-            timeout=msg.timeout, stats=stats))
+        peer, caller, msg, state, group, party, sig, masks, protocol, stats)
     if msg.keep:
         state.shares[msg.keep] = active_entry(out, group, party, out_rules, key_id,
                                                state.share_ttl)

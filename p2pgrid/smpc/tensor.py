@@ -219,7 +219,8 @@ class MasksAhead:
     async def take(self, net, group: Group, shapes) -> tuple[str, list[torch.Tensor]]:
         """Masks for this session: the ones asked for ahead if they fit, else asked now."""
         ready, self._ready = self._ready, None
-        if ready is not None and ready[1] == self._key(shapes) and time.monotonic() - ready[0] < MASK_AHEAD_S:
+        if ready is not None and ready[1] == self._key(shapes) \
+                and time.monotonic() - ready[0] < MASK_AHEAD_S:
             return ready[2]
         return await output_masks(net, group, shapes)
 
