@@ -228,16 +228,24 @@ def is_owned(msg) -> bool:
 
 
 def payload_bytes(msg) -> int:
-    """Bytes of the tensors, arrays and byte strings a message holds directly: about how
-    large its encoding is without encoding it, and so whether encoding it is heavy work."""
-    total = 0
-    for v in getattr(msg, "__dict__", {}).values():
+    """Bytes of the tensors, arrays and byte strings a message holds, nested messages,
+    lists and dicts included: about how large its encoding is without encoding it, and so
+    whether encoding it is heavy work (and how much a held reply weighs)."""
+    total, todo = 0, [msg]
+    while todo:
+        v = todo.pop()
         if isinstance(v, torch.Tensor):
             total += v.numel() * v.element_size()
         elif isinstance(v, (bytes, bytearray)):
             total += len(v)
         elif isinstance(v, (memoryview, np.ndarray)):
             total += v.nbytes
+        elif isinstance(v, dict):
+            todo.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            todo.extend(v)
+        elif type(v) in _NAMES:
+            todo.extend(getattr(v, f.name) for f in dataclasses.fields(v))
     return total
 
 

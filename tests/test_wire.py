@@ -112,3 +112,13 @@ def test_payload_bytes_counts_tensors_arrays_and_byte_strings():
     assert wire.payload_bytes(PutObject(torch.zeros(10, dtype=torch.int64))) == 80
     assert wire.payload_bytes(CallReply(1, 200, b"x" * 1000)) == 1000
     assert wire.payload_bytes(object()) == 0
+
+
+def test_payload_bytes_counts_what_nested_messages_hold():
+    # a dealer's reply holds its arrays two levels down: counted as 0, it was encoded on
+    # the event loop (twice) and its held copy escaped the per-caller byte bound
+    from p2pgrid.smpc.messages import Dealt, Material
+    item = Material("triple", 1, b"s" * 16, (("c", (10,)),), {"c": torch.zeros(10, dtype=torch.int64)})
+    assert wire.payload_bytes(item) == 16 + 80
+    assert wire.payload_bytes(Dealt([item, item], more=[[item]])) == 3 * 96
+    assert wire.payload_bytes({"a": [torch.zeros(4, dtype=torch.int32), (b"xy",)]}) == 18
