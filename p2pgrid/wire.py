@@ -227,6 +227,9 @@ def is_owned(msg) -> bool:
     return getattr(msg, "_p2p_owned", False)
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
 def payload_bytes(msg) -> int:
     """Bytes of the tensors, arrays and byte strings a message holds, nested messages,
     lists and dicts included: about how large its encoding is without encoding it, and so
@@ -234,18 +237,27 @@ def payload_bytes(msg) -> int:
     total, todo = 0, [msg]
     while todo:
         v = todo.pop()
-        if isinstance(v, torch.Tensor):
-            total += v.numel() * v.element_size()
-        elif isinstance(v, (bytes, bytearray)):
+        t = type(v)
+        if t in _SCALARS:   # most of a large listing: skipped before any isinstance
+            continue
+        if t is dict:
+            todo.extend(v.values())
+        elif t is list or t is tuple:
+            todo.extend(v)
+        elif t is bytes or t is bytearray:
             total += len(v)
+        elif t in _NAMES:
+            todo.extend(getattr(v, f.name) for f in dataclasses.fields(v))
+        elif isinstance(v, torch.Tensor):
+            total += v.numel() * v.element_size()
         elif isinstance(v, (memoryview, np.ndarray)):
             total += v.nbytes
+        elif isinstance(v, (bytes, bytearray)):
+            total += len(v)
         elif isinstance(v, dict):
             todo.extend(v.values())
         elif isinstance(v, (list, tuple)):
             todo.extend(v)
-        elif type(v) in _NAMES:
-            todo.extend(getattr(v, f.name) for f in dataclasses.fields(v))
     return total
 
 

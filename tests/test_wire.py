@@ -122,3 +122,4 @@ def test_payload_bytes_counts_what_nested_messages_hold():
     assert wire.payload_bytes(item) == 16 + 80
     assert wire.payload_bytes(Dealt([item, item], more=[[item]])) == 3 * 96
     assert wire.payload_bytes({"a": [torch.zeros(4, dtype=torch.int32), (b"xy",)]}) == 18
+    assert wire.payload_bytes([torch.nn.Parameter(torch.zeros(3)), "text", 7, None]) == 12
