@@ -269,6 +269,44 @@ def test_same_program_both_modes_agree(seed):
     assert torch.allclose(act.outputs[0][0], plain, atol=1e-3)
 
 
+@settings(max_examples=12, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 6), st.sampled_from([0, -1]),
+       st.integers(0, 2 ** 32 - 1))
+def test_max_and_argmax_equal_semi_honest_and_plaintext(rows, cols, dim, seed):
+    """Ties on purpose (small integers): both modes pick the first maximum, as torch does."""
+    from p2pgrid.protocols.smpc.modes import run_program
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-3, 4, (rows, cols), generator=g).double() / 4
+
+    def prog(ops):
+        v = yield from ops.input(0, x if ops.party == 0 else None, x.shape)
+        outs = [(yield from ops.max(v, dim)), (yield from ops.max(v, None)),
+                (yield from ops.argmax(v, dim)), (yield from ops.argmax(v, dim, one_hot=False))]
+        return (yield from ops.reveal(*outs))
+
+    semi = run_program(2, prog, security="semi-honest").outputs[0]
+    act = run_program(2, prog, security="active").outputs
+    assert all(len(o) == 4 for o in act)
+    first = x.argmax(dim)
+    want = [x.max(dim).values, x.max(), torch.nn.functional.one_hot(first, x.shape[dim])
+            .movedim(-1, dim).double(), first.double()]
+    for s_out, a_out, w in zip(semi, act[0], want):
+        assert torch.equal(a_out, w), (a_out, w)
+        assert torch.equal(s_out.double(), w)
+
+
+def test_max_refuses_what_semi_honest_refuses():
+    from p2pgrid.errors import ShapeError
+    from p2pgrid.protocols.smpc.modes import run_program
+    for shape, dim in (((2, 0), -1), ((3,), 1), ((3,), True)):
+        def prog(ops, shape=shape, dim=dim):
+            v = yield from ops.input(0, torch.zeros(shape) if ops.party == 0 else None, shape)
+            return (yield from ops.max(v, dim))
+        for security in ("semi-honest", "active"):
+            with pytest.raises(ShapeError):
+                run_program(2, prog, security=security)
+
+
 def test_security_mode_is_checked():
     from p2pgrid.protocols.smpc.modes import run_program
     with pytest.raises(Exception, match="security"):

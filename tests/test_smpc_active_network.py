@@ -56,7 +56,10 @@ async def test_active_ops_match_plaintext(tmp_path):
                  (A * 0.25, a * 0.25, 1e-4), (A @ W, a @ w, 1e-3), (A.relu(), a.relu(), 1e-4),
                  (A >= B, (a >= b).double(), 0), (A.sum(0), a.sum(0), 1e-3),
                  (A.mean(), a.mean(), 1e-3), (A[1:3, ::2], a[1:3, ::2], 1e-4),
-                 (A.T, a.T, 1e-4), (smpc.cat([A, B], 0), torch.cat([a, b]), 1e-4)]
+                 (A.T, a.T, 1e-4), (smpc.cat([A, B], 0), torch.cat([a, b]), 1e-4),
+                 (A.max(), a.max(), 1e-4), (A.max(0), a.max(0).values, 1e-4),
+                 (A.argmax(1), nn.functional.one_hot(a.argmax(1), 3).double(), 0),
+                 (A.argmax(0, one_hot=False), a.argmax(0).double(), 0)]
         got = await smpc.reveal(*[c[0] for c in cases])
         for (_, want, tol), value in zip(cases, got):
             close(value, want, tol)

@@ -186,12 +186,16 @@ def relu(ctx: PartyContext, x: Shared, *, return_mask: bool = False) -> Protocol
     return (y, x.like(arith_bit(ctx, e, t), 0)) if return_mask else y
 
 
-def _norm_dim(x: Shared, dim) -> int:
-    if x.dim() == 0:
+def reduced_dim(shape, dim) -> int:
+    """`dim` of a max/argmax over a tensor of `shape`, checked, as a non-negative axis."""
+    nd = len(shape)
+    if nd == 0:
         raise ShapeError("max/argmax of a 0-d tensor: nothing to reduce")
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
-        raise ShapeError(f"dim {dim} out of range for shape {list(x.shape)}")
-    return dim % x.dim()
+    if not isinstance(dim, int) or isinstance(dim, bool) or not -nd <= dim < nd:
+        raise ShapeError(f"dim {dim} out of range for shape {list(shape)}")
+    if shape[dim] == 0:
+        raise ShapeError("max over an empty dimension")
+    return dim % nd
 
 
 def max_with_index(ctx: PartyContext, x: Shared, dim: int = -1) -> Protocol[tuple[Shared, Shared]]:
@@ -200,11 +204,9 @@ def max_with_index(ctx: PartyContext, x: Shared, dim: int = -1) -> Protocol[tupl
     ceil(log2 m) levels of one comparison (4 rounds) + one selection round each.
     """
     ctx.check_shared(x, "max")
-    dim = _norm_dim(x, dim)
+    dim = reduced_dim(x.shape, dim)
     vals = x.share.movedim(dim, -1)
     m = vals.shape[-1]
-    if m == 0:
-        raise ShapeError("max over an empty dimension")
     idx = torch.arange(m, dtype=torch.int64).expand(vals.shape)
     idx = idx.clone() if ctx.party == 0 else torch.zeros_like(vals)
     level = 0
@@ -241,7 +243,7 @@ def argmax(ctx: PartyContext, x: Shared, dim: int = -1, *, one_hot: bool = True)
     index as a shared integer, `dim` removed.
     """
     ctx.check_shared(x, "argmax")
-    dim = _norm_dim(x, dim)
+    dim = reduced_dim(x.shape, dim)
     _, idx = yield from max_with_index(ctx, x, dim)
     if not one_hot:
         return idx

@@ -124,6 +124,11 @@ class AuthShared:
     def __repr__(self):
         return f"AuthShared(shape={list(self.value.shape)}, scale={self.scale})"
 
+    def moved(self, fn: Callable[[np.ndarray], np.ndarray]) -> "AuthShared":
+        """`fn`, a map that only moves elements (reshape, index, transpose...), on the value
+        and MAC shares alike (each limb): that keeps the MAC relation."""
+        return AuthShared(R.apply(self.value, fn), R.apply(self.mac, fn), self.scale)
+
 
 # ---------------------------------------------------------------- dealer
 

@@ -1,5 +1,6 @@
-"""Authenticated comparison with zero and ReLU: one arithmetic opening, two rounds of
-binary gates, an arithmetic result; 3 rounds, about 21 bytes per element (2 parties).
+"""Authenticated comparison with zero, ReLU, max and argmax. The comparison: one
+arithmetic opening, two rounds of binary gates, an arithmetic result; 3 rounds, about
+21 bytes per element (2 parties).
 
 [x >= 0] for |x| < 2^(k-2): open c = u + r (mod 2^(k+s)) with u = x + 2^(k-2) in
 [0, 2^(k-1)) and r dealt; then, as in :func:`.mac.truncate`,
@@ -24,6 +25,9 @@ trunc(x) [x >= 0] needs only dealt products [r_msb R_j], [r_hi R_j]: linear once
 the gate openings are public. A product followed by a ReLU is thus truncated, sign-tested
 and multiplied on one opening of the raw product.
 
+max and argmax (:func:`max_with_index`) reduce pairwise as :mod:`.compare` does: per
+level one comparison and one dealt-triple product selecting value and index together.
+
 Every opening is checked by the session's MAC check (arithmetic c, binary gate inputs);
 every dealt value is authenticated (the bits under a fresh per-item key Delta).
 """
@@ -40,11 +44,13 @@ from p2pgrid.errors import BadRequest
 
 from . import ring128 as R
 from .gates import LEVEL1, LEVEL2, lt_eq_codes, n_words, slice_bits, unslice_bits
-from .mac import K, ActiveParty, AuthShared, open_values
+from .compare import reduced_dim
+from .mac import K, ActiveParty, AuthShared, mul, open_values
 from .mac_bits import PLANES, AuthBits, key_planes, open_bits, random_words
 
 __all__ = ["CMP_BITS", "CHUNKS", "ge_zero", "relu", "relu_train", "relu_backward",
-           "compare_values", "arith_shapes", "bit_shapes", "chunks_of", "ReluBack"]
+           "max_with_index", "max", "argmax", "compare_values", "arith_shapes", "bit_shapes",
+           "chunks_of", "ReluBack"]
 
 CMP_BITS = K - 2
 CHUNKS = 16          # 4-bit chunks of the low CMP_BITS bits (the top one has 2 bits)
@@ -309,3 +315,76 @@ def relu_backward(ctx: ActiveParty, g: AuthShared, back: ReluBack):
                      m["s_msb"], m["s_hi"], m["y"])
     out.scale = g.scale - back.bits
     return out
+
+
+# ---------------------------------------------------------------- max, argmax
+
+def _public(ctx: ActiveParty, values: np.ndarray) -> AuthShared:
+    """Shares of public int64 `values` (party 0 holds them, every party its MAC share)."""
+    zero = R.zeros(values.shape)
+    out = ctx.add_public(AuthShared(zero, zero.copy(), 0), R.from_signed(values))
+    out.scale = 0
+    return out
+
+
+def _cat(xs: list[AuthShared], axis: int) -> AuthShared:
+    """Along a data axis (negative: from the last; a ring array's first axis is its limb)."""
+    return AuthShared(np.concatenate([x.value for x in xs], axis),
+                      np.concatenate([x.mac for x in xs], axis), xs[0].scale)
+
+
+def max_with_index(ctx: ActiveParty, x: AuthShared, dim: int = -1):
+    """(max over `dim`, index of the first maximum (scale 0)), `dim` removed, as
+    :func:`.compare.max_with_index`: ceil(log2 m) pairwise levels of one comparison
+    (3 rounds) and one product round, both selections (value and index) in one triple.
+    Exact for differences below 2^(k-2), as :func:`ge_zero`."""
+    dim = reduced_dim(x.shape, dim)
+    vals = x.moved(lambda v: np.moveaxis(v, dim, -1))
+    m = vals.shape[-1]
+    idx = _public(ctx, np.broadcast_to(np.arange(m, dtype=np.int64), vals.shape))
+    level = 0
+    while vals.shape[-1] > 1:
+        k = vals.shape[-1] // 2
+        left, right = (vals.moved(lambda v, s=s: v[..., s:2 * k:2]) for s in (0, 1))
+        il, ir = (idx.moved(lambda v, s=s: v[..., s:2 * k:2]) for s in (0, 1))
+        d, di = ctx.sub(left, right), ctx.sub(il, ir)
+        bit = yield from ge_zero(ctx, d)                            # [left >= right]
+        sel = yield from mul(ctx, _cat([bit, bit], -1), _cat([d, di], -1), f"a/max{level}")
+        new_vals = ctx.add(right, sel.moved(lambda v: v[..., :k]))
+        new_idx = ctx.add(ir, sel.moved(lambda v: v[..., k:]))
+        new_vals.scale, new_idx.scale = x.scale, 0
+        if vals.shape[-1] % 2:                                      # the odd one out waits
+            new_vals = _cat([new_vals, vals.moved(lambda v: v[..., -1:])], -1)
+            new_idx = _cat([new_idx, idx.moved(lambda v: v[..., -1:])], -1)
+        vals, idx = new_vals, new_idx
+        level += 1
+    return vals.moved(lambda v: v[..., 0]), idx.moved(lambda v: v[..., 0])
+
+
+def max(ctx: ActiveParty, x: AuthShared, dim: int | None = -1):  # noqa: A001
+    """Maximum over `dim` (all elements if None); see :func:`max_with_index`."""
+    if dim is None:
+        x, dim = x.moved(lambda v: v.reshape(-1)), 0
+    out, _ = yield from max_with_index(ctx, x, dim)
+    return out
+
+
+def argmax(ctx: ActiveParty, x: AuthShared, dim: int = -1, *, one_hot: bool = True):
+    """Position of the (first) maximum along `dim`, authenticated, scale 0: one-hot (one
+    more comparison layer, 3 rounds: onehot_j = [i >= j] - [i >= j+1]) or, with
+    ``one_hot=False``, the index with `dim` removed; as :func:`.compare.argmax`."""
+    dim = reduced_dim(x.shape, dim)
+    _, idx = yield from max_with_index(ctx, x, dim)
+    if not one_hot:
+        return idx
+    m = x.shape[dim]
+    if m == 1:
+        return _public(ctx, np.ones(x.shape, np.int64))
+    wide = idx.moved(lambda v: np.broadcast_to(v[..., None], v.shape + (m - 1,)).copy())
+    q = yield from ge_zero(ctx, ctx.add_public(wide, R.from_signed(-np.arange(1, m))))
+    edge = idx.shape + (1,)
+    ge_j = _cat([_public(ctx, np.ones(edge, np.int64)), q, _public(ctx, np.zeros(edge, np.int64))],
+                -1)                                                 # [idx >= j], j = 0..m
+    hot = ctx.sub(ge_j.moved(lambda v: v[..., :-1]), ge_j.moved(lambda v: v[..., 1:]))
+    hot.scale = 0
+    return hot.moved(lambda v: np.ascontiguousarray(np.moveaxis(v, -1, dim)))

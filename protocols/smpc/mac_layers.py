@@ -39,7 +39,7 @@ def linear_values(xs, ws, train: bool, uniform=R.uniform) -> dict[str, np.ndarra
 
 
 def _t(x: AuthShared) -> AuthShared:
-    return AuthShared(R.apply(x.value, np.transpose), R.apply(x.mac, np.transpose), x.scale)
+    return x.moved(np.transpose)
 
 
 def linear_forward(ctx: ActiveParty, x: AuthShared, w: AuthShared, *, train: bool = False):

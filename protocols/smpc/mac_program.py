@@ -35,11 +35,6 @@ from .runtime import parallel
 __all__ = ["ACTIVE_OPS", "build", "forward", "train_step", "parameters"]
 
 
-def _like(x: AuthShared, fn) -> AuthShared:
-    """A map that only moves elements, on value and MAC shares (on each limb)."""
-    return AuthShared(R.apply(x.value, fn), R.apply(x.mac, fn), x.scale)
-
-
 def _is(v) -> bool:
     return isinstance(v, AuthShared)
 
@@ -95,8 +90,8 @@ def _mul(ctx, a, b):
     if _is(a) and _is(b):
         if a.shape != b.shape:
             shape = torch.broadcast_shapes(a.shape, b.shape)
-            a = _like(a, lambda v: np.broadcast_to(v, shape).copy())
-            b = _like(b, lambda v: np.broadcast_to(v, shape).copy())
+            a = a.moved(lambda v: np.broadcast_to(v, shape).copy())
+            b = b.moved(lambda v: np.broadcast_to(v, shape).copy())
         z = yield from mac.mul(ctx, a, b)
         return (yield from _trunc_to(ctx, z, max(a.scale, b.scale)))
     x, c = (a, b) if _is(a) else (b, a)
@@ -193,7 +188,7 @@ def _local(fn):
     def run(ctx, a, *args, **kwargs):
         if not _is(a):
             raise BadRequest("expected a shared tensor as the first operand")
-        return _like(a, lambda v: fn(v, *args, **kwargs))
+        return a.moved(lambda v: fn(v, *args, **kwargs))
     return run
 
 
@@ -208,10 +203,12 @@ def _join(fn):
     return run
 
 
-def _unsupported(op):
-    def run(ctx, *a, **k):
-        raise BadRequest(f"{op} is not available with security='active' yet")
-    return run
+def _max(ctx, a, dim=None):   # the op's defaults, as program.py's
+    return mac_compare.max(ctx, a, dim)
+
+
+def _argmax(ctx, a, dim=-1, one_hot=True):
+    return mac_compare.argmax(ctx, a, dim, one_hot=one_hot)
 
 
 ACTIVE_OPS: dict[str, OpSpec] = {
@@ -227,8 +224,8 @@ ACTIVE_OPS: dict[str, OpSpec] = {
     "gt": OpSpec(OPS["gt"].meta, _cmp("gt"), True),
     "le": OpSpec(OPS["le"].meta, _cmp("le"), True),
     "lt": OpSpec(OPS["lt"].meta, _cmp("lt"), True),
-    "max": OpSpec(OPS["max"].meta, _unsupported("max"), True),
-    "argmax": OpSpec(OPS["argmax"].meta, _unsupported("argmax"), True),
+    "max": OpSpec(OPS["max"].meta, _max, True),
+    "argmax": OpSpec(OPS["argmax"].meta, _argmax, True),
     "sum": OpSpec(OPS["sum"].meta, _sum),
     "mean": OpSpec(OPS["mean"].meta, _mean, True),
     "reshape": OpSpec(OPS["reshape"].meta, _local(lambda v, shape: v.reshape(tuple(shape)))),
@@ -280,7 +277,7 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
         kind = layer[0]
         if kind == "flatten":
             before = h.shape
-            h = _like(h, lambda v: v.reshape(v.shape[0], -1))
+            h = h.moved(lambda v: v.reshape(v.shape[0], -1))
             if keep is not None:
                 keep.append(("flatten", before))
         elif kind == "linear":
@@ -294,7 +291,7 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
             if not (relu_next or (raw_output and i == last)):
                 z = yield from _trunc_to(ctx, z, f)
             if b is not None:
-                bb = _like(b, lambda v: np.broadcast_to(v, z.shape).copy())
+                bb = b.moved(lambda v: np.broadcast_to(v, z.shape).copy())
                 if z.scale > bb.scale:
                     bb = ctx.mul_public(bb, 1 << (z.scale - bb.scale))
                 z = ctx.add(z, bb)
@@ -403,7 +400,7 @@ def _down(ctx, net, saved, g: AuthShared, i: int, step: int, wide: int | None):
             g = yield from mac.mul(ctx, g, item[0], "a/relu/back")
             g.scale = scale
         else:
-            g = _like(g, lambda v, s=item: v.reshape(s))
+            g = g.moved(lambda v, s=item: v.reshape(s))
         j -= 1
     return (yield from _trunc_to(ctx, g, f + WIDE_BITS if j == wide else f))
 
@@ -418,7 +415,7 @@ def _backward(ctx, net, saved, g: AuthShared, step: int, wide: int | None = None
             g = yield from mac.mul(ctx, g, item[0], "a/relu/back")
             g.scale = f
         else:
-            g = _like(g, lambda v, s=item: v.reshape(s))
+            g = g.moved(lambda v, s=item: v.reshape(s))
         i -= 1
     while i >= 0:
         w, b = net[i][1], net[i][2]

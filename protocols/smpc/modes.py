@@ -2,8 +2,8 @@
 
 ``run_program(n, program, security="semi-honest" | "active")`` runs ``program(ops)`` for
 every party, where `ops` offers the same fixed-point operations in both modes:
-``input``, ``mul``, ``matmul`` (each truncated back to f fractional bits), ``relu`` and
-``reveal``. In ``"active"`` mode they are the MAC-checked ones of :mod:`.mac` (a
+``input``, ``mul``, ``matmul`` (each truncated back to f fractional bits), ``relu``,
+``max``, ``argmax`` and ``reveal``. In ``"active"`` mode they are the MAC-checked ones of :mod:`.mac` (a
 deviating party makes every honest party raise CheatingDetected); in ``"semi-honest"``
 mode, the plain ones (dealer truncation, so both modes use dealt truncation pairs).
 Network sessions (p2pgrid.smpc) take the same switch per group (``security=`` on
@@ -41,6 +41,12 @@ class SemiHonestOps:
     def relu(self, x):
         return compare.relu(self.ctx, x)
 
+    def max(self, x, dim=-1):
+        return compare.max(self.ctx, x, dim)
+
+    def argmax(self, x, dim=-1, one_hot=True):
+        return compare.argmax(self.ctx, x, dim, one_hot=one_hot)
+
     def reveal(self, *xs):
         out = []
         for x in xs:
@@ -64,6 +70,12 @@ class ActiveOps:
     def relu(self, x):
         out, _ = yield from mac_compare.relu(self.ctx, x)
         return out
+
+    def max(self, x, dim=-1):
+        return mac_compare.max(self.ctx, x, dim)
+
+    def argmax(self, x, dim=-1, one_hot=True):
+        return mac_compare.argmax(self.ctx, x, dim, one_hot=one_hot)
 
     def reveal(self, *xs):
         return mac.reveal(self.ctx, *xs)

@@ -14,6 +14,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 from p2pgrid.errors import CheatingDetected
 from p2pgrid.protocols.smpc import mac, mac_compare, mac_layers
@@ -87,6 +88,14 @@ def _layer(ctx):
     return (yield from mac.reveal(ctx, dw, gx))
 
 
+def _argmax(ctx):
+    """max and one-hot argmax over X's rows: comparisons, the select products (a/max0,
+    a/max1 for 3 columns) and the one-hot's comparison layer."""
+    xs, _ = yield from _inputs(ctx)
+    top = yield from mac_compare.max(ctx, xs, -1)
+    return (yield from mac.reveal(ctx, top, (yield from mac_compare.argmax(ctx, xs, -1))))
+
+
 # round type -> (the round's tag, a small program that has it)
 ROUND_TYPES = {"mul": ("a/mul", _mul), "matmul": ("a/matmul", _matmul),
                "truncation": ("a/trunc", _truncation), "comparison": ("a/cmp", _relu),
@@ -98,7 +107,9 @@ ROUND_TYPES = {"mul": ("a/mul", _mul), "matmul": ("a/matmul", _matmul),
                "reveal": ("a/reveal", _mul), "truncmul": ("a/truncmul", _truncmul),
                "relu-backward": ("a/relu/grad", _relu_backward),
                "relu-backward-bits-1": ("a/bit/cmp1", _relu_backward),
-               "linear": ("a/linear", _layer), "linear-backward": ("a/linear/back", _layer)}
+               "linear": ("a/linear", _layer), "linear-backward": ("a/linear/back", _layer),
+               "max-select": ("a/max0", _argmax), "max-select-2": ("a/max1", _argmax),
+               "argmax-bits-2": ("a/bit/cmp2", _argmax)}
 
 
 def _run(cheater: Cheater, session: str, program):
@@ -144,7 +155,9 @@ def test_honest_runs_never_raise():
                               (_relu_truncated, [(x @ w).clamp(min=0), (x @ w >= 0).double()]),
                               (_truncmul, [(x @ w).clamp(min=0)]),
                               (_relu_backward, [(x @ w).clamp(min=0)]),
-                              (_layer, [x.T @ (x @ w), (x @ w) @ w.T])):
+                              (_layer, [x.T @ (x @ w), (x @ w) @ w.T]),
+                              (_argmax, [x.max(-1).values, nn.functional.one_hot(
+                                  x.argmax(-1), x.shape[-1]).double()])):
             outs = mac.run_active(N, program, session=f"honest-{i}").outputs
             for out in outs:
                 for got, exp in zip(out, want):
