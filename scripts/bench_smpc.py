@@ -47,6 +47,7 @@ import argparse
 import json
 import os
 import statistics
+import shutil
 import signal
 import subprocess
 import sys
@@ -375,6 +376,7 @@ def main(argv=None) -> None:
     if args.serve:
         _serve_main(args)
         return
+    own_root = args.data_dir is None   # ours to remove: in /dev/shm it holds memory
     root = args.data_dir or tempfile.mkdtemp(prefix="bench-smpc-",
                                              dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     args.data_dir = root
@@ -440,6 +442,8 @@ def main(argv=None) -> None:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if own_root:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

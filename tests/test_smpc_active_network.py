@@ -188,3 +188,27 @@ async def test_training_asks_for_the_next_steps_mask_during_this_one(tmp_path):
                     p -= 0.1 * p.grad
         for got, exp in zip(losses, want):
             assert abs(got - exp) < 2e-3, (losses, want)
+
+
+def test_network_benchmark_compares_both_modes():
+    """scripts/bench_smpc.py --security both at a tiny size (four peer processes, TLS on
+    loopback): both modes' figures, and the issue's byte and round targets (at most 2x
+    the bytes, at most 2 more rounds), which do not depend on the machine."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parent.parent
+    out = subprocess.run(
+        [sys.executable, str(root / "scripts" / "bench_smpc.py"), "--security", "both",
+         "--batch", "2", "--mlp", "8-4-4-2", "--reps", "2", "--warmup", "1", "--only", "train"],
+        capture_output=True, text=True, timeout=300, cwd=root, check=True).stdout
+    result = json.loads(out)
+    for mode in ("semi-honest", "active"):
+        step = result[mode]["train_step_b2"]
+        assert step["s"] > 0 and step["rounds"] > 0 and min(step["bytes_sent_per_party"]) > 0
+        assert set(step["cpu_s_per_step"]) == {"alice", "bob", "dealer", "client"}
+    ratio = result["active_vs_semi_honest"]
+    assert ratio["train_extra_rounds"] == 2
+    assert 1 < ratio["train_bytes"] <= 2
+    assert ratio["train_cpu"] > 0 and "--reps 42" in ratio["note"]
