@@ -338,3 +338,32 @@ async def test_one_deal_covers_several_sessions(tmp_path):
             await h.request(DEALER, Deal("y", group, 0, ph, plan, [f"m{i}" for i in range(40)]))
         with pytest.raises(PermissionDenied):                         # not its index
             await h.request(DEALER, Deal("z", group, 1, ph, plan))
+
+
+@pytest.mark.parametrize("older", ["requester", "dealer"])
+async def test_a_peer_of_another_smpc_protocol_is_refused_in_one_line(tmp_path, monkeypatch,
+                                                                      older):
+    """Peers of releases that expand dealt seeds differently decode each other's messages
+    fine and would compute garbage (semi-honest: a wrong result, active: a MAC check that
+    blames a party). An older requester (its group map carries no protocol number) or an
+    older dealer (its replies carry 1) is refused with one line that says what to do, and
+    the same peers compute again once they agree."""
+    from p2pgrid.smpc import dealer, state
+    async with open_network(_peers(tmp_path, "hospital", "clinic", "company"), tmp_path,
+                            **NET) as grid:
+        net = grid.net("company")
+        x = torch.arange(6, dtype=torch.float64).reshape(2, 3)
+        X = await net.share(x, parties=("hospital", "clinic"), dealer=DEALER)
+        with monkeypatch.context() as m:
+            if older == "requester":
+                wire = state.Group.to_wire
+                m.setattr(state.Group, "to_wire",
+                          lambda self: {k: v for k, v in wire(self).items() if k != "protocol"})
+            else:
+                m.setattr(dealer, "PROTOCOL", 1)
+            with pytest.raises(Exception) as err:
+                await (X * X).reveal()
+        text = str(err.value)
+        assert "SMPC protocol 1, this peer 2" in text and "upgrade the older peer" in text
+        assert f"the {older}" in text and "Traceback" not in text
+        _close(await (X * X).reveal(), x * x, 1e-3)

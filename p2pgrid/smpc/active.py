@@ -33,7 +33,7 @@ from p2pgrid.protocols.smpc import ring128 as R
 from p2pgrid.protocols.smpc.fixedpoint import FixedPoint
 
 from .messages import DealMask, Dealt, MaskDealt, TakeMask
-from .state import Group, SmpcState
+from .state import Group, SmpcState, check_protocol
 
 __all__ = ["request_masks", "take_masks", "unmask", "masked_input", "mask_id"]
 
@@ -67,6 +67,8 @@ async def take_masks(peer, state: SmpcState, group: Group, party: int, id_: str,
                                    timeout=timeout)
     except PeerUnavailable as e:
         raise PeerUnavailable(f"the dealer {group.dealer} is unreachable: {e.message}") from None
+    if isinstance(reply, Dealt):
+        check_protocol(reply.protocol, f"the dealer {group.dealer}")
     if not isinstance(reply, Dealt) or len(reply.materials) != 2 \
             or reply.materials[0].kind != "a_key" or reply.materials[1].kind != "a_mask":
         raise ProtocolError(f"the dealer {group.dealer} answered a mask request wrongly")

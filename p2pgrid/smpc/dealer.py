@@ -30,7 +30,7 @@ from p2pgrid.protocols.smpc.messages import Material, Request
 
 from .messages import Deal, Dealt, DealMask, MaskDealt, TakeMask
 from .session import plan_hash
-from .state import Group, _Lru
+from .state import PROTOCOL, Group, _Lru, check_protocol
 
 log = logging.getLogger("p2pgrid.smpc.dealer")
 
@@ -97,6 +97,7 @@ class DealerService:
     async def deal_mask(self, caller, msg: DealMask) -> MaskDealt:
         """Masks for `caller` (clear) and the parties (authenticated shares, taken later)."""
         group = Group.from_wire(msg.group)
+        check_protocol(msg.group.get("protocol", 1), f"the requester {caller.name}")
         if group.dealer != self.peer.name or not group.active:
             raise BadRequest("masks are dealt for active groups of this dealer")
         if msg.id in self.masks:
@@ -119,6 +120,7 @@ class DealerService:
 
     def take_mask(self, caller, msg: TakeMask) -> Dealt:
         group = Group.from_wire(msg.group)
+        check_protocol(msg.group.get("protocol", 1), f"the requester {caller.name}")
         if not 0 <= msg.party < group.n or group.parties[msg.party] != caller.name:
             raise PermissionDenied(f"{caller.name} is not party {msg.party} of this group")
         m = self.masks.get(msg.id)
@@ -131,10 +133,11 @@ class DealerService:
         m["parts"][msg.party] = None
         if all(m["taken"]):
             self.masks.pop(msg.id, None)
-        return Dealt(part)
+        return Dealt(part, protocol=PROTOCOL)
 
     async def serve(self, caller, msg: Deal) -> Dealt:
         group = Group.from_wire(msg.group)
+        check_protocol(msg.group.get("protocol", 1), f"the requester {caller.name}")
         if group.dealer != self.peer.name:
             raise PermissionDenied(f"this group's dealer is {group.dealer}, not {self.peer.name}")
         if not 0 <= msg.party < group.n or group.parties[msg.party] != caller.name:
@@ -181,7 +184,7 @@ class DealerService:
             out.append([item[msg.party] for item in bundle.items])
             if all(bundle.taken):
                 self.bundles.pop((s, msg.plan), None)
-        return Dealt(out[0], out[1:])
+        return Dealt(out[0], out[1:], protocol=PROTOCOL)
 
     async def _take_or_deal(self, group: Group, ph: str, plan: list[Request], count: int):
         """`count` bundles for (group, plan): from the pool while it lasts, the rest dealt now."""

@@ -98,9 +98,11 @@ class Deal:
 @message("smpc.dealt")
 @dataclass(frozen=True)
 class Dealt:
-    """The material for `Deal.session`, then for each of `Deal.more` in order."""
+    """The material for `Deal.session`, then for each of `Deal.more` in order; `protocol`:
+    the dealer's :data:`.state.PROTOCOL` (1 from releases before it travelled)."""
     materials: list[Material]
     more: list[list[Material]] = field(default_factory=list)
+    protocol: int = 1
 
 
 @message("smpc.delete")

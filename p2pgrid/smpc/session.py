@@ -44,7 +44,7 @@ from p2pgrid.protocols.smpc.messages import Material, Request, Round, RoundMessa
 from p2pgrid.protocols.smpc.preprocessing import Preprocessing
 
 from .messages import Abort, Deal, Dealt
-from .state import Group, Mailbox, SmpcState
+from .state import Group, Mailbox, SmpcState, check_protocol
 
 log = logging.getLogger("p2pgrid.smpc")
 
@@ -108,6 +108,8 @@ async def fetch_bundles(peer, group: Group, sessions: list[str], party: int,
         if e.status == 404 and "no peer" in e.message.lower():
             raise PeerUnavailable(f"the dealer {group.dealer} is not in the directory") from None
         raise
+    if isinstance(reply, Dealt):
+        check_protocol(reply.protocol, f"the dealer {group.dealer}")
     bundles = [reply.materials, *reply.more] if isinstance(reply, Dealt) else []
     if len(bundles) != len(sessions) or any(len(b) != len(plan) for b in bundles):
         raise ProtocolError(f"the dealer {group.dealer} answered with the wrong material")

@@ -23,13 +23,29 @@ from typing import Any, Iterable
 import torch
 import trio
 
-from p2pgrid.errors import BadRequest, PermissionDenied, ProtocolError
+from p2pgrid.errors import BadRequest, Conflict, PermissionDenied, ProtocolError
 from p2pgrid.ratelimit import Limiter
 
-__all__ = ["Group", "ShareRules", "Entry", "ModelRecord", "Mailbox", "SmpcState"]
+__all__ = ["Group", "ShareRules", "Entry", "ModelRecord", "Mailbox", "SmpcState",
+           "PROTOCOL", "check_protocol"]
 
 MAX_PARTIES = 8
 SECURITY_MODES = ("semi-honest", "active")
+# What peers of one group must agree on beyond the messages' form: how dealt seeds expand
+# (p2pgrid.protocols.smpc.messages.expand_seed), what each round holds. Peers that differ
+# here decode each other's messages fine and compute garbage: wrong results, or in
+# active mode a MAC check that blames a party. 1 stands for every release before the
+# number travelled (their group maps have none); 2 lays a seed's components out along
+# one stream.
+PROTOCOL = 2
+
+
+def check_protocol(theirs, who: str) -> None:
+    """Conflict unless `theirs` (a group map's or a dealer reply's number) is ours."""
+    if theirs != PROTOCOL:
+        raise Conflict(f"{who} runs SMPC protocol {theirs}, this peer {PROTOCOL}: every peer "
+                       f"of a group (parties, dealer, requester) needs a p2pgrid release with "
+                       f"the same one; upgrade the older peer")
 
 
 @dataclass(frozen=True)
@@ -78,7 +94,8 @@ class Group:
             raise BadRequest(f"{name!r} is not a party of this computation") from None
 
     def to_wire(self) -> dict:
-        d = {"parties": list(self.parties), "dealer": self.dealer, "frac_bits": self.frac_bits}
+        d = {"parties": list(self.parties), "dealer": self.dealer, "frac_bits": self.frac_bits,
+             "protocol": PROTOCOL}
         if self.active:
             d["security"] = self.security
         return d
