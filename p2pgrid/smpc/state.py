@@ -43,7 +43,9 @@ PROTOCOL = 2
 def check_protocol(theirs, who: str) -> None:
     """Conflict unless `theirs` (a group map's or a dealer reply's number) is ours."""
     if theirs != PROTOCOL:
-        raise Conflict(f"{who} runs SMPC protocol {theirs}, this peer {PROTOCOL}: every peer "
+        known = isinstance(theirs, int) and not isinstance(theirs, bool) and 0 < theirs < 1 << 16
+        theirs = f"SMPC protocol {theirs}" if known else "an unknown SMPC protocol"
+        raise Conflict(f"{who} runs {theirs}, this peer {PROTOCOL}: every peer "
                        f"of a group (parties, dealer, requester) needs a p2pgrid release with "
                        f"the same one; upgrade the older peer")
 
