@@ -156,7 +156,13 @@ async def _timed_program(net: Network, expr: smpc.SharedTensor, reps: int, warmu
     return {"ms": round(1000 * _median(wall), 2), "party_session_ms": round(1000 * _median(party_s), 2),
             "rounds": int(stats[0].values[1]),
             "bytes_sent_per_party": [int(r.values[2]) for r in stats],
+            "dealer_bytes_per_party": _dealt(stats),
             "party_ms_split": _split(stats)}
+
+
+def _dealt(replies) -> list[int]:
+    """The bytes the dealer sent each party for the last run (seeds and corrections)."""
+    return [int(r.values[7]) for r in replies]
 
 
 def _split(replies) -> dict:
@@ -260,6 +266,7 @@ async def _train(args, net: Network, model, kw: dict, g) -> dict:
         "party_session_s": round(_median(party_s), 4),
         "rounds": int(last[0].values[1]),
         "bytes_sent_per_party": [int(r.values[2]) for r in last],
+        "dealer_bytes_per_party": _dealt(last),
         "party_ms_split": _split(last)}
     if wire:
         train["wire_bytes_per_step"] = {h: round((wire[h] - wire0[h]) / args.reps) for h in wire}
@@ -424,6 +431,8 @@ def main(argv=None) -> None:
                                    / sum(sh[train]["cpu_s_per_step"].values()), 2),
                 "train_bytes": round(max(ac[train]["bytes_sent_per_party"])
                                      / max(sh[train]["bytes_sent_per_party"]), 2),
+                "train_dealer_bytes": round(sum(ac[train]["dealer_bytes_per_party"])
+                                            / sum(sh[train]["dealer_bytes_per_party"]), 2),
                 "train_extra_rounds": ac[train]["rounds"] - sh[train]["rounds"]}
             if args.reps < STEADY_REPS:
                 result["active_vs_semi_honest"]["note"] = (

@@ -208,7 +208,9 @@ def test_network_benchmark_compares_both_modes():
         step = result[mode]["train_step_b2"]
         assert step["s"] > 0 and step["rounds"] > 0 and min(step["bytes_sent_per_party"]) > 0
         assert set(step["cpu_s_per_step"]) == {"alice", "bob", "dealer", "client"}
+        assert len(step["dealer_bytes_per_party"]) == 2 and min(step["dealer_bytes_per_party"]) > 0
     ratio = result["active_vs_semi_honest"]
+    assert ratio["train_dealer_bytes"] > 1
     assert ratio["train_extra_rounds"] == 2
     assert 1 < ratio["train_bytes"] <= 2
     assert ratio["train_cpu"] > 0 and "--reps 42" in ratio["note"]

@@ -155,3 +155,25 @@ def test_a_seed_expands_its_components_along_one_stream_without_overlap():
             assert all(torch.equal(part[n], whole[n]) for n in part)
     other = expand_seed(bytes(16), spec)
     assert not torch.equal(other["a"], whole["a"])
+
+
+def test_a_half_correction_replaces_the_first_half_of_a_component():
+    """A correction shaped S for a component shaped S + (2,) (a Z_2^128 value's low words,
+    the high ones from the seed) replaces exactly the component's first half; a correction
+    of any other shape or dtype is refused."""
+    from p2pgrid.protocols.smpc.messages import Material, expand_seed
+
+    spec = (("x.v", (3, 2)), ("x.m", (3, 2)), ("s.v", (2,)))
+    seed = bytes(range(16))
+    whole = expand_seed(seed, spec)
+    low = torch.tensor([7, -1, 5], dtype=torch.int64)
+    out = Material("a_trunc", 1, seed, spec, {"x.v": low}).expand()
+    assert torch.equal(out["x.v"].reshape(-1)[:3], low)
+    assert torch.equal(out["x.v"].reshape(-1)[3:], whole["x.v"].reshape(-1)[3:])
+    assert torch.equal(out["x.m"], whole["x.m"]) and torch.equal(out["s.v"], whole["s.v"])
+    for bad in (torch.zeros(2, dtype=torch.int64), torch.zeros(3, dtype=torch.int32),
+                torch.zeros(3, 1, dtype=torch.int64)):
+        with pytest.raises(ProtocolError):
+            Material("a_trunc", 1, seed, spec, {"x.v": bad}).expand()
+    scalar = Material("a_trunc", 1, seed, spec, {"s.v": torch.tensor(9)}).expand()["s.v"]
+    assert scalar.tolist() == [9, whole["s.v"][1].item()]     # a 0-d value: one low word

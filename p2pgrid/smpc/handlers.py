@@ -428,10 +428,11 @@ async def run(peer, caller, msg: RunProgram):
 
 
 def _stat_values(stats: dict) -> list[float]:
-    """Session statistics for the caller: seconds, rounds, bytes sent to other parties, and
-    seconds spent planning, getting dealer material, computing and waiting for rounds."""
+    """Session statistics for the caller: seconds, rounds, bytes sent to other parties,
+    seconds spent planning, getting dealer material, computing and waiting for rounds, and
+    bytes the dealer sent this party for the session."""
     return [float(stats.get(k, 0.0)) for k in
-            ("seconds", "rounds", "bytes", "plan", "material", "compute", "wait")]
+            ("seconds", "rounds", "bytes", "plan", "material", "compute", "wait", "dealt")]
 
 
 # ---------------------------------------------------------------- models

@@ -83,8 +83,17 @@ class BundleFeed(Preprocessing):
         return mat
 
 
-def _expand(materials: list[Material]) -> list[dict]:
-    return [m.expand() for m in materials]
+class Expanded(list):
+    """A session's material, expanded (one dict per plan item), and the bytes the dealer
+    sent for it (seeds and corrections: :attr:`.Material.nbytes`)."""
+
+    dealt = 0
+
+
+def _expand(materials: list[Material]) -> Expanded:
+    out = Expanded(m.expand() for m in materials)
+    out.dealt = sum(m.nbytes for m in materials)
+    return out
 
 
 async def fetch_bundle(peer, group: Group, session: str, party: int, plan: list[Request],
@@ -286,11 +295,13 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
     `input_elements` (the size of the session's inputs, if known) lets a small first step
     run on the loop instead of a worker thread, like the steps after it.
     `stats` (if given) receives seconds, rounds and payload bytes sent to other parties,
-    and where the time went: plan, material (dealer), compute, wait (rounds on the wire
-    and the other parties' compute).
+    where the time went: plan, material (dealer), compute, wait (rounds on the wire and
+    the other parties' compute), and the bytes the dealer sent this party for the session
+    (dealt).
     """
     stats = {} if stats is None else stats
-    stats.update(seconds=0.0, rounds=0, bytes=0, plan=0.0, material=0.0, compute=0.0, wait=0.0)
+    stats.update(seconds=0.0, rounds=0, bytes=0, plan=0.0, material=0.0, compute=0.0, wait=0.0,
+                 dealt=0)
     started = clock = time.perf_counter()
 
     def lap(key: str) -> None:
@@ -321,6 +332,7 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
         lap("plan")
         expanded = await _materials(peer, state, group, session, party, plan, ph, timeout)
         state.material_bytes.put(ph, _nbytes(expanded))
+        stats["dealt"] = getattr(expanded, "dealt", 0)
         lap("material")
         if next_session and plan:
             _prefetch_ahead(peer, state, group, session, next_session, party, plan, ph, timeout)

@@ -36,8 +36,9 @@ SECURITY_MODES = ("semi-honest", "active")
 # here decode each other's messages fine and compute garbage: wrong results, or in
 # active mode a MAC check that blames a party. 1 stands for every release before the
 # number travelled (their group maps have none); 2 lays a seed's components out along
-# one stream.
-PROTOCOL = 2
+# one stream; 3 sends an active item's non-uniform values as their low words only (the
+# high ones from the seed: p2pgrid.protocols.smpc.mac_material._low_correction).
+PROTOCOL = 3
 
 
 def check_protocol(theirs, who: str) -> None:

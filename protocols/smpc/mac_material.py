@@ -266,13 +266,12 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
     expanded: dict[int, dict[str, torch.Tensor]] = {}
 
     def share(p: int, comp: str) -> torch.Tensor:
-        """Party p's expansion of `comp` (:func:`.messages.expand_seed`): each party's all at
-        once, as the dealer needs nearly all of them, but the corrected party's one at a
-        time (most of its components are corrections)."""
-        if p == fixed:
-            return expand_seed(seeds[p], spec_t, skip=names - {comp})[comp]
+        """Party p's expansion of `comp` (:func:`.messages.expand_seed`), each party's at
+        once: all of it, as the dealer needs nearly all, but for the corrected party only
+        its values (``.v``: the rest it gets as corrections)."""
         if p not in expanded:
-            expanded[p] = expand_seed(seeds[p], spec_t)
+            skip = {c for c in names if not c.endswith(".v")} if p == fixed else ()
+            expanded[p] = expand_seed(seeds[p], spec_t, skip=skip)
         return expanded[p][comp]
 
     seeded: set[str] = set()
@@ -292,20 +291,21 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
                                                   uniform=from_seeds)
     else:
         values, bits = _clear_values(req, from_seeds), {}
-    if clear is not None:
-        clear.update(values)
     fixes: dict[str, torch.Tensor] = {}
 
     def others(comp):
         return [share(p, comp) for p in range(n) if p != fixed]
 
-    for name, v in values.items():
-        parts = ([] if name in seeded else [("v", v)]) + [("m", R.mul_int(v, key.alpha))]
-        for part, target in parts:
-            comp = f"{name}.{part}"
-            for part_p in others(comp):
-                target = R.sub(target, ring_component(part_p))
-            fixes[comp] = wire_component(target)
+    for name, v in list(values.items()):
+        if name not in seeded:
+            v = values[name] = _low_correction(v, f"{name}.v", others, share(fixed, f"{name}.v"),
+                                               fixes)
+        target = R.mul_int(v, key.alpha)
+        for part_p in others(f"{name}.m"):
+            target = R.sub(target, ring_component(part_p))
+        fixes[f"{name}.m"] = wire_component(target)
+    if clear is not None:
+        clear.update(values)
     if bits:                       # XOR shares: the corrected party's part is the rest
         delta = mac_bits.random_key()
         targets = {"delta": mac_bits.key_word(delta)}
@@ -327,6 +327,26 @@ def deal(req: Request, n: int, key: MacKey, clear: dict | None = None,
         out[owner] = Material(m.kind, owner, m.seed, m.spec + (("r_clear", names_shape(req)),),
                               {**m.corrections, "r_clear": mac._to_wire(values["r"][0])})
     return out
+
+
+def _low_correction(v: np.ndarray, comp: str, others, own: torch.Tensor,
+                    fixes: dict) -> np.ndarray:
+    """The corrected party's low words of `comp` (into `fixes`), its high words being its
+    seed's: returns the value the shares then hold, v mod 2^64 with high words uniform.
+
+    Values live mod 2^64 (:mod:`.mac`); the high words of a share only hide carries, and
+    every opening masks them with a uniform dealt value, so they may be anything the MAC
+    covers. A non-uniform value thus costs 8 + 16 bytes (low words, MAC), not 16 + 16."""
+    parts = [ring_component(p).reshape(2, -1) for p in others(comp)]
+    rest = parts[0] if len(parts) == 1 else R.sum_(np.stack(parts, 1), 0)
+    v2 = v.reshape(2, -1)
+    low = v2[0] - rest[0]                                   # uint64: wraps mod 2^64
+    fixes[comp] = torch.from_numpy(low.view(np.int64).reshape(v.shape[1:]))
+    out = np.empty_like(v2)          # low + rest: v's low words, and the high words' sum
+    out[0] = v2[0]
+    np.add(ring_component(own).reshape(2, -1)[1], rest[1], out=out[1])
+    out[1] += v2[0] < rest[0]        # the carry out of the low words
+    return out.reshape(v.shape)
 
 
 def names_shape(req: Request) -> tuple[int, ...]:

@@ -166,7 +166,9 @@ class Material:
     expands those that ``corrections`` does not hold from its seed (:func:`expand_seed`).
     Parties 0..n-2 get a seed only; the last party gets a seed plus the corrections that
     make the shares sum (or XOR) to a valid item. A seed is 16 bytes, so all but one party
-    receive 16 bytes per item.
+    receive 16 bytes per item. A correction of a component shaped ``S + (2,)`` may be
+    shaped ``S``: it replaces the first half of the component's words, the rest coming from
+    the seed (a Z_2^128 component's low words: :func:`.mac_material.deal`).
     """
 
     kind: str
@@ -176,13 +178,24 @@ class Material:
     corrections: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def expand(self) -> dict[str, torch.Tensor]:
+        halves = set()
         for name, shape in self.spec:
             fix = self.corrections.get(name)
-            if fix is not None and (tuple(fix.shape) != tuple(shape) or fix.dtype != torch.int64):
-                raise ProtocolError(f"dealer correction {name!r} has the wrong shape or dtype")
-        seeded = expand_seed(self.seed, self.spec, skip=set(self.corrections))
-        return {name: self.corrections[name] if name in self.corrections else seeded[name]
-                for name, _ in self.spec}
+            if fix is None:
+                continue
+            if fix.dtype == torch.int64 and tuple(fix.shape) == tuple(shape):
+                continue
+            if fix.dtype == torch.int64 and shape and shape[-1] == 2 \
+                    and tuple(fix.shape) == tuple(shape[:-1]):
+                halves.add(name)
+                continue
+            raise ProtocolError(f"dealer correction {name!r} has the wrong shape or dtype")
+        seeded = expand_seed(self.seed, self.spec, skip=set(self.corrections) - halves)
+        for name in halves:        # the first half of the words is corrected, the rest seeded
+            fix = self.corrections[name].reshape(-1)
+            seeded[name].view(-1)[:fix.numel()] = fix
+        return {name: self.corrections[name] if name in self.corrections and name not in halves
+                else seeded[name] for name, _ in self.spec}
 
     @property
     def nbytes(self) -> int:
