@@ -357,8 +357,16 @@ def test_training_steps_match_plaintext_with_a_wide_first_layer():
         ps = mac_program.parameters(net)
         return [p.scale for p in ps], (yield from mac.reveal(ctx, loss, *ps))
 
-    scales, got = mac.run_active(2, prog).outputs[0]
+    class Logged(mac.AuthDealer):
+        def take(self, party, index, key):
+            if party == 0 and key[0] == "linear":
+                layer_params.append(key[3])
+            return super().take(party, index, key)
+
+    layer_params = []
+    scales, got = mac.run_active(2, prog, dealer=Logged(2)).outputs[0]
     assert scales[:2] == [2 * 16 + WIDE_BITS, 16 + WIDE_BITS] and scales[2:] == [16] * 4
+    assert layer_params == [1, 3, 3] * 2   # the first layer's item without E = G B^T
     W = [w.double().requires_grad_() for w in ws]
     B = [b.double().requires_grad_() for b in bs]
     for _ in range(2):
@@ -418,7 +426,8 @@ def test_relu_of_an_empty_tensor():
 
 @pytest.mark.parametrize("parties,fixed", [(2, None), (3, None), (3, 0), (2, 0)])
 @pytest.mark.parametrize("kind,shapes,param", [
-    ("a_linear", ((3, 5), (5, 4)), 1), ("a_mtriple", ((2, 3), (3, 2)), 0),
+    ("a_linear", ((3, 5), (5, 4)), 3), ("a_linear", ((3, 5), (5, 4)), 1),
+    ("a_mtriple", ((2, 3), (3, 2)), 0),
     ("a_triple", ((4,),), 0), ("a_trunc", ((6,),), 12), ("a_relu", ((5,),), 12 + 64 * 8),
     ("a_truncmul", ((3,),), 12)])
 def test_network_material_sums_to_authenticated_values(kind, shapes, param, parties, fixed):
@@ -457,6 +466,9 @@ def test_network_material_sums_to_authenticated_values(kind, shapes, param, part
     if kind == "a_linear":
         assert np.all(vals["C"] % MOD64 == vals["A"].dot(vals["B"]) % MOD64)
         assert np.all(vals["D"] % MOD64 == vals["A"].T.dot(vals["G"]) % MOD64)
+        assert ("E" in vals) == bool(param & 2)        # 1: a first layer, no input gradient
+        if "E" in vals:
+            assert np.all(vals["E"] % MOD64 == vals["G"].dot(vals["B"].T) % MOD64)
     if kind in ("a_mtriple", "a_triple"):
         prod = vals["a"].dot(vals["b"]) if kind == "a_mtriple" else vals["a"] * vals["b"]
         assert np.all(vals["c"] % MOD64 == prod % MOD64)

@@ -37,7 +37,8 @@ SECURITY_MODES = ("semi-honest", "active")
 # active mode a MAC check that blames a party. 1 stands for every release before the
 # number travelled (their group maps have none); 2 lays a seed's components out along
 # one stream; 3 sends an active item's non-uniform values as their low words only (the
-# high ones from the seed: p2pgrid.protocols.smpc.mac_material._low_correction).
+# high ones from the seed: p2pgrid.protocols.smpc.mac_material._low_correction) and
+# leaves a first layer's E out of its active layer item (param 1, as semi-honest).
 PROTOCOL = 3
 
 

@@ -43,7 +43,7 @@ from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 
 from .beaver import div_public, mul
 from .compare import open_bit, sign_rounds
-from .dealer import relu_param
+from .dealer import linear_param, relu_param
 from .messages import Request
 from .ring import RING_BITS, logical_rshift, msb, ring_matmul
 from .runtime import PartyContext, Protocol, open_ring, parallel
@@ -75,7 +75,7 @@ class Linear:
         w = self.weight
         if x.dim() != 2 or x.shape[1] != w.shape[0]:
             raise ShapeError(f"Linear expects (batch, {w.shape[0]}), got {list(x.shape)}")
-        param = (1 | (2 if grad_x else 0)) if train else 0
+        param = linear_param(train, grad_x)
         m = ctx.pre.take(Request("linear", (tuple(x.shape), tuple(w.shape)), param))
         opened = yield from open_ring(ctx, "linear/open", {"eps": x.share - m["A"],
                                                            "delta": w.share - m["B"]})

@@ -157,7 +157,14 @@ def relu_param(fwd_bits: int, bwd_bits: int, backward: bool) -> int:
     return fwd_bits + 64 * bwd_bits + 4096 * int(backward)
 
 
+def linear_param(train: bool, grad_x: bool = True) -> int:
+    """A layer item's parameter (both modes): 0 without a backward pass, 1 for training
+    without the input's gradient (a first layer: no E = G B^T), 3 for training with it."""
+    return (1 | (2 if grad_x else 0)) if train else 0
+
+
 def linear_params(param: int) -> tuple[bool, bool]:
+    """(train, grad_x) of a layer item's parameter (:func:`linear_param`)."""
     if param not in (0, 1, 3):
         raise BadRequest("bad linear material parameter")
     return bool(param & 1), bool(param & 2)

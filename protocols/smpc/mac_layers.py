@@ -13,28 +13,31 @@ from __future__ import annotations
 
 import numpy as np
 
-from p2pgrid.errors import BadRequest
+from p2pgrid.errors import BadRequest, ProtocolError
 
 from . import ring128 as R
+from .dealer import linear_param, linear_params
 from .mac import K, ActiveParty, AuthShared, open_values
 
 __all__ = ["linear_values", "linear_forward", "linear_backward", "truncmul_values", "truncmul"]
 
 
-def linear_values(xs, ws, train: bool, uniform=R.uniform) -> dict[str, np.ndarray]:
+def linear_values(xs, ws, param: int, uniform=R.uniform) -> dict[str, np.ndarray]:
     """A layer's masks, reused between its passes: A (for x), B (for W), C = A B and, for
-    training, G (for the output gradient), D = A^T G and E = G B^T. `uniform(name, shape)`
-    draws the uniform ones (:func:`.ring128.uniform`; the network dealer's from the
-    parties' seeds)."""
+    training (:func:`.dealer.linear_param`), G (for the output gradient), D = A^T G and,
+    if the input gradient is wanted, E = G B^T. `uniform(name, shape)` draws the uniform ones
+    (:func:`.ring128.uniform`; the network dealer's from the parties' seeds)."""
     (m, k), (k2, n) = tuple(xs), tuple(ws)
     if k != k2:
         raise BadRequest(f"shapes {list(xs)} and {list(ws)} do not fit a matrix product")
+    train, grad_x = linear_params(param)
     a, b = uniform("A", (m, k)), uniform("B", (k, n))
     out = {"A": a, "B": b, "C": R.matmul(a, b)}
     if train:
         g = uniform("G", (m, n))
-        out.update(G=g, D=R.matmul(R.apply(a, np.transpose), g),
-                   E=R.matmul(g, R.apply(b, np.transpose)))
+        out.update(G=g, D=R.matmul(R.apply(a, np.transpose), g))
+        if grad_x:
+            out["E"] = R.matmul(g, R.apply(b, np.transpose))
     return out
 
 
@@ -42,11 +45,13 @@ def _t(x: AuthShared) -> AuthShared:
     return x.moved(np.transpose)
 
 
-def linear_forward(ctx: ActiveParty, x: AuthShared, w: AuthShared, *, train: bool = False):
+def linear_forward(ctx: ActiveParty, x: AuthShared, w: AuthShared, *, train: bool = False,
+                   grad_x: bool = True):
     """x @ w (2-D, no truncation) with a dealt layer item; one round. With `train`, returns
     also what :func:`linear_backward` needs (the openings and the item): the backward
-    pass then opens only the output gradient, as semi-honest training does."""
-    m = ctx.material("linear", x.shape, w.shape, bool(train))
+    pass then opens only the output gradient, as semi-honest training does. `grad_x`
+    (training): the backward pass will want x's gradient (not for a first layer)."""
+    m = ctx.material("linear", x.shape, w.shape, linear_param(train, grad_x))
     a, b, c = ctx.auth(m["A"]), ctx.auth(m["B"]), ctx.auth(m["C"])
     o = yield from open_values(ctx, "a/linear", {"eps": ctx.sub(x, a), "delta": ctx.sub(w, b)})
     eps, delta = o["eps"], o["delta"]
@@ -54,8 +59,8 @@ def linear_forward(ctx: ActiveParty, x: AuthShared, w: AuthShared, *, train: boo
     z = ctx.add(c, ctx.add(ctx.matmul_public(ctx.add_public(b, delta), eps, left=True),
                            ctx.matmul_public(a, delta)))
     z.scale = x.scale + w.scale
-    saved = (eps, delta, a, b, ctx.auth(m["G"]), ctx.auth(m["D"]), ctx.auth(m["E"])) \
-        if train else None
+    saved = (eps, delta, a, b, ctx.auth(m["G"]), ctx.auth(m["D"]),
+             ctx.auth(m["E"]) if "E" in m else None) if train else None
     return z, saved
 
 
@@ -72,6 +77,8 @@ def linear_backward(ctx: ActiveParty, g: AuthShared, saved, *, grad_x: bool = Tr
     dw.scale = g.scale + a.scale
     if not grad_x:
         return dw, None
+    if e is None:
+        raise ProtocolError("this layer's item was dealt without the input gradient's mask")
     delta_t = R.apply(delta, np.transpose)
     # g w^T = E + gamma B^T + G delta^T + gamma delta^T = E + (G + gamma) delta^T + gamma B^T
     gx = ctx.add(e, ctx.add(ctx.matmul_public(_t(b), gamma, left=True),

@@ -40,6 +40,7 @@ from p2pgrid.errors import BadRequest, ProtocolError, ShapeError
 
 from . import mac, mac_bits, mac_compare, mac_layers
 from . import ring128 as R
+from .dealer import linear_params
 from .messages import Material, Request, expand_seed
 from .prg import new_seed
 
@@ -100,9 +101,10 @@ def _auth_names(req: Request) -> list[tuple[str, tuple[int, ...]]]:
         (m, kk), (k2, n) = [_shape(x) for x in req.shapes]
         if k2 != kk:
             raise ShapeError("a layer's shapes do not fit a matrix product")
+        train, grad_x = linear_params(req.param)
         out = [("A", (m, kk)), ("B", (kk, n)), ("C", (m, n))]
-        if req.param:
-            out += [("G", (m, n)), ("D", (kk, n)), ("E", (m, kk))]
+        if train:
+            out += [("G", (m, n)), ("D", (kk, n))] + ([("E", (m, kk))] if grad_x else [])
         return out
     if k in _CMP_KINDS:
         (s,) = [_shape(x) for x in req.shapes]
@@ -171,7 +173,7 @@ def to_request(key: tuple) -> Request:
     if kind == "trunc":
         return Request("a_trunc", (key[1],), int(key[2]))
     if kind == "linear":
-        return Request("a_linear", (key[1], key[2]), int(bool(key[3])))
+        return Request("a_linear", (key[1], key[2]), int(key[3]))
     if kind == "truncmul":
         return Request("a_truncmul", (key[1],), int(key[2]))
     if kind in ("cmp", "outmask"):
@@ -231,7 +233,7 @@ def _clear_values(req: Request, uniform=R.uniform) -> dict[str, np.ndarray]:
         r = uniform("r", s)    # the low k bits are the mask, the high ones hide carries
         return {"r": r, "r_hi": R.from_u64(r[0] >> u(f)), "r_msb": R.from_u64(r[0] >> u(mac.K - 1))}
     if k == "a_linear":
-        return mac_layers.linear_values(names["A"], names["B"], bool(req.param), uniform)
+        return mac_layers.linear_values(names["A"], names["B"], req.param, uniform)
     if k == "a_truncmul":
         return mac_layers.truncmul_values(names["r"], req.param, uniform)
     if k == "a_outmask":

@@ -283,7 +283,9 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
         elif kind == "linear":
             w, b = layer[1], layer[2]
             if keep is not None:
-                z, saved = yield from mac_layers.linear_forward(ctx, h, w, train=True)
+                below = any(x[0] == "linear" for x in net[:i])    # as _backward asks
+                z, saved = yield from mac_layers.linear_forward(ctx, h, w, train=True,
+                                                                grad_x=below)
                 keep.append(("linear", saved))
             else:
                 z = yield from mac.matmul(ctx, h, w)
