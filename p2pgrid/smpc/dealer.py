@@ -30,7 +30,7 @@ from p2pgrid.protocols.smpc.messages import Material, Request
 
 from .messages import Deal, Dealt, DealMask, MaskDealt, TakeMask
 from .session import plan_hash
-from .state import PROTOCOL, Group, _Lru, check_protocol
+from .state import PROTOCOL, Group, _Lru, check_requester
 
 log = logging.getLogger("p2pgrid.smpc.dealer")
 
@@ -97,7 +97,7 @@ class DealerService:
     async def deal_mask(self, caller, msg: DealMask) -> MaskDealt:
         """Masks for `caller` (clear) and the parties (authenticated shares, taken later)."""
         group = Group.from_wire(msg.group)
-        check_protocol(msg.group.get("protocol", 1), f"the requester {caller.name}")
+        check_requester(msg.group, caller.name)
         if group.dealer != self.peer.name or not group.active:
             raise BadRequest("masks are dealt for active groups of this dealer")
         if msg.id in self.masks:
@@ -120,7 +120,7 @@ class DealerService:
 
     def take_mask(self, caller, msg: TakeMask) -> Dealt:
         group = Group.from_wire(msg.group)
-        check_protocol(msg.group.get("protocol", 1), f"the requester {caller.name}")
+        check_requester(msg.group, caller.name)
         if not 0 <= msg.party < group.n or group.parties[msg.party] != caller.name:
             raise PermissionDenied(f"{caller.name} is not party {msg.party} of this group")
         m = self.masks.get(msg.id)
@@ -137,7 +137,7 @@ class DealerService:
 
     async def serve(self, caller, msg: Deal) -> Dealt:
         group = Group.from_wire(msg.group)
-        check_protocol(msg.group.get("protocol", 1), f"the requester {caller.name}")
+        check_requester(msg.group, caller.name)
         if group.dealer != self.peer.name:
             raise PermissionDenied(f"this group's dealer is {group.dealer}, not {self.peer.name}")
         if not 0 <= msg.party < group.n or group.parties[msg.party] != caller.name:

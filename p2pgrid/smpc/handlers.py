@@ -33,7 +33,7 @@ from .dealer import ROLE
 from .messages import (Abort, Deal, DealMask, DeleteShares, Predict, ProgramResult, RegisterModel,
                        RunProgram, ShareInput, ShareObject, SharedInfo, TakeMask, TrainStep)
 from .session import _abort_others, run_session
-from .state import Entry, Group, ModelRecord, ShareRules, SmpcState, check_protocol
+from .state import Entry, Group, ModelRecord, ShareRules, SmpcState, check_requester
 
 router = Router()
 
@@ -368,7 +368,7 @@ async def _start(peer, caller, msg, check: Callable[[SmpcState, Group, int], Any
     if not isinstance(msg.timeout, (int, float)) or not 0 < msg.timeout <= 3600:
         raise BadRequest("timeout must be in (0, 3600] seconds")
     try:
-        check_protocol(msg.group.get("protocol", 1), f"the requester {caller.name}")
+        check_requester(msg.group, caller.name)
         prepared = check(state, group, party)
     except P2PError as e:
         await _fail_early(peer, state, group, party, msg.session, e)

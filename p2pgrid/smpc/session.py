@@ -97,16 +97,16 @@ def _expand(materials: list[Material]) -> Expanded:
 
 
 async def fetch_bundle(peer, group: Group, session: str, party: int, plan: list[Request],
-                       ph: str, timeout: float) -> list[dict]:
+                       ph: str, timeout: float) -> Expanded:
     """This party's expanded material for `session` from the dealer (one request)."""
     return (await fetch_bundles(peer, group, [session], party, plan, ph, timeout))[0]
 
 
 async def fetch_bundles(peer, group: Group, sessions: list[str], party: int,
-                        plan: list[Request], ph: str, timeout: float) -> list[list[dict]]:
+                        plan: list[Request], ph: str, timeout: float) -> list[Expanded]:
     """This party's expanded material for each of `sessions` (one plan), in one request."""
     if not plan:
-        return [[] for _ in sessions]
+        return [Expanded() for _ in sessions]
     try:
         reply = await peer.request(
             group.dealer, Deal(sessions[0], group.to_wire(), party, ph, plan, sessions[1:]),
@@ -332,7 +332,7 @@ async def run_session(peer, state: SmpcState, *, session: str, group: Group, par
         lap("plan")
         expanded = await _materials(peer, state, group, session, party, plan, ph, timeout)
         state.material_bytes.put(ph, _nbytes(expanded))
-        stats["dealt"] = getattr(expanded, "dealt", 0)
+        stats["dealt"] = expanded.dealt
         lap("material")
         if next_session and plan:
             _prefetch_ahead(peer, state, group, session, next_session, party, plan, ph, timeout)

@@ -27,7 +27,7 @@ from p2pgrid.errors import BadRequest, Conflict, PermissionDenied, ProtocolError
 from p2pgrid.ratelimit import Limiter
 
 __all__ = ["Group", "ShareRules", "Entry", "ModelRecord", "Mailbox", "SmpcState",
-           "PROTOCOL", "check_protocol"]
+           "PROTOCOL", "check_protocol", "check_requester"]
 
 MAX_PARTIES = 8
 SECURITY_MODES = ("semi-honest", "active")
@@ -50,6 +50,12 @@ def check_protocol(theirs, who: str) -> None:
         raise Conflict(f"{who} runs {theirs}, this peer {PROTOCOL}: every peer "
                        f"of a group (parties, dealer, requester) needs a p2pgrid release with "
                        f"the same one; upgrade the older peer")
+
+
+def check_requester(group_map: dict, requester: str) -> None:
+    """:func:`check_protocol` for a group map a requester sent (none carried a number
+    before it travelled: 1)."""
+    check_protocol(group_map.get("protocol", 1), f"the requester {requester}")
 
 
 @dataclass(frozen=True)

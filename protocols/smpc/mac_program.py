@@ -35,6 +35,12 @@ from .runtime import parallel
 __all__ = ["ACTIVE_OPS", "build", "forward", "train_step", "parameters"]
 
 
+def _linear_below(net: list[list], i: int) -> bool:
+    """Whether a Linear lies below layer i: then layer i's backward pass needs its input's
+    gradient (and its dealt item E = G B^T)."""
+    return any(layer[0] == "linear" for layer in net[:i])
+
+
 def _is(v) -> bool:
     return isinstance(v, AuthShared)
 
@@ -283,9 +289,8 @@ def forward(ctx, net: list[list], x: AuthShared, *, keep: list | None = None,
         elif kind == "linear":
             w, b = layer[1], layer[2]
             if keep is not None:
-                below = any(x[0] == "linear" for x in net[:i])    # as _backward asks
-                z, saved = yield from mac_layers.linear_forward(ctx, h, w, train=True,
-                                                                grad_x=below)
+                z, saved = yield from mac_layers.linear_forward(
+                    ctx, h, w, train=True, grad_x=_linear_below(net, i))
                 keep.append(("linear", saved))
             else:
                 z = yield from mac.matmul(ctx, h, w)
@@ -367,7 +372,7 @@ def _backward_bits(net: list[list], f: int, wide: int | None) -> dict[int, int]:
     f + that weight's scale fractional bits), as :func:`_down` computes it."""
     out = {}
     for i, layer in enumerate(net):
-        if layer[0] != "linear" or not any(x[0] == "linear" for x in net[:i]):
+        if layer[0] != "linear" or not _linear_below(net, i):
             continue
         j = i - 1
         while j >= 0 and net[j][0] not in ("relu", "linear"):
@@ -421,7 +426,7 @@ def _backward(ctx, net, saved, g: AuthShared, step: int, wide: int | None = None
         i -= 1
     while i >= 0:
         w, b = net[i][1], net[i][2]
-        below = any(layer[0] == "linear" for layer in net[:i])
+        below = _linear_below(net, i)
         dw, gx = yield from mac_layers.linear_backward(ctx, g, saved[i][1], grad_x=below)
         if i == wide:        # g is lr g at f + WIDE_BITS: the exact update, no truncation
             if dw.scale != w.scale or (b is not None and g.scale != b.scale):
